@@ -1,0 +1,282 @@
+"""Typed, frozen run configs loaded from YAML.
+
+Every model forbids unknown keys; a bad file fails at load time with the file, the dotted field path, what is
+allowed and what was given, before any work starts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+REPO_CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A config file that cannot be used; the message names the file, field and fix."""
+
+
+class Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+NegativeLayer = Annotated[int, Field(lt=0)]
+
+
+class EncoderSpec(Frozen):
+    """One frozen vision encoder and how its patch features are taken."""
+
+    name: str = Field(description="Short name; also the YAML file name under configs/encoders/.")
+    backend: Literal["timm", "transformers"] = Field(description="Library that builds the model.")
+    model_id: str = Field(description="timm model name (with pretrained tag) or Hugging Face repo id.")
+    resolution: int = Field(gt=0, description="Square input resolution in pixels.")
+    patch_size: int = Field(gt=0, description="ViT patch size; the token grid is resolution / patch_size.")
+    feature_layer: Literal["last"] | NegativeLayer = Field(
+        -2,
+        description="'last' = the model's final (normed) token output; a negative int = that block's raw output, "
+        "indexed like hidden_states (-1 = last block, -2 = second to last, as the paper's released code).",
+    )
+    n_prefix_tokens: int | None = Field(
+        None, ge=0, description="CLS/register tokens expected before the patch tokens; checked against the model."
+    )
+    preprocessing_source: Literal["timm_pretrained_cfg", "hf_image_processor"] = Field(
+        description="Where resize/crop/mean/std come from: the model's own config, never re-typed."
+    )
+    weights: str = Field(
+        "pretrained",
+        description="'pretrained' (Hugging Face cache / hub, honours HF_HUB_OFFLINE), 'random' (seeded random "
+        "init, for demos and tests), or a local path: a timm checkpoint file or a save_pretrained directory.",
+    )
+    revision: str | None = Field(None, description="Hugging Face revision (commit, branch or tag) to load.")
+    seed: int = Field(0, description="Seed of the random init when weights == 'random'.")
+    trust_remote_code: bool = Field(False, description="Needed by models with remote code (InternViT).")
+    model_kwargs: dict[str, Any] = Field(default_factory=dict, description="Extra keyword args for the model.")
+    hidden_dim: int | None = Field(None, gt=0, description="Expected feature width D; checked against the model.")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> EncoderSpec:
+        if self.resolution % self.patch_size:
+            raise ValueError(
+                f"resolution {self.resolution} is not a multiple of patch_size {self.patch_size}; "
+                f"use e.g. {self.resolution // self.patch_size * self.patch_size}"
+            )
+        expected = {"timm": "timm_pretrained_cfg", "transformers": "hf_image_processor"}[self.backend]
+        if self.preprocessing_source != expected:
+            raise ValueError(f"backend '{self.backend}' takes its preprocessing from '{expected}'")
+        return self
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        side = self.resolution // self.patch_size
+        return side, side
+
+
+class SplitSpec(Frozen):
+    images_dir: Path = Field(description="Folder with the split's image files.")
+    annotations: Path | None = Field(
+        None, description="COCO instances or captions JSON (kind: coco). Absent for kind: folder."
+    )
+
+
+class DatasetSpec(Frozen):
+    """Where images come from. kind 'demo' is built from scikit-image's photos under `root` if absent."""
+
+    name: str
+    kind: Literal["coco", "folder", "demo"]
+    root: Path = Field(Path("data/demo"), description="Dataset root; split paths are relative to it.")
+    splits: dict[str, SplitSpec] = Field(
+        default_factory=dict, description="Per split: images folder (+ annotations for coco)."
+    )
+    val_fraction: float = Field(
+        0.1, gt=0, lt=1, description="kind folder with a single split: share of images hashed into 'val'."
+    )
+
+    @model_validator(mode="after")
+    def _splits_present(self) -> DatasetSpec:
+        if self.kind == "coco" and not self.splits:
+            raise ValueError("kind 'coco' needs splits: {name: {images_dir: ..., annotations: ...}}")
+        if self.kind == "coco":
+            missing = [name for name, s in self.splits.items() if s.annotations is None]
+            if missing:
+                raise ValueError(f"kind 'coco' needs 'annotations' for split(s) {missing}")
+        return self
+
+
+class SubsetSpec(Frozen):
+    max_images: int | None = Field(None, gt=0, description="Keep at most this many images per split.")
+    seed: int | None = Field(
+        None, description="None: the first max_images by image id; an int: a seeded random subset."
+    )
+
+
+class TransformSpec(Frozen):
+    """A pixel-space image transform applied before the encoder's preprocessing (feature-operator studies)."""
+
+    name: Literal["identity", "swap_rb", "scale_channel", "grayscale"] = "identity"
+    channel: Literal["r", "g", "b"] | None = None
+    alpha: float | None = Field(None, ge=0)
+
+    @model_validator(mode="after")
+    def _params(self) -> TransformSpec:
+        needs = self.name == "scale_channel"
+        if needs and (self.channel is None or self.alpha is None):
+            raise ValueError("scale_channel needs 'channel' (r, g or b) and 'alpha' (>= 0)")
+        if not needs and (self.channel is not None or self.alpha is not None):
+            raise ValueError(f"transform '{self.name}' takes no 'channel'/'alpha'")
+        return self
+
+    @property
+    def tag(self) -> str:
+        return f"{self.name}-{self.channel}{self.alpha:g}" if self.name == "scale_channel" else self.name
+
+
+Precision = Literal["float16", "float32", "bf16_bitround", "int8_per_token"]
+Compressor = Literal["blosc_zstd_bitshuffle", "blosc_zstd_shuffle", "zstd", "blosc_lz4", "none"]
+
+
+class StoreOptions(Frozen):
+    precision: Precision = Field(
+        "float16",
+        description="float16 (default), float32, bf16_bitround (float16 with mantissa rounded to bf16's 7 bits: "
+        "rel. error <= 2^-8, ~35% smaller), int8_per_token (int8 codes + a float32 scale per token).",
+    )
+    compressor: Compressor = Field("blosc_zstd_bitshuffle", description="Byte codec of features and pixels.")
+    shard_images: int = Field(
+        64, gt=0, description="Images per shard (the unit of resumable work); one image per inner chunk."
+    )
+    store_pixels: bool = Field(True, description="Also store the encoder-resolution uint8 image per row.")
+
+
+class EncodeOptions(Frozen):
+    batch_size: int = Field(32, gt=0)
+    num_workers: int = Field(2, ge=0, description="DataLoader workers that decode and resize images.")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    compute_dtype: Literal["auto", "bfloat16", "float32"] = Field(
+        "auto", description="auto: bfloat16 autocast on CUDA, float32 on CPU."
+    )
+    min_image_side: int = Field(16, gt=0, description="Images with a smaller side are skipped as failures.")
+    max_image_pixels: int = Field(
+        178_956_970, gt=0, description="Images with more pixels are skipped (decompression-bomb guard)."
+    )
+
+
+class RunConfig(Frozen):
+    """A reconlab run: which images, which encoders, where the stores go, how to encode."""
+
+    store_root: Path = Field(Path("runs/stores"), description="Folder holding content-addressed feature stores.")
+    dataset: DatasetSpec
+    splits: list[str] = Field(default_factory=lambda: ["train", "val"])
+    subset: SubsetSpec = SubsetSpec()
+    encoders: list[str | EncoderSpec] = Field(
+        min_length=1, description="Encoder names (configs/encoders/NAME.yaml), YAML paths, or inline specs."
+    )
+    transforms: list[TransformSpec] = Field(default_factory=lambda: [TransformSpec()])
+    store: StoreOptions = StoreOptions()
+    encode: EncodeOptions = EncodeOptions()
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def _format_validation_error(path: Path, err: ValidationError, model: type[BaseModel]) -> str:
+    lines = [f"{path}: invalid {model.__name__} ({err.error_count()} problem(s)):"]
+    for e in err.errors():
+        field = ".".join(str(p) for p in e["loc"]) or "<top level>"
+        detail = e["msg"]
+        if e["type"] == "extra_forbidden":
+            parent = _model_at(model, e["loc"][:-1])
+            if parent is not None:
+                detail += f"; allowed fields here: {', '.join(parent.model_fields)}"
+        given = e.get("input")
+        shown = "" if isinstance(given, dict) or e["type"] == "missing" else f" (got {given!r})"
+        lines.append(f"  - field `{field}`: {detail}{shown}")
+    return "\n".join(lines)
+
+
+def _model_at(model: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
+    """The nested model class at a validation-error location, to list its allowed keys."""
+    current: Any = model
+    for part in loc:
+        if isinstance(part, int) or current is None:
+            continue
+        field = getattr(current, "model_fields", {}).get(part)
+        if field is None:
+            return None
+        annotation = field.annotation
+        candidates = [annotation, *getattr(annotation, "__args__", ())]
+        current = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+        if current is None:
+            for c in candidates:
+                for sub in getattr(c, "__args__", ()):
+                    if isinstance(sub, type) and issubclass(sub, BaseModel):
+                        current = sub
+    return current
+
+
+def load_model(path: str | Path, model: type[M], overrides: dict[str, Any] | None = None) -> M:
+    """Parse a YAML file into `model`; raise ConfigError naming the file and field on any problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of fields at the top level, got {type(data).__name__}")
+    data.update(overrides or {})
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_validation_error(path, e, model)) from None
+
+
+def encoder_search_dirs(config_path: Path | None) -> list[Path]:
+    dirs = [config_path.parent / "encoders"] if config_path else []
+    return [*dirs, REPO_CONFIG_DIR / "encoders"]
+
+
+def resolve_encoder(ref: str | EncoderSpec, config_path: Path | None = None) -> EncoderSpec:
+    """An encoder given by name (looked up in configs/encoders/), by YAML path, or inline."""
+    if isinstance(ref, EncoderSpec):
+        return ref
+    as_path = Path(ref)
+    if as_path.suffix in (".yaml", ".yml") and as_path.is_file():
+        return load_model(as_path, EncoderSpec)
+    tried = []
+    for d in encoder_search_dirs(config_path):
+        candidate = d / f"{ref}.yaml"
+        tried.append(str(candidate))
+        if candidate.is_file():
+            spec = load_model(candidate, EncoderSpec)
+            if spec.name != ref:
+                raise ConfigError(f"{candidate}: field `name` is '{spec.name}' but the file is named '{ref}'")
+            return spec
+    known = sorted({p.stem for d in encoder_search_dirs(config_path) if d.is_dir() for p in d.glob("*.yaml")})
+    where = config_path or "the command line"
+    raise ConfigError(
+        f"{where}: field `encoders`: unknown encoder '{ref}' (looked for {', '.join(tried)}); "
+        f"known: {', '.join(known)}"
+    )
+
+
+def load_run_config(path: str | Path) -> RunConfig:
+    cfg = load_model(path, RunConfig)
+    for ref in cfg.encoders:  # fail at load time, not when the stage reaches this encoder
+        resolve_encoder(ref, Path(path))
+    return cfg
+
+
+def canonical_json(obj: Any) -> str:
+    if isinstance(obj, BaseModel):
+        obj = obj.model_dump(mode="json")
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def config_hash(obj: Any, n_chars: int = 16) -> str:
+    return hashlib.sha256(canonical_json(obj).encode()).hexdigest()[:n_chars]

@@ -1,0 +1,297 @@
+"""Encode stage: a dataset split through one frozen encoder into its content-addressed feature store.
+
+Work is done shard by shard (`shard_images` images); a finished shard is never redone, so a killed run resumes
+where it stopped and a finished store returns at once. Bad images are skipped and recorded, never fatal.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from pipeline import encoders
+from pipeline.config import (
+    DatasetSpec,
+    EncodeOptions,
+    EncoderSpec,
+    RunConfig,
+    StoreOptions,
+    SubsetSpec,
+    TransformSpec,
+    config_hash,
+    resolve_encoder,
+)
+from pipeline.datasets import ImageRecord, image_list_sha256, list_images
+from pipeline.images import ImageSkipped, Preprocessing, apply_transform, load_rgb
+from pipeline.provenance import provenance
+from storage import FeatureStore, StoreLayout, create, open_store
+from storage.format import WriteLock
+from storage.precision import value_stats
+
+
+@dataclass(frozen=True)
+class EncodeJob:
+    """One store's worth of work: a split, an encoder, a transform."""
+
+    store_root: Path
+    dataset: DatasetSpec
+    split: str
+    subset: SubsetSpec
+    encoder: EncoderSpec
+    transform: TransformSpec
+    store: StoreOptions
+    options: EncodeOptions
+
+
+@dataclass(frozen=True)
+class EncodeResult:
+    store_path: Path
+    n_images: int
+    n_encoded: int
+    n_failed: int
+    already_complete: bool
+
+
+def jobs_from_config(cfg: RunConfig, config_path: Path | None, encoder_names: list[str] | None = None):
+    """Every (split, encoder, transform) store a run config asks for, optionally only some encoders."""
+    specs = [resolve_encoder(ref, config_path) for ref in cfg.encoders]
+    if encoder_names:
+        unknown = set(encoder_names) - {s.name for s in specs}
+        specs += [resolve_encoder(name, config_path) for name in sorted(unknown)]
+        specs = [s for s in specs if s.name in encoder_names]
+    return [
+        EncodeJob(cfg.store_root, cfg.dataset, split, cfg.subset, spec, transform, cfg.store, cfg.encode)
+        for spec in specs
+        for split in cfg.splits
+        for transform in cfg.transforms
+    ]
+
+
+def store_key(job: EncodeJob, records: list[ImageRecord], compute_dtype: torch.dtype) -> dict:
+    """Everything that determines a store's content; its hash names the store folder."""
+    return {
+        "dataset": {"name": job.dataset.name, "kind": job.dataset.kind, "split": job.split},
+        "subset": job.subset.model_dump(mode="json"),
+        "image_list_sha256": image_list_sha256(records),
+        "encoder": job.encoder.model_dump(mode="json", exclude={"name"}),
+        "image_transform": job.transform.model_dump(mode="json"),
+        "store": job.store.model_dump(mode="json"),
+        "compute_dtype": str(compute_dtype).removeprefix("torch."),
+        "image_limits": {"min_side": job.options.min_image_side, "max_pixels": job.options.max_image_pixels},
+    }
+
+
+def store_path_for(job: EncodeJob, key: dict) -> Path:
+    name = f"{job.encoder.name}__{job.dataset.name}-{job.split}__{job.transform.tag}__{config_hash(key)}.zarr"
+    return Path(job.store_root) / name
+
+
+class _DecodeDataset(torch.utils.data.Dataset):
+    """Runs in DataLoader workers: decode, transform, resize + crop to uint8. Never raises on a bad image."""
+
+    def __init__(self, records, preprocessing: Preprocessing, transform: TransformSpec, options: EncodeOptions):
+        self.records = records
+        self.preprocessing = preprocessing
+        self.transform = transform
+        self.min_side = options.min_image_side
+        self.max_pixels = options.max_image_pixels
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, pos: int):
+        s = self.preprocessing.crop_size
+        record = self.records[pos]
+        try:
+            img = load_rgb(
+                record.path, min_side=self.min_side, max_pixels=self.max_pixels, draft_to=2 * s
+            )
+            if self.transform.name != "identity":
+                img = Image.fromarray(apply_transform(np.asarray(img), self.transform))
+            return pos, self.preprocessing.to_pixels(img), ""
+        except ImageSkipped as e:
+            return pos, np.zeros((s, s, 3), np.uint8), str(e)
+        except Exception as e:  # a decoder bug on one odd file must not end a long run
+            return pos, np.zeros((s, s, 3), np.uint8), f"unreadable: {type(e).__name__}: {e}"
+
+
+def _collate(items):
+    positions, pixels, reasons = zip(*items, strict=True)
+    return torch.tensor(positions), torch.from_numpy(np.stack(pixels)), list(reasons)
+
+
+def _batches_within_shards(pending_shards: list[int], layout: StoreLayout, batch_size: int) -> list[list[int]]:
+    # Batches never straddle shards, so a resumed run batches exactly like an uninterrupted one (same numerics).
+    batches = []
+    for shard in pending_shards:
+        rows = layout.shard_slice(shard)
+        for start in range(rows.start, rows.stop, batch_size):
+            batches.append(list(range(start, min(start + batch_size, rows.stop))))
+    return batches
+
+
+def run(job: EncodeJob, *, progress: bool = True) -> EncodeResult:
+    """Encode `job` into its store and return where it is; resumes a partial store, returns a finished one."""
+    records = list_images(job.dataset, job.split, job.subset)
+    if not records:
+        raise ValueError(f"dataset '{job.dataset.name}' split '{job.split}' has no images")
+    device = encoders.resolve_device(job.options.device)
+    compute_dtype = encoders.resolve_compute_dtype(job.options.compute_dtype, device)
+    key = store_key(job, records, compute_dtype)
+    path = store_path_for(job, key)
+    finished = _finished(path)
+    if finished is not None:
+        return finished
+    with WriteLock(path):
+        finished = _finished(path)  # another run may have finished it while we waited for nothing
+        if finished is not None:
+            return finished
+        encoder = encoders.load(job.encoder, device=job.options.device, compute_dtype=job.options.compute_dtype)
+        store = _open_or_create(path, job, key, records, encoder)
+        summary = _encode_pending(store, job, records, encoder, progress=progress)
+    return EncodeResult(path, len(records), summary["n_encoded"], summary["n_failed"], already_complete=False)
+
+
+def _finished(path: Path) -> EncodeResult | None:
+    if not (path / "zarr.json").is_file():
+        return None
+    store = open_store(path, require_complete=False)
+    if not store.complete:
+        return None
+    attrs = store.attrs
+    return EncodeResult(path, store.n_images, attrs["n_encoded"], attrs["n_failed"], already_complete=True)
+
+
+def _open_or_create(path, job, key, records, encoder: encoders.Encoder) -> FeatureStore:
+    if (path / "zarr.json").is_file():
+        store = open_store(path, require_complete=False, mode="r+")
+        if store.config_hash != config_hash(key):
+            raise RuntimeError(f"{path}: holds config {store.config_hash}, expected {config_hash(key)}")
+        store.remove_partial_files()
+        return store
+    layout = StoreLayout(
+        n_images=len(records),
+        grid_hw=encoder.grid,
+        hidden_dim=encoder.hidden_dim,
+        pixel_size=encoder.preprocessing.crop_size,
+        shard_images=job.store.shard_images,
+        precision=job.store.precision,
+        compressor=job.store.compressor,
+        store_pixels=job.store.store_pixels,
+    )
+    attrs = {
+        "config": key,
+        "config_hash": config_hash(key),
+        "encoder": encoder.describe(),
+        "dataset": {**key["dataset"], "subset": key["subset"], "image_list_sha256": key["image_list_sha256"]},
+        "image_transform": key["image_transform"],
+        "precision": job.store.precision,
+        "provenance": provenance(),
+        "n_images": len(records),
+    }
+    return create(path, layout, attrs)
+
+
+def _encode_pending(store, job, records, encoder: encoders.Encoder, *, progress: bool) -> dict:
+    layout = store.layout
+    done = store.shard_done()
+    pending = [int(i) for i in np.flatnonzero(~done)]
+    loader = torch.utils.data.DataLoader(
+        _DecodeDataset(records, encoder.preprocessing, job.transform, job.options),
+        batch_sampler=_batches_within_shards(pending, layout, job.options.batch_size),
+        num_workers=job.options.num_workers,
+        collate_fn=_collate,
+        pin_memory=encoder.device.type == "cuda",
+        persistent_workers=False,
+        prefetch_factor=4 if job.options.num_workers else None,
+    )
+    writer = _ShardWriter(store)
+    n_done_images = sum(layout.shard_slice(i).stop - layout.shard_slice(i).start for i in np.flatnonzero(done))
+    bar = tqdm(
+        total=layout.n_images, initial=n_done_images, unit="img", disable=not progress,
+        desc=f"encode {store.path.name[:60]}", smoothing=0.1,
+    )  # fmt: skip
+    h, w = layout.grid_hw
+    buffer = None
+    try:
+        for positions, pixels, reasons in loader:
+            shard = int(positions[0]) // layout.shard_images
+            rows = layout.shard_slice(shard)
+            if buffer is None or buffer["shard"] != shard:
+                n = rows.stop - rows.start
+                buffer = {
+                    "shard": shard,
+                    "features": np.zeros((n, h, w, layout.hidden_dim), np.float32),
+                    "pixels": np.zeros((n, layout.pixel_size, layout.pixel_size, 3), np.uint8),
+                    "failures": [],
+                    "n_filled": 0,
+                }
+            ok = torch.tensor([not r for r in reasons])
+            local = (positions - rows.start).numpy()
+            if ok.any():
+                feats = encoder.encode(encoder.normalize(pixels[ok]))
+                buffer["features"][local[ok.numpy()]] = feats.cpu().numpy()
+            buffer["pixels"][local] = pixels.numpy()
+            for pos, reason in zip(positions.tolist(), reasons, strict=True):
+                if reason:
+                    rec = records[pos]
+                    buffer["failures"].append({"image_id": rec.image_id, "path": str(rec.path), "reason": reason})
+            buffer["n_filled"] += len(reasons)
+            bar.update(len(reasons))
+            if buffer["n_filled"] == rows.stop - rows.start:
+                writer.put(buffer, records[rows])
+                buffer = None
+        writer.close()
+    finally:
+        bar.close()
+        writer.close(raise_errors=False)
+    return store.finalize()
+
+
+class _ShardWriter:
+    """Writes finished shards on a background thread so compression and disk I/O overlap the next forward."""
+
+    def __init__(self, store: FeatureStore):
+        self.store = store
+        self.jobs: queue.Queue = queue.Queue(maxsize=2)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._loop, name="shard-writer", daemon=True)
+        self.thread.start()
+
+    def put(self, buffer: dict, shard_records: list[ImageRecord]) -> None:
+        if self.error:
+            raise self.error
+        self.jobs.put((buffer, shard_records))
+
+    def _loop(self) -> None:
+        while (item := self.jobs.get()) is not None:
+            if self.error:
+                continue
+            buffer, shard_records = item
+            try:
+                failed_ids = {f["image_id"] for f in buffer["failures"]}
+                image_ids = np.array([r.image_id for r in shard_records], np.int64)
+                valid = np.array([r.image_id not in failed_ids for r in shard_records])
+                record = {
+                    "n_encoded": int(valid.sum()),
+                    "failures": buffer["failures"],
+                    "stats": value_stats(buffer["features"][valid]),
+                }
+                pixels = buffer["pixels"] if self.store.layout.store_pixels else None
+                self.store.write_shard(buffer["shard"], buffer["features"], pixels, image_ids, valid, record)
+            except BaseException as e:  # surfaced on the main thread at the next put/close
+                self.error = e
+
+    def close(self, raise_errors: bool = True) -> None:
+        if self.thread.is_alive():
+            self.jobs.put(None)
+            self.thread.join()
+        if raise_errors and self.error:
+            raise self.error

@@ -1,0 +1,347 @@
+"""One loader for every frozen encoder: `load(spec)` returns an Encoder that turns images into patch grids.
+
+timm and transformers models go through the same object; preprocessing is read from the model's own config
+(timm `pretrained_cfg`, the HF image processor) and recorded, never re-typed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from pipeline import _torchvision_shim
+from pipeline.config import EncoderSpec
+from pipeline.images import Preprocessing
+from pipeline.provenance import file_sha256
+
+_TIMM_WEIGHT_FILES = (
+    "model.safetensors",
+    "open_clip_model.safetensors",
+    "pytorch_model.bin",
+    "open_clip_pytorch_model.bin",
+)
+
+
+class _StopForward(Exception):
+    pass
+
+
+class WeightsNotFoundError(FileNotFoundError):
+    """The encoder's weights are not on this machine; the message says where we looked and how to fix it."""
+
+
+def _hf_cache_dir() -> str:
+    from huggingface_hub import constants
+
+    return constants.HF_HUB_CACHE
+
+
+def _offline() -> bool:
+    from huggingface_hub import constants
+
+    # huggingface_hub reads the variable once at import; a later export (a notebook, a test) must count too.
+    return constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
+
+
+def _missing_weights(spec: EncoderSpec, looked: str, cause: Exception | None) -> WeightsNotFoundError:
+    hub_id = spec.model_id if spec.backend == "transformers" else f"timm/{spec.model_id}"
+    msg = (
+        f"weights for encoder '{spec.name}' ({spec.backend} model '{spec.model_id}') not found.\n"
+        f"  looked in: {looked}\n"
+        f"  HF_HUB_OFFLINE={'1' if _offline() else '0'}\n"
+        f"  to provide them: on a machine with internet run `huggingface-cli download {hub_id}` and copy the "
+        f"cache folder to {_hf_cache_dir()} (or set HF_HOME / HF_HUB_CACHE), or set `weights:` in "
+        f"configs/encoders/{spec.name}.yaml to a local checkpoint file or save_pretrained directory."
+    )
+    if cause is not None:
+        msg += f"\n  cause: {type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}"
+    return WeightsNotFoundError(msg)
+
+
+def _state_dict_sha256(model: torch.nn.Module) -> str:
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _cached_revision(repo_id: str, filenames: tuple[str, ...], revision: str | None) -> str | None:
+    from huggingface_hub import try_to_load_from_cache
+
+    for name in filenames:
+        found = try_to_load_from_cache(repo_id, name, revision=revision)
+        if isinstance(found, str):
+            parts = Path(found).parts
+            return parts[parts.index("snapshots") + 1] if "snapshots" in parts else found
+    return None
+
+
+@dataclass
+class Encoder:
+    """A loaded frozen encoder. `encode` returns patch tokens only, as a [B, H, W, D] grid."""
+
+    spec: EncoderSpec
+    model: torch.nn.Module
+    preprocessing: Preprocessing
+    weights_id: str
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    compute_dtype: torch.dtype = torch.float32
+    n_prefix_tokens: int = -1  # set by the first forward pass (probe at load time)
+    hidden_dim: int = -1
+    _mean: torch.Tensor | None = None
+    _std: torch.Tensor | None = None
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return self.spec.grid
+
+    def preprocess(self, image: Image.Image) -> torch.Tensor:
+        """PIL RGB image -> normalised float tensor [3, S, S]."""
+        pixels = torch.from_numpy(self.preprocessing.to_pixels(image.convert("RGB")))
+        return self.normalize(pixels[None])[0].cpu()
+
+    def normalize(self, pixels_nhwc_uint8: torch.Tensor) -> torch.Tensor:
+        """uint8 [B, S, S, 3] -> normalised float32 [B, 3, S, S] on the encoder's device."""
+        x = pixels_nhwc_uint8.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0)
+        return (x - self._mean) / self._std
+
+    @torch.inference_mode()
+    def encode(self, pixels_nchw: torch.Tensor) -> torch.Tensor:
+        """Normalised images [B, 3, S, S] -> float32 patch features [B, H, W, D] (prefix tokens dropped)."""
+        x = pixels_nchw.to(self.device, non_blocking=True)
+        autocast = self.compute_dtype != torch.float32
+        with torch.autocast(self.device.type, dtype=self.compute_dtype, enabled=autocast):
+            tokens = self._tokens(x)
+        return self._to_grid(tokens.float())
+
+    def _tokens(self, x: torch.Tensor) -> torch.Tensor:
+        layer = self.spec.feature_layer
+        if self.spec.backend == "transformers":
+            kwargs = {"output_hidden_states": layer != "last"}
+            if getattr(self.model.config, "image_size", self.spec.resolution) != self.spec.resolution:
+                kwargs["interpolate_pos_encoding"] = True
+            out = self.model(pixel_values=x, **kwargs)
+            return out.last_hidden_state if layer == "last" else out.hidden_states[layer]
+        if layer == "last":
+            return self.model.forward_features(x)
+        captured: list[torch.Tensor] = []
+
+        def grab_and_stop(_module, _inputs, output):
+            captured.append(output)
+            raise _StopForward  # later blocks, the final norm and the head are not needed
+
+        hook = self.model.blocks[layer].register_forward_hook(grab_and_stop)
+        try:
+            self.model.forward_features(x)
+        except _StopForward:
+            pass
+        finally:
+            hook.remove()
+        return captured[0]
+
+    def _to_grid(self, tokens: torch.Tensor) -> torch.Tensor:
+        h, w = self.grid
+        if tokens.ndim == 4:  # timm SAM-style blocks already give [B, H, W, D]; necks give [B, D, H, W]
+            return tokens if tokens.shape[1:3] == (h, w) else tokens.permute(0, 2, 3, 1)
+        n_prefix = tokens.shape[1] - h * w
+        if n_prefix < 0:
+            raise RuntimeError(
+                f"encoder '{self.spec.name}' returned {tokens.shape[1]} tokens, fewer than the {h}x{w} grid implied "
+                f"by resolution {self.spec.resolution} / patch {self.spec.patch_size}"
+            )
+        return tokens[:, n_prefix:].reshape(tokens.shape[0], h, w, tokens.shape[-1])
+
+    def describe(self) -> dict:
+        return {
+            "name": self.spec.name,
+            "backend": self.spec.backend,
+            "model_id": self.spec.model_id,
+            "weights": self.spec.weights,
+            "weights_id": self.weights_id,
+            "feature_layer": self.spec.feature_layer,
+            "resolution": self.spec.resolution,
+            "patch_size": self.spec.patch_size,
+            "grid_hw": list(self.grid),
+            "hidden_dim": self.hidden_dim,
+            "n_prefix_tokens_dropped": self.n_prefix_tokens,
+            "compute_dtype": str(self.compute_dtype).removeprefix("torch."),
+            "preprocessing": self.preprocessing.to_dict(),
+        }
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' requested but torch.cuda.is_available() is False on this machine")
+    return torch.device(device)
+
+
+def resolve_compute_dtype(compute_dtype: str, device: torch.device) -> torch.dtype:
+    if compute_dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, compute_dtype)
+
+
+def load(spec: EncoderSpec, device: str = "auto", compute_dtype: str = "auto") -> Encoder:
+    """Build the encoder of `spec` with its weights; fails before any work if the weights are absent."""
+    _torchvision_shim.install()
+    torch_device = resolve_device(device)
+    if spec.backend == "timm":
+        model, preprocessing, weights_id = _load_timm(spec)
+    else:
+        model, preprocessing, weights_id = _load_transformers(spec)
+    model.eval().requires_grad_(False).to(torch_device)
+    encoder = Encoder(
+        spec=spec,
+        model=model,
+        preprocessing=preprocessing,
+        weights_id=weights_id,
+        device=torch_device,
+        compute_dtype=resolve_compute_dtype(compute_dtype, torch_device),
+        _mean=torch.tensor(preprocessing.mean, device=torch_device).view(1, 3, 1, 1),
+        _std=torch.tensor(preprocessing.std, device=torch_device).view(1, 3, 1, 1),
+    )
+    _probe(encoder)
+    return encoder
+
+
+def _probe(encoder: Encoder) -> None:
+    """One forward on a blank image: learn D and the prefix count, and check them against the spec."""
+    spec = encoder.spec
+    blank = torch.zeros(1, spec.resolution, spec.resolution, 3, dtype=torch.uint8)
+    with torch.inference_mode():
+        tokens = encoder._tokens(encoder.normalize(blank))
+    h, w = spec.grid
+    encoder.n_prefix_tokens = 0 if tokens.ndim == 4 else tokens.shape[1] - h * w
+    encoder.hidden_dim = tokens.shape[-1] if tokens.ndim == 3 or tokens.shape[1:3] == (h, w) else tokens.shape[1]
+    if spec.n_prefix_tokens is not None and spec.n_prefix_tokens != encoder.n_prefix_tokens:
+        raise ValueError(
+            f"encoder '{spec.name}': spec says n_prefix_tokens={spec.n_prefix_tokens} but the model returns "
+            f"{encoder.n_prefix_tokens} tokens before its {h}x{w} patch grid; fix n_prefix_tokens in its YAML"
+        )
+    if spec.hidden_dim is not None and spec.hidden_dim != encoder.hidden_dim:
+        raise ValueError(
+            f"encoder '{spec.name}': spec says hidden_dim={spec.hidden_dim} but the model's features have "
+            f"D={encoder.hidden_dim}; fix hidden_dim in its YAML"
+        )
+
+
+def _load_timm(spec: EncoderSpec) -> tuple[torch.nn.Module, Preprocessing, str]:
+    import timm
+
+    kwargs = {"img_size": spec.resolution, "num_classes": 0, **spec.model_kwargs}
+    if spec.model_id.startswith("samvit"):
+        kwargs.pop("num_classes")
+    if spec.weights == "random":
+        torch.manual_seed(spec.seed)
+        model = timm.create_model(spec.model_id, pretrained=False, **kwargs)
+        weights_id = f"random-init seed={spec.seed} sha256={_state_dict_sha256(model)}"
+    elif spec.weights == "pretrained":
+        hf_hub_id = getattr(timm.models.get_pretrained_cfg(spec.model_id), "hf_hub_id", None)
+        revision = _cached_revision(hf_hub_id, _TIMM_WEIGHT_FILES, None) if hf_hub_id else None
+        looked = f"Hugging Face cache {_hf_cache_dir()} (repo {hf_hub_id}, files {', '.join(_TIMM_WEIGHT_FILES)})"
+        if revision is None and _offline():
+            raise _missing_weights(spec, looked, None)
+        try:
+            model = timm.create_model(spec.model_id, pretrained=True, **kwargs)
+        except Exception as e:  # timm surfaces hub misses as several error types
+            raise _missing_weights(spec, looked, e) from e
+        revision = revision or _cached_revision(hf_hub_id, _TIMM_WEIGHT_FILES, None)
+        weights_id = f"hf:{hf_hub_id}@{revision or 'unknown'}"
+    else:
+        path = Path(spec.weights).expanduser()
+        weight_file = path
+        if path.is_dir():
+            weight_file = next((path / f for f in _TIMM_WEIGHT_FILES if (path / f).is_file()), path / "?")
+        if not weight_file.is_file():
+            raise _missing_weights(spec, f"{path} (a file, or a folder with one of {_TIMM_WEIGHT_FILES})", None)
+        model = timm.create_model(
+            spec.model_id, pretrained=True, pretrained_cfg_overlay={"file": str(weight_file)}, **kwargs
+        )
+        weights_id = f"file:{weight_file.name} sha256={file_sha256(weight_file)}"
+    data_cfg = timm.data.resolve_model_data_config(model)
+    crop_pct = data_cfg.get("crop_pct", 1.0)
+    crop_mode = data_cfg.get("crop_mode", "center")
+    if crop_mode not in ("center", "squash"):
+        raise ValueError(f"encoder '{spec.name}': timm crop_mode '{crop_mode}' is not supported")
+    preprocessing = Preprocessing(
+        resize_mode="shortest" if crop_mode == "center" else "squash",
+        resize_size=int(np.floor(spec.resolution / crop_pct)),
+        crop_size=spec.resolution,
+        interpolation=data_cfg["interpolation"],
+        mean=tuple(float(v) for v in data_cfg["mean"]),
+        std=tuple(float(v) for v in data_cfg["std"]),
+        source=f"timm pretrained_cfg of {spec.model_id} (crop_pct={crop_pct}, crop_mode={crop_mode}); "
+        f"input size from spec resolution {spec.resolution}",
+    )
+    return model, preprocessing, weights_id
+
+
+def _load_transformers(spec: EncoderSpec) -> tuple[torch.nn.Module, Preprocessing, str]:
+    from transformers import AutoConfig, AutoImageProcessor, AutoModel
+
+    local = spec.weights not in ("pretrained", "random")
+    source = str(Path(spec.weights).expanduser()) if local else spec.model_id
+    common = {"revision": spec.revision, "trust_remote_code": spec.trust_remote_code}
+    if local:
+        if not (Path(source) / "config.json").is_file():
+            raise _missing_weights(spec, f"{source} (expected a save_pretrained folder with config.json)", None)
+        common["local_files_only"] = True
+    elif _offline():
+        common["local_files_only"] = True
+        if _cached_revision(source, ("config.json",), spec.revision) is None:
+            raise _missing_weights(spec, f"Hugging Face cache {_hf_cache_dir()} (repo {source})", None)
+    try:
+        if spec.weights == "random":
+            config = AutoConfig.from_pretrained(source, **common)
+            torch.manual_seed(spec.seed)
+            model = AutoModel.from_config(config, trust_remote_code=spec.trust_remote_code)
+        else:
+            model = AutoModel.from_pretrained(source, **common)
+        processor = AutoImageProcessor.from_pretrained(source, **common)
+    except OSError as e:
+        looked = source if local else f"Hugging Face cache {_hf_cache_dir()} (repo {source})"
+        raise _missing_weights(spec, looked, e) from e
+    model = getattr(model, "vision_model", model)  # CLIPModel / SiglipModel -> their vision tower
+    if spec.weights == "random":
+        weights_id = f"random-init seed={spec.seed} sha256={_state_dict_sha256(model)}"
+    elif local:
+        files = sorted(Path(source).glob("*.safetensors")) or sorted(Path(source).glob("*.bin"))
+        weights_id = "dir:" + ",".join(f"{f.name} sha256={file_sha256(f)}" for f in files)
+    else:
+        weights_id = f"hf:{source}@{getattr(model.config, '_commit_hash', None) or spec.revision or 'unknown'}"
+    return model, _hf_preprocessing(spec, processor), weights_id
+
+
+def _hf_preprocessing(spec: EncoderSpec, processor) -> Preprocessing:
+    size = processor.size if isinstance(processor.size, dict) else {"shortest_edge": processor.size}
+    do_crop = bool(getattr(processor, "do_center_crop", False))
+    crop = getattr(processor, "crop_size", None) or {}
+    crop_side = crop.get("height", spec.resolution) if do_crop else None
+    if "shortest_edge" in size:
+        mode, resize_side = "shortest", size["shortest_edge"]
+    else:
+        mode, resize_side = "squash", size["height"]
+    output_side = crop_side or resize_side
+    # The spec's resolution wins (e.g. DINOv2 at 518); keep the processor's resize/crop ratio.
+    resize_size = round(resize_side * spec.resolution / output_side)
+    resample = getattr(processor, "resample", Image.Resampling.BICUBIC)
+    interpolation = Image.Resampling(int(resample)).name.lower()
+    return Preprocessing(
+        resize_mode=mode,
+        resize_size=resize_size,
+        crop_size=spec.resolution,
+        interpolation=interpolation,
+        mean=tuple(float(v) for v in processor.image_mean),
+        std=tuple(float(v) for v in processor.image_std),
+        source=f"HF image processor {type(processor).__name__} of {spec.model_id} "
+        f"(size={size}, crop={crop if do_crop else None}); scaled to spec resolution {spec.resolution}",
+    )

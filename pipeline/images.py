@@ -1,0 +1,134 @@
+"""Decode any image file to RGB uint8 or say why not; pixel-space transforms; resize/crop as an encoder does.
+
+Decoding never raises on bad input: long runs skip the image and record the reason.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from pipeline.config import TransformSpec
+
+
+class ImageSkipped(Exception):
+    """An image that cannot be used; the message is the recorded reason."""
+
+
+def load_rgb(path: Path, *, min_side: int, max_pixels: int, draft_to: int | None = None) -> Image.Image:
+    """Open `path` as an 8-bit RGB PIL image, converting grayscale/CMYK/palette/alpha/16-bit; raise ImageSkipped."""
+    if not path.is_file():
+        raise ImageSkipped("missing file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(path)
+            width, height = img.size
+            if width * height > max_pixels:
+                raise ImageSkipped(f"too large: {width}x{height} > max_image_pixels {max_pixels}")
+            if min(width, height) < min_side:
+                raise ImageSkipped(f"too small: {width}x{height}, min_image_side is {min_side}")
+            if draft_to and img.format == "JPEG":
+                # JPEG can decode at 1/2, 1/4, 1/8 scale: huge photos never materialise at full size.
+                img.draft("RGB", (draft_to, draft_to))
+            img.load()
+            img = ImageOps.exif_transpose(img)
+    except ImageSkipped:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageSkipped(f"too large (decompression bomb guard): {e}") from None
+    except Image.UnidentifiedImageError:
+        raise ImageSkipped("not an image (unidentified format)") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise ImageSkipped(f"corrupt image: {e}") from None
+    return _to_rgb(img)
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        # 16-bit / 32-bit grayscale: PIL's convert("RGB") clips at 255; rescale the real range to 8 bits instead.
+        arr = np.asarray(img).astype(np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") else max(float(arr.max()), 1.0)
+        arr8 = np.clip(np.round(arr / top * 255.0), 0, 255).astype(np.uint8)
+        return Image.fromarray(arr8, "L").convert("RGB")
+    if img.mode == "P":
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        # Transparent areas become white, as a viewer would show them, not their arbitrary hidden RGB.
+        background = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, img.convert("RGBA")).convert("RGB")
+    return img.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV
+
+
+def apply_transform(pixels_hwc: np.ndarray, transform: TransformSpec) -> np.ndarray:
+    """Apply a pixel-space transform T to an RGB uint8 image."""
+    if transform.name == "identity":
+        return pixels_hwc
+    if transform.name == "swap_rb":
+        return np.ascontiguousarray(pixels_hwc[..., ::-1])
+    if transform.name == "scale_channel":
+        out = pixels_hwc.copy()
+        c = "rgb".index(transform.channel)
+        out[..., c] = np.clip(np.round(pixels_hwc[..., c] * transform.alpha), 0, 255).astype(np.uint8)
+        return out
+    if transform.name == "grayscale":
+        # ITU-R BT.601 luma, replicated to three channels.
+        luma = pixels_hwc.astype(np.float32) @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+        gray = np.clip(np.round(luma), 0, 255).astype(np.uint8)
+        return np.repeat(gray[..., None], 3, axis=-1)
+    raise ValueError(f"unknown transform {transform.name}")
+
+
+_RESAMPLE = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+    "box": Image.Resampling.BOX,
+    "hamming": Image.Resampling.HAMMING,
+}
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """An encoder's eval preprocessing, read from the model's own config and recorded in every store.
+
+    resize_mode 'shortest': shortest side -> resize_size (aspect kept), then a centre crop of crop_size;
+    resize_mode 'squash': both sides -> resize_size (aspect lost), then a centre crop of crop_size.
+    """
+
+    resize_mode: str
+    resize_size: int
+    crop_size: int
+    interpolation: str
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    source: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def to_pixels(self, img: Image.Image) -> np.ndarray:
+        """Resize + crop an RGB image to the encoder's input: uint8 [S, S, 3]. Normalisation happens on device."""
+        resample = _RESAMPLE[self.interpolation]
+        w, h = img.size
+        if self.resize_mode == "squash":
+            new_w = new_h = self.resize_size
+        else:
+            short, long = (w, h) if w <= h else (h, w)
+            new_short, new_long = self.resize_size, int(self.resize_size * long / short)
+            new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
+        if (new_w, new_h) != (w, h):
+            img = img.resize((new_w, new_h), resample=resample)
+        s = self.crop_size
+        # Same rounding as torchvision's CenterCrop, which timm's eval transform uses.
+        top, left = int(round((new_h - s) / 2.0)), int(round((new_w - s) / 2.0))
+        if (new_w, new_h) != (s, s):
+            img = img.crop((left, top, left + s, top + s))
+        return np.asarray(img, dtype=np.uint8)

@@ -1,0 +1,8 @@
+"""The reconlab feature store: a self-describing Zarr v3 group per (dataset split, encoder, layer, transform).
+
+`storage/README.md` is the normative spec; plain zarr, dask and xarray read stores without this package.
+"""
+
+from storage.format import FORMAT_VERSION, FeatureStore, StoreError, StoreLayout, StoreLocked, create, open_store
+
+__all__ = ["FORMAT_VERSION", "FeatureStore", "StoreError", "StoreLayout", "StoreLocked", "create", "open_store"]
