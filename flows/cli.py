@@ -1,0 +1,133 @@
+"""The `reconlab` command line: run stages as Prefect flows, inspect feature stores."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from pipeline.config import REPO_CONFIG_DIR, ConfigError
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
+store_app = typer.Typer(no_args_is_help=True, help="Inspect cached feature stores.")
+app.add_typer(store_app, name="store")
+
+DEMO_CONFIG = REPO_CONFIG_DIR / "demo.yaml"
+
+
+def _fail(message: str) -> None:
+    typer.secho(message, fg=typer.colors.RED, err=True)
+    raise typer.Exit(2)
+
+
+@app.command()
+def encode(
+    config: Annotated[Path, typer.Option("--config", "-c", help="Run config YAML.")],
+    encoder: Annotated[list[str] | None, typer.Option("--encoder", "-e", help="Only these encoders.")] = None,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+) -> None:
+    """Encode the config's dataset splits with its encoders into feature stores (resumes partial stores)."""
+    from pipeline.encoders import WeightsNotFoundError
+    from storage import StoreError
+
+    try:
+        from flows.encode_flow import encode_flow
+
+        results = encode_flow(str(config), encoder, progress)
+    except (ConfigError, WeightsNotFoundError, StoreError) as e:
+        _fail(str(e))
+    for r in results:
+        state = "already complete" if r.already_complete else "encoded"
+        typer.echo(f"{r.store_path}: {state}, {r.n_encoded}/{r.n_images} images, {r.n_failed} failed")
+
+
+@app.command()
+def demo(progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True) -> None:
+    """Build the embedded demo set, encode it with the tiny demo encoders, and list the stores."""
+    encode(DEMO_CONFIG, None, progress)
+    from pipeline.config import load_run_config
+
+    typer.echo("")
+    ls(load_run_config(DEMO_CONFIG).store_root)
+
+
+@store_app.command("ls")
+def ls(root: Annotated[Path, typer.Argument(help="Store root folder.")] = Path("runs/demo/stores")) -> None:
+    """One line per store: encoder, dataset/split, N, grid, dtype, size on disk, complete or not."""
+    from storage.inspect import find_stores, summary_row
+
+    if not root.is_dir():
+        _fail(f"{root}: no such folder")
+    rows = [summary_row(p) for p in find_stores(root)]
+    if not rows:
+        typer.echo(f"no feature stores under {root}")
+        return
+    header = f"{'encoder':<20} {'dataset/split':<18} {'transform':<12} {'N':>7} {'fail':>5} {'grid':<12} "
+    header += f"{'dtype':<15} {'size':>9}  status"
+    typer.echo(header)
+    for r in rows:
+        if "error" in r:
+            typer.echo(f"{r['path']}: {r['error']}")
+            continue
+        typer.echo(
+            f"{r['encoder']:<20} {r['dataset']:<18} {r['transform']:<12} {r['n_images']:>7} "
+            f"{r['n_failed'] if r['n_failed'] is not None else '-':>5} {r['grid']:<12} {r['dtype']:<15} "
+            f"{r['size_mb']:>7.1f}MB  {r['status']}"
+        )
+
+
+@store_app.command("inspect")
+def inspect(
+    path: Annotated[Path, typer.Argument(help="A store folder (*.zarr).")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the full record as JSON.")] = False,
+    preview: Annotated[Path | None, typer.Option(help="Write a PNG: images beside their feature PCA.")] = None,
+) -> None:
+    """Shape, dtype, chunking, codecs, compression, completeness, provenance, failures, feature statistics."""
+    from storage import StoreError
+    from storage.inspect import inspect_store, write_preview
+
+    try:
+        info = inspect_store(path)
+        if preview is not None:
+            write_preview(path, preview)
+    except StoreError as e:
+        _fail(str(e))
+    if as_json:
+        json.dump(info, sys.stdout, indent=2, default=str)
+        typer.echo("")
+    else:
+        enc, prov = info["encoder"], info["provenance"]
+        typer.echo(f"store      {info['path']}")
+        typer.echo(f"format     v{info['format_version']}  config {info['config_hash']}")
+        typer.echo(f"status     {'complete' if info['complete'] else 'INCOMPLETE'} ({info['shards_done']} shards)")
+        typer.echo(f"images     {info['n_encoded']} encoded, {info['n_failed']} failed of {info['n_images']}")
+        typer.echo(
+            f"encoder    {enc['name']} ({enc['backend']} {enc['model_id']}, layer {enc['feature_layer']}, "
+            f"{enc['n_prefix_tokens_dropped']} prefix tokens dropped, weights {enc['weights_id'][:60]})"
+        )
+        typer.echo(f"dataset    {info['dataset']['name']}/{info['dataset']['split']}  transform {info['image_transform']}")
+        for name, a in info["arrays"].items():
+            ratio = f"{a['compression_ratio']:.2f}x" if a["compression_ratio"] else "-"
+            typer.echo(
+                f"  {name:<15} {str(a['shape']):<22} {a['dtype']:<8} chunks {a['chunks']} shards {a['shards']} "
+                f"filters {a['filters']} ratio {ratio} ({a['bytes_on_disk'] / 1e6:.2f} MB)"
+            )
+        s = info["feature_stats_sampled"]
+        if s:
+            typer.echo(
+                f"features   mean token norm {s['mean_token_norm']:.3f}, non-finite {s['fraction_nonfinite']:.2e} "
+                f"(over {s['n_images_sampled']} images)"
+            )
+        typer.echo(f"recorded   {info['feature_stats_recorded']}")
+        typer.echo(f"made by    reconlab {prov['reconlab_version']} @ {prov['git_commit'][:12]} on {prov['created_utc']}")
+        for f in info["failures"][:20]:
+            typer.echo(f"  failed   id {f['image_id']}: {f['reason']}  ({f['path']})")
+    if preview is not None:
+        typer.echo(f"preview written to {preview}")
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,130 @@
+"""Summaries of feature stores for `reconlab store ls` and `reconlab store inspect`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from storage.format import FORMAT_KEY, StoreError, open_store
+
+
+def disk_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+
+
+def find_stores(root: Path) -> list[Path]:
+    return sorted(p.parent for p in Path(root).glob("*/zarr.json") if FORMAT_KEY in p.read_text()[:100000])
+
+
+def summary_row(path: Path) -> dict:
+    """One line's worth: encoder, dataset/split, N, grid, dtype, size, complete."""
+    try:
+        store = open_store(path, require_complete=False)
+    except StoreError as e:
+        return {"path": str(path), "error": str(e)}
+    attrs, lay = store.attrs, store.layout
+    done = store.shard_done()
+    return {
+        "path": str(path),
+        "encoder": attrs["encoder"]["name"],
+        "dataset": f"{attrs['dataset']['name']}/{attrs['dataset']['split']}",
+        "transform": store.path.name.split("__")[2] if store.path.name.count("__") >= 3 else "?",
+        "n_images": lay.n_images,
+        "n_failed": attrs.get("n_failed"),
+        "grid": f"{lay.grid_hw[0]}x{lay.grid_hw[1]}x{lay.hidden_dim}",
+        "dtype": lay.precision,
+        "size_mb": disk_bytes(path) / 1e6,
+        "status": "complete" if store.complete else f"partial {int(done.sum())}/{done.size} shards",
+    }
+
+
+def inspect_store(path: Path, n_stat_images: int = 64) -> dict:
+    """Everything about one store: arrays, codecs, compression, completeness, provenance, failures, statistics."""
+    store = open_store(path, require_complete=False)
+    attrs, group = store.attrs, store.group
+    arrays = {}
+    for name in sorted(group.array_keys()):
+        arr = group[name]
+        raw = arr.nbytes
+        on_disk = disk_bytes(Path(path) / name)
+        arrays[name] = {
+            "shape": list(arr.shape),
+            "dtype": str(arr.dtype),
+            "chunks": list(arr.chunks),
+            "shards": list(arr.shards) if arr.shards else None,
+            "filters": [type(c).__name__ for c in arr.filters],
+            "compressors": [repr(c) for c in arr.compressors],
+            "bytes_raw": int(raw),
+            "bytes_on_disk": int(on_disk),
+            "compression_ratio": raw / on_disk if on_disk else None,
+        }
+    valid_rows = np.flatnonzero(store.valid())[:n_stat_images]
+    stats = {}
+    if valid_rows.size:
+        feats = store.features(valid_rows)
+        norms = np.linalg.norm(feats, axis=-1)
+        stats = {
+            "n_images_sampled": int(valid_rows.size),
+            "mean_token_norm": float(np.nanmean(norms)),
+            "fraction_nonfinite": float((~np.isfinite(feats)).mean()),
+            "mean": float(np.nanmean(feats)),
+            "std": float(np.nanstd(feats)),
+        }
+    done = store.shard_done()
+    return {
+        "path": str(path),
+        "format_version": attrs.get(FORMAT_KEY),
+        "config_hash": attrs["config_hash"],
+        "complete": store.complete,
+        "shards_done": f"{int(done.sum())}/{done.size}",
+        "n_images": store.n_images,
+        "n_encoded": attrs.get("n_encoded"),
+        "n_failed": attrs.get("n_failed"),
+        "failures": attrs.get("failures", []),
+        "arrays": arrays,
+        "bytes_on_disk": disk_bytes(path),
+        "encoder": attrs["encoder"],
+        "dataset": attrs["dataset"],
+        "image_transform": attrs["image_transform"],
+        "provenance": attrs["provenance"],
+        "feature_stats_recorded": attrs.get("feature_stats"),
+        "feature_stats_sampled": stats,
+    }
+
+
+def write_preview(path: Path, out_png: Path, n_images: int = 6) -> Path:
+    """A figure: stored images beside the first 3 PCA components of their features (as RGB)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    store = open_store(path, require_complete=False)
+    rows = np.flatnonzero(store.valid())[:n_images]
+    if rows.size == 0:
+        raise StoreError(f"{path}: no encoded images to preview")
+    feats = store.features(rows)
+    n, h, w, d = feats.shape
+    flat = feats.reshape(-1, d).astype(np.float64)
+    flat -= flat.mean(axis=0)
+    # PCA over all tokens of the shown images; scipy/numpy SVD, components scaled to [0, 1] for display.
+    _, _, vt = np.linalg.svd(flat, full_matrices=False)
+    comps = flat @ vt[:3].T
+    lo, hi = np.percentile(comps, 1, axis=0), np.percentile(comps, 99, axis=0)
+    rgb = np.clip((comps - lo) / np.maximum(hi - lo, 1e-12), 0, 1).reshape(n, h, w, 3)
+    has_pixels = "pixels" in store.group
+    fig, axes = plt.subplots(2 if has_pixels else 1, n, figsize=(2 * n, 4 if has_pixels else 2), squeeze=False)
+    for i, row in enumerate(rows):
+        if has_pixels:
+            axes[0, i].imshow(store.pixels(int(row)))
+            axes[0, i].set_title(f"id {int(store.image_ids()[row])}", fontsize=8)
+        axes[-1, i].imshow(rgb[i], interpolation="nearest")
+    for ax in axes.flat:
+        ax.axis("off")
+    fig.suptitle(f"{store.attrs['encoder']['name']}: images and feature PCA (first 3 components)", fontsize=9)
+    out_png = Path(out_png)
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_png, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return out_png

@@ -1,0 +1,89 @@
+"""Shared fixtures: a small demo dataset, tiny encoders, run configs in tmp dirs. Prefect runs offline in a tmp home."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+import yaml
+
+# Before anything imports prefect: keep it off the user's home and the network.
+os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="reconlab-test-prefect-"))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from pipeline import demo  # noqa: E402
+from pipeline.config import (  # noqa: E402
+    DatasetSpec,
+    EncodeOptions,
+    RunConfig,
+    StoreOptions,
+    SubsetSpec,
+    TransformSpec,
+    resolve_encoder,
+)
+from pipeline.encode import EncodeJob  # noqa: E402
+
+N_TRAIN, N_VAL = 40, 12
+
+
+@pytest.fixture(scope="session")
+def demo_root(tmp_path_factory) -> Path:
+    return demo.build(tmp_path_factory.mktemp("data") / "demo", n_train=N_TRAIN, n_val=N_VAL)
+
+
+@pytest.fixture(scope="session")
+def demo_dataset(demo_root) -> DatasetSpec:
+    return DatasetSpec(name="demo", kind="demo", root=demo_root)
+
+
+@pytest.fixture
+def make_job(tmp_path, demo_dataset):
+    """An EncodeJob over the small demo set with the tiny 64 px encoder; keyword overrides per test."""
+
+    def _make(
+        *,
+        store_root: Path | None = None,
+        dataset: DatasetSpec | None = None,
+        split: str = "train",
+        encoder: str = "tiny-vit-64",
+        transform: TransformSpec = TransformSpec(),
+        store: StoreOptions = StoreOptions(shard_images=8),
+        options: EncodeOptions = EncodeOptions(batch_size=8, num_workers=0),
+        subset: SubsetSpec = SubsetSpec(),
+    ) -> EncodeJob:
+        return EncodeJob(
+            store_root=store_root or tmp_path / "stores",
+            dataset=dataset or demo_dataset,
+            split=split,
+            subset=subset,
+            encoder=resolve_encoder(encoder),
+            transform=transform,
+            store=store,
+            options=options,
+        )
+
+    return _make
+
+
+@pytest.fixture
+def write_run_config(tmp_path, demo_root):
+    """Write a run config YAML for the small demo set; returns its path."""
+
+    def _write(**overrides) -> Path:
+        data = {
+            "store_root": str(tmp_path / "stores"),
+            "dataset": {"name": "demo", "kind": "demo", "root": str(demo_root)},
+            "splits": ["val"],
+            "encoders": ["tiny-vit-64"],
+            "store": {"shard_images": 8},
+            "encode": {"batch_size": 8, "num_workers": 0},
+        }
+        data.update(overrides)
+        RunConfig.model_validate(data)  # a test config that does not validate is a test bug
+        path = tmp_path / "run.yaml"
+        path.write_text(yaml.safe_dump(data))
+        return path
+
+    return _write

@@ -1,0 +1,192 @@
+"""The encode stage: content, bad inputs, resume after SIGKILL, lock, precision options, transforms."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pipeline import encode, encoders
+from pipeline.config import DatasetSpec, EncodeOptions, StoreOptions, SplitSpec, TransformSpec, resolve_encoder
+from storage import StoreLocked, open_store
+from storage.format import WriteLock
+
+
+def test_encode_writes_features_equal_to_encoding_the_stored_pixels(make_job):
+    result = encode.run(make_job(split="val", store=StoreOptions(shard_images=8, precision="float32")), progress=False)
+    store = open_store(result.store_path)
+    assert (result.n_images, result.n_failed) == (12, 0)
+    enc = encoders.load(resolve_encoder("tiny-vit-64"))
+    again = enc.encode(enc.normalize(torch.from_numpy(store.pixels(slice(0, 5))))).numpy()
+    np.testing.assert_allclose(store.features(slice(0, 5)), again, rtol=1e-5, atol=1e-5)
+    assert list(store.image_ids()) == sorted(store.image_ids())
+
+
+def test_a_second_run_on_a_finished_store_returns_at_once_without_rewriting(make_job):
+    job = make_job(split="val")
+    first = encode.run(job, progress=False)
+    stamp = (first.store_path / "zarr.json").stat().st_mtime_ns
+    second = encode.run(job, progress=False)
+    assert second.already_complete and second.store_path == first.store_path
+    assert (first.store_path / "zarr.json").stat().st_mtime_ns == stamp
+
+
+def test_a_different_config_gets_a_different_store(make_job):
+    a = encode.run(make_job(split="val"), progress=False).store_path
+    b = encode.run(make_job(split="val", store=StoreOptions(shard_images=4)), progress=False).store_path
+    assert a != b and a.is_dir() and b.is_dir()
+
+
+def _write_bad_images(folder: Path) -> dict[str, str]:
+    """Files of every awkward kind; returns file name -> expected outcome ('ok' or a reason fragment)."""
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    rgb = Image.fromarray(rng.integers(0, 255, (80, 100, 3), dtype=np.uint8))
+    rgb.save(folder / "good.jpg")
+    full = (folder / "good.jpg").read_bytes()
+    (folder / "truncated.jpg").write_bytes(full[: len(full) // 2])
+    (folder / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0" + bytes(200))
+    (folder / "notes.txt").write_text("not an image")
+    rgb.convert("L").save(folder / "gray.jpg")
+    rgb.convert("CMYK").save(folder / "cmyk.jpg")
+    rgba = rgb.convert("RGBA")
+    rgba.putalpha(128)
+    rgba.save(folder / "rgba.png")
+    rgb.convert("P", palette=Image.Palette.ADAPTIVE).save(folder / "palette.png", transparency=0)
+    Image.fromarray((rng.integers(0, 65535, (80, 100))).astype(np.uint16)).save(folder / "sixteen.png")
+    Image.new("RGB", (1, 1), (255, 0, 0)).save(folder / "one_pixel.png")
+    Image.new("RGB", (400, 300), (0, 128, 0)).save(folder / "huge.png")
+    return {
+        "good.jpg": "ok", "gray.jpg": "ok", "cmyk.jpg": "ok", "rgba.png": "ok", "palette.png": "ok",
+        "sixteen.png": "ok", "truncated.jpg": "corrupt", "corrupt.jpg": "", "notes.txt": "not an image",
+        "one_pixel.png": "too small", "huge.png": "too large",
+    }  # fmt: skip
+
+
+def test_bad_images_are_skipped_and_recorded_and_convertible_ones_encoded(make_job, tmp_path):
+    expected = _write_bad_images(tmp_path / "images")
+    dataset = DatasetSpec(name="bad", kind="folder", splits={"all": SplitSpec(images_dir=tmp_path / "images")})
+    options = EncodeOptions(batch_size=4, num_workers=2, max_image_pixels=100_000)
+    result = encode.run(make_job(dataset=dataset, split="all", options=options), progress=False)
+    store = open_store(result.store_path)
+    failures = {Path(f["path"]).name: f["reason"] for f in store.attrs["failures"]}
+    ok = {name for name, outcome in expected.items() if outcome == "ok"}
+    assert set(failures) == set(expected) - ok
+    for name, reason in failures.items():
+        assert expected[name] in reason, (name, reason)
+    assert (result.n_encoded, result.n_failed) == (len(ok), len(expected) - len(ok))
+    valid = store.valid()
+    assert valid.sum() == len(ok)
+    assert np.all(store.features(np.flatnonzero(~valid)) == 0)
+    assert np.isfinite(store.features(np.flatnonzero(valid))).all()
+
+
+def test_a_coco_image_listed_but_missing_on_disk_is_recorded_as_missing(make_job, tmp_path, demo_root):
+    ann = json.loads((demo_root / "annotations" / "captions_val.json").read_text())
+    ann["images"].append({"id": 999999, "file_name": "gone.jpg", "width": 10, "height": 10})
+    (tmp_path / "ann.json").write_text(json.dumps(ann))
+    split = SplitSpec(images_dir=demo_root / "val", annotations=tmp_path / "ann.json")
+    dataset = DatasetSpec(name="coco-missing", kind="coco", splits={"val": split})
+    result = encode.run(make_job(dataset=dataset, split="val"), progress=False)
+    failures = open_store(result.store_path).attrs["failures"]
+    assert failures == [{"image_id": 999999, "path": str(demo_root / "val" / "gone.jpg"), "reason": "missing file"}]
+
+
+def test_a_second_writer_on_the_same_store_is_refused_with_a_clear_message(make_job):
+    job = make_job(split="val")
+    records = encode.list_images(job.dataset, job.split, job.subset)
+    path = encode.store_path_for(job, encode.store_key(job, records, torch.float32))
+    with WriteLock(path), pytest.raises(StoreLocked, match="another run .* is writing this store"):
+        encode.run(job, progress=False)
+    assert encode.run(job, progress=False).n_encoded == 12  # the lock is released with its holder
+
+
+_KILLABLE = textwrap.dedent(
+    """
+    import sys, torch
+    from pathlib import Path
+    from pipeline import encode
+    from pipeline.config import load_run_config
+    torch.set_num_threads(1)
+    cfg = load_run_config(sys.argv[1])
+    encode.run(encode.jobs_from_config(cfg, Path(sys.argv[1]))[0], progress=False)
+    """
+)
+
+
+@pytest.mark.slow
+def test_encode_resumes_after_sigkill_and_equals_an_uninterrupted_run(write_run_config, make_job, tmp_path):
+    config = write_run_config(
+        splits=["train"], encoders=["tiny-vit-112"], store={"shard_images": 4},
+        encode={"batch_size": 2, "num_workers": 0},
+    )  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    proc = subprocess.Popen([sys.executable, "-c", _KILLABLE, str(config)], env=env, cwd=tmp_path)
+    stores = tmp_path / "stores"
+    deadline = time.monotonic() + 120
+    killed_at = None
+    while time.monotonic() < deadline and proc.poll() is None:
+        found = list(stores.glob("*.zarr/shard_done/c/*")) if stores.is_dir() else []
+        if len(found) >= 3:
+            proc.send_signal(signal.SIGKILL)
+            killed_at = len(found)
+            break
+        time.sleep(0.01)
+    proc.wait()
+    assert killed_at is not None, "the encode subprocess ended before it could be killed"
+    (path,) = stores.glob("*.zarr")
+    partial = open_store(path, require_complete=False)
+    n_done_before = int(partial.shard_done().sum())
+    assert 0 < n_done_before < partial.layout.n_shards
+
+    from pipeline.config import load_run_config
+
+    torch.set_num_threads(1)
+    job = encode.jobs_from_config(load_run_config(config), config)[0]
+    resumed = encode.run(job, progress=False)
+    assert resumed.store_path == path and not resumed.already_complete
+    reference_job = make_job(
+        store_root=tmp_path / "reference", encoder="tiny-vit-112", store=StoreOptions(shard_images=4),
+        options=EncodeOptions(batch_size=2, num_workers=0),
+    )  # fmt: skip
+    reference = encode.run(reference_job, progress=False)
+    a, b = open_store(resumed.store_path), open_store(reference.store_path)
+    np.testing.assert_array_equal(a.features(), b.features())
+    np.testing.assert_array_equal(a.pixels(), b.pixels())
+    np.testing.assert_array_equal(a.image_ids(), b.image_ids())
+
+
+@pytest.mark.parametrize("precision,bound", [("bf16_bitround", 2.0**-8), ("float16", 2.0**-11)])
+def test_reduced_precision_stays_within_its_relative_error_bound(make_job, precision, bound):
+    exact = open_store(encode.run(make_job(split="val", store=StoreOptions(precision="float32")), progress=False).store_path)
+    lossy = open_store(encode.run(make_job(split="val", store=StoreOptions(precision=precision)), progress=False).store_path)
+    x, y = exact.features(), lossy.features()
+    normal = np.abs(x) > 1e-4  # float16 subnormals have less relative precision by design
+    assert np.max(np.abs(y - x)[normal] / np.abs(x)[normal]) <= bound
+
+
+def test_int8_per_token_error_is_below_half_a_step_of_each_token_scale(make_job):
+    exact = open_store(encode.run(make_job(split="val", store=StoreOptions(precision="float32")), progress=False).store_path)
+    q = open_store(encode.run(make_job(split="val", store=StoreOptions(precision="int8_per_token")), progress=False).store_path)
+    x, y = exact.features(), q.features()
+    step = np.abs(x).max(axis=-1, keepdims=True) / 127
+    assert np.all(np.abs(y - x) <= step / 2 + 1e-6)
+    assert q.group["features"].dtype == np.int8
+
+
+def test_swap_rb_transform_lands_in_its_own_store_with_swapped_pixels(make_job):
+    plain = open_store(encode.run(make_job(split="val"), progress=False).store_path)
+    swapped = open_store(encode.run(make_job(split="val", transform=TransformSpec(name="swap_rb")), progress=False).store_path)
+    assert plain.path != swapped.path and "swap_rb" in swapped.path.name
+    np.testing.assert_array_equal(swapped.pixels(), plain.pixels()[..., ::-1])
+    assert not np.allclose(swapped.features(), plain.features())

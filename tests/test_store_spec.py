@@ -1,0 +1,93 @@
+"""The store format as storage/README.md specifies it, read with plain zarr / dask / xarray."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+
+from pipeline import encode
+from storage import FORMAT_VERSION, StoreError, open_store
+
+SPEC = Path(__file__).resolve().parent.parent / "storage" / "README.md"
+
+
+@pytest.fixture
+def finished_store(make_job) -> Path:
+    return encode.run(make_job(split="val"), progress=False).store_path
+
+
+def spec_examples() -> list[str]:
+    return re.findall(r"```python\n(.*?)```", SPEC.read_text(), flags=re.S)
+
+
+def test_spec_has_examples_for_zarr_dask_and_xarray():
+    joined = "\n".join(spec_examples())
+    assert "zarr.open_group" in joined and "da.from_zarr" in joined and "xr.open_zarr" in joined
+
+
+def test_every_spec_example_runs_against_a_real_store_without_reconlab(finished_store):
+    namespace = {"STORE": str(finished_store), "zarr": zarr}
+    for example in spec_examples():
+        exec(compile(example, str(SPEC), "exec"), namespace)  # noqa: S102 (the spec's own examples)
+    assert namespace["first"].shape == (4, 4, 192)
+    assert np.isfinite(float(namespace["token_norm"]))
+    assert namespace["one"].shape == (4, 4, 192)
+
+
+def test_store_arrays_match_the_spec_table(finished_store):
+    g = zarr.open_group(str(finished_store), mode="r")
+    n = g.attrs["n_images"]
+    k = g.attrs["layout"]["shard_images"]
+    assert g["features"].dtype == np.float16
+    assert g["features"].chunks == (1, 4, 4, 192) and g["features"].shards == (k, 4, 4, 192)
+    assert g["pixels"].shape == (n, 64, 64, 3) and g["pixels"].dtype == np.uint8
+    assert g["image_ids"].dtype == np.int64 and g["valid"].dtype == bool
+    assert g["shard_done"].shape == (-(-n // k),)
+    assert list(g["features"].metadata.dimension_names) == ["image", "h", "w", "d"]
+    assert finished_store.name.endswith(f"__{g.attrs['config_hash']}.zarr")
+
+
+def test_store_records_config_encoder_provenance_and_counts(finished_store):
+    attrs = open_store(finished_store).attrs
+    assert attrs["reconlab_store_format"] == FORMAT_VERSION
+    enc = attrs["encoder"]
+    assert enc["feature_layer"] == -2 and enc["n_prefix_tokens_dropped"] == 1 and enc["grid_hw"] == [4, 4]
+    assert enc["weights_id"].startswith("random-init seed=0 sha256=")
+    assert enc["preprocessing"]["mean"] == [0.5, 0.5, 0.5] and enc["preprocessing"]["interpolation"] == "bicubic"
+    assert set(attrs["provenance"]["package_versions"]) >= {"torch", "timm", "zarr"}
+    assert attrs["provenance"]["git_commit"]
+    assert attrs["n_encoded"] + attrs["n_failed"] == attrs["n_images"]
+    assert attrs["feature_stats"]["n_over_float16_max"] == 0
+
+
+def test_opening_a_store_of_another_format_version_fails_naming_both(finished_store):
+    g = zarr.open_group(str(finished_store), mode="r+")
+    g.attrs["reconlab_store_format"] = 99
+    with pytest.raises(StoreError, match="version 99.*reads version 1"):
+        open_store(finished_store)
+
+
+def test_opening_a_store_with_a_wrong_shape_fails_naming_the_array(finished_store):
+    g = zarr.open_group(str(finished_store), mode="r+")
+    layout = dict(g.attrs["layout"])
+    layout["hidden_dim"] = 7
+    g.attrs["layout"] = layout
+    with pytest.raises(StoreError, match="'features' has shape"):
+        open_store(finished_store)
+
+
+def test_opening_an_incomplete_store_fails_unless_allowed(finished_store):
+    g = zarr.open_group(str(finished_store), mode="r+")
+    g["shard_done"][0] = False
+    with pytest.raises(StoreError, match="incomplete"):
+        open_store(finished_store)
+    assert not open_store(finished_store, require_complete=False).complete
+
+
+def test_opening_a_folder_that_is_not_a_store_fails(tmp_path):
+    with pytest.raises(StoreError, match="not a feature store"):
+        open_store(tmp_path)
