@@ -1,0 +1,89 @@
+"""Config loading fails at once, naming the file, the field and what is allowed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.config import REPO_CONFIG_DIR, ConfigError, EncoderSpec, load_model, load_run_config
+
+
+def _write(tmp_path: Path, data: dict) -> Path:
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_every_shipped_encoder_spec_loads_and_names_itself():
+    paths = sorted((REPO_CONFIG_DIR / "encoders").glob("*.yaml"))
+    assert len(paths) >= 19
+    for path in paths:
+        assert load_model(path, EncoderSpec).name == path.stem
+
+
+def test_the_paper_table_is_covered_by_encoder_specs():
+    names = {p.stem for p in (REPO_CONFIG_DIR / "encoders").glob("*.yaml")}
+    for res in (224, 256, 384, 512):
+        assert {f"siglip-b16-{res}", f"siglip2-b16-{res}"} <= names
+    assert {"clip-b16-openai", "clip-b16-laion", "clip-b16-metaclip", "clip-b16-dfn", "eva02-clip-b16"} <= names
+    assert {"sam-vit-b", "dinov2-b14", "internvit-300m-v1.5", "internvit-300m-v2.5"} <= names
+
+
+def test_shipped_run_configs_load():
+    for name in ("demo.yaml", "coco.yaml"):
+        load_run_config(REPO_CONFIG_DIR / name)
+
+
+def test_an_unknown_key_names_the_file_the_field_and_the_allowed_keys(tmp_path, write_run_config):
+    data = yaml.safe_load(write_run_config().read_text())
+    data["store"]["shard_size"] = 8
+    path = _write(tmp_path, data)
+    with pytest.raises(ConfigError) as err:
+        load_run_config(path)
+    message = str(err.value)
+    assert str(path) in message and "store.shard_size" in message and "shard_images" in message
+
+
+def test_a_bad_value_names_the_field_and_the_allowed_values(tmp_path, write_run_config):
+    data = yaml.safe_load(write_run_config().read_text())
+    data["store"]["precision"] = "float8"
+    with pytest.raises(ConfigError, match=r"store\.precision.*'float16'.*got 'float8'"):
+        load_run_config(_write(tmp_path, data))
+
+
+def test_an_unknown_encoder_fails_at_load_time_listing_known_ones(tmp_path, write_run_config):
+    data = yaml.safe_load(write_run_config().read_text())
+    data["encoders"] = ["tiny-vit-65"]
+    with pytest.raises(ConfigError, match="unknown encoder 'tiny-vit-65'.*tiny-vit-64"):
+        load_run_config(_write(tmp_path, data))
+
+
+def test_a_resolution_that_is_not_a_multiple_of_the_patch_fails_with_a_fix(tmp_path):
+    spec = yaml.safe_load((REPO_CONFIG_DIR / "encoders" / "tiny-vit-64.yaml").read_text())
+    spec["resolution"] = 70
+    with pytest.raises(ConfigError, match="not a multiple of patch_size 16; use e.g. 64"):
+        load_model(_write(tmp_path, spec), EncoderSpec)
+
+
+def test_a_positive_feature_layer_is_refused(tmp_path):
+    spec = yaml.safe_load((REPO_CONFIG_DIR / "encoders" / "tiny-vit-64.yaml").read_text())
+    spec["feature_layer"] = 3
+    with pytest.raises(ConfigError, match="feature_layer"):
+        load_model(_write(tmp_path, spec), EncoderSpec)
+
+
+def test_yaml_syntax_errors_and_missing_files_name_the_file(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("store_root: [unclosed\n")
+    with pytest.raises(ConfigError, match="broken.yaml: not valid YAML"):
+        load_run_config(path)
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_run_config(tmp_path / "nope.yaml")
+
+
+def test_configs_are_frozen():
+    spec = load_model(REPO_CONFIG_DIR / "encoders" / "tiny-vit-64.yaml", EncoderSpec)
+    with pytest.raises(Exception, match="frozen"):
+        spec.resolution = 32

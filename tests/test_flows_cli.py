@@ -1,0 +1,50 @@
+"""The Prefect flow and the CLI, end to end on the small demo set (Prefect runs offline, ephemeral)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from flows.cli import app
+
+runner = CliRunner()
+
+
+@pytest.mark.slow
+def test_cli_encode_runs_the_flow_then_store_ls_and_inspect_describe_the_stores(write_run_config, tmp_path):
+    config = write_run_config(splits=["val"], encoders=["tiny-vit-64", "tiny-vit-112"])
+    result = runner.invoke(app, ["encode", "--config", str(config), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert result.output.count("encoded, 12/12 images, 0 failed") == 2
+
+    again = runner.invoke(app, ["encode", "--config", str(config), "--encoder", "tiny-vit-64", "--no-progress"])
+    assert again.exit_code == 0 and again.output.count("already complete") == 1, again.output
+
+    listing = runner.invoke(app, ["store", "ls", str(tmp_path / "stores")])
+    assert listing.exit_code == 0
+    lines = [line for line in listing.output.splitlines() if "demo/val" in line]
+    assert len(lines) == 2 and all("complete" in line and "float16" in line for line in lines)
+    assert any("7x7x192" in line for line in lines) and any("4x4x192" in line for line in lines)
+
+    (store,) = (tmp_path / "stores").glob("tiny-vit-64__*.zarr")
+    preview = tmp_path / "preview.png"
+    inspected = runner.invoke(app, ["store", "inspect", str(store), "--json", "--preview", str(preview)])
+    assert inspected.exit_code == 0, inspected.output
+    info = json.loads(inspected.output[: inspected.output.rindex("}") + 1])
+    assert info["complete"] and info["n_encoded"] == 12 and info["arrays"]["features"]["compression_ratio"] > 1
+    assert info["feature_stats_sampled"]["fraction_nonfinite"] == 0
+    assert preview.stat().st_size > 1000
+
+
+def test_cli_reports_a_bad_config_with_exit_code_2(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("dataset: {name: x, kind: demo}\nencoders: [tiny-vit-64]\nstore: {precision: float8}\n")
+    result = runner.invoke(app, ["encode", "--config", str(bad)])
+    assert result.exit_code == 2 and "store.precision" in result.output
+
+
+def test_store_inspect_on_a_non_store_fails_cleanly(tmp_path):
+    result = runner.invoke(app, ["store", "inspect", str(tmp_path)])
+    assert result.exit_code == 2 and "not a feature store" in result.output
