@@ -54,9 +54,11 @@ def main() -> None:
     enc = encoders.load(spec, device=args.device)
     records = list_images(dataset, "train", SubsetSpec())
     n = len(records)
-    print(f"# encoder {args.model} @ {args.resolution}px (random init), {n} images, batch {args.batch_size}, "
-          f"device {enc.device}, compute {enc.compute_dtype}, torch threads {torch.get_num_threads()}, "
-          f"workers {args.num_workers}")
+    print(
+        f"# encoder {args.model} @ {args.resolution}px (random init), {n} images, batch {args.batch_size}, "
+        f"device {enc.device}, compute {enc.compute_dtype}, torch threads {torch.get_num_threads()}, "
+        f"workers {args.num_workers}"
+    )
 
     # (a) compute limit: forward on pre-decoded pixels already in memory.
     ds = encode._DecodeDataset(records, enc.preprocessing, TransformSpec(), EncodeOptions())
@@ -104,7 +106,9 @@ def main() -> None:
     print("|---|---|---|")
     print(f"| (a) model forward, pixels in memory | {n / t_a:.1f} | 1.00 |")
     print(f"| (b) reconlab encode stage, JPEG -> store (float16) | {n / t_b:.1f} | b/a = {t_a / t_b:.2f} |")
-    print(f"| (c) paper pattern: batch 2, torch.save bf16 per image | {n / t_c:.1f} | b/c = {t_c / t_b:.2f} |")
+    print(
+        f"| (c) paper pattern: batch 2, torch.save bf16 per image | {n / t_c:.1f} | b/c = {t_c / t_b:.2f} |"
+    )
     for precision in ("bf16_bitround", "int8_per_token"):
         t, _ = rows_b[precision]
         print(f"| (b) encode stage, precision {precision} | {n / t:.1f} | b/a = {t_a / t:.2f} |")
@@ -119,8 +123,10 @@ def main() -> None:
     normal = np.abs(exact) > 1e-3
     token_max = np.abs(exact).max(axis=-1, keepdims=True)
     bf16 = torch.from_numpy(exact).to(torch.bfloat16).float().numpy()
-    print(f"| (c) torch.save bf16 .pt | {pt_bytes:,.0f} | 1.00 | {np.max(np.abs(bf16 - exact)[normal] / np.abs(exact)[normal]):.2e} | "
-          f"{np.max(np.abs(bf16 - exact) / token_max):.2e} |")
+    print(
+        f"| (c) torch.save bf16 .pt | {pt_bytes:,.0f} | 1.00 | {np.max(np.abs(bf16 - exact)[normal] / np.abs(exact)[normal]):.2e} | "
+        f"{np.max(np.abs(bf16 - exact) / token_max):.2e} |"
+    )
     for precision, (_, path) in rows_b.items():
         store = open_store(path)
         per_image = disk_bytes(path / "features") / n
@@ -128,8 +134,10 @@ def main() -> None:
             per_image += disk_bytes(path / "features_scale") / n
         got = store.features()
         rel = np.max(np.abs(got - exact)[normal] / np.abs(exact)[normal])
-        print(f"| reconlab {precision} | {per_image:,.0f} | {per_image / pt_bytes:.2f} | {rel:.2e} | "
-              f"{np.max(np.abs(got - exact) / token_max):.2e} |")
+        print(
+            f"| reconlab {precision} | {per_image:,.0f} | {per_image / pt_bytes:.2f} | {rel:.2e} | "
+            f"{np.max(np.abs(got - exact) / token_max):.2e} |"
+        )
 
     # Reads: one image at random, and sequential.
     store = open_store(store_path)
@@ -144,9 +152,13 @@ def main() -> None:
     print("\n## Reads (float16 store vs .pt files)")
     print("| read | reconlab store | paper .pt files |")
     print("|---|---|---|")
-    print(f"| one image at random (ms) | {1e3 * t_rand / len(picks):.2f} | {1e3 * t_rand_pt / len(picks):.2f} |")
-    print(f"| sequential, all images (MB/s of fp16 features) | {feat_bytes / t_seq / 1e6:.0f} | "
-          f"{feat_bytes / t_seq_pt / 1e6:.0f} |")
+    print(
+        f"| one image at random (ms) | {1e3 * t_rand / len(picks):.2f} | {1e3 * t_rand_pt / len(picks):.2f} |"
+    )
+    print(
+        f"| sequential, all images (MB/s of fp16 features) | {feat_bytes / t_seq / 1e6:.0f} | "
+        f"{feat_bytes / t_seq_pt / 1e6:.0f} |"
+    )
 
     codec_table(exact, work, n)
     chunking_table(exact, work)
@@ -175,7 +187,9 @@ def codec_table(exact: np.ndarray, work: Path, n: int) -> None:
                 disk_bytes(path / "features_scale") if (path / "features_scale").exists() else 0
             )
             raw16 = exact.size * 2
-            print(f"| {precision} | {compressor} | {size / n:,.0f} | {raw16 / size:.2f} | {raw16 / elapsed / 1e6:.0f} |")
+            print(
+                f"| {precision} | {compressor} | {size / n:,.0f} | {raw16 / size:.2f} | {raw16 / elapsed / 1e6:.0f} |"
+            )
 
 
 def chunking_table(exact: np.ndarray, work: Path) -> None:

@@ -83,7 +83,9 @@ def ls(root: Annotated[Path, typer.Argument(help="Store root folder.")] = Path("
 def inspect(
     path: Annotated[Path, typer.Argument(help="A store folder (*.zarr).")],
     as_json: Annotated[bool, typer.Option("--json", help="Print the full record as JSON.")] = False,
-    preview: Annotated[Path | None, typer.Option(help="Write a PNG: images beside their feature PCA.")] = None,
+    preview: Annotated[
+        Path | None, typer.Option(help="Write a PNG: images beside their feature PCA.")
+    ] = None,
 ) -> None:
     """Shape, dtype, chunking, codecs, compression, completeness, provenance, failures, feature statistics."""
     from storage import StoreError
@@ -102,13 +104,17 @@ def inspect(
         enc, prov = info["encoder"], info["provenance"]
         typer.echo(f"store      {info['path']}")
         typer.echo(f"format     v{info['format_version']}  config {info['config_hash']}")
-        typer.echo(f"status     {'complete' if info['complete'] else 'INCOMPLETE'} ({info['shards_done']} shards)")
+        typer.echo(
+            f"status     {'complete' if info['complete'] else 'INCOMPLETE'} ({info['shards_done']} shards)"
+        )
         typer.echo(f"images     {info['n_encoded']} encoded, {info['n_failed']} failed of {info['n_images']}")
         typer.echo(
             f"encoder    {enc['name']} ({enc['backend']} {enc['model_id']}, layer {enc['feature_layer']}, "
             f"{enc['n_prefix_tokens_dropped']} prefix tokens dropped, weights {enc['weights_id'][:60]})"
         )
-        typer.echo(f"dataset    {info['dataset']['name']}/{info['dataset']['split']}  transform {info['image_transform']}")
+        typer.echo(
+            f"dataset    {info['dataset']['name']}/{info['dataset']['split']}  transform {info['image_transform']}"
+        )
         for name, a in info["arrays"].items():
             ratio = f"{a['compression_ratio']:.2f}x" if a["compression_ratio"] else "-"
             typer.echo(
@@ -122,7 +128,9 @@ def inspect(
                 f"(over {s['n_images_sampled']} images)"
             )
         typer.echo(f"recorded   {info['feature_stats_recorded']}")
-        typer.echo(f"made by    reconlab {prov['reconlab_version']} @ {prov['git_commit'][:12]} on {prov['created_utc']}")
+        typer.echo(
+            f"made by    reconlab {prov['reconlab_version']} @ {prov['git_commit'][:12]} on {prov['created_utc']}"
+        )
         for f in info["failures"][:20]:
             typer.echo(f"  failed   id {f['image_id']}: {f['reason']}  ({f['path']})")
     if preview is not None:

@@ -14,7 +14,9 @@ from pipeline import encode  # noqa: E402
 from pipeline.config import load_run_config  # noqa: E402
 
 
-@task(name="encode-store", task_run_name="encode {job.encoder.name} {job.split} {job.transform.tag}", retries=1)
+@task(
+    name="encode-store", task_run_name="encode {job.encoder.name} {job.split} {job.transform.tag}", retries=1
+)
 def encode_store(job: encode.EncodeJob, progress: bool = True) -> encode.EncodeResult:
     # Retrying is safe: a re-run skips the shards already done.
     return encode.run(job, progress=progress)

@@ -20,9 +20,9 @@ def install() -> None:
     spec = importlib.util.find_spec("torchvision")
     if spec is None or not spec.submodule_search_locations:
         return
-    import torch
-
     import os
+
+    import torch
 
     for lib_dir in spec.submodule_search_locations:
         for candidate in sorted(os.listdir(lib_dir)):

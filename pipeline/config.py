@@ -38,11 +38,13 @@ class EncoderSpec(Frozen):
     patch_size: int = Field(gt=0, description="ViT patch size; the token grid is resolution / patch_size.")
     feature_layer: Literal["last"] | NegativeLayer = Field(
         -2,
-        description="'last' = the model's final (normed) token output; a negative int = that block's raw output, "
+        description="'last' = the model's final token output (timm forward_features, HF last_hidden_state); a negative int = that block's raw output, "
         "indexed like hidden_states (-1 = last block, -2 = second to last, as the paper's released code).",
     )
     n_prefix_tokens: int | None = Field(
-        None, ge=0, description="CLS/register tokens expected before the patch tokens; checked against the model."
+        None,
+        ge=0,
+        description="CLS/register tokens expected before the patch tokens; checked against the model.",
     )
     preprocessing_source: Literal["timm_pretrained_cfg", "hf_image_processor"] = Field(
         description="Where resize/crop/mean/std come from: the model's own config, never re-typed."
@@ -55,8 +57,12 @@ class EncoderSpec(Frozen):
     revision: str | None = Field(None, description="Hugging Face revision (commit, branch or tag) to load.")
     seed: int = Field(0, description="Seed of the random init when weights == 'random'.")
     trust_remote_code: bool = Field(False, description="Needed by models with remote code (InternViT).")
-    model_kwargs: dict[str, Any] = Field(default_factory=dict, description="Extra keyword args for the model.")
-    hidden_dim: int | None = Field(None, gt=0, description="Expected feature width D; checked against the model.")
+    model_kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="Extra keyword args for the model."
+    )
+    hidden_dim: int | None = Field(
+        None, gt=0, description="Expected feature width D; checked against the model."
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> EncoderSpec:
@@ -91,9 +97,6 @@ class DatasetSpec(Frozen):
     root: Path = Field(Path("data/demo"), description="Dataset root; split paths are relative to it.")
     splits: dict[str, SplitSpec] = Field(
         default_factory=dict, description="Per split: images folder (+ annotations for coco)."
-    )
-    val_fraction: float = Field(
-        0.1, gt=0, lt=1, description="kind folder with a single split: share of images hashed into 'val'."
     )
 
     @model_validator(mode="after")
@@ -165,10 +168,66 @@ class EncodeOptions(Frozen):
     )
 
 
+class ReconstructorConfig(Frozen):
+    depth: int = Field(4, ge=0, description="Transformer blocks over the token grid (paper: 4).")
+    width_multiplier: float = Field(
+        1.0, gt=0, description="Transformer width = encoder width x this (paper: 1)."
+    )
+    head_dim: int = Field(64, gt=0, description="Attention heads = width / head_dim (paper: width / 64).")
+    mlp_ratio: float = Field(4.0, gt=0)
+    positional_embedding: Literal["none", "learned"] = Field(
+        "none",
+        description="The released code has none (paper-faithful default); 'learned' adds one per token.",
+    )
+    class_token: bool = Field(
+        True, description="Prepend a learned token, as the released code's CLIP-style blocks."
+    )
+    extra_res_blocks: int = Field(
+        3, ge=0, description="Residual conv blocks added at the last upsampling stage."
+    )
+    min_channels: int = Field(8, gt=0, description="Floor for the halving decoder channels.")
+    resize_mode: Literal["bilinear", "bicubic"] = Field(
+        "bilinear",
+        description="When patch size is not a power of two (DINOv2's 14), the decoder upsamples to the next power "
+        "of two and resizes to the encoder's resolution with this filter.",
+    )
+
+
+class TrainConfig(Frozen):
+    """Reconstructor training (paper defaults: Adam 3e-4, betas (0.9, 0.999), 5% warm-up, batch 10, 40 epochs)."""
+
+    output_root: Path = Field(Path("runs/train"), description="Folder of content-addressed training runs.")
+    train_split: str = "train"
+    val_split: str = "val"
+    model: ReconstructorConfig = ReconstructorConfig()
+    batch_size: int = Field(10, gt=0, description="Per device (paper: 10; released code: 32).")
+    epochs: int = Field(40, gt=0)
+    lr: float = Field(3e-4, gt=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_fraction: float = Field(
+        0.05, ge=0, lt=1, description="One-cycle schedule: linear-ish warm-up share."
+    )
+    grad_clip_norm: float | None = Field(None, gt=0)
+    l1_weight: float = Field(0.0, ge=0, description="Extra pixel-space L1 loss weight (off by default).")
+    seed: int = 0
+    val_every_steps: int = Field(200, gt=0, description="Validate every N steps and at every epoch end.")
+    n_val_images: int | None = Field(256, gt=0, description="Validate on the first N val images (None: all).")
+    n_sample_images: int = Field(8, gt=0, description="Images in the validation grid PNG.")
+    keep_last: int = Field(2, gt=0, description="Epoch checkpoints kept (plus best).")
+    shuffle_buffer_images: int = Field(512, gt=0, description="In-memory shuffle buffer (bounds memory).")
+    prefetch_batches: int = Field(4, gt=0)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    compute_dtype: Literal["auto", "bfloat16", "float32"] = "auto"
+    compile: bool = Field(False, description="torch.compile the model (CUDA).")
+
+
 class RunConfig(Frozen):
     """A reconlab run: which images, which encoders, where the stores go, how to encode."""
 
-    store_root: Path = Field(Path("runs/stores"), description="Folder holding content-addressed feature stores.")
+    store_root: Path = Field(
+        Path("runs/stores"), description="Folder holding content-addressed feature stores."
+    )
     dataset: DatasetSpec
     splits: list[str] = Field(default_factory=lambda: ["train", "val"])
     subset: SubsetSpec = SubsetSpec()
@@ -178,6 +237,7 @@ class RunConfig(Frozen):
     transforms: list[TransformSpec] = Field(default_factory=lambda: [TransformSpec()])
     store: StoreOptions = StoreOptions()
     encode: EncodeOptions = EncodeOptions()
+    train: TrainConfig = TrainConfig()
 
 
 M = TypeVar("M", bound=BaseModel)

@@ -64,7 +64,9 @@ def build(root: Path, seed: int = 0, n_train: int = N_TRAIN, n_val: int = N_VAL)
                 crop, flipped, box = _random_crop(photo, rng)
                 file_name = f"{image_id:012d}.jpg"
                 crop.save(tmp / split / file_name, quality=90)
-                images.append({"id": image_id, "file_name": file_name, "width": crop.width, "height": crop.height})
+                images.append(
+                    {"id": image_id, "file_name": file_name, "width": crop.width, "height": crop.height}
+                )
                 where = f"crop at x={box[0]}, y={box[1]}, {box[2] - box[0]}x{box[3] - box[1]} px"
                 caption = f"{PHOTOS[name]} ({where}{', mirrored' if flipped else ''})"
                 annotations.append({"id": image_id, "image_id": image_id, "caption": caption})

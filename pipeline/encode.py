@@ -96,7 +96,9 @@ def store_path_for(job: EncodeJob, key: dict) -> Path:
 class _DecodeDataset(torch.utils.data.Dataset):
     """Runs in DataLoader workers: decode, transform, resize + crop to uint8. Never raises on a bad image."""
 
-    def __init__(self, records, preprocessing: Preprocessing, transform: TransformSpec, options: EncodeOptions):
+    def __init__(
+        self, records, preprocessing: Preprocessing, transform: TransformSpec, options: EncodeOptions
+    ):
         self.records = records
         self.preprocessing = preprocessing
         self.transform = transform
@@ -110,9 +112,7 @@ class _DecodeDataset(torch.utils.data.Dataset):
         s = self.preprocessing.crop_size
         record = self.records[pos]
         try:
-            img = load_rgb(
-                record.path, min_side=self.min_side, max_pixels=self.max_pixels, draft_to=2 * s
-            )
+            img = load_rgb(record.path, min_side=self.min_side, max_pixels=self.max_pixels, draft_to=2 * s)
             if self.transform.name != "identity":
                 img = Image.fromarray(apply_transform(np.asarray(img), self.transform))
             return pos, self.preprocessing.to_pixels(img), ""
@@ -127,7 +127,9 @@ def _collate(items):
     return torch.tensor(positions), torch.from_numpy(np.stack(pixels)), list(reasons)
 
 
-def _batches_within_shards(pending_shards: list[int], layout: StoreLayout, batch_size: int) -> list[list[int]]:
+def _batches_within_shards(
+    pending_shards: list[int], layout: StoreLayout, batch_size: int
+) -> list[list[int]]:
     # Batches never straddle shards, so a resumed run batches exactly like an uninterrupted one (same numerics).
     batches = []
     for shard in pending_shards:
@@ -153,7 +155,9 @@ def run(job: EncodeJob, *, progress: bool = True) -> EncodeResult:
         finished = _finished(path)  # another run may have finished it while we waited for nothing
         if finished is not None:
             return finished
-        encoder = encoders.load(job.encoder, device=job.options.device, compute_dtype=job.options.compute_dtype)
+        encoder = encoders.load(
+            job.encoder, device=job.options.device, compute_dtype=job.options.compute_dtype
+        )
         store = _open_or_create(path, job, key, records, encoder)
         summary = _encode_pending(store, job, records, encoder, progress=progress)
     return EncodeResult(path, len(records), summary["n_encoded"], summary["n_failed"], already_complete=False)
@@ -213,7 +217,9 @@ def _encode_pending(store, job, records, encoder: encoders.Encoder, *, progress:
         prefetch_factor=4 if job.options.num_workers else None,
     )
     writer = _ShardWriter(store)
-    n_done_images = sum(layout.shard_slice(i).stop - layout.shard_slice(i).start for i in np.flatnonzero(done))
+    n_done_images = sum(
+        layout.shard_slice(i).stop - layout.shard_slice(i).start for i in np.flatnonzero(done)
+    )
     bar = tqdm(
         total=layout.n_images, initial=n_done_images, unit="img", disable=not progress,
         desc=f"encode {store.path.name[:60]}", smoothing=0.1,
@@ -242,7 +248,9 @@ def _encode_pending(store, job, records, encoder: encoders.Encoder, *, progress:
             for pos, reason in zip(positions.tolist(), reasons, strict=True):
                 if reason:
                     rec = records[pos]
-                    buffer["failures"].append({"image_id": rec.image_id, "path": str(rec.path), "reason": reason})
+                    buffer["failures"].append(
+                        {"image_id": rec.image_id, "path": str(rec.path), "reason": reason}
+                    )
             buffer["n_filled"] += len(reasons)
             bar.update(len(reasons))
             if buffer["n_filled"] == rows.stop - rows.start:

@@ -46,7 +46,12 @@ def _offline() -> bool:
     from huggingface_hub import constants
 
     # huggingface_hub reads the variable once at import; a later export (a notebook, a test) must count too.
-    return constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
+    return constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "0").lower() in (
+        "1",
+        "true",
+        "yes",
+        "on",
+    )
 
 
 def _missing_weights(spec: EncoderSpec, looked: str, cause: Exception | None) -> WeightsNotFoundError:
@@ -55,7 +60,7 @@ def _missing_weights(spec: EncoderSpec, looked: str, cause: Exception | None) ->
         f"weights for encoder '{spec.name}' ({spec.backend} model '{spec.model_id}') not found.\n"
         f"  looked in: {looked}\n"
         f"  HF_HUB_OFFLINE={'1' if _offline() else '0'}\n"
-        f"  to provide them: on a machine with internet run `huggingface-cli download {hub_id}` and copy the "
+        f"  to provide them: on a machine with internet run `hf download {hub_id}` and copy the "
         f"cache folder to {_hf_cache_dir()} (or set HF_HOME / HF_HUB_CACHE), or set `weights:` in "
         f"configs/encoders/{spec.name}.yaml to a local checkpoint file or save_pretrained directory."
     )
@@ -221,7 +226,9 @@ def _probe(encoder: Encoder) -> None:
         tokens = encoder._tokens(encoder.normalize(blank))
     h, w = spec.grid
     encoder.n_prefix_tokens = 0 if tokens.ndim == 4 else tokens.shape[1] - h * w
-    encoder.hidden_dim = tokens.shape[-1] if tokens.ndim == 3 or tokens.shape[1:3] == (h, w) else tokens.shape[1]
+    encoder.hidden_dim = (
+        tokens.shape[-1] if tokens.ndim == 3 or tokens.shape[1:3] == (h, w) else tokens.shape[1]
+    )
     if spec.n_prefix_tokens is not None and spec.n_prefix_tokens != encoder.n_prefix_tokens:
         raise ValueError(
             f"encoder '{spec.name}': spec says n_prefix_tokens={spec.n_prefix_tokens} but the model returns "
@@ -247,7 +254,9 @@ def _load_timm(spec: EncoderSpec) -> tuple[torch.nn.Module, Preprocessing, str]:
     elif spec.weights == "pretrained":
         hf_hub_id = getattr(timm.models.get_pretrained_cfg(spec.model_id), "hf_hub_id", None)
         revision = _cached_revision(hf_hub_id, _TIMM_WEIGHT_FILES, None) if hf_hub_id else None
-        looked = f"Hugging Face cache {_hf_cache_dir()} (repo {hf_hub_id}, files {', '.join(_TIMM_WEIGHT_FILES)})"
+        looked = (
+            f"Hugging Face cache {_hf_cache_dir()} (repo {hf_hub_id}, files {', '.join(_TIMM_WEIGHT_FILES)})"
+        )
         if revision is None and _offline():
             raise _missing_weights(spec, looked, None)
         try:
@@ -262,7 +271,9 @@ def _load_timm(spec: EncoderSpec) -> tuple[torch.nn.Module, Preprocessing, str]:
         if path.is_dir():
             weight_file = next((path / f for f in _TIMM_WEIGHT_FILES if (path / f).is_file()), path / "?")
         if not weight_file.is_file():
-            raise _missing_weights(spec, f"{path} (a file, or a folder with one of {_TIMM_WEIGHT_FILES})", None)
+            raise _missing_weights(
+                spec, f"{path} (a file, or a folder with one of {_TIMM_WEIGHT_FILES})", None
+            )
         model = timm.create_model(
             spec.model_id, pretrained=True, pretrained_cfg_overlay={"file": str(weight_file)}, **kwargs
         )
@@ -293,7 +304,9 @@ def _load_transformers(spec: EncoderSpec) -> tuple[torch.nn.Module, Preprocessin
     common = {"revision": spec.revision, "trust_remote_code": spec.trust_remote_code}
     if local:
         if not (Path(source) / "config.json").is_file():
-            raise _missing_weights(spec, f"{source} (expected a save_pretrained folder with config.json)", None)
+            raise _missing_weights(
+                spec, f"{source} (expected a save_pretrained folder with config.json)", None
+            )
         common["local_files_only"] = True
     elif _offline():
         common["local_files_only"] = True
@@ -317,14 +330,17 @@ def _load_transformers(spec: EncoderSpec) -> tuple[torch.nn.Module, Preprocessin
         files = sorted(Path(source).glob("*.safetensors")) or sorted(Path(source).glob("*.bin"))
         weights_id = "dir:" + ",".join(f"{f.name} sha256={file_sha256(f)}" for f in files)
     else:
-        weights_id = f"hf:{source}@{getattr(model.config, '_commit_hash', None) or spec.revision or 'unknown'}"
+        weights_id = (
+            f"hf:{source}@{getattr(model.config, '_commit_hash', None) or spec.revision or 'unknown'}"
+        )
     return model, _hf_preprocessing(spec, processor), weights_id
 
 
 def _hf_preprocessing(spec: EncoderSpec, processor) -> Preprocessing:
-    size = processor.size if isinstance(processor.size, dict) else {"shortest_edge": processor.size}
+    # transformers 5 keeps sizes in a SizeDict (iterates as its set fields), older versions in a dict or an int.
+    size = {"shortest_edge": processor.size} if isinstance(processor.size, int) else dict(processor.size)
     do_crop = bool(getattr(processor, "do_center_crop", False))
-    crop = getattr(processor, "crop_size", None) or {}
+    crop = dict(getattr(processor, "crop_size", None) or {})
     crop_side = crop.get("height", spec.resolution) if do_crop else None
     if "shortest_edge" in size:
         mode, resize_side = "shortest", size["shortest_edge"]

@@ -131,4 +131,4 @@ class Preprocessing:
         top, left = int(round((new_h - s) / 2.0)), int(round((new_w - s) / 2.0))
         if (new_w, new_h) != (s, s):
             img = img.crop((left, top, left + s, top + s))
-        return np.asarray(img, dtype=np.uint8)
+        return np.array(img, dtype=np.uint8)  # a writable copy (torch.from_numpy warns on read-only arrays)

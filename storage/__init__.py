@@ -3,6 +3,22 @@
 `storage/README.md` is the normative spec; plain zarr, dask and xarray read stores without this package.
 """
 
-from storage.format import FORMAT_VERSION, FeatureStore, StoreError, StoreLayout, StoreLocked, create, open_store
+from storage.format import (
+    FORMAT_VERSION,
+    FeatureStore,
+    StoreError,
+    StoreLayout,
+    StoreLocked,
+    create,
+    open_store,
+)
 
-__all__ = ["FORMAT_VERSION", "FeatureStore", "StoreError", "StoreLayout", "StoreLocked", "create", "open_store"]
+__all__ = [
+    "FORMAT_VERSION",
+    "FeatureStore",
+    "StoreError",
+    "StoreLayout",
+    "StoreLocked",
+    "create",
+    "open_store",
+]

@@ -47,7 +47,13 @@ def create(path: Path, layout: StoreLayout, attrs: dict) -> FeatureStore:
     """Make an empty store with every array preallocated; rows are filled shard by shard."""
     path = Path(path)
     group = zarr.open_group(str(path), mode="w-", zarr_format=3)
-    n, (h, w), d, s, k = layout.n_images, layout.grid_hw, layout.hidden_dim, layout.pixel_size, layout.shard_images
+    n, (h, w), d, s, k = (
+        layout.n_images,
+        layout.grid_hw,
+        layout.hidden_dim,
+        layout.pixel_size,
+        layout.shard_images,
+    )
     codecs = prec.compressors(layout.compressor)
     dtype, filters = prec.feature_dtype_and_filters(layout.precision)
     # One image per inner chunk (a random read touches ~1 image), k images per shard file (few files, and the
@@ -68,7 +74,13 @@ def create(path: Path, layout: StoreLayout, attrs: dict) -> FeatureStore:
         )  # fmt: skip
     for name, dtype in (("image_ids", "int64"), ("valid", "bool")):
         group.create_array(
-            name, shape=(n,), dtype=dtype, chunks=(k,), compressors=codecs, fill_value=0, dimension_names=("image",)
+            name,
+            shape=(n,),
+            dtype=dtype,
+            chunks=(k,),
+            compressors=codecs,
+            fill_value=0,
+            dimension_names=("image",),
         )
     group.create_array(
         "shard_done", shape=(layout.n_shards,), dtype="bool", chunks=(1,), fill_value=False,
@@ -151,7 +163,9 @@ class FeatureStore:
             if name not in self.group:
                 raise StoreError(f"{self.path}: array '{name}' is missing")
             if tuple(self.group[name].shape) != shape:
-                raise StoreError(f"{self.path}: array '{name}' has shape {self.group[name].shape}, expected {shape}")
+                raise StoreError(
+                    f"{self.path}: array '{name}' has shape {self.group[name].shape}, expected {shape}"
+                )
         if require_complete and not self.complete:
             done = self.shard_done()
             raise StoreError(
@@ -209,12 +223,15 @@ class FeatureStore:
         summary = {
             "n_encoded": sum(r["n_encoded"] for r in shards.values()),
             "n_failed": sum(len(r["failures"]) for r in shards.values()),
-            "failures": [f for _, r in sorted(shards.items(), key=lambda kv: int(kv[0])) for f in r["failures"]],
+            "failures": [
+                f for _, r in sorted(shards.items(), key=lambda kv: int(kv[0])) for f in r["failures"]
+            ],
             "feature_stats": {
                 "max_abs": max((r["stats"]["max_abs"] for r in shards.values()), default=0.0),
                 "n_nonfinite": sum(r["stats"]["n_nonfinite"] for r in shards.values()),
                 "n_over_float16_max": sum(r["stats"]["n_over_float16_max"] for r in shards.values()),
-                "mean_token_norm": sum(r["stats"]["sum_token_norm"] for r in shards.values()) / max(n_tokens, 1),
+                "mean_token_norm": sum(r["stats"]["sum_token_norm"] for r in shards.values())
+                / max(n_tokens, 1),
             },
             "complete": True,
         }

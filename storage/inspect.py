@@ -114,7 +114,9 @@ def write_preview(path: Path, out_png: Path, n_images: int = 6) -> Path:
     lo, hi = np.percentile(comps, 1, axis=0), np.percentile(comps, 99, axis=0)
     rgb = np.clip((comps - lo) / np.maximum(hi - lo, 1e-12), 0, 1).reshape(n, h, w, 3)
     has_pixels = "pixels" in store.group
-    fig, axes = plt.subplots(2 if has_pixels else 1, n, figsize=(2 * n, 4 if has_pixels else 2), squeeze=False)
+    fig, axes = plt.subplots(
+        2 if has_pixels else 1, n, figsize=(2 * n, 4 if has_pixels else 2), squeeze=False
+    )
     for i, row in enumerate(rows):
         if has_pixels:
             axes[0, i].imshow(store.pixels(int(row)))

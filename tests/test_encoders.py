@@ -43,12 +43,6 @@ TIMM_MODEL = "vit_tiny_patch16_224"
 TIMM_RESOLUTION, TIMM_PATCH, TIMM_WIDTH = 64, 16, 192
 HF_RESOLUTION, HF_PATCH, HF_WIDTH = 32, 8, 64
 
-SIZEDICT_BUG = (
-    "pipeline/encoders.py:325 _hf_preprocessing: transformers 5 image processors keep `size` as a SizeDict, "
-    "not a dict, so it is wrapped as {'shortest_edge': SizeDict} and line 335 raises TypeError "
-    "(SizeDict * int); every transformers-backend load fails"
-)
-
 
 @pytest.fixture(scope="module")
 def photos() -> list[Image.Image]:
@@ -83,7 +77,9 @@ def timm_checkpoint(tmp_path_factory) -> tuple[Path, torch.nn.Module]:
     return path, model
 
 
-def test_timm_checkpoint_file_gives_block_minus_two_patch_tokens_without_the_cls_token(timm_checkpoint, photos):
+def test_timm_checkpoint_file_gives_block_minus_two_patch_tokens_without_the_cls_token(
+    timm_checkpoint, photos
+):
     path, model = timm_checkpoint
     encoder = encoders.load(
         timm_spec(weights=str(path), feature_layer=-2, n_prefix_tokens=1, hidden_dim=TIMM_WIDTH), device="cpu"
@@ -116,7 +112,9 @@ def test_timm_feature_layer_last_gives_the_normed_final_tokens_without_the_cls_t
     torch.testing.assert_close(features, final_tokens[:, 1:].reshape(2, 4, 4, TIMM_WIDTH), rtol=0, atol=1e-5)
 
 
-def test_timm_checkpoint_folder_with_model_safetensors_loads_the_same_weights(timm_checkpoint, tmp_path, photos):
+def test_timm_checkpoint_folder_with_model_safetensors_loads_the_same_weights(
+    timm_checkpoint, tmp_path, photos
+):
     path, _ = timm_checkpoint
     shutil.copy(path, tmp_path / "model.safetensors")
     from_file = encoders.load(timm_spec(weights=str(path)), device="cpu")
@@ -181,7 +179,9 @@ def build_clip():
 
 
 def build_siglip():
-    return SiglipVisionModel(SiglipVisionConfig(**TINY_VIT)), SiglipImageProcessor(size={"height": 32, "width": 32})
+    return SiglipVisionModel(SiglipVisionConfig(**TINY_VIT)), SiglipImageProcessor(
+        size={"height": 32, "width": 32}
+    )
 
 
 def build_dinov2():
@@ -241,14 +241,15 @@ def empty_hf_cache(monkeypatch, tmp_path) -> Path:
     return cache
 
 
-@pytest.mark.xfail(strict=True, raises=TypeError, reason=SIZEDICT_BUG)
 @pytest.mark.parametrize("name", list(HF_MODELS))
 def test_transformers_folder_gives_hidden_state_minus_two_patch_tokens_without_prefix(
     name, hf_saved, photos, offline
 ):
     folder, model, _ = hf_saved[name]
     n_prefix = HF_MODELS[name][1]
-    encoder = encoders.load(hf_spec(name, str(folder), n_prefix_tokens=n_prefix, hidden_dim=HF_WIDTH), device="cpu")
+    encoder = encoders.load(
+        hf_spec(name, str(folder), n_prefix_tokens=n_prefix, hidden_dim=HF_WIDTH), device="cpu"
+    )
     pixels = torch.stack([encoder.preprocess(p) for p in photos])
 
     features = encoder.encode(pixels)
@@ -264,9 +265,10 @@ def test_transformers_folder_gives_hidden_state_minus_two_patch_tokens_without_p
     assert encoder.weights_id.startswith("dir:model.safetensors sha256=")
 
 
-@pytest.mark.xfail(strict=True, raises=TypeError, reason=SIZEDICT_BUG)
 @pytest.mark.parametrize("name", list(HF_MODELS))
-def test_transformers_preprocess_is_close_to_the_hf_image_processors_own_output(name, hf_saved, photos, offline):
+def test_transformers_preprocess_is_close_to_the_hf_image_processors_own_output(
+    name, hf_saved, photos, offline
+):
     folder, _, processor = hf_saved[name]
     encoder = encoders.load(hf_spec(name, str(folder)), device="cpu")
 
@@ -276,6 +278,13 @@ def test_transformers_preprocess_is_close_to_the_hf_image_processors_own_output(
         assert ours.shape == theirs.shape == (3, HF_RESOLUTION, HF_RESOLUTION)
         # HF may resize with another backend (torchvision tensors, not PIL), so allow small differences.
         assert (ours - theirs).abs().mean().item() < 0.02
+
+
+def test_transformers_spec_with_wrong_n_prefix_tokens_fails_naming_the_field(hf_saved, offline):
+    folder = hf_saved["siglip"][0]
+
+    with pytest.raises(ValueError, match=r"n_prefix_tokens=1 .* returns 0 tokens"):
+        encoders.load(hf_spec("siglip", str(folder), n_prefix_tokens=1), device="cpu")
 
 
 # --- weights that are not there --------------------------------------------------------------------------
@@ -361,11 +370,6 @@ def test_transformers_folder_without_config_json_is_reported_as_missing_weights(
         encoders.load(hf_spec("clip", str(tmp_path)), device="cpu")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="pipeline/encoders.py:58 tells users to run `huggingface-cli download ...`, but huggingface_hub "
-    ">= 1.0 (2.4.0 here) removed that command in favour of `hf download`",
-)
 def test_missing_weights_message_suggests_a_download_command_that_is_installed(offline, empty_hf_cache):
     spec = timm_spec(model_id="vit_base_patch16_siglip_224.v2_webli", resolution=224, weights="pretrained")
 

@@ -19,7 +19,9 @@ def test_cli_encode_runs_the_flow_then_store_ls_and_inspect_describe_the_stores(
     assert result.exit_code == 0, result.output
     assert result.output.count("encoded, 12/12 images, 0 failed") == 2
 
-    again = runner.invoke(app, ["encode", "--config", str(config), "--encoder", "tiny-vit-64", "--no-progress"])
+    again = runner.invoke(
+        app, ["encode", "--config", str(config), "--encoder", "tiny-vit-64", "--no-progress"]
+    )
     assert again.exit_code == 0 and again.output.count("already complete") == 1, again.output
 
     listing = runner.invoke(app, ["store", "ls", str(tmp_path / "stores")])
@@ -33,7 +35,9 @@ def test_cli_encode_runs_the_flow_then_store_ls_and_inspect_describe_the_stores(
     inspected = runner.invoke(app, ["store", "inspect", str(store), "--json", "--preview", str(preview)])
     assert inspected.exit_code == 0, inspected.output
     info = json.loads(inspected.output[: inspected.output.rindex("}") + 1])
-    assert info["complete"] and info["n_encoded"] == 12 and info["arrays"]["features"]["compression_ratio"] > 1
+    assert (
+        info["complete"] and info["n_encoded"] == 12 and info["arrays"]["features"]["compression_ratio"] > 1
+    )
     assert info["feature_stats_sampled"]["fraction_nonfinite"] == 0
     assert preview.stat().st_size > 1000
 

@@ -265,8 +265,12 @@ def preprocessing(resize_mode: str, resize_size: int, crop_size: int, interpolat
 
 @pytest.mark.parametrize("resize_mode", ["shortest", "squash"])
 @pytest.mark.parametrize("orientation", ["landscape", "portrait"])
-def test_to_pixels_gives_square_uint8_of_crop_size_for_a_non_square_photo(photo_rgb, resize_mode, orientation):
-    pixels_in = photo_rgb if orientation == "landscape" else np.ascontiguousarray(photo_rgb.transpose(1, 0, 2))
+def test_to_pixels_gives_square_uint8_of_crop_size_for_a_non_square_photo(
+    photo_rgb, resize_mode, orientation
+):
+    pixels_in = (
+        photo_rgb if orientation == "landscape" else np.ascontiguousarray(photo_rgb.transpose(1, 0, 2))
+    )
     assert pixels_in.shape[0] != pixels_in.shape[1]
 
     pixels = preprocessing(resize_mode, 36, 32).to_pixels(Image.fromarray(pixels_in))

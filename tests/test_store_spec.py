@@ -57,7 +57,9 @@ def test_store_records_config_encoder_provenance_and_counts(finished_store):
     enc = attrs["encoder"]
     assert enc["feature_layer"] == -2 and enc["n_prefix_tokens_dropped"] == 1 and enc["grid_hw"] == [4, 4]
     assert enc["weights_id"].startswith("random-init seed=0 sha256=")
-    assert enc["preprocessing"]["mean"] == [0.5, 0.5, 0.5] and enc["preprocessing"]["interpolation"] == "bicubic"
+    assert (
+        enc["preprocessing"]["mean"] == [0.5, 0.5, 0.5] and enc["preprocessing"]["interpolation"] == "bicubic"
+    )
     assert set(attrs["provenance"]["package_versions"]) >= {"torch", "timm", "zarr"}
     assert attrs["provenance"]["git_commit"]
     assert attrs["n_encoded"] + attrs["n_failed"] == attrs["n_images"]
