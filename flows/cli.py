@@ -45,13 +45,60 @@ def encode(
 
 
 @app.command()
+def train(
+    config: Annotated[Path, typer.Option("--config", "-c", help="Run config YAML.")],
+    encoder: Annotated[list[str] | None, typer.Option("--encoder", "-e", help="Only these encoders.")] = None,
+    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+) -> None:
+    """Train a reconstructor per encoder on its train store (encoding first if needed); resumes killed runs."""
+    from pipeline.checkpoints import CheckpointError
+    from pipeline.encoders import WeightsNotFoundError
+    from storage import StoreError
+
+    try:
+        from flows.train_flow import train_flow
+
+        results = train_flow(str(config), encoder, progress)
+    except (ConfigError, WeightsNotFoundError, StoreError, CheckpointError) as e:
+        _fail(str(e))
+    for r in results:
+        m = r.val_metrics
+        state = "already trained" if r.already_complete else "trained"
+        typer.echo(
+            f"{r.run_dir}: {state}; val PSNR {m['val_psnr_db']:.2f} dB, SSIM {m['val_ssim']:.3f}, "
+            f"MSE {m['val_mse']:.4f}; best checkpoint {r.best_checkpoint}"
+        )
+
+
+@app.command()
+def reconstruct(
+    store: Annotated[Path, typer.Option("--store", help="Feature store (*.zarr).")],
+    checkpoint: Annotated[Path, typer.Option("--checkpoint", help="Checkpoint .json or .safetensors.")],
+    out: Annotated[Path, typer.Option("--out", help="Folder for the PNGs.")],
+    n: Annotated[int, typer.Option("--n", help="Number of images.")] = 8,
+) -> None:
+    """Write PNGs of original | reconstruction for a store's first N images."""
+    from pipeline.checkpoints import CheckpointError
+    from pipeline.reconstruct import write_side_by_side
+    from storage import StoreError
+
+    try:
+        paths = write_side_by_side(store, checkpoint, out, n)
+    except (StoreError, CheckpointError) as e:
+        _fail(str(e))
+    typer.echo(f"wrote {len(paths)} PNGs to {out}")
+
+
+@app.command()
 def demo(progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True) -> None:
-    """Build the embedded demo set, encode it with the tiny demo encoders, and list the stores."""
-    encode(DEMO_CONFIG, None, progress)
+    """Build the embedded demo set, encode it with the tiny demo encoders, train reconstructors, list stores."""
     from pipeline.config import load_run_config
 
+    encode(DEMO_CONFIG, None, progress)
     typer.echo("")
     ls(load_run_config(DEMO_CONFIG).store_root)
+    typer.echo("")
+    train(DEMO_CONFIG, None, progress)
 
 
 @store_app.command("ls")

@@ -139,15 +139,19 @@ def _batches_within_shards(
     return batches
 
 
-def run(job: EncodeJob, *, progress: bool = True) -> EncodeResult:
-    """Encode `job` into its store and return where it is; resumes a partial store, returns a finished one."""
+def plan(job: EncodeJob) -> tuple[list[ImageRecord], dict, Path]:
+    """The job's images, store key and store folder, without encoding anything."""
     records = list_images(job.dataset, job.split, job.subset)
     if not records:
         raise ValueError(f"dataset '{job.dataset.name}' split '{job.split}' has no images")
     device = encoders.resolve_device(job.options.device)
-    compute_dtype = encoders.resolve_compute_dtype(job.options.compute_dtype, device)
-    key = store_key(job, records, compute_dtype)
-    path = store_path_for(job, key)
+    key = store_key(job, records, encoders.resolve_compute_dtype(job.options.compute_dtype, device))
+    return records, key, store_path_for(job, key)
+
+
+def run(job: EncodeJob, *, progress: bool = True) -> EncodeResult:
+    """Encode `job` into its store and return where it is; resumes a partial store, returns a finished one."""
+    records, key, path = plan(job)
     finished = _finished(path)
     if finished is not None:
         return finished

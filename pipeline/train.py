@@ -255,7 +255,7 @@ def _train(cfg: TrainConfig, key: dict, run_dir: Path, train_store, val_store, p
         model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay
     )
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=cfg.lr, total_steps=total_steps, pct_start=max(cfg.warmup_fraction, 1e-6),
+        optimizer, max_lr=cfg.lr, total_steps=total_steps, pct_start=_warmup_share(cfg.warmup_fraction, total_steps),
         anneal_strategy="cos", cycle_momentum=False,
     )  # fmt: skip
     ckpt_dir = run_dir / "checkpoints"
@@ -287,7 +287,6 @@ def _train(cfg: TrainConfig, key: dict, run_dir: Path, train_store, val_store, p
     train_model = torch.compile(model) if cfg.compile else model
     pre = train_store.attrs["encoder"]["preprocessing"]
     writer = SummaryWriter(str(run_dir / "tensorboard"))
-    csv_path = run_dir / "metrics.csv"
     bar = tqdm(
         total=total_steps, initial=step, unit="step", disable=not progress, desc=f"train {run_dir.name}"
     )
@@ -318,12 +317,12 @@ def _train(cfg: TrainConfig, key: dict, run_dir: Path, train_store, val_store, p
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss.item():.4f}", epoch=epoch)
                 if step % cfg.val_every_steps == 0 and step % steps_per_epoch:
-                    val_metrics, _, _ = validate(model, val_store, cfg, device, compute_dtype)
-                    _log(writer, csv_path, step, epoch, loss.item(), val_metrics)
-            val_metrics, originals, recons = validate(model, val_store, cfg, device, compute_dtype)
-            _log(writer, csv_path, step, epoch, loss.item(), val_metrics)
-            write_grid(run_dir / "samples" / f"epoch-{epoch:04d}.png", originals, recons,
-                       f"{run_dir.name} epoch {epoch} step {step}: PSNR {val_metrics['val_psnr_db']:.2f} dB")  # fmt: skip
+                    val_metrics = _validate_and_log(model, val_store, cfg, device, compute_dtype, writer,
+                                                    run_dir, step, epoch, loss.item(), grid=True)  # fmt: skip
+            # Every epoch end: metrics for 'best'; the grid PNG only at validation steps and the last epoch.
+            grid = epoch == cfg.epochs - 1 or step % cfg.val_every_steps == 0
+            val_metrics = _validate_and_log(model, val_store, cfg, device, compute_dtype, writer,
+                                            run_dir, step, epoch, loss.item(), grid=grid)  # fmt: skip
             is_best = val_metrics["val_psnr_db"] > best_psnr
             best_psnr = max(best_psnr, val_metrics["val_psnr_db"])
             header = {**header_base, "epoch": epoch, "step": step, "total_steps": total_steps,
@@ -344,13 +343,26 @@ def _train(cfg: TrainConfig, key: dict, run_dir: Path, train_store, val_store, p
     return _result(run_dir, already_complete=False)
 
 
-def _log(writer, csv_path: Path, step: int, epoch: int, loss: float, val: dict) -> None:
+def _warmup_share(warmup_fraction: float, total_steps: int) -> float:
+    # OneCycleLR divides by (pct_start * total_steps - 1): keep the warm-up at least ~1.5 steps long.
+    return min(0.9, max(warmup_fraction, 1.5 / max(total_steps, 1)))
+
+
+def _validate_and_log(
+    model, store, cfg, device, compute_dtype, writer, run_dir, step, epoch, loss, grid
+) -> dict:
+    val, originals, recons = validate(model, store, cfg, device, compute_dtype)
+    if grid:
+        write_grid(run_dir / "samples" / f"step-{step:07d}.png", originals, recons,
+                   f"{run_dir.name} epoch {epoch} step {step}: PSNR {val['val_psnr_db']:.2f} dB")  # fmt: skip
     for k, v in val.items():
         writer.add_scalar(f"val/{k}", v, step)
     row = {"step": step, "epoch": epoch, "train_loss": loss, **val, "time": time.time()}
+    csv_path = run_dir / "metrics.csv"
     new = not csv_path.is_file()
     with open(csv_path, "a", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(row))
         if new:
             w.writeheader()
         w.writerow(row)
+    return val

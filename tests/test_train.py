@@ -1,0 +1,245 @@
+"""Train stage: learning, resume-after-kill equivalence, checkpoints, mismatch errors, the reconstruct CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from flows.cli import app
+from pipeline import checkpoints, encode, metrics, train
+from pipeline.config import ReconstructorConfig, StoreOptions, SubsetSpec, TrainConfig
+from pipeline.reconstruct import load_reconstructor, reconstruct
+from pipeline.reconstructor import Reconstructor
+from storage import StoreError
+
+FAST = dict(
+    batch_size=4, lr=2e-3, val_every_steps=1000, n_val_images=8, n_sample_images=2, shuffle_buffer_images=8
+)
+
+
+@pytest.fixture
+def tiny_store(make_job):
+    """8 demo images through the 64 px tiny encoder, two shards."""
+    job = make_job(subset=SubsetSpec(max_images=8), store=StoreOptions(shard_images=4))
+    return encode.run(job, progress=False).store_path
+
+
+def _cfg(tmp_path, **kw) -> TrainConfig:
+    return TrainConfig(output_root=tmp_path / "train", **{**FAST, **kw})
+
+
+def test_overfitting_a_handful_of_images_beats_the_mean_image_baseline_by_far(tiny_store, tmp_path):
+    result = train.run(
+        train.TrainJob(tiny_store, tiny_store, _cfg(tmp_path, epochs=100, batch_size=8, lr=1e-3)),
+        progress=False,
+    )
+    store = train.open_store(tiny_store)
+    pixels01 = store.pixels()[store.valid()].astype(np.float32) / 255
+    mean_image = np.broadcast_to(pixels01.mean(axis=0), pixels01.shape)
+    baseline_db = float(metrics.psnr_db(pixels01, mean_image).mean())
+    assert result.val_metrics["val_psnr_db"] > baseline_db + 5, (result.val_metrics, baseline_db)
+    run_dir = result.run_dir
+    assert (run_dir / "metrics.csv").read_text().count("\n") == 101
+    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    assert (run_dir / "samples" / "step-0000100.png").stat().st_size > 1000
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("epoch-*.json")) == [
+        "epoch-0098.json",
+        "epoch-0099.json",
+    ]
+
+
+def test_rerunning_a_finished_training_returns_its_checkpoint_at_once(tiny_store, tmp_path):
+    job = train.TrainJob(tiny_store, tiny_store, _cfg(tmp_path, epochs=1))
+    first = train.run(job, progress=False)
+    second = train.run(job, progress=False)
+    assert second.already_complete and second.best_checkpoint == first.best_checkpoint
+
+
+_KILLABLE = textwrap.dedent(
+    """
+    import sys, json
+    from pathlib import Path
+    from pipeline import train
+    from pipeline.config import TrainConfig
+    args = json.loads(sys.argv[1])
+    cfg = TrainConfig.model_validate(args["cfg"])
+    train.run(train.TrainJob(Path(args["store"]), Path(args["store"]), cfg), progress=False)
+    """
+)
+
+
+@pytest.mark.slow
+def test_a_killed_training_resumes_and_ends_bit_identical_to_an_uninterrupted_one(tiny_store, tmp_path):
+    cfg = _cfg(tmp_path, epochs=6, keep_last=10)
+    args = json.dumps({"cfg": cfg.model_dump(mode="json"), "store": str(tiny_store)})
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    proc = subprocess.Popen([sys.executable, "-c", _KILLABLE, args], env=env)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and proc.poll() is None:
+        if list((tmp_path / "train").glob("*/checkpoints/epoch-0001.json")):
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.02)
+    assert proc.wait() == -signal.SIGKILL, "training ended before it could be killed"
+    (run_dir,) = [p for p in (tmp_path / "train").iterdir() if p.is_dir()]
+    assert not (run_dir / "result.json").exists()
+
+    resumed = train.run(train.TrainJob(tiny_store, tiny_store, cfg), progress=False)
+    reference = train.run(
+        train.TrainJob(tiny_store, tiny_store, cfg.model_copy(update={"output_root": tmp_path / "ref"})),
+        progress=False,
+    )
+    a = load_file(str(resumed.last_checkpoint.with_suffix(".safetensors")))
+    b = load_file(str(reference.last_checkpoint.with_suffix(".safetensors")))
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_checkpoints_round_trip_weights_optimizer_scheduler_and_rng(tmp_path):
+    model = Reconstructor(ReconstructorConfig(depth=1), 32, (2, 2), 4, 8)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=1e-3, total_steps=10, pct_start=0.3, cycle_momentum=False
+    )
+    for _ in range(3):
+        model(torch.randn(2, 2, 2, 32)).square().mean().backward()
+        opt.step()
+        sched.step()
+    header = {
+        "model": {**model.cfg.model_dump(), "in_dim": 32, "grid_hw": [2, 2], "patch_size": 4, "out_size": 8}
+    }
+    path = checkpoints.save(tmp_path, "c", model, header, opt, sched)
+    rng_before = torch.get_rng_state()
+    torch.manual_seed(123)
+    model2 = Reconstructor(ReconstructorConfig(depth=1), 32, (2, 2), 4, 8)
+    opt2 = torch.optim.Adam(model2.parameters(), lr=1e-3)
+    sched2 = torch.optim.lr_scheduler.OneCycleLR(
+        opt2, max_lr=1e-3, total_steps=10, pct_start=0.3, cycle_momentum=False
+    )
+    loaded = checkpoints.read_header(path)
+    checkpoints.load_weights(loaded, model2)
+    checkpoints.load_train_state(loaded, opt2, sched2)
+    assert torch.equal(torch.get_rng_state(), rng_before)
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(model.state_dict().values(), model2.state_dict().values(), strict=True)
+    )
+    s1, s2 = opt.state_dict()["state"], opt2.state_dict()["state"]
+    assert all(torch.equal(s1[i]["exp_avg_sq"], s2[i]["exp_avg_sq"]) for i in s1)
+    assert sched2.get_last_lr() == sched.get_last_lr() and sched2.last_epoch == sched.last_epoch
+    assert not list(tmp_path.glob("*.pt")) and not list(tmp_path.glob("*.pkl"))
+
+
+def test_a_patch_size_that_is_not_a_power_of_two_gives_the_encoders_resolution():
+    model = Reconstructor(ReconstructorConfig(depth=1, extra_res_blocks=0), 64, (3, 3), 14, 42)
+    assert model(torch.randn(1, 3, 3, 64)).shape == (1, 3, 42, 42)
+    assert model.decoded_size == 48  # 3 tokens x 2^4, resized to 42
+
+
+def test_positional_embedding_and_width_options_change_the_model():
+    base = Reconstructor(ReconstructorConfig(), 128, (4, 4), 16, 64)
+    options = Reconstructor(
+        ReconstructorConfig(positional_embedding="learned", width_multiplier=0.5, depth=2),
+        128,
+        (4, 4),
+        16,
+        64,
+    )
+    assert base.pos is None and options.pos is not None and options.pos.shape == (1, 16, 64)
+    assert len(options.blocks.layers) == 2 and options(torch.randn(2, 4, 4, 128)).shape == (2, 3, 64, 64)
+
+
+def test_a_checkpoint_from_another_encoder_is_refused_before_reconstructing(tiny_store, make_job, tmp_path):
+    result = train.run(train.TrainJob(tiny_store, tiny_store, _cfg(tmp_path, epochs=1)), progress=False)
+    other = encode.run(
+        make_job(encoder="tiny-vit-112", subset=SubsetSpec(max_images=4)), progress=False
+    ).store_path
+    out = CliRunner().invoke(
+        app,
+        [
+            "reconstruct",
+            "--store",
+            str(other),
+            "--checkpoint",
+            str(result.best_checkpoint),
+            "--out",
+            str(tmp_path / "png"),
+        ],
+    )
+    assert (
+        out.exit_code == 2
+        and "trained on features of encoder 'tiny-vit-64'" in out.output
+        and "grid_hw" in out.output
+    )
+
+
+def test_train_and_val_stores_of_different_encoders_are_refused(tiny_store, make_job, tmp_path):
+    other = encode.run(
+        make_job(encoder="tiny-vit-112", subset=SubsetSpec(max_images=4)), progress=False
+    ).store_path
+    with pytest.raises(StoreError, match="different encoders"):
+        train.run(train.TrainJob(tiny_store, other, _cfg(tmp_path)), progress=False)
+
+
+def test_an_incomplete_store_is_refused_before_training(tiny_store, tmp_path):
+    zarr.open_group(str(tiny_store), mode="r+")["shard_done"][1] = False
+    with pytest.raises(StoreError, match="incomplete"):
+        train.run(train.TrainJob(tiny_store, tiny_store, _cfg(tmp_path)), progress=False)
+
+
+def test_a_store_without_encoded_images_is_refused(tiny_store, tmp_path):
+    zarr.open_group(str(tiny_store), mode="r+").attrs["n_encoded"] = 0
+    with pytest.raises(StoreError, match="no encoded images"):
+        train.run(train.TrainJob(tiny_store, tiny_store, _cfg(tmp_path)), progress=False)
+
+
+def test_resuming_from_a_checkpoint_of_another_config_is_refused(tiny_store, tmp_path):
+    cfg = _cfg(tmp_path, epochs=2)
+    result = train.run(train.TrainJob(tiny_store, tiny_store, cfg), progress=False)
+    (result.run_dir / "result.json").unlink()
+    header = json.loads(result.last_checkpoint.read_text())
+    header["config_hash"] = "0" * 16
+    result.last_checkpoint.write_text(json.dumps(header))
+    with pytest.raises(checkpoints.CheckpointError, match="made by training config 0000"):
+        train.run(train.TrainJob(tiny_store, tiny_store, cfg), progress=False)
+
+
+def test_reconstruct_cli_writes_side_by_side_pngs(tiny_store, tmp_path):
+    result = train.run(train.TrainJob(tiny_store, tiny_store, _cfg(tmp_path, epochs=1)), progress=False)
+    out = CliRunner().invoke(
+        app,
+        [
+            "reconstruct",
+            "--store",
+            str(tiny_store),
+            "--checkpoint",
+            str(result.best_checkpoint),
+            "--out",
+            str(tmp_path / "png"),
+            "--n",
+            "3",
+        ],
+    )
+    assert out.exit_code == 0, out.output
+    pngs = sorted((tmp_path / "png").glob("*.png"))
+    assert len(pngs) == 3
+    from PIL import Image
+
+    assert Image.open(pngs[0]).size == (128, 64)
+    model, header = load_reconstructor(result.best_checkpoint)
+    store = train.open_store(tiny_store)
+    images = reconstruct(model, store.features(slice(0, 2)), store.attrs["encoder"]["preprocessing"])
+    assert images.shape == (2, 64, 64, 3) and images.dtype == np.uint8
