@@ -7,12 +7,11 @@ a killed run resumes from the last one and, on CPU with a fixed seed, ends bit-i
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
-import queue
-import threading
+import os
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from tqdm.auto import tqdm
 from pipeline import checkpoints, metrics
 from pipeline.config import TrainConfig, config_hash
 from pipeline.encoders import resolve_compute_dtype, resolve_device
+from pipeline.feature_loader import Prefetcher, batch_stream, n_batches_per_epoch
 from pipeline.provenance import provenance
 from pipeline.reconstructor import Reconstructor
 from storage import FeatureStore, StoreError, open_store
@@ -92,66 +92,6 @@ def run_dir_for(job: TrainJob, key: dict, train: FeatureStore) -> Path:
     return Path(job.cfg.output_root) / f"{train.attrs['encoder']['name']}__{config_hash(key)}"
 
 
-def batch_stream(
-    store: FeatureStore, batch_size: int, seed: int, epoch: int, buffer_images: int
-) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """(features, pixels) batches of one epoch: shards in a seeded order through a bounded shuffle buffer."""
-    rng = np.random.default_rng([seed, epoch])
-    lay = store.layout
-    pool_feats: list[np.ndarray] = []
-    pool_pixels: list[np.ndarray] = []
-
-    def draw(n: int):
-        picks = sorted(rng.choice(len(pool_feats), size=n, replace=False), reverse=True)
-        out = [(pool_feats[i], pool_pixels[i]) for i in picks]
-        for i in picks:  # swap-remove: O(1) per image, no copying of the pool
-            pool_feats[i], pool_pixels[i] = pool_feats[-1], pool_pixels[-1]
-            pool_feats.pop()
-            pool_pixels.pop()
-        return np.stack([f for f, _ in out]), np.stack([p for _, p in out])
-
-    for shard in rng.permutation(lay.n_shards):
-        rows = lay.shard_slice(int(shard))
-        valid = store.group["valid"][rows]
-        feats, pixels = store.features(rows)[valid], store.pixels(rows)[valid]
-        pool_feats.extend(np.array(f) for f in feats)  # own copies, so the shard's arrays are freed
-        pool_pixels.extend(np.array(p) for p in pixels)
-        while len(pool_feats) >= buffer_images + batch_size:
-            yield draw(batch_size)
-    while pool_feats:
-        yield draw(min(batch_size, len(pool_feats)))
-
-
-def n_batches_per_epoch(store: FeatureStore, batch_size: int) -> int:
-    return -(-int(store.valid().sum()) // batch_size)
-
-
-class Prefetcher:
-    """Runs a batch iterator on a background thread, `depth` batches ahead, as (pinned) torch tensors."""
-
-    def __init__(self, iterator: Iterator, depth: int, pin: bool):
-        self.queue: queue.Queue = queue.Queue(maxsize=depth)
-        self.pin = pin
-        self.thread = threading.Thread(target=self._fill, args=(iterator,), daemon=True)
-        self.thread.start()
-
-    def _fill(self, iterator: Iterator) -> None:
-        try:
-            for feats, pixels in iterator:
-                f, p = torch.from_numpy(feats), torch.from_numpy(pixels)
-                self.queue.put((f.pin_memory(), p.pin_memory()) if self.pin else (f, p))
-        except BaseException as e:  # re-raised in the consumer
-            self.queue.put(e)
-            return
-        self.queue.put(None)
-
-    def __iter__(self):
-        while (item := self.queue.get()) is not None:
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-
-
 @torch.no_grad()
 def validate(
     model, store: FeatureStore, cfg: TrainConfig, device, compute_dtype
@@ -218,6 +158,26 @@ def write_grid(path: Path, originals_01: np.ndarray, recons_01: np.ndarray, titl
     plt.close(fig)
 
 
+def train_step(
+    model, optimizer, scheduler, feats, pixels, cfg: TrainConfig, pre: dict, device, compute_dtype
+):
+    """One optimisation step on a batch of (features, uint8 pixels); returns the loss tensor."""
+    feats = feats.to(device, non_blocking=True)
+    target = metrics.normalize_pixels(pixels.to(device, non_blocking=True), pre["mean"], pre["std"])
+    with torch.autocast(device.type, dtype=compute_dtype, enabled=compute_dtype != torch.float32):
+        pred = model(feats)
+    loss = F.mse_loss(pred.float(), target)
+    if cfg.l1_weight:
+        loss = loss + cfg.l1_weight * F.l1_loss(pred.float(), target)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if cfg.grad_clip_norm:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip_norm)
+    optimizer.step()
+    scheduler.step()  # after the optimiser (the released code steps it before)
+    return loss.detach()
+
+
 def run(job: TrainJob, *, progress: bool = True) -> TrainResult:
     """Train (or resume, or return the finished) reconstructor for the job's stores."""
     cfg = job.cfg
@@ -227,8 +187,29 @@ def run(job: TrainJob, *, progress: bool = True) -> TrainResult:
     run_dir = run_dir_for(job, key, train_store)
     if (run_dir / "result.json").is_file():
         return _result(run_dir, already_complete=True)
-    with WriteLock(run_dir):
+    # Under torchrun only rank 0 writes (checkpoints, logs), so only it holds the run's lock.
+    with WriteLock(run_dir) if int(os.environ.get("RANK", "0")) == 0 else contextlib.nullcontext():
         return _train(cfg, key, run_dir, train_store, val_store, progress)
+
+
+def _init_distributed(device: torch.device) -> tuple[int, int, torch.device]:
+    """(rank, world size, device) under torchrun (WORLD_SIZE > 1): one process per GPU, or gloo on CPU."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, device
+    import torch.distributed as dist
+
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), world, device
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        torch.distributed.barrier()
 
 
 def _result(run_dir: Path, already_complete: bool) -> TrainResult:
@@ -245,11 +226,16 @@ def _result(run_dir: Path, already_complete: bool) -> TrainResult:
 def _train(cfg: TrainConfig, key: dict, run_dir: Path, train_store, val_store, progress: bool) -> TrainResult:
     from torch.utils.tensorboard import SummaryWriter
 
-    device = resolve_device(cfg.device)
+    rank, world, device = _init_distributed(resolve_device(cfg.device))
     compute_dtype = resolve_compute_dtype(cfg.compute_dtype, device)
-    torch.manual_seed(cfg.seed)
-    model = build_model(cfg, train_store).to(device)
-    steps_per_epoch = n_batches_per_epoch(train_store, cfg.batch_size)
+    torch.manual_seed(cfg.seed)  # same init on every rank (DDP also broadcasts rank 0's weights)
+    model = build_model(cfg, train_store)
+    if world > 1 and device.type == "cuda":
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model = model.to(device)
+    # Every rank reads the same seeded stream and takes every world-th batch; the remainder is dropped so all
+    # ranks run the same number of steps. Batch size is per device (paper: 10).
+    steps_per_epoch = max(1, n_batches_per_epoch(train_store, cfg.batch_size) // world)
     total_steps = steps_per_epoch * cfg.epochs
     optimizer = torch.optim.Adam(
         model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay
@@ -284,45 +270,55 @@ def _train(cfg: TrainConfig, key: dict, run_dir: Path, train_store, val_store, p
         checkpoints.load_train_state(header, optimizer, scheduler)
         start_epoch, step = header["epoch"] + 1, header["step"]
         best_psnr = header.get("best_val_psnr_db", best_psnr)
-    train_model = torch.compile(model) if cfg.compile else model
+    train_model = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        train_model = DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    train_model = torch.compile(train_model) if cfg.compile else train_model
     pre = train_store.attrs["encoder"]["preprocessing"]
-    writer = SummaryWriter(str(run_dir / "tensorboard"))
+    lead = rank == 0
+    writer = SummaryWriter(str(run_dir / "tensorboard")) if lead else None
     bar = tqdm(
-        total=total_steps, initial=step, unit="step", disable=not progress, desc=f"train {run_dir.name}"
+        total=total_steps,
+        initial=step,
+        unit="step",
+        disable=not (progress and lead),
+        desc=f"train {run_dir.name}",
     )
     val_metrics: dict = {}
     model.train()
     try:
         for epoch in range(start_epoch, cfg.epochs):
             stream = batch_stream(train_store, cfg.batch_size, cfg.seed, epoch, cfg.shuffle_buffer_images)
-            for feats, pixels in Prefetcher(stream, cfg.prefetch_batches, pin=device.type == "cuda"):
-                feats = feats.to(device, non_blocking=True)
-                target = metrics.normalize_pixels(
-                    pixels.to(device, non_blocking=True), pre["mean"], pre["std"]
+            for i, (feats, pixels) in enumerate(
+                Prefetcher(stream, cfg.prefetch_batches, pin=device.type == "cuda")
+            ):
+                if i % world != rank or i >= steps_per_epoch * world:
+                    continue
+                loss = train_step(
+                    train_model, optimizer, scheduler, feats, pixels, cfg, pre, device, compute_dtype
                 )
-                with torch.autocast(device.type, dtype=compute_dtype, enabled=compute_dtype != torch.float32):
-                    pred = train_model(feats)
-                loss = F.mse_loss(pred.float(), target)
-                if cfg.l1_weight:
-                    loss = loss + cfg.l1_weight * F.l1_loss(pred.float(), target)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if cfg.grad_clip_norm:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip_norm)
-                optimizer.step()
-                scheduler.step()  # after the optimiser (the released code steps it before)
                 step += 1
-                writer.add_scalar("train/loss", loss.item(), step)
-                writer.add_scalar("train/lr", scheduler.get_last_lr()[0], step)
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss.item():.4f}", epoch=epoch)
+                if not lead:
+                    continue
+                loss_value = loss.item()
+                writer.add_scalar("train/loss", loss_value, step)
+                writer.add_scalar("train/lr", scheduler.get_last_lr()[0], step)
+                bar.set_postfix(loss=f"{loss_value:.4f}", epoch=epoch)
                 if step % cfg.val_every_steps == 0 and step % steps_per_epoch:
                     val_metrics = _validate_and_log(model, val_store, cfg, device, compute_dtype, writer,
-                                                    run_dir, step, epoch, loss.item(), grid=True)  # fmt: skip
+                                                    run_dir, step, epoch, loss_value, grid=True)  # fmt: skip
+            if not lead:
+                _barrier(world)  # wait for rank 0's checkpoint of this epoch
+                continue
             # Every epoch end: metrics for 'best'; the grid PNG only at validation steps and the last epoch.
             grid = epoch == cfg.epochs - 1 or step % cfg.val_every_steps == 0
             val_metrics = _validate_and_log(model, val_store, cfg, device, compute_dtype, writer,
-                                            run_dir, step, epoch, loss.item(), grid=grid)  # fmt: skip
+                                            run_dir, step, epoch, loss_value, grid=grid)  # fmt: skip
             is_best = val_metrics["val_psnr_db"] > best_psnr
             best_psnr = max(best_psnr, val_metrics["val_psnr_db"])
             header = {**header_base, "epoch": epoch, "step": step, "total_steps": total_steps,
@@ -333,13 +329,19 @@ def _train(cfg: TrainConfig, key: dict, run_dir: Path, train_store, val_store, p
             for old in sorted(ckpt_dir.glob("epoch-*.json"))[: -cfg.keep_last]:
                 for f in ckpt_dir.glob(old.stem + ".*"):
                     f.unlink()
+            _barrier(world)
     finally:
         bar.close()
-        writer.close()
+        if writer is not None:
+            writer.close()
+    if not lead:
+        _barrier(world)  # rank 0 writes result.json
+        return _result(run_dir, already_complete=False)
     last = sorted(ckpt_dir.glob("epoch-*.json"))[-1]
     result = {"best_checkpoint": str(ckpt_dir / "best.json"), "last_checkpoint": str(last),
               "val_metrics": val_metrics or checkpoints.read_header(last)["metrics"], "config_hash": config_hash(key)}  # fmt: skip
     (run_dir / "result.json").write_text(json.dumps(result, indent=1))
+    _barrier(world)
     return _result(run_dir, already_complete=False)
 
 

@@ -243,3 +243,41 @@ def test_reconstruct_cli_writes_side_by_side_pngs(tiny_store, tmp_path):
     store = train.open_store(tiny_store)
     images = reconstruct(model, store.features(slice(0, 2)), store.attrs["encoder"]["preprocessing"])
     assert images.shape == (2, 64, 64, 3) and images.dtype == np.uint8
+
+
+_DDP_SCRIPT = textwrap.dedent(
+    """
+    import sys, json
+    from pathlib import Path
+    from pipeline import train
+    from pipeline.config import TrainConfig
+    args = json.loads(sys.argv[1])
+    result = train.run(train.TrainJob(Path(args["store"]), Path(args["store"]), TrainConfig.model_validate(args["cfg"])), progress=False)
+    print("RESULT", result.val_metrics["val_psnr_db"])
+    """
+)
+
+
+@pytest.mark.slow
+def test_training_under_torchrun_with_two_cpu_processes_completes_with_one_writer(tiny_store, tmp_path):
+    cfg = _cfg(tmp_path, epochs=2, batch_size=2)
+    script = tmp_path / "ddp_train.py"
+    script.write_text(_DDP_SCRIPT)
+    args = json.dumps({"cfg": cfg.model_dump(mode="json"), "store": str(tiny_store)})
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent), "OMP_NUM_THREADS": "1"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(script),
+        args,
+    ]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.count("RESULT") == 2
+    (run_dir,) = [p for p in (tmp_path / "train").iterdir() if p.is_dir()]
+    header = json.loads((run_dir / "checkpoints" / "epoch-0001.json").read_text())
+    assert header["step"] == 4  # 8 images / batch 2 = 4 batches per epoch, split over 2 ranks, 2 epochs
+    assert (run_dir / "metrics.csv").read_text().count("\n") == 3  # only rank 0 logs

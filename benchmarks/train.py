@@ -1,0 +1,136 @@
+"""Train-stage benchmark: does the Zarr loader starve the model, and does memory stay flat as the store grows?
+
+(1) steps/s training from the store (shard reads + shuffle buffer + prefetch thread) vs the same batches already
+in memory, same process; (2) peak RSS of a fixed number of steps on a store and on one 10x larger, each in a
+fresh subprocess. Run:  .venv/bin/python benchmarks/train.py [--encoder tiny-vit-112 --n-small 256]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from pipeline import demo, encode, train
+from pipeline.config import (
+    DatasetSpec,
+    EncodeOptions,
+    StoreOptions,
+    SubsetSpec,
+    TrainConfig,
+    TransformSpec,
+    resolve_encoder,
+)
+from pipeline.feature_loader import Prefetcher, batch_stream
+from storage.inspect import disk_bytes
+
+
+def make_store(work: Path, encoder: str, n_images: int) -> Path:
+    root = demo.build(work / f"demo-{n_images}", n_train=n_images, n_val=8)
+    job = encode.EncodeJob(
+        work / "stores", DatasetSpec(name=f"demo{n_images}", kind="demo", root=root), "train", SubsetSpec(),
+        resolve_encoder(encoder), TransformSpec(), StoreOptions(), EncodeOptions(batch_size=32, num_workers=1),
+    )  # fmt: skip
+    return encode.run(job, progress=False).store_path
+
+
+def steps(store_path: Path, cfg: TrainConfig, n_steps: int, in_memory: bool) -> float:
+    """Seconds for n_steps optimisation steps, batches streamed from the store or pre-loaded."""
+    store = train.open_training_store(store_path)
+    torch.manual_seed(0)
+    model = train.build_model(cfg, store)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=cfg.lr, total_steps=n_steps + 1, cycle_momentum=False
+    )
+    pre = store.attrs["encoder"]["preprocessing"]
+    device, dtype = torch.device("cpu"), torch.float32
+
+    def batches():
+        epoch = 0
+        while True:
+            yield from batch_stream(store, cfg.batch_size, cfg.seed, epoch, cfg.shuffle_buffer_images)
+            epoch += 1
+
+    source = batches()
+    if in_memory:
+        resident = [tuple(map(torch.from_numpy, next(source))) for _ in range(n_steps)]
+        start = time.perf_counter()
+        for f, p in resident:
+            train.train_step(model, opt, sched, f, p, cfg, pre, device, dtype)
+    else:
+        start = time.perf_counter()
+        prefetch = iter(Prefetcher(source, cfg.prefetch_batches, pin=False))
+        for _ in range(n_steps):
+            f, p = next(prefetch)
+            train.train_step(model, opt, sched, f, p, cfg, pre, device, dtype)
+    return time.perf_counter() - start
+
+
+def loader_only(store_path: Path, cfg: TrainConfig, n_steps: int) -> float:
+    """Seconds to produce n_steps batches from the store with no model: the loader's own ceiling."""
+    store = train.open_training_store(store_path)
+    start = time.perf_counter()
+    produced = 0
+    while produced < n_steps:
+        for _ in batch_stream(store, cfg.batch_size, cfg.seed, produced, cfg.shuffle_buffer_images):
+            produced += 1
+            if produced == n_steps:
+                break
+    return time.perf_counter() - start
+
+
+def child(store_path: str, n_steps: int, cfg_json: str) -> None:
+    cfg = TrainConfig.model_validate_json(cfg_json)
+    seconds = steps(Path(store_path), cfg, n_steps, in_memory=False)
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"seconds": seconds, "peak_rss_mb": peak_mb}))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--encoder", default="tiny-vit-112")
+    p.add_argument("--n-small", type=int, default=256)
+    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--child", nargs=3, metavar=("STORE", "STEPS", "CFG"), help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        child(args.child[0], int(args.child[1]), args.child[2])
+        return
+    cfg = TrainConfig(batch_size=args.batch_size, shuffle_buffer_images=64)
+    work = Path(tempfile.mkdtemp(prefix="reconlab-train-bench-"))
+    small = make_store(work, args.encoder, args.n_small)
+    large = make_store(work, args.encoder, 10 * args.n_small)
+    print(
+        f"# encoder {args.encoder}; stores of {args.n_small} and {10 * args.n_small} images "
+        f"({disk_bytes(small) / 1e6:.0f} MB, {disk_bytes(large) / 1e6:.0f} MB); batch {args.batch_size}, "
+        f"shuffle buffer {cfg.shuffle_buffer_images}, {args.steps} steps, torch threads {torch.get_num_threads()}"
+    )
+    steps(large, cfg, 5, in_memory=True)  # warm-up
+    t_mem = steps(large, cfg, args.steps, in_memory=True)
+    t_zarr = steps(large, cfg, args.steps, in_memory=False)
+    t_loader = loader_only(large, cfg, args.steps)
+    print("\n| data path | steps/s | ratio |\n|---|---|---|")
+    print(f"| batches resident in memory | {args.steps / t_mem:.2f} | 1.00 |")
+    print(f"| streamed from the Zarr store | {args.steps / t_zarr:.2f} | {t_mem / t_zarr:.2f} |")
+    print(f"| loader alone, no model (batches/s) | {args.steps / t_loader:.2f} | {t_mem / t_loader:.2f} |")
+    print("\n| store | images | size on disk | peak RSS (MB) |\n|---|---|---|---|")
+    for name, path, n in (("small", small, args.n_small), ("10x larger", large, 10 * args.n_small)):
+        out = subprocess.run(
+            [sys.executable, __file__, "--child", str(path), str(args.steps), cfg.model_dump_json()],
+            capture_output=True, text=True, check=True,
+        )  # fmt: skip
+        rss = json.loads(out.stdout.strip().splitlines()[-1])["peak_rss_mb"]
+        print(f"| {name} | {n} | {disk_bytes(path) / 1e6:.0f} MB | {rss:.0f} |")
+
+
+if __name__ == "__main__":
+    main()
