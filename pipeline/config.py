@@ -118,24 +118,37 @@ class SubsetSpec(Frozen):
 
 
 class TransformSpec(Frozen):
-    """A pixel-space image transform applied before the encoder's preprocessing (feature-operator studies)."""
+    """A pixel-space image transform applied before the encoder's preprocessing (pipeline/transforms.py)."""
 
-    name: Literal["identity", "swap_rb", "scale_channel", "grayscale"] = "identity"
+    name: str = Field(
+        "identity", description="A registered transform: identity, swap_rb, scale_channel, grayscale, ..."
+    )
     channel: Literal["r", "g", "b"] | None = None
     alpha: float | None = Field(None, ge=0)
 
     @model_validator(mode="after")
     def _params(self) -> TransformSpec:
-        needs = self.name == "scale_channel"
-        if needs and (self.channel is None or self.alpha is None):
-            raise ValueError("scale_channel needs 'channel' (r, g or b) and 'alpha' (>= 0)")
-        if not needs and (self.channel is not None or self.alpha is not None):
-            raise ValueError(f"transform '{self.name}' takes no 'channel'/'alpha'")
+        from pipeline.transforms import REGISTRY
+
+        if self.name not in REGISTRY:
+            raise ValueError(f"unknown transform '{self.name}'; registered: {', '.join(REGISTRY)}")
+        wanted = set(REGISTRY[self.name].params)
+        given = {k for k in ("channel", "alpha") if getattr(self, k) is not None}
+        if given != wanted:
+            raise ValueError(
+                f"transform '{self.name}' takes parameters {sorted(wanted) or 'none'}, got {sorted(given)}"
+            )
         return self
 
     @property
+    def params(self) -> dict:
+        return {k: getattr(self, k) for k in ("channel", "alpha") if getattr(self, k) is not None}
+
+    @property
     def tag(self) -> str:
-        return f"{self.name}-{self.channel}{self.alpha:g}" if self.name == "scale_channel" else self.name
+        return self.name + "".join(
+            f"-{v:g}" if isinstance(v, float) else f"-{v}" for v in self.params.values()
+        )
 
 
 Precision = Literal["float16", "float32", "bf16_bitround", "int8_per_token"]
@@ -148,7 +161,13 @@ class StoreOptions(Frozen):
         description="float16 (default), float32, bf16_bitround (float16 with mantissa rounded to bf16's 7 bits: "
         "rel. error <= 2^-8, ~35% smaller), int8_per_token (int8 codes + a float32 scale per token).",
     )
-    compressor: Compressor = Field("blosc_zstd_bitshuffle", description="Byte codec of features and pixels.")
+    compressor: Compressor = Field(
+        "blosc_zstd_shuffle",
+        description="Byte codec of features and pixels (byte shuffle measured best on ViT-B).",
+    )
+    compression_level: int | None = Field(
+        None, ge=1, le=9, description="Codec level; None: 7 for bf16_bitround, 3 otherwise (measured)."
+    )
     shard_images: int = Field(
         64, gt=0, description="Images per shard (the unit of resumable work); one image per inner chunk."
     )
@@ -222,6 +241,58 @@ class TrainConfig(Frozen):
     compile: bool = Field(False, description="torch.compile the model (CUDA).")
 
 
+class OperatorPairSpec(Frozen):
+    """Which feature pairs to fit: forward (f(x) -> f(T x)) or inverse (f(T x) -> f(x), e.g. colorization)."""
+
+    transform: TransformSpec
+    direction: Literal["forward", "inverse"] = "forward"
+    alphas: list[float] | None = Field(
+        None, description="scale_channel only: fit one operator per alpha (overrides transform.alpha)."
+    )
+
+    def expand(self) -> list[OperatorPairSpec]:
+        if not self.alphas:
+            return [self]
+        return [
+            OperatorPairSpec(
+                transform=self.transform.model_copy(update={"alpha": a}), direction=self.direction
+            )
+            for a in self.alphas
+        ]
+
+
+def _default_pairs() -> list[OperatorPairSpec]:
+    return [
+        OperatorPairSpec(transform=TransformSpec(name="swap_rb")),
+        OperatorPairSpec(transform=TransformSpec(name="scale_channel", channel="b", alpha=0.5)),
+        OperatorPairSpec(transform=TransformSpec(name="grayscale"), direction="inverse"),
+    ]
+
+
+class OperatorsConfig(Frozen):
+    """Feature-space operators (paper: colour swap, blue suppression, colorization)."""
+
+    output_root: Path = Field(
+        Path("runs/operators"), description="Folder of content-addressed operator fits."
+    )
+    encoders: list[str] | None = Field(None, description="Encoders to study (default: the run's first).")
+    split: str = Field(
+        "val", description="Held-out split the pairs come from (disjoint from training images)."
+    )
+    pairs: list[OperatorPairSpec] = Field(default_factory=_default_pairs)
+    fits: list[Literal["procrustes", "involution", "least_squares"]] = Field(
+        default_factory=lambda: ["procrustes", "involution", "least_squares"]
+    )
+    ridge: float = Field(0.0, ge=0, description="Ridge penalty of the least-squares fit.")
+    n_fit_images: int = Field(
+        1024, gt=0, description="Fit on the first N held-out images, test on the rest (paper)."
+    )
+    n_eval_images: int | None = Field(256, gt=0, description="Test images reconstructed for pixel metrics.")
+    n_grid_images: int = Field(6, gt=0)
+    eigen_tolerance: float = Field(0.1, gt=0, description="|λ ∓ 1| below this counts as 'near ±1'.")
+    dask_address: str | None = Field(None, description="dask.distributed scheduler address; None: threads.")
+
+
 class RunConfig(Frozen):
     """A reconlab run: which images, which encoders, where the stores go, how to encode."""
 
@@ -238,6 +309,7 @@ class RunConfig(Frozen):
     store: StoreOptions = StoreOptions()
     encode: EncodeOptions = EncodeOptions()
     train: TrainConfig = TrainConfig()
+    operators: OperatorsConfig = OperatorsConfig()
 
 
 M = TypeVar("M", bound=BaseModel)

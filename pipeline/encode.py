@@ -33,7 +33,7 @@ from pipeline.images import ImageSkipped, Preprocessing, apply_transform, load_r
 from pipeline.provenance import provenance
 from storage import FeatureStore, StoreLayout, create, open_store
 from storage.format import WriteLock
-from storage.precision import value_stats
+from storage.precision import default_level, value_stats
 
 
 @dataclass(frozen=True)
@@ -193,6 +193,7 @@ def _open_or_create(path, job, key, records, encoder: encoders.Encoder) -> Featu
         precision=job.store.precision,
         compressor=job.store.compressor,
         store_pixels=job.store.store_pixels,
+        compression_level=job.store.compression_level or default_level(job.store.precision),
     )
     attrs = {
         "config": key,

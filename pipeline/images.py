@@ -67,22 +67,10 @@ def _to_rgb(img: Image.Image) -> Image.Image:
 
 
 def apply_transform(pixels_hwc: np.ndarray, transform: TransformSpec) -> np.ndarray:
-    """Apply a pixel-space transform T to an RGB uint8 image."""
-    if transform.name == "identity":
-        return pixels_hwc
-    if transform.name == "swap_rb":
-        return np.ascontiguousarray(pixels_hwc[..., ::-1])
-    if transform.name == "scale_channel":
-        out = pixels_hwc.copy()
-        c = "rgb".index(transform.channel)
-        out[..., c] = np.clip(np.round(pixels_hwc[..., c] * transform.alpha), 0, 255).astype(np.uint8)
-        return out
-    if transform.name == "grayscale":
-        # ITU-R BT.601 luma, replicated to three channels.
-        luma = pixels_hwc.astype(np.float32) @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
-        gray = np.clip(np.round(luma), 0, 255).astype(np.uint8)
-        return np.repeat(gray[..., None], 3, axis=-1)
-    raise ValueError(f"unknown transform {transform.name}")
+    """Apply a registered pixel-space transform T to an RGB uint8 image."""
+    from pipeline.transforms import REGISTRY
+
+    return REGISTRY[transform.name].fn(pixels_hwc, **transform.params)
 
 
 _RESAMPLE = {

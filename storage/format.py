@@ -34,6 +34,7 @@ class StoreLayout:
     precision: str
     compressor: str
     store_pixels: bool = True
+    compression_level: int = 3
 
     @property
     def n_shards(self) -> int:
@@ -54,7 +55,7 @@ def create(path: Path, layout: StoreLayout, attrs: dict) -> FeatureStore:
         layout.pixel_size,
         layout.shard_images,
     )
-    codecs = prec.compressors(layout.compressor)
+    codecs = prec.compressors(layout.compressor, layout.compression_level)
     dtype, filters = prec.feature_dtype_and_filters(layout.precision)
     # One image per inner chunk (a random read touches ~1 image), k images per shard file (few files, and the
     # unit of resumable work: a shard is written whole by one writer, so no two writers share a shard).

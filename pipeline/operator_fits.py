@@ -1,0 +1,107 @@
+"""Fitting linear operators A with f(T x) ≈ A f(x) from sufficient statistics, and analysing them.
+
+All fits take the statistics of the pairs (a = source token, b = target token, both L2-normalised):
+cross-covariance C = Σ b aᵀ, Gram G = Σ a aᵀ, Σ‖b‖², and the pair count. SVDs, eigendecompositions and solves
+come from scipy.linalg.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.linalg
+
+FIT_TYPES = ("procrustes", "involution", "least_squares")
+
+
+@dataclass
+class PairStats:
+    """Sufficient statistics of (a, b) token pairs, float64."""
+
+    cross_ba: np.ndarray  # Σ b aᵀ  [D, D]
+    gram_aa: np.ndarray  # Σ a aᵀ  [D, D]
+    sum_sq_b: float  # Σ ‖b‖²
+    n_pairs: int
+
+    def __add__(self, other: PairStats) -> PairStats:
+        return PairStats(
+            self.cross_ba + other.cross_ba,
+            self.gram_aa + other.gram_aa,
+            self.sum_sq_b + other.sum_sq_b,
+            self.n_pairs + other.n_pairs,
+        )
+
+    @staticmethod
+    def of(a_nd: np.ndarray, b_nd: np.ndarray) -> PairStats:
+        a, b = a_nd.astype(np.float32, copy=False), b_nd.astype(np.float32, copy=False)
+        # float32 matmuls (BLAS) accumulated into float64: never matmul float16 in NumPy (slow, imprecise).
+        return PairStats(
+            (b.T @ a).astype(np.float64),
+            (a.T @ a).astype(np.float64),
+            float(np.sum(b.astype(np.float64) ** 2)),
+            len(a),
+        )
+
+
+def procrustes(stats: PairStats) -> np.ndarray:
+    """Orthogonal A minimising Σ‖A a − b‖²: A = U Vᵀ from the SVD of Σ b aᵀ = U S Vᵀ."""
+    u, _, vt = scipy.linalg.svd(stats.cross_ba)
+    return u @ vt
+
+
+def nearest_involution(a: np.ndarray) -> np.ndarray:
+    """The nearest symmetric orthogonal matrix (eigenvalues ±1): sign of the symmetric part's eigenvalues."""
+    sym = (a + a.T) / 2
+    eigvals, eigvecs = scipy.linalg.eigh(sym)
+    signs = np.where(eigvals >= 0, 1.0, -1.0)
+    return (eigvecs * signs) @ eigvecs.T
+
+
+def least_squares(stats: PairStats, ridge: float = 0.0) -> np.ndarray:
+    """Unconstrained linear A minimising Σ‖A a − b‖² + ridge ‖A‖²: A = C (G + ridge I)⁻¹."""
+    d = stats.gram_aa.shape[0]
+    # A (G + λI) = C  <=>  (G + λI) Aᵀ = Cᵀ  (G symmetric)
+    a_t = scipy.linalg.solve(stats.gram_aa + ridge * np.eye(d), stats.cross_ba.T, assume_a="pos")
+    return a_t.T
+
+
+def fit(stats: PairStats, fit_type: str, ridge: float = 0.0) -> tuple[np.ndarray, dict]:
+    """Fit one operator; returns it with fit-specific facts (e.g. how far the involution projection moved)."""
+    if fit_type == "procrustes":
+        return procrustes(stats), {}
+    if fit_type == "involution":
+        orth = procrustes(stats)
+        inv = nearest_involution(orth)
+        return inv, {"distance_from_procrustes_fro": float(np.linalg.norm(inv - orth))}
+    if fit_type == "least_squares":
+        return least_squares(stats, ridge), {"ridge": ridge}
+    raise ValueError(f"unknown fit type {fit_type}; known: {FIT_TYPES}")
+
+
+def relative_residual(op: np.ndarray, stats: PairStats) -> float:
+    """sqrt(Σ‖A a − b‖² / Σ‖b‖²) from the statistics: tr(A G Aᵀ) − 2 tr(A Cᵀ) + Σ‖b‖²."""
+    sq = np.trace(op @ stats.gram_aa @ op.T) - 2 * np.trace(op @ stats.cross_ba.T) + stats.sum_sq_b
+    return float(np.sqrt(max(sq, 0.0) / max(stats.sum_sq_b, 1e-300)))
+
+
+def eigen_summary(op: np.ndarray, tol: float = 0.1) -> dict:
+    """Eigenvalues and how they sit: near +1, near −1, inside the unit circle, elsewhere."""
+    eig = scipy.linalg.eigvals(op)
+    near_plus = np.abs(eig - 1) < tol
+    near_minus = np.abs(eig + 1) < tol
+    inside = (np.abs(eig) < 1 - tol) & ~near_plus & ~near_minus
+    return {
+        "eigenvalues": eig,
+        "n_near_plus_one": int(near_plus.sum()),
+        "n_near_minus_one": int(near_minus.sum()),
+        "n_inside_unit_circle": int(inside.sum()),
+        "n_other": int((~near_plus & ~near_minus & ~inside).sum()),
+        "max_abs_imag": float(np.abs(eig.imag).max()),
+        "tolerance": tol,
+    }
+
+
+def involution_error(op: np.ndarray) -> float:
+    """‖A² − I‖_F: zero for an exact involution (colour swap applied twice is the identity)."""
+    return float(np.linalg.norm(op @ op - np.eye(op.shape[0])))

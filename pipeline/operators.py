@@ -1,0 +1,202 @@
+"""Operators stage: fit linear operators between an encoder's features of x and of T(x), analyse them, and
+look at what they do through a trained reconstructor.
+
+Pairs are never materialised: Dask reduces the two Zarr stores shard by shard into sufficient statistics
+(pipeline/operator_fits.py), on the threaded scheduler or a dask.distributed cluster.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import dask
+import numpy as np
+from safetensors.numpy import save_file
+
+from pipeline import metrics, operator_fits
+from pipeline.config import OperatorPairSpec, OperatorsConfig, config_hash
+from pipeline.provenance import provenance
+from pipeline.reconstruct import check_checkpoint_matches_store, load_reconstructor, reconstruct
+from pipeline.train import check_same_encoder
+from storage import FeatureStore, StoreError, open_store
+from storage.format import WriteLock
+
+
+class DisjointnessError(ValueError):
+    """Operator images overlap the reconstructor's training images (the paper's validity condition)."""
+
+
+@dataclass(frozen=True)
+class OperatorJob:
+    identity_store: Path  # f(x) on the held-out split
+    transform_store: Path  # f(T x) on the same images
+    pair: OperatorPairSpec
+    checkpoint: Path  # the reconstructor used to look at the operators
+    cfg: OperatorsConfig
+
+
+@dataclass(frozen=True)
+class OperatorResult:
+    out_dir: Path
+    table: list[dict]
+    already_complete: bool
+
+
+def _normalized_tokens(store: FeatureStore, rows: np.ndarray) -> np.ndarray:
+    feats = store.features(rows)
+    flat = feats.reshape(-1, feats.shape[-1])
+    # As the reconstructor sees them: per-token L2 normalisation.
+    return flat / np.maximum(np.linalg.norm(flat, axis=-1, keepdims=True), 1e-12)
+
+
+def _shard_stats(source_path: str, target_path: str, rows: np.ndarray) -> operator_fits.PairStats:
+    source, target = open_store(source_path), open_store(target_path)
+    return operator_fits.PairStats.of(_normalized_tokens(source, rows), _normalized_tokens(target, rows))
+
+
+def _tree_sum(parts: list, fan_in: int = 8):
+    while len(parts) > 1:
+        parts = [dask.delayed(sum)(parts[i + 1 : i + fan_in], parts[i]) for i in range(0, len(parts), fan_in)]
+    return parts[0]
+
+
+def collect_stats(
+    source: Path, target: Path, rows: np.ndarray, shard_images: int, dask_address: str | None = None
+) -> operator_fits.PairStats:
+    """Σ b aᵀ, Σ a aᵀ, Σ‖b‖² and n over the given rows: one Dask task per shard, summed in a tree."""
+    by_shard = [rows[rows // shard_images == s] for s in np.unique(rows // shard_images)]
+    parts = [dask.delayed(_shard_stats)(str(source), str(target), r) for r in by_shard]
+    total = _tree_sum(parts)
+    if dask_address:
+        from dask.distributed import Client
+
+        with Client(dask_address) as client:
+            return client.compute(total).result()
+    return total.compute(scheduler="threads")
+
+
+def numpy_stats(source: Path, target: Path, rows: np.ndarray) -> operator_fits.PairStats:
+    """The same statistics from arrays loaded whole into memory (reference and benchmark baseline)."""
+    return operator_fits.PairStats.of(
+        _normalized_tokens(open_store(source), rows), _normalized_tokens(open_store(target), rows)
+    )
+
+
+def check_disjoint(image_ids: np.ndarray, checkpoint_header: dict) -> None:
+    train_store = open_store(checkpoint_header["train_store"], require_complete=False)
+    overlap = np.intersect1d(image_ids, train_store.image_ids()[train_store.valid()])
+    if overlap.size:
+        raise DisjointnessError(
+            f"{overlap.size} operator image(s) were used to train the reconstructor "
+            f"({checkpoint_header['train_store']}), e.g. ids {overlap[:5].tolist()}; fit operators on held-out "
+            "images (operators.split) so R knows nothing of T or A"
+        )
+
+
+def run(job: OperatorJob) -> OperatorResult:
+    """Fit, analyse and save the operators of one (encoder, transform, direction); cached on its inputs."""
+    identity, transformed = open_store(job.identity_store), open_store(job.transform_store)
+    check_same_encoder(identity, transformed)
+    if not np.array_equal(identity.image_ids(), transformed.image_ids()):
+        raise StoreError(
+            f"{identity.path.name} and {transformed.path.name} do not hold the same images in order"
+        )
+    source, target = (identity, transformed) if job.pair.direction == "forward" else (transformed, identity)
+    model, header = load_reconstructor(job.checkpoint)
+    check_checkpoint_matches_store(header, identity)
+    rows = np.flatnonzero(identity.valid() & transformed.valid())
+    fit_rows, test_rows = rows[: job.cfg.n_fit_images], rows[job.cfg.n_fit_images :]
+    if test_rows.size == 0:
+        raise StoreError(f"{identity.path.name}: {rows.size} usable images leave none to test on after "
+                         f"n_fit_images={job.cfg.n_fit_images}")  # fmt: skip
+    check_disjoint(identity.image_ids()[rows], header)
+    key = {
+        "source_store": source.config_hash, "target_store": target.config_hash, "checkpoint": header["config_hash"],
+        "pair": job.pair.model_dump(mode="json"), "cfg": job.cfg.model_dump(mode="json", exclude={"output_root", "dask_address", "encoders"}),
+    }  # fmt: skip
+    name = f"{identity.attrs['encoder']['name']}__{job.pair.transform.tag}-{job.pair.direction}__{config_hash(key)}"
+    out_dir = Path(job.cfg.output_root) / name
+    if (out_dir / "result.json").is_file():
+        return OperatorResult(out_dir, json.loads((out_dir / "result.json").read_text())["table"], True)
+    with WriteLock(out_dir):
+        table = _fit_and_analyse(job, key, out_dir, source, target, fit_rows, test_rows, model)
+    return OperatorResult(out_dir, table, False)
+
+
+def _fit_and_analyse(job, key, out_dir: Path, source, target, fit_rows, test_rows, model) -> list[dict]:
+    from pipeline.operator_plots import eigenvalue_plot, operator_grid
+
+    cfg = job.cfg
+    k = source.layout.shard_images
+    fit_stats = collect_stats(source.path, target.path, fit_rows, k, cfg.dask_address)
+    test_stats = collect_stats(source.path, target.path, test_rows, k, cfg.dask_address)
+    eval_rows = test_rows[: cfg.n_eval_images] if cfg.n_eval_images else test_rows
+    pre = source.attrs["encoder"]["preprocessing"]
+    a_feats, b_feats = source.features(eval_rows), target.features(eval_rows)
+    x_pixels, y_pixels = source.pixels(eval_rows), target.pixels(eval_rows)
+    y01 = y_pixels.astype(np.float32) / 255
+
+    def scores(images_uint8: np.ndarray) -> dict:
+        test01 = images_uint8.astype(np.float32) / 255
+        return {
+            "mse": float(np.mean((test01 - y01) ** 2)),
+            "psnr_db": float(metrics.psnr_db(y01, test01).mean()),
+            "ssim": float(metrics.ssim(y01, test01).mean()),
+        }
+
+    recon_a, recon_b = reconstruct(model, a_feats, pre), reconstruct(model, b_feats, pre)
+    table = [
+        {"fit": "none: R(a) vs target", **scores(recon_a)},
+        {"fit": "oracle: R(b) vs target", **scores(recon_b)},
+    ]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    grid_columns = {"source x": x_pixels, "target": y_pixels, "R(a)": recon_a}
+    for fit_type in cfg.fits:
+        op, facts = operator_fits.fit(fit_stats, fit_type, cfg.ridge)
+        eig = operator_fits.eigen_summary(op, cfg.eigen_tolerance)
+        # The reconstructor L2-normalises its input tokens: least-squares outputs are re-normalised there.
+        mapped = np.einsum("nhwd,ed->nhwe", a_feats, op.astype(np.float32))
+        recon_op = reconstruct(model, mapped, pre)
+        grid_columns[f"R(A a) {fit_type}"] = recon_op
+        row = {
+            "fit": fit_type,
+            **scores(recon_op),
+            "residual_train": operator_fits.relative_residual(op, fit_stats),
+            "residual_test": operator_fits.relative_residual(op, test_stats),
+            "involution_error": operator_fits.involution_error(op),
+            **{k: v for k, v in eig.items() if k != "eigenvalues"},
+            **facts,
+        }
+        table.append(row)
+        save_file({"operator": op.astype(np.float32)}, str(out_dir / f"{fit_type}.safetensors"))
+        header = {"schema_version": 1, "key": key, "config_hash": config_hash(key), "fit": fit_type,
+                  "transform": job.pair.transform.model_dump(mode="json"), "direction": job.pair.direction,
+                  "source_store": str(source.path), "target_store": str(target.path), "checkpoint": str(job.checkpoint),
+                  "n_fit_pairs": fit_stats.n_pairs, "n_test_pairs": test_stats.n_pairs,
+                  "n_fit_images": int(fit_rows.size), "n_test_images": int(test_rows.size), "row": row,
+                  "provenance": provenance()}  # fmt: skip
+        (out_dir / f"{fit_type}.json").write_text(json.dumps(header, indent=1))
+        eigenvalue_plot(
+            eig,
+            out_dir / f"{fit_type}_eigenvalues.png",
+            f"{job.pair.transform.tag} {job.pair.direction}: {fit_type}",
+        )
+    grid_columns["R(b) oracle"] = recon_b
+    operator_grid(grid_columns, cfg.n_grid_images, out_dir / "grid.png", f"{out_dir.name}")
+    _write_table(out_dir, table)
+    result = {"table": table, "config_hash": config_hash(key), "n_fit_images": int(fit_rows.size),
+              "n_test_images": int(test_rows.size), "n_eval_images": int(eval_rows.size)}  # fmt: skip
+    (out_dir / "result.json").write_text(json.dumps(result, indent=1))
+    return table
+
+
+def _write_table(out_dir: Path, table: list[dict]) -> None:
+    import pandas as pd
+
+    frame = pd.DataFrame(table).set_index("fit")
+    frame.to_csv(out_dir / "fits.csv")
+    columns = [c for c in ("psnr_db", "ssim", "mse", "residual_train", "residual_test", "involution_error",
+                           "n_near_plus_one", "n_near_minus_one", "n_inside_unit_circle") if c in frame]  # fmt: skip
+    (out_dir / "fits.md").write_text(frame[columns].to_markdown(floatfmt=".4g") + "\n")
