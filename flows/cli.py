@@ -49,6 +49,9 @@ def train(
     config: Annotated[Path, typer.Option("--config", "-c", help="Run config YAML.")],
     encoder: Annotated[list[str] | None, typer.Option("--encoder", "-e", help="Only these encoders.")] = None,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+    prefect: Annotated[
+        bool, typer.Option(help="Run as a Prefect flow; --no-prefect under torchrun (stores must exist).")
+    ] = True,
 ) -> None:
     """Train a reconstructor per encoder on its train store (encoding first if needed); resumes killed runs."""
     from pipeline.checkpoints import CheckpointError
@@ -56,9 +59,12 @@ def train(
     from storage import StoreError
 
     try:
-        from flows.train_flow import train_flow
+        if prefect:
+            from flows.train_flow import train_flow
 
-        results = train_flow(str(config), encoder, progress)
+            results = train_flow(str(config), encoder, progress)
+        else:
+            results = _train_without_prefect(config, encoder, progress)
     except (ConfigError, WeightsNotFoundError, StoreError, CheckpointError) as e:
         _fail(str(e))
     for r in results:
@@ -68,6 +74,26 @@ def train(
             f"{r.run_dir}: {state}; val PSNR {m['val_psnr_db']:.2f} dB, SSIM {m['val_ssim']:.3f}, "
             f"MSE {m['val_mse']:.4f}; best checkpoint {r.best_checkpoint}"
         )
+
+
+def _train_without_prefect(config: Path, encoder_names: list[str] | None, progress: bool):
+    from dataclasses import replace
+
+    from pipeline import encode
+    from pipeline import train as train_stage
+    from pipeline.config import TransformSpec, load_run_config
+
+    cfg = load_run_config(config)
+    results = []
+    for job in encode.jobs_from_config(cfg, config, encoder_names):
+        if job.transform != TransformSpec() or job.split != cfg.train.train_split:
+            continue
+        train_store = encode.plan(job)[2]
+        val_store = encode.plan(replace(job, split=cfg.train.val_split))[2]
+        results.append(
+            train_stage.run(train_stage.TrainJob(train_store, val_store, cfg.train), progress=progress)
+        )
+    return results
 
 
 @app.command()
@@ -89,6 +115,31 @@ def reconstruct(
     typer.echo(f"wrote {len(paths)} PNGs to {out}")
 
 
+@app.command("operators")
+def operators_command(
+    config: Annotated[Path, typer.Option("--config", "-c", help="Run config YAML.")],
+    transform: Annotated[
+        list[str] | None, typer.Option("--transform", "-t", help="Only these transforms.")
+    ] = None,
+    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+) -> None:
+    """Fit feature-space operators (swap, channel scaling, colorization) and write their plots and grids."""
+    from pipeline.checkpoints import CheckpointError
+    from pipeline.encoders import WeightsNotFoundError
+    from pipeline.operators import DisjointnessError
+    from storage import StoreError
+
+    try:
+        from flows.operators_flow import operators_flow
+
+        results = operators_flow(str(config), transform, progress)
+    except (ConfigError, WeightsNotFoundError, StoreError, CheckpointError, DisjointnessError) as e:
+        _fail(str(e))
+    for r in results:
+        typer.echo(f"\n{r.out_dir}{' (cached)' if r.already_complete else ''}")
+        typer.echo((r.out_dir / "fits.md").read_text().rstrip())
+
+
 @app.command()
 def demo(progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True) -> None:
     """Build the embedded demo set, encode it with the tiny demo encoders, train reconstructors, list stores."""
@@ -99,6 +150,7 @@ def demo(progress: Annotated[bool, typer.Option(help="Show progress bars.")] = T
     ls(load_run_config(DEMO_CONFIG).store_root)
     typer.echo("")
     train(DEMO_CONFIG, None, progress)
+    operators_command(DEMO_CONFIG, None, progress)
 
 
 @store_app.command("ls")

@@ -59,11 +59,13 @@ def nearest_involution(a: np.ndarray) -> np.ndarray:
 
 
 def least_squares(stats: PairStats, ridge: float = 0.0) -> np.ndarray:
-    """Unconstrained linear A minimising Σ‖A a − b‖² + ridge ‖A‖²: A = C (G + ridge I)⁻¹."""
+    """Unconstrained linear A minimising Σ‖A a − b‖² + ridge ‖A‖²: A = C (G + ridge I)⁺.
+
+    The pseudo-inverse gives the minimum-norm solution (as numpy.linalg.lstsq) when there are fewer pairs than
+    dimensions or the features span a subspace, which singular-matrix solves would refuse.
+    """
     d = stats.gram_aa.shape[0]
-    # A (G + λI) = C  <=>  (G + λI) Aᵀ = Cᵀ  (G symmetric)
-    a_t = scipy.linalg.solve(stats.gram_aa + ridge * np.eye(d), stats.cross_ba.T, assume_a="pos")
-    return a_t.T
+    return stats.cross_ba @ scipy.linalg.pinvh(stats.gram_aa + ridge * np.eye(d))
 
 
 def fit(stats: PairStats, fit_type: str, ridge: float = 0.0) -> tuple[np.ndarray, dict]:
