@@ -141,6 +141,28 @@ def operators_command(
 
 
 @app.command()
+def evaluate(
+    config: Annotated[Path, typer.Option("--config", "-c", help="Run config YAML.")],
+    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+) -> None:
+    """Score held-out reconstructions of every encoder, compare and rank them, and write the report."""
+    from pipeline.checkpoints import CheckpointError
+    from pipeline.encoders import WeightsNotFoundError
+    from storage import StoreError
+
+    try:
+        from flows.evaluate_flow import evaluate_flow
+
+        result = evaluate_flow(str(config), progress)
+    except (ConfigError, WeightsNotFoundError, StoreError, CheckpointError, ValueError) as e:
+        _fail(str(e))
+    key = result.analysis["primary"]
+    typer.echo(f"\nranking by {key[0]} / {key[1]}:")
+    typer.echo(result.analysis["rankings"][key].to_string(index=False))
+    typer.echo(f"\nreport: {result.report_md}\n        {result.report_html}")
+
+
+@app.command()
 def demo(progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True) -> None:
     """Build the embedded demo set, encode it with the tiny demo encoders, train reconstructors, list stores."""
     from pipeline.config import load_run_config
@@ -151,6 +173,7 @@ def demo(progress: Annotated[bool, typer.Option(help="Show progress bars.")] = T
     typer.echo("")
     train(DEMO_CONFIG, None, progress)
     operators_command(DEMO_CONFIG, None, progress)
+    evaluate(DEMO_CONFIG, progress)
 
 
 @store_app.command("ls")

@@ -63,6 +63,10 @@ class EncoderSpec(Frozen):
     hidden_dim: int | None = Field(
         None, gt=0, description="Expected feature width D; checked against the model."
     )
+    keep_head: bool = Field(
+        False,
+        description="Keep the projection head: judges score images by their pooled, projected embedding.",
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> EncoderSpec:
@@ -293,6 +297,41 @@ class OperatorsConfig(Frozen):
     dask_address: str | None = Field(None, description="dask.distributed scheduler address; None: threads.")
 
 
+class EvaluateConfig(Frozen):
+    """Scores of held-out reconstructions, paired statistics, ranking and the report."""
+
+    output_root: Path = Field(Path("runs/evaluate"), description="Scores cache and reports.")
+    encoders: list[str] | None = Field(None, description="Encoders to evaluate (default: all of the run).")
+    split: str = Field("val", description="Held-out split whose reconstructions are scored.")
+    judges: list[str] = Field(
+        default_factory=lambda: ["judge-clip-vit-l14", "judge-siglip2-l16-256"],
+        description="Judge encoder specs (keep_head: true); the first judge's first mode ranks the encoders.",
+    )
+    judge_modes: list[Literal["grayscale", "color"]] = Field(
+        default_factory=lambda: ["grayscale", "color"],
+        description="The released code converts both images to grayscale before judging (first = primary).",
+    )
+    pixel_resolution: int = Field(
+        224, gt=0, description="Common resolution of the pixel metrics (released code: 224)."
+    )
+    lpips: bool = Field(
+        True, description="Add LPIPS when the `lpips` package and its weights are available locally."
+    )
+    n_images: int | None = Field(
+        None, gt=0, description="Score the first N valid held-out images (None: all)."
+    )
+    batch_size: int = Field(32, gt=0)
+    n_boot: int = Field(10_000, ge=100, description="Bootstrap resamples.")
+    alpha: float = Field(0.05, gt=0, lt=1)
+    seed: int = 0
+    comparisons: list[tuple[str, str]] | None = Field(
+        None,
+        description="Encoder pairs to test (default: every pair); Holm-corrected as one family per score.",
+    )
+    n_grid_images: int = Field(6, gt=0)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
 class RunConfig(Frozen):
     """A reconlab run: which images, which encoders, where the stores go, how to encode."""
 
@@ -310,6 +349,7 @@ class RunConfig(Frozen):
     encode: EncodeOptions = EncodeOptions()
     train: TrainConfig = TrainConfig()
     operators: OperatorsConfig = OperatorsConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
 
 
 M = TypeVar("M", bound=BaseModel)

@@ -126,13 +126,32 @@ class Encoder:
             tokens = self._tokens(x)
         return self._to_grid(tokens.float())
 
+    @torch.inference_mode()
+    def embed(self, pixels_nchw: torch.Tensor) -> torch.Tensor:
+        """Normalised images -> pooled image embeddings [B, E] (with the projection head if kept), float32."""
+        x = pixels_nchw.to(self.device, non_blocking=True)
+        autocast = self.compute_dtype != torch.float32
+        with torch.autocast(self.device.type, dtype=self.compute_dtype, enabled=autocast):
+            if self.spec.backend == "timm":
+                out = self.model(x)
+            elif hasattr(self.model, "get_image_features"):
+                out = self.model.get_image_features(pixel_values=x)
+                out = getattr(out, "pooler_output", out)
+            else:
+                out = self.model(pixel_values=x).pooler_output
+        return out.float()
+
+    def _vision_kwargs(self, vision) -> dict:
+        if getattr(vision.config, "image_size", self.spec.resolution) != self.spec.resolution:
+            return {"interpolate_pos_encoding": True}
+        return {}
+
     def _tokens(self, x: torch.Tensor) -> torch.Tensor:
         layer = self.spec.feature_layer
         if self.spec.backend == "transformers":
-            kwargs = {"output_hidden_states": layer != "last"}
-            if getattr(self.model.config, "image_size", self.spec.resolution) != self.spec.resolution:
-                kwargs["interpolate_pos_encoding"] = True
-            out = self.model(pixel_values=x, **kwargs)
+            vision = getattr(self.model, "vision_model", self.model)
+            kwargs = {"output_hidden_states": layer != "last", **self._vision_kwargs(vision)}
+            out = vision(pixel_values=x, **kwargs)
             return out.last_hidden_state if layer == "last" else out.hidden_states[layer]
         if layer == "last":
             return self.model.forward_features(x)
@@ -245,7 +264,7 @@ def _load_timm(spec: EncoderSpec) -> tuple[torch.nn.Module, Preprocessing, str]:
     import timm
 
     kwargs = {"img_size": spec.resolution, "num_classes": 0, **spec.model_kwargs}
-    if spec.model_id.startswith("samvit"):
+    if spec.model_id.startswith("samvit") or spec.keep_head:
         kwargs.pop("num_classes")
     if spec.weights == "random":
         torch.manual_seed(spec.seed)
@@ -323,7 +342,8 @@ def _load_transformers(spec: EncoderSpec) -> tuple[torch.nn.Module, Preprocessin
     except OSError as e:
         looked = source if local else f"Hugging Face cache {_hf_cache_dir()} (repo {source})"
         raise _missing_weights(spec, looked, e) from e
-    model = getattr(model, "vision_model", model)  # CLIPModel / SiglipModel -> their vision tower
+    if not spec.keep_head:
+        model = getattr(model, "vision_model", model)  # CLIPModel / SiglipModel -> their vision tower
     if spec.weights == "random":
         weights_id = f"random-init seed={spec.seed} sha256={_state_dict_sha256(model)}"
     elif local:

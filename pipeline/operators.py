@@ -45,10 +45,10 @@ class OperatorResult:
 
 
 def _normalized_tokens(store: FeatureStore, rows: np.ndarray) -> np.ndarray:
-    feats = store.features(rows)
-    flat = feats.reshape(-1, feats.shape[-1])
-    # As the reconstructor sees them: per-token L2 normalisation.
-    return flat / np.maximum(np.linalg.norm(flat, axis=-1, keepdims=True), 1e-12)
+    flat = store.features(rows).reshape(-1, store.layout.hidden_dim)
+    # As the reconstructor sees them: per-token L2 normalisation (in place: these arrays are the big ones).
+    flat /= np.maximum(np.linalg.norm(flat, axis=-1, keepdims=True), 1e-12)
+    return flat
 
 
 def _shard_stats(source_path: str, target_path: str, rows: np.ndarray) -> operator_fits.PairStats:

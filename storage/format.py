@@ -181,16 +181,27 @@ class FeatureStore:
     def valid(self) -> np.ndarray:
         return self.group["valid"][:]
 
+    def _read(self, name: str, rows: slice | np.ndarray | int) -> np.ndarray:
+        if isinstance(rows, slice | int | np.integer):
+            return self.group[name][rows]
+        # zarr's orthogonal (fancy) indexing on sharded arrays costs ~50x the selection in memory (measured);
+        # read the covering slice and select in NumPy instead.
+        rows = np.asarray(rows)
+        if rows.size == 0:
+            return self.group[name][0:0]
+        lo, hi = int(rows.min()), int(rows.max()) + 1
+        return self.group[name][lo:hi][rows - lo]
+
     def features(self, rows: slice | np.ndarray | int = slice(None)) -> np.ndarray:
         """Features as float32 [n, H, W, D], whatever the stored precision."""
-        stored = self.group["features"][rows]
-        scale = self.group["features_scale"][rows] if "features_scale" in self.group else None
+        stored = self._read("features", rows)
+        scale = self._read("features_scale", rows) if "features_scale" in self.group else None
         return prec.dequantize(stored, scale)
 
     def pixels(self, rows: slice | np.ndarray | int = slice(None)) -> np.ndarray:
         if "pixels" not in self.group:
             raise StoreError(f"{self.path}: this store was written without pixels (store_pixels: false)")
-        return self.group["pixels"][rows]
+        return self._read("pixels", rows)
 
     # -- writing -------------------------------------------------------------------------------------------
     def write_shard(

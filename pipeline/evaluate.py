@@ -1,0 +1,247 @@
+"""Evaluate stage: score held-out reconstructions per image, compare encoders with paired statistics, rank them.
+
+Per image and encoder: judge-encoder cosine similarity between the original and the reconstruction (pooled
+image embeddings; grayscale and/or colour, recorded), and pixel metrics at a common resolution. Scores are cached
+per (store, checkpoint, scoring config) as long-format parquet (image_id, encoder, judge, metric, value) so later
+comparisons never recompute them.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from itertools import combinations
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+
+from pipeline import checkpoints, encoders, metrics, stats
+from pipeline.config import EvaluateConfig, config_hash, resolve_encoder
+from pipeline.reconstruct import check_checkpoint_matches_store, load_reconstructor, reconstruct
+from storage import open_store
+
+PIXEL_JUDGE = "pixels"
+
+
+@dataclass(frozen=True)
+class EvalTarget:
+    encoder_name: str
+    store: Path  # held-out store of this encoder
+    checkpoint: Path  # its reconstructor
+
+
+def load_judges(cfg: EvaluateConfig, config_path: Path | None = None) -> dict[str, encoders.Encoder]:
+    judges = {}
+    for name in cfg.judges:
+        spec = resolve_encoder(name, config_path)
+        if not spec.keep_head:
+            raise ValueError(
+                f"judge '{name}' must set keep_head: true (judges score pooled image embeddings)"
+            )
+        judges[name] = encoders.load(spec, device=cfg.device)
+    return judges
+
+
+def _lpips_model():
+    """LPIPS when its package and weights are on this machine; else (None, reason)."""
+    try:
+        import lpips  # noqa: F401
+    except ImportError:
+        return None, "LPIPS skipped: the `lpips` package is not installed"
+    try:
+        return lpips.LPIPS(net="alex", verbose=False).eval(), ""
+    except Exception as e:  # weights are fetched from the network on first use
+        return None, f"LPIPS skipped: its weights are not available locally ({type(e).__name__})"
+
+
+def _resize(images_nhwc: np.ndarray, size: int) -> np.ndarray:
+    if images_nhwc.shape[1] == size:
+        return images_nhwc
+    return np.stack(
+        [np.asarray(Image.fromarray(im).resize((size, size), Image.Resampling.BICUBIC)) for im in images_nhwc]
+    )
+
+
+def _judge_cosines(
+    judge: encoders.Encoder, originals: np.ndarray, recons: np.ndarray, grayscale: bool
+) -> np.ndarray:
+    def embed(images):
+        pil = [Image.fromarray(im) for im in images]
+        if grayscale:
+            pil = [im.convert("L").convert("RGB") for im in pil]
+        batch = torch.stack([judge.preprocess(im) for im in pil])
+        return torch.nn.functional.normalize(judge.embed(batch), dim=-1)
+
+    return (embed(originals) * embed(recons)).sum(dim=-1).cpu().numpy()
+
+
+def score_key(target: EvalTarget, store, header: dict, judges: dict, cfg: EvaluateConfig) -> dict:
+    return {
+        "store": store.config_hash,
+        "checkpoint": header["config_hash"],
+        "judges": {name: j.weights_id for name, j in judges.items()},
+        "judge_modes": cfg.judge_modes,
+        "pixel_resolution": cfg.pixel_resolution,
+        "n_images": cfg.n_images,
+        "lpips": cfg.lpips,
+    }
+
+
+def score_encoder(
+    target: EvalTarget, judges: dict, cfg: EvaluateConfig
+) -> tuple[pd.DataFrame, Path, list[str]]:
+    """Per-image scores of one encoder's reconstructions (cached parquet); returns (scores, parquet path, notes)."""
+    store = open_store(target.store)
+    model, header = load_reconstructor(target.checkpoint, device=encoders.resolve_device(cfg.device))
+    check_checkpoint_matches_store(header, store)
+    key = score_key(target, store, header, judges, cfg)
+    out = Path(cfg.output_root) / "scores" / f"{target.encoder_name}__{config_hash(key)}.parquet"
+    meta_path = out.with_suffix(".json")
+    if out.is_file() and meta_path.is_file():
+        return pd.read_parquet(out), out, json.loads(meta_path.read_text())["notes"]
+    rows = np.flatnonzero(store.valid())
+    rows = rows[: cfg.n_images] if cfg.n_images else rows
+    image_ids = store.image_ids()[rows]
+    pre = store.attrs["encoder"]["preprocessing"]
+    lpips_model, lpips_note = _lpips_model() if cfg.lpips else (None, "")
+    records: list[pd.DataFrame] = []
+    for start in range(0, len(rows), cfg.batch_size):
+        idx, ids = rows[start : start + cfg.batch_size], image_ids[start : start + cfg.batch_size]
+        originals = store.pixels(idx)
+        recons = reconstruct(model, store.features(idx), pre)
+        o01 = _resize(originals, cfg.pixel_resolution).astype(np.float32) / 255
+        r01 = _resize(recons, cfg.pixel_resolution).astype(np.float32) / 255
+        values = {
+            (PIXEL_JUDGE, "mse"): np.mean((o01 - r01) ** 2, axis=(1, 2, 3)),
+            (PIXEL_JUDGE, "psnr_db"): metrics.psnr_db(o01, r01),
+            (PIXEL_JUDGE, "ssim"): metrics.ssim(o01, r01),
+        }
+        if lpips_model is not None:
+            to_t = lambda x: torch.from_numpy(x).permute(0, 3, 1, 2) * 2 - 1  # noqa: E731
+            with torch.no_grad():
+                values[(PIXEL_JUDGE, "lpips")] = lpips_model(to_t(o01), to_t(r01)).flatten().numpy()
+        for name, judge in judges.items():
+            for mode in cfg.judge_modes:
+                values[(name, f"cosine_{mode}")] = _judge_cosines(
+                    judge, originals, recons, mode == "grayscale"
+                )
+        for (judge_name, metric), v in values.items():
+            records.append(pd.DataFrame({"image_id": ids, "encoder": target.encoder_name, "judge": judge_name,
+                                         "metric": metric, "value": np.asarray(v, float)}))  # fmt: skip
+    scores = pd.concat(records, ignore_index=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    scores.to_parquet(out, index=False)
+    notes = [lpips_note] if lpips_note else []
+    meta = {"key": key, "config_hash": config_hash(key), "store": str(target.store), "checkpoint": str(target.checkpoint),
+            "notes": notes}  # fmt: skip
+    meta_path.write_text(json.dumps(meta, indent=1))
+    return scores, out, notes
+
+
+def headline_pairs(names: list[str]) -> list[tuple[str, str]]:
+    """The paper's table: SigLIP vs SigLIP2 at each resolution both were evaluated at."""
+    return [
+        (n, n.replace("siglip-", "siglip2-", 1))
+        for n in names
+        if n.startswith("siglip-") and n.replace("siglip-", "siglip2-", 1) in names
+    ]
+
+
+def score_columns(scores: pd.DataFrame) -> list[tuple[str, str]]:
+    """(judge, metric) pairs where higher is better (MSE and LPIPS are excluded from rankings)."""
+    keys = scores[["judge", "metric"]].drop_duplicates().itertuples(index=False)
+    return [(j, m) for j, m in keys if m not in ("mse", "lpips")]
+
+
+def analyse(scores: pd.DataFrame, cfg: EvaluateConfig) -> dict:
+    """Comparisons (Holm per score), rankings and the headline table from per-image scores."""
+    names = list(dict.fromkeys(scores["encoder"]))
+    pairs = [tuple(p) for p in cfg.comparisons] if cfg.comparisons else list(combinations(names, 2))
+    for pair in headline_pairs(names):
+        if pair not in pairs and pair[::-1] not in pairs:
+            pairs.append(pair)
+    comparisons, rankings = {}, {}
+    for judge, metric in score_columns(scores):
+        subset = scores[(scores.judge == judge) & (scores.metric == metric)]
+        per_encoder = {n: subset[subset.encoder == n].set_index("image_id")["value"] for n in names}
+        family = stats.compare_family(per_encoder, pairs, cfg.n_boot, cfg.seed)
+        comparisons[(judge, metric)] = family
+        rankings[(judge, metric)] = stats.ranking(per_encoder, family, cfg.n_boot, cfg.seed, cfg.alpha)
+    headline = [
+        {"judge": j, "metric": m, **c.to_dict()}
+        for (j, m), family in comparisons.items()
+        if j != PIXEL_JUDGE
+        for c in family
+        if (c.a, c.b) in headline_pairs(names)
+    ]
+    primary = (cfg.judges[0], f"cosine_{cfg.judge_modes[0]}")
+    if primary not in rankings:  # no judge scores: fall back to the first pixel score
+        primary = next(iter(rankings))
+    return {
+        "names": names,
+        "pairs": pairs,
+        "comparisons": comparisons,
+        "rankings": rankings,
+        "headline": headline,
+        "primary": primary,
+    }
+
+
+@dataclass(frozen=True)
+class EvaluateResult:
+    report_md: Path
+    report_html: Path
+    score_files: list[Path]
+    analysis: dict
+
+
+def run(
+    targets: list[EvalTarget], cfg: EvaluateConfig, config_path: Path | None = None, judges=None
+) -> EvaluateResult:
+    """Score every target (cached), analyse, and write the report; returns where it is."""
+    from pipeline import report
+    from pipeline.provenance import provenance
+
+    if len(targets) < 2:
+        raise ValueError("evaluation compares encoders: give at least two")
+    judges = judges if judges is not None else load_judges(cfg, config_path)
+    frames, files, notes, inputs = [], [], [], []
+    for t in targets:
+        scores, path, target_notes = score_encoder(t, judges, cfg)
+        frames.append(scores)
+        files.append(path)
+        notes += [f"{t.encoder_name}: {n}" for n in target_notes]
+        header = checkpoints.read_header(t.checkpoint)
+        inputs.append({"encoder": t.encoder_name, "store": str(t.store), "store_hash": open_store(t.store).config_hash,
+                       "checkpoint": str(t.checkpoint), "checkpoint_config_hash": header.get("config_hash", "?"),
+                       "scores": str(path)})  # fmt: skip
+    scores = pd.concat(frames, ignore_index=True)
+    analysis = analyse(scores, cfg)
+    for c in (c for family in analysis["comparisons"].values() for c in family):
+        if c.n_only_a or c.n_only_b:
+            notes.append(f"{c.a} vs {c.b}: {c.n_only_a} image(s) only in {c.a}, {c.n_only_b} only in {c.b}; "
+                         "compared on the common images")  # fmt: skip
+    notes = list(dict.fromkeys(notes))
+    stats_cfg = cfg.model_dump(mode="json", include={"n_boot", "alpha", "seed", "comparisons"})
+    key = {"scores": [f.stem for f in files], "stats": stats_cfg}
+    out_dir = Path(cfg.output_root) / f"report__{config_hash(key)}"
+    prov = provenance()
+    header = {"report_hash": config_hash(key), **stats_cfg,
+              "judges": ", ".join(f"{n} ({j.weights_id[:40]})" for n, j in judges.items()),
+              "judge_modes": ", ".join(cfg.judge_modes), "pixel_resolution": cfg.pixel_resolution,
+              "git_commit": prov["git_commit"], "reconlab_version": prov["reconlab_version"]}  # fmt: skip
+    md, html_path = report.write(out_dir, scores, analysis, targets, pd.DataFrame(inputs), notes, cfg, header)
+    for (judge, metric), ranking in analysis["rankings"].items():
+        ranking.assign(judge=judge, metric=metric).to_csv(
+            out_dir / f"ranking__{judge}__{metric}.csv", index=False
+        )
+    rows = [
+        {"judge": j, "metric": m, **c.to_dict()}
+        for (j, m), fam in analysis["comparisons"].items()
+        for c in fam
+    ]
+    pd.DataFrame(rows).to_csv(out_dir / "comparisons.csv", index=False)
+    return EvaluateResult(md, html_path, files, analysis)

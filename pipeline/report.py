@@ -1,0 +1,186 @@
+"""The evaluation report: report.md and a self-contained report.html (figures embedded), with every input listed."""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import html
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from pipeline.reconstruct import load_reconstructor, reconstruct
+from storage import open_store
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _label(key: tuple[str, str]) -> str:
+    return f"{key[0]} / {key[1]}"
+
+
+def figure_distributions(scores: pd.DataFrame, key, names, path: Path) -> None:
+    plt = _plt()
+    subset = scores[(scores.judge == key[0]) & (scores.metric == key[1])]
+    fig, ax = plt.subplots(figsize=(1.2 + 1.1 * len(names), 3.2))
+    ax.violinplot([subset[subset.encoder == n]["value"].to_numpy() for n in names], showmedians=True)
+    ax.set_xticks(range(1, len(names) + 1), names, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel(_label(key), fontsize=8)
+    ax.set_title("per-image scores", fontsize=9)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+
+
+def figure_ranking(ranking: pd.DataFrame, key, path: Path) -> None:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(4.5, 0.5 + 0.35 * len(ranking)))
+    y = np.arange(len(ranking))[::-1]
+    err = [ranking["mean"] - ranking["ci_low"], ranking["ci_high"] - ranking["mean"]]
+    ax.errorbar(ranking["mean"], y, xerr=err, fmt="o", capsize=3)
+    ax.set_yticks(y, ranking["encoder"], fontsize=8)
+    ax.set_xlabel(f"mean {_label(key)} (95% bootstrap CI)", fontsize=8)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+
+
+def figure_differences(scores: pd.DataFrame, key, comparisons, path: Path) -> None:
+    plt = _plt()
+    subset = scores[(scores.judge == key[0]) & (scores.metric == key[1])]
+    n = max(1, len(comparisons))
+    fig, axes = plt.subplots(1, n, figsize=(3.2 * n, 2.6), squeeze=False)
+    for ax, c in zip(axes[0], comparisons, strict=False):
+        a = subset[subset.encoder == c.a].set_index("image_id")["value"]
+        b = subset[subset.encoder == c.b].set_index("image_id")["value"]
+        common = a.index.intersection(b.index)
+        ax.hist((a.loc[common] - b.loc[common]).to_numpy(), bins=20, color="0.6")
+        ax.axvline(0, color="k", lw=0.8)
+        ax.axvline(c.mean_diff, color="C3", lw=1.2)
+        ax.axvspan(c.diff_ci_low, c.diff_ci_high, color="C3", alpha=0.2)
+        ax.set_title(f"{c.a} − {c.b}\nWilcoxon p={c.wilcoxon_p:.2g}, boot p={c.bootstrap_p:.2g}", fontsize=7)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+
+
+def figure_grid(targets, image_ids: np.ndarray, path: Path) -> None:
+    """Row 0: originals; one row of reconstructions per encoder, same images."""
+    plt = _plt()
+    rows = []
+    for t in targets:
+        store = open_store(t.store)
+        model, _ = load_reconstructor(t.checkpoint)
+        index = {int(i): r for r, i in enumerate(store.image_ids())}
+        sel = np.array([index[int(i)] for i in image_ids])
+        if not rows:
+            rows.append(("original", store.pixels(sel)))
+        rows.append(
+            (t.encoder_name, reconstruct(model, store.features(sel), store.attrs["encoder"]["preprocessing"]))
+        )
+    fig, axes = plt.subplots(
+        len(rows), len(image_ids), figsize=(1.6 * len(image_ids), 1.7 * len(rows)), squeeze=False
+    )
+    for i, (name, images) in enumerate(rows):
+        for j, im in enumerate(images):
+            axes[i, j].imshow(im)
+            axes[i, j].set_xticks([])
+            axes[i, j].set_yticks([])
+        axes[i, 0].set_ylabel(name, fontsize=7)
+    fig.savefig(path, dpi=90, bbox_inches="tight")
+    plt.close(fig)
+
+
+def _comparison_table(family) -> pd.DataFrame:
+    cols = ["a", "b", "n_pairs", "n_only_a", "n_only_b", "mean_a", "mean_b", "mean_diff", "diff_ci_low",
+            "diff_ci_high", "wilcoxon_p", "bootstrap_p", "holm_p_wilcoxon", "holm_p_bootstrap", "rank_biserial"]  # fmt: skip
+    return pd.DataFrame([c.to_dict() for c in family])[cols] if family else pd.DataFrame(columns=cols)
+
+
+def write(out_dir: Path, scores: pd.DataFrame, analysis: dict, targets, inputs: pd.DataFrame, notes: list[str],
+          cfg, header: dict) -> tuple[Path, Path]:  # fmt: skip
+    """Write figures, report.md and report.html under out_dir; returns their paths."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    names = analysis["names"]
+    keys = list(analysis["rankings"])
+    primary = analysis["primary"]
+    figures = {
+        "ranking.png": lambda p: figure_ranking(analysis["rankings"][primary], primary, p),
+        "distributions.png": lambda p: figure_distributions(scores, primary, names, p),
+        "differences.png": lambda p: figure_differences(scores, primary, analysis["comparisons"][primary], p),
+    }
+    common_ids = set.intersection(*(set(scores[scores.encoder == n]["image_id"]) for n in names))
+    grid_ids = np.array(sorted(common_ids)[: cfg.n_grid_images])
+    figures["reconstructions.png"] = lambda p: figure_grid(targets, grid_ids, p)
+    for name, make in figures.items():
+        make(out_dir / name)
+
+    means = (
+        scores.groupby(["encoder", "judge", "metric"])["value"].agg(["mean", "std", "count"]).reset_index()
+    )
+    sections: list[tuple[str, str | pd.DataFrame | None]] = [
+        ("Run", pd.DataFrame([header])),
+        ("Inputs (every number below traces to these)", inputs),
+        (f"Ranking by {_label(primary)}", analysis["rankings"][primary]),
+        ("figure:ranking.png", None),
+        ("Mean scores per encoder", means),
+        ("figure:distributions.png", None),
+    ]
+    if analysis["headline"]:
+        head = pd.DataFrame(analysis["headline"])[["judge", "metric", "a", "b", "n_pairs", "mean_a", "mean_b",
+                                                   "mean_diff", "wilcoxon_p", "bootstrap_p", "holm_p_wilcoxon"]]  # fmt: skip
+        sections.append(("Headline: SigLIP vs SigLIP2 per resolution and judge", head))
+    for key in keys:
+        sections.append(
+            (
+                f"Paired comparisons: {_label(key)} (Holm across this family)",
+                _comparison_table(analysis["comparisons"][key]),
+            )
+        )
+    sections += [("figure:differences.png", None), ("Reconstructions of the same held-out images", None),
+                 ("figure:reconstructions.png", None)]  # fmt: skip
+    if notes:
+        sections.append(("Notes", "\n".join(f"- {n}" for n in notes)))
+    md = _markdown(sections)
+    (out_dir / "report.md").write_text(md)
+    (out_dir / "report.html").write_text(_html(sections, out_dir))
+    return out_dir / "report.md", out_dir / "report.html"
+
+
+def _markdown(sections) -> str:
+    lines = ["# reconlab evaluation report", ""]
+    for title, body in sections:
+        if title.startswith("figure:"):
+            name = title.removeprefix("figure:")
+            lines += [f"![{name}]({name})", ""]
+            continue
+        lines += [f"## {title}", ""]
+        if isinstance(body, pd.DataFrame):
+            lines += [body.to_markdown(index=False, floatfmt=".4g"), ""]
+        elif body:
+            lines += [body, ""]
+    return "\n".join(lines)
+
+
+def _html(sections, out_dir: Path) -> str:
+    parts = ["<!doctype html><html><head><meta charset='utf-8'><title>reconlab report</title>",
+             "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse;"
+             "font-size:12px}td,th{border:1px solid #ccc;padding:2px 6px}img{max-width:100%}</style></head><body>",
+             f"<h1>reconlab evaluation report</h1><p>written {dt.datetime.now(dt.UTC).isoformat(timespec='seconds')}</p>"]  # fmt: skip
+    for title, body in sections:
+        if title.startswith("figure:"):
+            data = base64.b64encode((out_dir / title.removeprefix("figure:")).read_bytes()).decode()
+            parts.append(f"<img alt='{html.escape(title)}' src='data:image/png;base64,{data}'>")
+            continue
+        parts.append(f"<h2>{html.escape(title)}</h2>")
+        if isinstance(body, pd.DataFrame):
+            parts.append(body.to_html(index=False, float_format=lambda v: f"{v:.4g}"))
+        elif body:
+            parts.append(f"<pre>{html.escape(body)}</pre>")
+    parts.append("</body></html>")
+    return "\n".join(parts)

@@ -1,0 +1,109 @@
+"""Evaluate stage end to end: two tiny encoders that differ only in resolution, scored, compared and reported."""
+
+from __future__ import annotations
+
+import re
+
+import pandas as pd
+import pytest
+
+from pipeline import encode, evaluate, train
+from pipeline.config import EvaluateConfig, StoreOptions, SubsetSpec, TrainConfig
+
+
+@pytest.fixture(scope="module")
+def targets(tmp_path_factory, demo_dataset):
+    """tiny-vit-64 and tiny-vit-112 (same random weights, other resolution), each with a 2-epoch reconstructor."""
+    from pipeline.config import EncodeOptions, TransformSpec, resolve_encoder
+
+    root = tmp_path_factory.mktemp("eval")
+    out = []
+    for name in ("tiny-vit-64", "tiny-vit-112"):
+
+        def job(split, subset=SubsetSpec(), name=name):
+            return encode.EncodeJob(root / "stores", demo_dataset, split, subset, resolve_encoder(name), TransformSpec(),
+                                    StoreOptions(shard_images=8), EncodeOptions(batch_size=8, num_workers=0))  # fmt: skip
+
+        train_store = encode.run(job("train", SubsetSpec(max_images=16)), progress=False).store_path
+        val_store = encode.run(job("val"), progress=False).store_path
+        cfg = TrainConfig(output_root=root / "train", epochs=2, batch_size=8, n_val_images=4, n_sample_images=2,
+                          shuffle_buffer_images=8)  # fmt: skip
+        checkpoint = train.run(train.TrainJob(train_store, val_store, cfg), progress=False).best_checkpoint
+        out.append(evaluate.EvalTarget(name, val_store, checkpoint))
+    return out
+
+
+@pytest.fixture(scope="module")
+def result(targets, tmp_path_factory):
+    cfg = EvaluateConfig(output_root=tmp_path_factory.mktemp("evaluate"), judges=["tiny-judge"], n_boot=500,
+                         n_grid_images=3, device="cpu")  # fmt: skip
+    return evaluate.run(targets, cfg), cfg
+
+
+def test_scores_are_stored_per_image_in_long_format(result, targets):
+    res, cfg = result
+    scores = pd.concat(pd.read_parquet(f) for f in res.score_files)
+    assert list(scores.columns) == ["image_id", "encoder", "judge", "metric", "value"]
+    n_val = 12
+    for name in ("tiny-vit-64", "tiny-vit-112"):
+        mine = scores[scores.encoder == name]
+        assert set(mine.metric) >= {"psnr_db", "ssim", "mse", "cosine_grayscale", "cosine_color"}
+        assert (mine.groupby(["judge", "metric"]).size() == n_val).all()
+    cos = scores[scores.metric.str.startswith("cosine")]["value"]
+    assert cos.between(-1, 1).all()
+
+
+def test_report_exists_with_tables_and_embedded_figures(result):
+    res, _ = result
+    md, html = res.report_md.read_text(), res.report_html.read_text()
+    for section in (
+        "Inputs",
+        "Ranking by tiny-judge / cosine_grayscale",
+        "Paired comparisons",
+        "Reconstructions",
+    ):
+        assert section in md and section in html
+    for fig in ("ranking.png", "distributions.png", "differences.png", "reconstructions.png"):
+        assert (res.report_md.parent / fig).stat().st_size > 1000
+        assert f"]({fig})" in md
+    assert html.count("data:image/png;base64,") == 4
+    assert "store_hash" in md and "checkpoint_config_hash" in md
+
+
+def test_report_numbers_match_the_per_image_parquet(result):
+    res, cfg = result
+    scores = pd.concat(pd.read_parquet(f) for f in res.score_files)
+    primary = scores[(scores.judge == "tiny-judge") & (scores.metric == "cosine_grayscale")]
+    ranking = pd.read_csv(res.report_md.parent / "ranking__tiny-judge__cosine_grayscale.csv")
+    for _, row in ranking.iterrows():
+        assert row["mean"] == pytest.approx(primary[primary.encoder == row["encoder"]]["value"].mean())
+        assert re.search(rf"\| +{row['rank']} \| {row['encoder']} ", res.report_md.read_text())
+    comparisons = pd.read_csv(res.report_md.parent / "comparisons.csv")
+    psnr = comparisons[(comparisons.judge == "pixels") & (comparisons.metric == "psnr_db")].iloc[0]
+    per = scores[scores.metric == "psnr_db"].pivot(index="image_id", columns="encoder", values="value")
+    assert psnr["mean_diff"] == pytest.approx((per[psnr["a"]] - per[psnr["b"]]).mean())
+    from scipy.stats import wilcoxon
+
+    assert psnr["wilcoxon_p"] == pytest.approx(wilcoxon(per[psnr["a"]], per[psnr["b"]]).pvalue)
+
+
+def test_scores_are_reused_not_recomputed(result, targets):
+    res, cfg = result
+    stamps = [f.stat().st_mtime_ns for f in res.score_files]
+    again = evaluate.run(targets, cfg)
+    assert [f.stat().st_mtime_ns for f in again.score_files] == stamps
+
+
+def test_headline_pairs_pick_siglip_vs_siglip2_at_the_same_resolution():
+    names = ["siglip-b16-224", "siglip2-b16-224", "siglip-b16-384", "clip-b16-openai", "siglip2-b16-512"]
+    assert evaluate.headline_pairs(names) == [("siglip-b16-224", "siglip2-b16-224")]
+
+
+def test_a_judge_without_its_head_is_refused():
+    with pytest.raises(ValueError, match="keep_head"):
+        evaluate.load_judges(EvaluateConfig(judges=["tiny-vit-64"]))
+
+
+def test_lpips_is_skipped_with_a_note_when_unavailable():
+    model, note = evaluate._lpips_model()
+    assert model is not None or "LPIPS skipped" in note
