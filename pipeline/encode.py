@@ -218,8 +218,10 @@ def _encode_pending(store, job, records, encoder: encoders.Encoder, *, progress:
         num_workers=job.options.num_workers,
         collate_fn=_collate,
         pin_memory=encoder.device.type == "cuda",
-        persistent_workers=False,
         prefetch_factor=4 if job.options.num_workers else None,
+        # Workers must not be forks of an orchestrator's process: forked from inside a Prefect flow (its threads,
+        # event loop and exit hooks) they die with exit code 1. A fork server starts them from a clean process.
+        multiprocessing_context="forkserver" if job.options.num_workers else None,
     )
     writer = _ShardWriter(store)
     n_done_images = sum(
