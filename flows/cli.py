@@ -9,7 +9,8 @@ from typing import Annotated
 
 import typer
 
-from pipeline.config import REPO_CONFIG_DIR, ConfigError
+from pipeline.config import ConfigError
+from pipeline.config_files import REPO_CONFIG_DIR
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
 store_app = typer.Typer(no_args_is_help=True, help="Inspect cached feature stores.")
@@ -81,7 +82,8 @@ def _train_without_prefect(config: Path, encoder_names: list[str] | None, progre
 
     from pipeline import encode
     from pipeline import train as train_stage
-    from pipeline.config import TransformSpec, load_run_config
+    from pipeline.config import TransformSpec
+    from pipeline.config_files import load_run_config
 
     cfg = load_run_config(config)
     results = []
@@ -163,17 +165,64 @@ def evaluate(
 
 
 @app.command()
-def demo(progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True) -> None:
-    """Build the embedded demo set, encode it with the tiny demo encoders, train reconstructors, list stores."""
-    from pipeline.config import load_run_config
+def run(
+    config: Annotated[Path, typer.Option("--config", "-c", help="Run config YAML.")],
+    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+    operators: Annotated[bool, typer.Option(help="Include the operators stage.")] = True,
+) -> None:
+    """The whole benchmark: encode, train, operators, evaluate (one Prefect flow; finished work is skipped)."""
+    from pipeline.checkpoints import CheckpointError
+    from pipeline.encoders import WeightsNotFoundError
+    from pipeline.operators import DisjointnessError
+    from storage import StoreError
 
-    encode(DEMO_CONFIG, None, progress)
-    typer.echo("")
-    ls(load_run_config(DEMO_CONFIG).store_root)
-    typer.echo("")
-    train(DEMO_CONFIG, None, progress)
-    operators_command(DEMO_CONFIG, None, progress)
-    evaluate(DEMO_CONFIG, progress)
+    try:
+        from flows.benchmark_flow import benchmark_flow
+
+        out = benchmark_flow(str(config), progress, operators)
+    except (ConfigError, WeightsNotFoundError, StoreError, CheckpointError, DisjointnessError) as e:
+        _fail(str(e))
+    from pipeline.config_files import load_run_config
+
+    ls(load_run_config(config).store_root)
+    for r in out["trained"]:
+        m = r.val_metrics
+        typer.echo(f"{r.run_dir}: val PSNR {m['val_psnr_db']:.2f} dB, SSIM {m['val_ssim']:.3f}")
+    for r in out["operators"]:
+        typer.echo(f"\n{r.out_dir}\n{(r.out_dir / 'fits.md').read_text().rstrip()}")
+    result = out["evaluation"]
+    key = result.analysis["primary"]
+    typer.echo(
+        f"\nranking by {key[0]} / {key[1]}:\n{result.analysis['rankings'][key].to_string(index=False)}"
+    )
+    typer.echo(f"\nreport: {result.report_md}\n        {result.report_html}")
+
+
+@app.command()
+def schedule(
+    config: Annotated[Path, typer.Option("--config", "-c", help="Run config YAML.")],
+    cron: Annotated[str, typer.Option(help="Cron schedule, e.g. '0 2 * * *' (nightly at 02:00).")],
+    name: Annotated[str, typer.Option(help="Deployment name.")] = "reconlab-benchmark",
+) -> None:
+    """Serve the benchmark flow on a cron schedule (needs a Prefect server: see docs/flows.md)."""
+    import os
+
+    if not os.environ.get("PREFECT_API_URL"):
+        _fail(
+            "scheduling needs a Prefect server: run `prefect server start --host 127.0.0.1 --port 4200` and "
+            "`export PREFECT_API_URL=http://127.0.0.1:4200/api` first (ephemeral mode cannot schedule)"
+        )
+    from flows.benchmark_flow import benchmark_flow
+
+    benchmark_flow.serve(
+        name=name, cron=cron, parameters={"config_path": str(config.resolve()), "progress": False}
+    )
+
+
+@app.command()
+def demo(progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True) -> None:
+    """Build the demo set, then the whole benchmark on it: encode, train, operators, evaluate."""
+    run(DEMO_CONFIG, progress, True)
 
 
 @store_app.command("ls")

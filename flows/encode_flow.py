@@ -11,7 +11,7 @@ prefect_env.configure()
 from prefect import flow, task  # noqa: E402
 
 from pipeline import encode  # noqa: E402
-from pipeline.config import load_run_config  # noqa: E402
+from pipeline.config_files import load_run_config  # noqa: E402
 
 
 @task(

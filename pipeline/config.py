@@ -1,7 +1,7 @@
 """Typed, frozen run configs loaded from YAML.
 
-Every model forbids unknown keys; a bad file fails at load time with the file, the dotted field path, what is
-allowed and what was given, before any work starts.
+Every model forbids unknown keys; `pipeline.config_files` loads them from YAML and turns a bad file into an
+error naming the file, the dotted field path, what is allowed and what was given, before any work starts.
 """
 
 from __future__ import annotations
@@ -9,12 +9,9 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
-
-REPO_CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class ConfigError(ValueError):
@@ -350,98 +347,6 @@ class RunConfig(Frozen):
     train: TrainConfig = TrainConfig()
     operators: OperatorsConfig = OperatorsConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
-
-
-M = TypeVar("M", bound=BaseModel)
-
-
-def _format_validation_error(path: Path, err: ValidationError, model: type[BaseModel]) -> str:
-    lines = [f"{path}: invalid {model.__name__} ({err.error_count()} problem(s)):"]
-    for e in err.errors():
-        field = ".".join(str(p) for p in e["loc"]) or "<top level>"
-        detail = e["msg"]
-        if e["type"] == "extra_forbidden":
-            parent = _model_at(model, e["loc"][:-1])
-            if parent is not None:
-                detail += f"; allowed fields here: {', '.join(parent.model_fields)}"
-        given = e.get("input")
-        shown = "" if isinstance(given, dict) or e["type"] == "missing" else f" (got {given!r})"
-        lines.append(f"  - field `{field}`: {detail}{shown}")
-    return "\n".join(lines)
-
-
-def _model_at(model: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
-    """The nested model class at a validation-error location, to list its allowed keys."""
-    current: Any = model
-    for part in loc:
-        if isinstance(part, int) or current is None:
-            continue
-        field = getattr(current, "model_fields", {}).get(part)
-        if field is None:
-            return None
-        annotation = field.annotation
-        candidates = [annotation, *getattr(annotation, "__args__", ())]
-        current = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
-        if current is None:
-            for c in candidates:
-                for sub in getattr(c, "__args__", ()):
-                    if isinstance(sub, type) and issubclass(sub, BaseModel):
-                        current = sub
-    return current
-
-
-def load_model(path: str | Path, model: type[M], overrides: dict[str, Any] | None = None) -> M:
-    """Parse a YAML file into `model`; raise ConfigError naming the file and field on any problem."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: config file not found")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping of fields at the top level, got {type(data).__name__}")
-    data.update(overrides or {})
-    try:
-        return model.model_validate(data)
-    except ValidationError as e:
-        raise ConfigError(_format_validation_error(path, e, model)) from None
-
-
-def encoder_search_dirs(config_path: Path | None) -> list[Path]:
-    dirs = [config_path.parent / "encoders"] if config_path else []
-    return [*dirs, REPO_CONFIG_DIR / "encoders"]
-
-
-def resolve_encoder(ref: str | EncoderSpec, config_path: Path | None = None) -> EncoderSpec:
-    """An encoder given by name (looked up in configs/encoders/), by YAML path, or inline."""
-    if isinstance(ref, EncoderSpec):
-        return ref
-    as_path = Path(ref)
-    if as_path.suffix in (".yaml", ".yml") and as_path.is_file():
-        return load_model(as_path, EncoderSpec)
-    tried = []
-    for d in encoder_search_dirs(config_path):
-        candidate = d / f"{ref}.yaml"
-        tried.append(str(candidate))
-        if candidate.is_file():
-            spec = load_model(candidate, EncoderSpec)
-            if spec.name != ref:
-                raise ConfigError(f"{candidate}: field `name` is '{spec.name}' but the file is named '{ref}'")
-            return spec
-    known = sorted({p.stem for d in encoder_search_dirs(config_path) if d.is_dir() for p in d.glob("*.yaml")})
-    where = config_path or "the command line"
-    raise ConfigError(
-        f"{where}: field `encoders`: unknown encoder '{ref}' (looked for {', '.join(tried)}); "
-        f"known: {', '.join(known)}"
-    )
-
-
-def load_run_config(path: str | Path) -> RunConfig:
-    cfg = load_model(path, RunConfig)
-    for ref in cfg.encoders:  # fail at load time, not when the stage reaches this encoder
-        resolve_encoder(ref, Path(path))
-    return cfg
 
 
 def canonical_json(obj: Any) -> str:

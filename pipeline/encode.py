@@ -6,6 +6,7 @@ where it stopped and a finished store returns at once. Bad images are skipped an
 
 from __future__ import annotations
 
+import multiprocessing
 import queue
 import threading
 from dataclasses import dataclass
@@ -26,8 +27,8 @@ from pipeline.config import (
     SubsetSpec,
     TransformSpec,
     config_hash,
-    resolve_encoder,
 )
+from pipeline.config_files import resolve_encoder
 from pipeline.datasets import ImageRecord, image_list_sha256, list_images
 from pipeline.images import ImageSkipped, Preprocessing, apply_transform, load_rgb
 from pipeline.provenance import provenance
@@ -120,6 +121,15 @@ class _DecodeDataset(torch.utils.data.Dataset):
             return pos, np.zeros((s, s, 3), np.uint8), str(e)
         except Exception as e:  # a decoder bug on one odd file must not end a long run
             return pos, np.zeros((s, s, 3), np.uint8), f"unreadable: {type(e).__name__}: {e}"
+
+
+def _worker_context():
+    """DataLoader workers are not forks of this (possibly multi-threaded) process: forked from inside a Prefect
+    flow (its threads, event loop and exit hooks) they died with exit code 1. They fork from a clean fork server
+    that has already imported this module, so a worker starts in milliseconds, not seconds."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([__name__])
+    return context
 
 
 def _collate(items):
@@ -219,9 +229,7 @@ def _encode_pending(store, job, records, encoder: encoders.Encoder, *, progress:
         collate_fn=_collate,
         pin_memory=encoder.device.type == "cuda",
         prefetch_factor=4 if job.options.num_workers else None,
-        # Workers must not be forks of an orchestrator's process: forked from inside a Prefect flow (its threads,
-        # event loop and exit hooks) they die with exit code 1. A fork server starts them from a clean process.
-        multiprocessing_context="forkserver" if job.options.num_workers else None,
+        multiprocessing_context=_worker_context() if job.options.num_workers else None,
     )
     writer = _ShardWriter(store)
     n_done_images = sum(

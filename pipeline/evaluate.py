@@ -19,7 +19,8 @@ import torch
 from PIL import Image
 
 from pipeline import checkpoints, encoders, metrics, stats
-from pipeline.config import EvaluateConfig, config_hash, resolve_encoder
+from pipeline.config import EvaluateConfig, config_hash
+from pipeline.config_files import resolve_encoder
 from pipeline.reconstruct import check_checkpoint_matches_store, load_reconstructor, reconstruct
 from storage import open_store
 

@@ -14,15 +14,8 @@ os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="reconlab-test-pre
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from pipeline import demo  # noqa: E402
-from pipeline.config import (  # noqa: E402
-    DatasetSpec,
-    EncodeOptions,
-    RunConfig,
-    StoreOptions,
-    SubsetSpec,
-    TransformSpec,
-    resolve_encoder,
-)
+from pipeline.config import DatasetSpec, EncodeOptions, RunConfig, StoreOptions, SubsetSpec, TransformSpec
+from pipeline.config_files import resolve_encoder
 from pipeline.encode import EncodeJob  # noqa: E402
 
 N_TRAIN, N_VAL = 40, 12

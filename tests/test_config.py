@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.config import REPO_CONFIG_DIR, ConfigError, EncoderSpec, load_model, load_run_config
+from pipeline.config import ConfigError, EncoderSpec
+from pipeline.config_files import REPO_CONFIG_DIR, load_model, load_run_config
 
 
 def _write(tmp_path: Path, data: dict) -> Path:

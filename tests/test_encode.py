@@ -17,14 +17,8 @@ import torch
 from PIL import Image
 
 from pipeline import encode, encoders
-from pipeline.config import (
-    DatasetSpec,
-    EncodeOptions,
-    SplitSpec,
-    StoreOptions,
-    TransformSpec,
-    resolve_encoder,
-)
+from pipeline.config import DatasetSpec, EncodeOptions, SplitSpec, StoreOptions, TransformSpec
+from pipeline.config_files import resolve_encoder
 from storage import StoreLocked, open_store
 from storage.format import WriteLock
 
@@ -129,7 +123,7 @@ _KILLABLE = textwrap.dedent(
     import sys, torch
     from pathlib import Path
     from pipeline import encode
-    from pipeline.config import load_run_config
+    from pipeline.config_files import load_run_config
     torch.set_num_threads(1)
     cfg = load_run_config(sys.argv[1])
     encode.run(encode.jobs_from_config(cfg, Path(sys.argv[1]))[0], progress=False)
@@ -162,7 +156,7 @@ def test_encode_resumes_after_sigkill_and_equals_an_uninterrupted_run(write_run_
     n_done_before = int(partial.shard_done().sum())
     assert 0 < n_done_before < partial.layout.n_shards
 
-    from pipeline.config import load_run_config
+    from pipeline.config_files import load_run_config
 
     torch.set_num_threads(1)
     job = encode.jobs_from_config(load_run_config(config), config)[0]

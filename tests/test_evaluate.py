@@ -14,7 +14,8 @@ from pipeline.config import EvaluateConfig, StoreOptions, SubsetSpec, TrainConfi
 @pytest.fixture(scope="module")
 def targets(tmp_path_factory, demo_dataset):
     """tiny-vit-64 and tiny-vit-112 (same random weights, other resolution), each with a 2-epoch reconstructor."""
-    from pipeline.config import EncodeOptions, TransformSpec, resolve_encoder
+    from pipeline.config import EncodeOptions, TransformSpec
+    from pipeline.config_files import resolve_encoder
 
     root = tmp_path_factory.mktemp("eval")
     out = []

@@ -55,3 +55,31 @@ def test_cli_reports_a_bad_config_with_exit_code_2(tmp_path):
 def test_store_inspect_on_a_non_store_fails_cleanly(tmp_path):
     result = runner.invoke(app, ["store", "inspect", str(tmp_path)])
     assert result.exit_code == 2 and "not a feature store" in result.output
+
+
+@pytest.mark.slow
+def test_cli_run_chains_all_four_stages_through_prefect(write_run_config, tmp_path):
+    config = write_run_config(
+        splits=["train", "val"],
+        subset={"max_images": 12},
+        encoders=["tiny-vit-64", "tiny-vit-112"],
+        train={"output_root": str(tmp_path / "train"), "epochs": 1, "batch_size": 6, "n_val_images": 6,
+               "n_sample_images": 2, "shuffle_buffer_images": 6},
+        operators={"output_root": str(tmp_path / "ops"), "encoders": ["tiny-vit-64"], "n_fit_images": 8,
+                   "n_eval_images": 4, "n_grid_images": 2,
+                   "pairs": [{"transform": {"name": "swap_rb"}}, {"transform": {"name": "grayscale"}, "direction": "inverse"}]},
+        evaluate={"output_root": str(tmp_path / "eval"), "judges": ["tiny-judge"], "n_boot": 200, "n_grid_images": 2},
+    )  # fmt: skip
+    result = runner.invoke(app, ["run", "--config", str(config), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert result.output.count("val PSNR") == 2
+    assert "swap_rb-forward" in result.output and "grayscale-inverse" in result.output
+    assert "ranking by tiny-judge / cosine_grayscale" in result.output
+    (report,) = (tmp_path / "eval").glob("report__*/report.html")
+    assert report.stat().st_size > 10_000
+
+
+def test_schedule_without_a_prefect_server_explains_what_to_start(write_run_config, monkeypatch):
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    result = runner.invoke(app, ["schedule", "--config", str(write_run_config()), "--cron", "0 2 * * *"])
+    assert result.exit_code == 2 and "prefect server start" in result.output
