@@ -32,6 +32,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--num-workers", type=int, default=1)
     p.add_argument("--device", default="auto")
+    p.add_argument("--repeats", type=int, default=3, help="best-of-N for paths (a), (b, float16) and (c)")
     p.add_argument("--work-dir", default=None, help="scratch folder (default: a temp dir, removed after)")
     return p.parse_args()
 
@@ -73,7 +74,9 @@ def main() -> None:
         for i in range(0, n, args.batch_size):
             enc.encode(enc.normalize(pixels[i : i + args.batch_size])).cpu()
 
-    t_a, _ = timed(forward_only)
+    # Best of --repeats for (a), (b, float16) and (c): short runs on a shared machine are noisy, and the fastest
+    # run is the best estimate of each path's ceiling.
+    t_a = min(timed(forward_only)[0] for _ in range(args.repeats))
 
     # (b) reconlab encode stage, JPEG files -> finished store, per precision.
     rows_b = {}
@@ -82,12 +85,15 @@ def main() -> None:
                             StoreOptions(), EncodeOptions(batch_size=args.batch_size, num_workers=args.num_workers))  # fmt: skip
     encode.run(warm, progress=False)
     for precision in ("float16", "bf16_bitround", "int8_per_token"):
-        job = encode.EncodeJob(
-            store_root=work / f"stores-{precision}", dataset=dataset, split="train", subset=SubsetSpec(),
-            encoder=spec, transform=TransformSpec(), store=StoreOptions(precision=precision),
-            options=EncodeOptions(batch_size=args.batch_size, num_workers=args.num_workers, device=args.device),
-        )  # fmt: skip
-        t_b, result = timed(lambda job=job: encode.run(job, progress=False))
+        runs = []
+        for repeat in range(args.repeats if precision == "float16" else 1):
+            job = encode.EncodeJob(
+                store_root=work / f"stores-{precision}-{repeat}", dataset=dataset, split="train",
+                subset=SubsetSpec(), encoder=spec, transform=TransformSpec(), store=StoreOptions(precision=precision),
+                options=EncodeOptions(batch_size=args.batch_size, num_workers=args.num_workers, device=args.device),
+            )  # fmt: skip
+            runs.append(timed(lambda job=job: encode.run(job, progress=False)))
+        t_b, result = min(runs, key=lambda r: r[0])
         rows_b[precision] = (t_b, result.store_path)
     t_b, store_path = rows_b["float16"]
 
@@ -104,7 +110,7 @@ def main() -> None:
             for pos, f in zip(positions.tolist(), feats, strict=True):
                 torch.save(f.clone(), pt_dir / f"{records[pos].image_id}.pt")
 
-    t_c, _ = timed(paper_pattern)
+    t_c = min(timed(paper_pattern)[0] for _ in range(args.repeats))
     pt_bytes = disk_bytes(pt_dir) / n
 
     print("\n## Throughput")

@@ -131,8 +131,19 @@ _KILLABLE = textwrap.dedent(
 )
 
 
+@pytest.fixture
+def one_torch_thread():
+    """The killed subprocess runs with one thread; the runs compared with it must too (float sums depend on it)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.mark.slow
-def test_encode_resumes_after_sigkill_and_equals_an_uninterrupted_run(write_run_config, make_job, tmp_path):
+def test_encode_resumes_after_sigkill_and_equals_an_uninterrupted_run(
+    write_run_config, make_job, tmp_path, one_torch_thread
+):
     config = write_run_config(
         splits=["train"], encoders=["tiny-vit-112"], store={"shard_images": 4},
         encode={"batch_size": 2, "num_workers": 0},
@@ -158,7 +169,6 @@ def test_encode_resumes_after_sigkill_and_equals_an_uninterrupted_run(write_run_
 
     from pipeline.config_files import load_run_config
 
-    torch.set_num_threads(1)
     job = encode.jobs_from_config(load_run_config(config), config)[0]
     resumed = encode.run(job, progress=False)
     assert resumed.store_path == path and not resumed.already_complete

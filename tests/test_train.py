@@ -70,11 +70,12 @@ def test_rerunning_a_finished_training_returns_its_checkpoint_at_once(tiny_store
 
 _KILLABLE = textwrap.dedent(
     """
-    import sys, json
+    import sys, json, torch
     from pathlib import Path
     from pipeline import train
     from pipeline.config import TrainConfig
     args = json.loads(sys.argv[1])
+    torch.set_num_threads(args["threads"])  # float sums depend on the thread count: match the test process
     cfg = TrainConfig.model_validate(args["cfg"])
     train.run(train.TrainJob(Path(args["store"]), Path(args["store"]), cfg), progress=False)
     """
@@ -84,7 +85,9 @@ _KILLABLE = textwrap.dedent(
 @pytest.mark.slow
 def test_a_killed_training_resumes_and_ends_bit_identical_to_an_uninterrupted_one(tiny_store, tmp_path):
     cfg = _cfg(tmp_path, epochs=6, keep_last=10)
-    args = json.dumps({"cfg": cfg.model_dump(mode="json"), "store": str(tiny_store)})
+    args = json.dumps(
+        {"cfg": cfg.model_dump(mode="json"), "store": str(tiny_store), "threads": torch.get_num_threads()}
+    )
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
     proc = subprocess.Popen([sys.executable, "-c", _KILLABLE, args], env=env)
     deadline = time.monotonic() + 180
