@@ -198,3 +198,23 @@ def test_operators_refuse_images_the_reconstructor_was_trained_on(operator_setup
     )
     with pytest.raises(operators.DisjointnessError, match="8 operator image"):
         operators.run(job)
+
+
+def test_the_reduction_runs_on_a_dask_distributed_cluster_given_its_address(tmp_path):
+    from dask.distributed import LocalCluster
+
+    rng = np.random.default_rng(14)
+    emb = ortho_group.rvs(48, random_state=15)
+    a = _linear_store(
+        tmp_path / "a.zarr", rng.integers(0, 256, size=(16, 16, 16, 3), dtype=np.uint8), emb, np.arange(16)
+    )
+    b = _linear_store(
+        tmp_path / "b.zarr", rng.integers(0, 256, size=(16, 16, 16, 3), dtype=np.uint8), emb, np.arange(16)
+    )
+    rows = np.arange(16)
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as cluster:
+        on_cluster = operators.collect_stats(
+            a, b, rows, shard_images=8, dask_address=cluster.scheduler_address
+        )
+    local = operators.collect_stats(a, b, rows, shard_images=8)
+    assert on_cluster.n_pairs == local.n_pairs and np.allclose(on_cluster.cross_ba, local.cross_ba)
