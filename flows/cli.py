@@ -63,7 +63,7 @@ def train(
         if prefect:
             from flows.train_flow import train_flow
 
-            results = train_flow(str(config), encoder, progress)
+            results = list(train_flow(str(config), encoder, progress).values())
         else:
             results = _train_without_prefect(config, encoder, progress)
     except (ConfigError, WeightsNotFoundError, StoreError, CheckpointError) as e:
@@ -185,7 +185,7 @@ def run(
     from pipeline.config_files import load_run_config
 
     ls(load_run_config(config).store_root)
-    for r in out["trained"]:
+    for r in out["trained"].values():
         m = r.val_metrics
         typer.echo(f"{r.run_dir}: val PSNR {m['val_psnr_db']:.2f} dB, SSIM {m['val_ssim']:.3f}")
     for r in out["operators"]:

@@ -34,7 +34,7 @@ def evaluate_flow(config_path: str, progress: bool = True) -> evaluate.EvaluateR
         if j.transform == TransformSpec()
     ]
     names = list(dict.fromkeys(j.encoder.name for j in jobs))
-    trained = {r.run_dir.name.split("__")[0]: r for r in train_flow(config_path, names, progress)}
+    trained = train_flow(config_path, names, progress)
     targets = []
     for name in names:
         base = next(j for j in jobs if j.encoder.name == name)

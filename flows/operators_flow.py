@@ -29,7 +29,7 @@ def operators_flow(config_path: str, transform_names: list[str] | None = None, p
     cfg = load_run_config(config_path)
     ops = cfg.operators
     encoder_names = ops.encoders or [encode.jobs_from_config(cfg, Path(config_path))[0].encoder.name]
-    trained = {r.run_dir.name.split("__")[0]: r for r in train_flow(config_path, encoder_names, progress)}
+    trained = train_flow(config_path, encoder_names, progress)
     pairs = [p for pair in ops.pairs for p in pair.expand()]
     if transform_names:
         pairs = [

@@ -24,14 +24,16 @@ def train_reconstructor(job: train.TrainJob, encoder_name: str, progress: bool =
 
 
 @flow(name="reconlab-train", log_prints=True)
-def train_flow(config_path: str, encoder_names: list[str] | None = None, progress: bool = True):
+def train_flow(
+    config_path: str, encoder_names: list[str] | None = None, progress: bool = True
+) -> dict[str, train.TrainResult]:
     cfg = load_run_config(config_path)
     identity = [
         j
         for j in encode.jobs_from_config(cfg, Path(config_path), encoder_names)
         if j.transform == TransformSpec()
     ]
-    results = []
+    results = {}
     for encoder_name in dict.fromkeys(j.encoder.name for j in identity):
         base = next(j for j in identity if j.encoder.name == encoder_name)
         stores = {
@@ -39,5 +41,5 @@ def train_flow(config_path: str, encoder_names: list[str] | None = None, progres
             for split in (cfg.train.train_split, cfg.train.val_split)
         }
         job = train.TrainJob(stores[cfg.train.train_split], stores[cfg.train.val_split], cfg.train)
-        results.append(train_reconstructor(job, encoder_name, progress))
+        results[encoder_name] = train_reconstructor(job, encoder_name, progress)
     return results

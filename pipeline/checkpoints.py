@@ -87,6 +87,13 @@ def read_header(path: Path) -> dict:
     return header
 
 
+def weights_sha256(header: dict) -> str:
+    """Identity of a checkpoint's weights (best.* and epoch-*.* of one run share the training config hash)."""
+    from pipeline.provenance import file_sha256
+
+    return file_sha256(Path(header["_json_path"]).with_suffix(".safetensors"))
+
+
 def load_weights(header: dict, model: torch.nn.Module) -> None:
     json_path = Path(header["_json_path"])
     model.load_state_dict(load_file(str(json_path.with_suffix(".safetensors"))))

@@ -93,8 +93,10 @@ class SplitSpec(Frozen):
 class DatasetSpec(Frozen):
     """Where images come from. kind 'demo' is built from scikit-image's photos under `root` if absent."""
 
-    name: str
-    kind: Literal["coco", "folder", "demo"]
+    name: str = Field(description="Dataset name; part of store names and keys.")
+    kind: Literal["coco", "folder", "demo"] = Field(
+        description="COCO annotations, a plain folder, or the demo set."
+    )
     root: Path = Field(Path("data/demo"), description="Dataset root; split paths are relative to it.")
     splits: dict[str, SplitSpec] = Field(
         default_factory=dict, description="Per split: images folder (+ annotations for coco)."
@@ -124,8 +126,8 @@ class TransformSpec(Frozen):
     name: str = Field(
         "identity", description="A registered transform: identity, swap_rb, scale_channel, grayscale, ..."
     )
-    channel: Literal["r", "g", "b"] | None = None
-    alpha: float | None = Field(None, ge=0)
+    channel: Literal["r", "g", "b"] | None = Field(None, description="scale_channel: which channel.")
+    alpha: float | None = Field(None, ge=0, description="scale_channel: the factor.")
 
     @model_validator(mode="after")
     def _params(self) -> TransformSpec:
@@ -159,8 +161,8 @@ Compressor = Literal["blosc_zstd_bitshuffle", "blosc_zstd_shuffle", "zstd", "blo
 class StoreOptions(Frozen):
     precision: Precision = Field(
         "float16",
-        description="float16 (default), float32, bf16_bitround (float16 with mantissa rounded to bf16's 7 bits: "
-        "rel. error <= 2^-8, ~35% smaller), int8_per_token (int8 codes + a float32 scale per token).",
+        description="float16 (default), float32, bf16_bitround (float32 with the mantissa rounded to bf16's 7 bits by a "
+        "BitRound filter: rel. error <= 2^-8, 0.64x a bf16 .pt), int8_per_token (int8 + a float32 scale per token).",
     )
     compressor: Compressor = Field(
         "blosc_zstd_shuffle",
@@ -176,9 +178,9 @@ class StoreOptions(Frozen):
 
 
 class EncodeOptions(Frozen):
-    batch_size: int = Field(32, gt=0)
+    batch_size: int = Field(32, gt=0, description="Images per forward pass (batches never straddle shards).")
     num_workers: int = Field(2, ge=0, description="DataLoader workers that decode and resize images.")
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when available, else CPU.")
     compute_dtype: Literal["auto", "bfloat16", "float32"] = Field(
         "auto", description="auto: bfloat16 autocast on CUDA, float32 on CPU."
     )
@@ -217,28 +219,35 @@ class TrainConfig(Frozen):
     """Reconstructor training (paper defaults: Adam 3e-4, betas (0.9, 0.999), 5% warm-up, batch 10, 40 epochs)."""
 
     output_root: Path = Field(Path("runs/train"), description="Folder of content-addressed training runs.")
-    train_split: str = "train"
-    val_split: str = "val"
-    model: ReconstructorConfig = ReconstructorConfig()
+    train_split: str = Field("train", description="Split whose store trains R.")
+    val_split: str = Field("val", description="Held-out split whose store validates R.")
+    model: ReconstructorConfig = Field(ReconstructorConfig(), description="Reconstructor architecture.")
     batch_size: int = Field(10, gt=0, description="Per device (paper: 10; released code: 32).")
-    epochs: int = Field(40, gt=0)
-    lr: float = Field(3e-4, gt=0)
-    betas: tuple[float, float] = (0.9, 0.999)
-    weight_decay: float = Field(0.0, ge=0)
+    epochs: int = Field(40, gt=0, description="Passes over the train store (paper: 40).")
+    lr: float = Field(3e-4, gt=0, description="Peak learning rate (paper: 3e-4).")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="Adam betas (paper: 0.9, 0.999).")
+    weight_decay: float = Field(0.0, ge=0, description="Adam weight decay (paper: none).")
     warmup_fraction: float = Field(
-        0.05, ge=0, lt=1, description="One-cycle schedule: linear-ish warm-up share."
+        0.05,
+        ge=0,
+        lt=1,
+        description="OneCycleLR: share of steps warming up (cosine, from lr/25) before cosine decay.",
     )
-    grad_clip_norm: float | None = Field(None, gt=0)
+    grad_clip_norm: float | None = Field(
+        None, gt=0, description="Clip the gradient norm to this (None: off)."
+    )
     l1_weight: float = Field(0.0, ge=0, description="Extra pixel-space L1 loss weight (off by default).")
-    seed: int = 0
+    seed: int = Field(0, description="Seeds initialisation, data order and resampling.")
     val_every_steps: int = Field(200, gt=0, description="Validate every N steps and at every epoch end.")
     n_val_images: int | None = Field(256, gt=0, description="Validate on the first N val images (None: all).")
     n_sample_images: int = Field(8, gt=0, description="Images in the validation grid PNG.")
     keep_last: int = Field(2, gt=0, description="Epoch checkpoints kept (plus best).")
     shuffle_buffer_images: int = Field(512, gt=0, description="In-memory shuffle buffer (bounds memory).")
-    prefetch_batches: int = Field(4, gt=0)
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    compute_dtype: Literal["auto", "bfloat16", "float32"] = "auto"
+    prefetch_batches: int = Field(4, gt=0, description="Batches the loader thread keeps ready.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when available, else CPU.")
+    compute_dtype: Literal["auto", "bfloat16", "float32"] = Field(
+        "auto", description="auto: bfloat16 autocast on CUDA, float32 on CPU."
+    )
     compile: bool = Field(False, description="torch.compile the model (CUDA).")
 
 
@@ -280,16 +289,20 @@ class OperatorsConfig(Frozen):
     split: str = Field(
         "val", description="Held-out split the pairs come from (disjoint from training images)."
     )
-    pairs: list[OperatorPairSpec] = Field(default_factory=_default_pairs)
+    pairs: list[OperatorPairSpec] = Field(
+        default_factory=_default_pairs,
+        description="Transforms and directions to fit (default: the paper's three).",
+    )
     fits: list[Literal["procrustes", "involution", "least_squares"]] = Field(
-        default_factory=lambda: ["procrustes", "involution", "least_squares"]
+        default_factory=lambda: ["procrustes", "involution", "least_squares"],
+        description="Operator fits to compare (the paper's ablation).",
     )
     ridge: float = Field(0.0, ge=0, description="Ridge penalty of the least-squares fit.")
     n_fit_images: int = Field(
         1024, gt=0, description="Fit on the first N held-out images, test on the rest (paper)."
     )
     n_eval_images: int | None = Field(256, gt=0, description="Test images reconstructed for pixel metrics.")
-    n_grid_images: int = Field(6, gt=0)
+    n_grid_images: int = Field(6, gt=0, description="Held-out images shown in the figure grids.")
     eigen_tolerance: float = Field(0.1, gt=0, description="|λ ∓ 1| below this counts as 'near ±1'.")
     dask_address: str | None = Field(None, description="dask.distributed scheduler address; None: threads.")
 
@@ -317,16 +330,18 @@ class EvaluateConfig(Frozen):
     n_images: int | None = Field(
         None, gt=0, description="Score the first N valid held-out images (None: all)."
     )
-    batch_size: int = Field(32, gt=0)
+    batch_size: int = Field(32, gt=0, description="Images reconstructed and judged at once.")
     n_boot: int = Field(10_000, ge=100, description="Bootstrap resamples.")
-    alpha: float = Field(0.05, gt=0, lt=1)
-    seed: int = 0
+    alpha: float = Field(
+        0.05, gt=0, lt=1, description="Significance level (after Holm) for the ranking's ties."
+    )
+    seed: int = Field(0, description="Seeds initialisation, data order and resampling.")
     comparisons: list[tuple[str, str]] | None = Field(
         None,
         description="Encoder pairs to test (default: every pair); Holm-corrected as one family per score.",
     )
-    n_grid_images: int = Field(6, gt=0)
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    n_grid_images: int = Field(6, gt=0, description="Held-out images shown in the figure grids.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when available, else CPU.")
 
 
 class RunConfig(Frozen):
@@ -347,6 +362,14 @@ class RunConfig(Frozen):
     train: TrainConfig = TrainConfig()
     operators: OperatorsConfig = OperatorsConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+
+    @model_validator(mode="after")
+    def _identity_transform(self) -> RunConfig:
+        if TransformSpec() not in self.transforms:
+            raise ValueError(
+                "transforms must include {name: identity}: training and evaluation use f(x) itself"
+            )
+        return self
 
 
 def canonical_json(obj: Any) -> str:

@@ -89,8 +89,9 @@ def _folder_records(images_dir: Path) -> list[ImageRecord]:
         raise ConfigError(f"images folder not found: {images_dir}")
     records = []
     for path in sorted(p for p in images_dir.rglob("*") if p.is_file() and not p.name.startswith(".")):
-        rel = path.relative_to(images_dir).as_posix()
-        # A stable id from the relative path: the same file keeps its id across runs and subsets.
+        rel = f"{images_dir.name}/{path.relative_to(images_dir).as_posix()}"
+        # A stable id from the split folder's name and the relative path: the same file keeps its id across
+        # runs and subsets, and train/0001.jpg and val/0001.jpg do not collide.
         image_id = int(hashlib.sha1(rel.encode()).hexdigest()[:15], 16)
         records.append(ImageRecord(image_id, path))
     return records

@@ -6,8 +6,10 @@ where it stopped and a finished store returns at once. Bad images are skipped an
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import queue
+import shutil
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +35,7 @@ from pipeline.datasets import ImageRecord, image_list_sha256, list_images
 from pipeline.images import ImageSkipped, Preprocessing, apply_transform, load_rgb
 from pipeline.provenance import provenance
 from storage import FeatureStore, StoreLayout, create, open_store
-from storage.format import WriteLock
+from storage.format import FORMAT_KEY, WriteLock
 from storage.precision import default_level, value_stats
 
 
@@ -166,7 +168,7 @@ def run(job: EncodeJob, *, progress: bool = True) -> EncodeResult:
     if finished is not None:
         return finished
     with WriteLock(path):
-        finished = _finished(path)  # another run may have finished it while we waited for nothing
+        finished = _finished(path)  # another run may have finished it between our check and the lock
         if finished is not None:
             return finished
         encoder = encoders.load(
@@ -178,7 +180,7 @@ def run(job: EncodeJob, *, progress: bool = True) -> EncodeResult:
 
 
 def _finished(path: Path) -> EncodeResult | None:
-    if not (path / "zarr.json").is_file():
+    if not (path / "zarr.json").is_file() or not _has_format_attrs(path):
         return None
     store = open_store(path, require_complete=False)
     if not store.complete:
@@ -187,7 +189,16 @@ def _finished(path: Path) -> EncodeResult | None:
     return EncodeResult(path, store.n_images, attrs["n_encoded"], attrs["n_failed"], already_complete=True)
 
 
-def _open_or_create(path, job, key, records, encoder: encoders.Encoder) -> FeatureStore:
+def _has_format_attrs(path: Path) -> bool:
+    """False for a group whose creation was killed before its attributes were written."""
+    return FORMAT_KEY in json.loads((path / "zarr.json").read_text()).get("attributes", {})
+
+
+def _open_or_create(
+    path: Path, job: EncodeJob, key: dict, records: list[ImageRecord], encoder: encoders.Encoder
+) -> FeatureStore:
+    if (path / "zarr.json").is_file() and not _has_format_attrs(path):
+        shutil.rmtree(path)  # creation was interrupted: nothing in it is usable, and we hold the lock
     if (path / "zarr.json").is_file():
         store = open_store(path, require_complete=False, mode="r+")
         if store.config_hash != config_hash(key):
@@ -218,7 +229,14 @@ def _open_or_create(path, job, key, records, encoder: encoders.Encoder) -> Featu
     return create(path, layout, attrs)
 
 
-def _encode_pending(store, job, records, encoder: encoders.Encoder, *, progress: bool) -> dict:
+def _encode_pending(
+    store: FeatureStore,
+    job: EncodeJob,
+    records: list[ImageRecord],
+    encoder: encoders.Encoder,
+    *,
+    progress: bool,
+) -> dict:
     layout = store.layout
     done = store.shard_done()
     pending = [int(i) for i in np.flatnonzero(~done)]

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipeline import _torchvision_shim
+from pipeline import _torchvision_shim, metrics
 from pipeline.config import EncoderSpec
 from pipeline.images import Preprocessing
 from pipeline.provenance import file_sha256
@@ -100,8 +100,6 @@ class Encoder:
     compute_dtype: torch.dtype = torch.float32
     n_prefix_tokens: int = -1  # set by the first forward pass (probe at load time)
     hidden_dim: int = -1
-    _mean: torch.Tensor | None = None
-    _std: torch.Tensor | None = None
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -114,8 +112,8 @@ class Encoder:
 
     def normalize(self, pixels_nhwc_uint8: torch.Tensor) -> torch.Tensor:
         """uint8 [B, S, S, 3] -> normalised float32 [B, 3, S, S] on the encoder's device."""
-        x = pixels_nhwc_uint8.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0)
-        return (x - self._mean) / self._std
+        pixels = pixels_nhwc_uint8.to(self.device, non_blocking=True)
+        return metrics.normalize_pixels(pixels, self.preprocessing.mean, self.preprocessing.std)
 
     @torch.inference_mode()
     def encode(self, pixels_nchw: torch.Tensor) -> torch.Tensor:
@@ -230,8 +228,6 @@ def load(spec: EncoderSpec, device: str = "auto", compute_dtype: str = "auto") -
         weights_id=weights_id,
         device=torch_device,
         compute_dtype=resolve_compute_dtype(compute_dtype, torch_device),
-        _mean=torch.tensor(preprocessing.mean, device=torch_device).view(1, 3, 1, 1),
-        _std=torch.tensor(preprocessing.std, device=torch_device).view(1, 3, 1, 1),
     )
     _probe(encoder)
     return encoder

@@ -21,6 +21,7 @@ from PIL import Image
 from pipeline import checkpoints, encoders, metrics, stats
 from pipeline.config import EvaluateConfig, config_hash
 from pipeline.config_files import resolve_encoder
+from pipeline.provenance import provenance
 from pipeline.reconstruct import check_checkpoint_matches_store, load_reconstructor, reconstruct
 from storage import open_store
 
@@ -79,10 +80,11 @@ def _judge_cosines(
     return (embed(originals) * embed(recons)).sum(dim=-1).cpu().numpy()
 
 
-def score_key(target: EvalTarget, store, header: dict, judges: dict, cfg: EvaluateConfig) -> dict:
+def score_key(store, header: dict, judges: dict, cfg: EvaluateConfig) -> dict:
     return {
         "store": store.config_hash,
         "checkpoint": header["config_hash"],
+        "checkpoint_weights_sha256": checkpoints.weights_sha256(header),
         "judges": {name: j.weights_id for name, j in judges.items()},
         "judge_modes": cfg.judge_modes,
         "pixel_resolution": cfg.pixel_resolution,
@@ -98,7 +100,7 @@ def score_encoder(
     store = open_store(target.store)
     model, header = load_reconstructor(target.checkpoint, device=encoders.resolve_device(cfg.device))
     check_checkpoint_matches_store(header, store)
-    key = score_key(target, store, header, judges, cfg)
+    key = score_key(store, header, judges, cfg)
     out = Path(cfg.output_root) / "scores" / f"{target.encoder_name}__{config_hash(key)}.parquet"
     meta_path = out.with_suffix(".json")
     if out.is_file() and meta_path.is_file():
@@ -137,7 +139,7 @@ def score_encoder(
     scores.to_parquet(out, index=False)
     notes = [lpips_note] if lpips_note else []
     meta = {"key": key, "config_hash": config_hash(key), "store": str(target.store), "checkpoint": str(target.checkpoint),
-            "notes": notes}  # fmt: skip
+            "notes": notes, "provenance": provenance()}  # fmt: skip
     meta_path.write_text(json.dumps(meta, indent=1))
     return scores, out, notes
 
@@ -176,7 +178,7 @@ def analyse(scores: pd.DataFrame, cfg: EvaluateConfig) -> dict:
         for (j, m), family in comparisons.items()
         if j != PIXEL_JUDGE
         for c in family
-        if (c.a, c.b) in headline_pairs(names)
+        if {c.a, c.b} in [set(p) for p in headline_pairs(names)]
     ]
     primary = (cfg.judges[0], f"cosine_{cfg.judge_modes[0]}")
     if primary not in rankings:  # no judge scores: fall back to the first pixel score
@@ -204,7 +206,6 @@ def run(
 ) -> EvaluateResult:
     """Score every target (cached), analyse, and write the report; returns where it is."""
     from pipeline import report
-    from pipeline.provenance import provenance
 
     if len(targets) < 2:
         raise ValueError("evaluation compares encoders: give at least two")

@@ -15,7 +15,7 @@ import dask
 import numpy as np
 from safetensors.numpy import save_file
 
-from pipeline import metrics, operator_fits
+from pipeline import checkpoints, metrics, operator_fits
 from pipeline.config import OperatorPairSpec, OperatorsConfig, config_hash
 from pipeline.provenance import provenance
 from pipeline.reconstruct import check_checkpoint_matches_store, load_reconstructor, reconstruct
@@ -114,6 +114,7 @@ def run(job: OperatorJob) -> OperatorResult:
     check_disjoint(identity.image_ids()[rows], header)
     key = {
         "source_store": source.config_hash, "target_store": target.config_hash, "checkpoint": header["config_hash"],
+        "checkpoint_weights_sha256": checkpoints.weights_sha256(header),
         "pair": job.pair.model_dump(mode="json"), "cfg": job.cfg.model_dump(mode="json", exclude={"output_root", "dask_address", "encoders"}),
     }  # fmt: skip
     name = f"{identity.attrs['encoder']['name']}__{job.pair.transform.tag}-{job.pair.direction}__{config_hash(key)}"

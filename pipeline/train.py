@@ -74,6 +74,13 @@ def open_training_store(path: Path) -> FeatureStore:
     store = open_store(path)  # raises on incomplete / wrong format
     if not store.attrs.get("n_encoded"):
         raise StoreError(f"{path}: store has no encoded images; nothing to train on")
+    stats = store.attrs.get("feature_stats", {})
+    if stats.get("n_nonfinite") or stats.get("n_over_float16_max"):
+        raise StoreError(
+            f"{path}: features hold {stats.get('n_nonfinite')} non-finite values and "
+            f"{stats.get('n_over_float16_max')} above float16's range; training would produce NaN. Re-encode with "
+            "store.precision float32 or bf16_bitround"
+        )
     return store
 
 
@@ -85,7 +92,14 @@ def build_model(cfg: TrainConfig, store: FeatureStore) -> Reconstructor:
 
 def run_key(job: TrainJob, train: FeatureStore, val: FeatureStore) -> dict:
     cfg = job.cfg.model_dump(mode="json", exclude={"output_root", "device", "prefetch_batches"})
-    return {"train": cfg, "train_store": train.config_hash, "val_store": val.config_hash}
+    # Steps per epoch, the schedule and the effective batch depend on the number of processes under torchrun.
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    return {
+        "train": cfg,
+        "train_store": train.config_hash,
+        "val_store": val.config_hash,
+        "world_size": world_size,
+    }
 
 
 def run_dir_for(job: TrainJob, key: dict, train: FeatureStore) -> Path:
@@ -338,6 +352,8 @@ def _train(cfg: TrainConfig, key: dict, run_dir: Path, train_store, val_store, p
         _barrier(world)  # rank 0 writes result.json
         return _result(run_dir, already_complete=False)
     last = sorted(ckpt_dir.glob("epoch-*.json"))[-1]
+    if not (ckpt_dir / "best.json").is_file():  # validation never produced a finite PSNR
+        checkpoints.save(ckpt_dir, "best", model, checkpoints.read_header(last) | {"best_is_last": True})
     result = {"best_checkpoint": str(ckpt_dir / "best.json"), "last_checkpoint": str(last),
               "val_metrics": val_metrics or checkpoints.read_header(last)["metrics"], "config_hash": config_hash(key)}  # fmt: skip
     (run_dir / "result.json").write_text(json.dumps(result, indent=1))

@@ -37,7 +37,7 @@ def feature_dtype_and_filters(precision: str) -> tuple[str, list]:
         return "float32", []
     if precision == "bf16_bitround":
         # float32 container, mantissa rounded to bfloat16's 7 bits: relative error <= 2^-8 like bf16 itself, no
-        # float16 overflow or subnormal loss, and the 16 zeroed bits cost almost nothing after bitshuffle.
+        # float16 overflow or subnormal loss, and the 16 zeroed bits cost almost nothing after shuffle + zstd.
         return "float32", [znc.BitRound(keepbits=7)]
     if precision == "int8_per_token":
         return "int8", []
