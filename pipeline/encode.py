@@ -84,6 +84,7 @@ def store_key(job: EncodeJob, records: list[ImageRecord], compute_dtype: torch.d
         "subset": job.subset.model_dump(mode="json"),
         "image_list_sha256": image_list_sha256(records),
         "encoder": job.encoder.model_dump(mode="json", exclude={"name"}),
+        "weights": encoders.weights_key(job.encoder),
         "image_transform": job.transform.model_dump(mode="json"),
         "store": job.store.model_dump(mode="json"),
         "compute_dtype": str(compute_dtype).removeprefix("torch."),

@@ -6,6 +6,7 @@ timm and transformers models go through the same object; preprocessing is read f
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 from dataclasses import dataclass, field
@@ -67,6 +68,40 @@ def _missing_weights(spec: EncoderSpec, looked: str, cause: Exception | None) ->
     if cause is not None:
         msg += f"\n  cause: {type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}"
     return WeightsNotFoundError(msg)
+
+
+@functools.lru_cache(maxsize=64)
+def _file_sha256_cached(path: str, size: int, mtime_ns: int) -> str:
+    return file_sha256(Path(path))
+
+
+def weights_key(spec: EncoderSpec) -> str:
+    """Which weights a spec resolves to, cheaply and without building the model: part of every store key, so a
+    changed checkpoint file or a new cached revision can never reuse stores made with the old weights."""
+    if spec.weights == "random":
+        return f"random seed={spec.seed}"
+    if spec.weights == "pretrained":
+        if spec.backend == "timm":
+            _torchvision_shim.install()  # before importing timm
+            import timm
+
+            repo = getattr(timm.models.get_pretrained_cfg(spec.model_id), "hf_hub_id", None)
+            revision = _cached_revision(repo, _TIMM_WEIGHT_FILES, None) if repo else None
+        else:
+            repo, revision = spec.model_id, _cached_revision(spec.model_id, ("config.json",), spec.revision)
+        return f"hf:{repo}@{revision or spec.revision or 'not-cached'}"
+    path = Path(spec.weights).expanduser()
+    files = (
+        [path]
+        if path.is_file()
+        else sorted(p for p in path.glob("*") if p.suffix in (".safetensors", ".bin", ".pth"))
+    )
+    return (
+        ",".join(
+            f"{f.name}:{_file_sha256_cached(str(f), f.stat().st_size, f.stat().st_mtime_ns)}" for f in files
+        )
+        or f"missing:{path}"
+    )
 
 
 def _state_dict_sha256(model: torch.nn.Module) -> str:

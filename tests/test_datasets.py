@@ -268,3 +268,15 @@ def test_folder_ids_come_from_relative_paths_and_survive_moves_and_added_files(t
         "nested/added.png": next(r.image_id for r in after_adding if r.path.name == "added.png"),
     }
     assert all(r.captions == () for r in first)
+
+
+def test_folder_ids_differ_between_split_folders_holding_the_same_file_names(tmp_path):
+    for split in ("train", "val"):
+        write_png(tmp_path / split / "0001.png", value=1)
+    dataset = DatasetSpec(
+        name="plain", kind="folder", root=tmp_path,
+        splits={"train": SplitSpec(images_dir=Path("train")), "val": SplitSpec(images_dir=Path("val"))},
+    )  # fmt: skip
+    (train_record,) = list_images(dataset, "train")
+    (val_record,) = list_images(dataset, "val")
+    assert train_record.image_id != val_record.image_id

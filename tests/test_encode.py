@@ -219,3 +219,24 @@ def test_swap_rb_transform_lands_in_its_own_store_with_swapped_pixels(make_job):
     assert plain.path != swapped.path and "swap_rb" in swapped.path.name
     np.testing.assert_array_equal(swapped.pixels(), plain.pixels()[..., ::-1])
     assert not np.allclose(swapped.features(), plain.features())
+
+
+def test_a_store_whose_creation_was_killed_before_its_attributes_is_recreated(make_job):
+    job = make_job(split="val")
+    _, _, path = encode.plan(job)
+    path.mkdir(parents=True)
+    (path / "zarr.json").write_text('{"zarr_format": 3, "node_type": "group", "attributes": {}}')
+    result = encode.run(job, progress=False)
+    assert result.n_encoded == 12 and open_store(result.store_path).complete
+
+
+def test_other_weights_in_the_same_file_path_give_another_store_key(tmp_path):
+    from pipeline.config import EncoderSpec
+
+    weights = tmp_path / "model.safetensors"
+    spec = EncoderSpec(name="t", backend="timm", model_id="vit_tiny_patch16_224", resolution=64, patch_size=16,
+                       preprocessing_source="timm_pretrained_cfg", weights=str(weights))  # fmt: skip
+    weights.write_bytes(b"first")
+    first = encoders.weights_key(spec)
+    weights.write_bytes(b"second, longer")
+    assert encoders.weights_key(spec) != first

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -108,3 +109,24 @@ def test_a_judge_without_its_head_is_refused():
 def test_lpips_is_skipped_with_a_note_when_unavailable():
     model, note = evaluate._lpips_model()
     assert model is not None or "LPIPS skipped" in note
+
+
+def test_the_headline_table_is_built_whatever_the_order_of_a_requested_pair():
+    rng = np.random.default_rng(0)
+    ids = np.arange(30)
+    rows = [
+        pd.DataFrame(
+            {
+                "image_id": ids,
+                "encoder": name,
+                "judge": "j",
+                "metric": "cosine_grayscale",
+                "value": rng.normal(0.8 + shift, 0.05, 30),
+            }
+        )  # fmt: skip
+        for name, shift in (("siglip-b16-224", 0.0), ("siglip2-b16-224", 0.05))
+    ]
+    cfg = EvaluateConfig(judges=["j"], judge_modes=["grayscale"], n_boot=200,
+                         comparisons=[("siglip2-b16-224", "siglip-b16-224")])  # fmt: skip
+    analysis = evaluate.analyse(pd.concat(rows, ignore_index=True), cfg)
+    assert len(analysis["headline"]) == 1 and analysis["primary"] == ("j", "cosine_grayscale")

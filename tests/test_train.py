@@ -284,3 +284,10 @@ def test_training_under_torchrun_with_two_cpu_processes_completes_with_one_write
     header = json.loads((run_dir / "checkpoints" / "epoch-0001.json").read_text())
     assert header["step"] == 4  # 8 images / batch 2 = 4 batches per epoch, split over 2 ranks, 2 epochs
     assert (run_dir / "metrics.csv").read_text().count("\n") == 3  # only rank 0 logs
+
+
+def test_a_store_with_non_finite_features_is_refused_before_training(tiny_store, tmp_path):
+    group = zarr.open_group(str(tiny_store), mode="r+")
+    group.attrs["feature_stats"] = {**group.attrs["feature_stats"], "n_over_float16_max": 3}
+    with pytest.raises(StoreError, match="above float16's range.*float32 or bf16_bitround"):
+        train.run(train.TrainJob(tiny_store, tiny_store, _cfg(tmp_path)), progress=False)
