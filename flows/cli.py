@@ -31,7 +31,7 @@ def encode(
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
     """Encode the config's dataset splits with its encoders into feature stores (resumes partial stores)."""
-    from pipeline.encoders import WeightsNotFoundError
+    from pipeline.weights import WeightsNotFoundError
     from storage import StoreError
 
     try:
@@ -56,7 +56,7 @@ def train(
 ) -> None:
     """Train a reconstructor per encoder on its train store (encoding first if needed); resumes killed runs."""
     from pipeline.checkpoints import CheckpointError
-    from pipeline.encoders import WeightsNotFoundError
+    from pipeline.weights import WeightsNotFoundError
     from storage import StoreError
 
     try:
@@ -127,8 +127,8 @@ def operators_command(
 ) -> None:
     """Fit feature-space operators (swap, channel scaling, colorization) and write their plots and grids."""
     from pipeline.checkpoints import CheckpointError
-    from pipeline.encoders import WeightsNotFoundError
     from pipeline.operators import DisjointnessError
+    from pipeline.weights import WeightsNotFoundError
     from storage import StoreError
 
     try:
@@ -149,7 +149,7 @@ def evaluate(
 ) -> None:
     """Score held-out reconstructions of every encoder, compare and rank them, and write the report."""
     from pipeline.checkpoints import CheckpointError
-    from pipeline.encoders import WeightsNotFoundError
+    from pipeline.weights import WeightsNotFoundError
     from storage import StoreError
 
     try:
@@ -172,8 +172,8 @@ def run(
 ) -> None:
     """The whole benchmark: encode, train, operators, evaluate (one Prefect flow; finished work is skipped)."""
     from pipeline.checkpoints import CheckpointError
-    from pipeline.encoders import WeightsNotFoundError
     from pipeline.operators import DisjointnessError
+    from pipeline.weights import WeightsNotFoundError
     from storage import StoreError
 
     try:

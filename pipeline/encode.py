@@ -34,6 +34,7 @@ from pipeline.config_files import resolve_encoder
 from pipeline.datasets import ImageRecord, image_list_sha256, list_images
 from pipeline.images import ImageSkipped, Preprocessing, apply_transform, load_rgb
 from pipeline.provenance import provenance
+from pipeline.weights import weights_key
 from storage import FeatureStore, StoreLayout, create, open_store
 from storage.format import FORMAT_KEY, WriteLock
 from storage.precision import default_level, value_stats
@@ -84,7 +85,7 @@ def store_key(job: EncodeJob, records: list[ImageRecord], compute_dtype: torch.d
         "subset": job.subset.model_dump(mode="json"),
         "image_list_sha256": image_list_sha256(records),
         "encoder": job.encoder.model_dump(mode="json", exclude={"name"}),
-        "weights": encoders.weights_key(job.encoder),
+        "weights": weights_key(job.encoder),
         "image_transform": job.transform.model_dump(mode="json"),
         "store": job.store.model_dump(mode="json"),
         "compute_dtype": str(compute_dtype).removeprefix("torch."),

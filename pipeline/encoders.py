@@ -6,9 +6,6 @@ timm and transformers models go through the same object; preprocessing is read f
 
 from __future__ import annotations
 
-import functools
-import hashlib
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,107 +17,18 @@ from pipeline import _torchvision_shim, metrics
 from pipeline.config import EncoderSpec
 from pipeline.images import Preprocessing
 from pipeline.provenance import file_sha256
-
-_TIMM_WEIGHT_FILES = (
-    "model.safetensors",
-    "open_clip_model.safetensors",
-    "pytorch_model.bin",
-    "open_clip_pytorch_model.bin",
+from pipeline.weights import (
+    TIMM_WEIGHT_FILES,
+    cached_revision,
+    hf_cache_dir,
+    missing_weights,
+    offline,
+    state_dict_sha256,
 )
 
 
 class _StopForward(Exception):
     pass
-
-
-class WeightsNotFoundError(FileNotFoundError):
-    """The encoder's weights are not on this machine; the message says where we looked and how to fix it."""
-
-
-def _hf_cache_dir() -> str:
-    from huggingface_hub import constants
-
-    return constants.HF_HUB_CACHE
-
-
-def _offline() -> bool:
-    from huggingface_hub import constants
-
-    # huggingface_hub reads the variable once at import; a later export (a notebook, a test) must count too.
-    return constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "0").lower() in (
-        "1",
-        "true",
-        "yes",
-        "on",
-    )
-
-
-def _missing_weights(spec: EncoderSpec, looked: str, cause: Exception | None) -> WeightsNotFoundError:
-    hub_id = spec.model_id if spec.backend == "transformers" else f"timm/{spec.model_id}"
-    msg = (
-        f"weights for encoder '{spec.name}' ({spec.backend} model '{spec.model_id}') not found.\n"
-        f"  looked in: {looked}\n"
-        f"  HF_HUB_OFFLINE={'1' if _offline() else '0'}\n"
-        f"  to provide them: on a machine with internet run `hf download {hub_id}` and copy the "
-        f"cache folder to {_hf_cache_dir()} (or set HF_HOME / HF_HUB_CACHE), or set `weights:` in "
-        f"configs/encoders/{spec.name}.yaml to a local checkpoint file or save_pretrained directory."
-    )
-    if cause is not None:
-        msg += f"\n  cause: {type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}"
-    return WeightsNotFoundError(msg)
-
-
-@functools.lru_cache(maxsize=64)
-def _file_sha256_cached(path: str, size: int, mtime_ns: int) -> str:
-    return file_sha256(Path(path))
-
-
-def weights_key(spec: EncoderSpec) -> str:
-    """Which weights a spec resolves to, cheaply and without building the model: part of every store key, so a
-    changed checkpoint file or a new cached revision can never reuse stores made with the old weights."""
-    if spec.weights == "random":
-        return f"random seed={spec.seed}"
-    if spec.weights == "pretrained":
-        if spec.backend == "timm":
-            _torchvision_shim.install()  # before importing timm
-            import timm
-
-            repo = getattr(timm.models.get_pretrained_cfg(spec.model_id), "hf_hub_id", None)
-            revision = _cached_revision(repo, _TIMM_WEIGHT_FILES, None) if repo else None
-        else:
-            repo, revision = spec.model_id, _cached_revision(spec.model_id, ("config.json",), spec.revision)
-        return f"hf:{repo}@{revision or spec.revision or 'not-cached'}"
-    path = Path(spec.weights).expanduser()
-    files = (
-        [path]
-        if path.is_file()
-        else sorted(p for p in path.glob("*") if p.suffix in (".safetensors", ".bin", ".pth"))
-    )
-    return (
-        ",".join(
-            f"{f.name}:{_file_sha256_cached(str(f), f.stat().st_size, f.stat().st_mtime_ns)}" for f in files
-        )
-        or f"missing:{path}"
-    )
-
-
-def _state_dict_sha256(model: torch.nn.Module) -> str:
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
-def _cached_revision(repo_id: str, filenames: tuple[str, ...], revision: str | None) -> str | None:
-    from huggingface_hub import try_to_load_from_cache
-
-    for name in filenames:
-        found = try_to_load_from_cache(repo_id, name, revision=revision)
-        if isinstance(found, str):
-            parts = Path(found).parts
-            return parts[parts.index("snapshots") + 1] if "snapshots" in parts else found
-    return None
 
 
 @dataclass
@@ -300,30 +208,28 @@ def _load_timm(spec: EncoderSpec) -> tuple[torch.nn.Module, Preprocessing, str]:
     if spec.weights == "random":
         torch.manual_seed(spec.seed)
         model = timm.create_model(spec.model_id, pretrained=False, **kwargs)
-        weights_id = f"random-init seed={spec.seed} sha256={_state_dict_sha256(model)}"
+        weights_id = f"random-init seed={spec.seed} sha256={state_dict_sha256(model)}"
     elif spec.weights == "pretrained":
         hf_hub_id = getattr(timm.models.get_pretrained_cfg(spec.model_id), "hf_hub_id", None)
-        revision = _cached_revision(hf_hub_id, _TIMM_WEIGHT_FILES, None) if hf_hub_id else None
+        revision = cached_revision(hf_hub_id, TIMM_WEIGHT_FILES, None) if hf_hub_id else None
         looked = (
-            f"Hugging Face cache {_hf_cache_dir()} (repo {hf_hub_id}, files {', '.join(_TIMM_WEIGHT_FILES)})"
+            f"Hugging Face cache {hf_cache_dir()} (repo {hf_hub_id}, files {', '.join(TIMM_WEIGHT_FILES)})"
         )
-        if revision is None and _offline():
-            raise _missing_weights(spec, looked, None)
+        if revision is None and offline():
+            raise missing_weights(spec, looked, None)
         try:
             model = timm.create_model(spec.model_id, pretrained=True, **kwargs)
         except Exception as e:  # timm surfaces hub misses as several error types
-            raise _missing_weights(spec, looked, e) from e
-        revision = revision or _cached_revision(hf_hub_id, _TIMM_WEIGHT_FILES, None)
+            raise missing_weights(spec, looked, e) from e
+        revision = revision or cached_revision(hf_hub_id, TIMM_WEIGHT_FILES, None)
         weights_id = f"hf:{hf_hub_id}@{revision or 'unknown'}"
     else:
         path = Path(spec.weights).expanduser()
         weight_file = path
         if path.is_dir():
-            weight_file = next((path / f for f in _TIMM_WEIGHT_FILES if (path / f).is_file()), path / "?")
+            weight_file = next((path / f for f in TIMM_WEIGHT_FILES if (path / f).is_file()), path / "?")
         if not weight_file.is_file():
-            raise _missing_weights(
-                spec, f"{path} (a file, or a folder with one of {_TIMM_WEIGHT_FILES})", None
-            )
+            raise missing_weights(spec, f"{path} (a file, or a folder with one of {TIMM_WEIGHT_FILES})", None)
         model = timm.create_model(
             spec.model_id, pretrained=True, pretrained_cfg_overlay={"file": str(weight_file)}, **kwargs
         )
@@ -354,14 +260,14 @@ def _load_transformers(spec: EncoderSpec) -> tuple[torch.nn.Module, Preprocessin
     common = {"revision": spec.revision, "trust_remote_code": spec.trust_remote_code}
     if local:
         if not (Path(source) / "config.json").is_file():
-            raise _missing_weights(
+            raise missing_weights(
                 spec, f"{source} (expected a save_pretrained folder with config.json)", None
             )
         common["local_files_only"] = True
-    elif _offline():
+    elif offline():
         common["local_files_only"] = True
-        if _cached_revision(source, ("config.json",), spec.revision) is None:
-            raise _missing_weights(spec, f"Hugging Face cache {_hf_cache_dir()} (repo {source})", None)
+        if cached_revision(source, ("config.json",), spec.revision) is None:
+            raise missing_weights(spec, f"Hugging Face cache {hf_cache_dir()} (repo {source})", None)
     try:
         if spec.weights == "random":
             config = AutoConfig.from_pretrained(source, **common)
@@ -371,12 +277,12 @@ def _load_transformers(spec: EncoderSpec) -> tuple[torch.nn.Module, Preprocessin
             model = AutoModel.from_pretrained(source, **common)
         processor = AutoImageProcessor.from_pretrained(source, **common)
     except OSError as e:
-        looked = source if local else f"Hugging Face cache {_hf_cache_dir()} (repo {source})"
-        raise _missing_weights(spec, looked, e) from e
+        looked = source if local else f"Hugging Face cache {hf_cache_dir()} (repo {source})"
+        raise missing_weights(spec, looked, e) from e
     if not spec.keep_head:
         model = getattr(model, "vision_model", model)  # CLIPModel / SiglipModel -> their vision tower
     if spec.weights == "random":
-        weights_id = f"random-init seed={spec.seed} sha256={_state_dict_sha256(model)}"
+        weights_id = f"random-init seed={spec.seed} sha256={state_dict_sha256(model)}"
     elif local:
         files = sorted(Path(source).glob("*.safetensors")) or sorted(Path(source).glob("*.bin"))
         weights_id = "dir:" + ",".join(f"{f.name} sha256={file_sha256(f)}" for f in files)

@@ -19,6 +19,7 @@ from PIL import Image
 from pipeline import encode, encoders
 from pipeline.config import DatasetSpec, EncodeOptions, SplitSpec, StoreOptions, TransformSpec
 from pipeline.config_files import resolve_encoder
+from pipeline.weights import weights_key
 from storage import StoreLocked, open_store
 from storage.format import WriteLock
 
@@ -237,6 +238,6 @@ def test_other_weights_in_the_same_file_path_give_another_store_key(tmp_path):
     spec = EncoderSpec(name="t", backend="timm", model_id="vit_tiny_patch16_224", resolution=64, patch_size=16,
                        preprocessing_source="timm_pretrained_cfg", weights=str(weights))  # fmt: skip
     weights.write_bytes(b"first")
-    first = encoders.weights_key(spec)
+    first = weights_key(spec)
     weights.write_bytes(b"second, longer")
-    assert encoders.weights_key(spec) != first
+    assert weights_key(spec) != first

@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 
 from pipeline import _torchvision_shim, encoders
 from pipeline.config import EncoderSpec
-from pipeline.encoders import WeightsNotFoundError
+from pipeline.weights import WeightsNotFoundError
 
 # Before timm / transformers import torchvision, whose C extension does not load on the CPU machines.
 _torchvision_shim.install()

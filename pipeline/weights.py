@@ -1,0 +1,112 @@
+"""Where an encoder's weights come from and what identifies them: the Hugging Face cache, local files, or a seeded
+random init. Missing weights fail before any work, with where we looked and how to provide them."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+from pathlib import Path
+
+import torch
+
+from pipeline import _torchvision_shim
+from pipeline.config import EncoderSpec
+from pipeline.provenance import file_sha256
+
+TIMM_WEIGHT_FILES = (
+    "model.safetensors",
+    "open_clip_model.safetensors",
+    "pytorch_model.bin",
+    "open_clip_pytorch_model.bin",
+)
+
+
+class WeightsNotFoundError(FileNotFoundError):
+    """The encoder's weights are not on this machine; the message says where we looked and how to fix it."""
+
+
+def hf_cache_dir() -> str:
+    from huggingface_hub import constants
+
+    return constants.HF_HUB_CACHE
+
+
+def offline() -> bool:
+    from huggingface_hub import constants
+
+    # huggingface_hub reads the variable once at import; a later export (a notebook, a test) must count too.
+    return constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "0").lower() in (
+        "1",
+        "true",
+        "yes",
+        "on",
+    )
+
+
+def missing_weights(spec: EncoderSpec, looked: str, cause: Exception | None) -> WeightsNotFoundError:
+    hub_id = spec.model_id if spec.backend == "transformers" else f"timm/{spec.model_id}"
+    msg = (
+        f"weights for encoder '{spec.name}' ({spec.backend} model '{spec.model_id}') not found.\n"
+        f"  looked in: {looked}\n"
+        f"  HF_HUB_OFFLINE={'1' if offline() else '0'}\n"
+        f"  to provide them: on a machine with internet run `hf download {hub_id}` and copy the "
+        f"cache folder to {hf_cache_dir()} (or set HF_HOME / HF_HUB_CACHE), or set `weights:` in "
+        f"configs/encoders/{spec.name}.yaml to a local checkpoint file or save_pretrained directory."
+    )
+    if cause is not None:
+        msg += f"\n  cause: {type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}"
+    return WeightsNotFoundError(msg)
+
+
+@functools.lru_cache(maxsize=64)
+def file_sha256_cached(path: str, size: int, mtime_ns: int) -> str:
+    return file_sha256(Path(path))
+
+
+def weights_key(spec: EncoderSpec) -> str:
+    """Which weights a spec resolves to, cheaply and without building the model: part of every store key, so a
+    changed checkpoint file or a new cached revision can never reuse stores made with the old weights."""
+    if spec.weights == "random":
+        return f"random seed={spec.seed}"
+    if spec.weights == "pretrained":
+        if spec.backend == "timm":
+            _torchvision_shim.install()  # before importing timm
+            import timm
+
+            repo = getattr(timm.models.get_pretrained_cfg(spec.model_id), "hf_hub_id", None)
+            revision = cached_revision(repo, TIMM_WEIGHT_FILES, None) if repo else None
+        else:
+            repo, revision = spec.model_id, cached_revision(spec.model_id, ("config.json",), spec.revision)
+        return f"hf:{repo}@{revision or spec.revision or 'not-cached'}"
+    path = Path(spec.weights).expanduser()
+    files = (
+        [path]
+        if path.is_file()
+        else sorted(p for p in path.glob("*") if p.suffix in (".safetensors", ".bin", ".pth"))
+    )
+    return (
+        ",".join(
+            f"{f.name}:{file_sha256_cached(str(f), f.stat().st_size, f.stat().st_mtime_ns)}" for f in files
+        )
+        or f"missing:{path}"
+    )
+
+
+def state_dict_sha256(model: torch.nn.Module) -> str:
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def cached_revision(repo_id: str, filenames: tuple[str, ...], revision: str | None) -> str | None:
+    from huggingface_hub import try_to_load_from_cache
+
+    for name in filenames:
+        found = try_to_load_from_cache(repo_id, name, revision=revision)
+        if isinstance(found, str):
+            parts = Path(found).parts
+            return parts[parts.index("snapshots") + 1] if "snapshots" in parts else found
+    return None
