@@ -24,6 +24,39 @@ def _fail(message: str) -> None:
     raise typer.Exit(2)
 
 
+def _user_errors() -> tuple[type[Exception], ...]:
+    """Errors whose message tells the user what to fix: shown without a traceback, exit code 2."""
+    from pipeline.checkpoints import CheckpointError
+    from pipeline.operators import DisjointnessError
+    from pipeline.weights import WeightsNotFoundError
+    from storage import StoreError
+
+    return (ConfigError, WeightsNotFoundError, StoreError, CheckpointError, DisjointnessError)
+
+
+def _echo_trained(results) -> None:
+    for r in results:
+        m = r.val_metrics
+        state = "already trained" if r.already_complete else "trained"
+        typer.echo(
+            f"{r.run_dir}: {state}; val PSNR {m['val_psnr_db']:.2f} dB, SSIM {m['val_ssim']:.3f}, "
+            f"MSE {m['val_mse']:.4f}; best checkpoint {r.best_checkpoint}"
+        )
+
+
+def _echo_operators(results) -> None:
+    for r in results:
+        typer.echo(f"\n{r.out_dir}{' (cached)' if r.already_complete else ''}")
+        typer.echo((r.out_dir / "fits.md").read_text().rstrip())
+
+
+def _echo_evaluation(result) -> None:
+    key = result.analysis["primary"]
+    typer.echo(f"\nranking by {key[0]} / {key[1]}:")
+    typer.echo(result.analysis["rankings"][key].to_string(index=False))
+    typer.echo(f"\nreport: {result.report_md}\n        {result.report_html}")
+
+
 @app.command()
 def encode(
     config: Annotated[Path, typer.Option("--config", "-c", help="Run config YAML.")],
@@ -31,14 +64,12 @@ def encode(
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
     """Encode the config's dataset splits with its encoders into feature stores (resumes partial stores)."""
-    from pipeline.weights import WeightsNotFoundError
-    from storage import StoreError
 
     try:
         from flows.encode_flow import encode_flow
 
         results = encode_flow(str(config), encoder, progress)
-    except (ConfigError, WeightsNotFoundError, StoreError) as e:
+    except _user_errors() as e:
         _fail(str(e))
     for r in results:
         state = "already complete" if r.already_complete else "encoded"
@@ -55,9 +86,6 @@ def train(
     ] = True,
 ) -> None:
     """Train a reconstructor per encoder on its train store (encoding first if needed); resumes killed runs."""
-    from pipeline.checkpoints import CheckpointError
-    from pipeline.weights import WeightsNotFoundError
-    from storage import StoreError
 
     try:
         if prefect:
@@ -66,15 +94,9 @@ def train(
             results = list(train_flow(str(config), encoder, progress).values())
         else:
             results = _train_without_prefect(config, encoder, progress)
-    except (ConfigError, WeightsNotFoundError, StoreError, CheckpointError) as e:
+    except _user_errors() as e:
         _fail(str(e))
-    for r in results:
-        m = r.val_metrics
-        state = "already trained" if r.already_complete else "trained"
-        typer.echo(
-            f"{r.run_dir}: {state}; val PSNR {m['val_psnr_db']:.2f} dB, SSIM {m['val_ssim']:.3f}, "
-            f"MSE {m['val_mse']:.4f}; best checkpoint {r.best_checkpoint}"
-        )
+    _echo_trained(results)
 
 
 def _train_without_prefect(config: Path, encoder_names: list[str] | None, progress: bool):
@@ -106,13 +128,11 @@ def reconstruct(
     n: Annotated[int, typer.Option("--n", help="Number of images.")] = 8,
 ) -> None:
     """Write PNGs of original | reconstruction for a store's first N images."""
-    from pipeline.checkpoints import CheckpointError
     from pipeline.reconstruct import write_side_by_side
-    from storage import StoreError
 
     try:
         paths = write_side_by_side(store, checkpoint, out, n)
-    except (StoreError, CheckpointError) as e:
+    except _user_errors() as e:
         _fail(str(e))
     typer.echo(f"wrote {len(paths)} PNGs to {out}")
 
@@ -126,20 +146,14 @@ def operators_command(
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
 ) -> None:
     """Fit feature-space operators (swap, channel scaling, colorization) and write their plots and grids."""
-    from pipeline.checkpoints import CheckpointError
-    from pipeline.operators import DisjointnessError
-    from pipeline.weights import WeightsNotFoundError
-    from storage import StoreError
 
     try:
         from flows.operators_flow import operators_flow
 
         results = operators_flow(str(config), transform, progress)
-    except (ConfigError, WeightsNotFoundError, StoreError, CheckpointError, DisjointnessError) as e:
+    except _user_errors() as e:
         _fail(str(e))
-    for r in results:
-        typer.echo(f"\n{r.out_dir}{' (cached)' if r.already_complete else ''}")
-        typer.echo((r.out_dir / "fits.md").read_text().rstrip())
+    _echo_operators(results)
 
 
 @app.command()
@@ -148,20 +162,17 @@ def evaluate(
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
 ) -> None:
     """Score held-out reconstructions of every encoder, compare and rank them, and write the report."""
-    from pipeline.checkpoints import CheckpointError
-    from pipeline.weights import WeightsNotFoundError
-    from storage import StoreError
 
     try:
         from flows.evaluate_flow import evaluate_flow
 
         result = evaluate_flow(str(config), progress)
-    except (ConfigError, WeightsNotFoundError, StoreError, CheckpointError, ValueError) as e:
+    except (
+        *_user_errors(),
+        ValueError,
+    ) as e:  # ValueError: fewer than two encoders, a judge without its head
         _fail(str(e))
-    key = result.analysis["primary"]
-    typer.echo(f"\nranking by {key[0]} / {key[1]}:")
-    typer.echo(result.analysis["rankings"][key].to_string(index=False))
-    typer.echo(f"\nreport: {result.report_md}\n        {result.report_html}")
+    _echo_evaluation(result)
 
 
 @app.command()
@@ -171,31 +182,19 @@ def run(
     operators: Annotated[bool, typer.Option(help="Include the operators stage.")] = True,
 ) -> None:
     """The whole benchmark: encode, train, operators, evaluate (one Prefect flow; finished work is skipped)."""
-    from pipeline.checkpoints import CheckpointError
-    from pipeline.operators import DisjointnessError
-    from pipeline.weights import WeightsNotFoundError
-    from storage import StoreError
 
     try:
         from flows.benchmark_flow import benchmark_flow
 
         out = benchmark_flow(str(config), progress, operators)
-    except (ConfigError, WeightsNotFoundError, StoreError, CheckpointError, DisjointnessError) as e:
+    except _user_errors() as e:
         _fail(str(e))
     from pipeline.config_files import load_run_config
 
     ls(load_run_config(config).store_root)
-    for r in out["trained"].values():
-        m = r.val_metrics
-        typer.echo(f"{r.run_dir}: val PSNR {m['val_psnr_db']:.2f} dB, SSIM {m['val_ssim']:.3f}")
-    for r in out["operators"]:
-        typer.echo(f"\n{r.out_dir}\n{(r.out_dir / 'fits.md').read_text().rstrip()}")
-    result = out["evaluation"]
-    key = result.analysis["primary"]
-    typer.echo(
-        f"\nranking by {key[0]} / {key[1]}:\n{result.analysis['rankings'][key].to_string(index=False)}"
-    )
-    typer.echo(f"\nreport: {result.report_md}\n        {result.report_html}")
+    _echo_trained(out["trained"].values())
+    _echo_operators(out["operators"])
+    _echo_evaluation(out["evaluation"])
 
 
 @app.command()

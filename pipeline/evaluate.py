@@ -96,7 +96,9 @@ def score_key(store, header: dict, judges: dict, cfg: EvaluateConfig) -> dict:
 def score_encoder(
     target: EvalTarget, judges: dict, cfg: EvaluateConfig
 ) -> tuple[pd.DataFrame, Path, list[str]]:
-    """Per-image scores of one encoder's reconstructions (cached parquet); returns (scores, parquet path, notes)."""
+    """Per-image scores of one encoder's reconstructions (cached parquet); returns (scores, parquet path, meta).
+
+    meta holds the score key (store and checkpoint hashes, judges, settings), notes and provenance."""
     store = open_store(target.store)
     model, header = load_reconstructor(target.checkpoint, device=encoders.resolve_device(cfg.device))
     check_checkpoint_matches_store(header, store)
@@ -104,7 +106,7 @@ def score_encoder(
     out = Path(cfg.output_root) / "scores" / f"{target.encoder_name}__{config_hash(key)}.parquet"
     meta_path = out.with_suffix(".json")
     if out.is_file() and meta_path.is_file():
-        return pd.read_parquet(out), out, json.loads(meta_path.read_text())["notes"]
+        return pd.read_parquet(out), out, json.loads(meta_path.read_text())
     rows = np.flatnonzero(store.valid())
     rows = rows[: cfg.n_images] if cfg.n_images else rows
     image_ids = store.image_ids()[rows]
@@ -141,7 +143,7 @@ def score_encoder(
     meta = {"key": key, "config_hash": config_hash(key), "store": str(target.store), "checkpoint": str(target.checkpoint),
             "notes": notes, "provenance": provenance()}  # fmt: skip
     meta_path.write_text(json.dumps(meta, indent=1))
-    return scores, out, notes
+    return scores, out, meta
 
 
 def headline_pairs(names: list[str]) -> list[tuple[str, str]]:
@@ -212,13 +214,12 @@ def run(
     judges = judges if judges is not None else load_judges(cfg, config_path)
     frames, files, notes, inputs = [], [], [], []
     for t in targets:
-        scores, path, target_notes = score_encoder(t, judges, cfg)
+        scores, path, meta = score_encoder(t, judges, cfg)
         frames.append(scores)
         files.append(path)
-        notes += [f"{t.encoder_name}: {n}" for n in target_notes]
-        header = checkpoints.read_header(t.checkpoint)
-        inputs.append({"encoder": t.encoder_name, "store": str(t.store), "store_hash": open_store(t.store).config_hash,
-                       "checkpoint": str(t.checkpoint), "checkpoint_config_hash": header.get("config_hash", "?"),
+        notes += [f"{t.encoder_name}: {n}" for n in meta["notes"]]
+        inputs.append({"encoder": t.encoder_name, "store": str(t.store), "store_hash": meta["key"]["store"],
+                       "checkpoint": str(t.checkpoint), "checkpoint_config_hash": meta["key"]["checkpoint"],
                        "scores": str(path)})  # fmt: skip
     scores = pd.concat(frames, ignore_index=True)
     analysis = analyse(scores, cfg)

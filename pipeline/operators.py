@@ -127,7 +127,7 @@ def run(job: OperatorJob) -> OperatorResult:
 
 
 def _fit_and_analyse(job, key, out_dir: Path, source, target, fit_rows, test_rows, model) -> list[dict]:
-    from pipeline.operator_plots import eigenvalue_plot, operator_grid
+    from pipeline.figures import eigenvalue_plot, operator_grid
 
     cfg = job.cfg
     k = source.layout.shard_images

@@ -10,17 +10,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from pipeline.figures import pyplot
 from pipeline.reconstruct import load_reconstructor, reconstruct
 from storage import open_store
-
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def _label(key: tuple[str, str]) -> str:
@@ -28,7 +20,7 @@ def _label(key: tuple[str, str]) -> str:
 
 
 def figure_distributions(scores: pd.DataFrame, key, names, path: Path) -> None:
-    plt = _plt()
+    plt = pyplot()
     subset = scores[(scores.judge == key[0]) & (scores.metric == key[1])]
     fig, ax = plt.subplots(figsize=(1.2 + 1.1 * len(names), 3.2))
     ax.violinplot([subset[subset.encoder == n]["value"].to_numpy() for n in names], showmedians=True)
@@ -40,7 +32,7 @@ def figure_distributions(scores: pd.DataFrame, key, names, path: Path) -> None:
 
 
 def figure_ranking(ranking: pd.DataFrame, key, path: Path) -> None:
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(4.5, 0.5 + 0.35 * len(ranking)))
     y = np.arange(len(ranking))[::-1]
     err = [ranking["mean"] - ranking["ci_low"], ranking["ci_high"] - ranking["mean"]]
@@ -52,7 +44,7 @@ def figure_ranking(ranking: pd.DataFrame, key, path: Path) -> None:
 
 
 def figure_differences(scores: pd.DataFrame, key, comparisons, path: Path) -> None:
-    plt = _plt()
+    plt = pyplot()
     subset = scores[(scores.judge == key[0]) & (scores.metric == key[1])]
     n = max(1, len(comparisons))
     fig, axes = plt.subplots(1, n, figsize=(3.2 * n, 2.6), squeeze=False)
@@ -71,7 +63,7 @@ def figure_differences(scores: pd.DataFrame, key, comparisons, path: Path) -> No
 
 def figure_grid(targets, image_ids: np.ndarray, path: Path) -> None:
     """Row 0: originals; one row of reconstructions per encoder, same images."""
-    plt = _plt()
+    plt = pyplot()
     rows = []
     for t in targets:
         store = open_store(t.store)

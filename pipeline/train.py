@@ -24,6 +24,7 @@ from pipeline import checkpoints, metrics
 from pipeline.config import TrainConfig, config_hash
 from pipeline.encoders import resolve_compute_dtype, resolve_device
 from pipeline.feature_loader import Prefetcher, batch_stream, n_batches_per_epoch
+from pipeline.figures import write_grid
 from pipeline.provenance import provenance
 from pipeline.reconstructor import Reconstructor
 from storage import FeatureStore, StoreError, open_store
@@ -144,32 +145,6 @@ def validate(
         np.concatenate(originals)[: cfg.n_sample_images],
         np.concatenate(recons)[: cfg.n_sample_images],
     )
-
-
-def write_grid(path: Path, originals_01: np.ndarray, recons_01: np.ndarray, title: str) -> None:
-    """Rows of original | reconstruction | per-pixel error map."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    n = len(originals_01)
-    fig, axes = plt.subplots(n, 3, figsize=(6, 2 * n), squeeze=False)
-    for i in range(n):
-        err = np.abs(originals_01[i] - recons_01[i]).mean(axis=-1)
-        for ax, img, name in zip(
-            axes[i],
-            (originals_01[i], recons_01[i], err),
-            ("original", "reconstruction", "|error|"),
-            strict=True,
-        ):
-            ax.imshow(img, cmap="magma" if img.ndim == 2 else None, vmin=0, vmax=1 if img.ndim == 3 else None)
-            ax.set_title(name if i == 0 else "", fontsize=8)
-            ax.axis("off")
-    fig.suptitle(title, fontsize=9)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=80, bbox_inches="tight")
-    plt.close(fig)
 
 
 def train_step(

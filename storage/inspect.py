@@ -29,7 +29,7 @@ def summary_row(path: Path) -> dict:
         "path": str(path),
         "encoder": attrs["encoder"]["name"],
         "dataset": f"{attrs['dataset']['name']}/{attrs['dataset']['split']}",
-        "transform": store.path.name.split("__")[2] if store.path.name.count("__") >= 3 else "?",
+        "transform": "-".join(str(v) for v in attrs["image_transform"].values() if v is not None),
         "n_images": lay.n_images,
         "n_failed": attrs.get("n_failed"),
         "grid": f"{lay.grid_hw[0]}x{lay.grid_hw[1]}x{lay.hidden_dim}",

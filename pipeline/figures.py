@@ -1,4 +1,4 @@
-"""Figures of the operators stage: eigenvalues in the complex plane, and reconstruction grids."""
+"""Figures shared by the stages: validation grids, operator eigenvalues and grids; matplotlib off-screen."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 
-def _plt():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
@@ -17,7 +17,7 @@ def _plt():
 
 
 def eigenvalue_plot(eig: dict, path: Path, title: str) -> None:
-    plt = _plt()
+    plt = pyplot()
     values = eig["eigenvalues"]
     fig, ax = plt.subplots(figsize=(4, 4))
     theta = np.linspace(0, 2 * np.pi, 400)
@@ -39,7 +39,7 @@ def eigenvalue_plot(eig: dict, path: Path, title: str) -> None:
 
 def operator_grid(columns: dict[str, np.ndarray], n_rows: int, path: Path, title: str) -> None:
     """One row per image; columns like x | T(x) | R(f(x)) | R(A f(x)) per fit | R(f(T x))."""
-    plt = _plt()
+    plt = pyplot()
     n_rows = min(n_rows, len(next(iter(columns.values()))))
     fig, axes = plt.subplots(n_rows, len(columns), figsize=(1.8 * len(columns), 1.8 * n_rows), squeeze=False)
     for j, (name, images) in enumerate(columns.items()):
@@ -49,4 +49,26 @@ def operator_grid(columns: dict[str, np.ndarray], n_rows: int, path: Path, title
         axes[0, j].set_title(name, fontsize=7)
     fig.suptitle(title, fontsize=8)
     fig.savefig(path, dpi=90, bbox_inches="tight")
+    plt.close(fig)
+
+
+def write_grid(path: Path, originals_01: np.ndarray, recons_01: np.ndarray, title: str) -> None:
+    """Rows of original | reconstruction | per-pixel error map."""
+    plt = pyplot()
+    n = len(originals_01)
+    fig, axes = plt.subplots(n, 3, figsize=(6, 2 * n), squeeze=False)
+    for i in range(n):
+        err = np.abs(originals_01[i] - recons_01[i]).mean(axis=-1)
+        for ax, img, name in zip(
+            axes[i],
+            (originals_01[i], recons_01[i], err),
+            ("original", "reconstruction", "|error|"),
+            strict=True,
+        ):
+            ax.imshow(img, cmap="magma" if img.ndim == 2 else None, vmin=0, vmax=1 if img.ndim == 3 else None)
+            ax.set_title(name if i == 0 else "", fontsize=8)
+            ax.axis("off")
+    fig.suptitle(title, fontsize=9)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=80, bbox_inches="tight")
     plt.close(fig)
