@@ -27,11 +27,27 @@ def _fail(message: str) -> None:
 def _user_errors() -> tuple[type[Exception], ...]:
     """Errors whose message tells the user what to fix: shown without a traceback, exit code 2."""
     from pipeline.checkpoints import CheckpointError
-    from pipeline.operators import DisjointnessError
+    from pipeline.encoders import ArchitectureMismatchError
+    from pipeline.reconstruct import DisjointnessError
     from pipeline.weights import WeightsNotFoundError
     from storage import StoreError
 
-    return (ConfigError, WeightsNotFoundError, StoreError, CheckpointError, DisjointnessError)
+    return (
+        ConfigError,
+        WeightsNotFoundError,
+        StoreError,
+        CheckpointError,
+        DisjointnessError,
+        ArchitectureMismatchError,
+    )
+
+
+def _preflight(config: Path) -> None:
+    """Check the config and every encoder spec it names (architecture vs weights) before a flow starts."""
+    from pipeline.config_files import load_run_config
+    from pipeline.encode import jobs_from_config
+
+    jobs_from_config(load_run_config(config), config)
 
 
 def _echo_trained(results) -> None:
@@ -40,7 +56,7 @@ def _echo_trained(results) -> None:
         state = "already trained" if r.already_complete else "trained"
         typer.echo(
             f"{r.run_dir}: {state}; val PSNR {m['val_psnr_db']:.2f} dB, SSIM {m['val_ssim']:.3f}, "
-            f"MSE {m['val_mse']:.4f}; best checkpoint {r.best_checkpoint}"
+            f"MSE {m['val_mse']:.4f}; checkpoint {r.checkpoint}"
         )
 
 
@@ -68,6 +84,7 @@ def encode(
     try:
         from flows.encode_flow import encode_flow
 
+        _preflight(config)
         results = encode_flow(str(config), encoder, progress)
     except _user_errors() as e:
         _fail(str(e))
@@ -88,6 +105,7 @@ def train(
     """Train a reconstructor per encoder on its train store (encoding first if needed); resumes killed runs."""
 
     try:
+        _preflight(config)
         if prefect:
             from flows.train_flow import train_flow
 
@@ -123,7 +141,12 @@ def _train_without_prefect(config: Path, encoder_names: list[str] | None, progre
 @app.command()
 def reconstruct(
     store: Annotated[Path, typer.Option("--store", help="Feature store (*.zarr).")],
-    checkpoint: Annotated[Path, typer.Option("--checkpoint", help="Checkpoint .json or .safetensors.")],
+    checkpoint: Annotated[
+        Path,
+        typer.Option(
+            "--checkpoint", help="A training run folder (its chosen checkpoint), or a checkpoint .json."
+        ),
+    ],
     out: Annotated[Path, typer.Option("--out", help="Folder for the PNGs.")],
     n: Annotated[int, typer.Option("--n", help="Number of images.")] = 8,
 ) -> None:
@@ -150,6 +173,7 @@ def operators_command(
     try:
         from flows.operators_flow import operators_flow
 
+        _preflight(config)
         results = operators_flow(str(config), transform, progress)
     except _user_errors() as e:
         _fail(str(e))
@@ -166,6 +190,7 @@ def evaluate(
     try:
         from flows.evaluate_flow import evaluate_flow
 
+        _preflight(config)
         result = evaluate_flow(str(config), progress)
     except (
         *_user_errors(),
@@ -186,6 +211,7 @@ def run(
     try:
         from flows.benchmark_flow import benchmark_flow
 
+        _preflight(config)
         out = benchmark_flow(str(config), progress, operators)
     except _user_errors() as e:
         _fail(str(e))
@@ -283,7 +309,8 @@ def inspect(
             f"{enc['n_prefix_tokens_dropped']} prefix tokens dropped, weights {enc['weights_id'][:60]})"
         )
         typer.echo(
-            f"dataset    {info['dataset']['name']}/{info['dataset']['split']}  transform {info['image_transform']}"
+            f"dataset    {info['dataset']['name']}/{info['dataset']['split']}  transform {info['image_transform']}  "
+            f"geometry {enc['preprocessing'].get('geometry', 'native')}"
         )
         for name, a in info["arrays"].items():
             ratio = f"{a['compression_ratio']:.2f}x" if a["compression_ratio"] else "-"
@@ -305,6 +332,38 @@ def inspect(
             typer.echo(f"  failed   id {f['image_id']}: {f['reason']}  ({f['path']})")
     if preview is not None:
         typer.echo(f"preview written to {preview}")
+
+
+@store_app.command("verify")
+def verify_store(
+    path: Annotated[Path, typer.Argument(help="A store folder (*.zarr).")],
+    recompute: Annotated[
+        int, typer.Option("--recompute", min=1, help="Re-encode this many random images.")
+    ] = 8,
+    seed: Annotated[int, typer.Option(help="Seed of the image choice.")] = 0,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+) -> None:
+    """Re-encode N random images with the store's recorded encoder, weights, layer and geometry and compare
+    them with the stored features (within the precision's error bound). Exit 1 on a mismatch."""
+    from pipeline.verify import verify
+
+    try:
+        report = verify(path, recompute, seed, device)
+    except _user_errors() as e:
+        _fail(str(e))
+    for note in report.notes:
+        typer.echo(f"note: {note}")
+    worst = max(report.checks, key=lambda c: c.feature_error)
+    summary = (f"{len(report.checks)} images re-encoded; largest token-relative feature error "
+               f"{worst.feature_error:.3g} (image {worst.image_id}), bound {report.bound:.3g}")  # fmt: skip
+    if not report.mismatches:
+        typer.echo(f"OK: {summary}")
+        return
+    typer.secho(f"MISMATCH: {len(report.mismatches)} of {summary}", fg=typer.colors.RED, err=True)
+    for c in report.mismatches:
+        pixels = "" if c.pixel_max_abs_diff < 0 else f", stored pixels differ by up to {c.pixel_max_abs_diff}"
+        typer.echo(f"  image {c.image_id} ({c.path}): feature error {c.feature_error:.3g}{pixels}", err=True)
+    raise typer.Exit(1)
 
 
 if __name__ == "__main__":

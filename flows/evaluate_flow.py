@@ -39,5 +39,5 @@ def evaluate_flow(config_path: str, progress: bool = True) -> evaluate.EvaluateR
     for name in names:
         base = next(j for j in jobs if j.encoder.name == name)
         store = encode_store(replace(base, split=cfg.evaluate.split), progress).store_path
-        targets.append(evaluate.EvalTarget(name, store, trained[name].best_checkpoint))
+        targets.append(evaluate.EvalTarget(name, store, trained[name].checkpoint))
     return evaluate_task(targets, config_path)

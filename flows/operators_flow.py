@@ -47,7 +47,7 @@ def operators_flow(config_path: str, transform_names: list[str] | None = None, p
             transformed = encode_store(
                 replace(base, split=ops.split, transform=pair.transform), progress
             ).store_path
-            checkpoint = trained[encoder_name].best_checkpoint
+            checkpoint = trained[encoder_name].checkpoint
             job = operators.OperatorJob(identity, transformed, pair, checkpoint, ops)
             results.append(fit_operators(job, encoder_name, f"{pair.transform.tag}-{pair.direction}"))
     return results

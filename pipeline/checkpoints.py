@@ -72,7 +72,14 @@ def _json_default(obj):
 
 
 def read_header(path: Path) -> dict:
+    """A checkpoint's header from its .json, its .safetensors, or a finished training run folder (the checkpoint
+    its result.json names)."""
     path = Path(path)
+    if path.is_dir():
+        result = path / "result.json"
+        if not result.is_file():
+            raise CheckpointError(f"{path}: not a finished training run (no result.json)")
+        path = Path(json.loads(result.read_text())["checkpoint"])
     json_path = (
         path if path.suffix == ".json" else path.with_name(path.name.removesuffix(".safetensors") + ".json")
     )

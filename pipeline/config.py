@@ -184,6 +184,12 @@ class EncodeOptions(Frozen):
     compute_dtype: Literal["auto", "bfloat16", "float32"] = Field(
         "auto", description="auto: bfloat16 autocast on CUDA, float32 on CPU."
     )
+    geometry: Literal["short_side_crop", "native"] = Field(
+        "short_side_crop",
+        description="short_side_crop: every encoder sees the same field of view (short side resized to its "
+        "resolution, centre square crop, no margin; the released evaluation code's geometry). native: each "
+        "model's own eval transform (timm crop_pct margins, HF squash resizes).",
+    )
     min_image_side: int = Field(16, gt=0, description="Images with a smaller side are skipped as failures.")
     max_image_pixels: int = Field(
         178_956_970, gt=0, description="Images with more pixels are skipped (decompression-bomb guard)."
@@ -191,27 +197,39 @@ class EncodeOptions(Frozen):
 
 
 class ReconstructorConfig(Frozen):
-    depth: int = Field(4, ge=0, description="Transformer blocks over the token grid (paper: 4).")
-    width_multiplier: float = Field(
-        1.0, gt=0, description="Transformer width = encoder width x this (paper: 1)."
+    """The reconstructor; defaults are the authors' released architecture (docs/train.md lists each choice)."""
+
+    depth: int = Field(
+        4, ge=0, description="Transformer layers over the token grid (paper and released code: 4)."
     )
-    head_dim: int = Field(64, gt=0, description="Attention heads = width / head_dim (paper: width / 64).")
-    mlp_ratio: float = Field(4.0, gt=0)
+    width_multiplier: float = Field(
+        1.0, gt=0, description="Transformer width = encoder width x this (released: 1)."
+    )
+    head_dim: int = Field(64, gt=0, description="Attention heads = width / head_dim (released: 768 / 12).")
+    mlp_ratio: float = Field(4.0, gt=0, description="MLP width / transformer width (released: 4).")
     positional_embedding: Literal["none", "learned"] = Field(
         "none",
-        description="The released code has none (paper-faithful default); 'learned' adds one per token.",
+        description="The released code has none (default); 'learned' adds one per token (a departure).",
     )
     class_token: bool = Field(
-        True, description="Prepend a learned token, as the released code's CLIP-style blocks."
+        True, description="Prepend a class token drawn from N(0, 1), as the released CLIP-style embeddings."
     )
-    extra_res_blocks: int = Field(
-        3, ge=0, description="Residual conv blocks added at the last upsampling stage."
+    upsample_kernel: Literal[4, 2] = Field(
+        4,
+        description="Kernel of each x2 ConvTranspose2d: 4 (padding 1) as released; 2 is a lighter departure "
+        "(a quarter of the up-conv weights, no overlap between neighbouring outputs).",
     )
-    min_channels: int = Field(8, gt=0, description="Floor for the halving decoder channels.")
+    last_stage_res_blocks: int = Field(
+        3, ge=1, description="Residual conv blocks at the last upsampling stage (released: 3; others have 1)."
+    )
+    min_channels: int = Field(
+        8, gt=0, description="Floor for the halving decoder channels (only narrow encoders reach it)."
+    )
     resize_mode: Literal["bilinear", "bicubic"] = Field(
         "bilinear",
         description="When patch size is not a power of two (DINOv2's 14), the decoder upsamples to the next power "
-        "of two and resizes to the encoder's resolution with this filter.",
+        "of two and resizes to the encoder's resolution with this filter (reconlab's choice; the released code "
+        "handles patch 16 only).",
     )
 
 
@@ -238,6 +256,12 @@ class TrainConfig(Frozen):
     )
     l1_weight: float = Field(0.0, ge=0, description="Extra pixel-space L1 loss weight (off by default).")
     seed: int = Field(0, description="Seeds initialisation, data order and resampling.")
+    select_checkpoint: Literal["last", "best_val"] = Field(
+        "last",
+        description="The checkpoint later stages use: 'last' (the paper's fixed schedule; val_split only monitors "
+        "training) or 'best_val' (best PSNR on val_split: those images then selected R, and evaluate/operators "
+        "refuse to score them).",
+    )
     val_every_steps: int = Field(200, gt=0, description="Validate every N steps and at every epoch end.")
     n_val_images: int | None = Field(256, gt=0, description="Validate on the first N val images (None: all).")
     n_sample_images: int = Field(8, gt=0, description="Images in the validation grid PNG.")
@@ -293,9 +317,11 @@ class OperatorsConfig(Frozen):
         default_factory=_default_pairs,
         description="Transforms and directions to fit (default: the paper's three).",
     )
-    fits: list[Literal["procrustes", "involution", "least_squares"]] = Field(
-        default_factory=lambda: ["procrustes", "involution", "least_squares"],
-        description="Operator fits to compare (the paper's ablation).",
+    fits: list[Literal["procrustes", "involution", "least_squares"]] | None = Field(
+        None,
+        description="Operator fits to compare. None: the paper's per transform (colour swap: involution, "
+        "procrustes, least_squares; suppression and colorization: least_squares, procrustes). 'involution' only "
+        "runs for transforms that are their own inverse; the table says why where it did not.",
     )
     ridge: float = Field(0.0, ge=0, description="Ridge penalty of the least-squares fit.")
     n_fit_images: int = Field(
@@ -303,8 +329,31 @@ class OperatorsConfig(Frozen):
     )
     n_eval_images: int | None = Field(256, gt=0, description="Test images reconstructed for pixel metrics.")
     n_grid_images: int = Field(6, gt=0, description="Held-out images shown in the figure grids.")
-    eigen_tolerance: float = Field(0.1, gt=0, description="|λ ∓ 1| below this counts as 'near ±1'.")
+    eigen_tolerance: float = Field(
+        0.1,
+        gt=0,
+        description="Band around the unit circle: |λ| within 1 ± this is 'on the circle' "
+        "(and |λ ∓ 1| below it 'near ±1'); below it 'inside', above it 'outside'.",
+    )
     dask_address: str | None = Field(None, description="dask.distributed scheduler address; None: threads.")
+
+
+class ComparisonSpec(Frozen):
+    """One paired comparison a vs b; a directional hypothesis such as 'SigLIP2 > SigLIP' is a=siglip2-..., b=siglip-...,
+    alternative: greater."""
+
+    a: str
+    b: str
+    alternative: Literal["two-sided", "greater", "less"] | None = Field(
+        None, description="About mean(a - b); None: evaluate.alternative."
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_pair(cls, value: Any) -> Any:
+        if isinstance(value, list | tuple) and len(value) == 2:
+            return {"a": value[0], "b": value[1]}
+        return value
 
 
 class EvaluateConfig(Frozen):
@@ -331,14 +380,24 @@ class EvaluateConfig(Frozen):
         None, gt=0, description="Score the first N valid held-out images (None: all)."
     )
     batch_size: int = Field(32, gt=0, description="Images reconstructed and judged at once.")
-    n_boot: int = Field(10_000, ge=100, description="Bootstrap resamples.")
+    n_boot: int = Field(10_000, ge=100, description="Bootstrap resamples (BCa CI and the bootstrap p-value).")
+    n_permutations: int = Field(
+        10_000,
+        ge=100,
+        description="Sign-flip permutations; the test is exact (all 2^n flips) when 2^n <= this, else Monte Carlo.",
+    )
+    alternative: Literal["two-sided", "greater", "less"] = Field(
+        "two-sided",
+        description="Alternative of every test for comparisons that do not state their own: about mean(a - b).",
+    )
     alpha: float = Field(
         0.05, gt=0, lt=1, description="Significance level (after Holm) for the ranking's ties."
     )
     seed: int = Field(0, description="Seeds initialisation, data order and resampling.")
-    comparisons: list[tuple[str, str]] | None = Field(
+    comparisons: list[ComparisonSpec] | None = Field(
         None,
-        description="Encoder pairs to test (default: every pair); Holm-corrected as one family per score.",
+        description="Encoder pairs to test, as [a, b] or {a, b, alternative} (default: every pair, two-sided); "
+        "Holm-corrected as one family per score.",
     )
     n_grid_images: int = Field(6, gt=0, description="Held-out images shown in the figure grids.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when available, else CPU.")

@@ -70,6 +70,8 @@ def jobs_from_config(cfg: RunConfig, config_path: Path | None, encoder_names: li
         unknown = set(encoder_names) - {s.name for s in specs}
         specs += [resolve_encoder(name, config_path) for name in sorted(unknown)]
         specs = [s for s in specs if s.name in encoder_names]
+    for spec in specs:  # a wrong architecture fails now, not after hours of other encoders
+        encoders.check_architecture(spec)
     return [
         EncodeJob(cfg.store_root, cfg.dataset, split, cfg.subset, spec, transform, cfg.store, cfg.encode)
         for spec in specs
@@ -90,6 +92,7 @@ def store_key(job: EncodeJob, records: list[ImageRecord], compute_dtype: torch.d
         "store": job.store.model_dump(mode="json"),
         "compute_dtype": str(compute_dtype).removeprefix("torch."),
         "image_limits": {"min_side": job.options.min_image_side, "max_pixels": job.options.max_image_pixels},
+        "geometry": job.options.geometry,
     }
 
 
@@ -114,17 +117,26 @@ class _DecodeDataset(torch.utils.data.Dataset):
         return len(self.records)
 
     def __getitem__(self, pos: int):
-        s = self.preprocessing.crop_size
-        record = self.records[pos]
-        try:
-            img = load_rgb(record.path, min_side=self.min_side, max_pixels=self.max_pixels, draft_to=2 * s)
-            if self.transform.name != "identity":
-                img = Image.fromarray(apply_transform(np.asarray(img), self.transform))
-            return pos, self.preprocessing.to_pixels(img), ""
-        except ImageSkipped as e:
-            return pos, np.zeros((s, s, 3), np.uint8), str(e)
-        except Exception as e:  # a decoder bug on one odd file must not end a long run
-            return pos, np.zeros((s, s, 3), np.uint8), f"unreadable: {type(e).__name__}: {e}"
+        pixels, reason = decode_for_encoder(
+            self.records[pos].path, self.preprocessing, self.transform, self.min_side, self.max_pixels
+        )
+        return pos, pixels, reason
+
+
+def decode_for_encoder(
+    path: Path, preprocessing: Preprocessing, transform: TransformSpec, min_side: int, max_pixels: int
+) -> tuple[np.ndarray, str]:
+    """An image file as the encoder sees it (uint8 [S, S, 3], T applied), or zeros and the reason it was skipped."""
+    s = preprocessing.crop_size
+    try:
+        img = load_rgb(path, min_side=min_side, max_pixels=max_pixels, draft_to=2 * s)
+        if transform.name != "identity":
+            img = Image.fromarray(apply_transform(np.asarray(img), transform))
+        return preprocessing.to_pixels(img), ""
+    except ImageSkipped as e:
+        return np.zeros((s, s, 3), np.uint8), str(e)
+    except Exception as e:  # a decoder bug on one odd file must not end a long run
+        return np.zeros((s, s, 3), np.uint8), f"unreadable: {type(e).__name__}: {e}"
 
 
 def _worker_context():
@@ -174,8 +186,9 @@ def run(job: EncodeJob, *, progress: bool = True) -> EncodeResult:
         if finished is not None:
             return finished
         encoder = encoders.load(
-            job.encoder, device=job.options.device, compute_dtype=job.options.compute_dtype
-        )
+            job.encoder, device=job.options.device, compute_dtype=job.options.compute_dtype,
+            geometry=job.options.geometry,
+        )  # fmt: skip
         store = _open_or_create(path, job, key, records, encoder)
         summary = _encode_pending(store, job, records, encoder, progress=progress)
     return EncodeResult(path, len(records), summary["n_encoded"], summary["n_failed"], already_complete=False)
@@ -223,6 +236,11 @@ def _open_or_create(
         "config_hash": config_hash(key),
         "encoder": encoder.describe(),
         "dataset": {**key["dataset"], "subset": key["subset"], "image_list_sha256": key["image_list_sha256"]},
+        # Where the images were read from (not part of the key): `store verify` re-reads them from here.
+        "dataset_source": {
+            **job.dataset.model_dump(mode="json"),
+            "root": str(Path(job.dataset.root).resolve()),
+        },
         "image_transform": key["image_transform"],
         "precision": job.store.precision,
         "provenance": provenance(),

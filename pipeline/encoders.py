@@ -155,10 +155,16 @@ def resolve_compute_dtype(compute_dtype: str, device: torch.device) -> torch.dty
     return getattr(torch, compute_dtype)
 
 
-def load(spec: EncoderSpec, device: str = "auto", compute_dtype: str = "auto") -> Encoder:
-    """Build the encoder of `spec` with its weights; fails before any work if the weights are absent."""
+def load(
+    spec: EncoderSpec, device: str = "auto", compute_dtype: str = "auto", geometry: str = "short_side_crop"
+) -> Encoder:
+    """Build the encoder of `spec` with its weights; fails before any work if the weights are absent.
+
+    geometry: 'short_side_crop' (the same field of view for every encoder) or 'native' (the model's own eval
+    transform); see Preprocessing."""
     _torchvision_shim.install()
     torch_device = resolve_device(device)
+    check_architecture(spec)
     if spec.backend == "timm":
         model, preprocessing, weights_id = _load_timm(spec)
     else:
@@ -167,13 +173,54 @@ def load(spec: EncoderSpec, device: str = "auto", compute_dtype: str = "auto") -
     encoder = Encoder(
         spec=spec,
         model=model,
-        preprocessing=preprocessing,
+        preprocessing=preprocessing.with_geometry(geometry),
         weights_id=weights_id,
         device=torch_device,
         compute_dtype=resolve_compute_dtype(compute_dtype, torch_device),
     )
     _probe(encoder)
     return encoder
+
+
+# Keyword args that would rebuild a trained network with another activation or normalisation.
+_ARCHITECTURE_KWARGS = {"act_layer", "norm_layer", "hidden_act", "layer_norm_eps", "norm_eps"}
+
+
+def check_architecture(spec: EncoderSpec) -> None:
+    """Refuse a spec whose network differs from the one its weights were trained with (before any download).
+
+    timm marks weights trained with QuickGELU ('natively QuickGELU, use quickgelu model variant') whose default
+    architecture uses exact GELU: the plain id loads those weights into the wrong network without complaint.
+    """
+    if spec.weights == "random":
+        return
+    overridden = sorted(_ARCHITECTURE_KWARGS & set(spec.model_kwargs))
+    if overridden:
+        raise ArchitectureMismatchError(
+            f"encoder '{spec.name}': model_kwargs {overridden} change the architecture its weights were trained "
+            "with; remove them (or use weights: random)"
+        )
+    if spec.backend != "timm":
+        return  # transformers builds the architecture from the config.json shipped with the weights
+    _torchvision_shim.install()
+    import timm
+
+    try:
+        cfg = timm.models.get_pretrained_cfg(spec.model_id)
+    except Exception:  # an id timm does not know: the loader reports it with where it looked
+        return
+    notes = " ".join(getattr(cfg, "notes", None) or ())
+    arch, _, tag = spec.model_id.partition(".")
+    if "quickgelu" in notes.lower() and "quickgelu" not in arch:
+        fixed = arch.replace("_clip_", "_clip_quickgelu_") + (f".{tag}" if tag else "")
+        raise ArchitectureMismatchError(
+            f"encoder '{spec.name}': timm model '{spec.model_id}' uses exact GELU but its weights were trained with "
+            f"QuickGELU (timm: '{notes}'); set model_id: {fixed}"
+        )
+
+
+class ArchitectureMismatchError(ValueError):
+    """A spec that would load weights into a network other than the one they were trained with."""
 
 
 def _probe(encoder: Encoder) -> None:

@@ -22,7 +22,12 @@ from pipeline import checkpoints, encoders, metrics, stats
 from pipeline.config import EvaluateConfig, config_hash
 from pipeline.config_files import resolve_encoder
 from pipeline.provenance import provenance
-from pipeline.reconstruct import check_checkpoint_matches_store, load_reconstructor, reconstruct
+from pipeline.reconstruct import (
+    check_checkpoint_matches_store,
+    check_held_out,
+    load_reconstructor,
+    reconstruct,
+)
 from storage import open_store
 
 PIXEL_JUDGE = "pixels"
@@ -43,7 +48,9 @@ def load_judges(cfg: EvaluateConfig, config_path: Path | None = None) -> dict[st
             raise ValueError(
                 f"judge '{name}' must set keep_head: true (judges score pooled image embeddings)"
             )
-        judges[name] = encoders.load(spec, device=cfg.device)
+        # Judges see exactly the pixels the encoder saw: the stored square image, resized (short_side_crop
+        # of a square is a plain resize; a judge's own crop_pct margin would cut its border away).
+        judges[name] = encoders.load(spec, device=cfg.device, geometry="short_side_crop")
     return judges
 
 
@@ -86,6 +93,7 @@ def score_key(store, header: dict, judges: dict, cfg: EvaluateConfig) -> dict:
         "checkpoint": header["config_hash"],
         "checkpoint_weights_sha256": checkpoints.weights_sha256(header),
         "judges": {name: j.weights_id for name, j in judges.items()},
+        "judge_preprocessing": {name: j.preprocessing.to_dict() for name, j in judges.items()},
         "judge_modes": cfg.judge_modes,
         "pixel_resolution": cfg.pixel_resolution,
         "n_images": cfg.n_images,
@@ -102,14 +110,15 @@ def score_encoder(
     store = open_store(target.store)
     model, header = load_reconstructor(target.checkpoint, device=encoders.resolve_device(cfg.device))
     check_checkpoint_matches_store(header, store)
+    rows = np.flatnonzero(store.valid())
+    rows = rows[: cfg.n_images] if cfg.n_images else rows
+    image_ids = store.image_ids()[rows]
+    check_held_out(image_ids, header, f"evaluate split '{cfg.split}' of {target.encoder_name}")
     key = score_key(store, header, judges, cfg)
     out = Path(cfg.output_root) / "scores" / f"{target.encoder_name}__{config_hash(key)}.parquet"
     meta_path = out.with_suffix(".json")
     if out.is_file() and meta_path.is_file():
         return pd.read_parquet(out), out, json.loads(meta_path.read_text())
-    rows = np.flatnonzero(store.valid())
-    rows = rows[: cfg.n_images] if cfg.n_images else rows
-    image_ids = store.image_ids()[rows]
     pre = store.attrs["encoder"]["preprocessing"]
     lpips_model, lpips_note = _lpips_model() if cfg.lpips else (None, "")
     records: list[pd.DataFrame] = []
@@ -161,18 +170,32 @@ def score_columns(scores: pd.DataFrame) -> list[tuple[str, str]]:
     return [(j, m) for j, m in keys if m not in ("mse", "lpips")]
 
 
+def comparison_pairs(names: list[str], cfg: EvaluateConfig) -> list[tuple[str, str, str]]:
+    """(a, b, alternative) for every comparison: the configured ones (default: every pair), plus the headline."""
+    if cfg.comparisons:
+        unknown = sorted({n for c in cfg.comparisons for n in (c.a, c.b)} - set(names))
+        if unknown:
+            raise ValueError(
+                f"evaluate.comparisons name encoder(s) {unknown} that are not evaluated; evaluated: {names}"
+            )
+        pairs = [(c.a, c.b, c.alternative or cfg.alternative) for c in cfg.comparisons]
+    else:
+        pairs = [(a, b, cfg.alternative) for a, b in combinations(names, 2)]
+    for a, b in headline_pairs(names):
+        if not any({a, b} == {p[0], p[1]} for p in pairs):
+            pairs.append((a, b, cfg.alternative))
+    return pairs
+
+
 def analyse(scores: pd.DataFrame, cfg: EvaluateConfig) -> dict:
     """Comparisons (Holm per score), rankings and the headline table from per-image scores."""
     names = list(dict.fromkeys(scores["encoder"]))
-    pairs = [tuple(p) for p in cfg.comparisons] if cfg.comparisons else list(combinations(names, 2))
-    for pair in headline_pairs(names):
-        if pair not in pairs and pair[::-1] not in pairs:
-            pairs.append(pair)
+    pairs = comparison_pairs(names, cfg)
     comparisons, rankings = {}, {}
     for judge, metric in score_columns(scores):
         subset = scores[(scores.judge == judge) & (scores.metric == metric)]
         per_encoder = {n: subset[subset.encoder == n].set_index("image_id")["value"] for n in names}
-        family = stats.compare_family(per_encoder, pairs, cfg.n_boot, cfg.seed)
+        family = stats.compare_family(per_encoder, pairs, cfg.n_boot, cfg.seed, cfg.n_permutations)
         comparisons[(judge, metric)] = family
         rankings[(judge, metric)] = stats.ranking(per_encoder, family, cfg.n_boot, cfg.seed, cfg.alpha)
     headline = [
@@ -228,7 +251,9 @@ def run(
             notes.append(f"{c.a} vs {c.b}: {c.n_only_a} image(s) only in {c.a}, {c.n_only_b} only in {c.b}; "
                          "compared on the common images")  # fmt: skip
     notes = list(dict.fromkeys(notes))
-    stats_cfg = cfg.model_dump(mode="json", include={"n_boot", "alpha", "seed", "comparisons"})
+    stats_cfg = cfg.model_dump(
+        mode="json", include={"n_boot", "n_permutations", "alternative", "alpha", "seed", "comparisons"}
+    )
     key = {"scores": [f.stem for f in files], "stats": stats_cfg}
     out_dir = Path(cfg.output_root) / f"report__{config_hash(key)}"
     prov = provenance()

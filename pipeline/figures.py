@@ -29,8 +29,9 @@ def eigenvalue_plot(eig: dict, path: Path, title: str) -> None:
     ax.set_xlabel("Re λ")
     ax.set_ylabel("Im λ")
     ax.set_title(
-        f"{title}\nnear +1: {eig['n_near_plus_one']}, near −1: {eig['n_near_minus_one']}, "
-        f"inside: {eig['n_inside_unit_circle']}, other: {eig['n_other']}",
+        f"{title}\ninside: {eig['n_inside_unit_circle']}, on circle: {eig['n_on_unit_circle']} "
+        f"(near +1: {eig['n_near_plus_one']}, near −1: {eig['n_near_minus_one']}), "
+        f"outside: {eig['n_outside_unit_circle']}; ρ = {eig['spectral_radius']:.3f}",
         fontsize=8,
     )
     fig.savefig(path, dpi=100, bbox_inches="tight")

@@ -6,7 +6,7 @@ Decoding never raises on bad input: long runs skip the image and record the reas
 from __future__ import annotations
 
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -91,6 +91,8 @@ class Preprocessing:
 
     resize_mode 'shortest': shortest side -> resize_size (aspect kept), then a centre crop of crop_size;
     resize_mode 'squash': both sides -> resize_size (aspect lost), then a centre crop of crop_size.
+    geometry 'native' is the model's own eval transform; 'short_side_crop' keeps its interpolation, mean and std
+    but resizes the short side straight to crop_size, so every encoder sees the same field of view.
     """
 
     resize_mode: str
@@ -100,9 +102,22 @@ class Preprocessing:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     source: str
+    geometry: str = "native"
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, record: dict) -> Preprocessing:
+        """Rebuild from a store's or checkpoint's record (lists back to tuples)."""
+        return cls(**{**record, "mean": tuple(record["mean"]), "std": tuple(record["std"])})
+
+    def with_geometry(self, geometry: str) -> Preprocessing:
+        if geometry == "native":
+            return replace(self, geometry="native")
+        if geometry != "short_side_crop":
+            raise ValueError(f"unknown geometry '{geometry}'; known: short_side_crop, native")
+        return replace(self, geometry=geometry, resize_mode="shortest", resize_size=self.crop_size)
 
     def to_pixels(self, img: Image.Image) -> np.ndarray:
         """Resize + crop an RGB image to the encoder's input: uint8 [S, S, 3]. Normalisation happens on device."""

@@ -65,7 +65,11 @@ def least_squares(stats: PairStats, ridge: float = 0.0) -> np.ndarray:
     dimensions or the features span a subspace, which singular-matrix solves would refuse.
     """
     d = stats.gram_aa.shape[0]
-    return stats.cross_ba @ scipy.linalg.pinvh(stats.gram_aa + ridge * np.eye(d))
+    # The Gram matrix sums float32 products: its null-space eigenvalues are float32 rounding (~1e-7 relative),
+    # not zero, so the cut-off must be float32's, not pinvh's float64 default, or the noise gets inverted.
+    return stats.cross_ba @ scipy.linalg.pinvh(
+        stats.gram_aa + ridge * np.eye(d), rtol=d * np.finfo(np.float32).eps
+    )
 
 
 def fit(stats: PairStats, fit_type: str, ridge: float = 0.0) -> tuple[np.ndarray, dict]:
@@ -88,20 +92,37 @@ def relative_residual(op: np.ndarray, stats: PairStats) -> float:
 
 
 def eigen_summary(op: np.ndarray, tol: float = 0.1) -> dict:
-    """Eigenvalues and how they sit: near +1, near −1, inside the unit circle, elsewhere."""
+    """Eigenvalues and where they sit: inside, on (|λ| within 1 ± tol) or outside the unit circle, how many of
+    those on it are near +1 or −1, and the spectral radius."""
     eig = scipy.linalg.eigvals(op)
-    near_plus = np.abs(eig - 1) < tol
-    near_minus = np.abs(eig + 1) < tol
-    inside = (np.abs(eig) < 1 - tol) & ~near_plus & ~near_minus
+    modulus = np.abs(eig)
     return {
         "eigenvalues": eig,
-        "n_near_plus_one": int(near_plus.sum()),
-        "n_near_minus_one": int(near_minus.sum()),
-        "n_inside_unit_circle": int(inside.sum()),
-        "n_other": int((~near_plus & ~near_minus & ~inside).sum()),
+        "n_inside_unit_circle": int(np.sum(modulus < 1 - tol)),
+        "n_on_unit_circle": int(np.sum(np.abs(modulus - 1) <= tol)),
+        "n_outside_unit_circle": int(np.sum(modulus > 1 + tol)),
+        "n_near_plus_one": int(np.sum(np.abs(eig - 1) < tol)),
+        "n_near_minus_one": int(np.sum(np.abs(eig + 1) < tol)),
+        "spectral_radius": float(modulus.max()),
         "max_abs_imag": float(np.abs(eig.imag).max()),
         "tolerance": tol,
     }
+
+
+# What the paper predicts for an operator's spectrum, by the kind of pixel transform it stands for.
+PREDICTIONS = {
+    "involution": "T∘T = id, so A² ≈ I: every eigenvalue near +1 or −1",
+    "contraction": "T tends to a projection as α → 0: every eigenvalue ≈ 1 or inside the unit circle (|λ| ≤ 1 + tol)",
+}
+
+
+def prediction_holds(kind: str, eig: dict) -> bool:
+    """Whether the eigen summary agrees with the prediction of PREDICTIONS[kind]."""
+    if kind == "involution":
+        return eig["n_near_plus_one"] + eig["n_near_minus_one"] == len(eig["eigenvalues"])
+    if kind == "contraction":
+        return eig["n_outside_unit_circle"] == 0
+    raise ValueError(f"unknown prediction '{kind}'; known: {', '.join(PREDICTIONS)}")
 
 
 def involution_error(op: np.ndarray) -> float:

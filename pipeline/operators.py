@@ -18,14 +18,16 @@ from safetensors.numpy import save_file
 from pipeline import checkpoints, metrics, operator_fits
 from pipeline.config import OperatorPairSpec, OperatorsConfig, config_hash
 from pipeline.provenance import provenance
-from pipeline.reconstruct import check_checkpoint_matches_store, load_reconstructor, reconstruct
+from pipeline.reconstruct import (
+    check_checkpoint_matches_store,
+    check_held_out,
+    load_reconstructor,
+    reconstruct,
+)
 from pipeline.train import check_same_encoder
+from pipeline.transforms import REGISTRY, expected_spectrum
 from storage import FeatureStore, StoreError, open_store
 from storage.format import WriteLock
-
-
-class DisjointnessError(ValueError):
-    """Operator images overlap the reconstructor's training images (the paper's validity condition)."""
 
 
 @dataclass(frozen=True)
@@ -84,15 +86,21 @@ def numpy_stats(source: Path, target: Path, rows: np.ndarray) -> operator_fits.P
     )
 
 
-def check_disjoint(image_ids: np.ndarray, checkpoint_header: dict) -> None:
-    train_store = open_store(checkpoint_header["train_store"], require_complete=False)
-    overlap = np.intersect1d(image_ids, train_store.image_ids()[train_store.valid()])
-    if overlap.size:
-        raise DisjointnessError(
-            f"{overlap.size} operator image(s) were used to train the reconstructor "
-            f"({checkpoint_header['train_store']}), e.g. ids {overlap[:5].tolist()}; fit operators on held-out "
-            "images (operators.split) so R knows nothing of T or A"
+def fits_for(pair: OperatorPairSpec, configured: list[str] | None) -> list[tuple[str, str]]:
+    """(fit, why it is not run or '') for a pair: the paper's fits for its transform unless configured."""
+    transform = pair.transform
+    involutive = REGISTRY[transform.name].involutive
+    # The paper: an involution (symmetric orthogonal) for the colour swap, least squares for the others.
+    default = ["involution", "procrustes", "least_squares"] if involutive else ["least_squares", "procrustes"]
+    return [
+        (
+            fit,
+            ""
+            if fit != "involution" or involutive
+            else f"{transform.name} is not its own inverse (T∘T ≠ id)",
         )
+        for fit in (configured or default)
+    ]
 
 
 def run(job: OperatorJob) -> OperatorResult:
@@ -111,7 +119,7 @@ def run(job: OperatorJob) -> OperatorResult:
     if test_rows.size == 0:
         raise StoreError(f"{identity.path.name}: {rows.size} usable images leave none to test on after "
                          f"n_fit_images={job.cfg.n_fit_images}")  # fmt: skip
-    check_disjoint(identity.image_ids()[rows], header)
+    check_held_out(identity.image_ids()[rows], header, f"operator images of {identity.path.name}")
     key = {
         "source_store": source.config_hash, "target_store": target.config_hash, "checkpoint": header["config_hash"],
         "checkpoint_weights_sha256": checkpoints.weights_sha256(header),
@@ -154,7 +162,12 @@ def _fit_and_analyse(job, key, out_dir: Path, source, target, fit_rows, test_row
     ]
     out_dir.mkdir(parents=True, exist_ok=True)
     grid_columns = {"source x": x_pixels, "target": y_pixels, "R(a)": recon_a}
-    for fit_type in cfg.fits:
+    transform = job.pair.transform
+    predicted = expected_spectrum(transform.name, transform.params, job.pair.direction)
+    for fit_type, not_run in fits_for(job.pair, cfg.fits):
+        if not_run:
+            table.append({"fit": fit_type, "not_run": not_run})
+            continue
         op, facts = operator_fits.fit(fit_stats, fit_type, cfg.ridge)
         eig = operator_fits.eigen_summary(op, cfg.eigen_tolerance)
         # The reconstructor L2-normalises its input tokens: least-squares outputs are re-normalised there.
@@ -168,22 +181,21 @@ def _fit_and_analyse(job, key, out_dir: Path, source, target, fit_rows, test_row
             "residual_test": operator_fits.relative_residual(op, test_stats),
             "involution_error": operator_fits.involution_error(op),
             **{k: v for k, v in eig.items() if k != "eigenvalues"},
+            "prediction": operator_fits.PREDICTIONS[predicted] if predicted else "none stated",
+            "prediction_holds": operator_fits.prediction_holds(predicted, eig) if predicted else None,
             **facts,
         }
         table.append(row)
         save_file({"operator": op.astype(np.float32)}, str(out_dir / f"{fit_type}.safetensors"))
         header = {"schema_version": 1, "key": key, "config_hash": config_hash(key), "fit": fit_type,
-                  "transform": job.pair.transform.model_dump(mode="json"), "direction": job.pair.direction,
+                  "transform": transform.model_dump(mode="json"), "direction": job.pair.direction,
                   "source_store": str(source.path), "target_store": str(target.path), "checkpoint": str(job.checkpoint),
                   "n_fit_pairs": fit_stats.n_pairs, "n_test_pairs": test_stats.n_pairs,
                   "n_fit_images": int(fit_rows.size), "n_test_images": int(test_rows.size), "row": row,
                   "provenance": provenance()}  # fmt: skip
         (out_dir / f"{fit_type}.json").write_text(json.dumps(header, indent=1))
-        eigenvalue_plot(
-            eig,
-            out_dir / f"{fit_type}_eigenvalues.png",
-            f"{job.pair.transform.tag} {job.pair.direction}: {fit_type}",
-        )
+        eigenvalue_plot(eig, out_dir / f"{fit_type}_eigenvalues.png",
+                        f"{transform.tag} {job.pair.direction}: {fit_type}")  # fmt: skip
     grid_columns["R(b) oracle"] = recon_b
     operator_grid(grid_columns, cfg.n_grid_images, out_dir / "grid.png", f"{out_dir.name}")
     _write_table(out_dir, table)
@@ -198,6 +210,13 @@ def _write_table(out_dir: Path, table: list[dict]) -> None:
 
     frame = pd.DataFrame(table).set_index("fit")
     frame.to_csv(out_dir / "fits.csv")
-    columns = [c for c in ("psnr_db", "ssim", "mse", "residual_train", "residual_test", "involution_error",
-                           "n_near_plus_one", "n_near_minus_one", "n_inside_unit_circle") if c in frame]  # fmt: skip
-    (out_dir / "fits.md").write_text(frame[columns].to_markdown(floatfmt=".4g") + "\n")
+    columns = [c for c in ("psnr_db", "ssim", "residual_test", "involution_error", "n_inside_unit_circle",
+                           "n_on_unit_circle", "n_outside_unit_circle", "spectral_radius", "prediction_holds",
+                           "not_run") if c in frame]  # fmt: skip
+    fitted = [row for row in table if "prediction" in row]
+    verdicts = ", ".join(f"{row['fit']} {'holds' if row['prediction_holds'] else 'FAILS'}" for row in fitted
+                         if row["prediction_holds"] is not None)  # fmt: skip
+    prediction = f"Paper's prediction: {fitted[0]['prediction']}" if fitted else ""
+    if verdicts:
+        prediction += f" — {verdicts}"
+    (out_dir / "fits.md").write_text(frame[columns].to_markdown(floatfmt=".4g") + "\n\n" + prediction + "\n")

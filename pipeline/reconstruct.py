@@ -12,7 +12,7 @@ from pipeline import checkpoints, metrics
 from pipeline.config import ReconstructorConfig
 from pipeline.reconstructor import Reconstructor
 from pipeline.train import ENCODER_IDENTITY, encoder_identity
-from storage import FeatureStore, open_store
+from storage import FeatureStore, StoreError, open_store
 
 
 def load_reconstructor(checkpoint: Path, device: str | torch.device = "cpu") -> tuple[Reconstructor, dict]:
@@ -38,6 +38,41 @@ def check_checkpoint_matches_store(header: dict, store: FeatureStore) -> None:
             f"checkpoint {header['_json_path']} was trained on features of encoder '{expected['name']}', "
             f"store {store.path.name} differs ({details})"
         )
+
+
+class DisjointnessError(ValueError):
+    """Images that trained or selected a reconstructor would be scored by it (an evaluation leak)."""
+
+
+def images_that_shaped(header: dict) -> dict[str, np.ndarray]:
+    """Image ids that trained the checkpoint's reconstructor and, for a best-on-val checkpoint, selected it."""
+    roles = {"trained": header["train_store"]}
+    if header.get("selected_on_store"):
+        roles["selected"] = header["selected_on_store"]
+    ids = {}
+    for role, path in roles.items():
+        try:
+            store = open_store(path, require_complete=False)
+        except StoreError as e:
+            raise DisjointnessError(
+                f"cannot check that the images are held out from checkpoint {header['_json_path']}: the store "
+                f"that {role} it is unreadable ({e})"
+            ) from None
+        ids[role] = store.image_ids()[store.valid()]
+    return ids
+
+
+def check_held_out(image_ids: np.ndarray, header: dict, scored: str) -> None:
+    """Refuse to score images that trained or selected the reconstructor (the paper's validity condition)."""
+    for role, shaped in images_that_shaped(header).items():
+        overlap = np.intersect1d(image_ids, shaped)
+        if overlap.size:
+            source = header["train_store"] if role == "trained" else header["selected_on_store"]
+            raise DisjointnessError(
+                f"{scored}: {overlap.size} of its images {role} the reconstructor (store {Path(source).name}), "
+                f"e.g. ids {overlap[:5].tolist()}; score a split that R never saw (evaluate.split / operators.split), "
+                "or train with train.select_checkpoint: last"
+            )
 
 
 @torch.no_grad()

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from pipeline.checkpoints import read_header
 from pipeline.figures import pyplot
 from pipeline.reconstruct import load_reconstructor, reconstruct
 from storage import open_store
@@ -56,7 +57,11 @@ def figure_differences(scores: pd.DataFrame, key, comparisons, path: Path) -> No
         ax.axvline(0, color="k", lw=0.8)
         ax.axvline(c.mean_diff, color="C3", lw=1.2)
         ax.axvspan(c.diff_ci_low, c.diff_ci_high, color="C3", alpha=0.2)
-        ax.set_title(f"{c.a} − {c.b}\nWilcoxon p={c.wilcoxon_p:.2g}, boot p={c.bootstrap_p:.2g}", fontsize=7)
+        ax.set_title(
+            f"{c.a} − {c.b} ({c.alternative})\nWilcoxon p={c.wilcoxon_p:.2g}, perm p={c.permutation_p:.2g}, "
+            f"boot p={c.bootstrap_p:.2g}",
+            fontsize=7,
+        )
     fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)
 
@@ -88,9 +93,62 @@ def figure_grid(targets, image_ids: np.ndarray, path: Path) -> None:
     plt.close(fig)
 
 
+def _values(records: list, *keys: str) -> str:
+    """The distinct values of a nested field over the runs' stores or checkpoints, joined."""
+    out = []
+    for record in records:
+        for k in keys:
+            record = record.get(k, "?") if isinstance(record, dict) else "?"
+        out.append(str(record))
+    return ", ".join(dict.fromkeys(out))
+
+
+def setup_table(targets, cfg) -> pd.DataFrame:
+    """What this run did beside what the paper's text and its released code do, with the source of each choice.
+
+    Values come from the stores and checkpoints themselves, not from the config that asked for them."""
+    encoders = [open_store(t.store).attrs["encoder"] for t in targets]
+    headers = [read_header(t.checkpoint) for t in targets]
+    train = [h["config"]["train"] for h in headers]
+    model = [h["model"] for h in headers]
+    rows = [
+        ("feature layer", _values(encoders, "feature_layer"), "'last layer' (text)", "hidden_states[-2]",
+         "released code (default -2); 'last' is an option"),
+        ("image geometry", _values(encoders, "preprocessing", "geometry"), "not stated",
+         "encode: each model's processor; judge: short side + centre crop",
+         "reconlab: short_side_crop gives every encoder the same field of view; native is an option"),
+        ("per-token L2 normalisation", "yes", "yes", "yes (training loop)", "as published"),
+        ("reconstructor", "upsample kernel " + _values(model, "upsample_kernel") + ", last-stage res blocks "
+         + _values(model, "last_stage_res_blocks") + ", depth " + _values(model, "depth"),
+         "4 transformer blocks + x2 conv upsampling", "CLIP layers (QuickGELU) + ConvTranspose2d(4, 2, 1), 3 res blocks",
+         "released architecture unless a value differs"),
+        ("loss", "MSE on the encoder-normalised image" + (" + L1" if any(t["l1_weight"] for t in train) else ""),
+         "L2", "MSE", "as published"),
+        ("optimiser", f"Adam lr {_values(train, 'lr')}, betas {_values(train, 'betas')}", "Adam 3e-4, (0.9, 0.999)",
+         "Adam 3e-4", "as published"),
+        ("LR schedule", f"linear warm-up from lr/25 over {_values(train, 'warmup_fraction')} of steps, cosine to lr/25e4",
+         "cyclic, 5% warm-up", "CycleScheduler: linear 5% warm-up, cosine decay", "released code's shape"),
+        ("batch size", _values(train, "batch_size"), "10 per device", "32", "run setting"),
+        ("epochs", _values(train, "epochs"), "40", "40", "run setting"),
+        ("checkpoint used", _values(train, "select_checkpoint"), "fixed 40-epoch schedule", "saved every epoch",
+         "reconlab: 'last' selects nothing on held-out images"),
+        ("judges", ", ".join(cfg.judges) + " (" + ", ".join(cfg.judge_modes) + ")",
+         "CLIP ViT-L/14, SigLIP2", "clip-vit-large-patch14, siglip2-large-patch16-256, both grayscale", "as released"),
+        ("tests", "Wilcoxon signed-rank, paired bootstrap (BCa CI, re-centred p), sign-flip permutation",
+         "Wilcoxon, bootstrap", "-", "permutation test added by reconlab (exact at small n)"),
+        ("alternative", cfg.alternative + " unless a comparison states its own", "not stated", "-", "reconlab's choice"),
+        ("multiple comparisons", f"Holm per score family, alpha {cfg.alpha}", "not stated", "-", "reconlab's choice"),
+        ("pixel metrics", f"MSE, PSNR, SSIM at {cfg.pixel_resolution} px", "-", "224 px", "reconlab"),
+    ]  # fmt: skip
+    return pd.DataFrame(
+        rows, columns=["setting", "this run", "paper (text)", "released code", "source / status"]
+    )
+
+
 def _comparison_table(family) -> pd.DataFrame:
-    cols = ["a", "b", "n_pairs", "n_only_a", "n_only_b", "mean_a", "mean_b", "mean_diff", "diff_ci_low",
-            "diff_ci_high", "wilcoxon_p", "bootstrap_p", "holm_p_wilcoxon", "holm_p_bootstrap", "rank_biserial"]  # fmt: skip
+    cols = ["a", "b", "alternative", "n_pairs", "n_only_a", "n_only_b", "mean_a", "mean_b", "mean_diff",
+            "diff_ci_low", "diff_ci_high", "wilcoxon_p", "permutation_p", "bootstrap_p", "holm_p_wilcoxon",
+            "holm_p_permutation", "holm_p_bootstrap", "rank_biserial"]  # fmt: skip
     return pd.DataFrame([c.to_dict() for c in family])[cols] if family else pd.DataFrame(columns=cols)
 
 
@@ -117,6 +175,7 @@ def write(out_dir: Path, scores: pd.DataFrame, analysis: dict, targets, inputs: 
     )
     sections: list[tuple[str, str | pd.DataFrame | None]] = [
         ("Run", pd.DataFrame([header])),
+        ("Setup: this run beside the paper and its released code", setup_table(targets, cfg)),
         ("Inputs (every number below traces to these)", inputs),
         (f"Ranking by {_label(primary)}", analysis["rankings"][primary]),
         ("figure:ranking.png", None),
@@ -124,13 +183,14 @@ def write(out_dir: Path, scores: pd.DataFrame, analysis: dict, targets, inputs: 
         ("figure:distributions.png", None),
     ]
     if analysis["headline"]:
-        head = pd.DataFrame(analysis["headline"])[["judge", "metric", "a", "b", "n_pairs", "mean_a", "mean_b",
-                                                   "mean_diff", "wilcoxon_p", "bootstrap_p", "holm_p_wilcoxon"]]  # fmt: skip
+        head = pd.DataFrame(analysis["headline"])[["judge", "metric", "a", "b", "alternative", "n_pairs", "mean_a",
+                                                   "mean_b", "mean_diff", "wilcoxon_p", "permutation_p", "bootstrap_p",
+                                                   "holm_p_wilcoxon"]]  # fmt: skip
         sections.append(("Headline: SigLIP vs SigLIP2 per resolution and judge", head))
     for key in keys:
         sections.append(
             (
-                f"Paired comparisons: {_label(key)} (Holm across this family)",
+                f"Paired comparisons: {_label(key)} (alternative about mean(a − b); Holm across this family)",
                 _comparison_table(analysis["comparisons"][key]),
             )
         )

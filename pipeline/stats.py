@@ -1,35 +1,47 @@
-"""Paired statistics for comparing encoders on the same images: Wilcoxon signed-rank (scipy), paired bootstrap
-of the mean difference (scipy.stats.bootstrap), effect sizes, Holm correction, and a ranking with CIs.
+"""Paired statistics for comparing encoders on the same images: Wilcoxon signed-rank, the sign-flip permutation
+test and a paired bootstrap of the mean difference (all from scipy.stats), effect sizes, Holm correction, and a
+ranking with CIs.
 
-Pairs are matched by image id; images present for only one side are counted and reported, never dropped silently.
+Every test of a comparison a vs b has the same stated alternative about d = a − b: 'two-sided' (d differs from
+0), 'greater' (a > b) or 'less' (a < b). Pairs are matched by image id; images present for only one side are
+counted and reported, never dropped silently.
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import asdict, dataclass
+from typing import Literal
 
 import numpy as np
 import pandas as pd
 from scipy import stats as sps
+
+Alternative = Literal["two-sided", "greater", "less"]
 
 
 @dataclass(frozen=True)
 class PairedComparison:
     a: str
     b: str
+    alternative: str  # about mean(a − b): two-sided, greater (a > b), less (a < b)
     n_pairs: int
     n_only_a: int
     n_only_b: int
     mean_a: float
     mean_b: float
-    mean_diff: float  # mean(a - b)
-    diff_ci_low: float
+    mean_diff: float  # mean(a − b)
+    diff_ci_low: float  # two-sided 95% bootstrap CI of mean(a − b)
     diff_ci_high: float
+    ci_method: str  # BCa, or percentile where BCa is undefined (e.g. all differences equal)
     wilcoxon_statistic: float
     wilcoxon_p: float
+    permutation_p: float
+    permutation_exact: bool  # all 2^n sign flips enumerated (else Monte Carlo)
     bootstrap_p: float
     rank_biserial: float
     holm_p_wilcoxon: float = float("nan")
+    holm_p_permutation: float = float("nan")
     holm_p_bootstrap: float = float("nan")
 
     def to_dict(self) -> dict:
@@ -57,38 +69,86 @@ def rank_biserial(diff: np.ndarray) -> float:
     return float((w_plus - w_minus) / (w_plus + w_minus))
 
 
+def _tail_p(null: np.ndarray, observed: float, alternative: Alternative) -> float:
+    """Monte Carlo p-value of `observed` against null draws, counting the observed value itself (+1)."""
+    if alternative == "two-sided":
+        extreme = np.abs(null) >= abs(observed)
+    elif alternative == "greater":
+        extreme = null >= observed
+    else:
+        extreme = null <= observed
+    return float((1 + np.sum(extreme)) / (1 + null.size))
+
+
 def bootstrap_mean_diff(
-    diff: np.ndarray, n_boot: int, seed: int, confidence: float = 0.95
-) -> tuple[float, float, float]:
-    """Percentile CI of the mean paired difference and a two-sided bootstrap p-value.
+    diff: np.ndarray, n_boot: int, seed: int, alternative: Alternative = "two-sided", confidence: float = 0.95
+) -> tuple[float, float, float, str]:
+    """Two-sided CI of the mean paired difference (BCa) and a bootstrap p-value under `alternative`.
 
     The p-value resamples the differences re-centred on zero (the null of no mean difference) and counts how
-    often the resampled mean is at least as far from zero as the observed one.
+    often the resampled mean is at least as extreme as the observed one. It is liberal at small n (the
+    permutation test is the exact reference there).
     """
     rng = np.random.default_rng(seed)
-    ci = sps.bootstrap((diff,), np.mean, n_resamples=n_boot, method="percentile", confidence_level=confidence,
-                       random_state=rng).confidence_interval  # fmt: skip
+    low, high, method = np.nan, np.nan, "BCa"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # BCa warns and returns NaN on degenerate samples; handled below
+        ci = sps.bootstrap((diff,), np.mean, n_resamples=n_boot, method="BCa", confidence_level=confidence,
+                           random_state=rng).confidence_interval  # fmt: skip
+        low, high = ci.low, ci.high
+    # BCa is undefined when every difference is equal; scipy then returns NaN, or (rounding) a finite, even
+    # inverted, interval: decide on the data, not on scipy's output.
+    if np.all(diff == diff[0]) or not (np.isfinite(low) and np.isfinite(high)):
+        method = "percentile"
+        ci = sps.bootstrap((diff,), np.mean, n_resamples=n_boot, method="percentile",
+                           confidence_level=confidence, random_state=rng).confidence_interval  # fmt: skip
+        low, high = ci.low, ci.high
     null = sps.bootstrap(
         (diff - diff.mean(),), np.mean, n_resamples=n_boot, method="percentile", random_state=rng
-    )
-    null_means = null.bootstrap_distribution
-    p = (1 + np.sum(np.abs(null_means) >= abs(diff.mean()))) / (1 + n_boot)
-    return float(ci.low), float(ci.high), float(p)
+    ).bootstrap_distribution
+    return float(low), float(high), _tail_p(null, float(diff.mean()), alternative), method
 
 
-def compare(a_name: str, a: pd.Series, b_name: str, b: pd.Series, n_boot: int, seed: int) -> PairedComparison:
+def _mean_of_differences(x: np.ndarray, y: np.ndarray, axis: int) -> np.ndarray:
+    return np.mean(x - y, axis=axis)
+
+
+def permutation_p(
+    x: np.ndarray, y: np.ndarray, n_resamples: int, seed: int, alternative: Alternative = "two-sided"
+) -> tuple[float, bool]:
+    """Paired sign-flip permutation test of mean(x − y): exact when 2^n <= n_resamples, else Monte Carlo."""
+    result = sps.permutation_test(
+        (x, y), _mean_of_differences, permutation_type="samples", alternative=alternative,
+        n_resamples=n_resamples, vectorized=True, random_state=np.random.default_rng(seed),
+    )  # fmt: skip
+    return float(result.pvalue), bool(2.0**x.size <= n_resamples)
+
+
+def compare(
+    a_name: str,
+    a: pd.Series,
+    b_name: str,
+    b: pd.Series,
+    n_boot: int,
+    seed: int,
+    alternative: Alternative = "two-sided",
+    n_permutations: int = 10_000,
+) -> PairedComparison:
     x, y, only_a, only_b = match_by_id(a, b)
     if x.size < 2:
         raise ValueError(f"{a_name} vs {b_name}: only {x.size} images in common; cannot compare")
     diff = x - y
     if np.all(diff == 0):
-        w_stat, w_p = 0.0, 1.0
+        w_stat, w_p, perm_p, exact = 0.0, 1.0, 1.0, True
     else:
-        w = sps.wilcoxon(x, y)
+        w = sps.wilcoxon(x, y, alternative=alternative)
         w_stat, w_p = float(w.statistic), float(w.pvalue)
-    low, high, boot_p = bootstrap_mean_diff(diff, n_boot, seed)
-    return PairedComparison(a_name, b_name, int(x.size), only_a, only_b, float(x.mean()), float(y.mean()),
-                            float(diff.mean()), low, high, w_stat, w_p, boot_p, rank_biserial(diff))  # fmt: skip
+        perm_p, exact = permutation_p(x, y, n_permutations, seed, alternative)
+    low, high, boot_p, ci_method = bootstrap_mean_diff(diff, n_boot, seed, alternative)
+    return PairedComparison(
+        a_name, b_name, alternative, int(x.size), only_a, only_b, float(x.mean()), float(y.mean()),
+        float(diff.mean()), low, high, ci_method, w_stat, w_p, perm_p, exact, boot_p, rank_biserial(diff),
+    )  # fmt: skip
 
 
 def holm(p_values: list[float] | np.ndarray) -> np.ndarray:
@@ -103,17 +163,24 @@ def holm(p_values: list[float] | np.ndarray) -> np.ndarray:
 
 
 def compare_family(
-    scores: dict[str, pd.Series], pairs: list[tuple[str, str]], n_boot: int, seed: int
+    scores: dict[str, pd.Series],
+    pairs: list[tuple[str, str, Alternative]],
+    n_boot: int,
+    seed: int,
+    n_permutations: int = 10_000,
 ) -> list[PairedComparison]:
-    """All requested comparisons, with Holm correction across the family (both tests)."""
-    results = [compare(a, scores[a], b, scores[b], n_boot, seed + i) for i, (a, b) in enumerate(pairs)]
+    """All requested comparisons (a, b, alternative), with Holm correction across the family for each test."""
+    results = [
+        compare(a, scores[a], b, scores[b], n_boot, seed + i, alternative, n_permutations)
+        for i, (a, b, alternative) in enumerate(pairs)
+    ]
     if not results:
         return []
-    holm_w = holm([r.wilcoxon_p for r in results])
-    holm_b = holm([r.bootstrap_p for r in results])
+    adjusted = {test: holm([getattr(r, f"{test}_p") for r in results])
+                for test in ("wilcoxon", "permutation", "bootstrap")}  # fmt: skip
     return [
-        PairedComparison(**{**r.to_dict(), "holm_p_wilcoxon": float(hw), "holm_p_bootstrap": float(hb)})
-        for r, hw, hb in zip(results, holm_w, holm_b, strict=True)
+        PairedComparison(**{**r.to_dict(), **{f"holm_p_{t}": float(adjusted[t][i]) for t in adjusted}})
+        for i, r in enumerate(results)
     ]
 
 

@@ -52,7 +52,7 @@ class TrainJob:
 @dataclass(frozen=True)
 class TrainResult:
     run_dir: Path
-    best_checkpoint: Path
+    checkpoint: Path  # the one later stages use (cfg.select_checkpoint: the last, or the best on val_split)
     last_checkpoint: Path
     val_metrics: dict
     already_complete: bool
@@ -205,7 +205,7 @@ def _result(run_dir: Path, already_complete: bool) -> TrainResult:
     info = json.loads((run_dir / "result.json").read_text())
     return TrainResult(
         run_dir,
-        Path(info["best_checkpoint"]),
+        Path(info["checkpoint"]),
         Path(info["last_checkpoint"]),
         info["val_metrics"],
         already_complete,
@@ -229,10 +229,7 @@ def _train(cfg: TrainConfig, key: dict, run_dir: Path, train_store, val_store, p
     optimizer = torch.optim.Adam(
         model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay
     )
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=cfg.lr, total_steps=total_steps, pct_start=_warmup_share(cfg.warmup_fraction, total_steps),
-        anneal_strategy="cos", cycle_momentum=False,
-    )  # fmt: skip
+    scheduler = lr_schedule(optimizer, cfg, total_steps)
     ckpt_dir = run_dir / "checkpoints"
     header_base = {
         "config": key,
@@ -312,8 +309,8 @@ def _train(cfg: TrainConfig, key: dict, run_dir: Path, train_store, val_store, p
             best_psnr = max(best_psnr, val_metrics["val_psnr_db"])
             header = {**header_base, "epoch": epoch, "step": step, "total_steps": total_steps,
                       "metrics": val_metrics, "best_val_psnr_db": best_psnr}  # fmt: skip
-            if is_best:
-                checkpoints.save(ckpt_dir, "best", model, header)
+            if is_best and cfg.select_checkpoint == "best_val":
+                checkpoints.save(ckpt_dir, "best", model, header | {"selected_on_store": str(val_store.path)})
             checkpoints.save(ckpt_dir, f"epoch-{epoch:04d}", model, header, optimizer, scheduler)
             for old in sorted(ckpt_dir.glob("epoch-*.json"))[: -cfg.keep_last]:
                 for f in ckpt_dir.glob(old.stem + ".*"):
@@ -327,18 +324,36 @@ def _train(cfg: TrainConfig, key: dict, run_dir: Path, train_store, val_store, p
         _barrier(world)  # rank 0 writes result.json
         return _result(run_dir, already_complete=False)
     last = sorted(ckpt_dir.glob("epoch-*.json"))[-1]
-    if not (ckpt_dir / "best.json").is_file():  # validation never produced a finite PSNR
-        checkpoints.save(ckpt_dir, "best", model, checkpoints.read_header(last) | {"best_is_last": True})
-    result = {"best_checkpoint": str(ckpt_dir / "best.json"), "last_checkpoint": str(last),
+    chosen = last
+    if cfg.select_checkpoint == "best_val":
+        chosen = ckpt_dir / "best.json"
+        if not chosen.is_file():  # validation never produced a finite PSNR
+            checkpoints.save(ckpt_dir, "best", model,
+                             checkpoints.read_header(last) | {"best_is_last": True, "selected_on_store": str(val_store.path)})  # fmt: skip
+    result = {"checkpoint": str(chosen), "last_checkpoint": str(last), "select_checkpoint": cfg.select_checkpoint,
               "val_metrics": val_metrics or checkpoints.read_header(last)["metrics"], "config_hash": config_hash(key)}  # fmt: skip
     (run_dir / "result.json").write_text(json.dumps(result, indent=1))
     _barrier(world)
     return _result(run_dir, already_complete=False)
 
 
-def _warmup_share(warmup_fraction: float, total_steps: int) -> float:
-    # OneCycleLR divides by (pct_start * total_steps - 1): keep the warm-up at least ~1.5 steps long.
-    return min(0.9, max(warmup_fraction, 1.5 / max(total_steps, 1)))
+def lr_schedule(optimizer, cfg: TrainConfig, total_steps: int) -> torch.optim.lr_scheduler.LRScheduler:
+    """The released code's CycleScheduler shape: linear warm-up from lr/25 to lr over warmup_fraction of the
+    steps, then cosine decay to lr/25/1e4 (the paper only says 'cyclic, 5% warm-up')."""
+    warmup = max(1, round(cfg.warmup_fraction * total_steps))
+    start = 1 / 25
+    return torch.optim.lr_scheduler.SequentialLR(
+        optimizer,
+        [
+            torch.optim.lr_scheduler.LinearLR(
+                optimizer, start_factor=start, end_factor=1.0, total_iters=warmup
+            ),
+            torch.optim.lr_scheduler.CosineAnnealingLR(
+                optimizer, T_max=max(1, total_steps - warmup), eta_min=cfg.lr * start / 1e4
+            ),
+        ],
+        milestones=[warmup],
+    )
 
 
 def _validate_and_log(

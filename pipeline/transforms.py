@@ -17,26 +17,27 @@ class Transform:
     fn: Callable[..., np.ndarray]
     params: tuple[str, ...]
     description: str
+    involutive: bool  # T∘T = id: the only transforms an involution fit is meaningful for
 
 
 REGISTRY: dict[str, Transform] = {}
 
 
-def register(name: str, params: tuple[str, ...] = ()):
+def register(name: str, params: tuple[str, ...] = (), involutive: bool = False):
     def wrap(fn):
-        REGISTRY[name] = Transform(fn, params, (fn.__doc__ or "").strip())
+        REGISTRY[name] = Transform(fn, params, (fn.__doc__ or "").strip(), involutive)
         return fn
 
     return wrap
 
 
-@register("identity")
+@register("identity", involutive=True)
 def identity(pixels: np.ndarray) -> np.ndarray:
     """No change."""
     return pixels
 
 
-@register("swap_rb")
+@register("swap_rb", involutive=True)
 def swap_rb(pixels: np.ndarray) -> np.ndarray:
     """Swap the red and blue channels (an involution)."""
     return np.ascontiguousarray(pixels[..., ::-1])
@@ -57,3 +58,12 @@ def grayscale(pixels: np.ndarray) -> np.ndarray:
     luma = pixels.astype(np.float32) @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
     gray = np.clip(np.round(luma), 0, 255).astype(np.uint8)
     return np.repeat(gray[..., None], 3, axis=-1)
+
+
+def expected_spectrum(name: str, params: dict, direction: str) -> str | None:
+    """The paper's prediction for the operator of (T, direction), a key of operator_fits.PREDICTIONS, or None."""
+    if REGISTRY[name].involutive:
+        return "involution"
+    if name == "scale_channel" and direction == "forward" and params["alpha"] <= 1:
+        return "contraction"
+    return None

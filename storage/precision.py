@@ -12,6 +12,15 @@ from zarr.codecs import numcodecs as znc
 
 FLOAT16_MAX = float(np.finfo(np.float16).max)
 
+# Largest error storage adds to a feature value, relative to the largest |value| of its token (the unit round-off
+# of the stored mantissa; int8_per_token: half a step of scale = max|token| / 127). `store verify` checks it.
+MAX_TOKEN_RELATIVE_ERROR = {
+    "float32": 0.0,
+    "float16": 2.0**-11,
+    "bf16_bitround": 2.0**-8,
+    "int8_per_token": 0.5 / 127,
+}
+
 
 def default_level(precision: str) -> int:
     # Measured on ViT-B activations (docs/benchmarks.md): zstd level 7 takes bf16-rounded features from 0.71x

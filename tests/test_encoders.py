@@ -136,7 +136,7 @@ def test_timm_random_weights_are_reproducible_from_the_seed():
 
 def test_timm_preprocess_equals_timms_own_eval_transform_on_real_photos(timm_checkpoint, photos):
     path, model = timm_checkpoint
-    encoder = encoders.load(timm_spec(weights=str(path)), device="cpu")
+    encoder = encoders.load(timm_spec(weights=str(path)), device="cpu", geometry="native")
     data_config = timm.data.resolve_model_data_config(model)
     data_config["input_size"] = (3, TIMM_RESOLUTION, TIMM_RESOLUTION)
     timm_eval = timm.data.create_transform(**data_config, is_training=False)
@@ -148,6 +148,18 @@ def test_timm_preprocess_equals_timms_own_eval_transform_on_real_photos(timm_che
         torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
     assert encoder.preprocessing.interpolation == data_config["interpolation"]
     assert encoder.preprocessing.mean == tuple(data_config["mean"])
+
+
+def test_the_shared_geometry_equals_timms_eval_transform_without_a_crop_margin(timm_checkpoint, photos):
+    path, model = timm_checkpoint
+    encoder = encoders.load(timm_spec(weights=str(path)), device="cpu")
+    data_config = timm.data.resolve_model_data_config(model)
+    assert data_config["crop_pct"] < 1  # otherwise this test shows nothing
+    data_config.update(input_size=(3, TIMM_RESOLUTION, TIMM_RESOLUTION), crop_pct=1.0)
+    timm_full_view = timm.data.create_transform(**data_config, is_training=False)
+
+    for photo in photos:
+        torch.testing.assert_close(encoder.preprocess(photo), timm_full_view(photo), rtol=0, atol=1e-5)
 
 
 def test_spec_with_wrong_n_prefix_tokens_fails_naming_the_field():
@@ -270,7 +282,7 @@ def test_transformers_preprocess_is_close_to_the_hf_image_processors_own_output(
     name, hf_saved, photos, offline
 ):
     folder, _, processor = hf_saved[name]
-    encoder = encoders.load(hf_spec(name, str(folder)), device="cpu")
+    encoder = encoders.load(hf_spec(name, str(folder)), device="cpu", geometry="native")
 
     for photo in photos:
         ours = encoder.preprocess(photo)

@@ -30,7 +30,7 @@ def targets(tmp_path_factory, demo_dataset):
         val_store = encode.run(job("val"), progress=False).store_path
         cfg = TrainConfig(output_root=root / "train", epochs=2, batch_size=8, n_val_images=4, n_sample_images=2,
                           shuffle_buffer_images=8)  # fmt: skip
-        checkpoint = train.run(train.TrainJob(train_store, val_store, cfg), progress=False).best_checkpoint
+        checkpoint = train.run(train.TrainJob(train_store, val_store, cfg), progress=False).checkpoint
         out.append(evaluate.EvalTarget(name, val_store, checkpoint))
     return out
 

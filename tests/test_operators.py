@@ -28,6 +28,7 @@ from pipeline.operator_fits import (
     procrustes,
     relative_residual,
 )
+from pipeline.reconstruct import DisjointnessError
 from pipeline.transforms import swap_rb
 from storage import StoreLayout, create, open_store
 from storage.precision import value_stats
@@ -157,7 +158,7 @@ def operator_setup(make_job, tmp_path):
         n_sample_images=2,
         shuffle_buffer_images=4,
     )
-    checkpoint = train.run(train.TrainJob(train_store, identity, cfg), progress=False).best_checkpoint
+    checkpoint = train.run(train.TrainJob(train_store, identity, cfg), progress=False).checkpoint
     return train_store, identity, swapped, checkpoint
 
 
@@ -196,7 +197,7 @@ def test_operators_refuse_images_the_reconstructor_was_trained_on(operator_setup
     job = operators.OperatorJob(
         train_store, swapped_train, OperatorPairSpec(transform=TransformSpec(name="swap_rb")), checkpoint, cfg
     )
-    with pytest.raises(operators.DisjointnessError, match="8 operator image"):
+    with pytest.raises(DisjointnessError, match="8 of its images trained the reconstructor"):
         operators.run(job)
 
 

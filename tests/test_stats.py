@@ -31,9 +31,9 @@ def test_bootstrap_ci_covers_the_true_mean_difference_at_about_its_nominal_rate(
     true_diff, hits, n_sims = 0.02, 0, 200
     for sim in range(n_sims):
         d = true_diff + rng.standard_t(df=5, size=60) * 0.05
-        low, high, _ = stats.bootstrap_mean_diff(d, n_boot=1000, seed=sim)
+        low, high, _, _ = stats.bootstrap_mean_diff(d, n_boot=1000, seed=sim)
         hits += low <= true_diff <= high
-    # Nominal 95%; percentile intervals run a little narrow at n=60. Binomial sd at 200 sims is ~1.5%.
+    # Nominal 95%; bootstrap intervals run a little narrow at n=60. Binomial sd at 200 sims is ~1.5%.
     assert 0.88 <= hits / n_sims <= 0.99
 
 
@@ -89,7 +89,10 @@ def test_ranking_orders_by_mean_and_lists_ties():
         "bad": _series(base),
     }
     family = stats.compare_family(
-        scores, [("good", "same"), ("good", "bad"), ("same", "bad")], n_boot=500, seed=0
+        scores,
+        [(a, b, "two-sided") for a, b in [("good", "same"), ("good", "bad"), ("same", "bad")]],
+        n_boot=500,
+        seed=0,
     )
     table = stats.ranking(scores, family, n_boot=500, seed=0, alpha=0.05)
     assert table["encoder"].iloc[-1] == "bad"
