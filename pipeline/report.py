@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.checkpoints import read_header
+from pipeline.config import ReconstructorConfig
 from pipeline.figures import pyplot
 from pipeline.reconstruct import load_reconstructor, reconstruct
 from storage import open_store
@@ -103,6 +104,11 @@ def _values(records: list, *keys: str) -> str:
     return ", ".join(dict.fromkeys(out))
 
 
+def _is_released(model: dict) -> bool:
+    defaults = ReconstructorConfig().model_dump(mode="json")
+    return all(model.get(k) == v for k, v in defaults.items() if k not in ("min_channels", "resize_mode"))
+
+
 def setup_table(targets, cfg) -> pd.DataFrame:
     """What this run did beside what the paper's text and its released code do, with the source of each choice.
 
@@ -115,17 +121,18 @@ def setup_table(targets, cfg) -> pd.DataFrame:
         ("feature layer", _values(encoders, "feature_layer"), "'last layer' (text)", "hidden_states[-2]",
          "released code (default -2); 'last' is an option"),
         ("image geometry", _values(encoders, "preprocessing", "geometry"), "not stated",
-         "encode: each model's processor; judge: short side + centre crop",
+         "encode: SigLIP processor (squash); judge: short side + centre crop",
          "reconlab: short_side_crop gives every encoder the same field of view; native is an option"),
         ("per-token L2 normalisation", "yes", "yes", "yes (training loop)", "as published"),
         ("reconstructor", "upsample kernel " + _values(model, "upsample_kernel") + ", last-stage res blocks "
          + _values(model, "last_stage_res_blocks") + ", depth " + _values(model, "depth"),
          "4 transformer blocks + x2 conv upsampling", "CLIP layers (QuickGELU) + ConvTranspose2d(4, 2, 1), 3 res blocks",
-         "released architecture unless a value differs"),
+         "released architecture" if all(_is_released(m) for m in model) else "DEPARTS from the released architecture"),
         ("loss", "MSE on the encoder-normalised image" + (" + L1" if any(t["l1_weight"] for t in train) else ""),
          "L2", "MSE", "as published"),
         ("optimiser", f"Adam lr {_values(train, 'lr')}, betas {_values(train, 'betas')}", "Adam 3e-4, (0.9, 0.999)",
-         "Adam 3e-4", "as published"),
+         "Adam 3e-4", "as published" if all(t["lr"] == 3e-4 and list(t["betas"]) == [0.9, 0.999] for t in train)
+         else "run setting"),
         ("LR schedule", f"linear warm-up from lr/25 over {_values(train, 'warmup_fraction')} of steps, cosine to lr/25e4",
          "cyclic, 5% warm-up", "CycleScheduler: linear 5% warm-up, cosine decay", "released code's shape"),
         ("batch size", _values(train, "batch_size"), "10 per device", "32", "run setting"),

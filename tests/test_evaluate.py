@@ -59,6 +59,7 @@ def test_report_exists_with_tables_and_embedded_figures(result):
     res, _ = result
     md, html = res.report_md.read_text(), res.report_html.read_text()
     for section in (
+        "Setup: this run beside the paper and its released code",
         "Inputs",
         "Ranking by tiny-judge / cosine_grayscale",
         "Paired comparisons",
@@ -70,6 +71,40 @@ def test_report_exists_with_tables_and_embedded_figures(result):
         assert f"]({fig})" in md
     assert html.count("data:image/png;base64,") == 4
     assert "store_hash" in md and "checkpoint_config_hash" in md
+    setup = md[md.index("## Setup") : md.index("## Inputs")]
+    for row in ("| feature layer ", "hidden_states[-2]", "| image geometry ", "short_side_crop", "| LR schedule ",
+                "| checkpoint used  ", "| alternative ", "two-sided", "released architecture"):  # fmt: skip
+        assert row in setup, row
+    assert "| alternative " in md[md.index("## Paired comparisons") :] and "permutation_p" in md
+
+
+def test_a_directional_comparison_is_tested_one_sided_in_every_test():
+    rng = np.random.default_rng(1)
+    ids = np.arange(40)
+    rows = [
+        pd.DataFrame(
+            {
+                "image_id": ids,
+                "encoder": name,
+                "judge": "j",
+                "metric": "cosine_grayscale",
+                "value": 0.8 + shift + rng.normal(0, 0.05, 40),
+            }
+        )  # fmt: skip
+        for name, shift in (("a", 0.005), ("b", 0.0), ("c", 0.0))
+    ]
+    scores = pd.concat(rows, ignore_index=True)
+    two = evaluate.analyse(scores, EvaluateConfig(judges=["j"], judge_modes=["grayscale"], n_boot=2000,
+                                                  comparisons=[("a", "b")]))  # fmt: skip
+    one = evaluate.analyse(scores, EvaluateConfig(judges=["j"], judge_modes=["grayscale"], n_boot=2000,
+                                                  comparisons=[{"a": "a", "b": "b", "alternative": "greater"}]))  # fmt: skip
+    [t], [g] = two["comparisons"][("j", "cosine_grayscale")], one["comparisons"][("j", "cosine_grayscale")]
+    assert (t.alternative, g.alternative) == ("two-sided", "greater")
+    # With the observed difference in the hypothesised direction, each one-sided p is about half the two-sided.
+    for test in ("wilcoxon_p", "permutation_p", "bootstrap_p"):
+        assert getattr(g, test) == pytest.approx(getattr(t, test) / 2, rel=0.25), test
+    with pytest.raises(ValueError, match=r"\['zz'\] that are not evaluated"):
+        evaluate.analyse(scores, EvaluateConfig(judges=["j"], n_boot=500, comparisons=[("a", "zz")]))
 
 
 def test_report_numbers_match_the_per_image_parquet(result):

@@ -181,6 +181,28 @@ def test_the_operators_stage_writes_operators_plots_grid_and_table_and_caches(op
     assert fits["involution"]["involution_error"] < 1e-3
     assert fits["least_squares"]["residual_train"] <= fits["procrustes"]["residual_train"] + 1e-9
     assert operators.run(job).already_complete
+    assert isinstance(fits["involution"]["prediction_holds"], bool)
+    assert "Paper's prediction: T∘T = id" in (result.out_dir / "fits.md").read_text()
+
+
+def test_fits_default_to_the_papers_per_transform_and_involution_only_for_involutions():
+    swap = OperatorPairSpec(transform=TransformSpec(name="swap_rb"))
+    blue = OperatorPairSpec(transform=TransformSpec(name="scale_channel", channel="b", alpha=0.25))
+    color = OperatorPairSpec(transform=TransformSpec(name="grayscale"), direction="inverse")
+    assert operators.fits_for(swap, None) == [("involution", ""), ("procrustes", ""), ("least_squares", "")]
+    assert operators.fits_for(blue, None) == [("least_squares", ""), ("procrustes", "")]
+    asked = operators.fits_for(color, ["involution", "least_squares"])
+    assert asked[0][0] == "involution" and "grayscale is not its own inverse" in asked[0][1]
+    assert asked[1] == ("least_squares", "")
+
+
+def test_the_paper_predicts_an_involution_for_the_swap_and_a_contraction_for_blue_suppression():
+    from pipeline.transforms import expected_spectrum
+
+    assert expected_spectrum("swap_rb", {}, "forward") == "involution"
+    assert expected_spectrum("scale_channel", {"channel": "b", "alpha": 0.0}, "forward") == "contraction"
+    assert expected_spectrum("scale_channel", {"channel": "b", "alpha": 2.0}, "forward") is None
+    assert expected_spectrum("grayscale", {}, "inverse") is None
 
 
 def test_operators_refuse_images_the_reconstructor_was_trained_on(operator_setup, make_job, tmp_path):
