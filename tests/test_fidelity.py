@@ -36,7 +36,9 @@ def test_the_openai_and_metaclip_specs_use_timms_quickgelu_models():
 def test_a_quickgelu_checkpoint_in_an_exact_gelu_model_is_refused_naming_the_right_id():
     spec = yaml.safe_load((REPO_CONFIG_DIR / "encoders" / "clip-b16-openai.yaml").read_text())
     spec["model_id"] = "vit_base_patch16_clip_224.openai"
-    with pytest.raises(encoders.ArchitectureMismatchError, match=r"model_id: vit_base_patch16_clip_quickgelu_224\.openai$"):
+    with pytest.raises(
+        encoders.ArchitectureMismatchError, match=r"model_id: vit_base_patch16_clip_quickgelu_224\.openai$"
+    ):
         encoders.check_architecture(EncoderSpec.model_validate(spec))
 
 
@@ -69,7 +71,10 @@ def test_short_side_crop_gives_every_encoder_the_whole_short_side(make_job):
 def test_the_geometry_is_recorded_in_the_store_and_changes_its_key(make_job):
     shared = encode.run(make_job(subset=SubsetSpec(max_images=4)), progress=False)
     native = encode.run(
-        make_job(subset=SubsetSpec(max_images=4), options=EncodeOptions(batch_size=8, num_workers=0, geometry="native")),
+        make_job(
+            subset=SubsetSpec(max_images=4),
+            options=EncodeOptions(batch_size=8, num_workers=0, geometry="native"),
+        ),
         progress=False,
     )
     assert shared.store_path != native.store_path
@@ -85,7 +90,9 @@ def test_judges_see_the_stored_square_image_resized_without_a_crop():
 
 
 def test_store_verify_passes_on_an_honest_store(make_job):
-    path = encode.run(make_job(subset=SubsetSpec(max_images=8), store=StoreOptions(shard_images=4)), progress=False).store_path
+    path = encode.run(
+        make_job(subset=SubsetSpec(max_images=8), store=StoreOptions(shard_images=4)), progress=False
+    ).store_path
     report = verify(path, n_images=4, device="cpu")
     assert len(report.checks) == 4 and not report.mismatches, report.checks
     assert report.largest_error <= 2.0**-11 + 1e-3
@@ -93,7 +100,9 @@ def test_store_verify_passes_on_an_honest_store(make_job):
 
 
 def test_store_verify_catches_a_store_encoded_with_another_crop_than_it_records(make_job):
-    job = make_job(subset=SubsetSpec(max_images=8), options=EncodeOptions(batch_size=8, num_workers=0, geometry="native"))
+    job = make_job(
+        subset=SubsetSpec(max_images=8), options=EncodeOptions(batch_size=8, num_workers=0, geometry="native")
+    )
     path = encode.run(job, progress=False).store_path
     # Plant the mismatch: the store claims the shared geometry but its features come from the 0.9 crop.
     group = zarr.open_group(str(path), mode="r+")
@@ -149,7 +158,9 @@ def test_evaluate_refuses_to_score_images_that_selected_the_reconstructor(traine
     cfg = EvaluateConfig(output_root=root / "eval", judges=[], judge_modes=["grayscale"], device="cpu")
     with pytest.raises(DisjointnessError, match="12 of its images selected the reconstructor"):
         evaluate.score_encoder(evaluate.EvalTarget("tiny-vit-64", val_store, best.checkpoint), {}, cfg)
-    scores, _, _ = evaluate.score_encoder(evaluate.EvalTarget("tiny-vit-64", val_store, last.checkpoint), {}, cfg)
+    scores, _, _ = evaluate.score_encoder(
+        evaluate.EvalTarget("tiny-vit-64", val_store, last.checkpoint), {}, cfg
+    )
     assert scores["image_id"].nunique() == 12
 
 
