@@ -15,6 +15,7 @@ from pipeline import encoders
 from pipeline.config import DatasetSpec, EncoderSpec, SubsetSpec, TransformSpec
 from pipeline.datasets import image_list_sha256, list_images
 from pipeline.encode import decode_for_encoder
+from pipeline.images import Preprocessing
 from storage import StoreError, open_store
 from storage.precision import MAX_TOKEN_RELATIVE_ERROR
 
@@ -74,7 +75,7 @@ def verify(
     if encoder.weights_id != attrs["encoder"]["weights_id"]:
         raise StoreError(f"{path}: recorded weights {attrs['encoder']['weights_id']}, available now "
                          f"{encoder.weights_id}; cannot recompute with the recorded encoder")  # fmt: skip
-    if encoder.preprocessing.to_dict() != attrs["encoder"]["preprocessing"]:
+    if encoder.preprocessing != Preprocessing.from_dict(attrs["encoder"]["preprocessing"]):
         notes.append("the recorded encoder's preprocessing today differs from the store's record")
     valid_rows = np.flatnonzero(store.valid())
     rng = np.random.default_rng(seed)
