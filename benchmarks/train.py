@@ -41,9 +41,7 @@ def steps(store_path: Path, cfg: TrainConfig, n_steps: int, in_memory: bool) -> 
     torch.manual_seed(0)
     model = train.build_model(cfg, store)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    sched = torch.optim.lr_scheduler.OneCycleLR(
-        opt, max_lr=cfg.lr, total_steps=n_steps + 1, cycle_momentum=False
-    )
+    sched = train.lr_schedule(opt, cfg, n_steps + 1)
     pre = store.attrs["encoder"]["preprocessing"]
     device, dtype = torch.device("cpu"), torch.float32
 

@@ -249,7 +249,7 @@ class TrainConfig(Frozen):
         0.05,
         ge=0,
         lt=1,
-        description="OneCycleLR: share of steps warming up (cosine, from lr/25) before cosine decay.",
+        description="Share of steps warming up linearly from lr/25 to lr before cosine decay to lr/25e4 (released: 0.05).",
     )
     grad_clip_norm: float | None = Field(
         None, gt=0, description="Clip the gradient norm to this (None: off)."

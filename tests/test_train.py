@@ -272,3 +272,24 @@ def test_a_store_with_non_finite_features_is_refused_before_training(tiny_store,
     group.attrs["feature_stats"] = {**group.attrs["feature_stats"], "n_over_float16_max": 3}
     with pytest.raises(StoreError, match="above float16's range.*float32 or bf16_bitround"):
         train.run(train.TrainJob(tiny_store, tiny_store, _cfg(tmp_path)), progress=False)
+
+
+def test_the_lr_schedule_has_the_released_cycle_schedulers_shape():
+    # Released CycleScheduler(lr, n_iter, warmup_proportion=0.05, divider=25, phase=('linear', 'cos')): linear
+    # from lr/25 to lr over the warm-up, then end + (lr - end) * (1 + cos(pi * p)) / 2 down to end = lr/25/1e4.
+    lr, total, warmup = 3e-4, 200, 10
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    sched = train.lr_schedule(opt, TrainConfig(lr=lr, warmup_fraction=0.05), total)
+    seen = []
+    for _ in range(total):
+        seen.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    low, end = lr / 25, lr / 25 / 1e4
+    expected = [low + (lr - low) * k / warmup for k in range(warmup)]
+    expected += [
+        end + (lr - end) * (1 + np.cos(np.pi * k / (total - warmup))) / 2 for k in range(total - warmup)
+    ]
+    np.testing.assert_allclose(seen, expected, rtol=1e-9)
+    assert seen[warmup] == pytest.approx(lr) and seen[-1] < lr / 1000
