@@ -68,10 +68,12 @@ def check_held_out(image_ids: np.ndarray, header: dict, scored: str) -> None:
         overlap = np.intersect1d(image_ids, shaped)
         if overlap.size:
             source = header["train_store"] if role == "trained" else header["selected_on_store"]
+            fix = "score a split that R never saw (evaluate.split / operators.split)"
+            if role == "selected":
+                fix += ", or train with train.select_checkpoint: last"
             raise DisjointnessError(
                 f"{scored}: {overlap.size} of its images {role} the reconstructor (store {Path(source).name}), "
-                f"e.g. ids {overlap[:5].tolist()}; score a split that R never saw (evaluate.split / operators.split), "
-                "or train with train.select_checkpoint: last"
+                f"e.g. ids {overlap[:5].tolist()}; {fix}"
             )
 
 
