@@ -78,22 +78,18 @@ def test_report_exists_with_tables_and_embedded_figures(result):
     assert "| alternative " in md[md.index("## Paired comparisons") :] and "permutation_p" in md
 
 
+def _scores(means: dict[str, float], n: int, seed: int) -> pd.DataFrame:
+    """Long-format judge scores: n images per encoder around the given means (sd 0.05)."""
+    rng = np.random.default_rng(seed)
+    return pd.concat(
+        [pd.DataFrame({"image_id": np.arange(n), "encoder": name, "judge": "j", "metric": "cosine_grayscale",
+                       "value": mean + rng.normal(0, 0.05, n)}) for name, mean in means.items()],
+        ignore_index=True,
+    )  # fmt: skip
+
+
 def test_a_directional_comparison_is_tested_one_sided_in_every_test():
-    rng = np.random.default_rng(1)
-    ids = np.arange(40)
-    rows = [
-        pd.DataFrame(
-            {
-                "image_id": ids,
-                "encoder": name,
-                "judge": "j",
-                "metric": "cosine_grayscale",
-                "value": 0.8 + shift + rng.normal(0, 0.05, 40),
-            }
-        )  # fmt: skip
-        for name, shift in (("a", 0.005), ("b", 0.0), ("c", 0.0))
-    ]
-    scores = pd.concat(rows, ignore_index=True)
+    scores = _scores({"a": 0.805, "b": 0.8, "c": 0.8}, n=40, seed=1)
     two = evaluate.analyse(scores, EvaluateConfig(judges=["j"], judge_modes=["grayscale"], n_boot=2000,
                                                   comparisons=[("a", "b")]))  # fmt: skip
     one = evaluate.analyse(scores, EvaluateConfig(judges=["j"], judge_modes=["grayscale"], n_boot=2000,
@@ -147,21 +143,8 @@ def test_lpips_is_skipped_with_a_note_when_unavailable():
 
 
 def test_the_headline_table_is_built_whatever_the_order_of_a_requested_pair():
-    rng = np.random.default_rng(0)
-    ids = np.arange(30)
-    rows = [
-        pd.DataFrame(
-            {
-                "image_id": ids,
-                "encoder": name,
-                "judge": "j",
-                "metric": "cosine_grayscale",
-                "value": rng.normal(0.8 + shift, 0.05, 30),
-            }
-        )  # fmt: skip
-        for name, shift in (("siglip-b16-224", 0.0), ("siglip2-b16-224", 0.05))
-    ]
+    scores = _scores({"siglip-b16-224": 0.8, "siglip2-b16-224": 0.85}, n=30, seed=0)
     cfg = EvaluateConfig(judges=["j"], judge_modes=["grayscale"], n_boot=200,
                          comparisons=[("siglip2-b16-224", "siglip-b16-224")])  # fmt: skip
-    analysis = evaluate.analyse(pd.concat(rows, ignore_index=True), cfg)
+    analysis = evaluate.analyse(scores, cfg)
     assert len(analysis["headline"]) == 1 and analysis["primary"] == ("j", "cosine_grayscale")
