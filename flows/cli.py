@@ -48,6 +48,9 @@ def _preflight(config: Path) -> None:
     from pipeline.encode import jobs_from_config
 
     jobs_from_config(load_run_config(config), config)
+    from flows import prefect_env
+
+    prefect_env.quiet_user_errors(_user_errors())
 
 
 def _echo_trained(results) -> None:

@@ -83,3 +83,37 @@ def test_schedule_without_a_prefect_server_explains_what_to_start(write_run_conf
     monkeypatch.delenv("PREFECT_API_URL", raising=False)
     result = runner.invoke(app, ["schedule", "--config", str(write_run_config()), "--cron", "0 2 * * *"])
     assert result.exit_code == 2 and "prefect server start" in result.output
+
+
+def test_prefect_failure_logs_of_user_errors_are_dropped_and_others_kept():
+    import logging
+
+    from flows import prefect_env
+    from storage import StoreError, StoreLocked
+
+    prefect_env.quiet_user_errors((StoreError,))
+    logger = logging.getLogger("prefect.task_runs")
+    kept: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record):
+            kept.append(record.getMessage())
+
+    handler = Collect()
+    logger.addHandler(handler)
+    try:
+        for exc in (StoreLocked("locked"), RuntimeError("a bug")):
+            try:
+                raise exc
+            except Exception:
+                logger.error("Task run failed with exception: %r", exc, exc_info=True)
+        logger.error("Finished in state Failed('Task run encountered an exception StoreLocked: locked')")
+        logger.error("Finished in state Failed('Task run encountered an exception RuntimeError: a bug')")
+        logger.warning("progress")
+    finally:
+        logger.removeHandler(handler)
+    assert kept == [
+        "Task run failed with exception: RuntimeError('a bug')",
+        "Finished in state Failed('Task run encountered an exception RuntimeError: a bug')",
+        "progress",
+    ]
