@@ -19,6 +19,10 @@ from scipy import stats as sps
 
 Alternative = Literal["two-sided", "greater", "less"]
 
+# Resamples evaluated at once: scipy otherwise holds n_resamples x n_images values (400 MB at 10,000 x 5,000);
+# 2,000 keeps it under 100 MB and was the fastest batch measured at n = 5,000.
+_BATCH = 2000
+
 
 @dataclass(frozen=True)
 class PairedComparison:
@@ -90,38 +94,46 @@ def bootstrap_mean_diff(
     permutation test is the exact reference there).
     """
     rng = np.random.default_rng(seed)
-    low, high, method = np.nan, np.nan, "BCa"
+    method = "BCa"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # BCa warns and returns NaN on degenerate samples; handled below
         ci = sps.bootstrap((diff,), np.mean, n_resamples=n_boot, method="BCa", confidence_level=confidence,
-                           random_state=rng).confidence_interval  # fmt: skip
+                           batch=_BATCH, random_state=rng).confidence_interval  # fmt: skip
         low, high = ci.low, ci.high
     # BCa is undefined when every difference is equal; scipy then returns NaN, or (rounding) a finite, even
     # inverted, interval: decide on the data, not on scipy's output.
     if np.all(diff == diff[0]) or not (np.isfinite(low) and np.isfinite(high)):
         method = "percentile"
         ci = sps.bootstrap((diff,), np.mean, n_resamples=n_boot, method="percentile",
-                           confidence_level=confidence, random_state=rng).confidence_interval  # fmt: skip
+                           confidence_level=confidence, batch=_BATCH, random_state=rng).confidence_interval  # fmt: skip
         low, high = ci.low, ci.high
     null = sps.bootstrap(
-        (diff - diff.mean(),), np.mean, n_resamples=n_boot, method="percentile", random_state=rng
+        (diff - diff.mean(),),
+        np.mean,
+        n_resamples=n_boot,
+        method="percentile",
+        batch=_BATCH,
+        random_state=rng,
     ).bootstrap_distribution
     return float(low), float(high), _tail_p(null, float(diff.mean()), alternative), method
 
 
-def _mean_of_differences(x: np.ndarray, y: np.ndarray, axis: int) -> np.ndarray:
-    return np.mean(x - y, axis=axis)
+def _mean(d: np.ndarray, axis: int) -> np.ndarray:
+    return np.mean(d, axis=axis)
 
 
 def permutation_p(
     x: np.ndarray, y: np.ndarray, n_resamples: int, seed: int, alternative: Alternative = "two-sided"
 ) -> tuple[float, bool]:
-    """Paired sign-flip permutation test of mean(x − y): exact when 2^n <= n_resamples, else Monte Carlo."""
+    """Paired sign-flip permutation test of mean(x − y): exact when 2^n <= n_resamples, else Monte Carlo.
+
+    Swapping x_i and y_i flips the sign of d_i = x_i − y_i, so this is scipy's one-sample 'samples' test on the
+    differences (same p-values as the two-sample paired form, twice as fast)."""
     result = sps.permutation_test(
-        (x, y), _mean_of_differences, permutation_type="samples", alternative=alternative,
-        n_resamples=n_resamples, vectorized=True, random_state=np.random.default_rng(seed),
+        (x - y,), _mean, permutation_type="samples", alternative=alternative,
+        n_resamples=n_resamples, vectorized=True, batch=_BATCH, random_state=np.random.default_rng(seed),
     )  # fmt: skip
-    return float(result.pvalue), bool(2.0**x.size <= n_resamples)
+    return float(result.pvalue), 2 ** int(x.size) <= n_resamples  # Python ints: no overflow at n = 5,000
 
 
 def compare(

@@ -99,3 +99,12 @@ def test_ranking_orders_by_mean_and_lists_ties():
     assert "same" in table.set_index("encoder").loc["good", "not_significantly_different_from"]
     assert table.set_index("encoder").loc["bad", "not_significantly_different_from"] == "-"
     assert (table["ci_low"] <= table["mean"]).all() and (table["mean"] <= table["ci_high"]).all()
+
+
+def test_thousands_of_images_use_the_monte_carlo_permutation_test_without_overflow():
+    rng = np.random.default_rng(4)
+    a = rng.normal(0.8, 0.05, 5000)
+    b = a - 0.002 + rng.normal(0, 0.02, 5000)
+    r = stats.compare("a", _series(a), "b", _series(b), n_boot=500, seed=0, n_permutations=500)
+    # No flip reaches the observed mean: scipy reports twice the smallest one-sided p, 2 / (500 + 1).
+    assert not r.permutation_exact and r.permutation_p == pytest.approx(2 / 501) and r.ci_method == "BCa"
