@@ -19,6 +19,24 @@ app.add_typer(store_app, name="store")
 DEMO_CONFIG = REPO_CONFIG_DIR / "demo.yaml"
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        typer.echo(f"reconlab {version('reconlab')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version and exit."),
+    ] = False,
+) -> None:
+    """Measure what vision encoders keep in their features by reconstructing images from them."""
+
+
 def _fail(message: str) -> None:
     typer.secho(message, fg=typer.colors.RED, err=True)
     raise typer.Exit(2)
@@ -312,7 +330,7 @@ def inspect(
             f"{enc['n_prefix_tokens_dropped']} prefix tokens dropped, weights {enc['weights_id'][:60]})"
         )
         typer.echo(
-            f"dataset    {info['dataset']['name']}/{info['dataset']['split']}  transform {info['image_transform']}  "
+            f"dataset    {info['dataset']['name']}/{info['dataset']['split']}  transform {info['image_transform'].get('tag', info['image_transform'])}  "
             f"geometry {enc['preprocessing'].get('geometry', 'native')}"
         )
         for name, a in info["arrays"].items():

@@ -14,17 +14,14 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from pipeline.artifacts import write_json_atomic
+from pipeline.provenance import file_sha256
+
 SCHEMA_VERSION = 1
 
 
 class CheckpointError(ValueError):
     """A checkpoint that is missing, of another schema, or made for other features."""
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _atomic_save_file(tensors: dict, path: Path) -> None:
@@ -45,7 +42,8 @@ def save(
     directory.mkdir(parents=True, exist_ok=True)
     weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     _atomic_save_file(weights, directory / f"{name}.safetensors")
-    header = {"schema_version": SCHEMA_VERSION, **header}
+    header = {"schema_version": SCHEMA_VERSION, **header,
+              "weights_sha256": file_sha256(directory / f"{name}.safetensors")}  # fmt: skip
     if optimizer is not None:
         state = optimizer.state_dict()
         tensors = {"rng.torch": torch.get_rng_state()}
@@ -59,16 +57,8 @@ def save(
         _atomic_save_file(tensors, directory / f"{name}.train-state.safetensors")
         header["optimizer"] = {"param_groups": state["param_groups"], "scalars": scalars}
         header["scheduler"] = scheduler.state_dict() if scheduler is not None else None
-    _atomic_write_text(directory / f"{name}.json", json.dumps(header, indent=1, default=_json_default))
+    write_json_atomic(directory / f"{name}.json", header)
     return directory / f"{name}.json"
-
-
-def _json_default(obj):
-    if isinstance(obj, tuple | set):
-        return list(obj)
-    if isinstance(obj, Path):
-        return str(obj)
-    raise TypeError(f"not JSON-serialisable in a checkpoint header: {type(obj).__name__}")
 
 
 def read_header(path: Path) -> dict:
@@ -95,15 +85,24 @@ def read_header(path: Path) -> dict:
 
 
 def weights_sha256(header: dict) -> str:
-    """Identity of a checkpoint's weights (best.* and epoch-*.* of one run share the training config hash)."""
-    from pipeline.provenance import file_sha256
-
-    return file_sha256(Path(header["_json_path"]).with_suffix(".safetensors"))
+    """Identity of a checkpoint's weights: the SHA-256 its header names (checked against the file on load)."""
+    if "weights_sha256" not in header:
+        raise CheckpointError(f"{header['_json_path']}: header names no weights SHA-256 (made by an older reconlab); "
+                              "re-train to use it")  # fmt: skip
+    return header["weights_sha256"]
 
 
 def load_weights(header: dict, model: torch.nn.Module) -> None:
-    json_path = Path(header["_json_path"])
-    model.load_state_dict(load_file(str(json_path.with_suffix(".safetensors"))))
+    """Load the checkpoint's weights into `model` after checking the file is the one its header names."""
+    path = Path(header["_json_path"]).with_suffix(".safetensors")
+    if not path.is_file():
+        raise CheckpointError(f"{path}: weights file missing")
+    if file_sha256(path) != weights_sha256(header):
+        raise CheckpointError(
+            f"{path}: SHA-256 differs from the one its header {Path(header['_json_path']).name} names: the weights "
+            "file was replaced or damaged; re-train or restore it"
+        )
+    model.load_state_dict(load_file(str(path)))
 
 
 def load_train_state(header: dict, optimizer: torch.optim.Optimizer, scheduler) -> None:

@@ -18,6 +18,17 @@ class ConfigError(ValueError):
     """A config file that cannot be used; the message names the file, field and fix."""
 
 
+# Marker of fields that tune how a result is produced or shown (progress, workers, validation cadence, checkpoint
+# rotation, output paths, cluster address), never what it is.
+RUNTIME = {"runtime": True}
+
+
+def Runtime(default: Any, **kwargs: Any) -> Any:  # noqa: N802 (reads like Field)
+    """A config field that tunes how a result is produced or shown, never what it is: left out of every
+    artifact's identity (pipeline.artifacts.identity), so changing it re-uses finished work."""
+    return Field(default, json_schema_extra=RUNTIME, **kwargs)
+
+
 class Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -178,10 +189,14 @@ class StoreOptions(Frozen):
 
 
 class EncodeOptions(Frozen):
-    batch_size: int = Field(32, gt=0, description="Images per forward pass (batches never straddle shards).")
-    num_workers: int = Field(2, ge=0, description="DataLoader workers that decode and resize images.")
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when available, else CPU.")
-    compute_dtype: Literal["auto", "bfloat16", "float32"] = Field(
+    batch_size: int = Runtime(
+        32, gt=0, description="Images per forward pass (batches never straddle shards)."
+    )
+    num_workers: int = Runtime(2, ge=0, description="DataLoader workers that decode and resize images.")
+    device: Literal["auto", "cpu", "cuda"] = Runtime(
+        "auto", description="auto: CUDA when available, else CPU."
+    )
+    compute_dtype: Literal["auto", "bfloat16", "float32"] = Runtime(
         "auto", description="auto: bfloat16 autocast on CUDA, float32 on CPU."
     )
     geometry: Literal["short_side_crop", "native"] = Field(
@@ -236,7 +251,7 @@ class ReconstructorConfig(Frozen):
 class TrainConfig(Frozen):
     """Reconstructor training (paper defaults: Adam 3e-4, betas (0.9, 0.999), 5% warm-up, batch 10, 40 epochs)."""
 
-    output_root: Path = Field(Path("runs/train"), description="Folder of content-addressed training runs.")
+    output_root: Path = Runtime(Path("runs/train"), description="Folder of content-addressed training runs.")
     train_split: str = Field("train", description="Split whose store trains R.")
     val_split: str = Field("val", description="Held-out split whose store validates R.")
     model: ReconstructorConfig = Field(ReconstructorConfig(), description="Reconstructor architecture.")
@@ -262,17 +277,19 @@ class TrainConfig(Frozen):
         "training) or 'best_val' (best PSNR on val_split: those images then selected R, and evaluate/operators "
         "refuse to score them).",
     )
-    val_every_steps: int = Field(200, gt=0, description="Validate every N steps and at every epoch end.")
+    val_every_steps: int = Runtime(200, gt=0, description="Validate every N steps and at every epoch end.")
     n_val_images: int | None = Field(256, gt=0, description="Validate on the first N val images (None: all).")
-    n_sample_images: int = Field(8, gt=0, description="Images in the validation grid PNG.")
-    keep_last: int = Field(2, gt=0, description="Epoch checkpoints kept (plus best).")
+    n_sample_images: int = Runtime(8, gt=0, description="Images in the validation grid PNG.")
+    keep_last: int = Runtime(2, gt=0, description="Epoch checkpoints kept (plus best).")
     shuffle_buffer_images: int = Field(512, gt=0, description="In-memory shuffle buffer (bounds memory).")
-    prefetch_batches: int = Field(4, gt=0, description="Batches the loader thread keeps ready.")
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when available, else CPU.")
-    compute_dtype: Literal["auto", "bfloat16", "float32"] = Field(
+    prefetch_batches: int = Runtime(4, gt=0, description="Batches the loader thread keeps ready.")
+    device: Literal["auto", "cpu", "cuda"] = Runtime(
+        "auto", description="auto: CUDA when available, else CPU."
+    )
+    compute_dtype: Literal["auto", "bfloat16", "float32"] = Runtime(
         "auto", description="auto: bfloat16 autocast on CUDA, float32 on CPU."
     )
-    compile: bool = Field(False, description="torch.compile the model (CUDA).")
+    compile: bool = Runtime(False, description="torch.compile the model (CUDA).")
 
 
 class OperatorPairSpec(Frozen):
@@ -306,10 +323,10 @@ def _default_pairs() -> list[OperatorPairSpec]:
 class OperatorsConfig(Frozen):
     """Feature-space operators (paper: colour swap, blue suppression, colorization)."""
 
-    output_root: Path = Field(
+    output_root: Path = Runtime(
         Path("runs/operators"), description="Folder of content-addressed operator fits."
     )
-    encoders: list[str] | None = Field(None, description="Encoders to study (default: the run's first).")
+    encoders: list[str] | None = Runtime(None, description="Encoders to study (default: the run's first).")
     split: str = Field(
         "val", description="Held-out split the pairs come from (disjoint from training images)."
     )
@@ -328,14 +345,14 @@ class OperatorsConfig(Frozen):
         1024, gt=0, description="Fit on the first N held-out images, test on the rest (paper)."
     )
     n_eval_images: int | None = Field(256, gt=0, description="Test images reconstructed for pixel metrics.")
-    n_grid_images: int = Field(6, gt=0, description="Held-out images shown in the figure grids.")
+    n_grid_images: int = Runtime(6, gt=0, description="Held-out images shown in the figure grids.")
     eigen_tolerance: float = Field(
         0.1,
         gt=0,
         description="Band around the unit circle: |λ| within 1 ± this is 'on the circle' "
         "(and |λ ∓ 1| below it 'near ±1'); below it 'inside', above it 'outside'.",
     )
-    dask_address: str | None = Field(None, description="dask.distributed scheduler address; None: threads.")
+    dask_address: str | None = Runtime(None, description="dask.distributed scheduler address; None: threads.")
 
 
 class ComparisonSpec(Frozen):
@@ -359,8 +376,8 @@ class ComparisonSpec(Frozen):
 class EvaluateConfig(Frozen):
     """Scores of held-out reconstructions, paired statistics, ranking and the report."""
 
-    output_root: Path = Field(Path("runs/evaluate"), description="Scores cache and reports.")
-    encoders: list[str] | None = Field(None, description="Encoders to evaluate (default: all of the run).")
+    output_root: Path = Runtime(Path("runs/evaluate"), description="Scores cache and reports.")
+    encoders: list[str] | None = Runtime(None, description="Encoders to evaluate (default: all of the run).")
     split: str = Field("val", description="Held-out split whose reconstructions are scored.")
     judges: list[str] = Field(
         default_factory=lambda: ["judge-clip-vit-l14", "judge-siglip2-l16-256"],
@@ -379,7 +396,7 @@ class EvaluateConfig(Frozen):
     n_images: int | None = Field(
         None, gt=0, description="Score the first N valid held-out images (None: all)."
     )
-    batch_size: int = Field(32, gt=0, description="Images reconstructed and judged at once.")
+    batch_size: int = Runtime(32, gt=0, description="Images reconstructed and judged at once.")
     n_boot: int = Field(10_000, ge=100, description="Bootstrap resamples (BCa CI and the bootstrap p-value).")
     n_permutations: int = Field(
         10_000,
@@ -399,14 +416,16 @@ class EvaluateConfig(Frozen):
         description="Encoder pairs to test, as [a, b] or {a, b, alternative} (default: every pair, two-sided); "
         "Holm-corrected as one family per score.",
     )
-    n_grid_images: int = Field(6, gt=0, description="Held-out images shown in the figure grids.")
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when available, else CPU.")
+    n_grid_images: int = Runtime(6, gt=0, description="Held-out images shown in the figure grids.")
+    device: Literal["auto", "cpu", "cuda"] = Runtime(
+        "auto", description="auto: CUDA when available, else CPU."
+    )
 
 
 class RunConfig(Frozen):
     """A reconlab run: which images, which encoders, where the stores go, how to encode."""
 
-    store_root: Path = Field(
+    store_root: Path = Runtime(
         Path("runs/stores"), description="Folder holding content-addressed feature stores."
     )
     dataset: DatasetSpec

@@ -20,6 +20,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from pipeline import encoders
+from pipeline.artifacts import WriteLock
 from pipeline.config import (
     DatasetSpec,
     EncodeOptions,
@@ -36,7 +37,7 @@ from pipeline.images import ImageSkipped, Preprocessing, apply_transform, load_r
 from pipeline.provenance import provenance
 from pipeline.weights import weights_key
 from storage import FeatureStore, StoreLayout, create, open_store
-from storage.format import FORMAT_KEY, WriteLock
+from storage.format import FORMAT_KEY
 from storage.precision import default_level, value_stats
 
 
@@ -241,7 +242,7 @@ def _open_or_create(
             **job.dataset.model_dump(mode="json"),
             "root": str(Path(job.dataset.root).resolve()),
         },
-        "image_transform": key["image_transform"],
+        "image_transform": {**key["image_transform"], "tag": job.transform.tag},
         "precision": job.store.precision,
         "provenance": provenance(),
         "n_images": len(records),

@@ -8,7 +8,6 @@ comparisons never recompute them.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from itertools import combinations
 from pathlib import Path
@@ -18,7 +17,8 @@ import pandas as pd
 import torch
 from PIL import Image
 
-from pipeline import checkpoints, encoders, metrics, stats
+from pipeline import checkpoints, encoders, metrics, stats, transforms
+from pipeline.artifacts import read_json, write_json_atomic
 from pipeline.config import EvaluateConfig, config_hash
 from pipeline.config_files import resolve_encoder
 from pipeline.provenance import provenance
@@ -78,10 +78,9 @@ def _judge_cosines(
     judge: encoders.Encoder, originals: np.ndarray, recons: np.ndarray, grayscale: bool
 ) -> np.ndarray:
     def embed(images):
-        pil = [Image.fromarray(im) for im in images]
-        if grayscale:
-            pil = [im.convert("L").convert("RGB") for im in pil]
-        batch = torch.stack([judge.preprocess(im) for im in pil])
+        # The released code judges grayscale copies (PIL convert("L"): the same BT.601 luma, rounded alike).
+        images = transforms.grayscale(images) if grayscale else images
+        batch = torch.stack([judge.preprocess(Image.fromarray(im)) for im in images])
         return torch.nn.functional.normalize(judge.embed(batch), dim=-1)
 
     return (embed(originals) * embed(recons)).sum(dim=-1).cpu().numpy()
@@ -117,8 +116,11 @@ def score_encoder(
     key = score_key(store, header, judges, cfg)
     out = Path(cfg.output_root) / "scores" / f"{target.encoder_name}__{config_hash(key)}.parquet"
     meta_path = out.with_suffix(".json")
-    if out.is_file() and meta_path.is_file():
-        return pd.read_parquet(out), out, json.loads(meta_path.read_text())
+    meta = read_json(meta_path)
+    if (
+        out.is_file() and meta is not None
+    ):  # the meta file is written last: its presence marks the scores done
+        return pd.read_parquet(out), out, meta
     pre = store.attrs["encoder"]["preprocessing"]
     lpips_model, lpips_note = _lpips_model() if cfg.lpips else (None, "")
     records: list[pd.DataFrame] = []
@@ -147,11 +149,12 @@ def score_encoder(
                                          "metric": metric, "value": np.asarray(v, float)}))  # fmt: skip
     scores = pd.concat(records, ignore_index=True)
     out.parent.mkdir(parents=True, exist_ok=True)
-    scores.to_parquet(out, index=False)
+    scores.to_parquet(tmp := out.with_name(f".{out.name}.tmp"), index=False)
+    tmp.replace(out)
     notes = [lpips_note] if lpips_note else []
     meta = {"key": key, "config_hash": config_hash(key), "store": str(target.store), "checkpoint": str(target.checkpoint),
             "notes": notes, "provenance": provenance()}  # fmt: skip
-    meta_path.write_text(json.dumps(meta, indent=1))
+    write_json_atomic(meta_path, meta)
     return scores, out, meta
 
 

@@ -7,7 +7,6 @@ Pairs are never materialised: Dask reduces the two Zarr stores shard by shard in
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,7 +14,8 @@ import dask
 import numpy as np
 from safetensors.numpy import save_file
 
-from pipeline import checkpoints, metrics, operator_fits
+from pipeline import artifacts, checkpoints, metrics, operator_fits
+from pipeline.artifacts import WriteLock, read_json, write_json_atomic
 from pipeline.config import OperatorPairSpec, OperatorsConfig, config_hash
 from pipeline.provenance import provenance
 from pipeline.reconstruct import (
@@ -27,7 +27,6 @@ from pipeline.reconstruct import (
 from pipeline.train import check_same_encoder
 from pipeline.transforms import REGISTRY, expected_spectrum
 from storage import FeatureStore, StoreError, open_store
-from storage.format import WriteLock
 
 
 @dataclass(frozen=True)
@@ -123,12 +122,13 @@ def run(job: OperatorJob) -> OperatorResult:
     key = {
         "source_store": source.config_hash, "target_store": target.config_hash, "checkpoint": header["config_hash"],
         "checkpoint_weights_sha256": checkpoints.weights_sha256(header),
-        "pair": job.pair.model_dump(mode="json"), "cfg": job.cfg.model_dump(mode="json", exclude={"output_root", "dask_address", "encoders"}),
+        "pair": artifacts.identity(job.pair), "cfg": artifacts.identity(job.cfg),
     }  # fmt: skip
     name = f"{identity.attrs['encoder']['name']}__{job.pair.transform.tag}-{job.pair.direction}__{config_hash(key)}"
     out_dir = Path(job.cfg.output_root) / name
-    if (out_dir / "result.json").is_file():
-        return OperatorResult(out_dir, json.loads((out_dir / "result.json").read_text())["table"], True)
+    finished = read_json(out_dir / "result.json")
+    if finished is not None:
+        return OperatorResult(out_dir, finished["table"], True)
     with WriteLock(out_dir):
         table = _fit_and_analyse(job, key, out_dir, source, target, fit_rows, test_rows, model)
     return OperatorResult(out_dir, table, False)
@@ -193,7 +193,7 @@ def _fit_and_analyse(job, key, out_dir: Path, source, target, fit_rows, test_row
                   "n_fit_pairs": fit_stats.n_pairs, "n_test_pairs": test_stats.n_pairs,
                   "n_fit_images": int(fit_rows.size), "n_test_images": int(test_rows.size), "row": row,
                   "provenance": provenance()}  # fmt: skip
-        (out_dir / f"{fit_type}.json").write_text(json.dumps(header, indent=1))
+        write_json_atomic(out_dir / f"{fit_type}.json", header)
         eigenvalue_plot(eig, out_dir / f"{fit_type}_eigenvalues.png",
                         f"{transform.tag} {job.pair.direction}: {fit_type}")  # fmt: skip
     grid_columns["R(b) oracle"] = recon_b
@@ -201,7 +201,7 @@ def _fit_and_analyse(job, key, out_dir: Path, source, target, fit_rows, test_row
     _write_table(out_dir, table)
     result = {"table": table, "config_hash": config_hash(key), "n_fit_images": int(fit_rows.size),
               "n_test_images": int(test_rows.size), "n_eval_images": int(eval_rows.size)}  # fmt: skip
-    (out_dir / "result.json").write_text(json.dumps(result, indent=1))
+    write_json_atomic(out_dir / "result.json", result)
     return table
 
 

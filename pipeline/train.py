@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from pipeline import checkpoints, metrics
+from pipeline import artifacts, checkpoints, metrics
+from pipeline.artifacts import WriteLock, read_json, write_json_atomic
 from pipeline.config import TrainConfig, config_hash
 from pipeline.encoders import resolve_compute_dtype, resolve_device
 from pipeline.feature_loader import Prefetcher, batch_stream, n_batches_per_epoch
@@ -28,7 +29,6 @@ from pipeline.figures import write_grid
 from pipeline.provenance import provenance
 from pipeline.reconstructor import Reconstructor
 from storage import FeatureStore, StoreError, open_store
-from storage.format import WriteLock
 
 # What must agree between the stores a model is trained and used on.
 ENCODER_IDENTITY = (
@@ -91,12 +91,18 @@ def build_model(cfg: TrainConfig, store: FeatureStore) -> Reconstructor:
     return Reconstructor(cfg.model, lay.hidden_dim, lay.grid_hw, enc["patch_size"], enc["resolution"])
 
 
-def run_key(job: TrainJob, train: FeatureStore, val: FeatureStore) -> dict:
-    cfg = job.cfg.model_dump(mode="json", exclude={"output_root", "device", "prefetch_batches"})
+def run_key(
+    job: TrainJob, train: FeatureStore, val: FeatureStore, device: torch.device | None = None
+) -> dict:
+    """The run's identity: the config without its runtime fields, the device and dtype it resolves to (a CPU
+    float32 run and a CUDA bf16 run are different results), the stores and the number of processes."""
+    device = device or resolve_device(job.cfg.device)
     # Steps per epoch, the schedule and the effective batch depend on the number of processes under torchrun.
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     return {
-        "train": cfg,
+        "train": artifacts.identity(job.cfg),
+        "device": device.type,
+        "compute_dtype": str(resolve_compute_dtype(job.cfg.compute_dtype, device)).removeprefix("torch."),
         "train_store": train.config_hash,
         "val_store": val.config_hash,
         "world_size": world_size,
@@ -174,7 +180,7 @@ def run(job: TrainJob, *, progress: bool = True) -> TrainResult:
     check_same_encoder(train_store, val_store)
     key = run_key(job, train_store, val_store)
     run_dir = run_dir_for(job, key, train_store)
-    if (run_dir / "result.json").is_file():
+    if read_json(run_dir / "result.json") is not None:
         return _result(run_dir, already_complete=True)
     # Under torchrun only rank 0 writes (checkpoints, logs), so only it holds the run's lock.
     with WriteLock(run_dir) if int(os.environ.get("RANK", "0")) == 0 else contextlib.nullcontext():
@@ -332,7 +338,7 @@ def _train(cfg: TrainConfig, key: dict, run_dir: Path, train_store, val_store, p
                              checkpoints.read_header(last) | {"best_is_last": True, "selected_on_store": str(val_store.path)})  # fmt: skip
     result = {"checkpoint": str(chosen), "last_checkpoint": str(last), "select_checkpoint": cfg.select_checkpoint,
               "val_metrics": val_metrics or checkpoints.read_header(last)["metrics"], "config_hash": config_hash(key)}  # fmt: skip
-    (run_dir / "result.json").write_text(json.dumps(result, indent=1))
+    write_json_atomic(run_dir / "result.json", result)
     _barrier(world)
     return _result(run_dir, already_complete=False)
 

@@ -75,10 +75,15 @@ def weights_key(spec: EncoderSpec) -> str:
             import timm
 
             repo = getattr(timm.models.get_pretrained_cfg(spec.model_id), "hf_hub_id", None)
-            revision = cached_revision(repo, TIMM_WEIGHT_FILES, None) if repo else None
+            files, ref = TIMM_WEIGHT_FILES, None
         else:
-            repo, revision = spec.model_id, cached_revision(spec.model_id, ("config.json",), spec.revision)
-        return f"hf:{repo}@{revision or spec.revision or 'not-cached'}"
+            repo, files, ref = spec.model_id, ("config.json",), spec.revision
+        # The commit the weights resolve to, whether or not they are downloaded yet: the cache's snapshot folder
+        # is named by that commit, and the hub reports the same commit before the first download. So a first
+        # encode and every later one share a key ('unresolved' only offline with nothing cached, where loading
+        # the weights fails before any store is written).
+        revision = (cached_revision(repo, files, ref) or hub_revision(repo, ref)) if repo else None
+        return f"hf:{repo}@{revision or 'unresolved'}"
     path = Path(spec.weights).expanduser()
     files = (
         [path]
@@ -99,6 +104,18 @@ def state_dict_sha256(model: torch.nn.Module) -> str:
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
+
+
+def hub_revision(repo_id: str, revision: str | None) -> str | None:
+    """The commit `revision` (default branch if None) of a hub repo points to, asked of the hub; None offline."""
+    if offline():
+        return None
+    from huggingface_hub import HfApi
+
+    try:
+        return HfApi().model_info(repo_id, revision=revision).sha
+    except Exception:  # unreachable hub, unknown repo: the loader reports where it looked
+        return None
 
 
 def cached_revision(repo_id: str, filenames: tuple[str, ...], revision: str | None) -> str | None:

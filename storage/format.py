@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import fcntl
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -257,34 +255,3 @@ class FeatureStore:
             partial.unlink(missing_ok=True)
             removed += 1
         return removed
-
-
-class WriteLock:
-    """Exclusive, non-blocking lock on a store directory; released by the OS if the holder dies."""
-
-    def __init__(self, store_path: Path):
-        self.lock_path = Path(store_path).with_name(Path(store_path).name + ".lock")
-        self._fd: int | None = None
-
-    def __enter__(self) -> WriteLock:
-        self.lock_path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
-            os.close(fd)
-            raise StoreLocked(
-                f"{self.lock_path.with_suffix('')}: another run (pid {holder}) is writing this store; "
-                "wait for it to finish or stop it, then re-run (finished shards are kept)"
-            ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, str(os.getpid()).encode(), 0)
-        self._fd = fd
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self._fd is not None:
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
-            os.close(self._fd)
-            self._fd = None

@@ -29,7 +29,10 @@ def summary_row(path: Path) -> dict:
         "path": str(path),
         "encoder": attrs["encoder"]["name"],
         "dataset": f"{attrs['dataset']['name']}/{attrs['dataset']['split']}",
-        "transform": "-".join(str(v) for v in attrs["image_transform"].values() if v is not None),
+        "transform": attrs["image_transform"].get("tag")
+        or "-".join(
+            str(v) for v in attrs["image_transform"].values() if v is not None
+        ),  # stores before `tag`
         "n_images": lay.n_images,
         "n_failed": attrs.get("n_failed"),
         "grid": f"{lay.grid_hw[0]}x{lay.grid_hw[1]}x{lay.hidden_dim}",

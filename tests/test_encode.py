@@ -17,11 +17,11 @@ import torch
 from PIL import Image
 
 from pipeline import encode, encoders
+from pipeline.artifacts import WriteLock
 from pipeline.config import DatasetSpec, EncodeOptions, SplitSpec, StoreOptions, TransformSpec
 from pipeline.config_files import resolve_encoder
 from pipeline.weights import weights_key
 from storage import StoreLocked, open_store
-from storage.format import WriteLock
 
 
 def test_encode_writes_features_equal_to_encoding_the_stored_pixels(make_job):
@@ -114,7 +114,7 @@ def test_a_second_writer_on_the_same_store_is_refused_with_a_clear_message(make_
     job = make_job(split="val")
     records = encode.list_images(job.dataset, job.split, job.subset)
     path = encode.store_path_for(job, encode.store_key(job, records, torch.float32))
-    with WriteLock(path), pytest.raises(StoreLocked, match="another run .* is writing this store"):
+    with WriteLock(path), pytest.raises(StoreLocked, match="another run .* is writing this artifact"):
         encode.run(job, progress=False)
     assert encode.run(job, progress=False).n_encoded == 12  # the lock is released with its holder
 

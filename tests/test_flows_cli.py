@@ -117,3 +117,10 @@ def test_prefect_failure_logs_of_user_errors_are_dropped_and_others_kept():
         "Finished in state Failed('Task run encountered an exception RuntimeError: a bug')",
         "progress",
     ]
+
+
+def test_version_prints_the_installed_version():
+    from importlib.metadata import version
+
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.output.strip() == f"reconlab {version('reconlab')}"

@@ -1,0 +1,89 @@
+"""What every stage's outputs share: an identity declared on the configs (fields marked RUNTIME never change a
+result, every other field does), atomic JSON records, and the lock that keeps two runs off one artifact.
+
+A stage's key is `identity(cfg)` plus whatever it resolved or read (device, dtype, input digests); its hash names
+the artifact's folder. Adding a config field therefore changes keys unless the field is declared RUNTIME.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+from pydantic_core import to_jsonable_python
+
+from storage import StoreLocked
+
+
+def is_runtime(model: type[BaseModel], name: str) -> bool:
+    """Declared with pipeline.config.Runtime(...)."""
+    extra = model.model_fields[name].json_schema_extra
+    return isinstance(extra, dict) and bool(extra.get("runtime"))
+
+
+def identity(value: Any) -> Any:
+    """A config as JSON with every RUNTIME field left out, recursively (nested models, lists, dicts)."""
+    if isinstance(value, BaseModel):
+        return {
+            name: identity(getattr(value, name))
+            for name in type(value).model_fields
+            if not is_runtime(type(value), name)
+        }
+    if isinstance(value, list | tuple):
+        return [identity(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): identity(v) for k, v in value.items()}
+    return to_jsonable_python(value)
+
+
+def write_json_atomic(path: Path, record: Any) -> None:
+    """Write JSON to a temporary file beside `path`, then rename: a reader sees the old file or the new one,
+    never a truncated one (a SIGKILL mid-write leaves only the temporary file)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(record, indent=1, default=to_jsonable_python))
+    os.replace(tmp, path)
+
+
+def read_json(path: Path) -> Any | None:
+    """A JSON record, or None when it is missing or unreadable (then the artifact counts as not finished)."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+class WriteLock:
+    """Exclusive, non-blocking lock on an artifact (store, training run, operator fit); released by the OS if
+    the holder dies."""
+
+    def __init__(self, artifact_path: Path):
+        self.lock_path = Path(artifact_path).with_name(Path(artifact_path).name + ".lock")
+        self._fd: int | None = None
+
+    def __enter__(self) -> WriteLock:
+        self.lock_path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise StoreLocked(
+                f"{self.lock_path.with_suffix('')}: another run (pid {holder}) is writing this artifact; "
+                "wait for it to finish or stop it, then re-run (finished work is kept)"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        self._fd = fd
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None

@@ -1,0 +1,192 @@
+"""Identity is declared: a runtime field (workers, validation cadence, checkpoint rotation, output paths, figures)
+never changes which artifact a stage makes, an identity field always does; device and dtype are resolved before
+hashing; records are written atomically and a damaged one never blocks a stage."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from pipeline import encode, operators, train
+from pipeline.artifacts import identity, read_json, write_json_atomic
+from pipeline.config import (
+    EncodeOptions,
+    OperatorPairSpec,
+    OperatorsConfig,
+    StoreOptions,
+    SubsetSpec,
+    TrainConfig,
+    TransformSpec,
+)
+from storage import open_store
+
+FAST = dict(epochs=1, batch_size=4, n_val_images=4, n_sample_images=2, shuffle_buffer_images=4)
+
+
+def test_identity_leaves_out_runtime_fields_at_every_depth():
+    cfg = TrainConfig(**FAST)
+    assert "val_every_steps" not in identity(cfg) and "keep_last" not in identity(cfg)
+    assert identity(cfg)["model"]["upsample_kernel"] == 4 and identity(cfg)["lr"] == cfg.lr
+    ops = OperatorsConfig(pairs=[OperatorPairSpec(transform=TransformSpec(name="swap_rb"))])
+    assert identity(ops)["pairs"] == [{"transform": {"name": "swap_rb", "channel": None, "alpha": None},
+                                       "direction": "forward", "alphas": None}]  # fmt: skip
+    assert "dask_address" not in identity(ops) and "output_root" not in identity(ops)
+
+
+def test_encode_batching_and_workers_reuse_the_store_and_the_geometry_does_not(make_job):
+    base = make_job(subset=SubsetSpec(max_images=4))
+    tuned = make_job(subset=SubsetSpec(max_images=4), options=EncodeOptions(batch_size=3, num_workers=1))
+    other = make_job(subset=SubsetSpec(max_images=4), options=EncodeOptions(geometry="native"))
+    assert encode.plan(base)[2] == encode.plan(tuned)[2] != encode.plan(other)[2]
+
+
+def test_training_runtime_fields_reuse_the_run_and_identity_fields_do_not(make_job, tmp_path):
+    store = encode.run(
+        make_job(subset=SubsetSpec(max_images=4), store=StoreOptions(shard_images=4)), progress=False
+    )
+    path = store.store_path
+    cfg = TrainConfig(output_root=tmp_path / "train", **FAST)
+    first = train.run(train.TrainJob(path, path, cfg), progress=False)
+    runtime = cfg.model_copy(
+        update={"val_every_steps": 7, "keep_last": 5, "prefetch_batches": 1, "n_sample_images": 1}
+    )
+    again = train.run(train.TrainJob(path, path, runtime), progress=False)
+    assert again.already_complete and again.run_dir == first.run_dir
+    changed = train.run(train.TrainJob(path, path, cfg.model_copy(update={"lr": 1e-3})), progress=False)
+    assert not changed.already_complete and changed.run_dir != first.run_dir
+
+
+def test_a_cpu_run_and_a_cuda_bf16_run_have_different_keys(make_job):
+    path = encode.run(make_job(subset=SubsetSpec(max_images=4)), progress=False).store_path
+    store = open_store(path)
+    job = train.TrainJob(path, path, TrainConfig(**FAST))
+    cpu = train.run_key(job, store, store, torch.device("cpu"))
+    cuda = train.run_key(job, store, store, torch.device("cuda"))
+    assert (cpu["device"], cpu["compute_dtype"]) == ("cpu", "float32")
+    assert (cuda["device"], cuda["compute_dtype"]) == ("cuda", "bfloat16")  # 'auto' resolved before hashing
+    explicit = train.TrainJob(path, path, TrainConfig(**FAST, compute_dtype="float32"))
+    assert train.run_key(explicit, store, store, torch.device("cpu")) == cpu
+
+
+def test_a_truncated_result_record_does_not_block_the_stage(make_job, tmp_path):
+    path = encode.run(make_job(subset=SubsetSpec(max_images=4)), progress=False).store_path
+    job = train.TrainJob(path, path, TrainConfig(output_root=tmp_path / "train", **FAST))
+    first = train.run(job, progress=False)
+    (first.run_dir / "result.json").write_text(
+        '{"checkpoint": "runs/tr'
+    )  # killed mid-write by an older version
+    again = train.run(job, progress=False)  # resumes from the last epoch checkpoint and rewrites the record
+    assert again.checkpoint == first.checkpoint and json.loads((first.run_dir / "result.json").read_text())
+
+
+def test_operator_figures_and_cluster_address_reuse_the_fit_and_the_ridge_does_not(make_job, tmp_path):
+    opts = StoreOptions(shard_images=4)
+    train_store = encode.run(make_job(subset=SubsetSpec(max_images=8), store=opts), progress=False).store_path
+    identity_store = encode.run(make_job(split="val", store=opts), progress=False).store_path
+    swapped = encode.run(
+        make_job(split="val", store=opts, transform=TransformSpec(name="swap_rb")), progress=False
+    )
+    checkpoint = train.run(
+        train.TrainJob(train_store, identity_store, TrainConfig(output_root=tmp_path / "train", **FAST)),
+        progress=False,
+    ).checkpoint
+    pair = OperatorPairSpec(transform=TransformSpec(name="swap_rb"))
+    cfg = OperatorsConfig(output_root=tmp_path / "ops", n_fit_images=8, n_eval_images=2, n_grid_images=2)
+
+    def run(c):
+        return operators.run(operators.OperatorJob(identity_store, swapped.store_path, pair, checkpoint, c))
+
+    first = run(cfg)
+    assert run(cfg.model_copy(update={"n_grid_images": 1, "encoders": ["x"]})).out_dir == first.out_dir
+    assert run(cfg.model_copy(update={"ridge": 0.1})).out_dir != first.out_dir
+
+
+def test_records_are_replaced_whole_and_unreadable_ones_read_as_absent(tmp_path):
+    path = tmp_path / "result.json"
+    write_json_atomic(path, {"a": 1})
+    write_json_atomic(path, {"a": 2})
+    assert read_json(path) == {"a": 2} and [p.name for p in tmp_path.iterdir()] == ["result.json"]
+    path.write_text("{")
+    assert read_json(path) is None and read_json(tmp_path / "missing.json") is None
+
+
+def test_a_weights_file_swapped_under_a_valid_header_is_refused(tmp_path):
+    import pytest
+
+    from pipeline import checkpoints
+    from pipeline.config import ReconstructorConfig
+    from pipeline.reconstructor import Reconstructor
+
+    torch.manual_seed(0)
+    model = Reconstructor(ReconstructorConfig(depth=1), 32, (2, 2), 4, 8)
+    checkpoints.save(tmp_path, "a", model, {"note": "a"})
+    torch.manual_seed(1)
+    checkpoints.save(
+        tmp_path, "b", Reconstructor(ReconstructorConfig(depth=1), 32, (2, 2), 4, 8), {"note": "b"}
+    )
+    header = checkpoints.read_header(tmp_path / "a.json")
+    checkpoints.load_weights(header, model)  # the untouched checkpoint loads
+    (tmp_path / "b.safetensors").replace(tmp_path / "a.safetensors")  # same shapes, other weights
+    with pytest.raises(checkpoints.CheckpointError, match="SHA-256 differs"):
+        checkpoints.load_weights(header, model)
+
+
+def test_one_grayscale_the_transform_equals_pils_luma_up_to_rounding():
+    import numpy as np
+    from PIL import Image
+    from skimage import data
+
+    from pipeline.transforms import grayscale
+
+    for image in (data.astronaut(), data.coffee()):
+        ours = grayscale(image)
+        theirs = np.asarray(Image.fromarray(image).convert("L"))
+        assert (ours[..., 0] == ours[..., 2]).all()
+        assert np.abs(ours[..., 0].astype(int) - theirs).max() <= 1
+        assert (ours[..., 0] != theirs).mean() < 0.001
+
+
+def test_a_first_download_keys_the_store_by_the_commit_the_loader_records(
+    monkeypatch, tmp_path, demo_dataset
+):
+    import huggingface_hub
+    import pytest
+    from safetensors.torch import save_file
+
+    from pipeline import _torchvision_shim
+    from pipeline.config import EncoderSpec
+
+    _torchvision_shim.install()  # before timm (platform notes)
+    import timm
+
+    from pipeline.weights import WeightsNotFoundError, weights_key
+
+    cache = tmp_path / "hf"
+    cache.mkdir()
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model_id = "vit_tiny_patch16_224.augreg_in21k_ft_in1k"
+    spec = EncoderSpec(name="tiny-pretrained", backend="timm", model_id=model_id, resolution=64, patch_size=16,
+                       preprocessing_source="timm_pretrained_cfg")  # fmt: skip
+    job = encode.EncodeJob(tmp_path / "stores", demo_dataset, "val", SubsetSpec(max_images=4), spec, TransformSpec(),
+                           StoreOptions(shard_images=4), EncodeOptions(batch_size=4, num_workers=0))  # fmt: skip
+    # Offline with nothing cached the commit cannot be known: nothing is keyed under a placeholder.
+    assert weights_key(spec) == f"hf:timm/{model_id}@unresolved"
+    with pytest.raises(WeightsNotFoundError):
+        encode.run(job, progress=False)
+    assert not list((tmp_path / "stores").glob("*.zarr"))
+    # The download, as huggingface_hub lays it out: snapshots/<commit>/ and refs/main naming that commit.
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo_dir = cache / f"models--timm--{model_id}"
+    (repo_dir / "snapshots" / commit).mkdir(parents=True)
+    (repo_dir / "refs").mkdir()
+    (repo_dir / "refs" / "main").write_text(commit)
+    weights = {k: v.contiguous() for k, v in timm.create_model("vit_tiny_patch16_224").state_dict().items()}
+    save_file(weights, str(repo_dir / "snapshots" / commit / "model.safetensors"))
+    key = weights_key(spec)
+    assert key == f"hf:timm/{model_id}@{commit}"
+    first = encode.run(job, progress=False)
+    attrs = open_store(first.store_path).attrs
+    assert attrs["config"]["weights"] == attrs["encoder"]["weights_id"] == key  # one identity, key and record
+    assert encode.run(job, progress=False).store_path == first.store_path
