@@ -221,6 +221,31 @@ def evaluate(
     _echo_evaluation(result)
 
 
+def _echo_plan(config: Path, with_operators: bool = True) -> None:
+    import pandas as pd
+
+    from pipeline.config_files import load_run_config
+    from pipeline.plan import plan
+
+    steps = plan(load_run_config(config), config, with_operators)
+    table = pd.DataFrame([vars(s) for s in steps]).rename(columns={"what": "split / transform / pair"})
+    typer.echo(table.to_markdown(index=False, tablefmt="simple"))
+
+
+@app.command("plan")
+def plan_command(
+    config: Annotated[Path, typer.Option("--config", "-c", help="Run config YAML.")],
+    operators: Annotated[bool, typer.Option(help="Include the operators stage.")] = True,
+) -> None:
+    """Print what a run would do, stage by stage: each store, training run and operator fit, where it lives and
+    whether it is cached, partial or to run. Runs nothing."""
+    try:
+        _preflight(config)
+        _echo_plan(config, operators)
+    except _user_errors() as e:
+        _fail(str(e))
+
+
 @app.command()
 def run(
     config: Annotated[Path, typer.Option("--config", "-c", help="Run config YAML.")],
@@ -233,6 +258,7 @@ def run(
         from flows.benchmark_flow import benchmark_flow
 
         _preflight(config)
+        _echo_plan(config, operators)
         out = benchmark_flow(str(config), progress, operators)
     except _user_errors() as e:
         _fail(str(e))

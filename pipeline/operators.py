@@ -102,6 +102,18 @@ def fits_for(pair: OperatorPairSpec, configured: list[str] | None) -> list[tuple
     ]
 
 
+def fit_key_and_dir(job: OperatorJob, identity: FeatureStore, transformed: FeatureStore, header: dict):
+    """The fit's identity (both stores, the reconstructor's training hash and weights, pair, settings) and folder."""
+    source, target = (identity, transformed) if job.pair.direction == "forward" else (transformed, identity)
+    key = {
+        "source_store": source.config_hash, "target_store": target.config_hash, "checkpoint": header["config_hash"],
+        "checkpoint_weights_sha256": checkpoints.weights_sha256(header),
+        "pair": artifacts.identity(job.pair), "cfg": artifacts.identity(job.cfg),
+    }  # fmt: skip
+    name = f"{identity.attrs['encoder']['name']}__{job.pair.transform.tag}-{job.pair.direction}__{config_hash(key)}"
+    return key, Path(job.cfg.output_root) / name
+
+
 def run(job: OperatorJob) -> OperatorResult:
     """Fit, analyse and save the operators of one (encoder, transform, direction); cached on its inputs."""
     identity, transformed = open_store(job.identity_store), open_store(job.transform_store)
@@ -119,13 +131,7 @@ def run(job: OperatorJob) -> OperatorResult:
         raise StoreError(f"{identity.path.name}: {rows.size} usable images leave none to test on after "
                          f"n_fit_images={job.cfg.n_fit_images}")  # fmt: skip
     check_held_out(identity.image_ids()[rows], header, f"operator images of {identity.path.name}")
-    key = {
-        "source_store": source.config_hash, "target_store": target.config_hash, "checkpoint": header["config_hash"],
-        "checkpoint_weights_sha256": checkpoints.weights_sha256(header),
-        "pair": artifacts.identity(job.pair), "cfg": artifacts.identity(job.cfg),
-    }  # fmt: skip
-    name = f"{identity.attrs['encoder']['name']}__{job.pair.transform.tag}-{job.pair.direction}__{config_hash(key)}"
-    out_dir = Path(job.cfg.output_root) / name
+    key, out_dir = fit_key_and_dir(job, identity, transformed, header)
     finished = read_json(out_dir / "result.json")
     if finished is not None:
         return OperatorResult(out_dir, finished["table"], True)

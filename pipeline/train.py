@@ -109,8 +109,9 @@ def run_key(
     }
 
 
-def run_dir_for(job: TrainJob, key: dict, train: FeatureStore) -> Path:
-    return Path(job.cfg.output_root) / f"{train.attrs['encoder']['name']}__{config_hash(key)}"
+def key_and_run_dir(job: TrainJob, train: FeatureStore, val: FeatureStore) -> tuple[dict, Path]:
+    key = run_key(job, train, val)
+    return key, Path(job.cfg.output_root) / f"{train.attrs['encoder']['name']}__{config_hash(key)}"
 
 
 @torch.no_grad()
@@ -178,8 +179,7 @@ def run(job: TrainJob, *, progress: bool = True) -> TrainResult:
     cfg = job.cfg
     train_store, val_store = open_training_store(job.train_store), open_training_store(job.val_store)
     check_same_encoder(train_store, val_store)
-    key = run_key(job, train_store, val_store)
-    run_dir = run_dir_for(job, key, train_store)
+    key, run_dir = key_and_run_dir(job, train_store, val_store)
     if read_json(run_dir / "result.json") is not None:
         return _result(run_dir, already_complete=True)
     # Under torchrun only rank 0 writes (checkpoints, logs), so only it holds the run's lock.

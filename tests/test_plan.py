@@ -1,0 +1,53 @@
+"""The run plan names the same artifacts the stages make, and says what is cached, partial or still to run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from flows.cli import app
+from pipeline import encode, train
+from pipeline.config_files import load_run_config
+from pipeline.plan import encode_jobs, plan
+
+
+def _config(write_run_config, tmp_path):
+    return write_run_config(
+        splits=["train", "val"],
+        subset={"max_images": 8},
+        train={"output_root": str(tmp_path / "train"), "epochs": 1, "batch_size": 4, "n_val_images": 4,
+               "n_sample_images": 2, "shuffle_buffer_images": 4},
+        operators={"output_root": str(tmp_path / "ops"), "pairs": [{"transform": {"name": "swap_rb"}}],
+                   "n_fit_images": 4},
+    )  # fmt: skip
+
+
+def test_the_plan_follows_the_stages_from_nothing_to_cached(write_run_config, tmp_path):
+    path = _config(write_run_config, tmp_path)
+    cfg = load_run_config(path)
+    before = plan(cfg, path)
+    assert [(s.stage, s.what, s.state) for s in before if s.stage == "encode"] == [
+        ("encode", "train identity", "to run"),
+        ("encode", "val identity", "to run"),
+        ("encode", "val swap_rb", "to run"),  # f(T x) for the operators stage is planned too
+    ]
+    assert {s.state for s in before if s.stage != "encode"} == {"after encode"} | {"after train"}
+    jobs = encode_jobs(cfg, path)
+    stores = {(j.split, j.transform.tag): encode.run(j, progress=False).store_path for j in jobs}
+    result = train.run(train.TrainJob(stores[("train", "identity")], stores[("val", "identity")], cfg.train),
+                       progress=False)  # fmt: skip
+    after = {(s.stage, s.what): s for s in plan(cfg, path)}
+    assert all(s.state == "cached" for (stage, _), s in after.items() if stage in ("encode", "train"))
+    assert Path(after[("train", "train")].path) == result.run_dir  # the plan keys runs as the stage does
+    assert after[("operators", "swap_rb forward")].state == "to run"
+    assert Path(after[("encode", "val swap_rb")].path) == stores[("val", "swap_rb")]
+
+
+def test_plan_command_prints_the_table_and_runs_nothing(write_run_config, tmp_path):
+    path = _config(write_run_config, tmp_path)
+    out = CliRunner().invoke(app, ["plan", "--config", str(path)])
+    assert out.exit_code == 0, out.output
+    assert out.output.splitlines()[0].split()[:3] == ["stage", "encoder", "split"]
+    assert "to run" in out.output and "after encode" in out.output
+    assert not (tmp_path / "stores").exists()
