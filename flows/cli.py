@@ -63,7 +63,7 @@ def _user_errors() -> tuple[type[Exception], ...]:
 def _preflight(config: Path) -> None:
     """Check the config and every encoder spec it names (architecture vs weights) before a flow starts."""
     from pipeline.config_files import load_run_config
-    from pipeline.encode import jobs_from_config
+    from pipeline.plan import jobs_from_config
 
     jobs_from_config(load_run_config(config), config)
     from flows import prefect_env
@@ -141,14 +141,14 @@ def train(
 def _train_without_prefect(config: Path, encoder_names: list[str] | None, progress: bool):
     from dataclasses import replace
 
-    from pipeline import encode
+    from pipeline import encode, plan
     from pipeline import train as train_stage
     from pipeline.config import TransformSpec
     from pipeline.config_files import load_run_config
 
     cfg = load_run_config(config)
     results = []
-    for job in encode.jobs_from_config(cfg, config, encoder_names):
+    for job in plan.jobs_from_config(cfg, config, encoder_names):
         if job.transform != TransformSpec() or job.split != cfg.train.train_split:
             continue
         train_store = encode.plan(job)[2]

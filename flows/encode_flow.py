@@ -10,7 +10,7 @@ prefect_env.configure()
 
 from prefect import flow, task  # noqa: E402
 
-from pipeline import encode  # noqa: E402
+from pipeline import encode, plan  # noqa: E402
 from pipeline.config_files import load_run_config  # noqa: E402
 
 
@@ -25,6 +25,6 @@ def encode_store(job: encode.EncodeJob, progress: bool = True) -> encode.EncodeR
 @flow(name="reconlab-encode", log_prints=True)
 def encode_flow(config_path: str, encoder_names: list[str] | None = None, progress: bool = True):
     cfg = load_run_config(config_path)
-    jobs = encode.jobs_from_config(cfg, Path(config_path), encoder_names)
+    jobs = plan.jobs_from_config(cfg, Path(config_path), encoder_names)
     # Sequential on purpose: each encode already uses every core (DataLoader workers + intra-op threads).
     return [encode_store(job, progress) for job in jobs]

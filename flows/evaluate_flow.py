@@ -14,7 +14,7 @@ from prefect import flow, task  # noqa: E402
 
 from flows.encode_flow import encode_store  # noqa: E402
 from flows.train_flow import train_flow  # noqa: E402
-from pipeline import encode, evaluate  # noqa: E402
+from pipeline import evaluate, plan  # noqa: E402
 from pipeline.config import TransformSpec  # noqa: E402
 from pipeline.config_files import load_run_config  # noqa: E402
 
@@ -30,7 +30,7 @@ def evaluate_flow(config_path: str, progress: bool = True) -> evaluate.EvaluateR
     cfg = load_run_config(config_path)
     jobs = [
         j
-        for j in encode.jobs_from_config(cfg, Path(config_path), cfg.evaluate.encoders)
+        for j in plan.jobs_from_config(cfg, Path(config_path), cfg.evaluate.encoders)
         if j.transform == TransformSpec()
     ]
     names = list(dict.fromkeys(j.encoder.name for j in jobs))

@@ -14,7 +14,7 @@ from prefect import flow, task  # noqa: E402
 
 from flows.encode_flow import encode_store  # noqa: E402
 from flows.train_flow import train_flow  # noqa: E402
-from pipeline import encode, operators  # noqa: E402
+from pipeline import operators, plan  # noqa: E402
 from pipeline.config import TransformSpec  # noqa: E402
 from pipeline.config_files import load_run_config  # noqa: E402
 
@@ -28,7 +28,7 @@ def fit_operators(job: operators.OperatorJob, encoder_name: str, tag: str) -> op
 def operators_flow(config_path: str, transform_names: list[str] | None = None, progress: bool = True):
     cfg = load_run_config(config_path)
     ops = cfg.operators
-    encoder_names = ops.encoders or [encode.jobs_from_config(cfg, Path(config_path))[0].encoder.name]
+    encoder_names = ops.encoders or [plan.jobs_from_config(cfg, Path(config_path))[0].encoder.name]
     trained = train_flow(config_path, encoder_names, progress)
     pairs = [p for pair in ops.pairs for p in pair.expand()]
     if transform_names:
@@ -39,7 +39,7 @@ def operators_flow(config_path: str, transform_names: list[str] | None = None, p
     for encoder_name in encoder_names:
         base = next(
             j
-            for j in encode.jobs_from_config(cfg, Path(config_path), [encoder_name])
+            for j in plan.jobs_from_config(cfg, Path(config_path), [encoder_name])
             if j.transform == TransformSpec()
         )
         identity = encode_store(replace(base, split=ops.split), progress).store_path

@@ -13,7 +13,7 @@ prefect_env.configure()
 from prefect import flow, task  # noqa: E402
 
 from flows.encode_flow import encode_store  # noqa: E402
-from pipeline import encode, train  # noqa: E402
+from pipeline import plan, train  # noqa: E402
 from pipeline.config import TransformSpec  # noqa: E402
 from pipeline.config_files import load_run_config  # noqa: E402
 
@@ -30,7 +30,7 @@ def train_flow(
     cfg = load_run_config(config_path)
     identity = [
         j
-        for j in encode.jobs_from_config(cfg, Path(config_path), encoder_names)
+        for j in plan.jobs_from_config(cfg, Path(config_path), encoder_names)
         if j.transform == TransformSpec()
     ]
     results = {}

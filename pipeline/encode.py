@@ -25,13 +25,11 @@ from pipeline.config import (
     DatasetSpec,
     EncodeOptions,
     EncoderSpec,
-    RunConfig,
     StoreOptions,
     SubsetSpec,
     TransformSpec,
     config_hash,
 )
-from pipeline.config_files import resolve_encoder
 from pipeline.datasets import ImageRecord, image_list_sha256, list_images
 from pipeline.images import ImageSkipped, Preprocessing, apply_transform, load_rgb
 from pipeline.provenance import provenance
@@ -62,23 +60,6 @@ class EncodeResult:
     n_encoded: int
     n_failed: int
     already_complete: bool
-
-
-def jobs_from_config(cfg: RunConfig, config_path: Path | None, encoder_names: list[str] | None = None):
-    """Every (split, encoder, transform) store a run config asks for, optionally only some encoders."""
-    specs = [resolve_encoder(ref, config_path) for ref in cfg.encoders]
-    if encoder_names:
-        unknown = set(encoder_names) - {s.name for s in specs}
-        specs += [resolve_encoder(name, config_path) for name in sorted(unknown)]
-        specs = [s for s in specs if s.name in encoder_names]
-    for spec in specs:  # a wrong architecture fails now, not after hours of other encoders
-        encoders.check_architecture(spec)
-    return [
-        EncodeJob(cfg.store_root, cfg.dataset, split, cfg.subset, spec, transform, cfg.store, cfg.encode)
-        for spec in specs
-        for split in cfg.splits
-        for transform in cfg.transforms
-    ]
 
 
 def store_key(job: EncodeJob, records: list[ImageRecord], compute_dtype: torch.dtype) -> dict:

@@ -8,10 +8,11 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from pipeline import encode, operators, train
+from pipeline import encode, encoders, operators, train
 from pipeline.artifacts import read_json
 from pipeline.checkpoints import CheckpointError, read_header
 from pipeline.config import RunConfig, TransformSpec
+from pipeline.config_files import resolve_encoder
 from storage import StoreError, open_store
 
 
@@ -24,9 +25,28 @@ class Step:
     path: str  # where the artifact lives ('' until its inputs exist)
 
 
+def jobs_from_config(cfg: RunConfig, config_path: Path | None, encoder_names: list[str] | None = None):
+    """Every (split, encoder, transform) store a run config asks for, optionally only some encoders."""
+    specs = [resolve_encoder(ref, config_path) for ref in cfg.encoders]
+    if encoder_names:
+        unknown = set(encoder_names) - {s.name for s in specs}
+        specs += [resolve_encoder(name, config_path) for name in sorted(unknown)]
+        specs = [s for s in specs if s.name in encoder_names]
+    for spec in specs:  # a wrong architecture fails now, not after hours of other encoders
+        encoders.check_architecture(spec)
+    return [
+        encode.EncodeJob(
+            cfg.store_root, cfg.dataset, split, cfg.subset, spec, transform, cfg.store, cfg.encode
+        )
+        for spec in specs
+        for split in cfg.splits
+        for transform in cfg.transforms
+    ]
+
+
 def encode_jobs(cfg: RunConfig, config_path: Path | None) -> list[encode.EncodeJob]:
     """Every store the run needs: splits x transforms per encoder, plus f(T x) on the operators' split."""
-    jobs = encode.jobs_from_config(cfg, config_path)
+    jobs = jobs_from_config(cfg, config_path)
     for name in operator_encoders(cfg, jobs):
         base = next(j for j in jobs if j.encoder.name == name and j.transform == TransformSpec())
         for pair in (p for spec in cfg.operators.pairs for p in spec.expand()):

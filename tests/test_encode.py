@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline import encode, encoders
+from pipeline import encode, encoders, plan
 from pipeline.artifacts import WriteLock
 from pipeline.config import DatasetSpec, EncodeOptions, SplitSpec, StoreOptions, TransformSpec
 from pipeline.config_files import resolve_encoder
@@ -123,11 +123,11 @@ _KILLABLE = textwrap.dedent(
     """
     import sys, torch
     from pathlib import Path
-    from pipeline import encode
+    from pipeline import encode, plan
     from pipeline.config_files import load_run_config
     torch.set_num_threads(1)
     cfg = load_run_config(sys.argv[1])
-    encode.run(encode.jobs_from_config(cfg, Path(sys.argv[1]))[0], progress=False)
+    encode.run(plan.jobs_from_config(cfg, Path(sys.argv[1]))[0], progress=False)
     """
 )
 
@@ -170,7 +170,7 @@ def test_encode_resumes_after_sigkill_and_equals_an_uninterrupted_run(
 
     from pipeline.config_files import load_run_config
 
-    job = encode.jobs_from_config(load_run_config(config), config)[0]
+    job = plan.jobs_from_config(load_run_config(config), config)[0]
     resumed = encode.run(job, progress=False)
     assert resumed.store_path == path and not resumed.already_complete
     reference_job = make_job(
