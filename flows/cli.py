@@ -297,6 +297,28 @@ def demo(progress: Annotated[bool, typer.Option(help="Show progress bars.")] = T
     run(DEMO_CONFIG, progress, True)
 
 
+@app.command("ls")
+def ls_artifacts(
+    root: Annotated[
+        Path, typer.Argument(help="Folder to scan (e.g. runs/ or a config's output roots).")
+    ] = Path("runs"),
+) -> None:
+    """Every artifact under ROOT: feature stores, training runs, operator fits, score sets, reports — with status,
+    size on disk and age."""
+    import pandas as pd
+
+    from pipeline.artifacts import list_artifacts
+
+    if not root.is_dir():
+        _fail(f"{root}: no such folder")
+    rows = list_artifacts(root)
+    if not rows:
+        typer.echo(f"no reconlab artifacts under {root}")
+        return
+    table = pd.DataFrame(rows)[["kind", "status", "size_mb", "age", "path"]]
+    typer.echo(table.to_markdown(index=False, tablefmt="simple", floatfmt=".1f"))
+
+
 @store_app.command("ls")
 def ls(root: Annotated[Path, typer.Argument(help="Store root folder.")] = Path("runs/demo/stores")) -> None:
     """One line per store: encoder, dataset/split, N, grid, dtype, size on disk, complete or not."""
@@ -332,7 +354,7 @@ def inspect(
 ) -> None:
     """Shape, dtype, chunking, codecs, compression, completeness, provenance, failures, feature statistics."""
     from storage import StoreError
-    from storage.inspect import inspect_store, write_preview
+    from storage.inspect import inspect_store, transform_tag, write_preview
 
     try:
         info = inspect_store(path)
@@ -353,17 +375,18 @@ def inspect(
         typer.echo(f"images     {info['n_encoded']} encoded, {info['n_failed']} failed of {info['n_images']}")
         typer.echo(
             f"encoder    {enc['name']} ({enc['backend']} {enc['model_id']}, layer {enc['feature_layer']}, "
-            f"{enc['n_prefix_tokens_dropped']} prefix tokens dropped, weights {enc['weights_id'][:60]})"
+            f"{enc['n_prefix_tokens_dropped']} prefix tokens dropped, weights {enc['weights_id']})"
         )
         typer.echo(
-            f"dataset    {info['dataset']['name']}/{info['dataset']['split']}  transform {info['image_transform'].get('tag', info['image_transform'])}  "
+            f"dataset    {info['dataset']['name']}/{info['dataset']['split']}  transform {transform_tag(info['image_transform'])}  "
             f"geometry {enc['preprocessing'].get('geometry', 'native')}"
         )
         for name, a in info["arrays"].items():
             ratio = f"{a['compression_ratio']:.2f}x" if a["compression_ratio"] else "-"
             typer.echo(
                 f"  {name:<15} {str(a['shape']):<22} {a['dtype']:<8} chunks {a['chunks']} shards {a['shards']} "
-                f"filters {a['filters']} ratio {ratio} ({a['bytes_on_disk'] / 1e6:.2f} MB)"
+                f"codecs {' + '.join(a['filters'] + a['compressors']) or 'none'} ratio {ratio} "
+                f"({a['bytes_on_disk'] / 1e6:.2f} MB)"
             )
         s = info["feature_stats_sampled"]
         if s:

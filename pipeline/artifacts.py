@@ -87,3 +87,58 @@ class WriteLock:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = None
+
+
+def list_artifacts(root: Path) -> list[dict]:
+    """Every artifact under `root` — feature stores, training runs, operator fits, score sets, reports — with its
+    status, size on disk and age, recognised by the files each kind always has."""
+    from storage.inspect import summary_row
+
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        here = Path(dirpath)
+        dirnames.sort()
+        kind, status = _kind_and_status(here, filenames)
+        if kind is None:
+            if here.name == "scores":  # score sets: a parquet and its meta record (written last) side by side
+                for meta in sorted(here.glob("*.json")):
+                    scores = meta.with_suffix(".parquet")
+                    done = scores.is_file() and read_json(meta) is not None
+                    found.append(_row("scores", scores, "complete" if done else "partial", [meta, scores]))
+            continue
+        if kind == "store":
+            row = summary_row(here)
+            status = row.get("status") or f"unreadable: {row.get('error')}"
+        dirnames.clear()  # an artifact's insides are not artifacts
+        found.append(_row(kind, here, status, [f for f in here.rglob("*") if f.is_file()]))
+    return found
+
+
+def _row(kind: str, path: Path, status: str, files: list[Path]) -> dict:
+    import time
+
+    stats = [f.stat() for f in files if f.is_file()]
+    newest = max((st.st_mtime for st in stats), default=time.time())
+    return {"kind": kind, "path": str(path), "status": status, "size_mb": sum(st.st_size for st in stats) / 1e6,
+            "age": _age(time.time() - newest)}  # fmt: skip
+
+
+def _kind_and_status(here: Path, filenames: list[str]) -> tuple[str | None, str]:
+    finished = read_json(here / "result.json") is not None
+    if "zarr.json" in filenames:
+        return "store", ""
+    if (here / "checkpoints").is_dir():
+        epochs = len(list((here / "checkpoints").glob("epoch-*.json")))
+        return "training run", "complete" if finished else f"partial ({epochs} epoch checkpoint(s))"
+    if "fits.md" in filenames or any(f.endswith("_eigenvalues.png") for f in filenames):
+        return "operator fit", "complete" if finished else "partial"
+    if here.name.startswith("report__"):
+        return "report", "complete" if "report.html" in filenames else "partial"
+    return None, ""
+
+
+def _age(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.0f} {unit}"
+    return f"{seconds:.0f} s"

@@ -13,6 +13,23 @@ def disk_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
 
 
+def codec_text(codec) -> str:
+    """A codec as its spec name and settings, e.g. 'blosc(cname=zstd, clevel=3, shuffle=shuffle)'."""
+    try:
+        spec = codec.to_dict()
+    except (AttributeError, NotImplementedError):
+        return type(codec).__name__
+    settings = {
+        k: v for k, v in (spec.get("configuration") or {}).items() if k not in ("typesize", "blocksize")
+    }
+    return f"{spec['name']}({', '.join(f'{k}={v}' for k, v in settings.items())})"
+
+
+def transform_tag(image_transform: dict) -> str:
+    """The transform's short name (`scale_channel-b-0.5`), also for stores made before it was recorded."""
+    return image_transform.get("tag") or "-".join(str(v) for v in image_transform.values() if v is not None)
+
+
 def find_stores(root: Path) -> list[Path]:
     return sorted(p.parent for p in Path(root).glob("*/zarr.json") if FORMAT_KEY in p.read_text()[:100000])
 
@@ -29,10 +46,7 @@ def summary_row(path: Path) -> dict:
         "path": str(path),
         "encoder": attrs["encoder"]["name"],
         "dataset": f"{attrs['dataset']['name']}/{attrs['dataset']['split']}",
-        "transform": attrs["image_transform"].get("tag")
-        or "-".join(
-            str(v) for v in attrs["image_transform"].values() if v is not None
-        ),  # stores before `tag`
+        "transform": transform_tag(attrs["image_transform"]),
         "n_images": lay.n_images,
         "n_failed": attrs.get("n_failed"),
         "grid": f"{lay.grid_hw[0]}x{lay.grid_hw[1]}x{lay.hidden_dim}",
@@ -56,8 +70,8 @@ def inspect_store(path: Path, n_stat_images: int = 64) -> dict:
             "dtype": str(arr.dtype),
             "chunks": list(arr.chunks),
             "shards": list(arr.shards) if arr.shards else None,
-            "filters": [type(c).__name__ for c in arr.filters],
-            "compressors": [repr(c) for c in arr.compressors],
+            "filters": [codec_text(c) for c in arr.filters],
+            "compressors": [codec_text(c) for c in arr.compressors],
             "bytes_raw": int(raw),
             "bytes_on_disk": int(on_disk),
             "compression_ratio": raw / on_disk if on_disk else None,

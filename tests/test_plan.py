@@ -51,3 +51,20 @@ def test_plan_command_prints_the_table_and_runs_nothing(write_run_config, tmp_pa
     assert out.output.splitlines()[0].split()[:3] == ["stage", "encoder", "split"]
     assert "to run" in out.output and "after encode" in out.output
     assert not (tmp_path / "stores").exists()
+
+
+def test_ls_lists_every_kind_of_artifact_with_its_status(write_run_config, tmp_path):
+    path = _config(write_run_config, tmp_path)
+    cfg = load_run_config(path)
+    job = encode_jobs(cfg, path)[0]
+    store = encode.run(job, progress=False).store_path
+    run = train.run(train.TrainJob(store, store, cfg.train), progress=False)
+    killed = tmp_path / "train" / "tiny-vit-64__0123456789abcdef"  # a run killed before its first epoch ended
+    (killed / "checkpoints").mkdir(parents=True)
+    out = CliRunner().invoke(app, ["ls", str(tmp_path)])
+    assert out.exit_code == 0, out.output
+    rows = {line.split()[-1]: line for line in out.output.splitlines()[2:]}
+    assert rows[str(store)].startswith("store ") and " complete " in rows[str(store)]
+    assert rows[str(run.run_dir)].startswith("training run") and " complete " in rows[str(run.run_dir)]
+    assert "partial (0 epoch checkpoint(s))" in rows[str(killed)]
+    assert CliRunner().invoke(app, ["ls", str(tmp_path / "nothing")]).exit_code == 2
