@@ -251,6 +251,12 @@ def run(
     config: Annotated[Path, typer.Option("--config", "-c", help="Run config YAML.")],
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
     operators: Annotated[bool, typer.Option(help="Include the operators stage.")] = True,
+    force: Annotated[
+        str | None,
+        typer.Option(
+            "--force", help="Redo this stage (encode, train, operators, evaluate) and every later one."
+        ),
+    ] = None,
 ) -> None:
     """The whole benchmark: encode, train, operators, evaluate (one Prefect flow; finished work is skipped)."""
 
@@ -258,6 +264,12 @@ def run(
         from flows.benchmark_flow import benchmark_flow
 
         _preflight(config)
+        if force:
+            from pipeline.config_files import load_run_config
+            from pipeline.plan import force as force_stage
+
+            for removed in force_stage(load_run_config(config), config, force):
+                typer.echo(f"--force {force}: removed {removed}")
         _echo_plan(config, operators)
         out = benchmark_flow(str(config), progress, operators)
     except _user_errors() as e:

@@ -5,13 +5,14 @@ with the folder its identity names and whether it is done — without running or
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from pipeline import encode, encoders, operators, train
-from pipeline.artifacts import read_json
+from pipeline.artifacts import WriteLock, read_json
 from pipeline.checkpoints import CheckpointError, read_header
-from pipeline.config import RunConfig, TransformSpec
+from pipeline.config import ConfigError, RunConfig, TransformSpec
 from pipeline.config_files import resolve_encoder
 from storage import StoreError, open_store
 
@@ -146,3 +147,32 @@ def _operator_steps(
             state = "cached" if read_json(out_dir / "result.json") is not None else "to run"
             steps.append(Step("operators", name, what, state, str(out_dir)))
     return steps
+
+
+STAGES = ("encode", "train", "operators", "evaluate")
+
+
+def force(cfg: RunConfig, config_path: Path | None, stage: str) -> list[Path]:
+    """Remove the artifacts of `stage` and of every stage after it, so the next run redoes them; returns what was
+    removed. Each artifact's lock is taken first: one being written elsewhere is refused, not deleted."""
+    if stage not in STAGES:
+        raise ConfigError(f"--force: unknown stage '{stage}'; stages: {', '.join(STAGES)}")
+    doomed = STAGES[STAGES.index(stage) :]
+    steps = plan(cfg, config_path)
+    removed = []
+    for step in steps:
+        if step.stage in doomed and step.stage != "evaluate" and step.path and Path(step.path).exists():
+            with WriteLock(Path(step.path)):
+                shutil.rmtree(step.path)
+            removed.append(Path(step.path))
+    if "evaluate" in doomed:
+        evaluated = {
+            s.path for s in steps if s.stage == "encode" and s.what == f"{cfg.evaluate.split} identity"
+        }
+        for meta_path in sorted((Path(cfg.evaluate.output_root) / "scores").glob("*.json")):
+            meta = read_json(meta_path)
+            if meta is not None and meta.get("store") in evaluated:
+                for f in (meta_path, meta_path.with_suffix(".parquet")):
+                    f.unlink(missing_ok=True)
+                removed.append(meta_path.with_suffix(".parquet"))
+    return removed

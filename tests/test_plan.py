@@ -68,3 +68,26 @@ def test_ls_lists_every_kind_of_artifact_with_its_status(write_run_config, tmp_p
     assert rows[str(run.run_dir)].startswith("training run") and " complete " in rows[str(run.run_dir)]
     assert "partial (0 epoch checkpoint(s))" in rows[str(killed)]
     assert CliRunner().invoke(app, ["ls", str(tmp_path / "nothing")]).exit_code == 2
+
+
+def test_force_removes_a_stage_and_every_later_one_so_the_plan_runs_them_again(write_run_config, tmp_path):
+    from pipeline.config import ConfigError
+    from pipeline.plan import force
+
+    path = _config(write_run_config, tmp_path)
+    cfg = load_run_config(path)
+    stores = {
+        (j.split, j.transform.tag): encode.run(j, progress=False).store_path for j in encode_jobs(cfg, path)
+    }
+    run = train.run(train.TrainJob(stores[("train", "identity")], stores[("val", "identity")], cfg.train),
+                    progress=False)  # fmt: skip
+    assert force(cfg, path, "train") == [run.run_dir]
+    states = {(s.stage, s.what): s.state for s in plan(cfg, path)}
+    assert states[("train", "train")] == "to run" and states[("encode", "train identity")] == "cached"
+    assert states[("operators", "swap_rb forward")] == "after train"
+    try:
+        force(cfg, path, "trian")
+    except ConfigError as e:
+        assert "unknown stage 'trian'; stages: encode, train, operators, evaluate" in str(e)
+    else:
+        raise AssertionError("a misspelled stage must be refused")
