@@ -88,9 +88,12 @@ def _echo_operators(results) -> None:
 
 
 def _echo_evaluation(result) -> None:
-    key = result.analysis["primary"]
-    typer.echo(f"\nranking by {key[0]} / {key[1]}:")
-    typer.echo(result.analysis["rankings"][key].to_string(index=False))
+    rankings = result.analysis["rankings"]
+    # The primary (judge) ranking, and PSNR, which no judge's blind spots (e.g. grayscale judging) can hide.
+    for key in dict.fromkeys([result.analysis["primary"], ("pixels", "psnr_db")]):
+        if key in rankings:
+            typer.echo(f"\nranking by {key[0]} / {key[1]}:")
+            typer.echo(rankings[key].to_string(index=False))
     typer.echo(f"\nreport: {result.report_md}\n        {result.report_html}")
 
 

@@ -75,6 +75,11 @@ class EncoderSpec(Frozen):
         False,
         description="Keep the projection head: judges score images by their pooled, projected embedding.",
     )
+    input_transform: TransformSpec | None = Field(
+        None,
+        description="A pixel transform applied to what this encoder sees, not to the stored target pixels: an "
+        "encoder whose information loss is known by construction (e.g. {name: resample, factor: 4}).",
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> EncoderSpec:
@@ -139,6 +144,7 @@ class TransformSpec(Frozen):
     )
     channel: Literal["r", "g", "b"] | None = Field(None, description="scale_channel: which channel.")
     alpha: float | None = Field(None, ge=0, description="scale_channel: the factor.")
+    factor: int | None = Field(None, ge=2, description="resample: shrink by this factor, then enlarge back.")
 
     @model_validator(mode="after")
     def _params(self) -> TransformSpec:
@@ -147,7 +153,7 @@ class TransformSpec(Frozen):
         if self.name not in REGISTRY:
             raise ValueError(f"unknown transform '{self.name}'; registered: {', '.join(REGISTRY)}")
         wanted = set(REGISTRY[self.name].params)
-        given = {k for k in ("channel", "alpha") if getattr(self, k) is not None}
+        given = {k for k in ("channel", "alpha", "factor") if getattr(self, k) is not None}
         if given != wanted:
             raise ValueError(
                 f"transform '{self.name}' takes parameters {sorted(wanted) or 'none'}, got {sorted(given)}"
@@ -156,7 +162,7 @@ class TransformSpec(Frozen):
 
     @property
     def params(self) -> dict:
-        return {k: getattr(self, k) for k in ("channel", "alpha") if getattr(self, k) is not None}
+        return {k: getattr(self, k) for k in ("channel", "alpha", "factor") if getattr(self, k) is not None}
 
     @property
     def tag(self) -> str:

@@ -277,7 +277,7 @@ def _encode_pending(
             ok = torch.tensor([not r for r in reasons])
             local = (positions - rows.start).numpy()
             if ok.any():
-                feats = encoder.encode(encoder.normalize(pixels[ok]))
+                feats = encoder.encode(encoder.normalize(encoder.seen(pixels[ok])))
                 buffer["features"][local[ok.numpy()]] = feats.cpu().numpy()
             buffer["pixels"][local] = pixels.numpy()
             for pos, reason in zip(positions.tolist(), reasons, strict=True):

@@ -53,6 +53,17 @@ class Encoder:
         pixels = torch.from_numpy(self.preprocessing.to_pixels(image.convert("RGB")))
         return self.normalize(pixels[None])[0].cpu()
 
+    def seen(self, pixels_nhwc_uint8: torch.Tensor) -> torch.Tensor:
+        """The pixels this encoder sees: the spec's input_transform applied (the stored targets stay intact)."""
+        transform = self.spec.input_transform
+        if transform is None:
+            return pixels_nhwc_uint8
+        from pipeline.images import apply_transform
+
+        return torch.from_numpy(
+            np.stack([apply_transform(im, transform) for im in pixels_nhwc_uint8.numpy()])
+        )
+
     def normalize(self, pixels_nhwc_uint8: torch.Tensor) -> torch.Tensor:
         """uint8 [B, S, S, 3] -> normalised float32 [B, 3, S, S] on the encoder's device."""
         pixels = pixels_nhwc_uint8.to(self.device, non_blocking=True)
@@ -138,6 +149,7 @@ class Encoder:
             "n_prefix_tokens_dropped": self.n_prefix_tokens,
             "compute_dtype": str(self.compute_dtype).removeprefix("torch."),
             "preprocessing": self.preprocessing.to_dict(),
+            "input_transform": self.spec.input_transform.tag if self.spec.input_transform else None,
         }
 
 

@@ -31,9 +31,9 @@ def load_reconstructor(checkpoint: Path, device: str | torch.device = "cpu") -> 
 
 def check_checkpoint_matches_store(header: dict, store: FeatureStore) -> None:
     expected, got = header["encoder"], encoder_identity(store)
-    diff = [k for k in ENCODER_IDENTITY if expected[k] != got[k]]
+    diff = [k for k in ENCODER_IDENTITY if expected.get(k) != got[k]]
     if diff:
-        details = "; ".join(f"{k}: checkpoint {expected[k]!r}, store {got[k]!r}" for k in diff)
+        details = "; ".join(f"{k}: checkpoint {expected.get(k)!r}, store {got[k]!r}" for k in diff)
         raise checkpoints.CheckpointError(
             f"checkpoint {header['_json_path']} was trained on features of encoder '{expected['name']}', "
             f"store {store.path.name} differs ({details})"

@@ -39,6 +39,7 @@ ENCODER_IDENTITY = (
     "grid_hw",
     "hidden_dim",
     "preprocessing",
+    "input_transform",
 )
 
 
@@ -60,7 +61,7 @@ class TrainResult:
 
 def encoder_identity(store: FeatureStore) -> dict:
     enc = store.attrs["encoder"]
-    return {k: enc[k] for k in ENCODER_IDENTITY}
+    return {k: enc.get(k) for k in ENCODER_IDENTITY}  # .get: stores made before input_transform existed
 
 
 def check_same_encoder(a: FeatureStore, b: FeatureStore) -> None:

@@ -67,3 +67,14 @@ def expected_spectrum(name: str, params: dict, direction: str) -> str | None:
     if name == "scale_channel" and direction == "forward" and params["alpha"] <= 1:
         return "contraction"
     return None
+
+
+@register("resample", params=("factor",))
+def resample(pixels: np.ndarray, factor: int) -> np.ndarray:
+    """Shrink by `factor` (box filter), then enlarge back to the same size (bilinear): the detail finer than
+    `factor` pixels is gone, by construction."""
+    from PIL import Image
+
+    h, w = pixels.shape[:2]
+    small = Image.fromarray(pixels).resize((max(1, w // factor), max(1, h // factor)), Image.Resampling.BOX)
+    return np.asarray(small.resize((w, h), Image.Resampling.BILINEAR))

@@ -93,7 +93,7 @@ def verify(
         if failed:
             raise StoreError(f"{path}: image(s) encoded before can no longer be read: {failed[:3]}")
         pixels = np.stack([p for p, _ in decoded])
-        fresh = encoder.encode(encoder.normalize(torch.from_numpy(pixels))).cpu().numpy()
+        fresh = encoder.encode(encoder.normalize(encoder.seen(torch.from_numpy(pixels)))).cpu().numpy()
         errors = token_relative_error(store.features(batch), fresh)
         pixel_diffs = (
             np.abs(store.pixels(batch).astype(int) - pixels).reshape(len(batch), -1).max(axis=1)
