@@ -29,7 +29,7 @@ def test_identity_leaves_out_runtime_fields_at_every_depth():
     assert "val_every_steps" not in identity(cfg) and "keep_last" not in identity(cfg)
     assert identity(cfg)["model"]["upsample_kernel"] == 4 and identity(cfg)["lr"] == cfg.lr
     ops = OperatorsConfig(pairs=[OperatorPairSpec(transform=TransformSpec(name="swap_rb"))])
-    assert identity(ops)["pairs"] == [{"transform": {"name": "swap_rb", "channel": None, "alpha": None},
+    assert identity(ops)["pairs"] == [{"transform": {"name": "swap_rb", "channel": None, "alpha": None, "factor": None},
                                        "direction": "forward", "alphas": None}]  # fmt: skip
     assert "dask_address" not in identity(ops) and "output_root" not in identity(ops)
 
