@@ -21,15 +21,13 @@ def wall(cmd: list[str]) -> float:
 
 def stage_work(config: Path) -> dict[str, float]:
     """Seconds of each cached stage's own work, in this (warm) process."""
-    from dataclasses import replace
-
     from pipeline import encode, evaluate, operators, plan, train
     from pipeline.config_files import load_run_config
 
     cfg = load_run_config(config)
     times = {}
     start = time.perf_counter()
-    steps = plan.plan(cfg, config)
+    plan.plan(cfg, config)
     times["plan"] = time.perf_counter() - start
     start = time.perf_counter()
     results = {
@@ -58,7 +56,6 @@ def stage_work(config: Path) -> dict[str, float]:
                for n in trained]  # fmt: skip
     evaluate.run(targets, cfg.evaluate, config)
     times["evaluate"] = time.perf_counter() - start
-    del steps, replace
     return times
 
 
