@@ -201,6 +201,10 @@ def analyse(scores: pd.DataFrame, cfg: EvaluateConfig) -> dict:
         family = stats.compare_family(per_encoder, pairs, cfg.n_boot, cfg.seed, cfg.n_permutations)
         comparisons[(judge, metric)] = family
         rankings[(judge, metric)] = stats.ranking(per_encoder, family, cfg.n_boot, cfg.seed, cfg.alpha)
+    return _analysis(names, pairs, comparisons, rankings, cfg)
+
+
+def _analysis(names, pairs, comparisons: dict, rankings: dict, cfg: EvaluateConfig) -> dict:
     headline = [
         {"judge": j, "metric": m, **c.to_dict()}
         for (j, m), family in comparisons.items()
@@ -208,17 +212,31 @@ def analyse(scores: pd.DataFrame, cfg: EvaluateConfig) -> dict:
         for c in family
         if {c.a, c.b} in [set(p) for p in headline_pairs(names)]
     ]
-    primary = (cfg.judges[0], f"cosine_{cfg.judge_modes[0]}")
+    primary = (cfg.judges[0], f"cosine_{cfg.judge_modes[0]}") if cfg.judges else None
     if primary not in rankings:  # no judge scores: fall back to the first pixel score
         primary = next(iter(rankings))
-    return {
-        "names": names,
-        "pairs": pairs,
-        "comparisons": comparisons,
-        "rankings": rankings,
-        "headline": headline,
-        "primary": primary,
+    return {"names": names, "pairs": pairs, "comparisons": comparisons, "rankings": rankings, "headline": headline,
+            "primary": primary}  # fmt: skip
+
+
+def _cached_analysis(out_dir: Path, record: dict, cfg: EvaluateConfig) -> dict:
+    """The analysis of a finished report, read back from its CSVs (nothing is recomputed)."""
+    table = pd.read_csv(out_dir / "comparisons.csv")
+    comparisons = {
+        (j, m): [
+            stats.PairedComparison(**row)
+            for row in group.drop(columns=["judge", "metric"]).to_dict("records")
+        ]
+        for (j, m), group in table.groupby(["judge", "metric"], sort=False)
     }
+    rankings = {}
+    for path in sorted(out_dir.glob("ranking__*.csv")):
+        ranking = pd.read_csv(path, keep_default_na=False)
+        rankings[(ranking["judge"].iloc[0], ranking["metric"].iloc[0])] = ranking.drop(
+            columns=["judge", "metric"]
+        )
+    pairs = [tuple(p) for p in record["pairs"]]
+    return _analysis(record["names"], pairs, comparisons, rankings, cfg)
 
 
 @dataclass(frozen=True)
@@ -247,6 +265,16 @@ def run(
         inputs.append({"encoder": t.encoder_name, "store": str(t.store), "store_hash": meta["key"]["store"],
                        "checkpoint": str(t.checkpoint), "checkpoint_config_hash": meta["key"]["checkpoint"],
                        "scores": str(path)})  # fmt: skip
+    stats_cfg = cfg.model_dump(
+        mode="json", include={"n_boot", "n_permutations", "alternative", "alpha", "seed", "comparisons"}
+    )
+    key = {"scores": [f.stem for f in files], "stats": stats_cfg}
+    out_dir = Path(cfg.output_root) / f"report__{config_hash(key)}"
+    done = read_json(out_dir / "result.json")
+    if done is not None:  # same score files, same statistics settings: the report stands
+        return EvaluateResult(
+            out_dir / "report.md", out_dir / "report.html", files, _cached_analysis(out_dir, done, cfg)
+        )
     scores = pd.concat(frames, ignore_index=True)
     analysis = analyse(scores, cfg)
     for c in (c for family in analysis["comparisons"].values() for c in family):
@@ -254,11 +282,6 @@ def run(
             notes.append(f"{c.a} vs {c.b}: {c.n_only_a} image(s) only in {c.a}, {c.n_only_b} only in {c.b}; "
                          "compared on the common images")  # fmt: skip
     notes = list(dict.fromkeys(notes))
-    stats_cfg = cfg.model_dump(
-        mode="json", include={"n_boot", "n_permutations", "alternative", "alpha", "seed", "comparisons"}
-    )
-    key = {"scores": [f.stem for f in files], "stats": stats_cfg}
-    out_dir = Path(cfg.output_root) / f"report__{config_hash(key)}"
     prov = provenance()
     header = {"report_hash": config_hash(key), **stats_cfg,
               "judges": ", ".join(f"{n} ({j.weights_id[:40]})" for n, j in judges.items()),
@@ -275,4 +298,6 @@ def run(
         for c in fam
     ]
     pd.DataFrame(rows).to_csv(out_dir / "comparisons.csv", index=False)
+    write_json_atomic(out_dir / "result.json", {"config_hash": config_hash(key), "names": analysis["names"],
+                                                "pairs": analysis["pairs"]})  # fmt: skip
     return EvaluateResult(md, html_path, files, analysis)

@@ -123,8 +123,22 @@ def test_report_numbers_match_the_per_image_parquet(result):
 def test_scores_are_reused_not_recomputed(result, targets):
     res, cfg = result
     stamps = [f.stat().st_mtime_ns for f in res.score_files]
+    report_stamp = res.report_md.stat().st_mtime_ns
     again = evaluate.run(targets, cfg)
     assert [f.stat().st_mtime_ns for f in again.score_files] == stamps
+    # The report is an artifact too: same scores and statistics settings, nothing recomputed or rewritten.
+    assert again.report_md == res.report_md and again.report_md.stat().st_mtime_ns == report_stamp
+    assert again.analysis["primary"] == res.analysis["primary"]
+    for key, ranking in res.analysis["rankings"].items():
+        pd.testing.assert_frame_equal(again.analysis["rankings"][key], ranking, check_dtype=False)
+    first = {k: [c.to_dict() for c in v] for k, v in res.analysis["comparisons"].items()}
+    second = {k: [c.to_dict() for c in v] for k, v in again.analysis["comparisons"].items()}
+    assert first.keys() == second.keys() and all(
+        pd.DataFrame(first[k]).equals(pd.DataFrame(second[k])) or
+        np.allclose(pd.DataFrame(first[k]).select_dtypes("number"), pd.DataFrame(second[k]).select_dtypes("number"),
+                    equal_nan=True)
+        for k in first
+    )  # fmt: skip
 
 
 def test_headline_pairs_pick_siglip_vs_siglip2_at_the_same_resolution():
