@@ -1,0 +1,132 @@
+"""`reconlab store ...`: list, inspect and verify cached feature stores."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from flows.errors import fail as _fail
+from flows.errors import user_errors as _user_errors
+
+store_app = typer.Typer(no_args_is_help=True, help="Inspect cached feature stores.")
+
+
+@store_app.command("ls")
+def ls(root: Annotated[Path, typer.Argument(help="Store root folder.")] = Path("runs/demo/stores")) -> None:
+    """One line per store: encoder, dataset/split, N, grid, dtype, size on disk, complete or not."""
+    from storage.inspect import find_stores, summary_row
+
+    if not root.is_dir():
+        _fail(f"{root}: no such folder")
+    rows = [summary_row(p) for p in find_stores(root)]
+    if not rows:
+        typer.echo(f"no feature stores under {root}")
+        return
+    header = f"{'encoder':<20} {'dataset/split':<18} {'transform':<12} {'N':>7} {'fail':>5} {'grid':<12} "
+    header += f"{'dtype':<15} {'size':>9}  status"
+    typer.echo(header)
+    for r in rows:
+        if "error" in r:
+            typer.echo(f"{r['path']}: {r['error']}")
+            continue
+        typer.echo(
+            f"{r['encoder']:<20} {r['dataset']:<18} {r['transform']:<12} {r['n_images']:>7} "
+            f"{r['n_failed'] if r['n_failed'] is not None else '-':>5} {r['grid']:<12} {r['dtype']:<15} "
+            f"{r['size_mb']:>7.1f}MB  {r['status']}"
+        )
+
+
+@store_app.command("inspect")
+def inspect(
+    path: Annotated[Path, typer.Argument(help="A store folder (*.zarr).")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the full record as JSON.")] = False,
+    preview: Annotated[
+        Path | None, typer.Option(help="Write a PNG: images beside their feature PCA.")
+    ] = None,
+) -> None:
+    """Shape, dtype, chunking, codecs, compression, completeness, provenance, failures, feature statistics."""
+    from storage import StoreError
+    from storage.inspect import inspect_store, transform_tag, write_preview
+
+    try:
+        info = inspect_store(path)
+        if preview is not None:
+            write_preview(path, preview)
+    except StoreError as e:
+        _fail(str(e))
+    if as_json:
+        json.dump(info, sys.stdout, indent=2, default=str)
+        typer.echo("")
+    else:
+        enc, prov = info["encoder"], info["provenance"]
+        typer.echo(f"store      {info['path']}")
+        typer.echo(f"format     v{info['format_version']}  config {info['config_hash']}")
+        typer.echo(
+            f"status     {'complete' if info['complete'] else 'INCOMPLETE'} ({info['shards_done']} shards)"
+        )
+        typer.echo(f"images     {info['n_encoded']} encoded, {info['n_failed']} failed of {info['n_images']}")
+        typer.echo(
+            f"encoder    {enc['name']} ({enc['backend']} {enc['model_id']}, layer {enc['feature_layer']}, "
+            f"{enc['n_prefix_tokens_dropped']} prefix tokens dropped, weights {enc['weights_id']})"
+        )
+        typer.echo(
+            f"dataset    {info['dataset']['name']}/{info['dataset']['split']}  transform {transform_tag(info['image_transform'])}  "
+            f"geometry {enc['preprocessing'].get('geometry', 'native')}"
+        )
+        for name, a in info["arrays"].items():
+            ratio = f"{a['compression_ratio']:.2f}x" if a["compression_ratio"] else "-"
+            typer.echo(
+                f"  {name:<15} {str(a['shape']):<22} {a['dtype']:<8} chunks {a['chunks']} shards {a['shards']} "
+                f"codecs {' + '.join(a['filters'] + a['compressors']) or 'none'} ratio {ratio} "
+                f"({a['bytes_on_disk'] / 1e6:.2f} MB)"
+            )
+        s = info["feature_stats_sampled"]
+        if s:
+            typer.echo(
+                f"features   mean token norm {s['mean_token_norm']:.3f}, non-finite {s['fraction_nonfinite']:.2e} "
+                f"(over {s['n_images_sampled']} images)"
+            )
+        typer.echo(f"recorded   {info['feature_stats_recorded']}")
+        typer.echo(
+            f"made by    reconlab {prov['reconlab_version']} @ {prov['git_commit'][:12]} on {prov['created_utc']}"
+        )
+        for f in info["failures"][:20]:
+            typer.echo(f"  failed   id {f['image_id']}: {f['reason']}  ({f['path']})")
+    if preview is not None:
+        typer.echo(f"preview written to {preview}")
+
+
+@store_app.command("verify")
+def verify_store(
+    path: Annotated[Path, typer.Argument(help="A store folder (*.zarr).")],
+    recompute: Annotated[
+        int, typer.Option("--recompute", min=1, help="Re-encode this many random images.")
+    ] = 8,
+    seed: Annotated[int, typer.Option(help="Seed of the image choice.")] = 0,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+) -> None:
+    """Re-encode N random images with the store's recorded encoder, weights, layer and geometry and compare
+    them with the stored features (within the precision's error bound). Exit 1 on a mismatch."""
+    from pipeline.verify import verify
+
+    try:
+        report = verify(path, recompute, seed, device)
+    except _user_errors() as e:
+        _fail(str(e))
+    for note in report.notes:
+        typer.echo(f"note: {note}")
+    worst = max(report.checks, key=lambda c: c.feature_error)
+    summary = (f"{len(report.checks)} images re-encoded; largest token-relative feature error "
+               f"{worst.feature_error:.3g} (image {worst.image_id}), bound {report.bound:.3g}")  # fmt: skip
+    if not report.mismatches:
+        typer.echo(f"OK: {summary}")
+        return
+    typer.secho(f"MISMATCH: {len(report.mismatches)} of {summary}", fg=typer.colors.RED, err=True)
+    for c in report.mismatches:
+        pixels = "" if c.pixel_max_abs_diff < 0 else f", stored pixels differ by up to {c.pixel_max_abs_diff}"
+        typer.echo(f"  image {c.image_id} ({c.path}): feature error {c.feature_error:.3g}{pixels}", err=True)
+    raise typer.Exit(1)
