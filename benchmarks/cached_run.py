@@ -21,8 +21,9 @@ def wall(cmd: list[str]) -> float:
 
 def stage_work(config: Path) -> dict[str, float]:
     """Seconds of each cached stage's own work, in this (warm) process."""
-    from pipeline import encode, evaluate, operators, plan, train
+    from pipeline import plan
     from pipeline.config_files import load_run_config
+    from pipeline.stages import encode, evaluate, operators, train
 
     cfg = load_run_config(config)
     times = {}

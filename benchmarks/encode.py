@@ -17,9 +17,11 @@ import numpy as np
 import torch
 import zarr
 
-from pipeline import demo, encode, encoders
 from pipeline.config import DatasetSpec, EncodeOptions, EncoderSpec, StoreOptions, SubsetSpec, TransformSpec
-from pipeline.datasets import list_images
+from pipeline.data import demo
+from pipeline.data.datasets import list_images
+from pipeline.models import encoders
+from pipeline.stages import encode
 from storage import StoreLayout, create, open_store
 from storage.inspect import disk_bytes
 

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import operator_fits, operators
+from pipeline.science import operator_fits
+from pipeline.stages import operators
 from storage import StoreLayout, create
 from storage.precision import value_stats
 

@@ -9,9 +9,10 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from pipeline import demo, encode, train
 from pipeline.config import DatasetSpec, EncodeOptions, StoreOptions, SubsetSpec, TrainConfig, TransformSpec
 from pipeline.config_files import resolve_encoder
+from pipeline.data import demo
+from pipeline.stages import encode, train
 from storage.inspect import disk_bytes
 
 

@@ -14,7 +14,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pipeline import demo, encode, train
 from pipeline.config import (
     DatasetSpec,
     EncodeOptions,
@@ -25,7 +24,9 @@ from pipeline.config import (
     TransformSpec,
 )
 from pipeline.config_files import resolve_encoder
-from pipeline.reconstructor import Reconstructor
+from pipeline.data import demo
+from pipeline.models.reconstructor import Reconstructor
+from pipeline.stages import encode, train
 
 VARIANTS = {
     "released (kernel 4)": ReconstructorConfig(),

@@ -19,10 +19,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline import demo, encode, train
 from pipeline.config import DatasetSpec, EncodeOptions, StoreOptions, SubsetSpec, TrainConfig, TransformSpec
 from pipeline.config_files import resolve_encoder
-from pipeline.feature_loader import Prefetcher, batch_stream
+from pipeline.data import demo
+from pipeline.data.feature_loader import Prefetcher, batch_stream
+from pipeline.stages import encode, train
 from storage.inspect import disk_bytes
 
 

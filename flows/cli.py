@@ -120,10 +120,11 @@ def train(
 def _train_without_prefect(config: Path, encoder_names: list[str] | None, progress: bool):
     from dataclasses import replace
 
-    from pipeline import encode, plan
-    from pipeline import train as train_stage
+    from pipeline import plan
     from pipeline.config import TransformSpec
     from pipeline.config_files import load_run_config
+    from pipeline.stages import encode
+    from pipeline.stages import train as train_stage
 
     cfg = load_run_config(config)
     results = []
@@ -151,7 +152,7 @@ def reconstruct(
     n: Annotated[int, typer.Option("--n", help="Number of images.")] = 8,
 ) -> None:
     """Write PNGs of original | reconstruction for a store's first N images."""
-    from pipeline.reconstruct import write_side_by_side
+    from pipeline.stages.reconstruct import write_side_by_side
 
     try:
         paths = write_side_by_side(store, checkpoint, out, n)

@@ -10,8 +10,9 @@ prefect_env.configure()
 
 from prefect import flow, task  # noqa: E402
 
-from pipeline import encode, plan  # noqa: E402
+from pipeline import plan  # noqa: E402
 from pipeline.config_files import load_run_config  # noqa: E402
+from pipeline.stages import encode  # noqa: E402
 
 
 @task(

@@ -14,9 +14,10 @@ from prefect import flow, task  # noqa: E402
 
 from flows.encode_flow import encode_store  # noqa: E402
 from flows.train_flow import train_flow  # noqa: E402
-from pipeline import evaluate, plan  # noqa: E402
+from pipeline import plan  # noqa: E402
 from pipeline.config import TransformSpec  # noqa: E402
 from pipeline.config_files import load_run_config  # noqa: E402
+from pipeline.stages import evaluate  # noqa: E402
 
 
 @task(name="evaluate")

@@ -14,9 +14,10 @@ from prefect import flow, task  # noqa: E402
 
 from flows.encode_flow import encode_store  # noqa: E402
 from flows.train_flow import train_flow  # noqa: E402
-from pipeline import operators, plan  # noqa: E402
+from pipeline import plan  # noqa: E402
 from pipeline.config import TransformSpec  # noqa: E402
 from pipeline.config_files import load_run_config  # noqa: E402
+from pipeline.stages import operators  # noqa: E402
 
 
 @task(name="fit-operators", task_run_name="operators {encoder_name} {tag}")

@@ -111,7 +111,7 @@ def verify_store(
 ) -> None:
     """Re-encode N random images with the store's recorded encoder, weights, layer and geometry and compare
     them with the stored features (within the precision's error bound). Exit 1 on a mismatch."""
-    from pipeline.verify import verify
+    from pipeline.stages.verify import verify
 
     try:
         report = verify(path, recompute, seed, device)

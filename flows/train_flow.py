@@ -13,9 +13,10 @@ prefect_env.configure()
 from prefect import flow, task  # noqa: E402
 
 from flows.encode_flow import encode_store  # noqa: E402
-from pipeline import plan, train  # noqa: E402
+from pipeline import plan  # noqa: E402
 from pipeline.config import TransformSpec  # noqa: E402
 from pipeline.config_files import load_run_config  # noqa: E402
+from pipeline.stages import train  # noqa: E402
 
 
 @task(name="train-reconstructor", task_run_name="train {encoder_name}")

@@ -137,7 +137,7 @@ class SubsetSpec(Frozen):
 
 
 class TransformSpec(Frozen):
-    """A pixel-space image transform applied before the encoder's preprocessing (pipeline/transforms.py)."""
+    """A pixel-space image transform applied before the encoder's preprocessing (pipeline/data/transforms.py)."""
 
     name: str = Field(
         "identity", description="A registered transform: identity, swap_rb, scale_channel, grayscale, ..."
@@ -148,7 +148,7 @@ class TransformSpec(Frozen):
 
     @model_validator(mode="after")
     def _params(self) -> TransformSpec:
-        from pipeline.transforms import REGISTRY
+        from pipeline.data.transforms import REGISTRY
 
         if self.name not in REGISTRY:
             raise ValueError(f"unknown transform '{self.name}'; registered: {', '.join(REGISTRY)}")

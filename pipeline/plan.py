@@ -9,11 +9,12 @@ import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from pipeline import encode, encoders, operators, train
 from pipeline.artifacts import WriteLock, read_json
-from pipeline.checkpoints import CheckpointError, read_header
 from pipeline.config import ConfigError, RunConfig, TransformSpec
 from pipeline.config_files import resolve_encoder
+from pipeline.models import encoders
+from pipeline.models.checkpoints import CheckpointError, read_header
+from pipeline.stages import encode, operators, train
 from storage import StoreError, open_store
 
 

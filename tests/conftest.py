@@ -13,10 +13,10 @@ import yaml
 os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="reconlab-test-prefect-"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from pipeline import demo  # noqa: E402
 from pipeline.config import DatasetSpec, EncodeOptions, RunConfig, StoreOptions, SubsetSpec, TransformSpec
 from pipeline.config_files import resolve_encoder
-from pipeline.encode import EncodeJob  # noqa: E402
+from pipeline.data import demo  # noqa: E402
+from pipeline.stages.encode import EncodeJob  # noqa: E402
 
 N_TRAIN, N_VAL = 40, 12
 

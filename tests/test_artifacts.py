@@ -8,7 +8,6 @@ import json
 
 import torch
 
-from pipeline import encode, operators, train
 from pipeline.artifacts import identity, read_json, write_json_atomic
 from pipeline.config import (
     EncodeOptions,
@@ -19,6 +18,7 @@ from pipeline.config import (
     TrainConfig,
     TransformSpec,
 )
+from pipeline.stages import encode, operators, train
 from storage import open_store
 
 FAST = dict(epochs=1, batch_size=4, n_val_images=4, n_sample_images=2, shuffle_buffer_images=4)
@@ -114,9 +114,9 @@ def test_records_are_replaced_whole_and_unreadable_ones_read_as_absent(tmp_path)
 def test_a_weights_file_swapped_under_a_valid_header_is_refused(tmp_path):
     import pytest
 
-    from pipeline import checkpoints
     from pipeline.config import ReconstructorConfig
-    from pipeline.reconstructor import Reconstructor
+    from pipeline.models import checkpoints
+    from pipeline.models.reconstructor import Reconstructor
 
     torch.manual_seed(0)
     model = Reconstructor(ReconstructorConfig(depth=1), 32, (2, 2), 4, 8)
@@ -137,7 +137,7 @@ def test_one_grayscale_the_transform_equals_pils_luma_up_to_rounding():
     from PIL import Image
     from skimage import data
 
-    from pipeline.transforms import grayscale
+    from pipeline.data.transforms import grayscale
 
     for image in (data.astronaut(), data.coffee()):
         ours = grayscale(image)
@@ -154,13 +154,13 @@ def test_a_first_download_keys_the_store_by_the_commit_the_loader_records(
     import pytest
     from safetensors.torch import save_file
 
-    from pipeline import _torchvision_shim
     from pipeline.config import EncoderSpec
+    from pipeline.models import _torchvision_shim
 
     _torchvision_shim.install()  # before timm (platform notes)
     import timm
 
-    from pipeline.weights import WeightsNotFoundError, weights_key
+    from pipeline.models.weights import WeightsNotFoundError, weights_key
 
     cache = tmp_path / "hf"
     cache.mkdir()

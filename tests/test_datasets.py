@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline import demo
 from pipeline.config import ConfigError, DatasetSpec, SplitSpec, SubsetSpec
-from pipeline.datasets import image_list_sha256, list_images, select_subset
+from pipeline.data import demo
+from pipeline.data.datasets import image_list_sha256, list_images, select_subset
 
 N_TRAIN, N_VAL = 12, 4
 

@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline import demo, encode, evaluate, plan, stats, train
+from pipeline import plan
 from pipeline.config import DatasetSpec
 from pipeline.config_files import REPO_CONFIG_DIR, load_run_config
+from pipeline.data import demo
+from pipeline.science import stats
+from pipeline.stages import encode, evaluate, train
 
 
 @pytest.mark.slow
@@ -40,8 +43,8 @@ def test_an_input_transform_changes_what_the_encoder_sees_not_the_stored_targets
     import numpy as np
 
     from pipeline.config import SubsetSpec
-    from pipeline.transforms import resample
-    from pipeline.verify import verify
+    from pipeline.data.transforms import resample
+    from pipeline.stages.verify import verify
     from storage import open_store
 
     intact, gray = (

@@ -16,11 +16,13 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline import encode, encoders, plan
+from pipeline import plan
 from pipeline.artifacts import WriteLock
 from pipeline.config import DatasetSpec, EncodeOptions, SplitSpec, StoreOptions, TransformSpec
 from pipeline.config_files import resolve_encoder
-from pipeline.weights import weights_key
+from pipeline.models import encoders
+from pipeline.models.weights import weights_key
+from pipeline.stages import encode
 from storage import StoreLocked, open_store
 
 
@@ -123,7 +125,8 @@ _KILLABLE = textwrap.dedent(
     """
     import sys, torch
     from pathlib import Path
-    from pipeline import encode, plan
+    from pipeline.stages import encode
+    from pipeline import plan
     from pipeline.config_files import load_run_config
     torch.set_num_threads(1)
     cfg = load_run_config(sys.argv[1])

@@ -1,4 +1,4 @@
-"""The one encoder loader, `pipeline.encoders.load(spec)`, on tiny real timm and transformers models.
+"""The one encoder loader, `pipeline.models.encoders.load(spec)`, on tiny real timm and transformers models.
 
 Each model is built with random weights, saved to tmp_path the way a user would ship it (a safetensors file, a
 save_pretrained folder with its image processor) and loaded back through the real code; nothing is mocked.
@@ -18,9 +18,9 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from pipeline import _torchvision_shim, encoders
 from pipeline.config import EncoderSpec
-from pipeline.weights import WeightsNotFoundError
+from pipeline.models import _torchvision_shim, encoders
+from pipeline.models.weights import WeightsNotFoundError
 
 # Before timm / transformers import torchvision, whose C extension does not load on the CPU machines.
 _torchvision_shim.install()

@@ -8,8 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline import encode, evaluate, train
 from pipeline.config import EvaluateConfig, StoreOptions, SubsetSpec, TrainConfig
+from pipeline.stages import encode, evaluate, train
 
 
 @pytest.fixture(scope="module")

@@ -13,11 +13,12 @@ import zarr
 from typer.testing import CliRunner
 
 from flows.cli import app
-from pipeline import encode, encoders, evaluate, train
 from pipeline.config import EncodeOptions, EncoderSpec, EvaluateConfig, StoreOptions, SubsetSpec, TrainConfig
 from pipeline.config_files import REPO_CONFIG_DIR
-from pipeline.reconstruct import DisjointnessError
-from pipeline.verify import verify
+from pipeline.models import encoders
+from pipeline.stages import encode, evaluate, train
+from pipeline.stages.reconstruct import DisjointnessError
+from pipeline.stages.verify import verify
 
 SPEC_FILES = sorted((REPO_CONFIG_DIR / "encoders").glob("*.yaml"))
 
@@ -165,7 +166,7 @@ def test_evaluate_refuses_to_score_images_that_selected_the_reconstructor(traine
 
 
 def test_a_training_run_folder_stands_for_its_chosen_checkpoint(trained):
-    from pipeline.checkpoints import read_header
+    from pipeline.models.checkpoints import read_header
 
     _, _, last, best, _ = trained
     assert read_header(last.run_dir)["_json_path"] == str(last.checkpoint)

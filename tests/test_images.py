@@ -11,7 +11,7 @@ import skimage.data
 from PIL import Image
 
 from pipeline.config import TransformSpec
-from pipeline.images import ImageSkipped, Preprocessing, apply_transform, load_rgb
+from pipeline.data.images import ImageSkipped, Preprocessing, apply_transform, load_rgb
 
 MIN_SIDE = 16
 MAX_PIXELS = 178_956_970

@@ -9,7 +9,6 @@ import pytest
 import scipy.linalg
 from scipy.stats import ortho_group
 
-from pipeline import encode, operators, train
 from pipeline.config import (
     OperatorPairSpec,
     OperatorsConfig,
@@ -18,7 +17,8 @@ from pipeline.config import (
     TrainConfig,
     TransformSpec,
 )
-from pipeline.operator_fits import (
+from pipeline.data.transforms import swap_rb
+from pipeline.science.operator_fits import (
     PairStats,
     eigen_summary,
     fit,
@@ -28,8 +28,8 @@ from pipeline.operator_fits import (
     procrustes,
     relative_residual,
 )
-from pipeline.reconstruct import DisjointnessError
-from pipeline.transforms import swap_rb
+from pipeline.stages import encode, operators, train
+from pipeline.stages.reconstruct import DisjointnessError
 from storage import StoreLayout, create, open_store
 from storage.precision import value_stats
 
@@ -197,7 +197,7 @@ def test_fits_default_to_the_papers_per_transform_and_involution_only_for_involu
 
 
 def test_the_paper_predicts_an_involution_for_the_swap_and_a_contraction_for_blue_suppression():
-    from pipeline.transforms import expected_spectrum
+    from pipeline.data.transforms import expected_spectrum
 
     assert expected_spectrum("swap_rb", {}, "forward") == "involution"
     assert expected_spectrum("scale_channel", {"channel": "b", "alpha": 0.0}, "forward") == "contraction"

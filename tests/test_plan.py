@@ -7,9 +7,9 @@ from pathlib import Path
 from typer.testing import CliRunner
 
 from flows.cli import app
-from pipeline import encode, train
 from pipeline.config_files import load_run_config
 from pipeline.plan import encode_jobs, plan
+from pipeline.stages import encode, train
 
 
 def _config(write_run_config, tmp_path):

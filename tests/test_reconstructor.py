@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from pipeline.config import ReconstructorConfig
-from pipeline.reconstructor import Reconstructor
+from pipeline.models.reconstructor import Reconstructor
 
 
 def _matrix_weights(module: nn.Module) -> int:
@@ -49,7 +49,7 @@ def test_class_token_is_drawn_from_a_standard_normal_not_zeros():
 
 
 def test_transformer_layer_equals_transformers_clip_encoder_layer_with_quick_gelu():
-    from pipeline import _torchvision_shim
+    from pipeline.models import _torchvision_shim
 
     _torchvision_shim.install()  # transformers imports torchvision ops (platform notes)
     from transformers import CLIPVisionConfig

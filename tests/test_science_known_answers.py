@@ -1,4 +1,4 @@
-"""Known answers for the statistics (pipeline/stats.py) and the operator fits (pipeline/operator_fits.py).
+"""Known answers for the statistics (pipeline/science/stats.py) and the operator fits (pipeline/science/operator_fits.py).
 
 Every expected value is worked out by hand in a comment or computed independently with numpy / scipy / itertools,
 never by calling the code under test a second time. Each test is there to fail for a specific slip: a sign swap,
@@ -17,9 +17,9 @@ import pytest
 import scipy.linalg
 from scipy import stats as sps
 
-from pipeline import operator_fits as of
-from pipeline import stats
-from pipeline.operators import _normalized_tokens
+from pipeline.science import operator_fits as of
+from pipeline.science import stats
+from pipeline.stages.operators import _normalized_tokens
 
 ALTERNATIVES = ("two-sided", "greater", "less")
 
@@ -648,7 +648,7 @@ def test_involution_error_is_the_frobenius_norm_of_a_squared_minus_identity():
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Per-token L2 normalisation before the fits (pipeline/operators.py)
+# Per-token L2 normalisation before the fits (pipeline/stages/operators.py)
 # --------------------------------------------------------------------------------------------------------------
 
 

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 from scipy import stats as sps
 
-from pipeline import stats
+from pipeline.science import stats
 
 
 def _series(values, ids=None) -> pd.Series:

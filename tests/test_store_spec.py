@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import zarr
 
-from pipeline import encode
+from pipeline.stages import encode
 from storage import FORMAT_VERSION, StoreError, open_store
 
 SPEC = Path(__file__).resolve().parent.parent / "storage" / "README.md"

@@ -19,10 +19,12 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from flows.cli import app
-from pipeline import checkpoints, encode, metrics, train
 from pipeline.config import ReconstructorConfig, StoreOptions, SubsetSpec, TrainConfig
-from pipeline.reconstruct import load_reconstructor, reconstruct
-from pipeline.reconstructor import Reconstructor
+from pipeline.models import checkpoints
+from pipeline.models.reconstructor import Reconstructor
+from pipeline.science import metrics
+from pipeline.stages import encode, train
+from pipeline.stages.reconstruct import load_reconstructor, reconstruct
 from storage import StoreError
 
 FAST = dict(
@@ -72,7 +74,7 @@ _KILLABLE = textwrap.dedent(
     """
     import sys, json, torch
     from pathlib import Path
-    from pipeline import train
+    from pipeline.stages import train
     from pipeline.config import TrainConfig
     args = json.loads(sys.argv[1])
     torch.set_num_threads(args["threads"])  # float sums depend on the thread count: match the test process
@@ -233,7 +235,7 @@ _DDP_SCRIPT = textwrap.dedent(
     """
     import sys, json
     from pathlib import Path
-    from pipeline import train
+    from pipeline.stages import train
     from pipeline.config import TrainConfig
     args = json.loads(sys.argv[1])
     result = train.run(train.TrainJob(Path(args["store"]), Path(args["store"]), TrainConfig.model_validate(args["cfg"])), progress=False)

@@ -11,11 +11,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline import encoders
 from pipeline.config import DatasetSpec, EncoderSpec, SubsetSpec, TransformSpec
-from pipeline.datasets import image_list_sha256, list_images
-from pipeline.encode import decode_for_encoder
-from pipeline.images import Preprocessing
+from pipeline.data.datasets import image_list_sha256, list_images
+from pipeline.data.images import Preprocessing
+from pipeline.models import encoders
+from pipeline.stages.encode import decode_for_encoder
 from storage import StoreError, open_store
 from storage.precision import MAX_TOKEN_RELATIVE_ERROR
 

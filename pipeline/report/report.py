@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline.checkpoints import read_header
 from pipeline.config import ReconstructorConfig
-from pipeline.figures import pyplot
-from pipeline.reconstruct import load_reconstructor, reconstruct
+from pipeline.models.checkpoints import read_header
+from pipeline.report.figures import pyplot
+from pipeline.stages.reconstruct import load_reconstructor, reconstruct
 from storage import open_store
 
 

@@ -8,10 +8,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipeline import checkpoints, metrics
 from pipeline.config import ReconstructorConfig
-from pipeline.reconstructor import Reconstructor
-from pipeline.train import ENCODER_IDENTITY, encoder_identity
+from pipeline.models import checkpoints
+from pipeline.models.reconstructor import Reconstructor
+from pipeline.science import metrics
+from pipeline.stages.train import ENCODER_IDENTITY, encoder_identity
 from storage import FeatureStore, StoreError, open_store
 
 

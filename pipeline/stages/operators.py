@@ -2,7 +2,7 @@
 look at what they do through a trained reconstructor.
 
 Pairs are never materialised: Dask reduces the two Zarr stores shard by shard into sufficient statistics
-(pipeline/operator_fits.py), on the threaded scheduler or a dask.distributed cluster.
+(pipeline/science/operator_fits.py), on the threaded scheduler or a dask.distributed cluster.
 """
 
 from __future__ import annotations
@@ -14,18 +14,20 @@ import dask
 import numpy as np
 from safetensors.numpy import save_file
 
-from pipeline import artifacts, checkpoints, metrics, operator_fits
+from pipeline import artifacts
 from pipeline.artifacts import WriteLock, read_json, write_json_atomic
 from pipeline.config import OperatorPairSpec, OperatorsConfig, config_hash
+from pipeline.data.transforms import REGISTRY, expected_spectrum
+from pipeline.models import checkpoints
 from pipeline.provenance import provenance
-from pipeline.reconstruct import (
+from pipeline.science import metrics, operator_fits
+from pipeline.stages.reconstruct import (
     check_checkpoint_matches_store,
     check_held_out,
     load_reconstructor,
     reconstruct,
 )
-from pipeline.train import check_same_encoder
-from pipeline.transforms import REGISTRY, expected_spectrum
+from pipeline.stages.train import check_same_encoder
 from storage import FeatureStore, StoreError, open_store
 
 
@@ -141,7 +143,7 @@ def run(job: OperatorJob) -> OperatorResult:
 
 
 def _fit_and_analyse(job, key, out_dir: Path, source, target, fit_rows, test_rows, model) -> list[dict]:
-    from pipeline.figures import eigenvalue_plot, operator_grid
+    from pipeline.report.figures import eigenvalue_plot, operator_grid
 
     cfg = job.cfg
     k = source.layout.shard_images

@@ -19,7 +19,6 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from pipeline import encoders
 from pipeline.artifacts import WriteLock
 from pipeline.config import (
     DatasetSpec,
@@ -30,10 +29,11 @@ from pipeline.config import (
     TransformSpec,
     config_hash,
 )
-from pipeline.datasets import ImageRecord, image_list_sha256, list_images
-from pipeline.images import ImageSkipped, Preprocessing, apply_transform, load_rgb
+from pipeline.data.datasets import ImageRecord, image_list_sha256, list_images
+from pipeline.data.images import ImageSkipped, Preprocessing, apply_transform, load_rgb
+from pipeline.models import encoders
+from pipeline.models.weights import weights_key
 from pipeline.provenance import provenance
-from pipeline.weights import weights_key
 from storage import FeatureStore, StoreLayout, create, open_store
 from storage.format import FORMAT_KEY
 from storage.precision import default_level, value_stats

@@ -13,11 +13,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipeline import _torchvision_shim, metrics
 from pipeline.config import EncoderSpec
-from pipeline.images import Preprocessing
-from pipeline.provenance import file_sha256
-from pipeline.weights import (
+from pipeline.data.images import Preprocessing
+from pipeline.models import _torchvision_shim
+from pipeline.models.weights import (
     TIMM_WEIGHT_FILES,
     cached_revision,
     hf_cache_dir,
@@ -25,6 +24,8 @@ from pipeline.weights import (
     offline,
     state_dict_sha256,
 )
+from pipeline.provenance import file_sha256
+from pipeline.science import metrics
 
 
 class _StopForward(Exception):
@@ -58,7 +59,7 @@ class Encoder:
         transform = self.spec.input_transform
         if transform is None:
             return pixels_nhwc_uint8
-        from pipeline.images import apply_transform
+        from pipeline.data.images import apply_transform
 
         return torch.from_numpy(
             np.stack([apply_transform(im, transform) for im in pixels_nhwc_uint8.numpy()])

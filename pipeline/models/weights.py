@@ -10,8 +10,8 @@ from pathlib import Path
 
 import torch
 
-from pipeline import _torchvision_shim
 from pipeline.config import EncoderSpec
+from pipeline.models import _torchvision_shim
 from pipeline.provenance import file_sha256
 
 TIMM_WEIGHT_FILES = (

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import demo
+from pipeline.data import demo
 from pipeline.config import ConfigError, DatasetSpec, SplitSpec, SubsetSpec
 
 

@@ -70,7 +70,7 @@ def _to_rgb(img: Image.Image) -> Image.Image:
 
 def apply_transform(pixels_hwc: np.ndarray, transform: TransformSpec) -> np.ndarray:
     """Apply a registered pixel-space transform T to an RGB uint8 image."""
-    from pipeline.transforms import REGISTRY
+    from pipeline.data.transforms import REGISTRY
 
     return REGISTRY[transform.name].fn(pixels_hwc, **transform.params)
 

@@ -17,12 +17,14 @@ import pandas as pd
 import torch
 from PIL import Image
 
-from pipeline import checkpoints, encoders, metrics, stats, transforms
 from pipeline.artifacts import read_json, write_json_atomic
 from pipeline.config import EvaluateConfig, config_hash
 from pipeline.config_files import resolve_encoder
+from pipeline.data import transforms
+from pipeline.models import checkpoints, encoders
 from pipeline.provenance import provenance
-from pipeline.reconstruct import (
+from pipeline.science import metrics, stats
+from pipeline.stages.reconstruct import (
     check_checkpoint_matches_store,
     check_held_out,
     load_reconstructor,
@@ -251,7 +253,7 @@ def run(
     targets: list[EvalTarget], cfg: EvaluateConfig, config_path: Path | None = None, judges=None
 ) -> EvaluateResult:
     """Score every target (cached), analyse, and write the report; returns where it is."""
-    from pipeline import report
+    from pipeline.report import report
 
     if len(targets) < 2:
         raise ValueError("evaluation compares encoders: give at least two")

@@ -20,14 +20,16 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from pipeline import artifacts, checkpoints, metrics
+from pipeline import artifacts
 from pipeline.artifacts import WriteLock, read_json, write_json_atomic
 from pipeline.config import TrainConfig, config_hash
-from pipeline.encoders import resolve_compute_dtype, resolve_device
-from pipeline.feature_loader import Prefetcher, batch_stream, n_batches_per_epoch
-from pipeline.figures import write_grid
+from pipeline.data.feature_loader import Prefetcher, batch_stream, n_batches_per_epoch
+from pipeline.models import checkpoints
+from pipeline.models.encoders import resolve_compute_dtype, resolve_device
+from pipeline.models.reconstructor import Reconstructor
 from pipeline.provenance import provenance
-from pipeline.reconstructor import Reconstructor
+from pipeline.report.figures import write_grid
+from pipeline.science import metrics
 from storage import FeatureStore, StoreError, open_store
 
 # What must agree between the stores a model is trained and used on.

@@ -1,0 +1,1 @@
+"""Reads finished artifacts and writes the report and figures; never calls a stage."""

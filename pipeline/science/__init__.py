@@ -1,0 +1,1 @@
+"""Pure functions over arrays (statistics, operator fits, image metrics): no I/O."""
