@@ -31,31 +31,20 @@ def stage_work(config: Path) -> dict[str, float]:
     plan.plan(cfg, config)
     times["plan"] = time.perf_counter() - start
     start = time.perf_counter()
-    results = {
-        (j.encoder.name, j.split, j.transform.tag): encode.run(j, progress=False)
-        for j in plan.encode_jobs(cfg, config)
-    }
+    run = plan.build(cfg, config)
+    results = [encode.run(j, progress=False) for j in run.encode.values()]
     times["encode"] = time.perf_counter() - start
-    assert all(r.already_complete for r in results.values()), "run the demo first: not everything is cached"
+    assert all(r.already_complete for r in results), "run the demo first: not everything is cached"
     start = time.perf_counter()
-    trained = {}
-    for name in dict.fromkeys(k[0] for k in results):
-        job = train.TrainJob(results[(name, cfg.train.train_split, "identity")].store_path,
-                             results[(name, cfg.train.val_split, "identity")].store_path, cfg.train)  # fmt: skip
-        trained[name] = train.run(job, progress=False)
+    trained = {name: train.run(job, progress=False) for name, job in run.train.items()}
     times["train"] = time.perf_counter() - start
     start = time.perf_counter()
-    name = plan.operator_encoders(cfg, plan.jobs_from_config(cfg, config))[0]
-    for pair in (p for spec in cfg.operators.pairs for p in spec.expand()):
-        job = operators.OperatorJob(results[(name, cfg.operators.split, "identity")].store_path,
-                                    results[(name, cfg.operators.split, pair.transform.tag)].store_path, pair,
-                                    trained[name].checkpoint, cfg.operators)  # fmt: skip
-        assert operators.run(job).already_complete
+    for step in run.operators:
+        assert operators.run(step.job(cfg, trained[step.encoder].checkpoint)).already_complete
     times["operators"] = time.perf_counter() - start
     start = time.perf_counter()
-    targets = [evaluate.EvalTarget(n, results[(n, cfg.evaluate.split, "identity")].store_path, trained[n].checkpoint)
-               for n in trained]  # fmt: skip
-    evaluate.run(targets, cfg.evaluate, config)
+    targets = run.eval_targets({name: result.checkpoint for name, result in trained.items()})
+    evaluate.run(targets, cfg.evaluate, evaluate.load_judges(run.judges, cfg.evaluate.device))
     times["evaluate"] = time.perf_counter() - start
     return times
 

@@ -23,6 +23,7 @@ from pipeline.config import DatasetSpec, EncodeOptions, StoreOptions, SubsetSpec
 from pipeline.config_files import resolve_encoder
 from pipeline.data import demo
 from pipeline.data.feature_loader import Prefetcher, batch_stream
+from pipeline.data.store_info import StoreInfo
 from pipeline.stages import encode, train
 from storage.inspect import disk_bytes
 
@@ -43,7 +44,7 @@ def steps(store_path: Path, cfg: TrainConfig, n_steps: int, in_memory: bool) -> 
     model = train.build_model(cfg, store)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     sched = train.lr_schedule(opt, cfg, n_steps + 1)
-    pre = store.attrs["encoder"]["preprocessing"]
+    pre = StoreInfo.of(store).preprocessing
     device, dtype = torch.device("cpu"), torch.float32
 
     def batches():

@@ -39,9 +39,9 @@ def _main(
 def _preflight(config: Path) -> None:
     """Check the config and every encoder spec it names (architecture vs weights) before a flow starts."""
     from pipeline.config_files import load_run_config
-    from pipeline.plan import jobs_from_config
+    from pipeline.plan import build
 
-    jobs_from_config(load_run_config(config), config)
+    build(load_run_config(config), config)
     from flows import prefect_env
 
     prefect_env.quiet_user_errors(_user_errors())
@@ -118,25 +118,12 @@ def train(
 
 
 def _train_without_prefect(config: Path, encoder_names: list[str] | None, progress: bool):
-    from dataclasses import replace
-
     from pipeline import plan
-    from pipeline.config import TransformSpec
     from pipeline.config_files import load_run_config
-    from pipeline.stages import encode
     from pipeline.stages import train as train_stage
 
-    cfg = load_run_config(config)
-    results = []
-    for job in plan.jobs_from_config(cfg, config, encoder_names):
-        if job.transform != TransformSpec() or job.split != cfg.train.train_split:
-            continue
-        train_store = encode.plan(job)[2]
-        val_store = encode.plan(replace(job, split=cfg.train.val_split))[2]
-        results.append(
-            train_stage.run(train_stage.TrainJob(train_store, val_store, cfg.train), progress=progress)
-        )
-    return results
+    run = plan.build(load_run_config(config), config, encoder_names)
+    return [train_stage.run(job, progress=progress) for job in run.train.values()]
 
 
 @app.command()

@@ -14,10 +14,9 @@ def fail(message: str) -> None:
 
 def user_errors() -> tuple[type[Exception], ...]:
     """Errors whose message tells the user what to fix: shown without a traceback, exit code 2."""
-    from pipeline.models.checkpoints import CheckpointError
+    from pipeline.models.checkpoints import CheckpointError, DisjointnessError
     from pipeline.models.encoders import ArchitectureMismatchError
     from pipeline.models.weights import WeightsNotFoundError
-    from pipeline.stages.reconstruct import DisjointnessError
     from storage import StoreError
 
     return (

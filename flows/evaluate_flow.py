@@ -1,9 +1,8 @@
-"""Prefect flow for the evaluate stage: held-out stores and reconstructors of every encoder (cached), then scores,
-statistics and the report."""
+"""Prefect flow for the evaluate stage: the plan's held-out stores and every evaluated encoder's reconstructor
+(cached), then scores, statistics and the report."""
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 
 from flows import prefect_env
@@ -15,30 +14,25 @@ from prefect import flow, task  # noqa: E402
 from flows.encode_flow import encode_store  # noqa: E402
 from flows.train_flow import train_flow  # noqa: E402
 from pipeline import plan  # noqa: E402
-from pipeline.config import TransformSpec  # noqa: E402
+from pipeline.config import EncoderSpec, EvaluateConfig  # noqa: E402
 from pipeline.config_files import load_run_config  # noqa: E402
+from pipeline.jobs import EvalTarget  # noqa: E402
 from pipeline.stages import evaluate  # noqa: E402
 
 
 @task(name="evaluate")
-def evaluate_task(targets: list[evaluate.EvalTarget], config_path: str) -> evaluate.EvaluateResult:
-    cfg = load_run_config(config_path)
-    return evaluate.run(targets, cfg.evaluate, Path(config_path))
+def evaluate_task(
+    targets: list[EvalTarget], cfg: EvaluateConfig, judges: list[EncoderSpec]
+) -> evaluate.EvaluateResult:
+    return evaluate.run(targets, cfg, evaluate.load_judges(judges, cfg.device))
 
 
 @flow(name="reconlab-evaluate", log_prints=True)
 def evaluate_flow(config_path: str, progress: bool = True) -> evaluate.EvaluateResult:
     cfg = load_run_config(config_path)
-    jobs = [
-        j
-        for j in plan.jobs_from_config(cfg, Path(config_path), cfg.evaluate.encoders)
-        if j.transform == TransformSpec()
-    ]
-    names = list(dict.fromkeys(j.encoder.name for j in jobs))
-    trained = train_flow(config_path, names, progress)
-    targets = []
-    for name in names:
-        base = next(j for j in jobs if j.encoder.name == name)
-        store = encode_store(replace(base, split=cfg.evaluate.split), progress).store_path
-        targets.append(evaluate.EvalTarget(name, store, trained[name].checkpoint))
-    return evaluate_task(targets, config_path)
+    run = plan.build(cfg, Path(config_path), cfg.evaluate.encoders)
+    trained = train_flow(config_path, list(run.evaluate), progress)
+    for store in run.evaluate.values():
+        encode_store(run.encode[store], progress)
+    targets = run.eval_targets({name: result.checkpoint for name, result in trained.items()})
+    return evaluate_task(targets, cfg.evaluate, run.judges)

@@ -1,21 +1,121 @@
-"""The run plan: a run config expanded into the work of every stage — each store, training run and operator fit
-with the folder its identity names and whether it is done — without running or loading anything heavy.
+"""The run plan: a run config expanded, once, into the jobs of every stage — each store, training run, operator fit
+and evaluation target — which the flows, the torchrun path and the CLI all execute; and the same plan as a table
+of steps with the folder each artifact's identity names and whether it is done, without running anything heavy.
 `reconlab plan --config FILE` prints it; `reconlab run` prints it before starting.
 """
 
 from __future__ import annotations
 
 import shutil
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from pipeline.artifacts import WriteLock, read_json
-from pipeline.config import ConfigError, RunConfig, TransformSpec
+from pipeline.config import ConfigError, EncoderSpec, OperatorPairSpec, RunConfig, TransformSpec
 from pipeline.config_files import resolve_encoder
+from pipeline.jobs import EncodeJob, EvalTarget, OperatorJob, TrainJob
 from pipeline.models import encoders
 from pipeline.models.checkpoints import CheckpointError, read_header
 from pipeline.stages import encode, operators, train
 from storage import StoreError, open_store
+
+STAGES = ("encode", "train", "operators", "evaluate")
+
+
+@dataclass(frozen=True)
+class OperatorStep:
+    """An operator fit whose reconstructor is known once its encoder is trained (`job(checkpoint)`)."""
+
+    encoder: str
+    pair: OperatorPairSpec
+    identity_store: Path
+    transform_store: Path
+
+    def job(self, cfg: RunConfig, checkpoint: Path) -> OperatorJob:
+        return OperatorJob(self.identity_store, self.transform_store, self.pair, checkpoint, cfg.operators)
+
+
+@dataclass
+class RunPlan:
+    cfg: RunConfig
+    encode: dict[Path, EncodeJob] = field(default_factory=dict)  # by the store folder each job fills
+    train: dict[str, TrainJob] = field(default_factory=dict)  # by encoder name
+    operators: list[OperatorStep] = field(default_factory=list)
+    evaluate: dict[str, Path] = field(default_factory=dict)  # encoder name -> held-out store
+    judges: list[EncoderSpec] = field(default_factory=list)
+
+    def store(self, job: EncodeJob) -> Path:
+        return next(path for path, j in self.encode.items() if j == job)
+
+    def eval_targets(self, checkpoints: dict[str, Path]) -> list[EvalTarget]:
+        return [EvalTarget(name, store, checkpoints[name]) for name, store in self.evaluate.items()]
+
+
+def encoder_specs(
+    cfg: RunConfig, config_path: Path | None, names: list[str] | None = None
+) -> list[EncoderSpec]:
+    """The config's encoders (or only `names`, which may also name spec files outside the config); each checked
+    against its weights' architecture now, not after hours of other encoders."""
+    specs = [resolve_encoder(ref, config_path) for ref in cfg.encoders]
+    if names:
+        specs += [resolve_encoder(name, config_path) for name in sorted(set(names) - {s.name for s in specs})]
+        specs = [s for s in specs if s.name in names]
+    for spec in specs:
+        encoders.check_architecture(spec)
+    return specs
+
+
+def jobs_from_config(cfg: RunConfig, config_path: Path | None, encoder_names: list[str] | None = None):
+    """Every (split, encoder, transform) store a run config asks for, optionally only some encoders."""
+    return [
+        EncodeJob(cfg.store_root, cfg.dataset, split, cfg.subset, spec, transform, cfg.store, cfg.encode)
+        for spec in encoder_specs(cfg, config_path, encoder_names)
+        for split in cfg.splits
+        for transform in cfg.transforms
+    ]
+
+
+def build(cfg: RunConfig, config_path: Path | None = None, encoder_names: list[str] | None = None) -> RunPlan:
+    """The jobs of every stage, for all the config's encoders or only `encoder_names`."""
+    run = RunPlan(cfg)
+    base = {}
+    for job in jobs_from_config(cfg, config_path, encoder_names):
+        run.encode[encode.plan(job)[2]] = job
+        if job.transform == TransformSpec():
+            base.setdefault(job.encoder.name, job)
+
+    def store(name: str, split: str, transform: TransformSpec = TransformSpec()) -> Path:
+        job = replace(base[name], split=split, transform=transform)
+        path = next((p for p, j in run.encode.items() if j == job), None) or encode.plan(job)[2]
+        run.encode.setdefault(path, job)
+        return path
+
+    # Operators and evaluation may name encoders outside `encoders:`; those get only the stores they need.
+    extra = [n for n in (*(cfg.operators.encoders or []), *(cfg.evaluate.encoders or [])) if n not in base]
+    extra = [n for n in dict.fromkeys(extra) if encoder_names is None or n in encoder_names]
+    for spec in encoder_specs(cfg, config_path, extra) if extra else []:
+        identity = EncodeJob(cfg.store_root, cfg.dataset, cfg.train.train_split, cfg.subset, spec,
+                             TransformSpec(), cfg.store, cfg.encode)  # fmt: skip
+        base[spec.name] = identity
+    for name in base:
+        run.train[name] = TrainJob(
+            store(name, cfg.train.train_split), store(name, cfg.train.val_split), cfg.train
+        )
+    ops = cfg.operators
+    default = [resolve_encoder(cfg.encoders[0], config_path).name]  # the paper fits one encoder's operators
+    for name in [n for n in (ops.encoders or default) if n in base]:  # (those outside an -e filter: skipped)
+        for pair in (p for spec in ops.pairs for p in spec.expand()):
+            run.operators.append(
+                OperatorStep(name, pair, store(name, ops.split), store(name, ops.split, pair.transform))
+            )
+    for name in base:
+        if not cfg.evaluate.encoders or name in cfg.evaluate.encoders:
+            run.evaluate[name] = store(name, cfg.evaluate.split)
+    run.judges = [resolve_encoder(name, config_path) for name in cfg.evaluate.judges]
+    return run
+
+
+# -- the plan as a table ---------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -27,42 +127,6 @@ class Step:
     path: str  # where the artifact lives ('' until its inputs exist)
 
 
-def jobs_from_config(cfg: RunConfig, config_path: Path | None, encoder_names: list[str] | None = None):
-    """Every (split, encoder, transform) store a run config asks for, optionally only some encoders."""
-    specs = [resolve_encoder(ref, config_path) for ref in cfg.encoders]
-    if encoder_names:
-        unknown = set(encoder_names) - {s.name for s in specs}
-        specs += [resolve_encoder(name, config_path) for name in sorted(unknown)]
-        specs = [s for s in specs if s.name in encoder_names]
-    for spec in specs:  # a wrong architecture fails now, not after hours of other encoders
-        encoders.check_architecture(spec)
-    return [
-        encode.EncodeJob(
-            cfg.store_root, cfg.dataset, split, cfg.subset, spec, transform, cfg.store, cfg.encode
-        )
-        for spec in specs
-        for split in cfg.splits
-        for transform in cfg.transforms
-    ]
-
-
-def encode_jobs(cfg: RunConfig, config_path: Path | None) -> list[encode.EncodeJob]:
-    """Every store the run needs: splits x transforms per encoder, plus f(T x) on the operators' split."""
-    jobs = jobs_from_config(cfg, config_path)
-    for name in operator_encoders(cfg, jobs):
-        base = next(j for j in jobs if j.encoder.name == name and j.transform == TransformSpec())
-        for pair in (p for spec in cfg.operators.pairs for p in spec.expand()):
-            for transform in (TransformSpec(), pair.transform):
-                job = replace(base, split=cfg.operators.split, transform=transform)
-                if job not in jobs:
-                    jobs.append(job)
-    return jobs
-
-
-def operator_encoders(cfg: RunConfig, jobs: list[encode.EncodeJob]) -> list[str]:
-    return cfg.operators.encoders or [jobs[0].encoder.name]
-
-
 def store_state(path: Path) -> str:
     if not (path / "zarr.json").is_file():
         return "to run"
@@ -71,30 +135,24 @@ def store_state(path: Path) -> str:
     except StoreError:
         return "to run (unreadable; recreated)"
     if store.complete:
-        return "cached"
+        damaged = store.damaged_shards()
+        return f"partial ({len(damaged)} damaged shard(s) to re-encode)" if damaged else "cached"
     done = store.shard_done()
     return f"partial ({int(done.sum())}/{done.size} shards)"
 
 
 def plan(cfg: RunConfig, config_path: Path | None = None, with_operators: bool = True) -> list[Step]:
-    steps: list[Step] = []
-    stores: dict[tuple[str, str, str], Path] = {}
-    jobs = encode_jobs(cfg, config_path)
-    for job in jobs:
-        path = encode.plan(job)[2]
-        stores[(job.encoder.name, job.split, job.transform.tag)] = path
-        steps.append(
-            Step("encode", job.encoder.name, f"{job.split} {job.transform.tag}", store_state(path), str(path))
-        )
-    done_stores = {k for k, p in stores.items() if store_state(p) == "cached"}
-    identity_tag = TransformSpec().tag
+    run = build(cfg, config_path)
+    states = {path: store_state(path) for path in run.encode}
+    steps = [
+        Step("encode", job.encoder.name, f"{job.split} {job.transform.tag}", states[path], str(path))
+        for path, job in run.encode.items()
+    ]
     checkpoints: dict[str, Path] = {}
-    for name in dict.fromkeys(job.encoder.name for job in jobs):
-        inputs = [(name, cfg.train.train_split, identity_tag), (name, cfg.train.val_split, identity_tag)]
-        if not all(k in done_stores for k in inputs):
+    for name, job in run.train.items():
+        if not all(states[p] == "cached" for p in (job.train_store, job.val_store)):
             steps.append(Step("train", name, cfg.train.train_split, "after encode", ""))
             continue
-        job = train.TrainJob(stores[inputs[0]], stores[inputs[1]], cfg.train)
         _, run_dir = train.key_and_run_dir(job, open_store(job.train_store), open_store(job.val_store))
         result = read_json(run_dir / "result.json")
         if result is not None:
@@ -106,51 +164,30 @@ def plan(cfg: RunConfig, config_path: Path | None = None, with_operators: bool =
             state = f"partial ({last}/{cfg.train.epochs} epochs)" if epochs else "to run"
         steps.append(Step("train", name, cfg.train.train_split, state, str(run_dir)))
     if with_operators:
-        steps += _operator_steps(cfg, operator_encoders(cfg, jobs), stores, done_stores, checkpoints)
-    for name in dict.fromkeys(s.encoder for s in steps if s.stage == "train"):
-        if cfg.evaluate.encoders and name not in cfg.evaluate.encoders:
-            continue
-        ready = name in checkpoints and (name, cfg.evaluate.split, identity_tag) in done_stores
+        steps += [_operator_step(cfg, op, states, checkpoints) for op in run.operators]
+    for name, store in run.evaluate.items():
+        ready = name in checkpoints and states[store] == "cached"
         steps.append(Step("evaluate", name, f"scores on {cfg.evaluate.split}",
                           "runs (scores re-used when cached)" if ready else "after train", str(cfg.evaluate.output_root)))  # fmt: skip
     return steps
 
 
-def _operator_steps(
-    cfg: RunConfig, names: list[str], stores: dict, done_stores: set, checkpoints: dict
-) -> list[Step]:
-    steps = []
-    ops = cfg.operators
-    for name in names:
-        for pair in (p for spec in ops.pairs for p in spec.expand()):
-            what = f"{pair.transform.tag} {pair.direction}"
-            inputs = [(name, ops.split, TransformSpec().tag), (name, ops.split, pair.transform.tag)]
-            if name not in checkpoints or not all(k in done_stores for k in inputs):
-                steps.append(
-                    Step(
-                        "operators",
-                        name,
-                        what,
-                        "after train" if name not in checkpoints else "after encode",
-                        "",
-                    )
-                )
-                continue
-            job = operators.OperatorJob(stores[inputs[0]], stores[inputs[1]], pair, checkpoints[name], ops)
-            try:
-                header = read_header(job.checkpoint)
-                _, out_dir = operators.fit_key_and_dir(
-                    job, open_store(job.identity_store), open_store(job.transform_store), header
-                )
-            except (CheckpointError, StoreError) as e:
-                steps.append(Step("operators", name, what, f"to run (inputs: {e})", ""))
-                continue
-            state = "cached" if read_json(out_dir / "result.json") is not None else "to run"
-            steps.append(Step("operators", name, what, state, str(out_dir)))
-    return steps
-
-
-STAGES = ("encode", "train", "operators", "evaluate")
+def _operator_step(cfg: RunConfig, op: OperatorStep, states: dict, checkpoints: dict) -> Step:
+    what = f"{op.pair.transform.tag} {op.pair.direction}"
+    if op.encoder not in checkpoints:
+        return Step("operators", op.encoder, what, "after train", "")
+    if not all(states[p] == "cached" for p in (op.identity_store, op.transform_store)):
+        return Step("operators", op.encoder, what, "after encode", "")
+    job = op.job(cfg, checkpoints[op.encoder])
+    try:
+        header = read_header(job.checkpoint)
+        _, out_dir = operators.fit_key_and_dir(
+            job, open_store(job.identity_store), open_store(job.transform_store), header
+        )
+    except (CheckpointError, StoreError) as e:
+        return Step("operators", op.encoder, what, f"to run (inputs: {e})", "")
+    state = "cached" if read_json(out_dir / "result.json") is not None else "to run"
+    return Step("operators", op.encoder, what, state, str(out_dir))
 
 
 def force(cfg: RunConfig, config_path: Path | None, stage: str) -> list[Path]:
@@ -167,9 +204,7 @@ def force(cfg: RunConfig, config_path: Path | None, stage: str) -> list[Path]:
                 shutil.rmtree(step.path)
             removed.append(Path(step.path))
     if "evaluate" in doomed:
-        evaluated = {
-            s.path for s in steps if s.stage == "encode" and s.what == f"{cfg.evaluate.split} identity"
-        }
+        evaluated = {str(p) for p in build(cfg, config_path).evaluate.values()}
         for meta_path in sorted((Path(cfg.evaluate.output_root) / "scores").glob("*.json")):
             meta = read_json(meta_path)
             if meta is not None and meta.get("store") in evaluated:

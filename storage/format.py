@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,8 +12,9 @@ import zarr
 
 from storage import precision as prec
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: per-shard file checksums and the store's content digest
 FORMAT_KEY = "reconlab_store_format"
+PER_IMAGE_ARRAYS = ("features", "features_scale", "pixels", "image_ids", "valid")
 
 
 class StoreError(RuntimeError):
@@ -111,7 +114,17 @@ def open_store(path: str | Path, *, require_complete: bool = True, mode: str = "
         )
     store = FeatureStore(path, group)
     store.validate(require_complete=require_complete)
+    if require_complete and (damaged := store.damaged_shards()):
+        raise StoreError(damaged_message(store, damaged))
     return store
+
+
+def damaged_message(store: FeatureStore, damaged: dict[int, str]) -> str:
+    first = next(iter(damaged.items()))
+    return (
+        f"{store.path}: {len(damaged)} finished shard(s) changed on disk since they were written (shard {first[0]}: "
+        f"{first[1]}); run `reconlab encode` with the same config: it re-encodes exactly those shards"
+    )
 
 
 class FeatureStore:
@@ -120,6 +133,7 @@ class FeatureStore:
     def __init__(self, path: Path, group: zarr.Group):
         self.path = Path(path)
         self.group = group
+        self._verified: set[tuple[str, int]] = set()  # (array, shard) whose file matched its SHA-256 on read
 
     @property
     def attrs(self) -> dict:
@@ -137,6 +151,11 @@ class FeatureStore:
     @property
     def n_images(self) -> int:
         return self.layout.n_images
+
+    @property
+    def content_sha256(self) -> str:
+        """Digest of every shard file's SHA-256: what a downstream artifact read (written when complete)."""
+        return self.group.attrs["content_sha256"]
 
     def shard_done(self) -> np.ndarray:
         return self.group["shard_done"][:]
@@ -174,12 +193,13 @@ class FeatureStore:
 
     # -- reading -------------------------------------------------------------------------------------------
     def image_ids(self) -> np.ndarray:
-        return self.group["image_ids"][:]
+        return self._read("image_ids", slice(None))
 
     def valid(self) -> np.ndarray:
-        return self.group["valid"][:]
+        return self._read("valid", slice(None))
 
     def _read(self, name: str, rows: slice | np.ndarray | int) -> np.ndarray:
+        self._verify_rows(name, rows)
         if isinstance(rows, slice | int | np.integer):
             return self.group[name][rows]
         # zarr's orthogonal (fancy) indexing on sharded arrays costs ~50x the selection in memory (measured);
@@ -222,7 +242,7 @@ class FeatureStore:
         self.group["image_ids"][rows] = image_ids
         self.group["valid"][rows] = valid
         shards = dict(self.group.attrs.get("shards", {}))
-        shards[str(shard)] = shard_record
+        shards[str(shard)] = {**shard_record, "files": self._file_records(shard)}
         self.group.attrs["shards"] = shards
         self.group["shard_done"][shard] = True
 
@@ -243,10 +263,80 @@ class FeatureStore:
                 "mean_token_norm": sum(r["stats"]["sum_token_norm"] for r in shards.values())
                 / max(n_tokens, 1),
             },
+            "content_sha256": hashlib.sha256(
+                json.dumps({k: r["files"] for k, r in shards.items()}, sort_keys=True).encode()
+            ).hexdigest(),
             "complete": True,
         }
         self.group.attrs.update(summary)
         return summary
+
+    # -- integrity -----------------------------------------------------------------------------------------
+    def _shard_file(self, name: str, shard: int) -> Path:
+        arr = self.group[name]
+        return self.path / name / arr.metadata.encode_chunk_key((shard,) + (0,) * (arr.ndim - 1))
+
+    def _file_records(self, shard: int) -> dict:
+        """Per array, the shard file's size and SHA-256 (None: zarr wrote no file, every value is the fill)."""
+        records = {}
+        for name in PER_IMAGE_ARRAYS:
+            if name in self.group:
+                path = self._shard_file(name, shard)
+                records[name] = (
+                    {"bytes": path.stat().st_size, "sha256": _sha256(path)} if path.is_file() else None
+                )
+        return records
+
+    def _file_problem(self, name: str, shard: int, recorded: dict | None, full: bool) -> str:
+        path = self._shard_file(name, shard)
+        if recorded is None:
+            return f"{name}: a file appeared where none was written" if path.is_file() else ""
+        if not path.is_file():
+            return f"{name}: file {path.relative_to(self.path)} is missing"
+        if path.stat().st_size != recorded["bytes"]:
+            return f"{name}: file {path.relative_to(self.path)} has {path.stat().st_size} bytes, {recorded['bytes']} were written"
+        if full and _sha256(path) != recorded["sha256"]:
+            return f"{name}: file {path.relative_to(self.path)} does not match its SHA-256"
+        return ""
+
+    def damaged_shards(self, *, full: bool = False) -> dict[int, str]:
+        """Done shards whose files are missing or changed: sizes always, SHA-256 too with `full` (reads it all)."""
+        damaged = {}
+        done = self.shard_done()
+        for key, record in self.group.attrs.get("shards", {}).items():
+            shard = int(key)
+            if not done[shard]:
+                continue
+            for name, recorded in record["files"].items():
+                if problem := self._file_problem(name, shard, recorded, full):
+                    damaged[shard] = problem
+                    break
+        return damaged
+
+    def _verify_rows(self, name: str, rows: slice | np.ndarray | int) -> None:
+        """Check each shard file a read touches against its SHA-256, once per handle."""
+        k = self.layout.shard_images
+        if isinstance(rows, slice):
+            positions = range(self.n_images)[rows]
+            shards = range(min(positions) // k, max(positions) // k + 1) if len(positions) else range(0)
+        else:
+            shards = np.unique(np.atleast_1d(np.asarray(rows)) // k).tolist()
+        records = self.group.attrs.get("shards", {})
+        for shard in shards:
+            if (name, shard) in self._verified or str(shard) not in records:
+                continue  # a shard not done yet holds fill values; readers must not use its rows
+            problem = self._file_problem(name, shard, records[str(shard)]["files"].get(name), full=True)
+            if problem:
+                raise StoreError(damaged_message(self, {shard: problem}))
+            self._verified.add((name, shard))
+
+    def reopen_shards(self, shards: list[int]) -> None:
+        """Mark damaged shards as not done, so the encode stage writes them again."""
+        records = dict(self.group.attrs.get("shards", {}))
+        for shard in shards:
+            records.pop(str(shard), None)
+            self.group["shard_done"][shard] = False
+        self.group.attrs.update({"shards": records, "complete": False})
 
     def remove_partial_files(self) -> int:
         """Temp files a killed writer can leave beside chunk files."""
@@ -255,3 +345,11 @@ class FeatureStore:
             partial.unlink(missing_ok=True)
             removed += 1
         return removed
+
+
+def _sha256(path: Path, block: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(block):
+            digest.update(chunk)
+    return digest.hexdigest()

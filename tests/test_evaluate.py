@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 
 from pipeline.config import EvaluateConfig, StoreOptions, SubsetSpec, TrainConfig
+from pipeline.config_files import resolve_encoder
 from pipeline.stages import encode, evaluate, train
 
 
@@ -39,7 +40,7 @@ def targets(tmp_path_factory, demo_dataset):
 def result(targets, tmp_path_factory):
     cfg = EvaluateConfig(output_root=tmp_path_factory.mktemp("evaluate"), judges=["tiny-judge"], n_boot=500,
                          n_grid_images=3, device="cpu")  # fmt: skip
-    return evaluate.run(targets, cfg), cfg
+    return evaluate.run(targets, cfg, evaluate.load_judges([resolve_encoder("tiny-judge")], "cpu")), cfg
 
 
 def test_scores_are_stored_per_image_in_long_format(result, targets):
@@ -124,7 +125,7 @@ def test_scores_are_reused_not_recomputed(result, targets):
     res, cfg = result
     stamps = [f.stat().st_mtime_ns for f in res.score_files]
     report_stamp = res.report_md.stat().st_mtime_ns
-    again = evaluate.run(targets, cfg)
+    again = evaluate.run(targets, cfg, evaluate.load_judges([resolve_encoder("tiny-judge")], "cpu"))
     assert [f.stat().st_mtime_ns for f in again.score_files] == stamps
     # The report is an artifact too: same scores and statistics settings, nothing recomputed or rewritten.
     assert again.report_md == res.report_md and again.report_md.stat().st_mtime_ns == report_stamp
@@ -148,7 +149,7 @@ def test_headline_pairs_pick_siglip_vs_siglip2_at_the_same_resolution():
 
 def test_a_judge_without_its_head_is_refused():
     with pytest.raises(ValueError, match="keep_head"):
-        evaluate.load_judges(EvaluateConfig(judges=["tiny-vit-64"]))
+        evaluate.load_judges([resolve_encoder("tiny-vit-64")], "cpu")
 
 
 def test_lpips_is_skipped_with_a_note_when_unavailable():

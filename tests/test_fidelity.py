@@ -14,10 +14,10 @@ from typer.testing import CliRunner
 
 from flows.cli import app
 from pipeline.config import EncodeOptions, EncoderSpec, EvaluateConfig, StoreOptions, SubsetSpec, TrainConfig
-from pipeline.config_files import REPO_CONFIG_DIR
+from pipeline.config_files import REPO_CONFIG_DIR, resolve_encoder
 from pipeline.models import encoders
+from pipeline.models.checkpoints import DisjointnessError
 from pipeline.stages import encode, evaluate, train
-from pipeline.stages.reconstruct import DisjointnessError
 from pipeline.stages.verify import verify
 
 SPEC_FILES = sorted((REPO_CONFIG_DIR / "encoders").glob("*.yaml"))
@@ -85,7 +85,7 @@ def test_the_geometry_is_recorded_in_the_store_and_changes_its_key(make_job):
 
 
 def test_judges_see_the_stored_square_image_resized_without_a_crop():
-    judge = evaluate.load_judges(EvaluateConfig(judges=["tiny-judge"], device="cpu"))["tiny-judge"]
+    judge = evaluate.load_judges([resolve_encoder("tiny-judge")], "cpu")["tiny-judge"]
     assert judge.preprocessing.geometry == "short_side_crop"
     assert judge.preprocessing.resize_size == judge.preprocessing.crop_size
 

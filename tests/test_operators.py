@@ -18,6 +18,7 @@ from pipeline.config import (
     TransformSpec,
 )
 from pipeline.data.transforms import swap_rb
+from pipeline.models.checkpoints import DisjointnessError
 from pipeline.science.operator_fits import (
     PairStats,
     eigen_summary,
@@ -29,7 +30,6 @@ from pipeline.science.operator_fits import (
     relative_residual,
 )
 from pipeline.stages import encode, operators, train
-from pipeline.stages.reconstruct import DisjointnessError
 from storage import StoreLayout, create, open_store
 from storage.precision import value_stats
 

@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 
 from flows.cli import app
 from pipeline.config_files import load_run_config
-from pipeline.plan import encode_jobs, plan
+from pipeline.plan import build, plan
 from pipeline.stages import encode, train
 
 
@@ -33,7 +33,7 @@ def test_the_plan_follows_the_stages_from_nothing_to_cached(write_run_config, tm
         ("encode", "val swap_rb", "to run"),  # f(T x) for the operators stage is planned too
     ]
     assert {s.state for s in before if s.stage != "encode"} == {"after encode"} | {"after train"}
-    jobs = encode_jobs(cfg, path)
+    jobs = list(build(cfg, path).encode.values())
     stores = {(j.split, j.transform.tag): encode.run(j, progress=False).store_path for j in jobs}
     result = train.run(train.TrainJob(stores[("train", "identity")], stores[("val", "identity")], cfg.train),
                        progress=False)  # fmt: skip
@@ -56,7 +56,7 @@ def test_plan_command_prints_the_table_and_runs_nothing(write_run_config, tmp_pa
 def test_ls_lists_every_kind_of_artifact_with_its_status(write_run_config, tmp_path):
     path = _config(write_run_config, tmp_path)
     cfg = load_run_config(path)
-    job = encode_jobs(cfg, path)[0]
+    job = list(build(cfg, path).encode.values())[0]
     store = encode.run(job, progress=False).store_path
     run = train.run(train.TrainJob(store, store, cfg.train), progress=False)
     killed = tmp_path / "train" / "tiny-vit-64__0123456789abcdef"  # a run killed before its first epoch ended
@@ -77,7 +77,8 @@ def test_force_removes_a_stage_and_every_later_one_so_the_plan_runs_them_again(w
     path = _config(write_run_config, tmp_path)
     cfg = load_run_config(path)
     stores = {
-        (j.split, j.transform.tag): encode.run(j, progress=False).store_path for j in encode_jobs(cfg, path)
+        (j.split, j.transform.tag): encode.run(j, progress=False).store_path
+        for j in list(build(cfg, path).encode.values())
     }
     run = train.run(train.TrainJob(stores[("train", "identity")], stores[("val", "identity")], cfg.train),
                     progress=False)  # fmt: skip

@@ -69,7 +69,7 @@ def test_store_records_config_encoder_provenance_and_counts(finished_store):
 def test_opening_a_store_of_another_format_version_fails_naming_both(finished_store):
     g = zarr.open_group(str(finished_store), mode="r+")
     g.attrs["reconlab_store_format"] = 99
-    with pytest.raises(StoreError, match="version 99.*reads version 1"):
+    with pytest.raises(StoreError, match="version 99.*reads version 2"):
         open_store(finished_store)
 
 

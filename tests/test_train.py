@@ -20,11 +20,12 @@ from typer.testing import CliRunner
 
 from flows.cli import app
 from pipeline.config import ReconstructorConfig, StoreOptions, SubsetSpec, TrainConfig
+from pipeline.data.store_info import StoreInfo
 from pipeline.models import checkpoints
+from pipeline.models.checkpoints import load_reconstructor, reconstruct
 from pipeline.models.reconstructor import Reconstructor
 from pipeline.science import metrics
 from pipeline.stages import encode, train
-from pipeline.stages.reconstruct import load_reconstructor, reconstruct
 from storage import StoreError
 
 FAST = dict(
@@ -227,7 +228,7 @@ def test_reconstruct_cli_writes_side_by_side_pngs(tiny_store, tmp_path):
     assert Image.open(pngs[0]).size == (128, 64)
     model, header = load_reconstructor(result.checkpoint)
     store = train.open_store(tiny_store)
-    images = reconstruct(model, store.features(slice(0, 2)), store.attrs["encoder"]["preprocessing"])
+    images = reconstruct(model, store.features(slice(0, 2)), StoreInfo.of(store).preprocessing)
     assert images.shape == (2, 64, 64, 3) and images.dtype == np.uint8
 
 

@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image, ImageOps
 
 from pipeline.config import TransformSpec
@@ -112,6 +113,24 @@ class Preprocessing:
         """Rebuild from a store's or checkpoint's record (lists back to tuples)."""
         return cls(**{**record, "mean": tuple(record["mean"]), "std": tuple(record["std"])})
 
+    def normalize(self, pixels_nhwc_uint8: torch.Tensor) -> torch.Tensor:
+        """uint8 [B, S, S, 3] -> encoder-normalised float32 [B, 3, S, S] (the encoder's input, the training target)."""
+        x = pixels_nhwc_uint8.permute(0, 3, 1, 2).float().div_(255.0)
+        return (x - self._per_channel(self.mean, x)) / self._per_channel(self.std, x)
+
+    def denormalize(self, images_nchw: torch.Tensor) -> torch.Tensor:
+        """Encoder-normalised images -> [0, 1] RGB (clamped), float32 [B, 3, S, S]."""
+        x = images_nchw.float()
+        return (x * self._per_channel(self.std, x) + self._per_channel(self.mean, x)).clamp_(0, 1)
+
+    def to_uint8_nhwc(self, images_nchw: torch.Tensor) -> np.ndarray:
+        """Encoder-normalised images -> RGB uint8 [B, S, S, 3] (rounded)."""
+        return (self.denormalize(images_nchw).permute(0, 2, 3, 1).cpu().numpy() * 255.0 + 0.5).astype(np.uint8)
+
+    @staticmethod
+    def _per_channel(values: tuple[float, float, float], like: torch.Tensor) -> torch.Tensor:
+        return torch.as_tensor(values, dtype=torch.float32, device=like.device).view(1, 3, 1, 1)
+
     def with_geometry(self, geometry: str) -> Preprocessing:
         if geometry == "native":
             return replace(self, geometry="native")
@@ -137,3 +156,19 @@ class Preprocessing:
         if (new_w, new_h) != (s, s):
             img = img.crop((left, top, left + s, top + s))
         return np.array(img, dtype=np.uint8)  # a writable copy (torch.from_numpy warns on read-only arrays)
+
+
+def decode_for_encoder(
+    path: Path, preprocessing: Preprocessing, transform: TransformSpec, min_side: int, max_pixels: int
+) -> tuple[np.ndarray, str]:
+    """An image file as the encoder sees it (uint8 [S, S, 3], T applied), or zeros and the reason it was skipped."""
+    s = preprocessing.crop_size
+    try:
+        img = load_rgb(path, min_side=min_side, max_pixels=max_pixels, draft_to=2 * s)
+        if transform.name != "identity":
+            img = Image.fromarray(apply_transform(np.asarray(img), transform))
+        return preprocessing.to_pixels(img), ""
+    except ImageSkipped as e:
+        return np.zeros((s, s, 3), np.uint8), str(e)
+    except Exception as e:  # a decoder bug on one odd file must not end a long run
+        return np.zeros((s, s, 3), np.uint8), f"unreadable: {type(e).__name__}: {e}"

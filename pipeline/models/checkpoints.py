@@ -1,4 +1,5 @@
-"""Reconstructor checkpoints as data: safetensors tensors + a JSON header; never pickles.
+"""Reconstructor checkpoints as data: safetensors tensors + a JSON header; never pickles. Loading one back into a
+model, checking it suits a store and that the images it is used on are held out, and running it.
 
 A checkpoint `NAME` is `NAME.safetensors` (model weights), `NAME.json` (schema version, configs and hashes,
 step, metrics, model geometry) and, for resumable ones, `NAME.train-state.safetensors` (optimiser tensors and
@@ -11,11 +12,17 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
 from pipeline.artifacts import write_json_atomic
+from pipeline.config import ReconstructorConfig
+from pipeline.data.images import Preprocessing
+from pipeline.data.store_info import ENCODER_IDENTITY, StoreInfo
+from pipeline.models.reconstructor import Reconstructor
 from pipeline.provenance import file_sha256
+from storage import FeatureStore, StoreError, open_store
 
 SCHEMA_VERSION = 1
 
@@ -123,3 +130,74 @@ def load_train_state(header: dict, optimizer: torch.optim.Optimizer, scheduler) 
     if scheduler is not None and header.get("scheduler") is not None:
         scheduler.load_state_dict(header["scheduler"])
     torch.set_rng_state(tensors["rng.torch"])
+
+
+def load_reconstructor(checkpoint: Path, device: str | torch.device = "cpu") -> tuple[Reconstructor, dict]:
+    """A checkpoint (its .json or .safetensors) -> the model in eval mode and the checkpoint header."""
+    header = read_header(Path(checkpoint))
+    geometry = header["model"]
+    cfg = ReconstructorConfig.model_validate(
+        {k: v for k, v in geometry.items() if k in ReconstructorConfig.model_fields}
+    )
+    model = Reconstructor(
+        cfg, geometry["in_dim"], tuple(geometry["grid_hw"]), geometry["patch_size"], geometry["out_size"]
+    )
+    load_weights(header, model)
+    return model.to(device).eval(), header
+
+
+def check_checkpoint_matches_store(header: dict, store: FeatureStore) -> None:
+    expected, got = header["encoder"], StoreInfo.of(store).encoder_identity
+    diff = [k for k in ENCODER_IDENTITY if expected.get(k) != got[k]]
+    if diff:
+        details = "; ".join(f"{k}: checkpoint {expected.get(k)!r}, store {got[k]!r}" for k in diff)
+        raise CheckpointError(
+            f"checkpoint {header['_json_path']} was trained on features of encoder '{expected['name']}', "
+            f"store {store.path.name} differs ({details})"
+        )
+
+
+class DisjointnessError(ValueError):
+    """Images that trained or selected a reconstructor would be scored by it (an evaluation leak)."""
+
+
+def images_that_shaped(header: dict) -> dict[str, np.ndarray]:
+    """Image ids that trained the checkpoint's reconstructor and, for a best-on-val checkpoint, selected it."""
+    roles = {"trained": header["train_store"]}
+    if header.get("selected_on_store"):
+        roles["selected"] = header["selected_on_store"]
+    ids = {}
+    for role, path in roles.items():
+        try:
+            store = open_store(path, require_complete=False)
+        except StoreError as e:
+            raise DisjointnessError(
+                f"cannot check that the images are held out from checkpoint {header['_json_path']}: the store "
+                f"that {role} it is unreadable ({e})"
+            ) from None
+        ids[role] = store.image_ids()[store.valid()]
+    return ids
+
+
+def check_held_out(image_ids: np.ndarray, header: dict, scored: str) -> None:
+    """Refuse to score images that trained or selected the reconstructor (the paper's validity condition)."""
+    for role, shaped in images_that_shaped(header).items():
+        overlap = np.intersect1d(image_ids, shaped)
+        if overlap.size:
+            source = header["train_store"] if role == "trained" else header["selected_on_store"]
+            fix = "score a split that R never saw (evaluate.split / operators.split)"
+            if role == "selected":
+                fix += ", or train with train.select_checkpoint: last"
+            raise DisjointnessError(
+                f"{scored}: {overlap.size} of its images {role} the reconstructor (store {Path(source).name}), "
+                f"e.g. ids {overlap[:5].tolist()}; {fix}"
+            )
+
+
+@torch.no_grad()
+def reconstruct(
+    model: Reconstructor, features_nhwd: np.ndarray | torch.Tensor, preprocessing: Preprocessing
+) -> np.ndarray:
+    """Features [B, H, W, D] -> reconstructed RGB images, uint8 [B, S, S, 3]."""
+    device = next(model.parameters()).device
+    return preprocessing.to_uint8_nhwc(model(torch.as_tensor(features_nhwd, device=device)))

@@ -25,7 +25,6 @@ from pipeline.models.weights import (
     state_dict_sha256,
 )
 from pipeline.provenance import file_sha256
-from pipeline.science import metrics
 
 
 class _StopForward(Exception):
@@ -68,7 +67,7 @@ class Encoder:
     def normalize(self, pixels_nhwc_uint8: torch.Tensor) -> torch.Tensor:
         """uint8 [B, S, S, 3] -> normalised float32 [B, 3, S, S] on the encoder's device."""
         pixels = pixels_nhwc_uint8.to(self.device, non_blocking=True)
-        return metrics.normalize_pixels(pixels, self.preprocessing.mean, self.preprocessing.std)
+        return self.preprocessing.normalize(pixels)
 
     @torch.inference_mode()
     def encode(self, pixels_nchw: torch.Tensor) -> torch.Tensor:

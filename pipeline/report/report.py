@@ -11,9 +11,9 @@ import numpy as np
 import pandas as pd
 
 from pipeline.config import ReconstructorConfig
-from pipeline.models.checkpoints import read_header
+from pipeline.data.store_info import StoreInfo
+from pipeline.models.checkpoints import load_reconstructor, read_header, reconstruct
 from pipeline.report.figures import pyplot
-from pipeline.stages.reconstruct import load_reconstructor, reconstruct
 from storage import open_store
 
 
@@ -79,7 +79,7 @@ def figure_grid(targets, image_ids: np.ndarray, path: Path) -> None:
         if not rows:
             rows.append(("original", store.pixels(sel)))
         rows.append(
-            (t.encoder_name, reconstruct(model, store.features(sel), store.attrs["encoder"]["preprocessing"]))
+            (t.encoder_name, reconstruct(model, store.features(sel), StoreInfo.of(store).preprocessing))
         )
     fig, axes = plt.subplots(
         len(rows), len(image_ids), figsize=(1.6 * len(image_ids), 1.7 * len(rows)), squeeze=False
@@ -113,7 +113,7 @@ def setup_table(targets, cfg) -> pd.DataFrame:
     """What this run did beside what the paper's text and its released code do, with the source of each choice.
 
     Values come from the stores and checkpoints themselves, not from the config that asked for them."""
-    encoders = [open_store(t.store).attrs["encoder"] for t in targets]
+    encoders = [StoreInfo.of(open_store(t.store)).encoder for t in targets]
     headers = [read_header(t.checkpoint) for t in targets]
     train = [h["config"]["train"] for h in headers]
     model = [h["model"] for h in headers]

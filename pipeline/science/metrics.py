@@ -1,25 +1,10 @@
-"""Pixel-space image metrics on [0, 1] RGB images; SSIM from scikit-image."""
+"""Pixel-space image metrics on [0, 1] RGB images; SSIM from scikit-image. (Normalisation to and from an
+encoder's input space belongs to its preprocessing: pipeline/data/images.Preprocessing.)"""
 
 from __future__ import annotations
 
 import numpy as np
-import torch
 from skimage.metrics import structural_similarity
-
-
-def denormalize(images_nchw: torch.Tensor, mean, std) -> torch.Tensor:
-    """Encoder-normalised images -> [0, 1] RGB (clamped), float32 [B, 3, S, S]."""
-    m = torch.as_tensor(mean, dtype=torch.float32, device=images_nchw.device).view(1, 3, 1, 1)
-    s = torch.as_tensor(std, dtype=torch.float32, device=images_nchw.device).view(1, 3, 1, 1)
-    return (images_nchw.float() * s + m).clamp_(0, 1)
-
-
-def normalize_pixels(pixels_nhwc_uint8: torch.Tensor, mean, std) -> torch.Tensor:
-    """uint8 [B, S, S, 3] -> encoder-normalised float32 [B, 3, S, S] (the reconstruction target)."""
-    x = pixels_nhwc_uint8.permute(0, 3, 1, 2).float().div_(255.0)
-    m = torch.as_tensor(mean, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
-    s = torch.as_tensor(std, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
-    return (x - m) / s
 
 
 def psnr_db(reference_01: np.ndarray, test_01: np.ndarray) -> np.ndarray:

@@ -16,41 +16,19 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from tqdm.auto import tqdm
 
 from pipeline.artifacts import WriteLock
-from pipeline.config import (
-    DatasetSpec,
-    EncodeOptions,
-    EncoderSpec,
-    StoreOptions,
-    SubsetSpec,
-    TransformSpec,
-    config_hash,
-)
+from pipeline.config import EncodeOptions, TransformSpec, config_hash
 from pipeline.data.datasets import ImageRecord, image_list_sha256, list_images
-from pipeline.data.images import ImageSkipped, Preprocessing, apply_transform, load_rgb
+from pipeline.data.images import Preprocessing, decode_for_encoder
+from pipeline.jobs import EncodeJob
 from pipeline.models import encoders
 from pipeline.models.weights import weights_key
 from pipeline.provenance import provenance
 from storage import FeatureStore, StoreLayout, create, open_store
 from storage.format import FORMAT_KEY
 from storage.precision import default_level, value_stats
-
-
-@dataclass(frozen=True)
-class EncodeJob:
-    """One store's worth of work: a split, an encoder, a transform."""
-
-    store_root: Path
-    dataset: DatasetSpec
-    split: str
-    subset: SubsetSpec
-    encoder: EncoderSpec
-    transform: TransformSpec
-    store: StoreOptions
-    options: EncodeOptions
 
 
 @dataclass(frozen=True)
@@ -103,22 +81,6 @@ class _DecodeDataset(torch.utils.data.Dataset):
             self.records[pos].path, self.preprocessing, self.transform, self.min_side, self.max_pixels
         )
         return pos, pixels, reason
-
-
-def decode_for_encoder(
-    path: Path, preprocessing: Preprocessing, transform: TransformSpec, min_side: int, max_pixels: int
-) -> tuple[np.ndarray, str]:
-    """An image file as the encoder sees it (uint8 [S, S, 3], T applied), or zeros and the reason it was skipped."""
-    s = preprocessing.crop_size
-    try:
-        img = load_rgb(path, min_side=min_side, max_pixels=max_pixels, draft_to=2 * s)
-        if transform.name != "identity":
-            img = Image.fromarray(apply_transform(np.asarray(img), transform))
-        return preprocessing.to_pixels(img), ""
-    except ImageSkipped as e:
-        return np.zeros((s, s, 3), np.uint8), str(e)
-    except Exception as e:  # a decoder bug on one odd file must not end a long run
-        return np.zeros((s, s, 3), np.uint8), f"unreadable: {type(e).__name__}: {e}"
 
 
 def _worker_context():
@@ -180,7 +142,7 @@ def _finished(path: Path) -> EncodeResult | None:
     if not (path / "zarr.json").is_file() or not _has_format_attrs(path):
         return None
     store = open_store(path, require_complete=False)
-    if not store.complete:
+    if not store.complete or store.damaged_shards():
         return None
     attrs = store.attrs
     return EncodeResult(path, store.n_images, attrs["n_encoded"], attrs["n_failed"], already_complete=True)
@@ -201,6 +163,9 @@ def _open_or_create(
         if store.config_hash != config_hash(key):
             raise RuntimeError(f"{path}: holds config {store.config_hash}, expected {config_hash(key)}")
         store.remove_partial_files()
+        if damaged := store.damaged_shards():
+            print(f"re-encoding {len(damaged)} damaged shard(s) of {path.name}: {damaged}")
+            store.reopen_shards(list(damaged))
         return store
     layout = StoreLayout(
         n_images=len(records),

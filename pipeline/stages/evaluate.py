@@ -18,41 +18,36 @@ import torch
 from PIL import Image
 
 from pipeline.artifacts import read_json, write_json_atomic
-from pipeline.config import EvaluateConfig, config_hash
-from pipeline.config_files import resolve_encoder
+from pipeline.config import EncoderSpec, EvaluateConfig, config_hash
 from pipeline.data import transforms
+from pipeline.data.store_info import StoreInfo
+from pipeline.jobs import EvalTarget
 from pipeline.models import checkpoints, encoders
-from pipeline.provenance import provenance
-from pipeline.science import metrics, stats
-from pipeline.stages.reconstruct import (
+from pipeline.models.checkpoints import (
     check_checkpoint_matches_store,
     check_held_out,
     load_reconstructor,
     reconstruct,
 )
+from pipeline.provenance import provenance
+from pipeline.science import metrics, stats
 from storage import open_store
 
 PIXEL_JUDGE = "pixels"
 
 
-@dataclass(frozen=True)
-class EvalTarget:
-    encoder_name: str
-    store: Path  # held-out store of this encoder
-    checkpoint: Path  # its reconstructor
-
-
-def load_judges(cfg: EvaluateConfig, config_path: Path | None = None) -> dict[str, encoders.Encoder]:
+def load_judges(specs: list[EncoderSpec], device: str) -> dict[str, encoders.Encoder]:
+    """The judge encoders (specs resolved by the plan), loaded on `device`."""
     judges = {}
-    for name in cfg.judges:
-        spec = resolve_encoder(name, config_path)
+    for spec in specs:
+        name = spec.name
         if not spec.keep_head:
             raise ValueError(
                 f"judge '{name}' must set keep_head: true (judges score pooled image embeddings)"
             )
         # Judges see exactly the pixels the encoder saw: the stored square image, resized (short_side_crop
         # of a square is a plain resize; a judge's own crop_pct margin would cut its border away).
-        judges[name] = encoders.load(spec, device=cfg.device, geometry="short_side_crop")
+        judges[name] = encoders.load(spec, device=device, geometry="short_side_crop")
     return judges
 
 
@@ -90,7 +85,7 @@ def _judge_cosines(
 
 def score_key(store, header: dict, judges: dict, cfg: EvaluateConfig) -> dict:
     return {
-        "store": store.config_hash,
+        "store": StoreInfo.of(store).digest,
         "checkpoint": header["config_hash"],
         "checkpoint_weights_sha256": checkpoints.weights_sha256(header),
         "judges": {name: j.weights_id for name, j in judges.items()},
@@ -123,7 +118,7 @@ def score_encoder(
         out.is_file() and meta is not None
     ):  # the meta file is written last: its presence marks the scores done
         return pd.read_parquet(out), out, meta
-    pre = store.attrs["encoder"]["preprocessing"]
+    pre = StoreInfo.of(store).preprocessing
     lpips_model, lpips_note = _lpips_model() if cfg.lpips else (None, "")
     records: list[pd.DataFrame] = []
     for start in range(0, len(rows), cfg.batch_size):
@@ -250,14 +245,13 @@ class EvaluateResult:
 
 
 def run(
-    targets: list[EvalTarget], cfg: EvaluateConfig, config_path: Path | None = None, judges=None
+    targets: list[EvalTarget], cfg: EvaluateConfig, judges: dict[str, encoders.Encoder]
 ) -> EvaluateResult:
-    """Score every target (cached), analyse, and write the report; returns where it is."""
+    """Score every target (cached) with the loaded judges, analyse, and write the report; returns where it is."""
     from pipeline.report import report
 
     if len(targets) < 2:
         raise ValueError("evaluation compares encoders: give at least two")
-    judges = judges if judges is not None else load_judges(cfg, config_path)
     frames, files, notes, inputs = [], [], [], []
     for t in targets:
         scores, path, meta = score_encoder(t, judges, cfg)

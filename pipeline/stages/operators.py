@@ -16,28 +16,20 @@ from safetensors.numpy import save_file
 
 from pipeline import artifacts
 from pipeline.artifacts import WriteLock, read_json, write_json_atomic
-from pipeline.config import OperatorPairSpec, OperatorsConfig, config_hash
+from pipeline.config import OperatorPairSpec, config_hash
+from pipeline.data.store_info import StoreInfo, check_same_encoder
 from pipeline.data.transforms import REGISTRY, expected_spectrum
+from pipeline.jobs import OperatorJob
 from pipeline.models import checkpoints
-from pipeline.provenance import provenance
-from pipeline.science import metrics, operator_fits
-from pipeline.stages.reconstruct import (
+from pipeline.models.checkpoints import (
     check_checkpoint_matches_store,
     check_held_out,
     load_reconstructor,
     reconstruct,
 )
-from pipeline.stages.train import check_same_encoder
+from pipeline.provenance import provenance
+from pipeline.science import metrics, operator_fits
 from storage import FeatureStore, StoreError, open_store
-
-
-@dataclass(frozen=True)
-class OperatorJob:
-    identity_store: Path  # f(x) on the held-out split
-    transform_store: Path  # f(T x) on the same images
-    pair: OperatorPairSpec
-    checkpoint: Path  # the reconstructor used to look at the operators
-    cfg: OperatorsConfig
 
 
 @dataclass(frozen=True)
@@ -108,18 +100,18 @@ def fit_key_and_dir(job: OperatorJob, identity: FeatureStore, transformed: Featu
     """The fit's identity (both stores, the reconstructor's training hash and weights, pair, settings) and folder."""
     source, target = (identity, transformed) if job.pair.direction == "forward" else (transformed, identity)
     key = {
-        "source_store": source.config_hash, "target_store": target.config_hash, "checkpoint": header["config_hash"],
+        "source_store": StoreInfo.of(source).digest, "target_store": StoreInfo.of(target).digest, "checkpoint": header["config_hash"],
         "checkpoint_weights_sha256": checkpoints.weights_sha256(header),
         "pair": artifacts.identity(job.pair), "cfg": artifacts.identity(job.cfg),
     }  # fmt: skip
-    name = f"{identity.attrs['encoder']['name']}__{job.pair.transform.tag}-{job.pair.direction}__{config_hash(key)}"
+    name = f"{StoreInfo.of(identity).encoder_name}__{job.pair.transform.tag}-{job.pair.direction}__{config_hash(key)}"
     return key, Path(job.cfg.output_root) / name
 
 
 def run(job: OperatorJob) -> OperatorResult:
     """Fit, analyse and save the operators of one (encoder, transform, direction); cached on its inputs."""
     identity, transformed = open_store(job.identity_store), open_store(job.transform_store)
-    check_same_encoder(identity, transformed)
+    check_same_encoder(StoreInfo.of(identity), StoreInfo.of(transformed))
     if not np.array_equal(identity.image_ids(), transformed.image_ids()):
         raise StoreError(
             f"{identity.path.name} and {transformed.path.name} do not hold the same images in order"
@@ -150,7 +142,7 @@ def _fit_and_analyse(job, key, out_dir: Path, source, target, fit_rows, test_row
     fit_stats = collect_stats(source.path, target.path, fit_rows, k, cfg.dask_address)
     test_stats = collect_stats(source.path, target.path, test_rows, k, cfg.dask_address)
     eval_rows = test_rows[: cfg.n_eval_images] if cfg.n_eval_images else test_rows
-    pre = source.attrs["encoder"]["preprocessing"]
+    pre = StoreInfo.of(source).preprocessing
     a_feats, b_feats = source.features(eval_rows), target.features(eval_rows)
     x_pixels, y_pixels = source.pixels(eval_rows), target.pixels(eval_rows)
     y01 = y_pixels.astype(np.float32) / 255

@@ -24,6 +24,9 @@ from pipeline import artifacts
 from pipeline.artifacts import WriteLock, read_json, write_json_atomic
 from pipeline.config import TrainConfig, config_hash
 from pipeline.data.feature_loader import Prefetcher, batch_stream, n_batches_per_epoch
+from pipeline.data.images import Preprocessing
+from pipeline.data.store_info import StoreInfo, check_same_encoder
+from pipeline.jobs import TrainJob
 from pipeline.models import checkpoints
 from pipeline.models.encoders import resolve_compute_dtype, resolve_device
 from pipeline.models.reconstructor import Reconstructor
@@ -31,25 +34,6 @@ from pipeline.provenance import provenance
 from pipeline.report.figures import write_grid
 from pipeline.science import metrics
 from storage import FeatureStore, StoreError, open_store
-
-# What must agree between the stores a model is trained and used on.
-ENCODER_IDENTITY = (
-    "backend",
-    "model_id",
-    "weights_id",
-    "feature_layer",
-    "grid_hw",
-    "hidden_dim",
-    "preprocessing",
-    "input_transform",
-)
-
-
-@dataclass(frozen=True)
-class TrainJob:
-    train_store: Path
-    val_store: Path
-    cfg: TrainConfig
 
 
 @dataclass(frozen=True)
@@ -61,24 +45,12 @@ class TrainResult:
     already_complete: bool
 
 
-def encoder_identity(store: FeatureStore) -> dict:
-    enc = store.attrs["encoder"]
-    return {k: enc.get(k) for k in ENCODER_IDENTITY}  # .get: stores made before input_transform existed
-
-
-def check_same_encoder(a: FeatureStore, b: FeatureStore) -> None:
-    ia, ib = encoder_identity(a), encoder_identity(b)
-    diff = [k for k in ENCODER_IDENTITY if ia[k] != ib[k]]
-    if diff:
-        details = "; ".join(f"{k}: {ia[k]!r} vs {ib[k]!r}" for k in diff)
-        raise StoreError(f"stores {a.path.name} and {b.path.name} come from different encoders ({details})")
-
-
 def open_training_store(path: Path) -> FeatureStore:
-    store = open_store(path)  # raises on incomplete / wrong format
-    if not store.attrs.get("n_encoded"):
+    store = open_store(path)  # raises on incomplete / wrong format / damaged
+    info = StoreInfo.of(store)
+    if not info.n_encoded:
         raise StoreError(f"{path}: store has no encoded images; nothing to train on")
-    stats = store.attrs.get("feature_stats", {})
+    stats = info.feature_stats
     if stats.get("n_nonfinite") or stats.get("n_over_float16_max"):
         raise StoreError(
             f"{path}: features hold {stats.get('n_nonfinite')} non-finite values and "
@@ -89,16 +61,16 @@ def open_training_store(path: Path) -> FeatureStore:
 
 
 def build_model(cfg: TrainConfig, store: FeatureStore) -> Reconstructor:
-    lay = store.layout
-    enc = store.attrs["encoder"]
-    return Reconstructor(cfg.model, lay.hidden_dim, lay.grid_hw, enc["patch_size"], enc["resolution"])
+    lay, info = store.layout, StoreInfo.of(store)
+    return Reconstructor(cfg.model, lay.hidden_dim, lay.grid_hw, info.patch_size, info.resolution)
 
 
 def run_key(
     job: TrainJob, train: FeatureStore, val: FeatureStore, device: torch.device | None = None
 ) -> dict:
     """The run's identity: the config without its runtime fields, the device and dtype it resolves to (a CPU
-    float32 run and a CUDA bf16 run are different results), the stores and the number of processes."""
+    float32 run and a CUDA bf16 run are different results), the stores (key and content) and the number of
+    processes."""
     device = device or resolve_device(job.cfg.device)
     # Steps per epoch, the schedule and the effective batch depend on the number of processes under torchrun.
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -106,15 +78,15 @@ def run_key(
         "train": artifacts.identity(job.cfg),
         "device": device.type,
         "compute_dtype": str(resolve_compute_dtype(job.cfg.compute_dtype, device)).removeprefix("torch."),
-        "train_store": train.config_hash,
-        "val_store": val.config_hash,
+        "train_store": StoreInfo.of(train).digest,
+        "val_store": StoreInfo.of(val).digest,
         "world_size": world_size,
     }
 
 
 def key_and_run_dir(job: TrainJob, train: FeatureStore, val: FeatureStore) -> tuple[dict, Path]:
     key = run_key(job, train, val)
-    return key, Path(job.cfg.output_root) / f"{train.attrs['encoder']['name']}__{config_hash(key)}"
+    return key, Path(job.cfg.output_root) / f"{StoreInfo.of(train).encoder_name}__{config_hash(key)}"
 
 
 @torch.no_grad()
@@ -122,7 +94,7 @@ def validate(
     model, store: FeatureStore, cfg: TrainConfig, device, compute_dtype
 ) -> tuple[dict, np.ndarray, np.ndarray]:
     """MSE (normalised space), PSNR (dB) and SSIM on [0, 1] images; returns the first images for the grid."""
-    pre = store.attrs["encoder"]["preprocessing"]
+    pre = StoreInfo.of(store).preprocessing
     rows = np.flatnonzero(store.valid())
     rows = rows[: cfg.n_val_images] if cfg.n_val_images else rows
     model.eval()
@@ -131,12 +103,12 @@ def validate(
         idx = rows[start : start + cfg.batch_size]
         feats = torch.from_numpy(store.features(idx)).to(device)
         pixels = torch.from_numpy(store.pixels(idx)).to(device)
-        target = metrics.normalize_pixels(pixels, pre["mean"], pre["std"])
+        target = pre.normalize(pixels)
         with torch.autocast(device.type, dtype=compute_dtype, enabled=compute_dtype != torch.float32):
             pred = model(feats)
         pred = pred.float()
         mses.append(((pred - target) ** 2).mean(dim=(1, 2, 3)).cpu().numpy())
-        pred01 = metrics.denormalize(pred, pre["mean"], pre["std"]).permute(0, 2, 3, 1).cpu().numpy()
+        pred01 = pre.denormalize(pred).permute(0, 2, 3, 1).cpu().numpy()
         true01 = pixels.cpu().numpy().astype(np.float32) / 255.0
         psnrs.append(metrics.psnr_db(true01, pred01))
         ssims.append(metrics.ssim(true01, pred01))
@@ -158,11 +130,11 @@ def validate(
 
 
 def train_step(
-    model, optimizer, scheduler, feats, pixels, cfg: TrainConfig, pre: dict, device, compute_dtype
+    model, optimizer, scheduler, feats, pixels, cfg: TrainConfig, pre: Preprocessing, device, compute_dtype
 ):
     """One optimisation step on a batch of (features, uint8 pixels); returns the loss tensor."""
     feats = feats.to(device, non_blocking=True)
-    target = metrics.normalize_pixels(pixels.to(device, non_blocking=True), pre["mean"], pre["std"])
+    target = pre.normalize(pixels.to(device, non_blocking=True))
     with torch.autocast(device.type, dtype=compute_dtype, enabled=compute_dtype != torch.float32):
         pred = model(feats)
     loss = F.mse_loss(pred.float(), target)
@@ -181,7 +153,7 @@ def run(job: TrainJob, *, progress: bool = True) -> TrainResult:
     """Train (or resume, or return the finished) reconstructor for the job's stores."""
     cfg = job.cfg
     train_store, val_store = open_training_store(job.train_store), open_training_store(job.val_store)
-    check_same_encoder(train_store, val_store)
+    check_same_encoder(StoreInfo.of(train_store), StoreInfo.of(val_store))
     key, run_dir = key_and_run_dir(job, train_store, val_store)
     if read_json(run_dir / "result.json") is not None:
         return _result(run_dir, already_complete=True)
@@ -240,6 +212,7 @@ def _train(cfg: TrainConfig, key: dict, run_dir: Path, train_store, val_store, p
     )
     scheduler = lr_schedule(optimizer, cfg, total_steps)
     ckpt_dir = run_dir / "checkpoints"
+    info = StoreInfo.of(train_store)
     header_base = {
         "config": key,
         "config_hash": config_hash(key),
@@ -247,10 +220,10 @@ def _train(cfg: TrainConfig, key: dict, run_dir: Path, train_store, val_store, p
         "train_store_hash": train_store.config_hash,
         "val_store": str(val_store.path),
         "val_store_hash": val_store.config_hash,
-        "encoder": encoder_identity(train_store) | {"name": train_store.attrs["encoder"]["name"]},
+        "encoder": info.encoder_identity | {"name": info.encoder_name},
         "model": {**cfg.model.model_dump(mode="json"), "in_dim": train_store.layout.hidden_dim,
-                  "grid_hw": list(train_store.layout.grid_hw), "patch_size": train_store.attrs["encoder"]["patch_size"],
-                  "out_size": train_store.attrs["encoder"]["resolution"]},
+                  "grid_hw": list(train_store.layout.grid_hw), "patch_size": info.patch_size,
+                  "out_size": info.resolution},
         "provenance": provenance(),
     }  # fmt: skip
     start_epoch, step, best_psnr = 0, 0, -float("inf")
@@ -273,7 +246,7 @@ def _train(cfg: TrainConfig, key: dict, run_dir: Path, train_store, val_store, p
             model, device_ids=[device.index] if device.type == "cuda" else None
         )
     train_model = torch.compile(train_model) if cfg.compile else train_model
-    pre = train_store.attrs["encoder"]["preprocessing"]
+    pre = info.preprocessing
     lead = rank == 0
     writer = SummaryWriter(str(run_dir / "tensorboard")) if lead else None
     bar = tqdm(

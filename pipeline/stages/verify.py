@@ -1,6 +1,7 @@
 """`store verify --recompute N`: re-encode random images of a finished store with the encoder, weights, layer,
 geometry and transform it records, and check the stored features against the fresh ones within the error its
-precision allows. Catches stores whose record does not describe their content (another crop, another model).
+precision allows. Catches stores whose record does not describe their content (another crop, another model);
+first, every shard file is checked against the SHA-256 recorded when it was written.
 """
 
 from __future__ import annotations
@@ -13,10 +14,11 @@ import torch
 
 from pipeline.config import DatasetSpec, EncoderSpec, SubsetSpec, TransformSpec
 from pipeline.data.datasets import image_list_sha256, list_images
-from pipeline.data.images import Preprocessing
+from pipeline.data.images import decode_for_encoder
+from pipeline.data.store_info import StoreInfo
 from pipeline.models import encoders
-from pipeline.stages.encode import decode_for_encoder
 from storage import StoreError, open_store
+from storage.format import damaged_message
 from storage.precision import MAX_TOKEN_RELATIVE_ERROR
 
 # Recomputing is not bit-exact (batch composition changes BLAS paths; bf16 autocast rounds activations): the
@@ -59,12 +61,15 @@ def verify(
     path: Path, n_images: int, seed: int = 0, device: str = "auto", batch_size: int = 16
 ) -> VerifyReport:
     store = open_store(path)
-    attrs, key = store.attrs, store.attrs["config"]
-    if "dataset_source" not in attrs:
+    if damaged := store.damaged_shards(full=True):  # every byte against its shard's SHA-256 first
+        raise StoreError(damaged_message(store, damaged))
+    info = StoreInfo.of(store)
+    key = info.key
+    if info.dataset_source is None:
         raise StoreError(f"{path}: the store does not record where its images came from (made before format "
                          "attribute 'dataset_source'); re-encode it to verify")  # fmt: skip
-    spec = EncoderSpec.model_validate({**key["encoder"], "name": attrs["encoder"]["name"]})
-    dataset = DatasetSpec.model_validate(attrs["dataset_source"])
+    spec = EncoderSpec.model_validate({**key["encoder"], "name": info.encoder_name})
+    dataset = DatasetSpec.model_validate(info.dataset_source)
     records = list_images(dataset, key["dataset"]["split"], SubsetSpec.model_validate(key["subset"]))
     if image_list_sha256(records) != key["image_list_sha256"]:
         raise StoreError(f"{path}: the images under {dataset.root} are no longer the ones this store encoded "
@@ -72,10 +77,11 @@ def verify(
     geometry = key.get("geometry", "native")
     encoder = encoders.load(spec, device=device, compute_dtype=key["compute_dtype"], geometry=geometry)
     notes = []
-    if encoder.weights_id != attrs["encoder"]["weights_id"]:
-        raise StoreError(f"{path}: recorded weights {attrs['encoder']['weights_id']}, available now "
+    recorded_weights = info.encoder_identity["weights_id"]
+    if encoder.weights_id != recorded_weights:
+        raise StoreError(f"{path}: recorded weights {recorded_weights}, available now "
                          f"{encoder.weights_id}; cannot recompute with the recorded encoder")  # fmt: skip
-    if encoder.preprocessing != Preprocessing.from_dict(attrs["encoder"]["preprocessing"]):
+    if encoder.preprocessing != info.preprocessing:
         notes.append("the recorded encoder's preprocessing today differs from the store's record")
     valid_rows = np.flatnonzero(store.valid())
     rng = np.random.default_rng(seed)

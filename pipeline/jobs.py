@@ -1,0 +1,57 @@
+"""What each stage makes: one small frozen type per stage, built by the plan (pipeline/plan.py) and executed by
+the flows. A stage module imports these, the artifact layer, storage, models, data and science; never another
+stage."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.config import (
+    DatasetSpec,
+    EncodeOptions,
+    EncoderSpec,
+    OperatorPairSpec,
+    OperatorsConfig,
+    StoreOptions,
+    SubsetSpec,
+    TrainConfig,
+    TransformSpec,
+)
+
+
+@dataclass(frozen=True)
+class EncodeJob:
+    """One store's worth of work: a split, an encoder, a transform."""
+
+    store_root: Path
+    dataset: DatasetSpec
+    split: str
+    subset: SubsetSpec
+    encoder: EncoderSpec
+    transform: TransformSpec
+    store: StoreOptions
+    options: EncodeOptions
+
+
+@dataclass(frozen=True)
+class TrainJob:
+    train_store: Path
+    val_store: Path
+    cfg: TrainConfig
+
+
+@dataclass(frozen=True)
+class OperatorJob:
+    identity_store: Path  # f(x) on the held-out split
+    transform_store: Path  # f(T x) on the same images
+    pair: OperatorPairSpec
+    checkpoint: Path  # the reconstructor used to look at the operators
+    cfg: OperatorsConfig
+
+
+@dataclass(frozen=True)
+class EvalTarget:
+    encoder_name: str
+    store: Path  # held-out store of this encoder
+    checkpoint: Path  # its reconstructor
