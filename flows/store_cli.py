@@ -65,9 +65,7 @@ def inspect(
         enc, prov = info["encoder"], info["provenance"]
         typer.echo(f"store      {info['path']}")
         typer.echo(f"format     v{info['format_version']}  config {info['config_hash']}")
-        typer.echo(
-            f"status     {'complete' if info['complete'] else 'INCOMPLETE'} ({info['shards_done']} shards)"
-        )
+        typer.echo(f"status     {info['status']} ({info['shards_done']} shards done)")
         typer.echo(f"images     {info['n_encoded']} encoded, {info['n_failed']} failed of {info['n_images']}")
         typer.echo(
             f"encoder    {enc['name']} ({enc['backend']} {enc['model_id']}, layer {enc['feature_layer']}, "

@@ -41,7 +41,6 @@ def summary_row(path: Path) -> dict:
     except StoreError as e:
         return {"path": str(path), "error": str(e)}
     attrs, lay = store.attrs, store.layout
-    done = store.shard_done()
     return {
         "path": str(path),
         "encoder": attrs["encoder"]["name"],
@@ -52,8 +51,16 @@ def summary_row(path: Path) -> dict:
         "grid": f"{lay.grid_hw[0]}x{lay.grid_hw[1]}x{lay.hidden_dim}",
         "dtype": lay.precision,
         "size_mb": disk_bytes(path) / 1e6,
-        "status": "complete" if store.complete else f"partial {int(done.sum())}/{done.size} shards",
+        "status": status_text(store),
     }
+
+
+def status_text(store) -> str:
+    """complete, partial k/n shards, or damaged (files changed since written; a `stat` per file, no hashing)."""
+    done = store.shard_done()
+    if damaged := store.damaged_shards():
+        return f"DAMAGED: {len(damaged)} shard(s) changed on disk, e.g. shard {next(iter(damaged))}; re-run encode"
+    return "complete" if store.complete else f"partial {int(done.sum())}/{done.size} shards"
 
 
 def inspect_store(path: Path, n_stat_images: int = 64) -> dict:
@@ -76,24 +83,21 @@ def inspect_store(path: Path, n_stat_images: int = 64) -> dict:
             "bytes_on_disk": int(on_disk),
             "compression_ratio": raw / on_disk if on_disk else None,
         }
-    valid_rows = np.flatnonzero(store.valid())[:n_stat_images]
-    stats = {}
-    if valid_rows.size:
-        feats = store.features(valid_rows)
-        norms = np.linalg.norm(feats, axis=-1)
-        stats = {
-            "n_images_sampled": int(valid_rows.size),
-            "mean_token_norm": float(np.nanmean(norms)),
-            "fraction_nonfinite": float((~np.isfinite(feats)).mean()),
-            "mean": float(np.nanmean(feats)),
-            "std": float(np.nanstd(feats)),
-        }
+    damaged = store.damaged_shards()
+    k = store.layout.shard_images
+    try:  # statistics of a sample of intact shards; a damaged store is still described, not refused
+        valid_rows = np.array([r for r in np.flatnonzero(store.valid()) if r // k not in damaged], int)
+        stats = _sampled_stats(store, valid_rows[:n_stat_images])
+    except StoreError as e:
+        stats = {"unreadable": str(e)}
     done = store.shard_done()
     return {
         "path": str(path),
         "format_version": attrs.get(FORMAT_KEY),
         "config_hash": attrs["config_hash"],
         "complete": store.complete,
+        "status": status_text(store),
+        "damaged_shards": {str(k): v for k, v in damaged.items()},
         "shards_done": f"{int(done.sum())}/{done.size}",
         "n_images": store.n_images,
         "n_encoded": attrs.get("n_encoded"),
@@ -107,6 +111,20 @@ def inspect_store(path: Path, n_stat_images: int = 64) -> dict:
         "provenance": attrs["provenance"],
         "feature_stats_recorded": attrs.get("feature_stats"),
         "feature_stats_sampled": stats,
+    }
+
+
+def _sampled_stats(store, rows: np.ndarray) -> dict:
+    if not rows.size:
+        return {}
+    feats = store.features(rows)
+    norms = np.linalg.norm(feats, axis=-1)
+    return {
+        "n_images_sampled": int(rows.size),
+        "mean_token_norm": float(np.nanmean(norms)),
+        "fraction_nonfinite": float((~np.isfinite(feats)).mean()),
+        "mean": float(np.nanmean(feats)),
+        "std": float(np.nanstd(feats)),
     }
 
 

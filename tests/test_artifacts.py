@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
+import pytest
 import torch
 
 from pipeline.artifacts import identity, read_json, write_json_atomic
@@ -190,3 +192,67 @@ def test_a_first_download_keys_the_store_by_the_commit_the_loader_records(
     attrs = open_store(first.store_path).attrs
     assert attrs["config"]["weights"] == attrs["encoder"]["weights_id"] == key  # one identity, key and record
     assert encode.run(job, progress=False).store_path == first.store_path
+
+
+def test_a_deleted_shard_of_a_finished_store_is_detected_listed_and_re_encoded(make_job):
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+    from pipeline.plan import store_state
+    from storage import StoreError
+
+    job = make_job(subset=SubsetSpec(max_images=8), store=StoreOptions(shard_images=4))
+    path = encode.run(job, progress=False).store_path
+    before = open_store(path)
+    digest, features = before.content_sha256, before.features()
+    victim = path / "features" / "c" / "1" / "0" / "0" / "0"
+    victim.unlink()
+    with pytest.raises(
+        StoreError, match=r"shard 1: features: file features/c/1/0/0/0 is missing.*reconlab encode"
+    ):
+        open_store(path)
+    assert store_state(path).startswith("partial (1 damaged shard")
+    listed = CliRunner().invoke(app, ["store", "ls", str(path.parent)])
+    assert "DAMAGED: 1 shard(s)" in listed.output, listed.output
+    again = encode.run(job, progress=False)  # re-encodes exactly the damaged shard
+    assert not again.already_complete and again.n_encoded == 8
+    repaired = open_store(path)
+    assert repaired.content_sha256 == digest  # CPU encoding is deterministic: the same bytes again
+    np.testing.assert_array_equal(repaired.features(), features)
+
+
+def test_changed_bytes_of_the_same_size_are_refused_on_read_and_by_store_verify(make_job):
+    from storage import StoreError
+
+    path = encode.run(
+        make_job(subset=SubsetSpec(max_images=8), store=StoreOptions(shard_images=4)), progress=False
+    ).store_path
+    victim = path / "pixels" / "c" / "0" / "0" / "0" / "0"
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    store = open_store(path)  # sizes agree: opening stays cheap (no hashing)
+    store.pixels(slice(4, 8))  # shard 1 is intact
+    with pytest.raises(StoreError, match="shard 0: pixels: .* does not match its SHA-256"):
+        store.pixels(0)
+    from pipeline.stages.verify import verify
+
+    with pytest.raises(StoreError, match="does not match its SHA-256"):
+        verify(path, 2, device="cpu")
+
+
+def test_a_store_re_encoded_with_other_bytes_gives_its_readers_a_new_key(make_job, monkeypatch):
+    from pipeline.models import encoders
+
+    job = make_job(subset=SubsetSpec(max_images=4), store=StoreOptions(shard_images=4))
+    path = encode.run(job, progress=False).store_path
+    train_job = train.TrainJob(path, path, TrainConfig(**FAST))
+    key_before = train.run_key(train_job, open_store(path), open_store(path), torch.device("cpu"))
+    (path / "features" / "c" / "0" / "0" / "0" / "0").unlink()
+    # Another machine's rounding (e.g. a GPU) re-encodes the shard with other bytes under the same store key.
+    original = encoders.Encoder.encode
+    monkeypatch.setattr(encoders.Encoder, "encode", lambda self, x: original(self, x) * (1 + 2**-9))
+    assert encode.run(job, progress=False).store_path == path
+    key_after = train.run_key(train_job, open_store(path), open_store(path), torch.device("cpu"))
+    assert key_after["train_store"]["config_hash"] == key_before["train_store"]["config_hash"]
+    assert key_after["train_store"]["content_sha256"] != key_before["train_store"]["content_sha256"]
