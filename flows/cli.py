@@ -58,9 +58,29 @@ def _echo_trained(results) -> None:
 
 
 def _echo_operators(results) -> None:
+    """Each fit in one terminal-wide line; every column is in fits.csv / fits.md and the report."""
+    import pandas as pd
+
     for r in results:
         typer.echo(f"\n{r.out_dir}{' (cached)' if r.already_complete else ''}")
-        typer.echo((r.out_dir / "fits.md").read_text().rstrip())
+        typer.echo(operator_summary(pd.DataFrame(r.table)))
+        typer.echo((r.out_dir / "fits.md").read_text().rstrip().splitlines()[-1])  # the paper's prediction
+
+
+def operator_summary(frame) -> str:
+    import pandas as pd
+
+    def count(column):
+        return frame[column].map(lambda v: "-" if v != v else str(int(v))) if column in frame else "-"
+
+    short = {"fit": frame["fit"], "PSNR dB": frame.get("psnr_db"), "SSIM": frame.get("ssim"),
+             "resid": frame.get("residual_test"), "T∘T err": frame.get("involution_error"),
+             "λ in/on/out": count("n_inside_unit_circle") + "/" + count("n_on_unit_circle") + "/"
+             + count("n_outside_unit_circle"),
+             "ρ": frame.get("spectral_radius")}  # fmt: skip
+    table = pd.DataFrame({k: v for k, v in short.items() if v is not None})
+    table["λ in/on/out"] = table["λ in/on/out"].replace("-/-/-", "-")
+    return table.to_string(index=False, na_rep="-", float_format=lambda v: f"{v:.4g}")
 
 
 def _echo_evaluation(result) -> None:

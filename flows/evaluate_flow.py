@@ -22,9 +22,9 @@ from pipeline.stages import evaluate  # noqa: E402
 
 @task(name="evaluate")
 def evaluate_task(
-    targets: list[EvalTarget], cfg: EvaluateConfig, judges: list[EncoderSpec]
+    targets: list[EvalTarget], cfg: EvaluateConfig, judges: list[EncoderSpec], progress: bool = True
 ) -> evaluate.EvaluateResult:
-    return evaluate.run(targets, cfg, evaluate.load_judges(judges, cfg.device))
+    return evaluate.run(targets, cfg, evaluate.load_judges(judges, cfg.device), progress=progress)
 
 
 @flow(name="reconlab-evaluate", log_prints=True)
@@ -35,4 +35,4 @@ def evaluate_flow(config_path: str, progress: bool = True) -> evaluate.EvaluateR
     for store in run.evaluate.values():
         encode_store(run.encode[store], progress)
     targets = run.eval_targets({name: result.checkpoint for name, result in trained.items()})
-    return evaluate_task(targets, cfg.evaluate, run.judges)
+    return evaluate_task(targets, cfg.evaluate, run.judges, progress)

@@ -21,8 +21,10 @@ from pipeline.stages import operators  # noqa: E402
 
 
 @task(name="fit-operators", task_run_name="operators {encoder_name} {tag}")
-def fit_operators(job: OperatorJob, encoder_name: str, tag: str) -> operators.OperatorResult:
-    return operators.run(job)
+def fit_operators(
+    job: OperatorJob, encoder_name: str, tag: str, progress: bool = True
+) -> operators.OperatorResult:
+    return operators.run(job, progress=progress)
 
 
 @flow(name="reconlab-operators", log_prints=True)
@@ -44,5 +46,7 @@ def operators_flow(config_path: str, transform_names: list[str] | None = None, p
         for store in (step.identity_store, step.transform_store):
             encode_store(run.encode[store], progress)
         job = step.job(cfg, trained[step.encoder].checkpoint)
-        results.append(fit_operators(job, step.encoder, f"{step.pair.transform.tag}-{step.pair.direction}"))
+        results.append(
+            fit_operators(job, step.encoder, f"{step.pair.transform.tag}-{step.pair.direction}", progress)
+        )
     return results

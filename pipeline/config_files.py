@@ -11,7 +11,8 @@ from pydantic import BaseModel, ValidationError
 
 from pipeline.config import ConfigError, EncoderSpec, RunConfig
 
-REPO_CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+# The shipped configs: top-level configs/ in a checkout, linked as pipeline/configs so a wheel carries them.
+REPO_CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
 
 M = TypeVar("M", bound=BaseModel)

@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 import torch
 from PIL import Image
+from tqdm.auto import tqdm
 
 from pipeline.artifacts import read_json, write_json_atomic
 from pipeline.config import EncoderSpec, EvaluateConfig, config_hash
@@ -98,7 +99,7 @@ def score_key(store, header: dict, judges: dict, cfg: EvaluateConfig) -> dict:
 
 
 def score_encoder(
-    target: EvalTarget, judges: dict, cfg: EvaluateConfig
+    target: EvalTarget, judges: dict, cfg: EvaluateConfig, *, progress: bool = False
 ) -> tuple[pd.DataFrame, Path, list[str]]:
     """Per-image scores of one encoder's reconstructions (cached parquet); returns (scores, parquet path, meta).
 
@@ -121,6 +122,7 @@ def score_encoder(
     pre = StoreInfo.of(store).preprocessing
     lpips_model, lpips_note = _lpips_model() if cfg.lpips else (None, "")
     records: list[pd.DataFrame] = []
+    bar = tqdm(total=len(rows), unit="img", desc=f"score {target.encoder_name}", disable=not progress)
     for start in range(0, len(rows), cfg.batch_size):
         idx, ids = rows[start : start + cfg.batch_size], image_ids[start : start + cfg.batch_size]
         originals = store.pixels(idx)
@@ -144,6 +146,8 @@ def score_encoder(
         for (judge_name, metric), v in values.items():
             records.append(pd.DataFrame({"image_id": ids, "encoder": target.encoder_name, "judge": judge_name,
                                          "metric": metric, "value": np.asarray(v, float)}))  # fmt: skip
+        bar.update(len(idx))
+    bar.close()
     scores = pd.concat(records, ignore_index=True)
     out.parent.mkdir(parents=True, exist_ok=True)
     scores.to_parquet(tmp := out.with_name(f".{out.name}.tmp"), index=False)
@@ -245,7 +249,11 @@ class EvaluateResult:
 
 
 def run(
-    targets: list[EvalTarget], cfg: EvaluateConfig, judges: dict[str, encoders.Encoder]
+    targets: list[EvalTarget],
+    cfg: EvaluateConfig,
+    judges: dict[str, encoders.Encoder],
+    *,
+    progress: bool = True,
 ) -> EvaluateResult:
     """Score every target (cached) with the loaded judges, analyse, and write the report; returns where it is."""
     from pipeline.report import report
@@ -254,11 +262,13 @@ def run(
         raise ValueError("evaluation compares encoders: give at least two")
     frames, files, notes, inputs = [], [], [], []
     for t in targets:
-        scores, path, meta = score_encoder(t, judges, cfg)
+        scores, path, meta = score_encoder(t, judges, cfg, progress=progress)
         frames.append(scores)
         files.append(path)
         notes += [f"{t.encoder_name}: {n}" for n in meta["notes"]]
-        inputs.append({"encoder": t.encoder_name, "store": str(t.store), "store_hash": meta["key"]["store"],
+        store_digest = meta["key"]["store"]
+        inputs.append({"encoder": t.encoder_name, "store": str(t.store), "store_hash": store_digest["config_hash"],
+                       "store_content_sha256": store_digest["content_sha256"][:16],
                        "checkpoint": str(t.checkpoint), "checkpoint_config_hash": meta["key"]["checkpoint"],
                        "scores": str(path)})  # fmt: skip
     stats_cfg = cfg.model_dump(

@@ -7,6 +7,7 @@ Pairs are never materialised: Dask reduces the two Zarr stores shard by shard in
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,7 +59,12 @@ def _tree_sum(parts: list, fan_in: int = 8):
 
 
 def collect_stats(
-    source: Path, target: Path, rows: np.ndarray, shard_images: int, dask_address: str | None = None
+    source: Path,
+    target: Path,
+    rows: np.ndarray,
+    shard_images: int,
+    dask_address: str | None = None,
+    progress: bool = False,
 ) -> operator_fits.PairStats:
     """Σ b aᵀ, Σ a aᵀ, Σ‖b‖² and n over the given rows: one Dask task per shard, summed in a tree."""
     by_shard = [rows[rows // shard_images == s] for s in np.unique(rows // shard_images)]
@@ -68,8 +74,15 @@ def collect_stats(
         from dask.distributed import Client
 
         with Client(dask_address) as client:
+            if progress:
+                print(f"operator statistics on {dask_address}; progress: {client.dashboard_link}")
             return client.compute(total).result()
-    return total.compute(scheduler="threads")
+    from dask.diagnostics import ProgressBar
+
+    with (
+        ProgressBar(minimum=1.0) if progress else contextlib.nullcontext()
+    ):  # shown if it takes over a second
+        return total.compute(scheduler="threads")
 
 
 def numpy_stats(source: Path, target: Path, rows: np.ndarray) -> operator_fits.PairStats:
@@ -108,7 +121,7 @@ def fit_key_and_dir(job: OperatorJob, identity: FeatureStore, transformed: Featu
     return key, Path(job.cfg.output_root) / name
 
 
-def run(job: OperatorJob) -> OperatorResult:
+def run(job: OperatorJob, *, progress: bool = False) -> OperatorResult:
     """Fit, analyse and save the operators of one (encoder, transform, direction); cached on its inputs."""
     identity, transformed = open_store(job.identity_store), open_store(job.transform_store)
     check_same_encoder(StoreInfo.of(identity), StoreInfo.of(transformed))
@@ -130,17 +143,21 @@ def run(job: OperatorJob) -> OperatorResult:
     if finished is not None:
         return OperatorResult(out_dir, finished["table"], True)
     with WriteLock(out_dir):
-        table = _fit_and_analyse(job, key, out_dir, source, target, fit_rows, test_rows, model)
+        table = _fit_and_analyse(job, key, out_dir, source, target, fit_rows, test_rows, model, progress)
     return OperatorResult(out_dir, table, False)
 
 
-def _fit_and_analyse(job, key, out_dir: Path, source, target, fit_rows, test_rows, model) -> list[dict]:
+def _fit_and_analyse(
+    job, key, out_dir: Path, source, target, fit_rows, test_rows, model, progress
+) -> list[dict]:
     from pipeline.report.figures import eigenvalue_plot, operator_grid
 
     cfg = job.cfg
     k = source.layout.shard_images
-    fit_stats = collect_stats(source.path, target.path, fit_rows, k, cfg.dask_address)
-    test_stats = collect_stats(source.path, target.path, test_rows, k, cfg.dask_address)
+    if progress:
+        print(f"operators {out_dir.name}: statistics of {fit_rows.size} fit and {test_rows.size} test images")
+    fit_stats = collect_stats(source.path, target.path, fit_rows, k, cfg.dask_address, progress)
+    test_stats = collect_stats(source.path, target.path, test_rows, k, cfg.dask_address, progress)
     eval_rows = test_rows[: cfg.n_eval_images] if cfg.n_eval_images else test_rows
     pre = StoreInfo.of(source).preprocessing
     a_feats, b_feats = source.features(eval_rows), target.features(eval_rows)
