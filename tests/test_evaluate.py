@@ -163,3 +163,19 @@ def test_the_headline_table_is_built_whatever_the_order_of_a_requested_pair():
                          comparisons=[("siglip2-b16-224", "siglip-b16-224")])  # fmt: skip
     analysis = evaluate.analyse(scores, cfg)
     assert len(analysis["headline"]) == 1 and analysis["primary"] == ("j", "cosine_grayscale")
+
+
+def test_runtime_fields_reuse_scores_and_report_statistics_fields_only_the_report(result, targets, tmp_path):
+    res, cfg = result
+    judges = evaluate.load_judges([resolve_encoder("tiny-judge")], "cpu")
+    runtime = cfg.model_copy(update={"batch_size": 5, "n_grid_images": 2, "encoders": ["tiny-vit-64"]})
+    same = evaluate.run(targets, runtime, judges, progress=False)
+    assert same.score_files == res.score_files and same.report_md == res.report_md
+    stamps = [f.stat().st_mtime_ns for f in res.score_files]
+    new_stats = evaluate.run(targets, cfg.model_copy(update={"n_boot": 200}), judges, progress=False)
+    assert (
+        new_stats.score_files == res.score_files and [f.stat().st_mtime_ns for f in res.score_files] == stamps
+    )
+    assert new_stats.report_md != res.report_md
+    rescored = evaluate.run(targets, cfg.model_copy(update={"pixel_resolution": 32}), judges, progress=False)
+    assert not set(rescored.score_files) & set(res.score_files)
