@@ -1,5 +1,6 @@
 """What every stage's outputs share: an identity declared on the configs (fields marked RUNTIME never change a
-result, every other field does), atomic JSON records, and the lock that keeps two runs off one artifact.
+result, every other field does), the folder an identity names, the result record that marks an artifact done
+(schema version, key, provenance; written atomically, last), and the lock that keeps two runs off one artifact.
 
 A stage's key is `identity(cfg)` plus whatever it resolved or read (device, dtype, input digests); its hash names
 the artifact's folder. Adding a config field therefore changes keys unless the field is declared RUNTIME.
@@ -16,7 +17,12 @@ from typing import Any
 from pydantic import BaseModel
 from pydantic_core import to_jsonable_python
 
+from pipeline.config import config_hash
+from pipeline.provenance import provenance
 from storage import StoreLocked
+
+RESULT = "result.json"  # an artifact's done marker and result record, written last
+RECORD_SCHEMA_VERSION = 1
 
 
 def is_runtime(model: type[BaseModel], name: str) -> bool:
@@ -38,6 +44,24 @@ def identity(value: Any) -> Any:
     if isinstance(value, dict):
         return {str(k): identity(v) for k, v in value.items()}
     return to_jsonable_python(value)
+
+
+def folder(root: Path, label: str, key: dict, suffix: str = "") -> Path:
+    """Where the artifact with this identity lives: `{root}/{label}__{hash of key}{suffix}`."""
+    return Path(root) / f"{label}__{config_hash(key)}{suffix}"
+
+
+def finish(record_path: Path, key: dict, record: dict) -> dict:
+    """Mark an artifact done: its result record (schema version, key, hash, provenance), written atomically."""
+    full = {"schema_version": RECORD_SCHEMA_VERSION, "config_hash": config_hash(key), "key": key, **record,
+            "provenance": provenance()}  # fmt: skip
+    write_json_atomic(record_path, full)
+    return full
+
+
+def finished(record_path: Path) -> dict | None:
+    """The result record of a finished artifact; None while it is not done (missing, partial or unreadable)."""
+    return read_json(record_path)
 
 
 def write_json_atomic(path: Path, record: Any) -> None:

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from pipeline import artifacts
 from pipeline.artifacts import WriteLock
 from pipeline.config import EncodeOptions, TransformSpec, config_hash
 from pipeline.data.datasets import ImageRecord, image_list_sha256, list_images
@@ -57,8 +58,12 @@ def store_key(job: EncodeJob, records: list[ImageRecord], compute_dtype: torch.d
 
 
 def store_path_for(job: EncodeJob, key: dict) -> Path:
-    name = f"{job.encoder.name}__{job.dataset.name}-{job.split}__{job.transform.tag}__{config_hash(key)}.zarr"
-    return Path(job.store_root) / name
+    return artifacts.folder(
+        job.store_root,
+        f"{job.encoder.name}__{job.dataset.name}-{job.split}__{job.transform.tag}",
+        key,
+        ".zarr",
+    )
 
 
 class _DecodeDataset(torch.utils.data.Dataset):

@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from pipeline.artifacts import read_json, write_json_atomic
+from pipeline import artifacts
 from pipeline.config import EncoderSpec, EvaluateConfig, config_hash
 from pipeline.data import transforms
 from pipeline.data.store_info import StoreInfo
@@ -112,9 +112,9 @@ def score_encoder(
     image_ids = store.image_ids()[rows]
     check_held_out(image_ids, header, f"evaluate split '{cfg.split}' of {target.encoder_name}")
     key = score_key(store, header, judges, cfg)
-    out = Path(cfg.output_root) / "scores" / f"{target.encoder_name}__{config_hash(key)}.parquet"
+    out = artifacts.folder(Path(cfg.output_root) / "scores", target.encoder_name, key, ".parquet")
     meta_path = out.with_suffix(".json")
-    meta = read_json(meta_path)
+    meta = artifacts.finished(meta_path)
     if (
         out.is_file() and meta is not None
     ):  # the meta file is written last: its presence marks the scores done
@@ -153,9 +153,8 @@ def score_encoder(
     scores.to_parquet(tmp := out.with_name(f".{out.name}.tmp"), index=False)
     tmp.replace(out)
     notes = [lpips_note] if lpips_note else []
-    meta = {"key": key, "config_hash": config_hash(key), "store": str(target.store), "checkpoint": str(target.checkpoint),
-            "notes": notes, "provenance": provenance()}  # fmt: skip
-    write_json_atomic(meta_path, meta)
+    meta = artifacts.finish(meta_path, key, {"store": str(target.store), "checkpoint": str(target.checkpoint),
+                                             "notes": notes})  # fmt: skip
     return scores, out, meta
 
 
@@ -275,8 +274,8 @@ def run(
         mode="json", include={"n_boot", "n_permutations", "alternative", "alpha", "seed", "comparisons"}
     )
     key = {"scores": [f.stem for f in files], "stats": stats_cfg}
-    out_dir = Path(cfg.output_root) / f"report__{config_hash(key)}"
-    done = read_json(out_dir / "result.json")
+    out_dir = artifacts.folder(cfg.output_root, "report", key)
+    done = artifacts.finished(out_dir / artifacts.RESULT)
     if done is not None:  # same score files, same statistics settings: the report stands
         return EvaluateResult(
             out_dir / "report.md", out_dir / "report.html", files, _cached_analysis(out_dir, done, cfg)
@@ -304,6 +303,7 @@ def run(
         for c in fam
     ]
     pd.DataFrame(rows).to_csv(out_dir / "comparisons.csv", index=False)
-    write_json_atomic(out_dir / "result.json", {"config_hash": config_hash(key), "names": analysis["names"],
-                                                "pairs": analysis["pairs"]})  # fmt: skip
+    artifacts.finish(
+        out_dir / artifacts.RESULT, key, {"names": analysis["names"], "pairs": analysis["pairs"]}
+    )
     return EvaluateResult(md, html_path, files, analysis)

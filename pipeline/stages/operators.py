@@ -16,7 +16,7 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from pipeline import artifacts
-from pipeline.artifacts import WriteLock, read_json, write_json_atomic
+from pipeline.artifacts import WriteLock, write_json_atomic
 from pipeline.config import OperatorPairSpec, config_hash
 from pipeline.data.store_info import StoreInfo, check_same_encoder
 from pipeline.data.transforms import REGISTRY, expected_spectrum
@@ -117,8 +117,8 @@ def fit_key_and_dir(job: OperatorJob, identity: FeatureStore, transformed: Featu
         "checkpoint_weights_sha256": checkpoints.weights_sha256(header),
         "pair": artifacts.identity(job.pair), "cfg": artifacts.identity(job.cfg),
     }  # fmt: skip
-    name = f"{StoreInfo.of(identity).encoder_name}__{job.pair.transform.tag}-{job.pair.direction}__{config_hash(key)}"
-    return key, Path(job.cfg.output_root) / name
+    label = f"{StoreInfo.of(identity).encoder_name}__{job.pair.transform.tag}-{job.pair.direction}"
+    return key, artifacts.folder(job.cfg.output_root, label, key)
 
 
 def run(job: OperatorJob, *, progress: bool = False) -> OperatorResult:
@@ -139,7 +139,7 @@ def run(job: OperatorJob, *, progress: bool = False) -> OperatorResult:
                          f"n_fit_images={job.cfg.n_fit_images}")  # fmt: skip
     check_held_out(identity.image_ids()[rows], header, f"operator images of {identity.path.name}")
     key, out_dir = fit_key_and_dir(job, identity, transformed, header)
-    finished = read_json(out_dir / "result.json")
+    finished = artifacts.finished(out_dir / artifacts.RESULT)
     if finished is not None:
         return OperatorResult(out_dir, finished["table"], True)
     with WriteLock(out_dir):
@@ -216,9 +216,8 @@ def _fit_and_analyse(
     grid_columns["R(b) oracle"] = recon_b
     operator_grid(grid_columns, cfg.n_grid_images, out_dir / "grid.png", f"{out_dir.name}")
     _write_table(out_dir, table)
-    result = {"table": table, "config_hash": config_hash(key), "n_fit_images": int(fit_rows.size),
-              "n_test_images": int(test_rows.size), "n_eval_images": int(eval_rows.size)}  # fmt: skip
-    write_json_atomic(out_dir / "result.json", result)
+    artifacts.finish(out_dir / artifacts.RESULT, key, {"table": table, "n_fit_images": int(fit_rows.size),
+                     "n_test_images": int(test_rows.size), "n_eval_images": int(eval_rows.size)})  # fmt: skip
     return table
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import json
 import os
 import time
 from dataclasses import dataclass
@@ -21,7 +20,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from pipeline import artifacts
-from pipeline.artifacts import WriteLock, read_json, write_json_atomic
+from pipeline.artifacts import WriteLock
 from pipeline.config import TrainConfig, config_hash
 from pipeline.data.feature_loader import Prefetcher, batch_stream, n_batches_per_epoch
 from pipeline.data.images import Preprocessing
@@ -86,7 +85,7 @@ def run_key(
 
 def key_and_run_dir(job: TrainJob, train: FeatureStore, val: FeatureStore) -> tuple[dict, Path]:
     key = run_key(job, train, val)
-    return key, Path(job.cfg.output_root) / f"{StoreInfo.of(train).encoder_name}__{config_hash(key)}"
+    return key, artifacts.folder(job.cfg.output_root, StoreInfo.of(train).encoder_name, key)
 
 
 @torch.no_grad()
@@ -155,7 +154,7 @@ def run(job: TrainJob, *, progress: bool = True) -> TrainResult:
     train_store, val_store = open_training_store(job.train_store), open_training_store(job.val_store)
     check_same_encoder(StoreInfo.of(train_store), StoreInfo.of(val_store))
     key, run_dir = key_and_run_dir(job, train_store, val_store)
-    if read_json(run_dir / "result.json") is not None:
+    if artifacts.finished(run_dir / artifacts.RESULT) is not None:
         return _result(run_dir, already_complete=True)
     # Under torchrun only rank 0 writes (checkpoints, logs), so only it holds the run's lock.
     with WriteLock(run_dir) if int(os.environ.get("RANK", "0")) == 0 else contextlib.nullcontext():
@@ -183,7 +182,7 @@ def _barrier(world: int) -> None:
 
 
 def _result(run_dir: Path, already_complete: bool) -> TrainResult:
-    info = json.loads((run_dir / "result.json").read_text())
+    info = artifacts.finished(run_dir / artifacts.RESULT)
     return TrainResult(
         run_dir,
         Path(info["checkpoint"]),
@@ -312,9 +311,9 @@ def _train(cfg: TrainConfig, key: dict, run_dir: Path, train_store, val_store, p
         if not chosen.is_file():  # validation never produced a finite PSNR
             checkpoints.save(ckpt_dir, "best", model,
                              checkpoints.read_header(last) | {"best_is_last": True, "selected_on_store": str(val_store.path)})  # fmt: skip
-    result = {"checkpoint": str(chosen), "last_checkpoint": str(last), "select_checkpoint": cfg.select_checkpoint,
-              "val_metrics": val_metrics or checkpoints.read_header(last)["metrics"], "config_hash": config_hash(key)}  # fmt: skip
-    write_json_atomic(run_dir / "result.json", result)
+    artifacts.finish(run_dir / artifacts.RESULT, key,
+                     {"checkpoint": str(chosen), "last_checkpoint": str(last), "select_checkpoint": cfg.select_checkpoint,
+                      "val_metrics": val_metrics or checkpoints.read_header(last)["metrics"]})  # fmt: skip
     _barrier(world)
     return _result(run_dir, already_complete=False)
 
