@@ -66,6 +66,8 @@ def inspect(
         typer.echo(f"store      {info['path']}")
         typer.echo(f"format     v{info['format_version']}  config {info['config_hash']}")
         typer.echo(f"status     {info['status']} ({info['shards_done']} shards done)")
+        for shard, problem in info["damaged_shards"].items():
+            typer.echo(f"damaged    shard {shard}: {problem}")
         typer.echo(f"images     {info['n_encoded']} encoded, {info['n_failed']} failed of {info['n_images']}")
         typer.echo(
             f"encoder    {enc['name']} ({enc['backend']} {enc['model_id']}, layer {enc['feature_layer']}, "
