@@ -99,7 +99,8 @@ def encode(
     encoder: Annotated[list[str] | None, typer.Option("--encoder", "-e", help="Only these encoders.")] = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
-    """Encode the config's dataset splits with its encoders into feature stores (resumes partial stores)."""
+    """Encode every store the run needs (the plan's encode rows: splits x transforms per encoder, and the transformed
+    copies the operators fit on) into feature stores; resumes partial stores and re-encodes damaged shards."""
 
     try:
         from flows.encode_flow import encode_flow

@@ -16,11 +16,12 @@ runner = CliRunner()
 def test_cli_encode_runs_the_flow_then_store_ls_and_inspect_describe_the_stores(write_run_config, tmp_path):
     # num_workers=2: DataLoader workers started from inside a Prefect flow (they must not be plain forks).
     config = write_run_config(
-        splits=["val"], encoders=["tiny-vit-64", "tiny-vit-112"], encode={"batch_size": 8, "num_workers": 2}
-    )
+        splits=["val"], encoders=["tiny-vit-64", "tiny-vit-112"], encode={"batch_size": 8, "num_workers": 2},
+        operators={"pairs": []}, train={"train_split": "val", "val_split": "val"},
+    )  # fmt: skip
     result = runner.invoke(app, ["encode", "--config", str(config), "--no-progress"])
     assert result.exit_code == 0, result.output
-    assert result.output.count("encoded, 12/12 images, 0 failed") == 2
+    assert result.output.count("encoded, 12/12 images, 0 failed") == 2, result.output  # the plan's encode rows
 
     again = runner.invoke(
         app, ["encode", "--config", str(config), "--encoder", "tiny-vit-64", "--no-progress"]
