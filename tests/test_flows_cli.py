@@ -21,7 +21,9 @@ def test_cli_encode_runs_the_flow_then_store_ls_and_inspect_describe_the_stores(
     )  # fmt: skip
     result = runner.invoke(app, ["encode", "--config", str(config), "--no-progress"])
     assert result.exit_code == 0, result.output
-    assert result.output.count("encoded, 12/12 images, 0 failed") == 2, result.output  # the plan's encode rows
+    assert result.output.count("encoded, 12/12 images, 0 failed") == 2, (
+        result.output
+    )  # the plan's encode rows
 
     again = runner.invoke(
         app, ["encode", "--config", str(config), "--encoder", "tiny-vit-64", "--no-progress"]
