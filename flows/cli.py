@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from flows.errors import fail as _fail
-from flows.errors import user_errors as _user_errors
+from flows.errors import reported_in_one_line
 from flows.store_cli import ls, store_app
 from pipeline.config_files import REPO_CONFIG_DIR
 
@@ -36,15 +36,24 @@ def _main(
     """Measure what vision encoders keep in their features by reconstructing images from them."""
 
 
-def _preflight(config: Path) -> None:
-    """Check the config and every encoder spec it names (architecture vs weights) before a flow starts."""
+def _preflight(
+    config: Path,
+    stages: tuple[str, ...] = (),
+    encoders: list[str] | None = None,
+    transforms: list[str] | None = None,
+) -> None:
+    """Before Prefect starts: the config, every encoder spec (architecture vs weights), and all that `stages` will
+    need (weights of encoders and judges, writable folders, held-out images, filters that select something)."""
+    from pipeline import plan
     from pipeline.config_files import load_run_config
-    from pipeline.plan import build
 
-    build(load_run_config(config), config)
+    run = plan.build(load_run_config(config), config, encoders)
+    plan.preflight(run, stages)
+    if "operators" in stages:
+        run.operator_steps(transforms)
     from flows import prefect_env
 
-    prefect_env.quiet_user_errors(_user_errors())
+    prefect_env.quiet_user_errors()
 
 
 def _echo_trained(results) -> None:
@@ -102,13 +111,11 @@ def encode(
     """Encode every store the run needs (the plan's encode rows: splits x transforms per encoder, and the transformed
     copies the operators fit on) into feature stores; resumes partial stores and re-encodes damaged shards."""
 
-    try:
+    with reported_in_one_line():
         from flows.encode_flow import encode_flow
 
-        _preflight(config)
+        _preflight(config, ("encode",), encoder)
         results = encode_flow(str(config), encoder, progress)
-    except _user_errors() as e:
-        _fail(str(e))
     for r in results:
         state = "already complete" if r.already_complete else "encoded"
         typer.echo(f"{r.store_path}: {state}, {r.n_encoded}/{r.n_images} images, {r.n_failed} failed")
@@ -125,16 +132,14 @@ def train(
 ) -> None:
     """Train a reconstructor per encoder on its train store (encoding first if needed); resumes killed runs."""
 
-    try:
-        _preflight(config)
+    with reported_in_one_line():
+        _preflight(config, ("encode", "train"), encoder)
         if prefect:
             from flows.train_flow import train_flow
 
             results = list(train_flow(str(config), encoder, progress).values())
         else:
             results = _train_without_prefect(config, encoder, progress)
-    except _user_errors() as e:
-        _fail(str(e))
     _echo_trained(results)
 
 
@@ -162,10 +167,8 @@ def reconstruct(
     """Write PNGs of original | reconstruction for a store's first N images."""
     from pipeline.stages.reconstruct import write_side_by_side
 
-    try:
+    with reported_in_one_line():
         paths = write_side_by_side(store, checkpoint, out, n)
-    except _user_errors() as e:
-        _fail(str(e))
     typer.echo(f"wrote {len(paths)} PNGs to {out}")
 
 
@@ -179,13 +182,11 @@ def operators_command(
 ) -> None:
     """Fit feature-space operators (swap, channel scaling, colorization) and write their plots and grids."""
 
-    try:
+    with reported_in_one_line():
         from flows.operators_flow import operators_flow
 
-        _preflight(config)
+        _preflight(config, ("encode", "train", "operators"), transforms=transform)
         results = operators_flow(str(config), transform, progress)
-    except _user_errors() as e:
-        _fail(str(e))
     _echo_operators(results)
 
 
@@ -196,16 +197,11 @@ def evaluate(
 ) -> None:
     """Score held-out reconstructions of every encoder, compare and rank them, and write the report."""
 
-    try:
+    with reported_in_one_line():
         from flows.evaluate_flow import evaluate_flow
 
-        _preflight(config)
+        _preflight(config, ("encode", "train", "evaluate"))
         result = evaluate_flow(str(config), progress)
-    except (
-        *_user_errors(),
-        ValueError,
-    ) as e:  # ValueError: fewer than two encoders, a judge without its head
-        _fail(str(e))
     _echo_evaluation(result)
 
 
@@ -227,11 +223,9 @@ def plan_command(
 ) -> None:
     """Print what a run would do, stage by stage: each store, training run and operator fit, where it lives and
     whether it is cached, partial or to run. Runs nothing."""
-    try:
+    with reported_in_one_line():
         _preflight(config)
         _echo_plan(config, operators)
-    except _user_errors() as e:
-        _fail(str(e))
 
 
 @app.command()
@@ -248,10 +242,13 @@ def run(
 ) -> None:
     """The whole benchmark: encode, train, operators, evaluate (one Prefect flow; finished work is skipped)."""
 
-    try:
+    with reported_in_one_line():
         from flows.benchmark_flow import benchmark_flow
 
-        _preflight(config)
+        _preflight(
+            config,
+            ("encode", "train", "operators", "evaluate") if operators else ("encode", "train", "evaluate"),
+        )
         if force:
             from pipeline.config_files import load_run_config
             from pipeline.plan import force as force_stage
@@ -260,8 +257,6 @@ def run(
                 typer.echo(f"--force {force}: removed {removed}")
         _echo_plan(config, operators)
         out = benchmark_flow(str(config), progress, operators)
-    except _user_errors() as e:
-        _fail(str(e))
     from pipeline.config_files import load_run_config
 
     ls(load_run_config(config).store_root)

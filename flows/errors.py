@@ -1,10 +1,20 @@
-"""How the CLI ends on a user's mistake: one line on stderr, exit code 2, no traceback."""
+"""How the CLI ends on a user's mistake or an environment fault: one line on stderr, exit code 2, no traceback."""
 
 from __future__ import annotations
+
+import contextlib
+import errno
+import os
 
 import typer
 
 from pipeline.config import ConfigError
+
+# Faults of the machine, not of reconlab: shown as the path and the errno's meaning.
+ENVIRONMENT_ERRNOS = {
+    errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENOTDIR, errno.EISDIR,
+    errno.ENAMETOOLONG, errno.EEXIST, errno.ENOENT, errno.ELOOP, errno.EMFILE,
+}  # fmt: skip
 
 
 def fail(message: str) -> None:
@@ -27,3 +37,34 @@ def user_errors() -> tuple[type[Exception], ...]:
         DisjointnessError,
         ArchitectureMismatchError,
     )
+
+
+def one_line(error: BaseException) -> str | None:
+    """The one-line message for a user error or an environment fault; None for anything else (a bug: traceback)."""
+    if isinstance(error, user_errors()):
+        return str(error)
+    if isinstance(error, OSError) and error.errno in ENVIRONMENT_ERRNOS:
+        where = error.filename if error.filename is not None else "(no path given)"
+        hint = ""
+        if error.errno in (errno.ENOSPC, errno.EDQUOT):
+            hint = (
+                "; finished shards, epochs and fits are kept: free space and run the same command to resume"
+            )
+        return f"{where}: {os.strerror(error.errno)}{hint}"
+    return None
+
+
+def is_reported(error: BaseException) -> bool:
+    return one_line(error) is not None
+
+
+@contextlib.contextmanager
+def reported_in_one_line():
+    """Turn a user error or an environment fault raised inside into `fail(...)`; let anything else through."""
+    try:
+        yield
+    except Exception as e:
+        message = one_line(e)
+        if message is None:
+            raise
+        fail(message)

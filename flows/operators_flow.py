@@ -14,7 +14,6 @@ from prefect import flow, task  # noqa: E402
 from flows.encode_flow import encode_store  # noqa: E402
 from flows.train_flow import train_flow  # noqa: E402
 from pipeline import plan  # noqa: E402
-from pipeline.config import ConfigError  # noqa: E402
 from pipeline.config_files import load_run_config  # noqa: E402
 from pipeline.jobs import OperatorJob  # noqa: E402
 from pipeline.stages import operators  # noqa: E402
@@ -31,15 +30,7 @@ def fit_operators(
 def operators_flow(config_path: str, transform_names: list[str] | None = None, progress: bool = True):
     cfg = load_run_config(config_path)
     run = plan.build(cfg, Path(config_path))
-    steps = run.operators
-    if transform_names:
-        wanted = set(transform_names)
-        steps = [s for s in steps if wanted & {s.pair.transform.name, s.pair.transform.tag}]
-        if not steps:
-            pairs = ", ".join(sorted({s.pair.transform.tag for s in run.operators}))
-            raise ConfigError(
-                f"--transform {', '.join(transform_names)} matches no operator pair of {config_path}; pairs: {pairs}"
-            )
+    steps = run.operator_steps(transform_names)
     trained = train_flow(config_path, list(dict.fromkeys(s.encoder for s in steps)), progress)
     results = []
     for step in steps:

@@ -32,29 +32,27 @@ def configure(home: str | Path | None = None) -> Path:
 
 class _UserErrorFilter(logging.Filter):
     """Drops Prefect's failure records (traceback and 'Finished in state Failed') for errors that the CLI reports
-    itself in one line; every other record passes."""
+    itself in one line (flows.errors.one_line); every other record passes."""
 
-    def __init__(self, error_types: tuple[type[BaseException], ...]):
-        super().__init__()
-        self.error_types = error_types
-        names, todo = set(), list(error_types)
+    def filter(self, record: logging.LogRecord) -> bool:
+        from flows.errors import is_reported, user_errors
+
+        if record.levelno < logging.ERROR:
+            return True
+        if record.exc_info and record.exc_info[1] is not None:
+            return not is_reported(record.exc_info[1])
+        # Records without exc_info name the exception in their text: "... exception ConfigError: ...".
+        names, todo = {"PermissionError", "OSError"}, list(user_errors())
         while todo:  # subclasses too (StoreLocked is a StoreError)
             cls = todo.pop()
             names.add(cls.__name__)
             todo += cls.__subclasses__()
-        self.markers = tuple(f"exception {name}:" for name in names)
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno < logging.ERROR:
-            return True
-        if record.exc_info and record.exc_info[1] is not None:
-            return not isinstance(record.exc_info[1], self.error_types)
-        return not any(marker in record.getMessage() for marker in self.markers)
+        return not any(f"exception {name}:" in record.getMessage() for name in names)
 
 
-def quiet_user_errors(error_types: tuple[type[BaseException], ...]) -> None:
+def quiet_user_errors() -> None:
     """Let the CLI's one-line message be the only report of a user error raised inside a flow."""
     for name in ("prefect.flow_runs", "prefect.task_runs"):
         logger = logging.getLogger(name)
         if not any(isinstance(f, _UserErrorFilter) for f in logger.filters):
-            logger.addFilter(_UserErrorFilter(error_types))
+            logger.addFilter(_UserErrorFilter())

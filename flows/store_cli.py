@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 
 from flows.errors import fail as _fail
-from flows.errors import user_errors as _user_errors
+from flows.errors import reported_in_one_line
 
 store_app = typer.Typer(no_args_is_help=True, help="Inspect cached feature stores.")
 
@@ -113,10 +113,8 @@ def verify_store(
     them with the stored features (within the precision's error bound). Exit 1 on a mismatch."""
     from pipeline.stages.verify import verify
 
-    try:
+    with reported_in_one_line():
         report = verify(path, recompute, seed, device)
-    except _user_errors() as e:
-        _fail(str(e))
     for note in report.notes:
         typer.echo(f"note: {note}")
     worst = max(report.checks, key=lambda c: c.feature_error)

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 
 class ConfigError(ValueError):
@@ -35,11 +36,26 @@ class Frozen(BaseModel):
 
 NegativeLayer = Annotated[int, Field(lt=0)]
 
+_NAME_CHARS = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,63}")
+
+
+def _folder_safe(name: str) -> str:
+    if not _NAME_CHARS.fullmatch(name):
+        raise ValueError(
+            "names become parts of folder names: 1-64 letters, digits, '.', '_', '+' or '-', not starting with "
+            "'.' or '-' (no '/', no '..')"
+        )
+    return name
+
+
+# Dataset, split and encoder names: they are placed in artifact folder names, so none can leave its root.
+Name = Annotated[str, AfterValidator(_folder_safe)]
+
 
 class EncoderSpec(Frozen):
     """One frozen vision encoder and how its patch features are taken."""
 
-    name: str = Field(description="Short name; also the YAML file name under configs/encoders/.")
+    name: Name = Field(description="Short name; also the YAML file name under configs/encoders/.")
     backend: Literal["timm", "transformers"] = Field(description="Library that builds the model.")
     model_id: str = Field(description="timm model name (with pretrained tag) or Hugging Face repo id.")
     resolution: int = Field(gt=0, description="Square input resolution in pixels.")
@@ -109,12 +125,12 @@ class SplitSpec(Frozen):
 class DatasetSpec(Frozen):
     """Where images come from. kind 'demo' is built from scikit-image's photos under `root` if absent."""
 
-    name: str = Field(description="Dataset name; part of store names and keys.")
+    name: Name = Field(description="Dataset name; part of store names and keys.")
     kind: Literal["coco", "folder", "demo"] = Field(
         description="COCO annotations, a plain folder, or the demo set."
     )
     root: Path = Field(Path("data/demo"), description="Dataset root; split paths are relative to it.")
-    splits: dict[str, SplitSpec] = Field(
+    splits: dict[Name, SplitSpec] = Field(
         default_factory=dict, description="Per split: images folder (+ annotations for coco)."
     )
 
@@ -258,8 +274,8 @@ class TrainConfig(Frozen):
     """Reconstructor training (paper defaults: Adam 3e-4, betas (0.9, 0.999), 5% warm-up, batch 10, 40 epochs)."""
 
     output_root: Path = Runtime(Path("runs/train"), description="Folder of content-addressed training runs.")
-    train_split: str = Field("train", description="Split whose store trains R.")
-    val_split: str = Field("val", description="Held-out split whose store validates R.")
+    train_split: Name = Field("train", description="Split whose store trains R.")
+    val_split: Name = Field("val", description="Held-out split whose store validates R.")
     model: ReconstructorConfig = Field(ReconstructorConfig(), description="Reconstructor architecture.")
     batch_size: int = Field(10, gt=0, description="Per device (paper: 10; released code: 32).")
     epochs: int = Field(40, gt=0, description="Passes over the train store (paper: 40).")
@@ -333,7 +349,7 @@ class OperatorsConfig(Frozen):
         Path("runs/operators"), description="Folder of content-addressed operator fits."
     )
     encoders: list[str] | None = Runtime(None, description="Encoders to study (default: the run's first).")
-    split: str = Field(
+    split: Name = Field(
         "val", description="Held-out split the pairs come from (disjoint from training images)."
     )
     pairs: list[OperatorPairSpec] = Field(
@@ -384,7 +400,7 @@ class EvaluateConfig(Frozen):
 
     output_root: Path = Runtime(Path("runs/evaluate"), description="Scores cache and reports.")
     encoders: list[str] | None = Runtime(None, description="Encoders to evaluate (default: all of the run).")
-    split: str = Field("val", description="Held-out split whose reconstructions are scored.")
+    split: Name = Field("val", description="Held-out split whose reconstructions are scored.")
     judges: list[str] = Field(
         default_factory=lambda: ["judge-clip-vit-l14", "judge-siglip2-l16-256"],
         description="Judge encoder specs (keep_head: true); the first judge's first mode ranks the encoders.",
@@ -435,7 +451,7 @@ class RunConfig(Frozen):
         Path("runs/stores"), description="Folder holding content-addressed feature stores."
     )
     dataset: DatasetSpec
-    splits: list[str] = Field(default_factory=lambda: ["train", "val"])
+    splits: list[Name] = Field(default_factory=lambda: ["train", "val"])
     subset: SubsetSpec = SubsetSpec()
     encoders: list[str | EncoderSpec] = Field(
         min_length=1, description="Encoder names (configs/encoders/NAME.yaml), YAML paths, or inline specs."

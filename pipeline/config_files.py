@@ -3,6 +3,7 @@ encoder specs found by name under configs/encoders/."""
 
 from __future__ import annotations
 
+import reprlib
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -17,6 +18,27 @@ REPO_CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
 M = TypeVar("M", bound=BaseModel)
 
+# Quote at most this much of an offending value: an alias-bomb YAML must not become a 100 MB message.
+_SHORT = reprlib.Repr()
+_SHORT.maxstring = _SHORT.maxother = 120
+_SHORT.maxlist = _SHORT.maxdict = 6
+_SHORT.maxlevel = 2
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a mapping with the same key twice (PyYAML keeps the last one silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (the second would silently win)", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
 
 def _format_validation_error(path: Path, err: ValidationError, model: type[BaseModel]) -> str:
     lines = [f"{path}: invalid {model.__name__} ({err.error_count()} problem(s)):"]
@@ -28,7 +50,7 @@ def _format_validation_error(path: Path, err: ValidationError, model: type[BaseM
             if parent is not None:
                 detail += f"; allowed fields here: {', '.join(parent.model_fields)}"
         given = e.get("input")
-        shown = "" if isinstance(given, dict) or e["type"] == "missing" else f" (got {given!r})"
+        shown = "" if isinstance(given, dict) or e["type"] == "missing" else f" (got {_SHORT.repr(given)})"
         lines.append(f"  - field `{field}`: {detail}{shown}")
     return "\n".join(lines)
 
@@ -59,9 +81,14 @@ def load_model(path: str | Path, model: type[M], overrides: dict[str, Any] | Non
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        where = getattr(e, "problem_mark", None)
+        line = f" (line {where.line + 1}, column {where.column + 1})" if where else ""
+        problem = getattr(e, "problem", None) or str(e)
+        raise ConfigError(f"{path}: not valid YAML{line}: {' '.join(str(problem).split())[:300]}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read the config file: {e}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of fields at the top level, got {type(data).__name__}")
     data.update(overrides or {})

@@ -7,6 +7,7 @@ of steps with the folder each artifact's identity names and whether it is done, 
 from __future__ import annotations
 
 import shutil
+import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from pipeline.artifacts import WriteLock, read_json
 from pipeline.config import ConfigError, EncoderSpec, OperatorPairSpec, RunConfig, TransformSpec
 from pipeline.config_files import resolve_encoder
 from pipeline.jobs import EncodeJob, EvalTarget, OperatorJob, TrainJob
-from pipeline.models import encoders
+from pipeline.models import encoders, weights
 from pipeline.models.checkpoints import CheckpointError, read_header
 from pipeline.stages import encode, operators, train
 from storage import StoreError, open_store
@@ -43,6 +44,21 @@ class RunPlan:
     operators: list[OperatorStep] = field(default_factory=list)
     evaluate: dict[str, Path] = field(default_factory=dict)  # encoder name -> held-out store
     judges: list[EncoderSpec] = field(default_factory=list)
+    n_images: dict[Path, int] = field(default_factory=dict)  # images each store will hold (before decoding)
+
+    def operator_steps(self, transform_names: list[str] | None = None) -> list[OperatorStep]:
+        """The operator fits, optionally only those whose transform is named (by name or tag); naming none that
+        exists is an error listing what does."""
+        if not transform_names:
+            return self.operators
+        wanted = set(transform_names)
+        steps = [s for s in self.operators if wanted & {s.pair.transform.name, s.pair.transform.tag}]
+        if not steps:
+            pairs = ", ".join(sorted({s.pair.transform.tag for s in self.operators})) or "none"
+            raise ConfigError(
+                f"--transform {', '.join(transform_names)} matches no operator pair; pairs: {pairs}"
+            )
+        return steps
 
     def store(self, job: EncodeJob) -> Path:
         return next(path for path, j in self.encode.items() if j == job)
@@ -80,14 +96,17 @@ def build(cfg: RunConfig, config_path: Path | None = None, encoder_names: list[s
     run = RunPlan(cfg)
     base = {}
     for job in jobs_from_config(cfg, config_path, encoder_names):
-        run.encode[encode.plan(job)[2]] = job
+        records, _, path = encode.plan(job)
+        run.encode[path], run.n_images[path] = job, len(records)
         if job.transform == TransformSpec():
             base.setdefault(job.encoder.name, job)
 
     def store(name: str, split: str, transform: TransformSpec = TransformSpec()) -> Path:
         job = replace(base[name], split=split, transform=transform)
-        path = next((p for p, j in run.encode.items() if j == job), None) or encode.plan(job)[2]
-        run.encode.setdefault(path, job)
+        path = next((p for p, j in run.encode.items() if j == job), None)
+        if path is None:
+            records, _, path = encode.plan(job)
+            run.encode[path], run.n_images[path] = job, len(records)
         return path
 
     # Operators and evaluation may name encoders outside `encoders:`; those get only the stores they need.
@@ -113,6 +132,57 @@ def build(cfg: RunConfig, config_path: Path | None = None, encoder_names: list[s
             run.evaluate[name] = store(name, cfg.evaluate.split)
     run.judges = [resolve_encoder(name, config_path) for name in cfg.evaluate.judges]
     return run
+
+
+def preflight(run: RunPlan, stages: tuple[str, ...] = STAGES) -> None:
+    """Everything `stages` of this plan will need, checked before the first expensive step: weights of every
+    encoder and judge, writable output folders, enough held-out images for the operator fits, and evaluation and
+    operators on images no reconstructor trained on or was selected on. Raises ConfigError (or
+    WeightsNotFoundError) naming the field and the fix."""
+    cfg = run.cfg
+    specs = {job.encoder.name: job.encoder for job in run.encode.values()}
+    for spec in [*specs.values(), *(run.judges if "evaluate" in stages else [])]:
+        weights.check_available(spec)
+    roots = {"encode": ("store_root", cfg.store_root), "train": ("train.output_root", cfg.train.output_root),
+             "operators": ("operators.output_root", cfg.operators.output_root),
+             "evaluate": ("evaluate.output_root", cfg.evaluate.output_root)}  # fmt: skip
+    for stage in stages:
+        _check_writable(*roots[stage])
+    shaped = {cfg.train.train_split} | (
+        {cfg.train.val_split} if cfg.train.select_checkpoint == "best_val" else set()
+    )
+    role = (
+        "trains" if cfg.evaluate.split == cfg.train.train_split else "selects (select_checkpoint: best_val)"
+    )
+    if "evaluate" in stages and run.evaluate and cfg.evaluate.split in shaped:
+        raise ConfigError(f"evaluate.split '{cfg.evaluate.split}' is the split that {role} the reconstructors: "
+                          "scores must come from held-out images; set evaluate.split to another split")  # fmt: skip
+    if "evaluate" in stages:
+        if len(run.evaluate) < 2:
+            raise ConfigError(f"evaluation compares encoders, this run evaluates {len(run.evaluate)} "
+                              f"({', '.join(run.evaluate) or 'none'}): name two or more in encoders / evaluate.encoders")  # fmt: skip
+        for judge in run.judges:
+            if not judge.keep_head:
+                raise ConfigError(f"evaluate.judges: '{judge.name}' must set keep_head: true (judges score pooled "
+                                  "image embeddings)")  # fmt: skip
+    if "operators" in stages and run.operators:
+        if cfg.operators.split in shaped:
+            raise ConfigError(f"operators.split '{cfg.operators.split}' is a split that trains or selects the "
+                              "reconstructor; set operators.split to a held-out split")  # fmt: skip
+        n_held_out = run.n_images[run.operators[0].identity_store]
+        if cfg.operators.n_fit_images >= n_held_out:
+            raise ConfigError(f"operators.n_fit_images {cfg.operators.n_fit_images} leaves no test images: split "
+                              f"'{cfg.operators.split}' has {n_held_out}; set it below {n_held_out}")  # fmt: skip
+
+
+def _check_writable(field_name: str, root: Path) -> None:
+    root = Path(root)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=root):
+            pass
+    except OSError as e:
+        raise ConfigError(f"{field_name} {root}: cannot write there ({e.strerror})") from None
 
 
 # -- the plan as a table ---------------------------------------------------------------------------------------

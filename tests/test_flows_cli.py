@@ -92,9 +92,9 @@ def test_prefect_failure_logs_of_user_errors_are_dropped_and_others_kept():
     import logging
 
     from flows import prefect_env
-    from storage import StoreError, StoreLocked
+    from storage import StoreLocked
 
-    prefect_env.quiet_user_errors((StoreError,))
+    prefect_env.quiet_user_errors()
     logger = logging.getLogger("prefect.task_runs")
     kept: list[str] = []
 

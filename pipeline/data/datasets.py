@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +24,7 @@ class ImageRecord:
     image_id: int
     path: Path
     captions: tuple[str, ...] = ()
+    refused: str = ""  # why this entry must not be read (recorded as a failure), e.g. a path out of its folder
 
 
 def demo_splits(root: Path) -> dict[str, SplitSpec]:
@@ -55,6 +57,9 @@ def list_images(dataset: DatasetSpec, split: str, subset: SubsetSpec = SubsetSpe
         records = _folder_records(spec.images_dir)
     else:
         records = _coco_records(spec)
+    if not records:
+        source = spec.images_dir if dataset.kind == "folder" else spec.annotations
+        raise ConfigError(f"dataset '{dataset.name}' split '{split}' has no images ({source} lists none)")
     records.sort(key=lambda r: r.image_id)
     return select_subset(records, subset)
 
@@ -75,13 +80,60 @@ def _coco_records(spec: SplitSpec) -> list[ImageRecord]:
         raise ConfigError(f"annotations file not found: {spec.annotations}")
     if not spec.images_dir.is_dir():
         raise ConfigError(f"images folder not found: {spec.images_dir}")
-    with contextlib.redirect_stdout(io.StringIO()):  # COCO() prints progress to stdout
-        coco = COCO(str(spec.annotations))
+    coco = COCO()  # built from the checked dict: pycocotools trusts the file's shape and fails deep inside
+    coco.dataset = read_coco_annotations(spec.annotations)
+    with contextlib.redirect_stdout(io.StringIO()):  # createIndex() prints progress to stdout
+        coco.createIndex()
+    images_dir = spec.images_dir.resolve()
     records = []
     for image_id, info in coco.imgs.items():
         captions = tuple(a["caption"] for a in coco.imgToAnns.get(image_id, []) if "caption" in a)
-        records.append(ImageRecord(int(image_id), spec.images_dir / info["file_name"], captions))
+        path = spec.images_dir / info["file_name"]
+        # A file name that leads out of the images folder (../x.jpg, an absolute path, a symlink out) is refused.
+        outside = not path.resolve().is_relative_to(images_dir)
+        refused = f"file_name {info['file_name']!r} leads outside the images folder {spec.images_dir}" if outside else ""
+        records.append(ImageRecord(int(image_id), path, captions, refused))
     return records
+
+
+def read_coco_annotations(path: Path) -> dict:
+    """A COCO-format annotation file, checked and normalised; ConfigError naming the file and what is wrong."""
+    try:
+        data = json.loads(path.read_bytes())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read the annotations file: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a COCO object with an 'images' list, got a JSON {type(data).__name__}")
+    images = data.get("images")
+    if not isinstance(images, list):
+        raise ConfigError(f"{path}: no 'images' list (keys: {', '.join(map(str, data)) or 'none'})")
+    for i, image in enumerate(images):
+        missing = [k for k in ("id", "file_name") if not isinstance(image, dict) or k not in image]
+        if missing:
+            raise ConfigError(f"{path}: images[{i}] has no {' or '.join(missing)}")
+        if isinstance(image["id"], bool) or not isinstance(image["id"], int):
+            raise ConfigError(f"{path}: images[{i}] id {image['id']!r:.60} is not an integer")
+        if not isinstance(image["file_name"], str) or not image["file_name"]:
+            raise ConfigError(f"{path}: images[{i}] file_name {image['file_name']!r:.60} is not a file name")
+    ids = [image["id"] for image in images]
+    if len(set(ids)) != len(ids):
+        duplicates = sorted(_duplicates(ids))
+        raise ConfigError(f"{path}: duplicate image ids {duplicates[:5]}: each image needs its own id")
+    annotations = [a for a in data.get("annotations") or [] if isinstance(a, dict) and "image_id" in a]
+    normalised = {"images": images, "annotations": annotations}
+    # pycocotools indexes annotations by category whenever the file has 'categories'; captions files have none.
+    if data.get("categories") and all("category_id" in a for a in annotations):
+        normalised["categories"] = data["categories"]
+    return normalised
+
+
+def _duplicates(ids: list[int]) -> set[int]:
+    seen, dup = set(), set()
+    for i in ids:
+        (dup if i in seen else seen).add(i)
+    return dup
 
 
 def _folder_records(images_dir: Path) -> list[ImageRecord]:
@@ -93,7 +145,8 @@ def _folder_records(images_dir: Path) -> list[ImageRecord]:
         # A stable id from the split folder's name and the relative path: the same file keeps its id across
         # runs and subsets, and train/0001.jpg and val/0001.jpg do not collide.
         image_id = int(hashlib.sha1(rel.encode()).hexdigest()[:15], 16)
-        records.append(ImageRecord(image_id, path))
+        outside = not path.resolve().is_relative_to(images_dir.resolve())
+        records.append(ImageRecord(image_id, path, refused="a symlink out of the images folder" if outside else ""))
     return records
 
 

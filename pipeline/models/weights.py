@@ -98,6 +98,24 @@ def weights_key(spec: EncoderSpec) -> str:
     )
 
 
+def check_available(spec: EncoderSpec) -> None:
+    """Raise WeightsNotFoundError now, before any work, if loading `spec` would fail for want of its weights."""
+    if spec.weights == "random":
+        return
+    if spec.weights == "pretrained":
+        if weights_key(spec).endswith("@unresolved"):
+            why = (
+                "offline (HF_HUB_OFFLINE) and not in the cache"
+                if offline()
+                else "not in the cache, hub unreachable"
+            )
+            raise missing_weights(spec, f"{hf_cache_dir()} ({why})", None)
+        return
+    path = Path(spec.weights).expanduser()
+    if not path.exists():
+        raise missing_weights(spec, str(path), None)
+
+
 def state_dict_sha256(model: torch.nn.Module) -> str:
     digest = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):

@@ -82,8 +82,12 @@ class _DecodeDataset(torch.utils.data.Dataset):
         return len(self.records)
 
     def __getitem__(self, pos: int):
+        record = self.records[pos]
+        if record.refused:
+            s = self.preprocessing.crop_size
+            return pos, np.zeros((s, s, 3), np.uint8), f"refused: {record.refused}"
         pixels, reason = decode_for_encoder(
-            self.records[pos].path, self.preprocessing, self.transform, self.min_side, self.max_pixels
+            record.path, self.preprocessing, self.transform, self.min_side, self.max_pixels
         )
         return pos, pixels, reason
 
@@ -117,8 +121,6 @@ def _batches_within_shards(
 def plan(job: EncodeJob) -> tuple[list[ImageRecord], dict, Path]:
     """The job's images, store key and store folder, without encoding anything."""
     records = list_images(job.dataset, job.split, job.subset)
-    if not records:
-        raise ValueError(f"dataset '{job.dataset.name}' split '{job.split}' has no images")
     device = encoders.resolve_device(job.options.device)
     key = store_key(job, records, encoders.resolve_compute_dtype(job.options.compute_dtype, device))
     return records, key, store_path_for(job, key)

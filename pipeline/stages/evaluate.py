@@ -19,7 +19,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from pipeline import artifacts
-from pipeline.config import EncoderSpec, EvaluateConfig, config_hash
+from pipeline.config import ConfigError, EncoderSpec, EvaluateConfig, config_hash
 from pipeline.data import transforms
 from pipeline.data.store_info import StoreInfo
 from pipeline.jobs import EvalTarget
@@ -43,8 +43,8 @@ def load_judges(specs: list[EncoderSpec], device: str) -> dict[str, encoders.Enc
     for spec in specs:
         name = spec.name
         if not spec.keep_head:
-            raise ValueError(
-                f"judge '{name}' must set keep_head: true (judges score pooled image embeddings)"
+            raise ConfigError(
+                f"evaluate.judges: '{name}' must set keep_head: true (judges score pooled image embeddings)"
             )
         # Judges see exactly the pixels the encoder saw: the stored square image, resized (short_side_crop
         # of a square is a plain resize; a judge's own crop_pct margin would cut its border away).
@@ -258,7 +258,7 @@ def run(
     from pipeline.report import report
 
     if len(targets) < 2:
-        raise ValueError("evaluation compares encoders: give at least two")
+        raise ConfigError("evaluation compares encoders: give at least two")
     frames, files, notes, inputs = [], [], [], []
     for t in targets:
         scores, path, meta = score_encoder(t, judges, cfg, progress=progress)
