@@ -237,13 +237,15 @@ class ReconstructorConfig(Frozen):
     """The reconstructor; defaults are the authors' released architecture (docs/train.md lists each choice)."""
 
     depth: int = Field(
-        4, ge=0, description="Transformer layers over the token grid (paper and released code: 4)."
+        4, ge=0, le=64, description="Transformer layers over the token grid (paper and released code: 4)."
     )
     width_multiplier: float = Field(
-        1.0, gt=0, description="Transformer width = encoder width x this (released: 1)."
+        1.0, gt=0, le=8, description="Transformer width = encoder width x this (released: 1)."
     )
-    head_dim: int = Field(64, gt=0, description="Attention heads = width / head_dim (released: 768 / 12).")
-    mlp_ratio: float = Field(4.0, gt=0, description="MLP width / transformer width (released: 4).")
+    head_dim: int = Field(
+        64, gt=0, le=1024, description="Attention heads = width / head_dim (released: 768 / 12)."
+    )
+    mlp_ratio: float = Field(4.0, gt=0, le=16, description="MLP width / transformer width (released: 4).")
     positional_embedding: Literal["none", "learned"] = Field(
         "none",
         description="The released code has none (default); 'learned' adds one per token (a departure).",
@@ -257,10 +259,16 @@ class ReconstructorConfig(Frozen):
         "(a quarter of the up-conv weights, no overlap between neighbouring outputs).",
     )
     last_stage_res_blocks: int = Field(
-        3, ge=1, description="Residual conv blocks at the last upsampling stage (released: 3; others have 1)."
+        3,
+        ge=1,
+        le=16,
+        description="Residual conv blocks at the last upsampling stage (released: 3; others have 1).",
     )
     min_channels: int = Field(
-        8, gt=0, description="Floor for the halving decoder channels (only narrow encoders reach it)."
+        8,
+        gt=0,
+        le=4096,
+        description="Floor for the halving decoder channels (only narrow encoders reach it).",
     )
     resize_mode: Literal["bilinear", "bicubic"] = Field(
         "bilinear",

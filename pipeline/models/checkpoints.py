@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from pipeline.artifacts import write_json_atomic
+from pipeline.artifacts import read_json, write_json_atomic
 from pipeline.config import ReconstructorConfig
 from pipeline.data.images import Preprocessing
 from pipeline.data.store_info import ENCODER_IDENTITY, StoreInfo
@@ -76,14 +76,21 @@ def read_header(path: Path) -> dict:
         result = path / "result.json"
         if not result.is_file():
             raise CheckpointError(f"{path}: not a finished training run (no result.json)")
-        path = Path(json.loads(result.read_text())["checkpoint"])
+        record = read_json(result)
+        if not isinstance(record, dict) or "checkpoint" not in record:
+            raise CheckpointError(f"{result}: not a finished training run's record")
+        path = Path(record["checkpoint"])
     json_path = (
         path if path.suffix == ".json" else path.with_name(path.name.removesuffix(".safetensors") + ".json")
     )
     if not json_path.is_file():
         raise CheckpointError(f"{path}: checkpoint header {json_path.name} not found")
-    header = json.loads(json_path.read_text())
-    if header.get("schema_version") != SCHEMA_VERSION:
+    try:
+        header = json.loads(json_path.read_text())
+    except (ValueError, OSError) as e:
+        raise CheckpointError(f"{json_path}: not a readable checkpoint header ({e})") from None
+    if not isinstance(header, dict) or header.get("schema_version") != SCHEMA_VERSION:
+        header = header if isinstance(header, dict) else {}
         raise CheckpointError(
             f"{json_path}: checkpoint schema {header.get('schema_version')!r}, this reconlab reads {SCHEMA_VERSION}"
         )
@@ -133,17 +140,66 @@ def load_train_state(header: dict, optimizer: torch.optim.Optimizer, scheduler) 
 
 
 def load_reconstructor(checkpoint: Path, device: str | torch.device = "cpu") -> tuple[Reconstructor, dict]:
-    """A checkpoint (its .json or .safetensors) -> the model in eval mode and the checkpoint header."""
+    """A checkpoint (its .json or .safetensors) -> the model in eval mode and the checkpoint header. Everything the
+    header and the weights file claim is checked before any memory is allocated for the model."""
     header = read_header(Path(checkpoint))
-    geometry = header["model"]
-    cfg = ReconstructorConfig.model_validate(
-        {k: v for k, v in geometry.items() if k in ReconstructorConfig.model_fields}
-    )
-    model = Reconstructor(
-        cfg, geometry["in_dim"], tuple(geometry["grid_hw"]), geometry["patch_size"], geometry["out_size"]
-    )
+    model = _meta_model(header)  # shapes only, no memory
+    path = Path(header["_json_path"]).with_suffix(".safetensors")
+    _check_tensors_match(path, model)
+    model = model.to_empty(device="cpu")
     load_weights(header, model)
     return model.to(device).eval(), header
+
+
+_GEOMETRY_LIMITS = {"in_dim": 65536, "patch_size": 64, "out_size": 4096}
+
+
+def _meta_model(header: dict) -> Reconstructor:
+    where = header["_json_path"]
+    geometry = header.get("model")
+    if not isinstance(geometry, dict):
+        raise CheckpointError(f"{where}: header has no 'model' geometry")
+    try:
+        cfg = ReconstructorConfig.model_validate(
+            {k: v for k, v in geometry.items() if k in ReconstructorConfig.model_fields}
+        )
+    except ValueError as e:
+        raise CheckpointError(
+            f"{where}: model geometry out of bounds: {' '.join(str(e).split())[:300]}"
+        ) from None
+    dims = {k: geometry.get(k) for k in _GEOMETRY_LIMITS}
+    grid = geometry.get("grid_hw")
+    ok = all(isinstance(v, int) and 0 < v <= _GEOMETRY_LIMITS[k] for k, v in dims.items())
+    ok = (
+        ok
+        and isinstance(grid, list)
+        and len(grid) == 2
+        and all(isinstance(g, int) and 0 < g <= 256 for g in grid)
+    )
+    if not ok:
+        raise CheckpointError(
+            f"{where}: model geometry {dims | {'grid_hw': grid}} is missing or out of bounds"
+        )
+    with torch.device("meta"):
+        return Reconstructor(cfg, dims["in_dim"], tuple(grid), dims["patch_size"], dims["out_size"])
+
+
+def _check_tensors_match(path: Path, model: torch.nn.Module) -> None:
+    from safetensors import SafetensorError, safe_open
+
+    if not path.is_file():
+        raise CheckpointError(f"{path}: weights file missing")
+    try:
+        with safe_open(str(path), "pt") as f:
+            stored = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 (not a dict)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: not a safetensors file ({e}); reconlab never loads pickles") from None
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    if stored != expected:
+        missing, extra = sorted(expected.keys() - stored.keys()), sorted(stored.keys() - expected.keys())
+        shapes = [k for k in expected.keys() & stored.keys() if expected[k] != stored[k]]
+        raise CheckpointError(f"{path}: tensors do not fit the model its header describes (missing {missing[:3]}, "
+                              f"unexpected {extra[:3]}, other shapes {shapes[:3]})")  # fmt: skip
 
 
 def check_checkpoint_matches_store(header: dict, store: FeatureStore) -> None:

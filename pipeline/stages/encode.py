@@ -27,7 +27,7 @@ from pipeline.jobs import EncodeJob
 from pipeline.models import encoders
 from pipeline.models.weights import weights_key
 from pipeline.provenance import provenance
-from storage import FeatureStore, StoreLayout, create, open_store
+from storage import FeatureStore, StoreError, StoreLayout, create, open_store
 from storage.format import FORMAT_KEY
 from storage.precision import default_level, value_stats
 
@@ -141,8 +141,22 @@ def run(job: EncodeJob, *, progress: bool = True) -> EncodeResult:
             geometry=job.options.geometry,
         )  # fmt: skip
         store = _open_or_create(path, job, key, records, encoder)
+        _check_free_space(store)
         summary = _encode_pending(store, job, records, encoder, progress=progress)
     return EncodeResult(path, len(records), summary["n_encoded"], summary["n_failed"], already_complete=False)
+
+
+def _check_free_space(store: FeatureStore) -> None:
+    layout = store.layout
+    n_pending = sum(
+        len(range(layout.n_images)[layout.shard_slice(int(s))]) for s in np.flatnonzero(~store.shard_done())
+    )
+    need, free = n_pending * layout.estimated_bytes_per_image(), shutil.disk_usage(store.path).free
+    if need > free:
+        raise StoreError(
+            f"{store.path}: the {n_pending} images still to encode need about {need / 1e9:.2f} GB, {free / 1e9:.2f} GB "
+            "are free there; free space, point store_root at a larger disk, or choose a smaller store.precision"
+        )
 
 
 def _finished(path: Path) -> EncodeResult | None:
