@@ -51,9 +51,10 @@ def _preflight(
     plan.preflight(run, stages)
     if "operators" in stages:
         run.operator_steps(transforms)
-    from flows import prefect_env
+    from flows import prefect_env, reaper
 
     prefect_env.quiet_user_errors()
+    reaper.start()  # what this run starts ends with it, even after a SIGKILL
 
 
 def _echo_trained(results) -> None:

@@ -1,0 +1,95 @@
+"""Nothing of a killed CLI run keeps running. A SIGKILLed process cannot clean up, and what it started (Prefect's
+temporary server, the DataLoader fork server and its workers, multiprocessing's resource tracker) is re-parented
+and lives on for minutes, holding memory and ports. `start(pid)` launches this module as a small watcher in its
+own session: it notes the run's descendants every half second and, once the run is gone, ends them (SIGTERM,
+then SIGKILL). Linux only (/proc); elsewhere it does nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+POLL_S = 0.5
+GRACE_S = 3.0
+
+
+_watching: set[int] = set()
+
+
+def start(pid: int | None = None) -> None:
+    """Watch `pid` (default: this process); once per process."""
+    pid = pid or os.getpid()
+    if pid in _watching or not sys.platform.startswith("linux") or os.environ.get("RECONLAB_NO_REAPER"):
+        return
+    _watching.add(pid)
+    subprocess.Popen(
+        [sys.executable, "-m", "flows.reaper", str(pid)],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True, cwd=Path(__file__).resolve().parent.parent,
+    )  # fmt: skip
+
+
+def _processes() -> dict[int, tuple[int, str]]:
+    """pid -> (parent pid, start time) for every process we can see."""
+    table = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # ended while we looked
+        table[int(entry.name)] = (int(fields[1]), fields[19])  # ppid, starttime (fields 4 and 22 of stat)
+    return table
+
+
+def _descendants(root: int, table: dict[int, tuple[int, str]]) -> dict[int, str]:
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _) in table.items():
+        children.setdefault(ppid, []).append(pid)
+    found, todo = {}, list(children.get(root, []))
+    while todo:
+        pid = todo.pop()
+        found[pid] = table[pid][1]
+        todo += children.get(pid, [])
+    return found
+
+
+def _signal_all(known: dict[int, str], sig: int) -> dict[int, str]:
+    """Send `sig` to each known process still running (same start time: not a recycled pid); return those."""
+    table = _processes()
+    alive = {pid: start for pid, start in known.items() if table.get(pid, (0, None))[1] == start}
+    for pid in alive:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
+    return alive
+
+
+def main(watched: int) -> None:
+    me = os.getpid()
+    table = _processes()
+    if watched not in table:
+        return
+    started = table[watched][1]
+    known: dict[int, str] = {}
+    while table.get(watched, (0, None))[1] == started:
+        known = {pid: s for pid, s in _descendants(watched, table).items() if pid != me}
+        time.sleep(POLL_S)
+        table = _processes()
+    # The run is gone: whatever it left must go too, including what its children started meanwhile.
+    known |= {pid: s for root in list(known) for pid, s in _descendants(root, table).items()}
+    if _signal_all(known, signal.SIGTERM):
+        deadline = time.time() + GRACE_S
+        while time.time() < deadline and _signal_all(known, 0):
+            time.sleep(0.1)
+        _signal_all(known, signal.SIGKILL)
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]))
