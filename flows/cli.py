@@ -48,9 +48,9 @@ def _preflight(
     from pipeline.config_files import load_run_config
 
     run = plan.build(load_run_config(config), config, encoders)
-    plan.preflight(run, stages)
     if "operators" in stages:
         run.operator_steps(transforms)
+    plan.preflight(run, stages)
     from flows import prefect_env, reaper
 
     prefect_env.quiet_user_errors()

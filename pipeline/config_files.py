@@ -22,7 +22,8 @@ M = TypeVar("M", bound=BaseModel)
 _SHORT = reprlib.Repr()
 _SHORT.maxstring = _SHORT.maxother = 120
 _SHORT.maxlist = _SHORT.maxdict = 6
-_SHORT.maxlevel = 2
+_SHORT.maxlevel = 1
+_MAX_PROBLEMS = 6
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -42,7 +43,7 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 
 def _format_validation_error(path: Path, err: ValidationError, model: type[BaseModel]) -> str:
     lines = [f"{path}: invalid {model.__name__} ({err.error_count()} problem(s)):"]
-    for e in err.errors():
+    for e in err.errors()[:_MAX_PROBLEMS]:
         field = ".".join(str(p) for p in e["loc"]) or "<top level>"
         detail = e["msg"]
         if e["type"] == "extra_forbidden":
@@ -52,6 +53,8 @@ def _format_validation_error(path: Path, err: ValidationError, model: type[BaseM
         given = e.get("input")
         shown = "" if isinstance(given, dict) or e["type"] == "missing" else f" (got {_SHORT.repr(given)})"
         lines.append(f"  - field `{field}`: {detail}{shown}")
+    if err.error_count() > _MAX_PROBLEMS:
+        lines.append(f"  ... and {err.error_count() - _MAX_PROBLEMS} more")
     return "\n".join(lines)
 
 
@@ -103,7 +106,9 @@ def encoder_search_dirs(config_path: Path | None) -> list[Path]:
     return [*dirs, REPO_CONFIG_DIR / "encoders"]
 
 
-def resolve_encoder(ref: str | EncoderSpec, config_path: Path | None = None) -> EncoderSpec:
+def resolve_encoder(
+    ref: str | EncoderSpec, config_path: Path | None = None, field: str = "encoders"
+) -> EncoderSpec:
     """An encoder given by name (looked up in configs/encoders/), by YAML path, or inline."""
     if isinstance(ref, EncoderSpec):
         return ref
@@ -122,7 +127,7 @@ def resolve_encoder(ref: str | EncoderSpec, config_path: Path | None = None) -> 
     known = sorted({p.stem for d in encoder_search_dirs(config_path) if d.is_dir() for p in d.glob("*.yaml")})
     where = config_path or "the command line"
     raise ConfigError(
-        f"{where}: field `encoders`: unknown encoder '{ref}' (looked for {', '.join(tried)}); "
+        f"{where}: field `{field}`: unknown encoder '{ref}' (looked for {', '.join(tried)}); "
         f"known: {', '.join(known)}"
     )
 

@@ -68,13 +68,15 @@ class RunPlan:
 
 
 def encoder_specs(
-    cfg: RunConfig, config_path: Path | None, names: list[str] | None = None
+    cfg: RunConfig, config_path: Path | None, names: list[str] | None = None, field: str = "--encoder"
 ) -> list[EncoderSpec]:
     """The config's encoders (or only `names`, which may also name spec files outside the config); each checked
     against its weights' architecture now, not after hours of other encoders."""
     specs = [resolve_encoder(ref, config_path) for ref in cfg.encoders]
     if names:
-        specs += [resolve_encoder(name, config_path) for name in sorted(set(names) - {s.name for s in specs})]
+        specs += [
+            resolve_encoder(n, config_path, field) for n in sorted(set(names) - {s.name for s in specs})
+        ]
         specs = [s for s in specs if s.name in names]
     for spec in specs:
         encoders.check_architecture(spec)
@@ -112,7 +114,9 @@ def build(cfg: RunConfig, config_path: Path | None = None, encoder_names: list[s
     # Operators and evaluation may name encoders outside `encoders:`; those get only the stores they need.
     extra = [n for n in (*(cfg.operators.encoders or []), *(cfg.evaluate.encoders or [])) if n not in base]
     extra = [n for n in dict.fromkeys(extra) if encoder_names is None or n in encoder_names]
-    for spec in encoder_specs(cfg, config_path, extra) if extra else []:
+    for spec in (
+        encoder_specs(cfg, config_path, extra, "operators.encoders / evaluate.encoders") if extra else []
+    ):
         identity = EncodeJob(cfg.store_root, cfg.dataset, cfg.train.train_split, cfg.subset, spec,
                              TransformSpec(), cfg.store, cfg.encode)  # fmt: skip
         base[spec.name] = identity
@@ -130,7 +134,7 @@ def build(cfg: RunConfig, config_path: Path | None = None, encoder_names: list[s
     for name in base:
         if not cfg.evaluate.encoders or name in cfg.evaluate.encoders:
             run.evaluate[name] = store(name, cfg.evaluate.split)
-    run.judges = [resolve_encoder(name, config_path) for name in cfg.evaluate.judges]
+    run.judges = [resolve_encoder(name, config_path, "evaluate.judges") for name in cfg.evaluate.judges]
     return run
 
 
@@ -140,14 +144,6 @@ def preflight(run: RunPlan, stages: tuple[str, ...] = STAGES) -> None:
     operators on images no reconstructor trained on or was selected on. Raises ConfigError (or
     WeightsNotFoundError) naming the field and the fix."""
     cfg = run.cfg
-    specs = {job.encoder.name: job.encoder for job in run.encode.values()}
-    for spec in [*specs.values(), *(run.judges if "evaluate" in stages else [])]:
-        weights.check_available(spec)
-    roots = {"encode": ("store_root", cfg.store_root), "train": ("train.output_root", cfg.train.output_root),
-             "operators": ("operators.output_root", cfg.operators.output_root),
-             "evaluate": ("evaluate.output_root", cfg.evaluate.output_root)}  # fmt: skip
-    for stage in stages:
-        _check_writable(*roots[stage])
     shaped = {cfg.train.train_split} | (
         {cfg.train.val_split} if cfg.train.select_checkpoint == "best_val" else set()
     )
@@ -173,6 +169,14 @@ def preflight(run: RunPlan, stages: tuple[str, ...] = STAGES) -> None:
         if cfg.operators.n_fit_images >= n_held_out:
             raise ConfigError(f"operators.n_fit_images {cfg.operators.n_fit_images} leaves no test images: split "
                               f"'{cfg.operators.split}' has {n_held_out}; set it below {n_held_out}")  # fmt: skip
+    specs = {job.encoder.name: job.encoder for job in run.encode.values()}
+    for spec in [*specs.values(), *(run.judges if "evaluate" in stages else [])]:
+        weights.check_available(spec)
+    roots = {"encode": ("store_root", cfg.store_root), "train": ("train.output_root", cfg.train.output_root),
+             "operators": ("operators.output_root", cfg.operators.output_root),
+             "evaluate": ("evaluate.output_root", cfg.evaluate.output_root)}  # fmt: skip
+    for stage in stages:
+        _check_writable(*roots[stage])
 
 
 def _check_writable(field_name: str, root: Path) -> None:

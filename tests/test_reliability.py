@@ -4,6 +4,7 @@ running."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -12,6 +13,11 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
+from PIL import Image
+from typer.testing import CliRunner
+
+from flows.cli import app
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -51,3 +57,175 @@ def test_a_sigkilled_encode_leaves_no_process_running(write_run_config, tmp_path
     while time.time() < deadline and _live_in_group(proc.pid):
         time.sleep(0.2)
     assert not _live_in_group(proc.pid)
+
+
+# -- the bad-input matrix: one line, exit 2, no traceback, nothing written ----------------------------------------
+
+runner = CliRunner()
+GOOD_IMAGES = [{"id": 1, "file_name": "a.png"}, {"id": 2, "file_name": "b.png"}]
+
+
+def _coco(tmp_path, annotations) -> dict:
+    images = tmp_path / "coco" / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    for name in ("a.png", "b.png"):
+        Image.new("RGB", (48, 40), (200, 30, 30)).save(images / name)
+    path = tmp_path / "coco" / "captions.json"
+    path.write_text(annotations if isinstance(annotations, str) else json.dumps(annotations))
+    split = {"images_dir": "images", "annotations": "captions.json"}
+    return {
+        "name": "mini",
+        "kind": "coco",
+        "root": str(tmp_path / "coco"),
+        "splits": {"train": split, "val": split},
+    }
+
+
+def _roots(tmp_path) -> dict:
+    return {
+        "train": {"output_root": str(tmp_path / "out" / "train")},
+        "operators": {"output_root": str(tmp_path / "out" / "operators")},
+        "evaluate": {"output_root": str(tmp_path / "out" / "evaluate"), "judges": ["tiny-judge"]},
+    }
+
+
+def _write_raw(tmp_path, data: dict) -> Path:
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def _base(tmp_path, **overrides) -> dict:
+    dataset = overrides.pop("dataset", None) or _coco(tmp_path, {"images": GOOD_IMAGES})
+    data = {"store_root": str(tmp_path / "stores"), "dataset": dataset, "splits": ["val"],
+            "encoders": ["tiny-vit-64"], **_roots(tmp_path)}  # fmt: skip
+    data.update(overrides)
+    return data
+
+
+def _assert_one_line_failure(result, *fragments: str) -> None:
+    out = result.output
+    assert result.exit_code == 2, out
+    assert "Traceback" not in out and len(out) < 2000, out
+    for fragment in fragments:
+        assert fragment in out, out
+
+
+COCO_CASES = {
+    "not json": ("{images: [", "not valid JSON"),
+    "a json list": ("[1, 2]", "got a JSON list"),
+    "no images key": ({"annotations": []}, "no 'images' list"),
+    "image without file_name": ({"images": [{"id": 1}]}, "images[0] has no file_name"),
+    "image without id": ({"images": [{"file_name": "a.png"}]}, "images[0] has no id"),
+    "non-integer id": ({"images": [{"id": "7", "file_name": "a.png"}]}, "is not an integer"),
+    "duplicate ids": ({"images": [{"id": 3, "file_name": "a.png"}, {"id": 3, "file_name": "b.png"}]},
+                      "duplicate image ids [3]"),
+    "empty split": ({"images": []}, "has no images"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", COCO_CASES, ids=list(COCO_CASES))
+def test_broken_coco_annotations_end_in_one_line_naming_the_file(tmp_path, case):
+    annotations, fragment = COCO_CASES[case]
+    config = _write_raw(tmp_path, _base(tmp_path, dataset=_coco(tmp_path, annotations)))
+    _assert_one_line_failure(runner.invoke(app, ["plan", "-c", str(config)]), "captions.json", fragment)
+    assert not (tmp_path / "stores").exists()
+
+
+def test_a_captions_file_with_categories_and_annotations_without_category_id_is_read(tmp_path):
+    annotations = {"images": GOOD_IMAGES, "categories": [],
+                   "annotations": [{"id": 1, "image_id": 1, "caption": "red"}, {"image_id": 2, "caption": "red too"}]}  # fmt: skip
+    from pipeline.config import DatasetSpec
+    from pipeline.data.datasets import list_images
+
+    records = list_images(DatasetSpec.model_validate(_coco(tmp_path, annotations)), "val")
+    assert [r.captions for r in records] == [("red",), ("red too",)]
+
+
+CONFIG_CASES = {
+    "dataset name with a path": (lambda d: d["dataset"].update(name="../evil"), "dataset.name", "folder names"),
+    "split name with a slash": (lambda d: d.update(splits=["a/b"]), "splits.0", "folder names"),
+    "unknown judge": (lambda d: d["evaluate"].update(judges=["no-such-judge"]), "evaluate.judges", "no-such-judge"),
+    "unknown fit": (lambda d: d["operators"].update(fits=["svd"]), "operators.fits.0", "least_squares"),
+    "unknown encoder": (lambda d: d.update(encoders=["no-such-encoder"]), "encoders", "known: "),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", CONFIG_CASES, ids=list(CONFIG_CASES))
+def test_bad_names_and_unknown_references_fail_before_any_work(tmp_path, case):
+    change, *fragments = CONFIG_CASES[case]
+    data = _base(tmp_path, splits=["train", "val"])
+    change(data)
+    config = _write_raw(tmp_path, data)
+    _assert_one_line_failure(runner.invoke(app, ["plan", "-c", str(config)]), *fragments)
+    assert not (tmp_path / "stores").exists() and not (tmp_path / "out").exists()
+
+
+def test_filters_that_select_nothing_are_errors(tmp_path):
+    data = _base(tmp_path, splits=["train", "val"])
+    data["operators"]["n_fit_images"] = 1
+    config = _write_raw(tmp_path, data)
+    _assert_one_line_failure(runner.invoke(app, ["operators", "-c", str(config), "-t", "swap_gb"]),
+                             "swap_gb matches no operator pair", "swap_rb")  # fmt: skip
+    _assert_one_line_failure(runner.invoke(app, ["encode", "-c", str(config), "-e", "tiny-vit-65"]),
+                             "field `--encoder`: unknown encoder 'tiny-vit-65'")  # fmt: skip
+    assert not (tmp_path / "stores").exists()
+
+
+def test_duplicate_yaml_keys_and_alias_bombs_end_in_short_messages(tmp_path):
+    config = tmp_path / "dup.yaml"
+    config.write_text(f"store_root: {tmp_path}/a\nstore_root: {tmp_path}/b\n")
+    _assert_one_line_failure(
+        runner.invoke(app, ["plan", "-c", str(config)]), "line 2", "duplicate key 'store_root'"
+    )
+    rows = ['a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    rows += [f"{n}: &{n} [{','.join([f'*{p}'] * 9)}]" for p, n in zip("abcdefg", "bcdefgh", strict=True)]
+    config.write_text("\n".join(rows) + "\nstore_root: [*h, *h, *h, *h, *h, *h, *h, *h, *h]\n")
+    _assert_one_line_failure(runner.invoke(app, ["plan", "-c", str(config)]), "store_root")
+
+
+def test_an_unwritable_store_root_fails_naming_it_before_encoding(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    config = _write_raw(tmp_path, _base(tmp_path, store_root=str(blocker / "stores")))
+    _assert_one_line_failure(
+        runner.invoke(app, ["encode", "-c", str(config)]), "store_root", "cannot write there"
+    )
+
+
+def test_missing_judge_weights_fail_before_any_encoding(tmp_path):
+    judge = {"name": "judge-on-disk", "backend": "timm", "model_id": "vit_tiny_patch16_224", "resolution": 64,
+             "patch_size": 16, "keep_head": True, "preprocessing_source": "timm_pretrained_cfg",
+             "weights": str(tmp_path / "no-such-weights.safetensors")}  # fmt: skip
+    (tmp_path / "encoders").mkdir()
+    (tmp_path / "encoders" / "judge-on-disk.yaml").write_text(yaml.safe_dump(judge))
+    data = _base(tmp_path, encoders=["tiny-vit-64", "tiny-vit-112"])
+    data["evaluate"]["judges"] = ["judge-on-disk"]
+    config = _write_raw(tmp_path, data)
+    _assert_one_line_failure(runner.invoke(app, ["evaluate", "-c", str(config)]),
+                             "judge-on-disk", "no-such-weights.safetensors")  # fmt: skip
+    assert not (tmp_path / "stores").exists()
+
+
+@pytest.mark.parametrize(
+    "change, fragments",
+    [
+        (
+            lambda d: d["evaluate"].update(split="train"),
+            ("evaluate.split 'train'", "trains the reconstructors"),
+        ),
+        (lambda d: d["operators"].update(split="train"), ("operators.split 'train'",)),
+        (
+            lambda d: d["operators"].update(split="test", n_fit_images=2),
+            ("n_fit_images 2 leaves no test images",),
+        ),
+    ],
+    ids=["evaluate on training images", "operators on training images", "too few held-out images"],
+)
+def test_held_out_splits_and_sizes_are_checked_before_encoding(tmp_path, change, fragments):
+    data = _base(tmp_path, encoders=["tiny-vit-64", "tiny-vit-112"], splits=["train", "val", "test"])
+    data["dataset"]["splits"]["test"] = {"images_dir": "images", "annotations": "captions.json"}
+    change(data)
+    config = _write_raw(tmp_path, data)
+    _assert_one_line_failure(runner.invoke(app, ["run", "-c", str(config)]), *fragments)
+    assert not (tmp_path / "stores").exists()

@@ -122,6 +122,8 @@ def read_coco_annotations(path: Path) -> dict:
         duplicates = sorted(_duplicates(ids))
         raise ConfigError(f"{path}: duplicate image ids {duplicates[:5]}: each image needs its own id")
     annotations = [a for a in data.get("annotations") or [] if isinstance(a, dict) and "image_id" in a]
+    # pycocotools indexes annotations by id; captions exported without ids get their position as one.
+    annotations = [a if "id" in a else {**a, "id": -1 - i} for i, a in enumerate(annotations)]
     normalised = {"images": images, "annotations": annotations}
     # pycocotools indexes annotations by category whenever the file has 'categories'; captions files have none.
     if data.get("categories") and all("category_id" in a for a in annotations):
