@@ -229,3 +229,114 @@ def test_held_out_splits_and_sizes_are_checked_before_encoding(tmp_path, change,
     config = _write_raw(tmp_path, data)
     _assert_one_line_failure(runner.invoke(app, ["run", "-c", str(config)]), *fragments)
     assert not (tmp_path / "stores").exists()
+
+
+# -- faults inside a stage: recorded or resumable, never lost ------------------------------------------------------
+
+
+def test_an_image_path_leading_out_of_its_folder_is_refused_and_recorded(tmp_path):
+    from pipeline.config import DatasetSpec, EncodeOptions, StoreOptions, SubsetSpec, TransformSpec
+    from pipeline.config_files import resolve_encoder
+    from pipeline.jobs import EncodeJob
+    from pipeline.stages import encode
+    from storage import open_store
+
+    dataset = _coco(tmp_path, {"images": [*GOOD_IMAGES, {"id": 3, "file_name": "../outside.png"},
+                                          {"id": 4, "file_name": str(tmp_path / "coco" / "images" / "a.png")},
+                                          {"id": 5, "file_name": "link.png"}]})  # fmt: skip
+    Image.new("RGB", (48, 40)).save(tmp_path / "coco" / "outside.png")
+    (tmp_path / "coco" / "images" / "link.png").symlink_to(tmp_path / "coco" / "outside.png")
+    job = EncodeJob(tmp_path / "stores", DatasetSpec.model_validate(dataset), "val", SubsetSpec(),
+                    resolve_encoder("tiny-vit-64"), TransformSpec(), StoreOptions(shard_images=4),
+                    EncodeOptions(batch_size=4, num_workers=0))  # fmt: skip
+    result = encode.run(job, progress=False)
+    assert (result.n_encoded, result.n_failed) == (2, 3)
+    failures = {f["image_id"]: f["reason"] for f in open_store(result.store_path).attrs["failures"]}
+    assert set(failures) == {3, 4, 5} and all("leads outside the images folder" in r for r in failures.values())
+
+
+def test_disk_full_mid_encode_is_one_line_and_the_rerun_resumes(make_job, monkeypatch):
+    import errno
+
+    from flows.errors import one_line
+    from pipeline.config import StoreOptions, SubsetSpec
+    from pipeline.stages import encode
+    from storage import FeatureStore, open_store
+
+    job = make_job(subset=SubsetSpec(max_images=12), store=StoreOptions(shard_images=4))
+    real_write = FeatureStore.write_shard
+
+    def full_disk(self, shard, *args, **kwargs):
+        if shard == 1:
+            raise OSError(errno.ENOSPC, "No space left on device", str(self.path / "features"))
+        return real_write(self, shard, *args, **kwargs)
+
+    monkeypatch.setattr(FeatureStore, "write_shard", full_disk)
+    with pytest.raises(OSError) as caught:
+        encode.run(job, progress=False)
+    message = one_line(caught.value)
+    assert "No space left on device" in message and "features" in message and "resume" in message
+    path = encode.plan(job)[2]
+    assert open_store(path, require_complete=False).shard_done().tolist() == [True, False, False]
+    monkeypatch.setattr(FeatureStore, "write_shard", real_write)
+    again = encode.run(job, progress=False)
+    assert not again.already_complete and again.n_encoded == 12 and open_store(path).complete
+
+
+def test_not_enough_free_space_is_refused_before_encoding(make_job, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    from pipeline.config import SubsetSpec
+    from pipeline.stages import encode
+    from storage import StoreError, open_store
+
+    job = make_job(subset=SubsetSpec(max_images=8))
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**6, 10**6 - 1000, 1000))
+    with pytest.raises(StoreError, match=r"8 images still to encode need about .* GB, 0.00 GB are free"):
+        encode.run(job, progress=False)
+    assert not open_store(encode.plan(job)[2], require_complete=False).shard_done().any()
+
+
+def _header(tmp_path, **model) -> Path:
+    from pipeline.config import ReconstructorConfig
+
+    geometry = {**ReconstructorConfig().model_dump(mode="json"), "in_dim": 192, "grid_hw": [4, 4], "patch_size": 16,
+                "out_size": 64, **model}  # fmt: skip
+    path = tmp_path / "ckpt.json"
+    path.write_text(json.dumps({"schema_version": 1, "model": geometry, "weights_sha256": "0" * 64}))
+    return path
+
+
+def test_a_checkpoint_header_asking_for_a_huge_model_is_refused_before_allocating(tmp_path):
+    import resource
+
+    from pipeline.models.checkpoints import CheckpointError, load_reconstructor
+
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(CheckpointError, match="out of bounds"):
+        load_reconstructor(_header(tmp_path, depth=200_000))
+    with pytest.raises(CheckpointError, match="out of bounds"):
+        load_reconstructor(_header(tmp_path, in_dim=10**7))
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 200_000  # KiB: nothing was built
+
+
+def test_a_pickle_or_mismatched_weights_file_is_refused_with_a_message(tmp_path):
+    import pickle
+
+    import torch
+    from safetensors.torch import save_file
+
+    from pipeline.models.checkpoints import CheckpointError, load_reconstructor
+
+    header = _header(tmp_path)
+    header.with_suffix(".safetensors").write_bytes(pickle.dumps({"w": [1, 2, 3]}))
+    with pytest.raises(CheckpointError, match="not a safetensors file.*never loads pickles"):
+        load_reconstructor(header)
+    save_file({"proj.weight": torch.zeros(3, 3)}, str(header.with_suffix(".safetensors")))
+    with pytest.raises(CheckpointError, match="tensors do not fit the model"):
+        load_reconstructor(header)
+    header.write_text("{not json")
+    with pytest.raises(CheckpointError, match="not a readable checkpoint header"):
+        load_reconstructor(header)

@@ -90,7 +90,7 @@ def _coco_records(spec: SplitSpec) -> list[ImageRecord]:
         captions = tuple(a["caption"] for a in coco.imgToAnns.get(image_id, []) if "caption" in a)
         path = spec.images_dir / info["file_name"]
         # A file name that leads out of the images folder (../x.jpg, an absolute path, a symlink out) is refused.
-        outside = not path.resolve().is_relative_to(images_dir)
+        outside = Path(info["file_name"]).is_absolute() or not path.resolve().is_relative_to(images_dir)
         refused = f"file_name {info['file_name']!r} leads outside the images folder {spec.images_dir}" if outside else ""
         records.append(ImageRecord(int(image_id), path, captions, refused))
     return records
