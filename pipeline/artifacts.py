@@ -121,7 +121,7 @@ def list_artifacts(root: Path) -> list[dict]:
     found = []
     for dirpath, dirnames, filenames in os.walk(root):
         here = Path(dirpath)
-        dirnames.sort()
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))  # hidden: stores being created
         kind, status = _kind_and_status(here, filenames)
         if kind is None:
             if here.name == "scores":  # score sets: a parquet and its meta record (written last) side by side

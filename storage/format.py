@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,9 +58,15 @@ class StoreLayout:
 
 
 def create(path: Path, layout: StoreLayout, attrs: dict) -> FeatureStore:
-    """Make an empty store with every array preallocated; rows are filled shard by shard."""
+    """Make an empty store with every array preallocated; rows are filled shard by shard. All-or-nothing: the
+    group is built in a hidden sibling folder and renamed into place, so a reader never sees half a store and a
+    killed creation leaves only the hidden folder (removed by `remove_abandoned_creations`)."""
     path = Path(path)
-    group = zarr.open_group(str(path), mode="w-", zarr_format=3)
+    if path.exists():
+        raise StoreError(f"{path}: already exists")
+    building = path.with_name(f".{path.name}.creating-{os.getpid()}")
+    shutil.rmtree(building, ignore_errors=True)
+    group = zarr.open_group(str(building), mode="w-", zarr_format=3)
     n, (h, w), d, s, k = (
         layout.n_images,
         layout.grid_hw,
@@ -107,7 +115,17 @@ def create(path: Path, layout: StoreLayout, attrs: dict) -> FeatureStore:
             "shards": {},
         }
     )
-    return FeatureStore(path, group)
+    os.rename(building, path)
+    return FeatureStore(path, zarr.open_group(str(path), mode="r+", zarr_format=3))
+
+
+def remove_abandoned_creations(path: Path) -> int:
+    """Hidden folders of creations of `path` that were killed before their rename (call holding the lock)."""
+    path = Path(path)
+    abandoned = list(path.parent.glob(f".{path.name}.creating-*"))
+    for folder in abandoned:
+        shutil.rmtree(folder, ignore_errors=True)
+    return len(abandoned)
 
 
 def open_store(path: str | Path, *, require_complete: bool = True, mode: str = "r") -> FeatureStore:

@@ -31,7 +31,11 @@ def transform_tag(image_transform: dict) -> str:
 
 
 def find_stores(root: Path) -> list[Path]:
-    return sorted(p.parent for p in Path(root).glob("*/zarr.json") if FORMAT_KEY in p.read_text()[:100000])
+    return sorted(
+        p.parent
+        for p in Path(root).glob("*/zarr.json")
+        if not p.parent.name.startswith(".") and FORMAT_KEY in p.read_text()[:100000]  # hidden: being created
+    )
 
 
 def summary_row(path: Path) -> dict:

@@ -225,13 +225,31 @@ def test_swap_rb_transform_lands_in_its_own_store_with_swapped_pixels(make_job):
     assert not np.allclose(swapped.features(), plain.features())
 
 
-def test_a_store_whose_creation_was_killed_before_its_attributes_is_recreated(make_job):
+def test_a_store_creation_killed_midway_leaves_no_half_store_and_is_redone(make_job, monkeypatch):
+    import zarr
+
+    from storage.inspect import find_stores
+
     job = make_job(split="val")
     _, _, path = encode.plan(job)
-    path.mkdir(parents=True)
-    (path / "zarr.json").write_text('{"zarr_format": 3, "node_type": "group", "attributes": {}}')
+    real = zarr.Group.create_array
+    calls = []
+
+    def dies_on_the_third_array(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt("killed")  # as a signal would, between two writes of the creation
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(zarr.Group, "create_array", dies_on_the_third_array)
+    with pytest.raises(KeyboardInterrupt):
+        encode.run(job, progress=False)
+    assert not path.exists() and find_stores(path.parent) == []  # readers never see half a store
+    assert len(list(path.parent.glob(f".{path.name}.creating-*"))) == 1
+    monkeypatch.setattr(zarr.Group, "create_array", real)
     result = encode.run(job, progress=False)
     assert result.n_encoded == 12 and open_store(result.store_path).complete
+    assert not list(path.parent.glob(f".{path.name}.creating-*"))
 
 
 def test_other_weights_in_the_same_file_path_give_another_store_key(tmp_path):

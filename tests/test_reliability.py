@@ -252,7 +252,9 @@ def test_an_image_path_leading_out_of_its_folder_is_refused_and_recorded(tmp_pat
     result = encode.run(job, progress=False)
     assert (result.n_encoded, result.n_failed) == (2, 3)
     failures = {f["image_id"]: f["reason"] for f in open_store(result.store_path).attrs["failures"]}
-    assert set(failures) == {3, 4, 5} and all("leads outside the images folder" in r for r in failures.values())
+    assert set(failures) == {3, 4, 5} and all(
+        "leads outside the images folder" in r for r in failures.values()
+    )
 
 
 def test_disk_full_mid_encode_is_one_line_and_the_rerun_resumes(make_job, monkeypatch):

@@ -6,7 +6,6 @@ where it stopped and a finished store returns at once. Bad images are skipped an
 
 from __future__ import annotations
 
-import json
 import multiprocessing
 import queue
 import shutil
@@ -28,7 +27,7 @@ from pipeline.models import encoders
 from pipeline.models.weights import weights_key
 from pipeline.provenance import provenance
 from storage import FeatureStore, StoreError, StoreLayout, create, open_store
-from storage.format import FORMAT_KEY
+from storage.format import remove_abandoned_creations
 from storage.precision import default_level, value_stats
 
 
@@ -160,7 +159,7 @@ def _check_free_space(store: FeatureStore) -> None:
 
 
 def _finished(path: Path) -> EncodeResult | None:
-    if not (path / "zarr.json").is_file() or not _has_format_attrs(path):
+    if not (path / "zarr.json").is_file():
         return None
     store = open_store(path, require_complete=False)
     if not store.complete or store.damaged_shards():
@@ -169,16 +168,10 @@ def _finished(path: Path) -> EncodeResult | None:
     return EncodeResult(path, store.n_images, attrs["n_encoded"], attrs["n_failed"], already_complete=True)
 
 
-def _has_format_attrs(path: Path) -> bool:
-    """False for a group whose creation was killed before its attributes were written."""
-    return FORMAT_KEY in json.loads((path / "zarr.json").read_text()).get("attributes", {})
-
-
 def _open_or_create(
     path: Path, job: EncodeJob, key: dict, records: list[ImageRecord], encoder: encoders.Encoder
 ) -> FeatureStore:
-    if (path / "zarr.json").is_file() and not _has_format_attrs(path):
-        shutil.rmtree(path)  # creation was interrupted: nothing in it is usable, and we hold the lock
+    remove_abandoned_creations(path)  # creations killed before their rename; we hold the lock
     if (path / "zarr.json").is_file():
         store = open_store(path, require_complete=False, mode="r+")
         if store.config_hash != config_hash(key):
