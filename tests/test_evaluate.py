@@ -179,3 +179,27 @@ def test_runtime_fields_reuse_scores_and_report_statistics_fields_only_the_repor
     assert new_stats.report_md != res.report_md
     rescored = evaluate.run(targets, cfg.model_copy(update={"pixel_resolution": 32}), judges, progress=False)
     assert not set(rescored.score_files) & set(res.score_files)
+
+
+def test_encoders_scored_on_different_images_are_ranked_on_the_common_ones():
+    rng = np.random.default_rng(0)
+    rows = [{"image_id": i, "encoder": "a", "judge": "pixels", "metric": "psnr_db", "value": 20 + rng.normal()}
+            for i in range(10)]  # fmt: skip
+    rows += [
+        {"image_id": i, "encoder": "b", "judge": "pixels", "metric": "psnr_db", "value": 10.0}
+        for i in range(8)
+    ]
+    rows += [{"image_id": 99, "encoder": "a", "judge": "pixels", "metric": "psnr_db", "value": -1000.0}]
+    cfg = EvaluateConfig(judges=[], n_boot=200, n_permutations=200)
+    analysis = evaluate.analyse(pd.DataFrame(rows), cfg)
+    ranking = analysis["rankings"][("pixels", "psnr_db")]
+    assert ranking["n_images"].tolist() == [8, 8]
+    assert (
+        ranking.iloc[0]["encoder"] == "a" and 19 < ranking.iloc[0]["mean"] < 21
+    )  # not dragged down by id 99
+    assert "a 11, b 8" in analysis["notes"][0] and "use the 8 images" in analysis["notes"][0]
+    disjoint = pd.DataFrame(
+        [{**r, "image_id": r["image_id"] + 1000} if r["encoder"] == "b" else r for r in rows]
+    )
+    with pytest.raises(ValueError, match="no image was scored for every encoder"):
+        evaluate.analyse(disjoint, cfg)

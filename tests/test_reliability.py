@@ -145,6 +145,7 @@ def test_a_captions_file_with_categories_and_annotations_without_category_id_is_
 CONFIG_CASES = {
     "dataset name with a path": (lambda d: d["dataset"].update(name="../evil"), "dataset.name", "folder names"),
     "split name with a slash": (lambda d: d.update(splits=["a/b"]), "splits.0", "folder names"),
+    "over-long dataset name": (lambda d: d["dataset"].update(name="x" * 300), "dataset.name", "1-64 letters"),
     "unknown judge": (lambda d: d["evaluate"].update(judges=["no-such-judge"]), "evaluate.judges", "no-such-judge"),
     "unknown fit": (lambda d: d["operators"].update(fits=["svd"]), "operators.fits.0", "least_squares"),
     "unknown encoder": (lambda d: d.update(encoders=["no-such-encoder"]), "encoders", "known: "),

@@ -191,8 +191,10 @@ def comparison_pairs(names: list[str], cfg: EvaluateConfig) -> list[tuple[str, s
 
 
 def analyse(scores: pd.DataFrame, cfg: EvaluateConfig) -> dict:
-    """Comparisons (Holm per score), rankings and the headline table from per-image scores."""
+    """Comparisons (Holm per score), rankings and the headline table from per-image scores. Every encoder is
+    ranked on the same images: those scored for all of them (a mean over other images would not compare)."""
     names = list(dict.fromkeys(scores["encoder"]))
+    scores, image_note = _on_common_images(scores, names)
     pairs = comparison_pairs(names, cfg)
     comparisons, rankings = {}, {}
     for judge, metric in score_columns(scores):
@@ -201,7 +203,21 @@ def analyse(scores: pd.DataFrame, cfg: EvaluateConfig) -> dict:
         family = stats.compare_family(per_encoder, pairs, cfg.n_boot, cfg.seed, cfg.n_permutations)
         comparisons[(judge, metric)] = family
         rankings[(judge, metric)] = stats.ranking(per_encoder, family, cfg.n_boot, cfg.seed, cfg.alpha)
-    return _analysis(names, pairs, comparisons, rankings, cfg)
+    return {**_analysis(names, pairs, comparisons, rankings, cfg), "notes": [image_note] if image_note else []}
+
+
+def _on_common_images(scores: pd.DataFrame, names: list[str]) -> tuple[pd.DataFrame, str]:
+    ids = {n: set(scores.loc[scores.encoder == n, "image_id"]) for n in names}
+    common = set.intersection(*ids.values())
+    if not common:
+        raise ConfigError(f"no image was scored for every encoder ({', '.join(names)}): they cannot be ranked")
+    if all(len(v) == len(common) for v in ids.values()):
+        return scores, ""
+    counts = ", ".join(f"{n} {len(v)}" for n, v in ids.items())
+    return scores[scores.image_id.isin(common)], (
+        f"encoders were scored on different images ({counts}): rankings and comparisons use the {len(common)} "
+        "images scored for every encoder"
+    )
 
 
 def _analysis(names, pairs, comparisons: dict, rankings: dict, cfg: EvaluateConfig) -> dict:
@@ -282,6 +298,7 @@ def run(
         )
     scores = pd.concat(frames, ignore_index=True)
     analysis = analyse(scores, cfg)
+    notes += analysis["notes"]
     for c in (c for family in analysis["comparisons"].values() for c in family):
         if c.n_only_a or c.n_only_b:
             notes.append(f"{c.a} vs {c.b}: {c.n_only_a} image(s) only in {c.a}, {c.n_only_b} only in {c.b}; "
