@@ -267,24 +267,37 @@ def run(
 
 
 @app.command()
-def schedule(
+def serve(
     config: Annotated[Path, typer.Option("--config", "-c", help="Run config YAML.")],
-    cron: Annotated[str, typer.Option(help="Cron schedule, e.g. '0 2 * * *' (nightly at 02:00).")],
-    name: Annotated[str, typer.Option(help="Deployment name.")] = "reconlab-benchmark",
+    cron: Annotated[
+        str | None,
+        typer.Option(help="Cron schedule of the whole benchmark, e.g. '0 2 * * *' (nightly at 02:00)."),
+    ] = None,
+    pause_on_stop: Annotated[
+        bool, typer.Option(help="Pause the schedule when this process stops (Prefect's default).")
+    ] = False,
 ) -> None:
-    """Serve the benchmark flow on a cron schedule (needs a Prefect server: see docs/flows.md)."""
+    """Serve a deployment per stage (encode, train, operators, evaluate) and the benchmark for CONFIG, until
+    stopped: trigger them from the Prefect UI or `prefect deployment run` (needs a Prefect server: docs/flows.md)."""
     import os
 
     if not os.environ.get("PREFECT_API_URL"):
         _fail(
-            "scheduling needs a Prefect server: run `prefect server start --host 127.0.0.1 --port 4200` and "
-            "`export PREFECT_API_URL=http://127.0.0.1:4200/api` first (ephemeral mode cannot schedule)"
+            "serving needs a Prefect server: run `prefect server start --host 127.0.0.1 --port 4200` and "
+            "`export PREFECT_API_URL=http://127.0.0.1:4200/api` first (ephemeral mode cannot serve or schedule)"
         )
-    from flows.benchmark_flow import benchmark_flow
+    with reported_in_one_line():
+        _preflight(config)
+        from prefect import serve as prefect_serve
 
-    benchmark_flow.serve(
-        name=name, cron=cron, parameters={"config_path": str(config.resolve()), "progress": False}
-    )
+        from flows.deployments import deployments
+
+        served = deployments(config, cron)
+    typer.echo(f"serving {len(served)} deployments of {config.resolve()}; stop with Ctrl-C. "
+               + ("Stopping pauses the schedule." if pause_on_stop else
+                  "The schedule stays active when this process stops: its runs wait (Late) until a server serves "
+                  "them again."))  # fmt: skip
+    prefect_serve(*served, pause_on_shutdown=pause_on_stop)
 
 
 @app.command()

@@ -11,7 +11,8 @@ prefect_env.configure()
 
 from prefect import flow, task  # noqa: E402
 
-from flows.encode_flow import encode_store  # noqa: E402
+from flows import tasks  # noqa: E402
+from flows.encode_flow import encode_all  # noqa: E402
 from flows.train_flow import train_flow  # noqa: E402
 from pipeline import plan  # noqa: E402
 from pipeline.config import EncoderSpec, EvaluateConfig  # noqa: E402
@@ -20,19 +21,26 @@ from pipeline.jobs import EvalTarget  # noqa: E402
 from pipeline.stages import evaluate  # noqa: E402
 
 
-@task(name="evaluate")
+@task(name="evaluate", tags=["reconlab", "stage:evaluate"])
 def evaluate_task(
     targets: list[EvalTarget], cfg: EvaluateConfig, judges: list[EncoderSpec], progress: bool = True
-) -> evaluate.EvaluateResult:
-    return evaluate.run(targets, cfg, evaluate.load_judges(judges, cfg.device), progress=progress)
+):
+    result = evaluate.run(targets, cfg, evaluate.load_judges(judges, cfg.device), progress=progress)
+    primary = result.analysis["rankings"][result.analysis["primary"]]
+    tasks.publish("evaluation-report", f"Report: `{result.report_html.resolve()}`\n\nRanking by "
+                  f"{' / '.join(result.analysis['primary'])}:\n\n{primary.to_markdown(index=False)}",
+                  "encoder ranking and the report")  # fmt: skip
+    return tasks.finished(result, False, f"report at {result.report_html}")
 
 
-@flow(name="reconlab-evaluate", log_prints=True)
-def evaluate_flow(config_path: str, progress: bool = True) -> evaluate.EvaluateResult:
+@flow(name="reconlab-evaluate", flow_run_name=tasks.run_name("evaluate"), log_prints=True)
+def evaluate_flow(config_path: str, progress: bool = True, force: bool = False) -> evaluate.EvaluateResult:
     cfg = load_run_config(config_path)
+    tasks.configure(cfg)
+    if force:
+        plan.force(cfg, Path(config_path), "evaluate")
     run = plan.build(cfg, Path(config_path), cfg.evaluate.encoders)
     trained = train_flow(config_path, list(run.evaluate), progress)
-    for store in run.evaluate.values():
-        encode_store(run.encode[store], progress)
+    encode_all(run, list(run.evaluate.values()), progress)
     targets = run.eval_targets({name: result.checkpoint for name, result in trained.items()})
-    return evaluate_task(targets, cfg.evaluate, run.judges, progress)
+    return evaluate_task.submit(targets, cfg.evaluate, run.judges, progress).result()

@@ -1,5 +1,6 @@
 """Prefect flow for the operators stage: the plan's stores of x and T(x) on the held-out split, the encoder's
-reconstructor, then the operator fits. Every step is cached on its own outputs (stores, runs, operator folders)."""
+reconstructor, then the operator fits (`orchestration.parallel_tasks` at once). Every step is cached on its own
+outputs (stores, runs, operator folders)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ prefect_env.configure()
 
 from prefect import flow, task  # noqa: E402
 
-from flows.encode_flow import encode_store  # noqa: E402
+from flows import tasks  # noqa: E402
+from flows.encode_flow import encode_all  # noqa: E402
 from flows.train_flow import train_flow  # noqa: E402
 from pipeline import plan  # noqa: E402
 from pipeline.config_files import load_run_config  # noqa: E402
@@ -19,25 +21,32 @@ from pipeline.jobs import OperatorJob  # noqa: E402
 from pipeline.stages import operators  # noqa: E402
 
 
-@task(name="fit-operators", task_run_name="operators {encoder_name} {tag}")
-def fit_operators(
-    job: OperatorJob, encoder_name: str, tag: str, progress: bool = True
-) -> operators.OperatorResult:
-    return operators.run(job, progress=progress)
+@task(
+    name="fit-operators", task_run_name="operators {encoder_name} {tag}", tags=["reconlab", "stage:operators"]
+)
+def fit_operators(job: OperatorJob, encoder_name: str, tag: str, progress: bool = True):
+    result = operators.run(job, progress=progress)
+    tasks.publish(f"operators-{encoder_name}-{tag}", (result.out_dir / "fits.md").read_text(),
+                  f"operator fits of {encoder_name}, {tag}")  # fmt: skip
+    state = "found" if result.already_complete else "fitted"
+    return tasks.finished(result, result.already_complete, f"operators {state} at {result.out_dir}")
 
 
-@flow(name="reconlab-operators", log_prints=True)
-def operators_flow(config_path: str, transform_names: list[str] | None = None, progress: bool = True):
+@flow(name="reconlab-operators", flow_run_name=tasks.run_name("operators"), log_prints=True)
+def operators_flow(
+    config_path: str, transform_names: list[str] | None = None, progress: bool = True, force: bool = False
+) -> list[operators.OperatorResult]:
     cfg = load_run_config(config_path)
+    tasks.configure(cfg)
+    if force:
+        plan.force(cfg, Path(config_path), "operators")
     run = plan.build(cfg, Path(config_path))
     steps = run.operator_steps(transform_names)
     trained = train_flow(config_path, list(dict.fromkeys(s.encoder for s in steps)), progress)
-    results = []
-    for step in steps:
-        for store in (step.identity_store, step.transform_store):
-            encode_store(run.encode[store], progress)
-        job = step.job(cfg, trained[step.encoder].checkpoint)
-        results.append(
-            fit_operators(job, step.encoder, f"{step.pair.transform.tag}-{step.pair.direction}", progress)
-        )
-    return results
+    encode_all(run, [p for s in steps for p in (s.identity_store, s.transform_store)], progress)
+    calls = [
+        ((s.job(cfg, trained[s.encoder].checkpoint), s.encoder, f"{s.pair.transform.tag}-{s.pair.direction}",
+          progress), {"encoder": s.encoder, "transform": s.pair.transform.tag})
+        for s in steps
+    ]  # fmt: skip
+    return tasks.in_waves(fit_operators, calls, cfg.orchestration.parallel_tasks)

@@ -15,7 +15,6 @@ DEFAULTS = {
     "DO_NOT_TRACK": "1",  # telemetry would try DNS and log errors offline
     "PREFECT_LOGGING_LEVEL": "WARNING",
     "PREFECT_SERVER_LOGGING_LEVEL": "CRITICAL",
-    "PREFECT_LOGGING_TO_API_ENABLED": "false",
 }
 
 
@@ -26,6 +25,10 @@ def configure(home: str | Path | None = None) -> Path:
         os.environ["PREFECT_HOME"] = str((Path(home) if home else base / "prefect").resolve())
     for key, value in DEFAULTS.items():
         os.environ.setdefault(key, value)
+    # Logs go to the server whenever one is configured (`prefect flow-run logs`, the UI); locally they stay local.
+    os.environ.setdefault(
+        "PREFECT_LOGGING_TO_API_ENABLED", "true" if os.environ.get("PREFECT_API_URL") else "false"
+    )
     Path(os.environ["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)
     return Path(os.environ["PREFECT_HOME"])
 

@@ -9,28 +9,43 @@ from flows import prefect_env
 
 prefect_env.configure()
 
-from prefect import flow, task  # noqa: E402
+from prefect import flow, tags, task  # noqa: E402
 
-from flows.encode_flow import encode_store  # noqa: E402
+from flows import tasks  # noqa: E402
+from flows.encode_flow import encode_all  # noqa: E402
 from pipeline import plan  # noqa: E402
 from pipeline.config_files import load_run_config  # noqa: E402
 from pipeline.jobs import TrainJob  # noqa: E402
 from pipeline.stages import train  # noqa: E402
 
 
-@task(name="train-reconstructor", task_run_name="train {encoder_name}")
-def train_reconstructor(job: TrainJob, encoder_name: str, progress: bool = True) -> train.TrainResult:
-    return train.run(job, progress=progress)
+@task(name="train-reconstructor", task_run_name="train {encoder_name}", tags=["reconlab", "stage:train"])
+def train_reconstructor(job: TrainJob, encoder_name: str, progress: bool = True):
+    result = train.run(job, progress=progress)
+    m = result.val_metrics
+    tasks.publish(
+        f"train-{encoder_name}",
+        f"**{result.run_dir.name}** ({'cached' if result.already_complete else 'trained now'})\n\n"
+        "| val PSNR dB | val SSIM | val MSE | checkpoint |\n|---|---|---|---|\n"
+        f"| {m['val_psnr_db']:.2f} | {m['val_ssim']:.3f} | {m['val_mse']:.4f} | `{result.checkpoint}` |",
+        f"reconstructor of {encoder_name}",
+    )
+    state = "found" if result.already_complete else "trained"
+    return tasks.finished(result, result.already_complete, f"reconstructor {state} at {result.run_dir}")
 
 
-@flow(name="reconlab-train", log_prints=True)
+@flow(name="reconlab-train", flow_run_name=tasks.run_name("train"), log_prints=True)
 def train_flow(
-    config_path: str, encoder_names: list[str] | None = None, progress: bool = True
+    config_path: str, encoder_names: list[str] | None = None, progress: bool = True, force: bool = False
 ) -> dict[str, train.TrainResult]:
-    run = plan.build(load_run_config(config_path), Path(config_path), encoder_names)
+    cfg = load_run_config(config_path)
+    tasks.configure(cfg)
+    if force:
+        plan.force(cfg, Path(config_path), "train")
+    run = plan.build(cfg, Path(config_path), encoder_names)
+    encode_all(run, [p for job in run.train.values() for p in (job.train_store, job.val_store)], progress)
     results = {}
-    for name, job in run.train.items():
-        for store in (job.train_store, job.val_store):
-            encode_store(run.encode[store], progress)
-        results[name] = train_reconstructor(job, name, progress)
+    for name, job in run.train.items():  # one at a time: each uses the whole device
+        with tags(f"encoder:{name}"):
+            results[name] = train_reconstructor.submit(job, name, progress).result()
     return results

@@ -11,6 +11,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -82,25 +83,35 @@ def read_json(path: Path) -> Any | None:
 
 
 class WriteLock:
-    """Exclusive, non-blocking lock on an artifact (store, training run, operator fit); released by the OS if
-    the holder dies."""
+    """Exclusive lock on an artifact (store, training run, operator fit); released by the OS if the holder dies.
+    By default a held lock fails at once; `wait_s` (or $RECONLAB_LOCK_WAIT_S, which the flows set from
+    `orchestration.lock_wait_s`) waits that long for the other run, whose finished artifact is then re-used."""
 
-    def __init__(self, artifact_path: Path):
+    def __init__(self, artifact_path: Path, wait_s: float | None = None):
         self.lock_path = Path(artifact_path).with_name(Path(artifact_path).name + ".lock")
+        self.wait_s = float(os.environ.get("RECONLAB_LOCK_WAIT_S", 0)) if wait_s is None else wait_s
         self._fd: int | None = None
 
     def __enter__(self) -> WriteLock:
         self.lock_path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
-            os.close(fd)
-            raise StoreLocked(
-                f"{self.lock_path.with_suffix('')}: another run (pid {holder}) is writing this artifact; "
-                "wait for it to finish or stop it, then re-run (finished work is kept)"
-            ) from None
+        deadline, announced = time.monotonic() + self.wait_s, False
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+                if time.monotonic() >= deadline:
+                    os.close(fd)
+                    raise StoreLocked(
+                        f"{self.lock_path.with_suffix('')}: another run (pid {holder}) is writing this artifact; "
+                        "wait for it to finish or stop it, then re-run (finished work is kept)"
+                    ) from None
+                if not announced:
+                    print(f"waiting for pid {holder}, which is writing {self.lock_path.with_suffix('')}")
+                    announced = True
+                time.sleep(min(2.0, max(deadline - time.monotonic(), 0.05)))
         os.ftruncate(fd, 0)
         os.pwrite(fd, str(os.getpid()).encode(), 0)
         self._fd = fd

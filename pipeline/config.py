@@ -452,6 +452,25 @@ class EvaluateConfig(Frozen):
     )
 
 
+class OrchestrationConfig(Frozen):
+    """How Prefect runs the stages; never part of any artifact's identity."""
+
+    parallel_tasks: int = Runtime(
+        1, ge=1, le=64,
+        description="Stores encoded and operator fits run at once, as concurrent Prefect tasks on threads (1 on "
+        "CPU, where one encode already uses every core; e.g. the number of GPUs otherwise). Two tasks never write "
+        "one store.",
+    )  # fmt: skip
+    retries: int = Runtime(1, ge=0, le=10, description="Retries of a task after a transient fault (I/O, device); "
+                           "never after a user error (config, weights, held-out checks).")  # fmt: skip
+    retry_delay_s: float = Runtime(10.0, ge=0, description="Seconds between retries.")
+    lock_wait_s: float = Runtime(
+        86_400.0, ge=0,
+        description="A flow whose artifact another run is writing waits this long for it (then uses its result) "
+        "instead of failing; 0 fails at once.",
+    )  # fmt: skip
+
+
 class RunConfig(Frozen):
     """A reconlab run: which images, which encoders, where the stores go, how to encode."""
 
@@ -470,6 +489,7 @@ class RunConfig(Frozen):
     train: TrainConfig = TrainConfig()
     operators: OperatorsConfig = OperatorsConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+    orchestration: OrchestrationConfig = OrchestrationConfig()
 
     @model_validator(mode="after")
     def _identity_transform(self) -> RunConfig:

@@ -82,9 +82,9 @@ def test_cli_run_chains_all_four_stages_through_prefect(write_run_config, tmp_pa
     assert report.stat().st_size > 10_000
 
 
-def test_schedule_without_a_prefect_server_explains_what_to_start(write_run_config, monkeypatch):
+def test_serve_without_a_prefect_server_explains_what_to_start(write_run_config, monkeypatch):
     monkeypatch.delenv("PREFECT_API_URL", raising=False)
-    result = runner.invoke(app, ["schedule", "--config", str(write_run_config()), "--cron", "0 2 * * *"])
+    result = runner.invoke(app, ["serve", "--config", str(write_run_config()), "--cron", "0 2 * * *"])
     assert result.exit_code == 2 and "prefect server start" in result.output
 
 

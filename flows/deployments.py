@@ -1,0 +1,40 @@
+"""Deployments of every stage flow and of the benchmark for one config: served together by `reconlab serve`, or
+put on work pools by `prefect deploy` (prefect.yaml). Each runs one at a time per deployment: a second trigger
+(or an overlapping scheduled run) waits in the queue instead of colliding with the first."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from flows import prefect_env
+
+prefect_env.configure()
+
+from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy  # noqa: E402
+
+from flows.benchmark_flow import benchmark_flow  # noqa: E402
+from flows.encode_flow import encode_flow  # noqa: E402
+from flows.evaluate_flow import evaluate_flow  # noqa: E402
+from flows.operators_flow import operators_flow  # noqa: E402
+from flows.train_flow import train_flow  # noqa: E402
+
+STAGE_FLOWS = {"encode": encode_flow, "train": train_flow, "operators": operators_flow, "evaluate": evaluate_flow,
+               "benchmark": benchmark_flow}  # fmt: skip
+
+
+def deployments(config: Path, cron: str | None = None) -> list:
+    """One deployment per stage flow and one for the benchmark (scheduled by `cron` if given), named
+    '<config stem>-<stage>', parameterised by the config's absolute path."""
+    config = Path(config).resolve()
+    one_at_a_time = ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.ENQUEUE)
+    return [
+        flow.to_deployment(
+            name=f"{config.stem}-{stage}",
+            parameters={"config_path": str(config), "progress": False},
+            cron=cron if stage == "benchmark" else None,
+            concurrency_limit=one_at_a_time,
+            tags=["reconlab", f"config:{config.stem}", f"stage:{stage}"],
+            description=f"reconlab {stage} for {config}",
+        )
+        for stage, flow in STAGE_FLOWS.items()
+    ]

@@ -1,0 +1,68 @@
+"""What every stage flow shares: run names and tags, task states that say whether work was done or found cached,
+Prefect artifacts that show each result in the UI, retries on transient faults only, and running tasks in waves
+of `orchestration.parallel_tasks`."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+from prefect import tags
+from prefect.artifacts import create_markdown_artifact
+from prefect.states import Completed, State
+
+from flows.errors import is_reported
+from pipeline.config import RunConfig
+
+
+def run_name(stage: str) -> Callable[[], str]:
+    """Flow run names like 'encode demo tiny-vit-112' from the run's parameters (not Prefect's random words)."""
+
+    def name() -> str:
+        from prefect.runtime import flow_run
+
+        params = flow_run.parameters
+        filters = params.get("encoder_names") or params.get("transform_names") or []
+        return " ".join([stage, Path(params["config_path"]).stem, *filters])
+
+    return name
+
+
+def configure(cfg: RunConfig) -> None:
+    """Settings a flow run applies before its stages: how long to wait for another run's lock."""
+    os.environ["RECONLAB_LOCK_WAIT_S"] = str(cfg.orchestration.lock_wait_s)
+
+
+def transient(task, task_run, state) -> bool:
+    """Retry condition: a fault that may pass (I/O, device), never a user error or an environment fault that the
+    CLI reports in one line (config, weights, held-out checks, full disk, permissions)."""
+    try:
+        state.result()
+    except Exception as e:
+        return not is_reported(e)
+    return False
+
+
+def finished(result, cached: bool, message: str) -> State:
+    """The task's final state: 'Cached' when the artifact was already there, 'Completed' when work was done."""
+    return Completed(name="Cached" if cached else "Completed", message=message, data=result)
+
+
+def publish(key: str, markdown: str, description: str) -> None:
+    """A Prefect artifact (markdown) under a stable key, so the UI shows the latest result of each artifact."""
+    key = re.sub(r"[^a-z0-9-]+", "-", key.lower()).strip("-")[:200]
+    create_markdown_artifact(markdown=markdown, key=key, description=description)
+
+
+def in_waves(task, calls: Iterable[tuple[tuple, dict[str, str]]], width: int) -> list:
+    """Submit `task(*args)` for each (args, tags) at most `width` at a time; results in order."""
+    results, wave = [], []
+    for args, labels in calls:
+        with tags(*(f"{k}:{v}" for k, v in labels.items())):
+            wave.append(task.submit(*args))
+        if len(wave) == width:
+            results += [future.result() for future in wave]
+            wave = []
+    return results + [future.result() for future in wave]

@@ -1,0 +1,1 @@
+"""Images in and out: datasets, decoding, pixel transforms, the demo set, feature batches for training."""

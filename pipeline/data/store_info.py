@@ -1,0 +1,78 @@
+"""What a feature store says about itself, read once into one typed object (spec: storage/README.md).
+
+Every stage reads store attributes through `StoreInfo.of(store)`, never by string keys of its own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.data.images import Preprocessing
+from storage import FeatureStore, StoreError
+from storage.inspect import transform_tag
+
+# What must agree between the stores a reconstructor is trained on and used on.
+ENCODER_IDENTITY = (
+    "backend",
+    "model_id",
+    "weights_id",
+    "feature_layer",
+    "grid_hw",
+    "hidden_dim",
+    "preprocessing",
+    "input_transform",
+)
+
+
+@dataclass(frozen=True)
+class StoreInfo:
+    path: Path
+    encoder_name: str
+    encoder: dict  # the whole recorded description (name, model id, layer, grid, preprocessing, ...)
+    encoder_identity: dict  # the ENCODER_IDENTITY fields, as recorded
+    preprocessing: Preprocessing
+    patch_size: int
+    resolution: int
+    dataset: dict  # name, kind, split, subset, image_list_sha256
+    dataset_source: dict | None  # where the images were read from (not part of the key)
+    key: dict  # the store key (`config`): what the store's folder name hashes
+    transform_tag: str
+    config_hash: str  # the store key's hash (its folder name)
+    content_sha256: str  # digest of every data byte; '' while the store is partial
+    n_encoded: int  # 0 while partial
+    feature_stats: dict
+
+    @classmethod
+    def of(cls, store: FeatureStore) -> StoreInfo:
+        attrs = store.attrs
+        enc = attrs["encoder"]
+        return cls(
+            path=store.path,
+            encoder_name=enc["name"],
+            encoder=enc,
+            encoder_identity={k: enc.get(k) for k in ENCODER_IDENTITY},
+            preprocessing=Preprocessing.from_dict(enc["preprocessing"]),
+            patch_size=enc["patch_size"],
+            resolution=enc["resolution"],
+            dataset=attrs["dataset"],
+            dataset_source=attrs.get("dataset_source"),
+            key=attrs["config"],
+            transform_tag=transform_tag(attrs["image_transform"]),
+            config_hash=attrs["config_hash"],
+            content_sha256=attrs.get("content_sha256", ""),
+            n_encoded=attrs.get("n_encoded", 0),
+            feature_stats=attrs.get("feature_stats", {}),
+        )
+
+    @property
+    def digest(self) -> dict:
+        """How a downstream artifact names what it read: the store's key and its content."""
+        return {"config_hash": self.config_hash, "content_sha256": self.content_sha256}
+
+
+def check_same_encoder(a: StoreInfo, b: StoreInfo) -> None:
+    diff = [k for k in ENCODER_IDENTITY if a.encoder_identity[k] != b.encoder_identity[k]]
+    if diff:
+        details = "; ".join(f"{k}: {a.encoder_identity[k]!r} vs {b.encoder_identity[k]!r}" for k in diff)
+        raise StoreError(f"stores {a.path.name} and {b.path.name} come from different encoders ({details})")
