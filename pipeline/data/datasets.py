@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.data import demo
 from pipeline.config import ConfigError, DatasetSpec, SplitSpec, SubsetSpec
+from pipeline.data import demo
 
 
 @dataclass(frozen=True)
@@ -24,7 +24,7 @@ class ImageRecord:
     image_id: int
     path: Path
     captions: tuple[str, ...] = ()
-    refused: str = ""  # why this entry must not be read (recorded as a failure), e.g. a path out of its folder
+    refused: str = ""  # why it must not be read (recorded as a failure), e.g. a path out of its folder
 
 
 def demo_splits(root: Path) -> dict[str, SplitSpec]:
@@ -91,7 +91,11 @@ def _coco_records(spec: SplitSpec) -> list[ImageRecord]:
         path = spec.images_dir / info["file_name"]
         # A file name that leads out of the images folder (../x.jpg, an absolute path, a symlink out) is refused.
         outside = Path(info["file_name"]).is_absolute() or not path.resolve().is_relative_to(images_dir)
-        refused = f"file_name {info['file_name']!r} leads outside the images folder {spec.images_dir}" if outside else ""
+        refused = (
+            f"file_name {info['file_name']!r} leads outside the images folder {spec.images_dir}"
+            if outside
+            else ""
+        )
         records.append(ImageRecord(int(image_id), path, captions, refused))
     return records
 
@@ -105,7 +109,9 @@ def read_coco_annotations(path: Path) -> dict:
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: cannot read the annotations file: {e}") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a COCO object with an 'images' list, got a JSON {type(data).__name__}")
+        raise ConfigError(
+            f"{path}: expected a COCO object with an 'images' list, got a JSON {type(data).__name__}"
+        )
     images = data.get("images")
     if not isinstance(images, list):
         raise ConfigError(f"{path}: no 'images' list (keys: {', '.join(map(str, data)) or 'none'})")
@@ -148,7 +154,9 @@ def _folder_records(images_dir: Path) -> list[ImageRecord]:
         # runs and subsets, and train/0001.jpg and val/0001.jpg do not collide.
         image_id = int(hashlib.sha1(rel.encode()).hexdigest()[:15], 16)
         outside = not path.resolve().is_relative_to(images_dir.resolve())
-        records.append(ImageRecord(image_id, path, refused="a symlink out of the images folder" if outside else ""))
+        records.append(
+            ImageRecord(image_id, path, refused="a symlink out of the images folder" if outside else "")
+        )
     return records
 
 

@@ -125,7 +125,9 @@ class Preprocessing:
 
     def to_uint8_nhwc(self, images_nchw: torch.Tensor) -> np.ndarray:
         """Encoder-normalised images -> RGB uint8 [B, S, S, 3] (rounded)."""
-        return (self.denormalize(images_nchw).permute(0, 2, 3, 1).cpu().numpy() * 255.0 + 0.5).astype(np.uint8)
+        return (self.denormalize(images_nchw).permute(0, 2, 3, 1).cpu().numpy() * 255.0 + 0.5).astype(
+            np.uint8
+        )
 
     @staticmethod
     def _per_channel(values: tuple[float, float, float], like: torch.Tensor) -> torch.Tensor:

@@ -203,14 +203,19 @@ def analyse(scores: pd.DataFrame, cfg: EvaluateConfig) -> dict:
         family = stats.compare_family(per_encoder, pairs, cfg.n_boot, cfg.seed, cfg.n_permutations)
         comparisons[(judge, metric)] = family
         rankings[(judge, metric)] = stats.ranking(per_encoder, family, cfg.n_boot, cfg.seed, cfg.alpha)
-    return {**_analysis(names, pairs, comparisons, rankings, cfg), "notes": [image_note] if image_note else []}
+    return {
+        **_analysis(names, pairs, comparisons, rankings, cfg),
+        "notes": [image_note] if image_note else [],
+    }
 
 
 def _on_common_images(scores: pd.DataFrame, names: list[str]) -> tuple[pd.DataFrame, str]:
     ids = {n: set(scores.loc[scores.encoder == n, "image_id"]) for n in names}
     common = set.intersection(*ids.values())
     if not common:
-        raise ConfigError(f"no image was scored for every encoder ({', '.join(names)}): they cannot be ranked")
+        raise ConfigError(
+            f"no image was scored for every encoder ({', '.join(names)}): they cannot be ranked"
+        )
     if all(len(v) == len(common) for v in ids.values()):
         return scores, ""
     counts = ", ".join(f"{n} {len(v)}" for n, v in ids.items())

@@ -143,7 +143,9 @@ def run(job: OperatorJob, *, progress: bool = False) -> OperatorResult:
     if finished is not None:
         return OperatorResult(out_dir, finished["table"], True)
     with WriteLock(out_dir):
-        if (finished := artifacts.finished(out_dir / artifacts.RESULT)) is not None:  # finished while we waited
+        if (
+            finished := artifacts.finished(out_dir / artifacts.RESULT)
+        ) is not None:  # finished while we waited
             return OperatorResult(out_dir, finished["table"], True)
         table = _fit_and_analyse(job, key, out_dir, source, target, fit_rows, test_rows, model, progress)
     return OperatorResult(out_dir, table, False)

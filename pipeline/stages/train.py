@@ -158,7 +158,9 @@ def run(job: TrainJob, *, progress: bool = True) -> TrainResult:
         return _result(run_dir, already_complete=True)
     # Under torchrun only rank 0 writes (checkpoints, logs), so only it holds the run's lock.
     with WriteLock(run_dir) if int(os.environ.get("RANK", "0")) == 0 else contextlib.nullcontext():
-        if artifacts.finished(run_dir / artifacts.RESULT) is not None:  # another run finished it while we waited
+        if (
+            artifacts.finished(run_dir / artifacts.RESULT) is not None
+        ):  # another run finished it while we waited
             return _result(run_dir, already_complete=True)
         return _train(cfg, key, run_dir, train_store, val_store, progress)
 
