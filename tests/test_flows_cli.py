@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -127,3 +128,21 @@ def test_version_prints_the_installed_version():
 
     result = runner.invoke(app, ["--version"])
     assert result.exit_code == 0 and result.output.strip() == f"reconlab {version('reconlab')}"
+
+
+def test_prefect_yaml_deploys_every_stage_flow_with_its_parameters():
+    import importlib
+
+    import yaml
+
+    from flows.deployments import STAGE_FLOWS
+
+    spec = yaml.safe_load((Path(__file__).resolve().parent.parent / "prefect.yaml").read_text())
+    flows = {}
+    for d in spec["deployments"]:
+        path, name = d["entrypoint"].split(":")
+        module = path.removesuffix(".py").replace("/", ".")
+        flows[d["name"]] = getattr(importlib.import_module(module), name)
+        assert d["concurrency_limit"]["limit"] == 1 and d["work_pool"]["name"].startswith("reconlab-")
+        assert set(d["parameters"]) <= set(flows[d["name"]].parameters.properties)
+    assert {f.name for f in flows.values()} == {f.name for f in STAGE_FLOWS.values()}

@@ -1,0 +1,220 @@
+"""Against a real Prefect server started here on 127.0.0.1: `reconlab serve` serves a deployment per stage; a stage
+triggered through the API completes with its logs and its artifact; a second trigger finishes as cached; two
+concurrent triggers of one artifact both end well; a serving process killed mid-stage resumes on the next trigger
+and ends with the same result as an uninterrupted run."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc, signals"),
+]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait(predicate, timeout_s: float, what: str):
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.5)
+    raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    home = tmp_path_factory.mktemp("prefect-server")
+    port = _free_port()
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           "PREFECT_UI_ENABLED": "false", "PREFECT_SERVER_LOGGING_LEVEL": "WARNING"}  # fmt: skip
+    env.pop("PREFECT_API_URL", None)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}/api"
+
+    def healthy() -> bool:
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+                return r.status == 200
+        except OSError:
+            return proc.poll() is not None and pytest.skip("the Prefect server did not start")
+
+    try:
+        _wait(healthy, 120, "the Prefect server")
+        yield url
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+
+
+def _serve(config: Path, url: str, home: Path) -> subprocess.Popen:
+    env = {**os.environ, "PREFECT_API_URL": url, "PREFECT_HOME": str(home), "RECONLAB_HOME": str(home)}
+    return subprocess.Popen(
+        [sys.executable, "-m", "flows.cli", "serve", "-c", str(config)], cwd=ROOT, env=env,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def config(tmp_path_factory, demo_root):
+    import yaml
+
+    root = tmp_path_factory.mktemp("served")
+    data = {
+        "store_root": str(root / "stores"),
+        "dataset": {"name": "demo", "kind": "demo", "root": str(demo_root)},
+        "splits": ["train", "val"],
+        "encoders": ["tiny-vit-64", "tiny-vit-112"],
+        "store": {"shard_images": 2}, "encode": {"batch_size": 2, "num_workers": 0},
+        "train": {"output_root": str(root / "train"), "epochs": 1, "batch_size": 8, "n_val_images": 8,
+                  "n_sample_images": 2, "shuffle_buffer_images": 8},
+        "operators": {"output_root": str(root / "operators"), "n_fit_images": 8, "n_eval_images": 4},
+        "evaluate": {"output_root": str(root / "evaluate"), "judges": ["tiny-judge"], "n_boot": 200,
+                     "n_permutations": 200},
+    }  # fmt: skip
+    path = root / "served.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def _client(url: str):
+    os.environ["PREFECT_API_URL"] = url
+    from prefect.client.orchestration import get_client
+
+    return get_client(sync_client=True)
+
+
+def _run(url: str, deployment: str, parameters: dict | None = None, timeout_s: float = 300):
+    from prefect.deployments import run_deployment
+
+    os.environ["PREFECT_API_URL"] = url
+    return run_deployment(deployment, parameters=parameters or {}, timeout=timeout_s)
+
+
+def _task_states(client, flow_run_id) -> list[str]:
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    return [r.state.name for r in runs if r.name.startswith("encode")]
+
+
+def test_served_stages_run_log_publish_cache_queue_and_resume(server, config, tmp_path):
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    from storage import open_store
+
+    home = tmp_path / "serve-home"
+    serving = _serve(config, server, home)
+    try:
+        client = _client(server)
+        _wait(
+            lambda: _deployment_exists(client, "reconlab-encode/served-encode"), 120, "the served deployments"
+        )
+
+        # One stage, triggered through the API: completes, with its logs on the server and its artifact.
+        first = _run(server, "reconlab-encode/served-encode", {"encoder_names": ["tiny-vit-64"]})
+        assert first.state.is_completed(), first.state
+        assert first.name == "encode served tiny-vit-64"
+        assert "Completed" in _task_states(client, first.id)
+        logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[first.id])))
+        assert logs, "no logs reached the server"
+        artifacts = client.read_artifacts()
+        assert any(a.key and a.key.startswith("store-tiny-vit-64-") for a in artifacts)
+
+        # The same stage again: every task says it found its store.
+        again = _run(server, "reconlab-encode/served-encode", {"encoder_names": ["tiny-vit-64"]})
+        assert again.state.is_completed() and set(_task_states(client, again.id)) == {"Cached"}
+
+        # Two triggers of the same training at once: the second waits in the deployment's queue, both end well.
+        from prefect.deployments import run_deployment
+
+        pending = [run_deployment("reconlab-train/served-train", parameters={"encoder_names": ["tiny-vit-64"]},
+                                  timeout=0) for _ in range(2)]  # fmt: skip
+        done = [_wait(lambda r=r: _final(client, r.id), 600, "both training runs") for r in pending]
+        assert all(s.is_completed() for s in done), done
+    finally:
+        serving.send_signal(signal.SIGINT)
+        serving.wait(timeout=60)
+
+    # Killed mid-encode (SIGKILL of the serving process), then served again and triggered again: it resumes.
+    serving = _serve(config, server, home)
+    try:
+        _wait(
+            lambda: _deployment_exists(client, "reconlab-encode/served-encode"), 120, "the served deployments"
+        )
+        from prefect.deployments import run_deployment
+
+        run_deployment(
+            "reconlab-encode/served-encode", parameters={"encoder_names": ["tiny-vit-112"]}, timeout=0
+        )
+        stores = config.parent / "stores"
+        _wait(lambda: [p for p in stores.glob("tiny-vit-112__*.zarr") if open_store(p, require_complete=False)
+                       .shard_done().any()], 300, "the first shards of tiny-vit-112")  # fmt: skip
+        os.kill(serving.pid, signal.SIGKILL)
+        serving.wait()
+        time.sleep(2)  # the reaper ends the flow run the serving process had started
+        targets = [p for p in stores.glob("tiny-vit-112__*.zarr") if (p / "zarr.json").is_file()]
+        assert len(targets) < 2 or not all(open_store(p, require_complete=False).complete for p in targets)
+    finally:
+        if serving.poll() is None:
+            serving.kill()
+    serving = _serve(config, server, home)
+    try:
+        _wait(
+            lambda: _deployment_exists(client, "reconlab-encode/served-encode"), 120, "the served deployments"
+        )
+        resumed = _run(server, "reconlab-encode/served-encode", {"encoder_names": ["tiny-vit-112"]})
+        assert resumed.state.is_completed(), resumed.state
+    finally:
+        serving.send_signal(signal.SIGINT)
+        serving.wait(timeout=60)
+    _assert_equals_an_uninterrupted_encode(config, tmp_path)
+
+
+def _deployment_exists(client, name: str) -> bool:
+    try:
+        client.read_deployment_by_name(name)
+        return True
+    except Exception:
+        return False
+
+
+def _final(client, flow_run_id):
+    state = client.read_flow_run(flow_run_id).state
+    return state if state.is_final() else None
+
+
+def _assert_equals_an_uninterrupted_encode(config: Path, tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    from pipeline import plan
+    from pipeline.config_files import load_run_config
+    from pipeline.stages import encode
+    from storage import open_store
+
+    run = plan.build(load_run_config(config), config, ["tiny-vit-112"])
+    for path, job in run.encode.items():
+        fresh = encode.run(replace(job, store_root=tmp_path / "fresh"), progress=False).store_path
+        np.testing.assert_array_equal(open_store(path).features(), open_store(fresh).features())
