@@ -13,9 +13,12 @@ DEFAULTS = {
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",  # cold start (SQLite migrations) takes 13-16 s here
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     "DO_NOT_TRACK": "1",  # telemetry would try DNS and log errors offline
-    "PREFECT_LOGGING_LEVEL": "WARNING",
     "PREFECT_SERVER_LOGGING_LEVEL": "CRITICAL",
 }
+# Without a server the CLI's own output is the record: Prefect stays quiet. With one, stage progress, what was
+# cached and where artifacts went are logged at INFO and sent to it (`prefect flow-run logs`, the UI).
+LOCAL = {"PREFECT_LOGGING_LEVEL": "WARNING", "PREFECT_LOGGING_TO_API_ENABLED": "false"}
+SERVED = {"PREFECT_LOGGING_LEVEL": "INFO", "PREFECT_LOGGING_TO_API_ENABLED": "true"}
 
 
 def configure(home: str | Path | None = None) -> Path:
@@ -25,10 +28,8 @@ def configure(home: str | Path | None = None) -> Path:
         os.environ["PREFECT_HOME"] = str((Path(home) if home else base / "prefect").resolve())
     for key, value in DEFAULTS.items():
         os.environ.setdefault(key, value)
-    # Logs go to the server whenever one is configured (`prefect flow-run logs`, the UI); locally they stay local.
-    os.environ.setdefault(
-        "PREFECT_LOGGING_TO_API_ENABLED", "true" if os.environ.get("PREFECT_API_URL") else "false"
-    )
+    for key, value in (SERVED if os.environ.get("PREFECT_API_URL") else LOCAL).items():
+        os.environ.setdefault(key, value)
     Path(os.environ["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)
     return Path(os.environ["PREFECT_HOME"])
 

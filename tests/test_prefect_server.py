@@ -71,6 +71,8 @@ def server(tmp_path_factory):
 
 def _serve(config: Path, url: str, home: Path) -> subprocess.Popen:
     env = {**os.environ, "PREFECT_API_URL": url, "PREFECT_HOME": str(home), "RECONLAB_HOME": str(home)}
+    for key in ("PREFECT_LOGGING_TO_API_ENABLED", "PREFECT_LOGGING_LEVEL"):  # as a user's shell has them
+        env.pop(key, None)
     return subprocess.Popen(
         [sys.executable, "-m", "flows.cli", "serve", "-c", str(config)], cwd=ROOT, env=env,
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
@@ -99,8 +101,16 @@ def config(tmp_path_factory, demo_root):
     return path
 
 
+@pytest.fixture
+def api(server):
+    """This process talks to the test's server (Prefect reads its settings once; the env alone is not enough)."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(updates={PREFECT_API_URL: server}):
+        yield server
+
+
 def _client(url: str):
-    os.environ["PREFECT_API_URL"] = url
     from prefect.client.orchestration import get_client
 
     return get_client(sync_client=True)
@@ -109,7 +119,6 @@ def _client(url: str):
 def _run(url: str, deployment: str, parameters: dict | None = None, timeout_s: float = 300):
     from prefect.deployments import run_deployment
 
-    os.environ["PREFECT_API_URL"] = url
     return run_deployment(deployment, parameters=parameters or {}, timeout=timeout_s)
 
 
@@ -120,7 +129,7 @@ def _task_states(client, flow_run_id) -> list[str]:
     return [r.state.name for r in runs if r.name.startswith("encode")]
 
 
-def test_served_stages_run_log_publish_cache_queue_and_resume(server, config, tmp_path):
+def test_served_stages_run_log_publish_cache_queue_and_resume(server, api, config, tmp_path):
     from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
 
     from storage import open_store
