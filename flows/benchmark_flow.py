@@ -1,5 +1,5 @@
-"""The end-to-end benchmark: encode -> train -> operators -> evaluate as one Prefect flow (stages as subflows),
-for `reconlab run`, schedules and deployments. Each stage returns at once for work already done."""
+"""The end-to-end benchmark for `reconlab run`, schedules and deployments: one plan, then the stage tasks in order —
+every store, every reconstructor, the operator fits, the evaluation. Each returns at once for work already done."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ prefect_env.configure()
 from prefect import flow  # noqa: E402
 
 from flows import tasks  # noqa: E402
-from flows.encode_flow import encode_flow  # noqa: E402
-from flows.evaluate_flow import evaluate_flow  # noqa: E402
-from flows.operators_flow import operators_flow  # noqa: E402
-from flows.train_flow import train_flow  # noqa: E402
+from flows.encode_flow import encode_all  # noqa: E402
+from flows.evaluate_flow import evaluate_all  # noqa: E402
+from flows.operators_flow import fit_all  # noqa: E402
+from flows.train_flow import train_all  # noqa: E402
 from pipeline import plan  # noqa: E402
 from pipeline.config_files import load_run_config  # noqa: E402
 
@@ -24,11 +24,18 @@ from pipeline.config_files import load_run_config  # noqa: E402
 def benchmark_flow(
     config_path: str, progress: bool = True, operators: bool = True, force: str | None = None
 ) -> dict:
+    cfg = load_run_config(config_path)
+    tasks.configure(cfg)
     if force:  # the stage and every later one
-        for removed in plan.force(load_run_config(config_path), Path(config_path), force):
+        for removed in plan.force(cfg, Path(config_path), force):
             print(f"force {force}: removed {removed}")
-    stores = encode_flow(config_path, None, progress)
-    trained = train_flow(config_path, None, progress)
-    fitted = operators_flow(config_path, None, progress) if operators else []
-    report = evaluate_flow(config_path, progress)
-    return {"stores": stores, "trained": trained, "operators": fitted, "evaluation": report}
+    run = plan.build(cfg, Path(config_path))
+    stores = encode_all(run, list(run.encode), progress)
+    trained = train_all(run, progress)
+    fitted = fit_all(run, run.operators, trained, progress) if operators else []
+    return {
+        "stores": stores,
+        "trained": trained,
+        "operators": fitted,
+        "evaluation": evaluate_all(run, trained, progress),
+    }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -206,7 +207,28 @@ def evaluate(
     _echo_evaluation(result)
 
 
-def _echo_plan(config: Path, with_operators: bool = True) -> None:
+def _from_artifacts(config: Path, with_operators: bool, progress: bool) -> dict:
+    """The benchmark's results when every store, run and fit is cached, from the stages themselves (each returns
+    its finished artifact at once; evaluate re-uses its score files and report when they exist)."""
+    from pipeline import plan
+    from pipeline.config_files import load_run_config
+    from pipeline.stages import evaluate, operators, train
+
+    cfg = load_run_config(config)
+    run = plan.build(cfg, config)
+    trained = {name: train.run(job, progress=False) for name, job in run.train.items()}
+    fitted = (
+        [operators.run(s.job(cfg, trained[s.encoder].checkpoint)) for s in run.operators]
+        if with_operators
+        else []
+    )
+    targets = run.eval_targets({name: result.checkpoint for name, result in trained.items()})
+    judges = evaluate.load_judges(run.judges, cfg.evaluate.device)
+    return {"trained": trained, "operators": fitted,
+            "evaluation": evaluate.run(targets, cfg.evaluate, judges, progress=progress)}  # fmt: skip
+
+
+def _echo_plan(config: Path, with_operators: bool = True) -> list:
     import pandas as pd
 
     from pipeline.config_files import load_run_config
@@ -215,6 +237,7 @@ def _echo_plan(config: Path, with_operators: bool = True) -> None:
     steps = plan(load_run_config(config), config, with_operators)
     table = pd.DataFrame([vars(s) for s in steps]).rename(columns={"what": "split / transform / pair"})
     typer.echo(table.to_markdown(index=False, tablefmt="simple"))
+    return steps
 
 
 @app.command("plan")
@@ -256,8 +279,18 @@ def run(
 
             for removed in force_stage(load_run_config(config), config, force):
                 typer.echo(f"--force {force}: removed {removed}")
-        _echo_plan(config, operators)
-        out = benchmark_flow(str(config), progress, operators)
+        steps = _echo_plan(config, operators)
+        if not os.environ.get("PREFECT_API_URL") and all(
+            s.state == "cached" for s in steps if s.stage != "evaluate"
+        ):
+            # Nothing to orchestrate: skip the ~10 s of Prefect's temporary server (a configured server still
+            # gets the run, for its record).
+            typer.echo(
+                "\nnothing to encode, train or fit: results read from their artifacts (Prefect not started)"
+            )
+            out = _from_artifacts(config, operators, progress)
+        else:
+            out = benchmark_flow(str(config), progress, operators)
     from pipeline.config_files import load_run_config
 
     ls(load_run_config(config).store_root)

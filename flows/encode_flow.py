@@ -37,13 +37,15 @@ def encode_store(job: EncodeJob, progress: bool = True):
 
 
 def encode_all(run: plan.RunPlan, paths, progress: bool) -> list[encode.EncodeResult]:
-    """The stores at `paths` (plan keys), as concurrent tasks; what later flows call to make their inputs."""
+    """The stores at `paths` (plan keys) not yet made in this run, as concurrent tasks; what later stages call to
+    make their inputs."""
     orch = run.cfg.orchestration
     task = encode_store.with_options(retries=orch.retries, retry_delay_seconds=orch.retry_delay_s)
-    calls = [
-        ((run.encode[p], progress), {"encoder": run.encode[p].encoder.name}) for p in dict.fromkeys(paths)
-    ]
-    return tasks.in_waves(task, calls, orch.parallel_tasks)
+    todo = [p for p in dict.fromkeys(paths) if p not in run.ensured]
+    calls = [((run.encode[p], progress), {"encoder": run.encode[p].encoder.name}) for p in todo]
+    results = tasks.in_waves(task, calls, orch.parallel_tasks)
+    run.ensured.update(todo)
+    return results
 
 
 @flow(name="reconlab-encode", flow_run_name=tasks.run_name("encode"), log_prints=True)

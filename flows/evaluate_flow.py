@@ -13,7 +13,7 @@ from prefect import flow, task  # noqa: E402
 
 from flows import tasks  # noqa: E402
 from flows.encode_flow import encode_all  # noqa: E402
-from flows.train_flow import train_flow  # noqa: E402
+from flows.train_flow import train_all  # noqa: E402
 from pipeline import plan  # noqa: E402
 from pipeline.config import EncoderSpec, EvaluateConfig  # noqa: E402
 from pipeline.config_files import load_run_config  # noqa: E402
@@ -33,6 +33,13 @@ def evaluate_task(
     return tasks.finished(result, False, f"report at {result.report_html}")
 
 
+def evaluate_all(run: plan.RunPlan, trained: dict, progress: bool) -> evaluate.EvaluateResult:
+    """The held-out stores, then scores, statistics and the report."""
+    encode_all(run, list(run.evaluate.values()), progress)
+    targets = run.eval_targets({name: result.checkpoint for name, result in trained.items()})
+    return evaluate_task.submit(targets, run.cfg.evaluate, run.judges, progress).result()
+
+
 @flow(name="reconlab-evaluate", flow_run_name=tasks.run_name("evaluate"), log_prints=True)
 def evaluate_flow(config_path: str, progress: bool = True, force: bool = False) -> evaluate.EvaluateResult:
     cfg = load_run_config(config_path)
@@ -40,7 +47,5 @@ def evaluate_flow(config_path: str, progress: bool = True, force: bool = False) 
     if force:
         plan.force(cfg, Path(config_path), "evaluate")
     run = plan.build(cfg, Path(config_path), cfg.evaluate.encoders)
-    trained = train_flow(config_path, list(run.evaluate), progress)
-    encode_all(run, list(run.evaluate.values()), progress)
-    targets = run.eval_targets({name: result.checkpoint for name, result in trained.items()})
-    return evaluate_task.submit(targets, cfg.evaluate, run.judges, progress).result()
+    trained = train_all(plan.build(cfg, Path(config_path), list(run.evaluate)), progress)
+    return evaluate_all(run, trained, progress)

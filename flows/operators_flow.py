@@ -14,7 +14,7 @@ from prefect import flow, task  # noqa: E402
 
 from flows import tasks  # noqa: E402
 from flows.encode_flow import encode_all  # noqa: E402
-from flows.train_flow import train_flow  # noqa: E402
+from flows.train_flow import train_all  # noqa: E402
 from pipeline import plan  # noqa: E402
 from pipeline.config_files import load_run_config  # noqa: E402
 from pipeline.jobs import OperatorJob  # noqa: E402
@@ -32,6 +32,17 @@ def fit_operators(job: OperatorJob, encoder_name: str, tag: str, progress: bool 
     return tasks.finished(result, result.already_complete, f"operators {state} at {result.out_dir}")
 
 
+def fit_all(run: plan.RunPlan, steps: list[plan.OperatorStep], trained: dict, progress: bool) -> list:
+    """The stores of x and T(x) the steps need, then the fits, `orchestration.parallel_tasks` at once."""
+    encode_all(run, [p for s in steps for p in (s.identity_store, s.transform_store)], progress)
+    calls = [
+        ((s.job(run.cfg, trained[s.encoder].checkpoint), s.encoder, f"{s.pair.transform.tag}-{s.pair.direction}",
+          progress), {"encoder": s.encoder, "transform": s.pair.transform.tag})
+        for s in steps
+    ]  # fmt: skip
+    return tasks.in_waves(fit_operators, calls, run.cfg.orchestration.parallel_tasks)
+
+
 @flow(name="reconlab-operators", flow_run_name=tasks.run_name("operators"), log_prints=True)
 def operators_flow(
     config_path: str, transform_names: list[str] | None = None, progress: bool = True, force: bool = False
@@ -42,11 +53,6 @@ def operators_flow(
         plan.force(cfg, Path(config_path), "operators")
     run = plan.build(cfg, Path(config_path))
     steps = run.operator_steps(transform_names)
-    trained = train_flow(config_path, list(dict.fromkeys(s.encoder for s in steps)), progress)
-    encode_all(run, [p for s in steps for p in (s.identity_store, s.transform_store)], progress)
-    calls = [
-        ((s.job(cfg, trained[s.encoder].checkpoint), s.encoder, f"{s.pair.transform.tag}-{s.pair.direction}",
-          progress), {"encoder": s.encoder, "transform": s.pair.transform.tag})
-        for s in steps
-    ]  # fmt: skip
-    return tasks.in_waves(fit_operators, calls, cfg.orchestration.parallel_tasks)
+    names = list(dict.fromkeys(s.encoder for s in steps))
+    trained = train_all(plan.build(cfg, Path(config_path), names), progress)
+    return fit_all(run, steps, trained, progress)

@@ -34,6 +34,16 @@ def train_reconstructor(job: TrainJob, encoder_name: str, progress: bool = True)
     return tasks.finished(result, result.already_complete, f"reconstructor {state} at {result.run_dir}")
 
 
+def train_all(run: plan.RunPlan, progress: bool) -> dict[str, train.TrainResult]:
+    """The plan's train/val stores, then one reconstructor per encoder, one at a time (each uses the device)."""
+    encode_all(run, [p for job in run.train.values() for p in (job.train_store, job.val_store)], progress)
+    results = {}
+    for name, job in run.train.items():
+        with tags(f"encoder:{name}"):
+            results[name] = train_reconstructor.submit(job, name, progress).result()
+    return results
+
+
 @flow(name="reconlab-train", flow_run_name=tasks.run_name("train"), log_prints=True)
 def train_flow(
     config_path: str, encoder_names: list[str] | None = None, progress: bool = True, force: bool = False
@@ -42,10 +52,4 @@ def train_flow(
     tasks.configure(cfg)
     if force:
         plan.force(cfg, Path(config_path), "train")
-    run = plan.build(cfg, Path(config_path), encoder_names)
-    encode_all(run, [p for job in run.train.values() for p in (job.train_store, job.val_store)], progress)
-    results = {}
-    for name, job in run.train.items():  # one at a time: each uses the whole device
-        with tags(f"encoder:{name}"):
-            results[name] = train_reconstructor.submit(job, name, progress).result()
-    return results
+    return train_all(plan.build(cfg, Path(config_path), encoder_names), progress)

@@ -45,6 +45,7 @@ class RunPlan:
     evaluate: dict[str, Path] = field(default_factory=dict)  # encoder name -> held-out store
     judges: list[EncoderSpec] = field(default_factory=list)
     n_images: dict[Path, int] = field(default_factory=dict)  # images each store will hold (before decoding)
+    ensured: set[Path] = field(default_factory=set)  # stores already made by whoever executes this plan
 
     def operator_steps(self, transform_names: list[str] | None = None) -> list[OperatorStep]:
         """The operator fits, optionally only those whose transform is named (by name or tag); naming none that

@@ -146,3 +146,40 @@ def test_prefect_yaml_deploys_every_stage_flow_with_its_parameters():
         assert d["concurrency_limit"]["limit"] == 1 and d["work_pool"]["name"].startswith("reconlab-")
         assert set(d["parameters"]) <= set(flows[d["name"]].parameters.properties)
     assert {f.name for f in flows.values()} == {f.name for f in STAGE_FLOWS.values()}
+
+
+def test_only_transient_faults_are_retried():
+    import errno
+
+    from prefect.states import Completed, Failed
+
+    from flows.tasks import transient
+    from pipeline.config import ConfigError
+    from storage import StoreLocked
+
+    def failed(error):
+        return Failed(data=error)
+
+    assert transient(None, None, failed(OSError(errno.EIO, "Input/output error")))
+    assert transient(None, None, failed(RuntimeError("CUDA error: unspecified launch failure")))
+    for user_error in (
+        ConfigError("bad field"),
+        StoreLocked("held"),
+        OSError(errno.ENOSPC, "No space", "/x"),
+    ):
+        assert not transient(None, None, failed(user_error))
+    assert not transient(None, None, Completed(data=1))
+
+
+@pytest.mark.slow
+def test_parallel_tasks_encode_several_stores_at_once_through_the_flow(write_run_config, tmp_path):
+    from storage import open_store
+
+    config = write_run_config(
+        encoders=["tiny-vit-64", "tiny-vit-112"], orchestration={"parallel_tasks": 2},
+        operators={"pairs": []}, train={"train_split": "val", "val_split": "val"},
+    )  # fmt: skip
+    result = runner.invoke(app, ["encode", "--config", str(config), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    stores = sorted((tmp_path / "stores").glob("*.zarr"))
+    assert len(stores) == 2 and all(open_store(p).complete for p in stores)

@@ -227,3 +227,24 @@ def _assert_equals_an_uninterrupted_encode(config: Path, tmp_path: Path) -> None
     for path, job in run.encode.items():
         fresh = encode.run(replace(job, store_root=tmp_path / "fresh"), progress=False).store_path
         np.testing.assert_array_equal(open_store(path).features(), open_store(fresh).features())
+
+
+def test_prefect_deploy_puts_every_flow_on_its_work_pool(server, api):
+    from prefect.client.schemas.actions import WorkPoolCreate
+
+    client = _client(server)
+    for pool in ("reconlab-cpu", "reconlab-gpu"):
+        client.create_work_pool(WorkPoolCreate(name=pool, type="process"))
+    env = {**os.environ, "PREFECT_API_URL": server, "RECONLAB_DIR": str(ROOT)}
+    done = subprocess.run([sys.executable, "-m", "prefect", "--no-prompt", "deploy", "--all"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    pools = {}
+    for flow, stage in [("reconlab-encode", "encode"), ("reconlab-train", "train"),
+                        ("reconlab-operators", "operators"), ("reconlab-evaluate", "evaluate"),
+                        ("reconlab-benchmark", "benchmark")]:  # fmt: skip
+        deployment = client.read_deployment_by_name(f"{flow}/demo-{stage}")
+        pools[stage] = deployment.work_pool_name
+        assert deployment.parameters["config_path"] == str(ROOT / "configs" / "demo.yaml")
+    assert pools == {"encode": "reconlab-gpu", "train": "reconlab-gpu", "operators": "reconlab-cpu",
+                     "evaluate": "reconlab-cpu", "benchmark": "reconlab-cpu"}  # fmt: skip
