@@ -61,9 +61,6 @@ class RunPlan:
             )
         return steps
 
-    def store(self, job: EncodeJob) -> Path:
-        return next(path for path, j in self.encode.items() if j == job)
-
     def eval_targets(self, checkpoints: dict[str, Path]) -> list[EvalTarget]:
         return [EvalTarget(name, store, checkpoints[name]) for name, store in self.evaluate.items()]
 

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import subprocess
 from importlib import metadata
 from pathlib import Path
 
 import pipeline
+from storage.format import file_sha256  # noqa: F401 (one SHA-256 of a file, re-exported)
 
 _PACKAGES = ("torch", "timm", "transformers", "zarr", "numcodecs", "numpy", "pillow", "dask", "prefect")
 
@@ -49,11 +49,3 @@ def provenance() -> dict:
         "package_versions": package_versions(),
         "created_utc": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
     }
-
-
-def file_sha256(path: Path, block: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(block):
-            digest.update(chunk)
-    return digest.hexdigest()

@@ -311,7 +311,7 @@ class FeatureStore:
             if name in self.group:
                 path = self._shard_file(name, shard)
                 records[name] = (
-                    {"bytes": path.stat().st_size, "sha256": _sha256(path)} if path.is_file() else None
+                    {"bytes": path.stat().st_size, "sha256": file_sha256(path)} if path.is_file() else None
                 )
         return records
 
@@ -323,7 +323,7 @@ class FeatureStore:
             return f"{name}: file {path.relative_to(self.path)} is missing"
         if path.stat().st_size != recorded["bytes"]:
             return f"{name}: file {path.relative_to(self.path)} has {path.stat().st_size} bytes, {recorded['bytes']} were written"
-        if full and _sha256(path) != recorded["sha256"]:
+        if full and file_sha256(path) != recorded["sha256"]:
             return f"{name}: file {path.relative_to(self.path)} does not match its SHA-256"
         return ""
 
@@ -375,7 +375,7 @@ class FeatureStore:
         return removed
 
 
-def _sha256(path: Path, block: int = 1 << 22) -> str:
+def file_sha256(path: Path, block: int = 1 << 22) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(block):
