@@ -1,0 +1,192 @@
+"""What a feature store is made of: encoder specs, datasets and splits, subsets, pixel transforms, storage and
+encode options (all part of a store's key except the fields marked Runtime)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from pipeline.config.base import Frozen, Name, NegativeLayer, Runtime
+
+
+class EncoderSpec(Frozen):
+    """One frozen vision encoder and how its patch features are taken."""
+
+    name: Name = Field(description="Short name; also the YAML file name under configs/encoders/.")
+    backend: Literal["timm", "transformers"] = Field(description="Library that builds the model.")
+    model_id: str = Field(description="timm model name (with pretrained tag) or Hugging Face repo id.")
+    resolution: int = Field(gt=0, description="Square input resolution in pixels.")
+    patch_size: int = Field(gt=0, description="ViT patch size; the token grid is resolution / patch_size.")
+    feature_layer: Literal["last"] | NegativeLayer = Field(
+        -2,
+        description="'last' = the model's final token output (timm forward_features, HF last_hidden_state); a negative int = that block's raw output, "
+        "indexed like hidden_states (-1 = last block, -2 = second to last, as the paper's released code).",
+    )
+    n_prefix_tokens: int | None = Field(
+        None,
+        ge=0,
+        description="CLS/register tokens expected before the patch tokens; checked against the model.",
+    )
+    preprocessing_source: Literal["timm_pretrained_cfg", "hf_image_processor"] = Field(
+        description="Where resize/crop/mean/std come from: the model's own config, never re-typed."
+    )
+    weights: str = Field(
+        "pretrained",
+        description="'pretrained' (Hugging Face cache / hub, honours HF_HUB_OFFLINE), 'random' (seeded random "
+        "init, for demos and tests), or a local path: a timm checkpoint file or a save_pretrained directory.",
+    )
+    revision: str | None = Field(None, description="Hugging Face revision (commit, branch or tag) to load.")
+    seed: int = Field(0, description="Seed of the random init when weights == 'random'.")
+    trust_remote_code: bool = Field(False, description="Needed by models with remote code (InternViT).")
+    model_kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="Extra keyword args for the model."
+    )
+    hidden_dim: int | None = Field(
+        None, gt=0, description="Expected feature width D; checked against the model."
+    )
+    keep_head: bool = Field(
+        False,
+        description="Keep the projection head: judges score images by their pooled, projected embedding.",
+    )
+    input_transform: TransformSpec | None = Field(
+        None,
+        description="A pixel transform applied to what this encoder sees, not to the stored target pixels: an "
+        "encoder whose information loss is known by construction (e.g. {name: resample, factor: 4}).",
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> EncoderSpec:
+        if self.resolution % self.patch_size:
+            raise ValueError(
+                f"resolution {self.resolution} is not a multiple of patch_size {self.patch_size}; "
+                f"use e.g. {self.resolution // self.patch_size * self.patch_size}"
+            )
+        expected = {"timm": "timm_pretrained_cfg", "transformers": "hf_image_processor"}[self.backend]
+        if self.preprocessing_source != expected:
+            raise ValueError(f"backend '{self.backend}' takes its preprocessing from '{expected}'")
+        return self
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        side = self.resolution // self.patch_size
+        return side, side
+
+
+class SplitSpec(Frozen):
+    images_dir: Path = Field(description="Folder with the split's image files.")
+    annotations: Path | None = Field(
+        None, description="COCO instances or captions JSON (kind: coco). Absent for kind: folder."
+    )
+
+
+class DatasetSpec(Frozen):
+    """Where images come from. kind 'demo' is built from scikit-image's photos under `root` if absent."""
+
+    name: Name = Field(description="Dataset name; part of store names and keys.")
+    kind: Literal["coco", "folder", "demo"] = Field(
+        description="COCO annotations, a plain folder, or the demo set."
+    )
+    root: Path = Field(Path("data/demo"), description="Dataset root; split paths are relative to it.")
+    splits: dict[Name, SplitSpec] = Field(
+        default_factory=dict, description="Per split: images folder (+ annotations for coco)."
+    )
+
+    @model_validator(mode="after")
+    def _splits_present(self) -> DatasetSpec:
+        if self.kind == "coco" and not self.splits:
+            raise ValueError("kind 'coco' needs splits: {name: {images_dir: ..., annotations: ...}}")
+        if self.kind == "coco":
+            missing = [name for name, s in self.splits.items() if s.annotations is None]
+            if missing:
+                raise ValueError(f"kind 'coco' needs 'annotations' for split(s) {missing}")
+        return self
+
+
+class SubsetSpec(Frozen):
+    max_images: int | None = Field(None, gt=0, description="Keep at most this many images per split.")
+    seed: int | None = Field(
+        None, description="None: the first max_images by image id; an int: a seeded random subset."
+    )
+
+
+class TransformSpec(Frozen):
+    """A pixel-space image transform applied before the encoder's preprocessing (pipeline/data/transforms.py)."""
+
+    name: str = Field(
+        "identity", description="A registered transform: identity, swap_rb, scale_channel, grayscale, ..."
+    )
+    channel: Literal["r", "g", "b"] | None = Field(None, description="scale_channel: which channel.")
+    alpha: float | None = Field(None, ge=0, description="scale_channel: the factor.")
+    factor: int | None = Field(None, ge=2, description="resample: shrink by this factor, then enlarge back.")
+
+    @model_validator(mode="after")
+    def _params(self) -> TransformSpec:
+        from pipeline.data.transforms import REGISTRY
+
+        if self.name not in REGISTRY:
+            raise ValueError(f"unknown transform '{self.name}'; registered: {', '.join(REGISTRY)}")
+        wanted = set(REGISTRY[self.name].params)
+        given = {k for k in ("channel", "alpha", "factor") if getattr(self, k) is not None}
+        if given != wanted:
+            raise ValueError(
+                f"transform '{self.name}' takes parameters {sorted(wanted) or 'none'}, got {sorted(given)}"
+            )
+        return self
+
+    @property
+    def params(self) -> dict:
+        return {k: getattr(self, k) for k in ("channel", "alpha", "factor") if getattr(self, k) is not None}
+
+    @property
+    def tag(self) -> str:
+        return self.name + "".join(
+            f"-{v:g}" if isinstance(v, float) else f"-{v}" for v in self.params.values()
+        )
+
+
+Precision = Literal["float16", "float32", "bf16_bitround", "int8_per_token"]
+Compressor = Literal["blosc_zstd_bitshuffle", "blosc_zstd_shuffle", "zstd", "blosc_lz4", "none"]
+
+
+class StoreOptions(Frozen):
+    precision: Precision = Field(
+        "float16",
+        description="float16 (default), float32, bf16_bitround (float32 with the mantissa rounded to bf16's 7 bits by a "
+        "BitRound filter: rel. error <= 2^-8, 0.64x a bf16 .pt), int8_per_token (int8 + a float32 scale per token).",
+    )
+    compressor: Compressor = Field(
+        "blosc_zstd_shuffle",
+        description="Byte codec of features and pixels (byte shuffle measured best on ViT-B).",
+    )
+    compression_level: int | None = Field(
+        None, ge=1, le=9, description="Codec level; None: 7 for bf16_bitround, 3 otherwise (measured)."
+    )
+    shard_images: int = Field(
+        64, gt=0, description="Images per shard (the unit of resumable work); one image per inner chunk."
+    )
+    store_pixels: bool = Field(True, description="Also store the encoder-resolution uint8 image per row.")
+
+
+class EncodeOptions(Frozen):
+    batch_size: int = Runtime(
+        32, gt=0, description="Images per forward pass (batches never straddle shards)."
+    )
+    num_workers: int = Runtime(2, ge=0, description="DataLoader workers that decode and resize images.")
+    device: Literal["auto", "cpu", "cuda"] = Runtime(
+        "auto", description="auto: CUDA when available, else CPU."
+    )
+    compute_dtype: Literal["auto", "bfloat16", "float32"] = Runtime(
+        "auto", description="auto: bfloat16 autocast on CUDA, float32 on CPU."
+    )
+    geometry: Literal["short_side_crop", "native"] = Field(
+        "short_side_crop",
+        description="short_side_crop: every encoder sees the same field of view (short side resized to its "
+        "resolution, centre square crop, no margin; the released evaluation code's geometry). native: each "
+        "model's own eval transform (timm crop_pct margins, HF squash resizes).",
+    )
+    min_image_side: int = Field(16, gt=0, description="Images with a smaller side are skipped as failures.")
+    max_image_pixels: int = Field(
+        178_956_970, gt=0, description="Images with more pixels are skipped (decompression-bomb guard)."
+    )

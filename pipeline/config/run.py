@@ -1,0 +1,47 @@
+"""A whole run config: one dataset, its encoders and transforms, and every stage's settings."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, model_validator
+
+from pipeline.config.base import Frozen, Name, Runtime
+from pipeline.config.inputs import (
+    DatasetSpec,
+    EncodeOptions,
+    EncoderSpec,
+    StoreOptions,
+    SubsetSpec,
+    TransformSpec,
+)
+from pipeline.config.stages import EvaluateConfig, OperatorsConfig, OrchestrationConfig, TrainConfig
+
+
+class RunConfig(Frozen):
+    """A reconlab run: which images, which encoders, where the stores go, how to encode."""
+
+    store_root: Path = Runtime(
+        Path("runs/stores"), description="Folder holding content-addressed feature stores."
+    )
+    dataset: DatasetSpec
+    splits: list[Name] = Field(default_factory=lambda: ["train", "val"])
+    subset: SubsetSpec = SubsetSpec()
+    encoders: list[str | EncoderSpec] = Field(
+        min_length=1, description="Encoder names (configs/encoders/NAME.yaml), YAML paths, or inline specs."
+    )
+    transforms: list[TransformSpec] = Field(default_factory=lambda: [TransformSpec()])
+    store: StoreOptions = StoreOptions()
+    encode: EncodeOptions = EncodeOptions()
+    train: TrainConfig = TrainConfig()
+    operators: OperatorsConfig = OperatorsConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    orchestration: OrchestrationConfig = OrchestrationConfig()
+
+    @model_validator(mode="after")
+    def _identity_transform(self) -> RunConfig:
+        if TransformSpec() not in self.transforms:
+            raise ValueError(
+                "transforms must include {name: identity}: training and evaluation use f(x) itself"
+            )
+        return self
