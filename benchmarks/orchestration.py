@@ -34,17 +34,8 @@ def plain(config: str) -> None:
     """Every stage of the plan, in this process, without Prefect (the baseline)."""
     from pipeline import plan
     from pipeline.config_files import load_run_config
-    from pipeline.stages import encode, evaluate, operators, train
 
-    cfg = load_run_config(config)
-    run = plan.build(cfg, Path(config))
-    for job in run.encode.values():
-        encode.run(job, progress=False)
-    trained = {name: train.run(job, progress=False) for name, job in run.train.items()}
-    for step in run.operators:
-        operators.run(step.job(cfg, trained[step.encoder].checkpoint))
-    targets = run.eval_targets({name: result.checkpoint for name, result in trained.items()})
-    evaluate.run(targets, cfg.evaluate, evaluate.load_judges(run.judges, cfg.evaluate.device), progress=False)
+    plan.execute(plan.build(load_run_config(config), Path(config)))
 
 
 def main() -> None:

@@ -207,27 +207,6 @@ def evaluate(
     _echo_evaluation(result)
 
 
-def _from_artifacts(config: Path, with_operators: bool, progress: bool) -> dict:
-    """The benchmark's results when every store, run and fit is cached, from the stages themselves (each returns
-    its finished artifact at once; evaluate re-uses its score files and report when they exist)."""
-    from pipeline import plan
-    from pipeline.config_files import load_run_config
-    from pipeline.stages import evaluate, operators, train
-
-    cfg = load_run_config(config)
-    run = plan.build(cfg, config)
-    trained = {name: train.run(job, progress=False) for name, job in run.train.items()}
-    fitted = (
-        [operators.run(s.job(cfg, trained[s.encoder].checkpoint)) for s in run.operators]
-        if with_operators
-        else []
-    )
-    targets = run.eval_targets({name: result.checkpoint for name, result in trained.items()})
-    judges = evaluate.load_judges(run.judges, cfg.evaluate.device)
-    return {"trained": trained, "operators": fitted,
-            "evaluation": evaluate.run(targets, cfg.evaluate, judges, progress=progress)}  # fmt: skip
-
-
 def _echo_plan(config: Path, with_operators: bool = True) -> list:
     import pandas as pd
 
@@ -288,7 +267,10 @@ def run(
             typer.echo(
                 "\nnothing to encode, train or fit: results read from their artifacts (Prefect not started)"
             )
-            out = _from_artifacts(config, operators, progress)
+            from pipeline import plan
+            from pipeline.config_files import load_run_config
+
+            out = plan.execute(plan.build(load_run_config(config), config), operators, progress)
         else:
             out = benchmark_flow(str(config), progress, operators)
     from pipeline.config_files import load_run_config

@@ -17,7 +17,7 @@ from pipeline.config_files import resolve_encoder
 from pipeline.jobs import EncodeJob, EvalTarget, OperatorJob, TrainJob
 from pipeline.models import encoders, weights
 from pipeline.models.checkpoints import CheckpointError, read_header
-from pipeline.stages import encode, operators, train
+from pipeline.stages import encode, evaluate, operators, train
 from storage import StoreError, open_store
 
 STAGES = ("encode", "train", "operators", "evaluate")
@@ -185,6 +185,21 @@ def _check_writable(field_name: str, root: Path) -> None:
             pass
     except OSError as e:
         raise ConfigError(f"{field_name} {root}: cannot write there ({e.strerror})") from None
+
+
+def execute(run: RunPlan, with_operators: bool = True, progress: bool = False) -> dict:
+    """Every job of the plan in this process, in stage order, without an orchestrator: what `reconlab run` does
+    when everything is cached (each stage returns its finished artifact at once), and the baseline of
+    benchmarks/orchestration.py."""
+    cfg = run.cfg
+    stores = [encode.run(job, progress=progress) for job in run.encode.values()]
+    trained = {name: train.run(job, progress=progress) for name, job in run.train.items()}
+    steps = run.operators if with_operators else []
+    fitted = [operators.run(s.job(cfg, trained[s.encoder].checkpoint)) for s in steps]
+    targets = run.eval_targets({name: result.checkpoint for name, result in trained.items()})
+    judges = evaluate.load_judges(run.judges, cfg.evaluate.device)
+    report = evaluate.run(targets, cfg.evaluate, judges, progress=progress)
+    return {"stores": stores, "trained": trained, "operators": fitted, "evaluation": report}
 
 
 # -- the plan as a table ---------------------------------------------------------------------------------------
