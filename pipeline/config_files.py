@@ -103,7 +103,11 @@ def load_model(path: str | Path, model: type[M], overrides: dict[str, Any] | Non
 
 def encoder_search_dirs(config_path: Path | None) -> list[Path]:
     dirs = [config_path.parent / "encoders"] if config_path else []
-    return [*dirs, REPO_CONFIG_DIR / "encoders"]
+    # configs/ and the packaged pipeline/configs are one folder in a checkout: look there once.
+    unique: dict[Path, Path] = {}
+    for d in [*dirs, REPO_CONFIG_DIR / "encoders"]:
+        unique.setdefault(d.resolve(), d)
+    return list(unique.values())
 
 
 def resolve_encoder(
