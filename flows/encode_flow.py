@@ -9,7 +9,7 @@ from flows import prefect_env
 
 prefect_env.configure()
 
-from prefect import flow, task  # noqa: E402
+from prefect import flow  # noqa: E402
 
 from flows import tasks  # noqa: E402
 from pipeline import plan  # noqa: E402
@@ -18,32 +18,40 @@ from pipeline.jobs import EncodeJob  # noqa: E402
 from pipeline.stages import encode  # noqa: E402
 
 
-@task(
-    name="encode-store", task_run_name="encode {job.encoder.name} {job.split} {job.transform.tag}",
-    tags=["reconlab", "stage:encode"], retry_condition_fn=tasks.transient,
-)  # fmt: skip
-def encode_store(job: EncodeJob, progress: bool = True):
+@tasks.stage_task(
+    "encode", name="encode-store", task_run_name="encode {label}", retry_condition_fn=tasks.transient
+)
+def encode_stores(jobs: list[EncodeJob], label: str, progress: bool = True):
+    """The stores of one forward pass: one feature layer, or several layers of one encoder."""
     # Retrying is safe: a re-run skips the shards already done.
-    result = encode.run(job, progress=progress)
-    tasks.publish(
-        f"store-{job.encoder.name}-{job.split}-{job.transform.tag}",
-        f"**{result.store_path.name}**\n\n| images | encoded | failed | state |\n|---|---|---|---|\n"
-        f"| {result.n_images} | {result.n_encoded} | {result.n_failed} | "
-        f"{'cached' if result.already_complete else 'encoded now'} |\n\n`{result.store_path.resolve()}`",
-        f"feature store of {job.encoder.name} on {job.split} ({job.transform.tag})",
-    )
-    state = "found" if result.already_complete else "written"
-    return tasks.finished(result, result.already_complete, f"store {state} at {result.store_path}")
+    results = encode.run_layers(jobs, progress=progress)
+    for job, result in zip(jobs, results, strict=True):
+        tasks.publish(
+            f"store-{job.encoder.name}-{job.split}-{job.transform.tag}",
+            f"**{result.store_path.name}**\n\n| images | encoded | failed | state |\n|---|---|---|---|\n"
+            f"| {result.n_images} | {result.n_encoded} | {result.n_failed} | "
+            f"{'cached' if result.already_complete else 'encoded now'} |\n\n`{result.store_path.resolve()}`",
+            f"feature store of {job.encoder.name} on {job.split} ({job.transform.tag})",
+        )
+    cached = all(r.already_complete for r in results)
+    where = ", ".join(str(r.store_path) for r in results)
+    return tasks.finished(results, cached, f"{'found' if cached else 'written'}: {where}")
 
 
 def encode_all(run: plan.RunPlan, paths, progress: bool) -> list[encode.EncodeResult]:
-    """The stores at `paths` (plan keys) not yet made in this run, as concurrent tasks; what later stages call to
-    make their inputs."""
+    """The stores at `paths` (plan keys) not yet made in this run, as concurrent tasks (one per forward pass:
+    the layers of one encoder share one); what later stages call to make their inputs."""
     orch = run.cfg.orchestration
-    task = encode_store.with_options(retries=orch.retries, retry_delay_seconds=orch.retry_delay_s)
+    task = encode_stores.with_options(retries=orch.retries, retry_delay_seconds=orch.retry_delay_s)
     todo = [p for p in dict.fromkeys(paths) if p not in run.ensured]
-    calls = [((run.encode[p], progress), {"encoder": run.encode[p].encoder.name}) for p in todo]
-    results = tasks.in_waves(task, calls, orch.parallel_tasks)
+    calls = []
+    for group in run.one_pass_groups(todo):
+        jobs = [run.encode[p] for p in group]
+        names = [job.encoder.name for job in jobs]
+        label = " ".join([names[0] + (f" +{len(names) - 1} layers" if len(names) > 1 else ""), jobs[0].split,
+                          jobs[0].transform.tag])  # fmt: skip
+        calls.append(((jobs, label, progress), {"encoder": names[0]}))
+    results = [r for group in tasks.in_waves(task, calls, orch.parallel_tasks) for r in group]
     run.ensured.update(todo)
     return results
 

@@ -9,7 +9,7 @@ from flows import prefect_env
 
 prefect_env.configure()
 
-from prefect import flow, task  # noqa: E402
+from prefect import flow  # noqa: E402
 
 from flows import tasks  # noqa: E402
 from flows.encode_flow import encode_all  # noqa: E402
@@ -21,7 +21,7 @@ from pipeline.jobs import EvalTarget  # noqa: E402
 from pipeline.stages import evaluate  # noqa: E402
 
 
-@task(name="evaluate", tags=["reconlab", "stage:evaluate"])
+@tasks.stage_task("evaluate", name="evaluate")
 def evaluate_task(
     targets: list[EvalTarget], cfg: EvaluateConfig, judges: list[EncoderSpec], progress: bool = True
 ):

@@ -10,7 +10,7 @@ from flows import prefect_env
 
 prefect_env.configure()
 
-from prefect import flow, task  # noqa: E402
+from prefect import flow  # noqa: E402
 
 from flows import tasks  # noqa: E402
 from flows.encode_flow import encode_all  # noqa: E402
@@ -21,9 +21,7 @@ from pipeline.jobs import OperatorJob  # noqa: E402
 from pipeline.stages import operators  # noqa: E402
 
 
-@task(
-    name="fit-operators", task_run_name="operators {encoder_name} {tag}", tags=["reconlab", "stage:operators"]
-)
+@tasks.stage_task("operators", name="fit-operators", task_run_name="operators {encoder_name} {tag}")
 def fit_operators(job: OperatorJob, encoder_name: str, tag: str, progress: bool = True):
     result = operators.run(job, progress=progress)
     tasks.publish(f"operators-{encoder_name}-{tag}", (result.out_dir / "fits.md").read_text(),

@@ -9,8 +9,9 @@ import re
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from prefect import tags
+from prefect import tags, task
 from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
 from prefect.states import Completed, State
 
 from flows.errors import is_reported
@@ -28,6 +29,13 @@ def run_name(stage: str) -> Callable[[], str]:
         return " ".join([stage, Path(params["config_path"]).stem, *filters])
 
     return name
+
+
+def stage_task(stage: str, **options):
+    """A Prefect task running one stage's work. No Prefect caching and no result persistence: each stage finds its
+    own finished artifact (pipeline/artifacts.py), so hashing the inputs and pickling the results would be pure
+    cost (and a cached Prefect result can outlive a deleted artifact)."""
+    return task(cache_policy=NO_CACHE, persist_result=False, tags=["reconlab", f"stage:{stage}"], **options)
 
 
 def configure(cfg: RunConfig) -> None:

@@ -9,7 +9,7 @@ from flows import prefect_env
 
 prefect_env.configure()
 
-from prefect import flow, tags, task  # noqa: E402
+from prefect import flow, tags  # noqa: E402
 
 from flows import tasks  # noqa: E402
 from flows.encode_flow import encode_all  # noqa: E402
@@ -19,7 +19,7 @@ from pipeline.jobs import TrainJob  # noqa: E402
 from pipeline.stages import train  # noqa: E402
 
 
-@task(name="train-reconstructor", task_run_name="train {encoder_name}", tags=["reconlab", "stage:train"])
+@tasks.stage_task("train", name="train-reconstructor", task_run_name="train {encoder_name}")
 def train_reconstructor(job: TrainJob, encoder_name: str, progress: bool = True):
     result = train.run(job, progress=progress)
     m = result.val_metrics

@@ -10,7 +10,7 @@ from typing import Any, TypeVar
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from pipeline.config import ConfigError, EncoderSpec, RunConfig
+from pipeline.config import ConfigError, EncoderEntry, EncoderSpec, RunConfig
 
 # The shipped configs: top-level configs/ in a checkout, linked as pipeline/configs so a wheel carries them.
 REPO_CONFIG_DIR = Path(__file__).resolve().parent / "configs"
@@ -136,8 +136,32 @@ def resolve_encoder(
     )
 
 
+def resolve_entry(
+    ref: str | EncoderSpec | EncoderEntry, config_path: Path | None = None, field: str = "encoders"
+) -> list[EncoderSpec]:
+    """The specs one `encoders:` entry stands for: one, or one per requested layer; a model given by id gets
+    its spec from the model's own config (pipeline/models/model_ids.py)."""
+    if isinstance(ref, str) and ref.startswith(("timm:", "hf:")):
+        ref = EncoderEntry(encoder=ref)
+    if not isinstance(ref, EncoderEntry):
+        return [resolve_encoder(ref, config_path, field)]
+    from pipeline.models import model_ids
+
+    base = None if ref.by_id else resolve_encoder(ref.encoder, config_path, field)
+    try:
+        return model_ids.layer_specs(base or model_ids.spec_from_id(ref), ref)
+    except ConfigError as e:
+        raise ConfigError(f"{config_path or 'the command line'}: field `{field}`: {e}") from None
+
+
 def load_run_config(path: str | Path) -> RunConfig:
     cfg = load_model(path, RunConfig)
+    names: dict[str, object] = {}
     for ref in cfg.encoders:  # fail at load time, not when the stage reaches this encoder
-        resolve_encoder(ref, Path(path))
+        for spec in resolve_entry(ref, Path(path)):
+            if spec.name in names:
+                raise ConfigError(
+                    f"{path}: field `encoders`: two entries are named '{spec.name}'; give one a `name:`"
+                )
+            names[spec.name] = ref
     return cfg

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from pipeline.artifacts import WriteLock, read_json
 from pipeline.config import ConfigError, EncoderSpec, OperatorPairSpec, RunConfig, TransformSpec
-from pipeline.config_files import resolve_encoder
+from pipeline.config_files import resolve_encoder, resolve_entry
 from pipeline.jobs import EncodeJob, EvalTarget, OperatorJob, TrainJob
 from pipeline.models import encoders, weights
 from pipeline.models.checkpoints import CheckpointError, read_header
@@ -61,6 +61,14 @@ class RunPlan:
             )
         return steps
 
+    def one_pass_groups(self, paths) -> list[list[Path]]:
+        """`paths` grouped into the stores that one forward pass fills (the feature layers of one encoder on one
+        split and transform), in plan order."""
+        groups: dict[str, list[Path]] = {}
+        for path in dict.fromkeys(paths):
+            groups.setdefault(encode.one_pass_key(self.encode[path]), []).append(path)
+        return list(groups.values())
+
     def eval_targets(self, checkpoints: dict[str, Path]) -> list[EvalTarget]:
         return [EvalTarget(name, store, checkpoints[name]) for name, store in self.evaluate.items()]
 
@@ -70,12 +78,18 @@ def encoder_specs(
 ) -> list[EncoderSpec]:
     """The config's encoders (or only `names`, which may also name spec files outside the config); each checked
     against its weights' architecture now, not after hours of other encoders."""
-    specs = [resolve_encoder(ref, config_path) for ref in cfg.encoders]
+    specs = [spec for ref in cfg.encoders for spec in resolve_entry(ref, config_path)]
+
+    def selected(spec: EncoderSpec, name: str) -> bool:
+        """An exact name, or else every layer of that name (NAME.L-2, NAME.last)."""
+        if any(s.name == name for s in specs):
+            return spec.name == name
+        return spec.name.startswith(f"{name}.")
+
     if names:
-        specs += [
-            resolve_encoder(n, config_path, field) for n in sorted(set(names) - {s.name for s in specs})
-        ]
-        specs = [s for s in specs if s.name in names]
+        unknown = sorted(n for n in set(names) if not any(selected(s, n) for s in specs))
+        specs += [s for n in unknown for s in resolve_entry(n, config_path, field)]
+        specs = [s for s in specs if any(selected(s, n) for n in names)]
     for spec in specs:
         encoders.check_architecture(spec)
     return specs
@@ -123,7 +137,7 @@ def build(cfg: RunConfig, config_path: Path | None = None, encoder_names: list[s
             store(name, cfg.train.train_split), store(name, cfg.train.val_split), cfg.train
         )
     ops = cfg.operators
-    default = [resolve_encoder(cfg.encoders[0], config_path).name]  # the paper fits one encoder's operators
+    default = [resolve_entry(cfg.encoders[0], config_path)[0].name]  # the paper fits one encoder's operators
     for name in [n for n in (ops.encoders or default) if n in base]:  # (those outside an -e filter: skipped)
         for pair in (p for spec in ops.pairs for p in spec.expand()):
             run.operators.append(
@@ -192,7 +206,11 @@ def execute(run: RunPlan, with_operators: bool = True, progress: bool = False) -
     when everything is cached (each stage returns its finished artifact at once), and the baseline of
     benchmarks/orchestration.py."""
     cfg = run.cfg
-    stores = [encode.run(job, progress=progress) for job in run.encode.values()]
+    stores = [
+        result
+        for group in run.one_pass_groups(run.encode)
+        for result in encode.run_layers([run.encode[path] for path in group], progress=progress)
+    ]
     trained = {name: train.run(job, progress=progress) for name, job in run.train.items()}
     steps = run.operators if with_operators else []
     fitted = [operators.run(s.job(cfg, trained[s.encoder].checkpoint)) for s in steps]

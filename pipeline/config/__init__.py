@@ -11,7 +11,9 @@ from pipeline.config.inputs import (
     Compressor,
     DatasetSpec,
     EncodeOptions,
+    EncoderEntry,
     EncoderSpec,
+    Layer,
     Precision,
     SplitSpec,
     StoreOptions,
@@ -30,7 +32,7 @@ from pipeline.config.stages import (
 )
 
 __all__ = [
-    "RUNTIME", "ComparisonSpec", "Compressor", "ConfigError", "DatasetSpec", "EncodeOptions", "EncoderSpec",
+    "RUNTIME", "ComparisonSpec", "Compressor", "ConfigError", "DatasetSpec", "EncodeOptions", "EncoderEntry", "EncoderSpec", "Layer",
     "EvaluateConfig", "Frozen", "Name", "OperatorPairSpec", "OperatorsConfig", "OrchestrationConfig", "Precision",
     "ReconstructorConfig", "RunConfig", "Runtime", "SplitSpec", "StoreOptions", "SubsetSpec", "TrainConfig",
     "TransformSpec", "canonical_json", "config_hash",

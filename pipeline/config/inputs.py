@@ -10,6 +10,8 @@ from pydantic import Field, model_validator
 
 from pipeline.config.base import Frozen, Name, NegativeLayer, Runtime
 
+Layer = Literal["last"] | NegativeLayer
+
 
 class EncoderSpec(Frozen):
     """One frozen vision encoder and how its patch features are taken."""
@@ -18,11 +20,15 @@ class EncoderSpec(Frozen):
     backend: Literal["timm", "transformers"] = Field(description="Library that builds the model.")
     model_id: str = Field(description="timm model name (with pretrained tag) or Hugging Face repo id.")
     resolution: int = Field(gt=0, description="Square input resolution in pixels.")
-    patch_size: int = Field(gt=0, description="ViT patch size; the token grid is resolution / patch_size.")
-    feature_layer: Literal["last"] | NegativeLayer = Field(
+    patch_size: int = Field(
+        gt=0,
+        description="ViT patch size, or a CNN stage's stride; the feature grid is resolution / patch_size.",
+    )
+    feature_layer: Layer = Field(
         -2,
         description="'last' = the model's final token output (timm forward_features, HF last_hidden_state); a negative int = that block's raw output, "
-        "indexed like hidden_states (-1 = last block, -2 = second to last, as the paper's released code).",
+        "indexed like hidden_states (-1 = last block, -2 = second to last, as the paper's released code). CNNs "
+        "(timm models without transformer blocks): a stage's output, counted from the last (-1 = last stage).",
     )
     n_prefix_tokens: int | None = Field(
         None,
@@ -72,6 +78,60 @@ class EncoderSpec(Frozen):
     def grid(self) -> tuple[int, int]:
         side = self.resolution // self.patch_size
         return side, side
+
+
+class EncoderEntry(Frozen):
+    """An `encoders:` entry that asks for more than a spec file: several feature layers of one encoder (each its
+    own store, all from one forward pass), or a model named by its timm / Hugging Face id with its options
+    inline (the spec is derived from the model's own config: pipeline/models/model_ids.py)."""
+
+    encoder: str = Field(
+        description="An encoder name (configs/encoders/NAME.yaml), a spec YAML path, 'timm:<model id>' or "
+        "'hf:<repo id>'."
+    )
+    name: Name | None = Field(None, description="Name of a model given by id (default: derived from the id).")
+    layer: Layer | None = Field(None, description="One feature layer (default: the spec's, -2 for ids).")
+    layers: list[Layer] | None = Field(
+        None,
+        min_length=1,
+        description="Several feature layers, one store each from one forward pass; named NAME.L-1, NAME.L-2, ...",
+    )
+    every: int | None = Field(
+        None,
+        gt=0,
+        description="Every k-th block counted back from the last (-1, -1-k, ...), instead of layers.",
+    )
+    resolution: int | None = Field(None, gt=0, description="Model by id: input side (default: the model's).")
+    weights: str | None = Field(
+        None, description="Model by id: as EncoderSpec.weights (default: pretrained)."
+    )
+    revision: str | None = Field(None, description="Model by id: Hugging Face revision.")
+    seed: int | None = Field(None, description="Model by id: seed of a random init.")
+    trust_remote_code: bool | None = Field(None, description="Model by id: needed by remote-code models.")
+    model_kwargs: dict[str, Any] | None = Field(None, description="Model by id: extra model arguments.")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> EncoderEntry:
+        chosen = [k for k in ("layer", "layers", "every") if getattr(self, k) is not None]
+        if len(chosen) > 1:
+            raise ValueError(f"give one of layer, layers or every, not {' and '.join(chosen)}")
+        if self.layers and len(set(self.layers)) != len(self.layers):
+            raise ValueError(f"layers {self.layers} repeat a layer")
+        by_id = self.encoder.startswith(("timm:", "hf:"))
+        options = [k for k in ID_OPTIONS if getattr(self, k) is not None]
+        if options and not by_id:
+            raise ValueError(
+                f"{', '.join(options)} apply to a model given by id ('timm:...' or 'hf:...'); '{self.encoder}' is a "
+                "spec: change them in its YAML"
+            )
+        return self
+
+    @property
+    def by_id(self) -> bool:
+        return self.encoder.startswith(("timm:", "hf:"))
+
+
+ID_OPTIONS = ("name", "resolution", "weights", "revision", "seed", "trust_remote_code", "model_kwargs")
 
 
 class SplitSpec(Frozen):

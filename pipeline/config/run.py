@@ -10,6 +10,7 @@ from pipeline.config.base import Frozen, Name, Runtime
 from pipeline.config.inputs import (
     DatasetSpec,
     EncodeOptions,
+    EncoderEntry,
     EncoderSpec,
     StoreOptions,
     SubsetSpec,
@@ -27,8 +28,10 @@ class RunConfig(Frozen):
     dataset: DatasetSpec
     splits: list[Name] = Field(default_factory=lambda: ["train", "val"])
     subset: SubsetSpec = SubsetSpec()
-    encoders: list[str | EncoderSpec] = Field(
-        min_length=1, description="Encoder names (configs/encoders/NAME.yaml), YAML paths, or inline specs."
+    encoders: list[str | EncoderSpec | EncoderEntry] = Field(
+        min_length=1,
+        description="Encoder names (configs/encoders/NAME.yaml), YAML paths, 'timm:<id>' / 'hf:<repo>' model ids, "
+        "inline specs, or entries {encoder: ..., layers: [...]} (several layers, or a model id with options).",
     )
     transforms: list[TransformSpec] = Field(default_factory=lambda: [TransformSpec()])
     store: StoreOptions = StoreOptions()

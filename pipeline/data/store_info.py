@@ -66,6 +66,21 @@ class StoreInfo:
         )
 
     @property
+    def network(self) -> dict:
+        """What makes stores layers of one network: the encoder identity without the layer and its grid/width."""
+        layer_fields = ("feature_layer", "grid_hw", "hidden_dim")
+        return {k: v for k, v in self.encoder_identity.items() if k not in layer_fields}
+
+    @property
+    def depth(self) -> int | None:
+        """1-based number of the stored block (CNN: stage); 'last' (after the final norm) counts as n_layers + 1.
+        None for stores written before the encoder's n_layers was recorded."""
+        n, layer = self.encoder.get("n_layers"), self.encoder["feature_layer"]
+        if n is None:
+            return None
+        return n + 1 if layer == "last" else n + layer + 1
+
+    @property
     def digest(self) -> dict:
         """How a downstream artifact names what it read: the store's key and its content."""
         return {"config_hash": self.config_hash, "content_sha256": self.content_sha256}

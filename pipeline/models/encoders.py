@@ -6,16 +6,16 @@ timm and transformers models go through the same object; preprocessing is read f
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
-from pipeline.config import EncoderSpec
+from pipeline.config import EncoderSpec, Layer
 from pipeline.data.images import Preprocessing
-from pipeline.models import _torchvision_shim
+from pipeline.models import _torchvision_shim, model_ids
 from pipeline.models.weights import (
     TIMM_WEIGHT_FILES,
     cached_revision,
@@ -47,6 +47,14 @@ class Encoder:
     @property
     def grid(self) -> tuple[int, int]:
         return self.spec.grid
+
+    def at_layer(self, spec: EncoderSpec) -> Encoder:
+        """The same loaded model read at another feature layer (`spec` differs from this one's only there)."""
+        if spec == self.spec:
+            return self
+        view = replace(self, spec=spec, n_prefix_tokens=-1, hidden_dim=-1)
+        _probe(view)
+        return view
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         """PIL RGB image -> normalised float tensor [3, S, S]."""
@@ -93,39 +101,84 @@ class Encoder:
                 out = self.model(pixel_values=x).pooler_output
         return out.float()
 
+    @torch.inference_mode()
+    def encode_layers(self, pixels_nchw: torch.Tensor, layers: list[Layer]) -> list[torch.Tensor]:
+        """One forward pass, the patch grids [B, H, W, D] of several layers (float32), in the order asked; each
+        equals `encode` of a spec with that feature_layer."""
+        x = pixels_nchw.to(self.device, non_blocking=True)
+        autocast = self.compute_dtype != torch.float32
+        with torch.autocast(self.device.type, dtype=self.compute_dtype, enabled=autocast):
+            tokens = self._tokens_at(x, layers)
+        return [self._to_grid(t.float()) for t in tokens]
+
     def _vision_kwargs(self, vision) -> dict:
         if getattr(vision.config, "image_size", self.spec.resolution) != self.spec.resolution:
             return {"interpolate_pos_encoding": True}
         return {}
 
+    @property
+    def is_cnn(self) -> bool:
+        return self.spec.backend == "timm" and not hasattr(self.model, "blocks")
+
+    def _layers(self) -> list:
+        """The blocks (ViT) or stages (CNN) that negative feature layers count back through."""
+        if self.is_cnn:
+            return list(self.model.feature_info)
+        if self.spec.backend == "transformers":
+            return list(_hf_blocks(getattr(self.model, "vision_model", self.model)))
+        return list(self.model.blocks)
+
     def _tokens(self, x: torch.Tensor) -> torch.Tensor:
-        layer = self.spec.feature_layer
+        return self._tokens_at(x, [self.spec.feature_layer])[0]
+
+    def _tokens_at(self, x: torch.Tensor, layers: list[Layer]) -> list[torch.Tensor]:
+        """Raw outputs of `layers` ('last' = the model's final features), stopping after the deepest block asked
+        for unless 'last' is among them; a block's output is dropped as soon as the next one is not wanted."""
+        if self.is_cnn:
+            stages = [layer for layer in layers if layer != "last"]
+            if "last" not in layers:
+                maps = self.model.forward_intermediates(x, indices=stages, intermediates_only=True)
+            else:
+                final, maps = self.model.forward_intermediates(x, indices=stages or [-1], norm=False)
+            n = len(
+                self.model.feature_info
+            )  # timm returns the maps shallowest first, whatever the order asked
+            by_stage = dict(zip(sorted(set(stages), key=lambda layer: n + layer), maps, strict=False))
+            maps = [final if layer == "last" else by_stage[layer] for layer in layers]
+            return [m.permute(0, 2, 3, 1) for m in maps]  # NCHW -> the [B, H, W, D] grid
         if self.spec.backend == "transformers":
             vision = getattr(self.model, "vision_model", self.model)
-            kwargs = {"output_hidden_states": layer != "last", **self._vision_kwargs(vision)}
-            out = vision(pixel_values=x, **kwargs)
-            return out.last_hidden_state if layer == "last" else out.hidden_states[layer]
-        if layer == "last":
-            return self.model.forward_features(x)
-        captured: list[torch.Tensor] = []
+            run = lambda: vision(pixel_values=x, **self._vision_kwargs(vision)).last_hidden_state  # noqa: E731
+            blocks = _hf_blocks(vision)
+        else:
+            run, blocks = lambda: self.model.forward_features(x), self.model.blocks  # noqa: E731
+        wanted = {len(blocks) + layer for layer in layers if layer != "last"}
+        captured: dict[int, torch.Tensor] = {}
+        stop_after = None if "last" in layers else max(wanted)
 
-        def grab_and_stop(_module, _inputs, output):
-            captured.append(output)
-            raise _StopForward  # later blocks, the final norm and the head are not needed
+        def grab(index: int):
+            def hook(_module, _inputs, output):
+                captured[index] = output[0] if isinstance(output, tuple) else output
+                if index == stop_after:
+                    raise _StopForward  # later blocks, the final norm and the head are not needed
 
-        hook = self.model.blocks[layer].register_forward_hook(grab_and_stop)
+            return hook
+
+        hooks = [blocks[i].register_forward_hook(grab(i)) for i in sorted(wanted)]
+        final = None
         try:
-            self.model.forward_features(x)
+            final = run()
         except _StopForward:
             pass
         finally:
-            hook.remove()
-        return captured[0]
+            for hook in hooks:
+                hook.remove()
+        return [final if layer == "last" else captured[len(blocks) + layer] for layer in layers]
 
     def _to_grid(self, tokens: torch.Tensor) -> torch.Tensor:
         h, w = self.grid
-        if tokens.ndim == 4:  # timm SAM-style blocks already give [B, H, W, D]; necks give [B, D, H, W]
-            return tokens if tokens.shape[1:3] == (h, w) else tokens.permute(0, 2, 3, 1)
+        if tokens.ndim == 4:  # CNN maps and timm SAM-style blocks are [B, H, W, D]; necks give [B, D, H, W]
+            return tokens if self.is_cnn or tokens.shape[1:3] == (h, w) else tokens.permute(0, 2, 3, 1)
         n_prefix = tokens.shape[1] - h * w
         if n_prefix < 0:
             raise RuntimeError(
@@ -141,6 +194,8 @@ class Encoder:
             "model_id": self.spec.model_id,
             "weights": self.spec.weights,
             "weights_id": self.weights_id,
+            "family": "cnn" if self.is_cnn else "vit",
+            "n_layers": len(self._layers()),
             "feature_layer": self.spec.feature_layer,
             "resolution": self.spec.resolution,
             "patch_size": self.spec.patch_size,
@@ -151,6 +206,18 @@ class Encoder:
             "preprocessing": self.preprocessing.to_dict(),
             "input_transform": self.spec.input_transform.tag if self.spec.input_transform else None,
         }
+
+
+def _hf_blocks(vision) -> torch.nn.ModuleList:
+    """The transformer layers of a transformers vision model, whose outputs are its hidden_states[1:]."""
+    encoder = getattr(vision, "encoder", None)
+    for name in ("layers", "layer"):
+        blocks = getattr(encoder, name, None)
+        if isinstance(blocks, torch.nn.ModuleList):
+            return blocks
+    raise ValueError(
+        f"{type(vision).__name__}: no encoder.layers / encoder.layer list of transformer layers to read features from"
+    )
 
 
 def resolve_device(device: str) -> torch.device:
@@ -242,6 +309,12 @@ def _probe(encoder: Encoder) -> None:
     with torch.inference_mode():
         tokens = encoder._tokens(encoder.normalize(blank))
     h, w = spec.grid
+    if tokens.ndim == 4 and encoder.is_cnn and tokens.shape[1:3] != (h, w):
+        raise ValueError(
+            f"encoder '{spec.name}': layer {spec.feature_layer} gives a {tokens.shape[1]}x{tokens.shape[2]} feature "
+            f"map at resolution {spec.resolution}, not the {h}x{w} grid of patch_size {spec.patch_size}; set "
+            f"patch_size to that stage's stride ({spec.resolution // tokens.shape[1]}) and a resolution it divides"
+        )
     encoder.n_prefix_tokens = 0 if tokens.ndim == 4 else tokens.shape[1] - h * w
     encoder.hidden_dim = (
         tokens.shape[-1] if tokens.ndim == 3 or tokens.shape[1:3] == (h, w) else tokens.shape[1]
@@ -264,6 +337,8 @@ def _load_timm(spec: EncoderSpec) -> tuple[torch.nn.Module, Preprocessing, str]:
     kwargs = {"img_size": spec.resolution, "num_classes": 0, **spec.model_kwargs}
     if spec.model_id.startswith("samvit") or spec.keep_head:
         kwargs.pop("num_classes")
+    if model_ids.timm_architecture(spec.model_id, tuple(sorted(spec.model_kwargs.items()))).family == "cnn":
+        kwargs.pop("img_size")  # a CNN takes any input size
     if spec.weights == "random":
         torch.manual_seed(spec.seed)
         model = timm.create_model(spec.model_id, pretrained=False, **kwargs)

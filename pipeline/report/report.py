@@ -67,6 +67,22 @@ def figure_differences(scores: pd.DataFrame, key, comparisons, path: Path) -> No
     plt.close(fig)
 
 
+def figure_depth(means: pd.DataFrame, keys: list, path: Path) -> None:
+    """Informativeness vs depth: one panel per score, one line per network, 95% bootstrap CIs."""
+    plt = pyplot()
+    fig, axes = plt.subplots(1, len(keys), figsize=(3.6 * len(keys), 2.8), squeeze=False)
+    for ax, (judge, metric) in zip(axes[0], keys, strict=True):
+        for network, rows in means[(means.judge == judge) & (means.metric == metric)].groupby("network"):
+            rows = rows.sort_values("depth")
+            err = [rows["mean"] - rows["ci_low"], rows["ci_high"] - rows["mean"]]
+            ax.errorbar(rows["depth"], rows["mean"], yerr=err, fmt="o-", capsize=3, label=network)
+        ax.set_xlabel("depth (block or stage; last+1 = final output)", fontsize=7)
+        ax.set_ylabel(f"mean {_label((judge, metric))}", fontsize=7)
+        ax.legend(fontsize=6)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+
+
 def figure_grid(targets, image_ids: np.ndarray, path: Path) -> None:
     """Row 0: originals; one row of reconstructions per encoder, same images."""
     plt = pyplot()
@@ -174,6 +190,10 @@ def write(out_dir: Path, scores: pd.DataFrame, analysis: dict, targets, inputs: 
     common_ids = set.intersection(*(set(scores[scores.encoder == n]["image_id"]) for n in names))
     grid_ids = np.array(sorted(common_ids)[: cfg.n_grid_images])
     figures["reconstructions.png"] = lambda p: figure_grid(targets, grid_ids, p)
+    layer_means, layer_tests = analysis["layer_means"], analysis["layer_tests"]
+    depth_keys = [primary, *(k for k in keys if k[0] == "pixels" and k[1] == "psnr_db" and k != primary)]
+    if len(layer_means):
+        figures["depth.png"] = lambda p: figure_depth(layer_means, depth_keys, p)
     for name, make in figures.items():
         make(out_dir / name)
 
@@ -201,6 +221,17 @@ def write(out_dir: Path, scores: pd.DataFrame, analysis: dict, targets, inputs: 
                 _comparison_table(analysis["comparisons"][key]),
             )
         )
+    if len(layer_means):
+        cols = ["network", "judge", "metric", "a", "b", "depth_a", "depth_b", "n_pairs", "mean_a", "mean_b",
+                "mean_diff", "diff_ci_low", "diff_ci_high", "wilcoxon_p", "holm_p_wilcoxon", "rank_biserial"]  # fmt: skip
+        sections += [
+            ("Informativeness vs depth (layers of one network; means with 95% bootstrap CIs)", layer_means),
+            ("figure:depth.png", None),
+            (
+                "Adjacent layers: two-sided paired tests (Holm within each network and score)",
+                layer_tests[cols],
+            ),
+        ]
     sections += [("figure:differences.png", None), ("Reconstructions of the same held-out images", None),
                  ("figure:reconstructions.png", None)]  # fmt: skip
     if notes:

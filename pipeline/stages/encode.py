@@ -10,7 +10,8 @@ import multiprocessing
 import queue
 import shutil
 import threading
-from dataclasses import dataclass
+from contextlib import ExitStack
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,7 @@ from tqdm.auto import tqdm
 
 from pipeline import artifacts
 from pipeline.artifacts import WriteLock
-from pipeline.config import EncodeOptions, TransformSpec, config_hash
+from pipeline.config import EncodeOptions, Layer, TransformSpec, config_hash
 from pipeline.data.datasets import ImageRecord, image_list_sha256, list_images
 from pipeline.data.images import Preprocessing, decode_for_encoder
 from pipeline.jobs import EncodeJob
@@ -127,22 +128,53 @@ def plan(job: EncodeJob) -> tuple[list[ImageRecord], dict, Path]:
 
 def run(job: EncodeJob, *, progress: bool = True) -> EncodeResult:
     """Encode `job` into its store and return where it is; resumes a partial store, returns a finished one."""
-    records, key, path = plan(job)
-    finished = _finished(path)
-    if finished is not None:
-        return finished
-    with WriteLock(path):
-        finished = _finished(path)  # another run may have finished it between our check and the lock
-        if finished is not None:
-            return finished
+    return run_layers([job], progress=progress)[0]
+
+
+def one_pass_key(job: EncodeJob) -> str:
+    """Jobs with equal keys differ only in the encoder's feature layer: one forward pass can fill all their stores."""
+    layerless = job.encoder.model_copy(
+        update={"name": "", "feature_layer": -1, "patch_size": 1, "hidden_dim": None, "n_prefix_tokens": None}
+    )
+    return repr(replace(job, encoder=layerless))
+
+
+def run_layers(jobs: list[EncodeJob], *, progress: bool = True) -> list[EncodeResult]:
+    """The stores of several feature layers of one encoder (same split, transform and options), each exactly the
+    store `run` makes for its own job, from one forward pass per batch: the model runs once up to the deepest
+    layer asked for, and every store still missing a shard gets its layer's features."""
+    if len({one_pass_key(job) for job in jobs}) != 1:
+        raise ValueError("run_layers: the jobs must differ only in the encoder's feature layer")
+    planned = [plan(job) for job in jobs]
+    results: list[EncodeResult | None] = [_finished(path) for _, _, path in planned]
+    todo = [i for i, result in enumerate(results) if result is None]
+    if not todo:
+        return results
+    with ExitStack() as locks:
+        for i in sorted(todo, key=lambda i: planned[i][2]):  # one order: two runs never wait on each other
+            locks.enter_context(WriteLock(planned[i][2]))
+        for i in todo:  # another run may have finished some between our check and the locks
+            results[i] = _finished(planned[i][2])
+        todo = [i for i in todo if results[i] is None]
+        if not todo:
+            return results
+        job = jobs[todo[0]]
         encoder = encoders.load(
             job.encoder, device=job.options.device, compute_dtype=job.options.compute_dtype,
             geometry=job.options.geometry,
         )  # fmt: skip
-        store = _open_or_create(path, job, key, records, encoder)
-        _check_free_space(store)
-        summary = _encode_pending(store, job, records, encoder, progress=progress)
-    return EncodeResult(path, len(records), summary["n_encoded"], summary["n_failed"], already_complete=False)
+        targets = []
+        for i in todo:
+            records, key, path = planned[i]
+            view = encoder.at_layer(jobs[i].encoder)
+            store = _open_or_create(path, jobs[i], key, records, view)
+            _check_free_space(store)
+            targets.append(_Target(store, view.spec.feature_layer))
+        summaries = _encode_pending(targets, job, planned[todo[0]][0], encoder, progress=progress)
+    for i, summary in zip(todo, summaries, strict=True):
+        path, n = planned[i][2], len(planned[i][0])
+        results[i] = EncodeResult(path, n, summary["n_encoded"], summary["n_failed"], already_complete=False)
+    return results
 
 
 def _check_free_space(store: FeatureStore) -> None:
@@ -210,17 +242,23 @@ def _open_or_create(
     return create(path, layout, attrs)
 
 
+@dataclass(frozen=True)
+class _Target:
+    store: FeatureStore
+    layer: Layer
+
+
 def _encode_pending(
-    store: FeatureStore,
+    targets: list[_Target],
     job: EncodeJob,
     records: list[ImageRecord],
     encoder: encoders.Encoder,
     *,
     progress: bool,
-) -> dict:
-    layout = store.layout
-    done = store.shard_done()
-    pending = [int(i) for i in np.flatnonzero(~done)]
+) -> list[dict]:
+    layout = targets[0].store.layout  # every target has the same rows and shards; grids and widths may differ
+    pending_by_target = [set(np.flatnonzero(~t.store.shard_done()).tolist()) for t in targets]
+    pending = sorted(set().union(*pending_by_target))
     loader = torch.utils.data.DataLoader(
         _DecodeDataset(records, encoder.preprocessing, job.transform, job.options),
         batch_sampler=_batches_within_shards(pending, layout, job.options.batch_size),
@@ -230,51 +268,60 @@ def _encode_pending(
         prefetch_factor=4 if job.options.num_workers else None,
         multiprocessing_context=_worker_context() if job.options.num_workers else None,
     )
-    writer = _ShardWriter(store)
-    n_done_images = sum(
-        layout.shard_slice(i).stop - layout.shard_slice(i).start for i in np.flatnonzero(done)
-    )
+    writers = [_ShardWriter(t.store) for t in targets]
+    n_pending_images = sum(len(range(layout.n_images)[layout.shard_slice(i)]) for i in pending)
     bar = tqdm(
-        total=layout.n_images, initial=n_done_images, unit="img", disable=not progress,
-        desc=f"encode {store.path.name[:60]}", smoothing=0.1,
+        total=layout.n_images, initial=layout.n_images - n_pending_images, unit="img", disable=not progress,
+        desc=f"encode {targets[0].store.path.name[:60]}" + (f" +{len(targets) - 1} layers" if len(targets) > 1 else ""),
+        smoothing=0.1,
     )  # fmt: skip
-    h, w = layout.grid_hw
-    buffer = None
+    buffers: list[dict | None] = [None] * len(targets)
     try:
         for positions, pixels, reasons in loader:
             shard = int(positions[0]) // layout.shard_images
             rows = layout.shard_slice(shard)
-            if buffer is None or buffer["shard"] != shard:
-                n = rows.stop - rows.start
-                buffer = {
-                    "shard": shard,
-                    "features": np.zeros((n, h, w, layout.hidden_dim), np.float32),
-                    "pixels": np.zeros((n, layout.pixel_size, layout.pixel_size, 3), np.uint8),
-                    "failures": [],
-                    "n_filled": 0,
-                }
+            here = [k for k, todo in enumerate(pending_by_target) if shard in todo]
+            for k in here:
+                if buffers[k] is None or buffers[k]["shard"] != shard:
+                    buffers[k] = _shard_buffer(targets[k].store.layout, shard, rows.stop - rows.start)
             ok = torch.tensor([not r for r in reasons])
             local = (positions - rows.start).numpy()
             if ok.any():
-                feats = encoder.encode(encoder.normalize(encoder.seen(pixels[ok])))
-                buffer["features"][local[ok.numpy()]] = feats.cpu().numpy()
-            buffer["pixels"][local] = pixels.numpy()
-            for pos, reason in zip(positions.tolist(), reasons, strict=True):
-                if reason:
-                    rec = records[pos]
-                    buffer["failures"].append(
-                        {"image_id": rec.image_id, "path": str(rec.path), "reason": reason}
-                    )
-            buffer["n_filled"] += len(reasons)
+                pixels_seen = encoder.normalize(encoder.seen(pixels[ok]))
+                grids = encoder.encode_layers(pixels_seen, [targets[k].layer for k in here])
+                for k, grid in zip(here, grids, strict=True):
+                    buffers[k]["features"][local[ok.numpy()]] = grid.cpu().numpy()
+            failures = [
+                {"image_id": records[pos].image_id, "path": str(records[pos].path), "reason": reason}
+                for pos, reason in zip(positions.tolist(), reasons, strict=True)
+                if reason
+            ]
+            for k in here:
+                buffers[k]["pixels"][local] = pixels.numpy()
+                buffers[k]["failures"] += failures
+                buffers[k]["n_filled"] += len(reasons)
+                if buffers[k]["n_filled"] == rows.stop - rows.start:
+                    writers[k].put(buffers[k], records[rows])
+                    buffers[k] = None
             bar.update(len(reasons))
-            if buffer["n_filled"] == rows.stop - rows.start:
-                writer.put(buffer, records[rows])
-                buffer = None
-        writer.close()
+        for writer in writers:
+            writer.close()
     finally:
         bar.close()
-        writer.close(raise_errors=False)
-    return store.finalize()
+        for writer in writers:
+            writer.close(raise_errors=False)
+    return [t.store.finalize() for t in targets]
+
+
+def _shard_buffer(layout: StoreLayout, shard: int, n: int) -> dict:
+    h, w = layout.grid_hw
+    return {
+        "shard": shard,
+        "features": np.zeros((n, h, w, layout.hidden_dim), np.float32),
+        "pixels": np.zeros((n, layout.pixel_size, layout.pixel_size, 3), np.uint8),
+        "failures": [],
+        "n_filled": 0,
+    }
 
 
 class _ShardWriter:

@@ -8,6 +8,7 @@ comparisons never recompute them.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from itertools import combinations
 from pathlib import Path
@@ -19,7 +20,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from pipeline import artifacts
-from pipeline.config import ConfigError, EncoderSpec, EvaluateConfig, config_hash
+from pipeline.config import ConfigError, EncoderSpec, EvaluateConfig, canonical_json, config_hash
 from pipeline.data import transforms
 from pipeline.data.store_info import StoreInfo
 from pipeline.jobs import EvalTarget
@@ -209,6 +210,45 @@ def analyse(scores: pd.DataFrame, cfg: EvaluateConfig) -> dict:
     }
 
 
+def layer_groups(targets: list[EvalTarget]) -> dict[str, list[tuple[str, int]]]:
+    """Evaluated encoders that are feature layers of one network (same model, weights, input and preprocessing),
+    two or more per group, shallowest first: {label: [(encoder name, depth)]}."""
+    groups: dict[str, list[tuple[str, int]]] = {}
+    for t in targets:
+        info = StoreInfo.of(open_store(t.store))
+        if info.depth is not None:
+            groups.setdefault(canonical_json(info.network), []).append((t.encoder_name, info.depth))
+    out = {}
+    for members in (sorted(m, key=lambda m: m[1]) for m in groups.values() if len(m) > 1):
+        bases = {re.sub(r"\.(L-\d+|last)$", "", name) for name, _ in members}
+        out[bases.pop() if len(bases) == 1 else " / ".join(name for name, _ in members)] = members
+    return out
+
+
+def layerwise(scores: pd.DataFrame, groups: dict[str, list[tuple[str, int]]], rankings: dict,
+              cfg: EvaluateConfig) -> tuple[pd.DataFrame, pd.DataFrame]:  # fmt: skip
+    """Informativeness vs depth: each layer's mean score with its bootstrap CI (from the ranking, so on the common
+    images), and two-sided paired tests between adjacent layers, Holm-corrected within each network and score."""
+    means, tests = [], []
+    for label, members in groups.items():
+        depth = dict(members)
+        for (judge, metric), ranking in rankings.items():
+            rows = ranking.set_index("encoder").loc[list(depth)]
+            means += [{"network": label, "encoder": name, "depth": depth[name], "judge": judge, "metric": metric,
+                       **rows.loc[name, ["n_images", "mean", "ci_low", "ci_high"]].to_dict()} for name in depth]  # fmt: skip
+            subset = scores[(scores.judge == judge) & (scores.metric == metric)]
+            per_layer = {n: subset[subset.encoder == n].set_index("image_id")["value"] for n in depth}
+            pairs = [(a, b, "two-sided") for (a, _), (b, _) in zip(members, members[1:], strict=False)]
+            for c in stats.compare_family(per_layer, pairs, cfg.n_boot, cfg.seed, cfg.n_permutations):
+                tests.append({"network": label, "judge": judge, "metric": metric, "depth_a": depth[c.a],
+                              "depth_b": depth[c.b], **c.to_dict()})  # fmt: skip
+    return pd.DataFrame(means), pd.DataFrame(tests)
+
+
+def _common_ids(scores: pd.DataFrame) -> set:
+    return set.intersection(*(set(group) for _, group in scores.groupby("encoder")["image_id"]))
+
+
 def _on_common_images(scores: pd.DataFrame, names: list[str]) -> tuple[pd.DataFrame, str]:
     ids = {n: set(scores.loc[scores.encoder == n, "image_id"]) for n in names}
     common = set.intersection(*ids.values())
@@ -257,7 +297,11 @@ def _cached_analysis(out_dir: Path, record: dict, cfg: EvaluateConfig) -> dict:
             columns=["judge", "metric"]
         )
     pairs = [tuple(p) for p in record["pairs"]]
-    return _analysis(record["names"], pairs, comparisons, rankings, cfg)
+    analysis = _analysis(record["names"], pairs, comparisons, rankings, cfg)
+    for name in ("means", "tests"):
+        path = out_dir / f"layerwise_{name}.csv"
+        analysis[f"layer_{name}"] = pd.read_csv(path) if path.is_file() else pd.DataFrame()
+    return analysis
 
 
 @dataclass(frozen=True)
@@ -303,6 +347,9 @@ def run(
         )
     scores = pd.concat(frames, ignore_index=True)
     analysis = analyse(scores, cfg)
+    analysis["layer_means"], analysis["layer_tests"] = layerwise(
+        scores[scores.image_id.isin(_common_ids(scores))], layer_groups(targets), analysis["rankings"], cfg
+    )
     notes += analysis["notes"]
     for c in (c for family in analysis["comparisons"].values() for c in family):
         if c.n_only_a or c.n_only_b:
@@ -325,6 +372,9 @@ def run(
         for c in fam
     ]
     pd.DataFrame(rows).to_csv(out_dir / "comparisons.csv", index=False)
+    if len(analysis["layer_means"]):
+        analysis["layer_means"].to_csv(out_dir / "layerwise_means.csv", index=False)
+        analysis["layer_tests"].to_csv(out_dir / "layerwise_tests.csv", index=False)
     artifacts.finish(
         out_dir / artifacts.RESULT, key, {"names": analysis["names"], "pairs": analysis["pairs"]}
     )

@@ -1,0 +1,177 @@
+"""What an `encoders:` entry stands for: the specs of a model named by id ('timm:<id>', 'hf:<repo>') and of
+several feature layers of one encoder, derived from the model's own config (patch size or stage stride, width,
+depth, input size), never typed by hand. Prefix tokens (CLS, registers) are left to the loader's probe, which
+counts them on a real forward pass and records them in the store."""
+
+from __future__ import annotations
+
+import functools
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from pipeline.config import ConfigError, EncoderEntry, EncoderSpec, Layer
+from pipeline.models import _torchvision_shim
+from pipeline.models.weights import hf_cache_dir, offline
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """What reconlab needs to know of a network before loading its weights."""
+
+    family: str  # 'vit': transformer blocks over patch tokens; 'cnn': stages of feature maps
+    n_layers: int  # transformer blocks, or CNN stages (timm feature_info entries)
+    strides: tuple[int, ...]  # per layer: the patch size (ViT, all equal) or the stage's stride (CNN)
+    widths: tuple[int, ...]  # per layer: the feature width D
+    resolution: int  # the model's default input side
+
+    def layer_index(self, layer: Layer) -> int:
+        return self.n_layers - 1 if layer == "last" else self.n_layers + layer
+
+
+@functools.lru_cache(maxsize=64)
+def timm_architecture(model_id: str, model_kwargs: tuple = ()) -> Architecture:
+    """A timm model built on the meta device (no memory, no weights): ViTs by their blocks and patch embedding,
+    CNNs by the stages timm's `feature_info` lists."""
+    _torchvision_shim.install()
+    import timm
+
+    try:
+        with torch.device("meta"):
+            model = timm.create_model(model_id, pretrained=False, num_classes=0, **dict(model_kwargs))
+    except RuntimeError as e:  # timm: "Unknown model (...)"
+        raise ConfigError(f"timm does not know model '{model_id}' ({e}); see timm.list_models()") from None
+    cfg = timm.models.get_pretrained_cfg(model_id)
+    resolution = int((getattr(cfg, "input_size", None) or (3, 224, 224))[-1])
+    if hasattr(model, "blocks") and hasattr(model, "patch_embed"):
+        patch = model.patch_embed.patch_size
+        patch = int(patch[0] if isinstance(patch, (tuple, list)) else patch)
+        n = len(model.blocks)
+        width = int(getattr(model, "embed_dim", model.num_features))
+        return Architecture("vit", n, (patch,) * n, (width,) * n, resolution)
+    info = getattr(model, "feature_info", None)
+    if info and hasattr(model, "forward_intermediates"):
+        return Architecture(
+            "cnn", len(info), tuple(int(f["reduction"]) for f in info), tuple(int(f["num_chs"]) for f in info),
+            resolution,
+        )  # fmt: skip
+    raise ConfigError(
+        f"timm model '{model_id}' ({type(model).__name__}) has neither transformer blocks over a patch embedding "
+        "nor feature stages with forward_intermediates; supported: timm ViTs (vit_*, eva*, samvit*, ...) and "
+        "CNNs with features (convnext*, resnet*, efficientnet*, ...)"
+    )
+
+
+def hf_architecture(
+    repo: str, weights: str | None, revision: str | None, trust_remote_code: bool
+) -> Architecture:
+    """A transformers model's config.json (vision_config for CLIP/SigLIP-style models): ViT-style models only."""
+    from transformers import AutoConfig
+
+    local = weights not in (None, "pretrained", "random")
+    source = str(Path(weights).expanduser()) if local else repo
+    kwargs = {"revision": revision, "trust_remote_code": trust_remote_code}
+    if local or offline():
+        kwargs["local_files_only"] = True
+    try:
+        config = AutoConfig.from_pretrained(source, **kwargs)
+    except OSError as e:
+        where = source if local else f"the Hugging Face cache {hf_cache_dir()} (repo {repo})"
+        raise ConfigError(
+            f"encoder 'hf:{repo}': no config.json found in {where} ({str(e).splitlines()[0][:160]}); download it "
+            f"with `huggingface-cli download {repo}` on a machine with internet, or set weights: to a "
+            "save_pretrained folder"
+        ) from None
+    vision = getattr(config, "vision_config", None) or config
+    patch = getattr(vision, "patch_size", None)
+    if not isinstance(patch, int) or not hasattr(vision, "hidden_size"):
+        raise ConfigError(
+            f"encoder 'hf:{repo}': a '{config.model_type}' model (no integer patch_size / hidden_size in its "
+            "config); from transformers reconlab reads ViT-style models (CLIP, SigLIP, DINOv2, ViT, ...): "
+            "take CNNs from timm ('timm:<id>')"
+        )
+    n = int(vision.num_hidden_layers)
+    size = getattr(vision, "image_size", 224)
+    resolution = int(size[0] if isinstance(size, (tuple, list)) else size)
+    return Architecture("vit", n, (patch,) * n, (int(vision.hidden_size),) * n, resolution)
+
+
+def architecture(spec: EncoderSpec) -> Architecture:
+    if spec.backend == "timm":
+        return timm_architecture(spec.model_id, tuple(sorted(spec.model_kwargs.items())))
+    return hf_architecture(spec.model_id, spec.weights, spec.revision, spec.trust_remote_code)
+
+
+def _name_of(model_id: str) -> str:
+    name = re.sub(r"[^A-Za-z0-9._+-]+", "-", model_id.rsplit("/", 1)[-1]).strip(".-")
+    return name[:64]
+
+
+def spec_from_id(entry: EncoderEntry) -> EncoderSpec:
+    """The spec of a model given as 'timm:<id>' or 'hf:<repo>' (without layer expansion)."""
+    backend, _, model_id = entry.encoder.partition(":")
+    if not model_id:
+        raise ConfigError(f"encoder '{entry.encoder}': give a model id after '{backend}:'")
+    backend = {"timm": "timm", "hf": "transformers"}[backend]
+    if backend == "timm":
+        arch = timm_architecture(model_id, tuple(sorted((entry.model_kwargs or {}).items())))
+    else:
+        arch = hf_architecture(model_id, entry.weights, entry.revision, bool(entry.trust_remote_code))
+    layer = entry.layer if entry.layer is not None else -1 if arch.family == "cnn" else -2
+    resolution = entry.resolution or arch.resolution
+    fields = {
+        "name": entry.name or _name_of(model_id),
+        "backend": backend,
+        "model_id": model_id,
+        "resolution": resolution,
+        "patch_size": arch.strides[arch.layer_index(layer)],
+        "feature_layer": layer,
+        "hidden_dim": None if layer == "last" else arch.widths[arch.layer_index(layer)],
+        "preprocessing_source": "timm_pretrained_cfg" if backend == "timm" else "hf_image_processor",
+    }
+    for option in ("weights", "revision", "seed", "trust_remote_code", "model_kwargs"):
+        if getattr(entry, option) is not None:
+            fields[option] = getattr(entry, option)
+    return _checked(EncoderSpec, fields, entry.encoder)
+
+
+def _checked(model, fields: dict, what: str):
+    from pydantic import ValidationError
+
+    try:
+        return model(**fields)
+    except ValidationError as e:
+        raise ConfigError(f"encoder '{what}': {e.errors()[0]['msg']}") from None
+
+
+def layer_specs(base: EncoderSpec, entry: EncoderEntry) -> list[EncoderSpec]:
+    """One spec per requested layer of `base`, named NAME.L-1, NAME.L-2, ... (NAME.last); the patch size (a
+    CNN's stride) and width follow the layer."""
+    if entry.layers is None and entry.every is None and (entry.layer is None or entry.by_id):
+        return [base]
+    needs_arch = entry.every is not None or base.backend == "timm"  # a timm model may be a CNN
+    arch = architecture(base) if needs_arch else None
+    if entry.every is not None:
+        layers: list[Layer] = list(range(-1, -arch.n_layers - 1, -entry.every))
+    else:
+        layers = entry.layers or [entry.layer]
+    specs = []
+    for layer in layers:
+        suffix = "last" if layer == "last" else f"L{layer}"
+        fields = {**base.model_dump(), "feature_layer": layer, "name": f"{base.name}.{suffix}"[:64]}
+        if arch is not None:
+            if layer != "last" and -layer > arch.n_layers:
+                raise ConfigError(
+                    f"encoder '{base.name}': layer {layer} does not exist; the model has {arch.n_layers} "
+                    f"{'stages' if arch.family == 'cnn' else 'blocks'} (-1 .. -{arch.n_layers})"
+                )
+            if arch.family == "cnn":  # 'last' may end in a head conv of another width: the probe measures it
+                i = arch.layer_index(layer)
+                fields |= {
+                    "patch_size": arch.strides[i],
+                    "hidden_dim": None if layer == "last" else arch.widths[i],
+                }
+        specs.append(_checked(EncoderSpec, fields, f"{base.name} layer {layer}"))
+    return specs
