@@ -82,7 +82,7 @@ def main() -> None:
         feats = _bytes(store.path, "features") / n
         pixels = _bytes(store.path, "pixels") / n
         print(f"\nbytes per image per layer: features {feats / 1e3:.1f} kB (float16, blosc zstd), pixels "
-              f"{pixels / 1e3:.1f} kB (stored in every layer's store), whole store {_bytes(store.path) / n / 1e3:.1f} kB")  # fmt: skip
+              f"{pixels / 1e3:.1f} kB (one file per shard, hard-linked into every layer's store), whole store {_bytes(store.path) / n / 1e3:.1f} kB")  # fmt: skip
 
         # 2. The forward alone.
         enc = encoders.load(base, device="cpu")

@@ -115,9 +115,10 @@ def encode(
 
     with reported_in_one_line():
         from flows.encode_flow import encode_flow
+        from flows.tasks import for_config
 
         _preflight(config, ("encode",), encoder)
-        results = encode_flow(str(config), encoder, progress)
+        results = for_config(encode_flow, config)(str(config), encoder, progress)
     for r in results:
         state = "already complete" if r.already_complete else "encoded"
         typer.echo(f"{r.store_path}: {state}, {r.n_encoded}/{r.n_images} images, {r.n_failed} failed")
@@ -137,9 +138,10 @@ def train(
     with reported_in_one_line():
         _preflight(config, ("encode", "train"), encoder)
         if prefect:
+            from flows.tasks import for_config
             from flows.train_flow import train_flow
 
-            results = list(train_flow(str(config), encoder, progress).values())
+            results = list(for_config(train_flow, config)(str(config), encoder, progress).values())
         else:
             results = _train_without_prefect(config, encoder, progress)
     _echo_trained(results)
@@ -186,9 +188,10 @@ def operators_command(
 
     with reported_in_one_line():
         from flows.operators_flow import operators_flow
+        from flows.tasks import for_config
 
         _preflight(config, ("encode", "train", "operators"), transforms=transform)
-        results = operators_flow(str(config), transform, progress)
+        results = for_config(operators_flow, config)(str(config), transform, progress)
     _echo_operators(results)
 
 
@@ -201,9 +204,10 @@ def evaluate(
 
     with reported_in_one_line():
         from flows.evaluate_flow import evaluate_flow
+        from flows.tasks import for_config
 
         _preflight(config, ("encode", "train", "evaluate"))
-        result = evaluate_flow(str(config), progress)
+        result = for_config(evaluate_flow, config)(str(config), progress)
     _echo_evaluation(result)
 
 
@@ -247,6 +251,7 @@ def run(
 
     with reported_in_one_line():
         from flows.benchmark_flow import benchmark_flow
+        from flows.tasks import for_config
 
         _preflight(
             config,
@@ -272,7 +277,7 @@ def run(
 
             out = plan.execute(plan.build(load_run_config(config), config), operators, progress)
         else:
-            out = benchmark_flow(str(config), progress, operators)
+            out = for_config(benchmark_flow, config)(str(config), progress, operators)
     from pipeline.config_files import load_run_config
 
     ls(load_run_config(config).store_root)

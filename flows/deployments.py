@@ -12,6 +12,7 @@ prefect_env.configure()
 
 from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy  # noqa: E402
 
+from flows import tasks  # noqa: E402
 from flows.benchmark_flow import benchmark_flow  # noqa: E402
 from flows.encode_flow import encode_flow  # noqa: E402
 from flows.evaluate_flow import evaluate_flow  # noqa: E402
@@ -28,7 +29,7 @@ def deployments(config: Path, cron: str | None = None) -> list:
     config = Path(config).resolve()
     one_at_a_time = ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.ENQUEUE)
     return [
-        flow.to_deployment(
+        tasks.for_config(flow, config).to_deployment(
             name=f"{config.stem}-{stage}",
             parameters={"config_path": str(config), "progress": False},
             cron=cron if stage == "benchmark" else None,

@@ -9,13 +9,17 @@ import re
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from prefect import tags, task
-from prefect.artifacts import create_markdown_artifact
-from prefect.cache_policies import NO_CACHE
-from prefect.states import Completed, State
+from flows import prefect_env
 
-from flows.errors import is_reported
-from pipeline.config import RunConfig
+prefect_env.configure()
+
+from prefect import tags, task  # noqa: E402
+from prefect.artifacts import create_markdown_artifact  # noqa: E402
+from prefect.cache_policies import NO_CACHE  # noqa: E402
+from prefect.states import Completed, State  # noqa: E402
+
+from flows.errors import is_reported  # noqa: E402
+from pipeline.config import RunConfig  # noqa: E402
 
 
 def run_name(stage: str) -> Callable[[], str]:
@@ -41,6 +45,31 @@ def stage_task(stage: str, **options):
 def configure(cfg: RunConfig) -> None:
     """Settings a flow run applies before its stages: how long to wait for another run's lock."""
     os.environ["RECONLAB_LOCK_WAIT_S"] = str(cfg.orchestration.lock_wait_s)
+
+
+def task_runner(cfg: RunConfig):
+    """The Prefect task runner `orchestration.task_runner` names."""
+    orch = cfg.orchestration
+    if orch.task_runner == "threads":
+        from prefect.task_runners import ThreadPoolTaskRunner
+
+        return ThreadPoolTaskRunner(max_workers=orch.parallel_tasks)
+    from prefect_dask import DaskTaskRunner
+
+    if orch.dask_address:
+        return DaskTaskRunner(address=orch.dask_address)
+    return DaskTaskRunner(cluster_kwargs={"n_workers": orch.parallel_tasks, "threads_per_worker": 1,
+                                          "processes": True, "dashboard_address": None})  # fmt: skip
+
+
+def for_config(flow, config_path: str | Path):
+    """`flow` with the task runner of the config at `config_path`. The lock wait is set first, so the workers of
+    a local Dask cluster inherit it (a remote cluster's workers need RECONLAB_LOCK_WAIT_S in their own env)."""
+    from pipeline.config_files import load_run_config
+
+    cfg = load_run_config(config_path)
+    configure(cfg)
+    return flow.with_options(task_runner=task_runner(cfg))
 
 
 def transient(task, task_run, state) -> bool:

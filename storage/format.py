@@ -258,14 +258,20 @@ class FeatureStore:
         image_ids: np.ndarray,
         valid: np.ndarray,
         shard_record: dict,
+        pixels_like: FeatureStore | None = None,
     ) -> None:
-        """Write one whole shard, then its record, then mark it done: 'done' is never ahead of the data."""
+        """Write one whole shard, then its record, then mark it done: 'done' is never ahead of the data.
+
+        pixels_like: a store holding these very pixels in this shard, with the same pixel array metadata: its
+        shard file is hard-linked (copied across file systems) instead of compressing the pixels again."""
         rows = self.layout.shard_slice(shard)
         stored, scale = prec.quantize(features_nhwd, self.layout.precision)
         self.group["features"][rows] = stored
         if scale is not None:
             self.group["features_scale"][rows] = scale
-        if pixels_nhwc is not None:
+        if pixels_nhwc is not None and not (
+            pixels_like is not None and self._link_pixels(pixels_like, shard)
+        ):
             self.group["pixels"][rows] = pixels_nhwc
         self.group["image_ids"][rows] = image_ids
         self.group["valid"][rows] = valid
@@ -273,6 +279,20 @@ class FeatureStore:
         shards[str(shard)] = {**shard_record, "files": self._file_records(shard)}
         self.group.attrs["shards"] = shards
         self.group["shard_done"][shard] = True
+
+    def _link_pixels(self, source: FeatureStore, shard: int) -> bool:
+        """Place `source`'s pixel shard file here; False (nothing done) when it cannot stand for ours."""
+        src, dst = source._shard_file("pixels", shard), self._shard_file("pixels", shard)
+        if not src.is_file() or source.group["pixels"].metadata != self.group["pixels"].metadata:
+            return False
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        partial = dst.with_name(f"{dst.name}.{os.getpid()}.partial")
+        try:
+            os.link(src, partial)
+        except OSError:  # another file system, or links not allowed
+            shutil.copyfile(src, partial)
+        os.replace(partial, dst)
+        return True
 
     def finalize(self) -> dict:
         """Roll the per-shard records up into the store's summary attributes and mark it complete."""

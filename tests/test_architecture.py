@@ -43,3 +43,20 @@ def test_nothing_reaches_up(path):
         assert not upward, f"{room}/ imports {upward}"
     if room == "science":
         assert not any(n.startswith("pipeline") for n in names), "science/ is mathematics over arrays, no I/O"
+
+
+FLOWS = sorted((PIPELINE.parent / "flows").glob("*.py"))
+
+
+@pytest.mark.parametrize("path", FLOWS, ids=lambda p: p.name)
+def test_prefect_is_configured_before_it_is_imported(path):
+    """Prefect reads its settings once, at import: a flows module imported first that imports prefect before
+    `prefect_env.configure()` would put Prefect's database in the user's home and let it phone home."""
+    configured = False
+    for node in ast.parse(path.read_text()).body:  # module level only: lazy imports run after configure
+        if isinstance(node, ast.Expr) and ast.unparse(node) == "prefect_env.configure()":
+            configured = True
+        names = [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+        names += [a.name for a in node.names] if isinstance(node, ast.Import) else []
+        if any(n == "prefect" or n.startswith("prefect.") for n in names):
+            assert configured, f"{path.name}: `{ast.unparse(node)}` before prefect_env.configure()"

@@ -39,6 +39,10 @@ def test_one_pass_writes_the_stores_of_separate_passes(make_job, tmp_path, entry
         sa, sb = open_store(a.store_path), open_store(b.store_path)
         assert np.array_equal(sa.features(), sb.features())  # bit-identical on CPU
         assert np.array_equal(sa.pixels(), sb.pixels())
+    # The pixels are compressed once per shard and linked into every layer's store; each store verifies alone.
+    pixel_files = [r.store_path / "pixels" / "c" / "0" / "0" / "0" / "0" for r in together]
+    assert len({f.stat().st_ino for f in pixel_files}) == 1
+    assert all(not open_store(r.store_path).damaged_shards(full=True) for r in together)
     grids = [open_store(r.store_path).features(0).shape for r in together]
     if entry.encoder.startswith("tiny-cnn"):  # a CNN's stages: the grid and width follow the stride
         assert grids == [(2, 2, 64), (4, 4, 48), (8, 8, 32)]

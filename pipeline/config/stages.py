@@ -240,6 +240,15 @@ class OrchestrationConfig(Frozen):
         "CPU, where one encode already uses every core; e.g. the number of GPUs otherwise). Two tasks never write "
         "one store.",
     )  # fmt: skip
+    task_runner: Literal["threads", "dask"] = Runtime(
+        "threads",
+        description="Where Prefect runs the stage tasks: threads of the flow's process, or Dask workers (prefect-dask): "
+        "a local cluster of parallel_tasks single-threaded worker processes, or the scheduler at dask_address.",
+    )
+    dask_address: str | None = Runtime(
+        None,
+        description="task_runner dask: a running Dask scheduler (tcp://host:8786); none: a local cluster.",
+    )
     retries: int = Runtime(1, ge=0, le=10, description="Retries of a task after a transient fault (I/O, device); "
                            "never after a user error (config, weights, held-out checks).")  # fmt: skip
     retry_delay_s: float = Runtime(10.0, ge=0, description="Seconds between retries.")

@@ -6,9 +6,7 @@ random choice. Captions ride along when the annotations have them.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,6 +72,7 @@ def select_subset(records: list[ImageRecord], subset: SubsetSpec) -> list[ImageR
 
 
 def _coco_records(spec: SplitSpec) -> list[ImageRecord]:
+    import pycocotools.coco as coco_module
     from pycocotools.coco import COCO
 
     if not spec.annotations.is_file():
@@ -82,8 +81,13 @@ def _coco_records(spec: SplitSpec) -> list[ImageRecord]:
         raise ConfigError(f"images folder not found: {spec.images_dir}")
     coco = COCO()  # built from the checked dict: pycocotools trusts the file's shape and fails deep inside
     coco.dataset = read_coco_annotations(spec.annotations)
-    with contextlib.redirect_stdout(io.StringIO()):  # createIndex() prints progress to stdout
+    # createIndex() prints progress; a flow with log_prints turns print() itself into log records, so shadow
+    # the module's print rather than redirect stdout.
+    coco_module.print = lambda *args, **kwargs: None
+    try:
         coco.createIndex()
+    finally:
+        del coco_module.print
     images_dir = spec.images_dir.resolve()
     records = []
     for image_id, info in coco.imgs.items():

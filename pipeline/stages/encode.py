@@ -300,8 +300,10 @@ def _encode_pending(
                 buffers[k]["pixels"][local] = pixels.numpy()
                 buffers[k]["failures"] += failures
                 buffers[k]["n_filled"] += len(reasons)
-                if buffers[k]["n_filled"] == rows.stop - rows.start:
-                    writers[k].put(buffers[k], records[rows])
+            if buffers[here[0]]["n_filled"] == rows.stop - rows.start:  # the shard is whole in every store
+                for k in here:  # the first store compresses the pixels; the others link its file
+                    leader = None if k == here[0] else writers[here[0]]
+                    writers[k].put({**buffers[k], "pixels_from": leader}, records[rows])
                     buffers[k] = None
             bar.update(len(reasons))
         for writer in writers:
@@ -331,20 +333,28 @@ class _ShardWriter:
         self.store = store
         self.jobs: queue.Queue = queue.Queue(maxsize=2)
         self.error: BaseException | None = None
+        self.written: dict[int, threading.Event] = {}  # set once a shard is written (or failed)
+        self.ok: set[int] = set()
         self.thread = threading.Thread(target=self._loop, name="shard-writer", daemon=True)
         self.thread.start()
 
     def put(self, buffer: dict, shard_records: list[ImageRecord]) -> None:
         if self.error:
             raise self.error
+        self.written.setdefault(buffer["shard"], threading.Event())
         self.jobs.put((buffer, shard_records))
+
+    def wrote(self, shard: int) -> bool:
+        """Wait until this writer is done with `shard`; whether it was written."""
+        self.written[shard].wait()
+        return shard in self.ok
 
     def _loop(self) -> None:
         while (item := self.jobs.get()) is not None:
-            if self.error:
-                continue
             buffer, shard_records = item
             try:
+                if self.error:
+                    continue
                 failed_ids = {f["image_id"] for f in buffer["failures"]}
                 image_ids = np.array([r.image_id for r in shard_records], np.int64)
                 valid = np.array([r.image_id not in failed_ids for r in shard_records])
@@ -354,9 +364,16 @@ class _ShardWriter:
                     "stats": value_stats(buffer["features"][valid]),
                 }
                 pixels = buffer["pixels"] if self.store.layout.store_pixels else None
-                self.store.write_shard(buffer["shard"], buffer["features"], pixels, image_ids, valid, record)
+                leader = buffer["pixels_from"]
+                pixels_like = leader.store if leader is not None and leader.wrote(buffer["shard"]) else None
+                self.store.write_shard(
+                    buffer["shard"], buffer["features"], pixels, image_ids, valid, record, pixels_like
+                )
+                self.ok.add(buffer["shard"])
             except BaseException as e:  # surfaced on the main thread at the next put/close
                 self.error = e
+            finally:
+                self.written[buffer["shard"]].set()
 
     def close(self, raise_errors: bool = True) -> None:
         if self.thread.is_alive():
