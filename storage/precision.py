@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import numpy as np
 import zarr.codecs as zc
-from zarr.codecs import numcodecs as znc
 
 FLOAT16_MAX = float(np.finfo(np.float16).max)
 
@@ -45,9 +44,10 @@ def feature_dtype_and_filters(precision: str) -> tuple[str, list]:
     if precision == "float32":
         return "float32", []
     if precision == "bf16_bitround":
-        # float32 container, mantissa rounded to bfloat16's 7 bits: relative error <= 2^-8 like bf16 itself, no
-        # float16 overflow or subnormal loss, and the 16 zeroed bits cost almost nothing after shuffle + zstd.
-        return "float32", [znc.BitRound(keepbits=7)]
+        # float32 container, mantissa rounded to bfloat16's 7 bits before writing (`round_to_bf16`): relative
+        # error <= 2^-8 like bf16 itself, no float16 overflow or subnormal loss, and the 16 zeroed bits cost almost
+        # nothing after shuffle + zstd. No filter in the chain: any Zarr v3 reader decodes it.
+        return "float32", []
     if precision == "int8_per_token":
         return "int8", []
     raise ValueError(f"unknown precision {precision}")
@@ -60,8 +60,18 @@ def quantize(features_nhwd: np.ndarray, precision: str) -> tuple[np.ndarray, np.
         scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
         codes = np.clip(np.rint(features_nhwd / scale[..., None]), -127, 127).astype(np.int8)
         return codes, scale
+    if precision == "bf16_bitround":
+        return round_to_bf16(features_nhwd), None
     dtype, _ = feature_dtype_and_filters(precision)
     return features_nhwd.astype(dtype), None
+
+
+def round_to_bf16(values: np.ndarray) -> np.ndarray:
+    """float32 with the mantissa rounded to bfloat16's 7 bits (round half to even; the same bits as numcodecs'
+    BitRound(keepbits=7), which earlier stores carried as a non-standard filter). NaN and inf stay as they are."""
+    bits = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32)
+    rounded = (bits + (np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1)))) & np.uint32(0xFFFF0000)
+    return np.where(np.isfinite(values), rounded.view(np.float32), values.astype(np.float32))
 
 
 def dequantize(stored: np.ndarray, scale: np.ndarray | None) -> np.ndarray:

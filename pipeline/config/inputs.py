@@ -213,8 +213,8 @@ Compressor = Literal["blosc_zstd_bitshuffle", "blosc_zstd_shuffle", "zstd", "blo
 class StoreOptions(Frozen):
     precision: Precision = Field(
         "float16",
-        description="float16 (default), float32, bf16_bitround (float32 with the mantissa rounded to bf16's 7 bits by a "
-        "BitRound filter: rel. error <= 2^-8, 0.64x a bf16 .pt), int8_per_token (int8 + a float32 scale per token).",
+        description="float16 (default), float32, bf16_bitround (float32 with the mantissa rounded to bf16's 7 bits before "
+        "writing, standard codecs only: rel. error <= 2^-8, 0.64x a bf16 .pt), int8_per_token (int8 + a float32 scale per token).",
     )
     compressor: Compressor = Field(
         "blosc_zstd_shuffle",

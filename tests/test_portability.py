@@ -1,0 +1,63 @@
+"""Stores are Zarr v3 that another implementation reads: every precision's store gives tensorstore the same values
+as zarr-python, with only codecs of the Zarr v3 specification in its chain; bf16_bitround's rounding (done before
+writing) equals numcodecs' BitRound bit for bit."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import tensorstore
+import zarr
+
+from pipeline.config import StoreOptions, SubsetSpec
+from pipeline.stages import encode
+from storage import open_store
+from storage.precision import dequantize, round_to_bf16
+
+SPEC_CODECS = {"bytes", "blosc", "zstd", "gzip", "crc32c", "transpose", "sharding_indexed"}
+
+
+def _codec_names(codecs: list) -> set[str]:
+    names = set()
+    for codec in codecs:
+        names.add(codec["name"])
+        names |= _codec_names(codec.get("configuration", {}).get("codecs", []))
+        names |= _codec_names(codec.get("configuration", {}).get("index_codecs", []))
+    return names
+
+
+@pytest.mark.parametrize("precision", ["float16", "float32", "bf16_bitround", "int8_per_token"])
+def test_tensorstore_reads_every_precision_like_zarr_python(make_job, precision):
+    job = make_job(store=StoreOptions(shard_images=4, precision=precision), subset=SubsetSpec(max_images=6))
+    path = encode.run(job, progress=False).store_path
+    arrays = ["features", "pixels", "image_ids", "valid"] + (
+        ["features_scale"] if precision == "int8_per_token" else []
+    )
+    read = {}
+    for name in arrays:
+        codecs = json.loads((path / name / "zarr.json").read_text())["codecs"]
+        assert _codec_names(codecs) <= SPEC_CODECS, (name, codecs)
+        spec = {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(path / name)}}
+        read[name] = tensorstore.open(spec, read=True).result().read().result()
+        np.testing.assert_array_equal(read[name], zarr.open_array(str(path / name), mode="r")[:])
+    features = dequantize(read["features"], read.get("features_scale"))
+    np.testing.assert_array_equal(features, open_store(path).features())
+
+
+def test_bf16_rounding_before_writing_equals_numcodecs_bitround():
+    from numcodecs import BitRound
+
+    rng = np.random.default_rng(0)
+    values = np.concatenate([
+        (rng.standard_normal(100_000) * 10.0 ** rng.integers(-30, 30, 100_000)).astype(np.float32),
+        np.array([0.0, -0.0, 1.0, -1.0, 3.4e38, -3.4e38, 1e-40, -1e-45, 1.00390625, 1.01171875], np.float32),
+    ])  # fmt: skip
+    expected = BitRound(keepbits=7).encode(values).view(np.float32)
+    np.testing.assert_array_equal(round_to_bf16(values).view(np.uint32), expected.view(np.uint32))
+    relative = np.abs(round_to_bf16(values) - values) / np.maximum(np.abs(values), np.finfo(np.float32).tiny)
+    assert relative[np.isfinite(relative) & (np.abs(values) > 1e-30)].max() <= 2.0**-8
+    special = np.array([np.nan, np.inf, -np.inf], np.float32)
+    out = round_to_bf16(special)
+    assert np.isnan(out[0]) and out[1] == np.inf and out[2] == -np.inf
