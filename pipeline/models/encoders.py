@@ -132,8 +132,8 @@ class Encoder:
         return self._tokens_at(x, [self.spec.feature_layer])[0]
 
     def _tokens_at(self, x: torch.Tensor, layers: list[Layer]) -> list[torch.Tensor]:
-        """Raw outputs of `layers` ('last' = the model's final features), stopping after the deepest block asked
-        for unless 'last' is among them; a block's output is dropped as soon as the next one is not wanted."""
+        """Raw outputs of `layers` ('last' = the model's final features), in the order asked: forward hooks keep
+        only those blocks' outputs, and the pass stops after the deepest one unless 'last' is among them."""
         if self.is_cnn:
             stages = [layer for layer in layers if layer != "last"]
             if "last" not in layers:
