@@ -13,6 +13,7 @@ import numpy as np
 import zarr
 
 from storage import precision as prec
+from storage.shard_reader import ShardReader
 
 FORMAT_VERSION = 2  # 2: per-shard file checksums and the store's content digest
 FORMAT_KEY = "reconlab_store_format"
@@ -162,6 +163,7 @@ class FeatureStore:
         self.path = Path(path)
         self.group = group
         self._verified: set[tuple[str, int]] = set()  # (array, shard) whose file matched its SHA-256 on read
+        self._readers: dict[str, ShardReader | None] = {}  # direct shard readers (storage/shard_reader.py)
 
     @property
     def attrs(self) -> dict:
@@ -228,6 +230,12 @@ class FeatureStore:
 
     def _read(self, name: str, rows: slice | np.ndarray | int) -> np.ndarray:
         self._verify_rows(name, rows)
+        if name not in self._readers:
+            self._readers[name] = ShardReader.of(self.group[name], self.path / name)
+        if (reader := self._readers[name]) is not None:  # the direct path: ~5x faster for one image
+            index = np.arange(self.group[name].shape[0])[rows]
+            out = reader.read(np.atleast_1d(index))
+            return out[0] if np.ndim(index) == 0 else out
         if isinstance(rows, slice | int | np.integer):
             return self.group[name][rows]
         # zarr's orthogonal (fancy) indexing on sharded arrays costs ~50x the selection in memory (measured);
@@ -265,6 +273,9 @@ class FeatureStore:
         pixels_like: a store holding these very pixels in this shard, with the same pixel array metadata: its
         shard file is hard-linked (copied across file systems) instead of compressing the pixels again."""
         rows = self.layout.shard_slice(shard)
+        for reader in self._readers.values():
+            if reader is not None:
+                reader.forget(shard)
         stored, scale = prec.quantize(features_nhwd, self.layout.precision)
         self.group["features"][rows] = stored
         if scale is not None:

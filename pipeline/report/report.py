@@ -70,7 +70,9 @@ def figure_differences(scores: pd.DataFrame, key, comparisons, path: Path) -> No
 def figure_depth(means: pd.DataFrame, keys: list, path: Path) -> None:
     """Informativeness vs depth: one panel per score, one line per network, 95% bootstrap CIs."""
     plt = pyplot()
-    fig, axes = plt.subplots(1, len(keys), figsize=(3.8 * len(keys), 2.8), squeeze=False, layout="constrained")
+    fig, axes = plt.subplots(
+        1, len(keys), figsize=(3.8 * len(keys), 2.8), squeeze=False, layout="constrained"
+    )
     for ax, (judge, metric) in zip(axes[0], keys, strict=True):
         for network, rows in means[(means.judge == judge) & (means.metric == metric)].groupby("network"):
             rows = rows.sort_values("depth")
