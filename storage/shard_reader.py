@@ -77,13 +77,20 @@ class ShardReader:
             return
         with open(path, "rb") as f:
             index = self._index(shard, f)
+            whole = None
+            if len(positions) > self.shard_rows // 4:  # many chunks of this shard: one read of the file
+                f.seek(0)
+                whole = memoryview(f.read())
             for position in positions:
-                offset, nbytes = index[int(rows[position]) % self.shard_rows]
+                offset, nbytes = (int(v) for v in index[int(rows[position]) % self.shard_rows])
                 if offset == _EMPTY:
                     out[position] = self.fill_value
                     continue
-                f.seek(int(offset))
-                raw = f.read(int(nbytes))
+                if whole is not None:
+                    raw = whole[offset : offset + nbytes]
+                else:
+                    f.seek(offset)
+                    raw = f.read(nbytes)
                 data = self.decoder.decode(raw) if self.decoder is not None else raw
                 out[position] = np.frombuffer(data, self.dtype).reshape(self.shape[1:])
 
