@@ -65,11 +65,15 @@ def test_bf16_rounding_before_writing_equals_numcodecs_bitround():
 
 @pytest.mark.parametrize("compressor", ["blosc_zstd_shuffle", "zstd", "none"])
 def test_the_direct_shard_reader_returns_what_zarr_returns(make_job, compressor):
-    job = make_job(store=StoreOptions(shard_images=4, compressor=compressor), subset=SubsetSpec(max_images=10))
+    job = make_job(
+        store=StoreOptions(shard_images=4, compressor=compressor), subset=SubsetSpec(max_images=10)
+    )
     store = open_store(encode.run(job, progress=False).store_path)
     assert store._readers == {} and store.features(3) is not None and store._readers["features"] is not None
     everything = zarr.open_array(str(store.path / "features"), mode="r")[:].astype(np.float32)
     for rows in (3, slice(None), slice(2, 9), np.array([9, 0, 4, 4, 8]), np.array([], int)):
         np.testing.assert_array_equal(store.features(rows), everything[rows])
-    np.testing.assert_array_equal(store.pixels(np.array([7, 1])), zarr.open_array(str(store.path / "pixels"))[[7, 1]])
+    np.testing.assert_array_equal(
+        store.pixels(np.array([7, 1])), zarr.open_array(str(store.path / "pixels"))[[7, 1]]
+    )
     np.testing.assert_array_equal(store.image_ids(), zarr.open_array(str(store.path / "image_ids"))[:])
