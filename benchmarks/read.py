@@ -1,7 +1,9 @@
-"""Reading features back: zarr-python against reconlab's direct shard reader (storage/shard_reader.py) and the
-paper's one `.pt` file per image, on ViT-B/16 @ 224-shaped float16 features (256 images, shards of 64, blosc zstd
-shuffle level 3, random values: compressed size and speed are upper bounds for real features, which compress a
-little). Prints ms per random image and MB/s for a sequential read of everything.
+"""Reading features back from a reconlab store (`FeatureStore.features`, through storage/shard_reader.py) against
+zarr-python on the same arrays, the paper's one `.pt` file per image, and a raw uncompressed NumPy memmap (the
+disk's practical limit here). ViT-B/16 features at 224 px (14x14x768) and 512 px (32x32x768), at float16,
+bf16_bitround and int8_per_token; random values (a bound: real features compress a little); shards of 64, the
+default codec per precision; best of 3, warm page cache. Prints ms per random image and MB/s (of float16-sized
+features) for a sequential read of everything.
     .venv/bin/python benchmarks/read.py
 """
 
@@ -15,56 +17,75 @@ import numpy as np
 import torch
 import zarr
 
-from storage.precision import compressors
-from storage.shard_reader import ShardReader
+from storage import StoreLayout, create, open_store
+from storage.precision import default_level, quantize
 
 
-def per_call(fn, reps: int = 3) -> float:
-    best = float("inf")
+def best(fn, reps: int = 3) -> float:
+    times = []
     for _ in range(reps):
         start = time.perf_counter()
         fn()
-        best = min(best, time.perf_counter() - start)
-    return best
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def one_case(tmp: Path, n: int, grid: int, precision: str, rng) -> list[str]:
+    d, k = 768, 64
+    features = (rng.standard_normal((n, grid, grid, d)) * 2).astype(np.float32)
+    layout = StoreLayout(n_images=n, grid_hw=(grid, grid), hidden_dim=d, pixel_size=16, shard_images=k,
+                         precision=precision, compressor="blosc_zstd_shuffle", store_pixels=False,
+                         compression_level=default_level(precision))  # fmt: skip
+    store = create(tmp / f"{precision}-{grid}.zarr", layout, {})
+    for shard in range(layout.n_shards):
+        rows = layout.shard_slice(shard)
+        store.write_shard(shard, features[rows], None, np.arange(rows.start, rows.stop), np.ones(rows.stop - rows.start,
+                          bool), {"n_encoded": 0, "failures": [], "stats": {}})  # fmt: skip
+    store = open_store(store.path, require_complete=False)
+    stored, scale = quantize(features, precision)
+    pt = tmp / f"pt-{precision}-{grid}"
+    pt.mkdir()
+    for i in range(n):  # the paper's layout: a tensor file per image (bf16 as torch.bfloat16)
+        tensor = (
+            torch.from_numpy(features[i]).bfloat16()
+            if precision == "bf16_bitround"
+            else torch.from_numpy(stored[i])
+        )
+        torch.save(
+            {"f": tensor, "scale": None if scale is None else torch.from_numpy(scale[i])}, pt / f"{i}.pt"
+        )
+    raw = np.lib.format.open_memmap(tmp / f"raw-{precision}-{grid}.npy", "w+", stored.dtype, stored.shape)
+    raw[:] = stored
+    raw.flush()
+    raw = np.load(tmp / f"raw-{precision}-{grid}.npy", mmap_mode="r")
+    array = zarr.open_array(store.path / "features", mode="r")
+    store.features(slice(None))  # the first read of each shard checks its SHA-256: once per process
+    picks = rng.integers(0, n, 100)
+    readers = {
+        "reconlab store": (lambda i: store.features(int(i)), lambda: store.features(slice(None))),
+        "zarr-python": (lambda i: array[int(i)], lambda: array[:]),
+        ".pt per image": (lambda i: torch.load(pt / f"{int(i)}.pt"), lambda: [torch.load(pt / f"{i}.pt") for i in range(n)]),
+        "raw memmap": (lambda i: np.array(raw[int(i)]), lambda: np.array(raw)),
+    }  # fmt: skip
+    mb = n * grid * grid * d * 2 / 1e6
+    out = []
+    for name, (one, everything) in readers.items():
+        random_ms = 1e3 * best(lambda one=one: [one(i) for i in picks]) / len(picks)
+        out.append(
+            f"| {grid * 16} px | {precision} | {name} | {random_ms:.2f} | {mb / best(everything):.0f} |"
+        )
+    return out
 
 
 def main() -> None:
-    n, h, w, d, k = 256, 14, 14, 768, 64
     rng = np.random.default_rng(0)
-    data = (rng.standard_normal((n, h, w, d)) * 2).astype(np.float16)
+    print("| input | precision | read | one image at random, ms | sequential, MB/s (float16-sized) |")
+    print("|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        group = zarr.open_group(tmp / "s.zarr", mode="w")
-        group.create_array("features", shape=data.shape, dtype="float16", chunks=(1, h, w, d), shards=(k, h, w, d),
-                           compressors=compressors("blosc_zstd_shuffle", 3))[:] = data  # fmt: skip
-        (tmp / "pt").mkdir()
-        for i in range(n):
-            torch.save(torch.from_numpy(data[i]), tmp / "pt" / f"{i}.pt")
-        array = zarr.open_array(tmp / "s.zarr" / "features", mode="r")
-        reader = ShardReader.of(array, tmp / "s.zarr" / "features")
-        assert np.array_equal(reader.read(np.arange(n)), data)
-        picks = rng.integers(0, n, 200)
-        random_ms = {
-            "zarr-python `array[i]`": lambda: [array[int(i)] for i in picks],
-            "reconlab direct shard reader": lambda: [reader.read(np.array([i])) for i in picks],
-            "one .pt file per image (torch.load)": lambda: [
-                torch.load(tmp / "pt" / f"{int(i)}.pt") for i in picks
-            ],
-        }
-        sequential = {
-            "zarr-python `array[:]`": lambda: array[:],
-            "reconlab direct shard reader (shards on threads)": lambda: reader.read(np.arange(n)),
-            "one .pt file per image (torch.load)": lambda: [
-                torch.load(tmp / "pt" / f"{i}.pt") for i in range(n)
-            ],
-        }
-        print(f"# reads, {n} images of {h}x{w}x{d} float16 ({data.nbytes / 1e6:.0f} MB), CPU, "
-              f"{torch.get_num_threads()} threads\n")  # fmt: skip
-        print("| read | one image at random, ms | sequential, all images, MB/s |\n|---|---|---|")
-        for (name, rnd), seq in zip(random_ms.items(), sequential.values(), strict=True):
-            print(
-                f"| {name} | {1e3 * per_call(rnd) / len(picks):.2f} | {data.nbytes / 1e6 / per_call(seq):.0f} |"
-            )
+        for grid, n in ((14, 256), (32, 128)):
+            for precision in ("float16", "bf16_bitround", "int8_per_token"):
+                for line in one_case(Path(tmp), n, grid, precision, rng):
+                    print(line, flush=True)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -164,15 +165,22 @@ class FeatureStore:
         self.group = group
         self._verified: set[tuple[str, int]] = set()  # (array, shard) whose file matched its SHA-256 on read
         self._readers: dict[str, ShardReader | None] = {}  # direct shard readers (storage/shard_reader.py)
+        self._arrays: dict[str, zarr.Array] = {}
 
     @property
     def attrs(self) -> dict:
         return dict(self.group.attrs)
 
-    @property
-    def layout(self) -> StoreLayout:
+    @functools.cached_property
+    def layout(self) -> StoreLayout:  # fixed when the store is created
         raw = dict(self.group.attrs["layout"])
         return StoreLayout(**{**raw, "grid_hw": tuple(raw["grid_hw"])})
+
+    def _array(self, name: str) -> zarr.Array:
+        """The array, opened once per handle (a group lookup reads its metadata from disk every time)."""
+        if name not in self._arrays:
+            self._arrays[name] = self.group[name]
+        return self._arrays[name]
 
     @property
     def config_hash(self) -> str:
@@ -231,29 +239,29 @@ class FeatureStore:
     def _read(self, name: str, rows: slice | np.ndarray | int) -> np.ndarray:
         self._verify_rows(name, rows)
         if name not in self._readers:
-            self._readers[name] = ShardReader.of(self.group[name], self.path / name)
-        if (reader := self._readers[name]) is not None:  # the direct path: ~5x faster for one image
-            index = np.arange(self.group[name].shape[0])[rows]
+            self._readers[name] = ShardReader.of(self._array(name), self.path / name)
+        if (reader := self._readers[name]) is not None:  # the direct path: ~3x faster for one image
+            index = np.arange(self.layout.n_images)[rows]
             out = reader.read(np.atleast_1d(index))
             return out[0] if np.ndim(index) == 0 else out
         if isinstance(rows, slice | int | np.integer):
-            return self.group[name][rows]
+            return self._array(name)[rows]
         # zarr's orthogonal (fancy) indexing on sharded arrays costs ~50x the selection in memory (measured);
         # read the covering slice and select in NumPy instead.
         rows = np.asarray(rows)
         if rows.size == 0:
-            return self.group[name][0:0]
+            return self._array(name)[0:0]
         lo, hi = int(rows.min()), int(rows.max()) + 1
-        return self.group[name][lo:hi][rows - lo]
+        return self._array(name)[lo:hi][rows - lo]
 
     def features(self, rows: slice | np.ndarray | int = slice(None)) -> np.ndarray:
         """Features as float32 [n, H, W, D], whatever the stored precision."""
         stored = self._read("features", rows)
-        scale = self._read("features_scale", rows) if "features_scale" in self.group else None
+        scale = self._read("features_scale", rows) if self.layout.precision == "int8_per_token" else None
         return prec.dequantize(stored, scale)
 
     def pixels(self, rows: slice | np.ndarray | int = slice(None)) -> np.ndarray:
-        if "pixels" not in self.group:
+        if not self.layout.store_pixels:
             raise StoreError(f"{self.path}: this store was written without pixels (store_pixels: false)")
         return self._read("pixels", rows)
 
@@ -380,6 +388,8 @@ class FeatureStore:
             shards = range(min(positions) // k, max(positions) // k + 1) if len(positions) else range(0)
         else:
             shards = np.unique(np.atleast_1d(np.asarray(rows)) // k).tolist()
+        if all((name, shard) in self._verified for shard in shards):
+            return
         records = self.group.attrs.get("shards", {})
         for shard in shards:
             if (name, shard) in self._verified or str(shard) not in records:
