@@ -25,7 +25,7 @@ def fail(message: str) -> None:
 def user_errors() -> tuple[type[Exception], ...]:
     """Errors whose message tells the user what to fix: shown without a traceback, exit code 2."""
     from pipeline.models.checkpoints import CheckpointError, DisjointnessError
-    from pipeline.models.encoders import ArchitectureMismatchError
+    from pipeline.models.model_ids import ArchitectureMismatchError
     from pipeline.models.weights import WeightsNotFoundError
     from storage import StoreError
 

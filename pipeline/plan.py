@@ -15,7 +15,7 @@ from pipeline.artifacts import WriteLock, read_json
 from pipeline.config import ConfigError, EncoderSpec, OperatorPairSpec, RunConfig, TransformSpec
 from pipeline.config_files import resolve_encoder, resolve_entry
 from pipeline.jobs import EncodeJob, EvalTarget, OperatorJob, TrainJob
-from pipeline.models import encoders, weights
+from pipeline.models import model_ids, weights
 from pipeline.models.checkpoints import CheckpointError, read_header
 from pipeline.stages import encode, evaluate, operators, train
 from storage import StoreError, open_store
@@ -91,7 +91,7 @@ def encoder_specs(
         specs += [s for n in unknown for s in resolve_entry(n, config_path, field)]
         specs = [s for s in specs if any(selected(s, n) for n in names)]
     for spec in specs:
-        encoders.check_architecture(spec)
+        model_ids.check_architecture(spec)
     return specs
 
 

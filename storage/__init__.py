@@ -3,13 +3,13 @@
 `storage/README.md` is the normative spec; plain zarr, dask and xarray read stores without this package.
 """
 
+from storage.creation import create
 from storage.format import (
     FORMAT_VERSION,
     FeatureStore,
     StoreError,
     StoreLayout,
     StoreLocked,
-    create,
     open_store,
 )
 

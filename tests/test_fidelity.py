@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from flows.cli import app
 from pipeline.config import EncodeOptions, EncoderSpec, EvaluateConfig, StoreOptions, SubsetSpec, TrainConfig
 from pipeline.config_files import REPO_CONFIG_DIR, resolve_encoder
-from pipeline.models import encoders
+from pipeline.models import encoders, model_ids
 from pipeline.models.checkpoints import DisjointnessError
 from pipeline.stages import encode, evaluate, train
 from pipeline.stages.verify import verify
@@ -25,7 +25,7 @@ SPEC_FILES = sorted((REPO_CONFIG_DIR / "encoders").glob("*.yaml"))
 
 @pytest.mark.parametrize("spec_file", SPEC_FILES, ids=lambda p: p.stem)
 def test_every_shipped_encoder_spec_builds_the_architecture_its_weights_were_trained_with(spec_file):
-    encoders.check_architecture(EncoderSpec.model_validate(yaml.safe_load(spec_file.read_text())))
+    model_ids.check_architecture(EncoderSpec.model_validate(yaml.safe_load(spec_file.read_text())))
 
 
 def test_the_openai_and_metaclip_specs_use_timms_quickgelu_models():
@@ -38,16 +38,16 @@ def test_a_quickgelu_checkpoint_in_an_exact_gelu_model_is_refused_naming_the_rig
     spec = yaml.safe_load((REPO_CONFIG_DIR / "encoders" / "clip-b16-openai.yaml").read_text())
     spec["model_id"] = "vit_base_patch16_clip_224.openai"
     with pytest.raises(
-        encoders.ArchitectureMismatchError, match=r"model_id: vit_base_patch16_clip_quickgelu_224\.openai$"
+        model_ids.ArchitectureMismatchError, match=r"model_id: vit_base_patch16_clip_quickgelu_224\.openai$"
     ):
-        encoders.check_architecture(EncoderSpec.model_validate(spec))
+        model_ids.check_architecture(EncoderSpec.model_validate(spec))
 
 
 def test_an_activation_override_on_pretrained_weights_is_refused():
     spec = yaml.safe_load((REPO_CONFIG_DIR / "encoders" / "clip-b16-laion.yaml").read_text())
     spec["model_kwargs"] = {"act_layer": "quick_gelu"}
-    with pytest.raises(encoders.ArchitectureMismatchError, match="act_layer"):
-        encoders.check_architecture(EncoderSpec.model_validate(spec))
+    with pytest.raises(model_ids.ArchitectureMismatchError, match="act_layer"):
+        model_ids.check_architecture(EncoderSpec.model_validate(spec))
 
 
 def test_encode_refuses_a_mismatched_spec_in_one_line_before_any_work(write_run_config, tmp_path):

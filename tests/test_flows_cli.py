@@ -179,26 +179,16 @@ def test_only_transient_faults_are_retried():
 
 
 @pytest.mark.slow
-def test_parallel_tasks_encode_several_stores_at_once_through_the_flow(write_run_config, tmp_path):
+@pytest.mark.parametrize("task_runner", ["threads", "dask"])
+def test_parallel_tasks_encode_several_stores_at_once_through_the_flow(
+    write_run_config, tmp_path, task_runner
+):
+    """orchestration.task_runner: threads of the flow's process, or prefect-dask's runner on a local cluster of
+    worker processes."""
     from storage import open_store
 
     config = write_run_config(
-        encoders=["tiny-vit-64", "tiny-vit-112"], orchestration={"parallel_tasks": 2},
-        operators={"pairs": []}, train={"train_split": "val", "val_split": "val"},
-    )  # fmt: skip
-    result = runner.invoke(app, ["encode", "--config", str(config), "--no-progress"])
-    assert result.exit_code == 0, result.output
-    stores = sorted((tmp_path / "stores").glob("*.zarr"))
-    assert len(stores) == 2 and all(open_store(p).complete for p in stores)
-
-
-@pytest.mark.slow
-def test_a_local_dask_cluster_runs_the_encode_tasks(write_run_config, tmp_path):
-    """orchestration.task_runner: dask — prefect-dask's runner, a local cluster of worker processes."""
-    from storage import open_store
-
-    config = write_run_config(
-        encoders=["tiny-vit-64", "tiny-vit-112"], orchestration={"parallel_tasks": 2, "task_runner": "dask"},
+        encoders=["tiny-vit-64", "tiny-vit-112"], orchestration={"parallel_tasks": 2, "task_runner": task_runner},
         operators={"pairs": []}, train={"train_split": "val", "val_split": "val"},
     )  # fmt: skip
     result = runner.invoke(app, ["encode", "--config", str(config), "--no-progress"])

@@ -16,6 +16,8 @@ from PIL import Image
 from pipeline.config import EncoderSpec, Layer
 from pipeline.data.images import Preprocessing
 from pipeline.models import _torchvision_shim, model_ids
+from pipeline.models.model_ids import check_architecture
+from pipeline.models.preprocessing_sources import from_hf_processor, from_timm_config
 from pipeline.models.weights import (
     TIMM_WEIGHT_FILES,
     cached_revision,
@@ -261,47 +263,6 @@ def load(
     return encoder
 
 
-# Keyword args that would rebuild a trained network with another activation or normalisation.
-_ARCHITECTURE_KWARGS = {"act_layer", "norm_layer", "hidden_act", "layer_norm_eps", "norm_eps"}
-
-
-def check_architecture(spec: EncoderSpec) -> None:
-    """Refuse a spec whose network differs from the one its weights were trained with (before any download).
-
-    timm marks weights trained with QuickGELU ('natively QuickGELU, use quickgelu model variant') whose default
-    architecture uses exact GELU: the plain id loads those weights into the wrong network without complaint.
-    """
-    if spec.weights == "random":
-        return
-    overridden = sorted(_ARCHITECTURE_KWARGS & set(spec.model_kwargs))
-    if overridden:
-        raise ArchitectureMismatchError(
-            f"encoder '{spec.name}': model_kwargs {overridden} change the architecture its weights were trained "
-            "with; remove them (or use weights: random)"
-        )
-    if spec.backend != "timm":
-        return  # transformers builds the architecture from the config.json shipped with the weights
-    _torchvision_shim.install()
-    import timm
-
-    try:
-        cfg = timm.models.get_pretrained_cfg(spec.model_id)
-    except Exception:  # an id timm does not know: the loader reports it with where it looked
-        return
-    notes = " ".join(getattr(cfg, "notes", None) or ())
-    arch, _, tag = spec.model_id.partition(".")
-    if "quickgelu" in notes.lower() and "quickgelu" not in arch:
-        fixed = arch.replace("_clip_", "_clip_quickgelu_") + (f".{tag}" if tag else "")
-        raise ArchitectureMismatchError(
-            f"encoder '{spec.name}': timm model '{spec.model_id}' uses exact GELU but its weights were trained with "
-            f"QuickGELU (timm: '{notes}'); set model_id: {fixed}"
-        )
-
-
-class ArchitectureMismatchError(ValueError):
-    """A spec that would load weights into a network other than the one they were trained with."""
-
-
 def _probe(encoder: Encoder) -> None:
     """One forward on a blank image: learn D and the prefix count, and check them against the spec."""
     spec = encoder.spec
@@ -368,21 +329,7 @@ def _load_timm(spec: EncoderSpec) -> tuple[torch.nn.Module, Preprocessing, str]:
             spec.model_id, pretrained=True, pretrained_cfg_overlay={"file": str(weight_file)}, **kwargs
         )
         weights_id = f"file:{weight_file.name} sha256={file_sha256(weight_file)}"
-    data_cfg = timm.data.resolve_model_data_config(model)
-    crop_pct = data_cfg.get("crop_pct", 1.0)
-    crop_mode = data_cfg.get("crop_mode", "center")
-    if crop_mode not in ("center", "squash"):
-        raise ValueError(f"encoder '{spec.name}': timm crop_mode '{crop_mode}' is not supported")
-    preprocessing = Preprocessing(
-        resize_mode="shortest" if crop_mode == "center" else "squash",
-        resize_size=int(np.floor(spec.resolution / crop_pct)),
-        crop_size=spec.resolution,
-        interpolation=data_cfg["interpolation"],
-        mean=tuple(float(v) for v in data_cfg["mean"]),
-        std=tuple(float(v) for v in data_cfg["std"]),
-        source=f"timm pretrained_cfg of {spec.model_id} (crop_pct={crop_pct}, crop_mode={crop_mode}); "
-        f"input size from spec resolution {spec.resolution}",
-    )
+    preprocessing = from_timm_config(spec, timm.data.resolve_model_data_config(model))
     return model, preprocessing, weights_id
 
 
@@ -424,31 +371,4 @@ def _load_transformers(spec: EncoderSpec) -> tuple[torch.nn.Module, Preprocessin
         weights_id = (
             f"hf:{source}@{getattr(model.config, '_commit_hash', None) or spec.revision or 'unknown'}"
         )
-    return model, _hf_preprocessing(spec, processor), weights_id
-
-
-def _hf_preprocessing(spec: EncoderSpec, processor) -> Preprocessing:
-    # transformers 5 keeps sizes in a SizeDict (iterates as its set fields), older versions in a dict or an int.
-    size = {"shortest_edge": processor.size} if isinstance(processor.size, int) else dict(processor.size)
-    do_crop = bool(getattr(processor, "do_center_crop", False))
-    crop = dict(getattr(processor, "crop_size", None) or {})
-    crop_side = crop.get("height", spec.resolution) if do_crop else None
-    if "shortest_edge" in size:
-        mode, resize_side = "shortest", size["shortest_edge"]
-    else:
-        mode, resize_side = "squash", size["height"]
-    output_side = crop_side or resize_side
-    # The spec's resolution wins (e.g. DINOv2 at 518); keep the processor's resize/crop ratio.
-    resize_size = round(resize_side * spec.resolution / output_side)
-    resample = getattr(processor, "resample", Image.Resampling.BICUBIC)
-    interpolation = Image.Resampling(int(resample)).name.lower()
-    return Preprocessing(
-        resize_mode=mode,
-        resize_size=resize_size,
-        crop_size=spec.resolution,
-        interpolation=interpolation,
-        mean=tuple(float(v) for v in processor.image_mean),
-        std=tuple(float(v) for v in processor.image_std),
-        source=f"HF image processor {type(processor).__name__} of {spec.model_id} "
-        f"(size={size}, crop={crop if do_crop else None}); scaled to spec resolution {spec.resolution}",
-    )
+    return model, from_hf_processor(spec, processor), weights_id

@@ -1,7 +1,8 @@
 """What an `encoders:` entry stands for: the specs of a model named by id ('timm:<id>', 'hf:<repo>') and of
 several feature layers of one encoder, derived from the model's own config (patch size or stage stride, width,
 depth, input size), never typed by hand. Prefix tokens (CLS, registers) are left to the loader's probe, which
-counts them on a real forward pass and records them in the store."""
+counts them on a real forward pass and records them in the store. And `check_architecture`: a spec whose network
+differs from the one its weights were trained with is refused before any download."""
 
 from __future__ import annotations
 
@@ -175,3 +176,44 @@ def layer_specs(base: EncoderSpec, entry: EncoderEntry) -> list[EncoderSpec]:
                 }
         specs.append(_checked(EncoderSpec, fields, f"{base.name} layer {layer}"))
     return specs
+
+
+# Keyword args that would rebuild a trained network with another activation or normalisation.
+_ARCHITECTURE_KWARGS = {"act_layer", "norm_layer", "hidden_act", "layer_norm_eps", "norm_eps"}
+
+
+def check_architecture(spec: EncoderSpec) -> None:
+    """Refuse a spec whose network differs from the one its weights were trained with (before any download).
+
+    timm marks weights trained with QuickGELU ('natively QuickGELU, use quickgelu model variant') whose default
+    architecture uses exact GELU: the plain id loads those weights into the wrong network without complaint.
+    """
+    if spec.weights == "random":
+        return
+    overridden = sorted(_ARCHITECTURE_KWARGS & set(spec.model_kwargs))
+    if overridden:
+        raise ArchitectureMismatchError(
+            f"encoder '{spec.name}': model_kwargs {overridden} change the architecture its weights were trained "
+            "with; remove them (or use weights: random)"
+        )
+    if spec.backend != "timm":
+        return  # transformers builds the architecture from the config.json shipped with the weights
+    _torchvision_shim.install()
+    import timm
+
+    try:
+        cfg = timm.models.get_pretrained_cfg(spec.model_id)
+    except Exception:  # an id timm does not know: the loader reports it with where it looked
+        return
+    notes = " ".join(getattr(cfg, "notes", None) or ())
+    arch, _, tag = spec.model_id.partition(".")
+    if "quickgelu" in notes.lower() and "quickgelu" not in arch:
+        fixed = arch.replace("_clip_", "_clip_quickgelu_") + (f".{tag}" if tag else "")
+        raise ArchitectureMismatchError(
+            f"encoder '{spec.name}': timm model '{spec.model_id}' uses exact GELU but its weights were trained with "
+            f"QuickGELU (timm: '{notes}'); set model_id: {fixed}"
+        )
+
+
+class ArchitectureMismatchError(ValueError):
+    """A spec that would load weights into a network other than the one they were trained with."""

@@ -28,7 +28,7 @@ from pipeline.models import encoders
 from pipeline.models.weights import weights_key
 from pipeline.provenance import provenance
 from storage import FeatureStore, StoreError, StoreLayout, create, open_store
-from storage.format import remove_abandoned_creations
+from storage.creation import remove_abandoned_creations
 from storage.precision import default_level, value_stats
 
 
