@@ -51,6 +51,12 @@ def _preflight(
     run = plan.build(load_run_config(config), config, encoders)
     if "operators" in stages:
         run.operator_steps(transforms)
+    if stages == (
+        "encode",
+        "train",
+        "tokens",
+    ):  # `reconlab tokens`: the study must exist (run skips it if absent)
+        run.tokens_steps(encoders)
     plan.preflight(run, stages)
     from flows import prefect_env, reaper
 
@@ -92,6 +98,12 @@ def operator_summary(frame) -> str:
     table = pd.DataFrame({k: v for k, v in short.items() if v is not None})
     table["λ in/on/out"] = table["λ in/on/out"].replace("-/-/-", "-")
     return table.to_string(index=False, na_rep="-", float_format=lambda v: f"{v:.4g}")
+
+
+def _echo_tokens(results) -> None:
+    for r in results:
+        state = "cached" if r.already_complete else "written"
+        typer.echo(f"\ntoken utility ({state}): {r.report}\n        {r.report.with_suffix('.html')}")
 
 
 def _echo_evaluation(result) -> None:
@@ -211,6 +223,24 @@ def evaluate(
     _echo_evaluation(result)
 
 
+@app.command("tokens")
+def tokens_command(
+    config: Annotated[Path, typer.Option("--config", "-c", help="Run config YAML (with a tokens: section).")],
+    encoder: Annotated[list[str] | None, typer.Option("--encoder", "-e", help="Only these encoders.")] = None,
+    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+) -> None:
+    """Token utility: train the learned token selector and the baselines' completions, compare them on held-out
+    images in feature space and through the reconstructor, and write the report (docs/tokens.md)."""
+
+    with reported_in_one_line():
+        from flows.tasks import for_config
+        from flows.tokens_flow import tokens_flow
+
+        _preflight(config, ("encode", "train", "tokens"), encoders=encoder)
+        results = for_config(tokens_flow, config)(str(config), encoder, progress)
+    _echo_tokens(results)
+
+
 def _echo_plan(config: Path, with_operators: bool = True) -> list:
     import pandas as pd
 
@@ -243,11 +273,13 @@ def run(
     force: Annotated[
         str | None,
         typer.Option(
-            "--force", help="Redo this stage (encode, train, operators, evaluate) and every later one."
+            "--force",
+            help="Redo this stage (encode, train, operators, evaluate, tokens) and the stages that use it.",
         ),
     ] = None,
 ) -> None:
-    """The whole benchmark: encode, train, operators, evaluate (one Prefect flow; finished work is skipped)."""
+    """The whole benchmark: encode, train, operators, evaluate, and the token study where the config has one (one
+    Prefect flow; finished work is skipped)."""
 
     with reported_in_one_line():
         from flows.benchmark_flow import benchmark_flow
@@ -255,7 +287,9 @@ def run(
 
         _preflight(
             config,
-            ("encode", "train", "operators", "evaluate") if operators else ("encode", "train", "evaluate"),
+            ("encode", "train", "operators", "evaluate", "tokens")
+            if operators
+            else ("encode", "train", "evaluate", "tokens"),
         )
         if force:
             from pipeline.config_files import load_run_config
@@ -284,6 +318,7 @@ def run(
     _echo_trained(out["trained"].values())
     _echo_operators(out["operators"])
     _echo_evaluation(out["evaluation"])
+    _echo_tokens(out["tokens"])
 
 
 @app.command()
@@ -297,7 +332,7 @@ def serve(
         bool, typer.Option(help="Pause the schedule when this process stops (Prefect's default).")
     ] = False,
 ) -> None:
-    """Serve a deployment per stage (encode, train, operators, evaluate) and the benchmark for CONFIG, until
+    """Serve a deployment per stage (encode, train, operators, evaluate, tokens) and the benchmark for CONFIG, until
     stopped: trigger them from the Prefect UI or `prefect deployment run` (needs a Prefect server: docs/flows.md)."""
     import os
 
@@ -322,7 +357,7 @@ def serve(
 
 @app.command()
 def demo(progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True) -> None:
-    """Build the demo set, then the whole benchmark on it: encode, train, operators, evaluate."""
+    """Build the demo set, then the whole benchmark on it: encode, train, operators, evaluate, tokens."""
     run(DEMO_CONFIG, progress, True)
 
 

@@ -17,16 +17,19 @@ from flows.benchmark_flow import benchmark_flow  # noqa: E402
 from flows.encode_flow import encode_flow  # noqa: E402
 from flows.evaluate_flow import evaluate_flow  # noqa: E402
 from flows.operators_flow import operators_flow  # noqa: E402
+from flows.tokens_flow import tokens_flow  # noqa: E402
 from flows.train_flow import train_flow  # noqa: E402
+from pipeline.config_files import load_run_config  # noqa: E402
 
 STAGE_FLOWS = {"encode": encode_flow, "train": train_flow, "operators": operators_flow, "evaluate": evaluate_flow,
-               "benchmark": benchmark_flow}  # fmt: skip
+               "tokens": tokens_flow, "benchmark": benchmark_flow}  # fmt: skip
 
 
 def deployments(config: Path, cron: str | None = None) -> list:
-    """One deployment per stage flow and one for the benchmark (scheduled by `cron` if given), named
+    """One deployment per stage flow (tokens: where the config has a tokens: section) and one for the benchmark (scheduled by `cron` if given), named
     '<config stem>-<stage>', parameterised by the config's absolute path."""
     config = Path(config).resolve()
+    has_tokens = load_run_config(config).tokens is not None
     one_at_a_time = ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.ENQUEUE)
     return [
         tasks.for_config(flow, config).to_deployment(
@@ -38,4 +41,5 @@ def deployments(config: Path, cron: str | None = None) -> list:
             description=f"reconlab {stage} for {config}",
         )
         for stage, flow in STAGE_FLOWS.items()
+        if stage != "tokens" or has_tokens
     ]

@@ -125,8 +125,8 @@ class WriteLock:
 
 
 def list_artifacts(root: Path) -> list[dict]:
-    """Every artifact under `root` — feature stores, training runs, operator fits, score sets, reports — with its
-    status, size on disk and age, recognised by the files each kind always has."""
+    """Every artifact under `root` — feature stores, training runs, operator fits, score sets, reports, token
+    networks and studies — with its status, size on disk and age, recognised by the files each kind always has."""
     from storage.inspect import summary_row
 
     found = []
@@ -167,6 +167,11 @@ def _kind_and_status(here: Path, filenames: list[str]) -> tuple[str | None, str]
         return "training run", "complete" if finished else f"partial ({epochs} epoch checkpoint(s))"
     if "fits.md" in filenames or any(f.endswith("_eigenvalues.png") for f in filenames):
         return "operator fit", "complete" if finished else "partial"
+    if "networks.json" in filenames:
+        trained = len(list(here.glob("*/final.json")))
+        return "token networks", "complete" if finished else f"partial ({trained} network(s) trained)"
+    if "token_scores.parquet" in filenames:
+        return "token study", "complete" if finished else "partial"
     if here.name.startswith("report__"):
         return "report", "complete" if "report.html" in filenames else "partial"
     return None, ""

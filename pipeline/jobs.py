@@ -15,6 +15,7 @@ from pipeline.config import (
     OperatorsConfig,
     StoreOptions,
     SubsetSpec,
+    TokensConfig,
     TrainConfig,
     TransformSpec,
 )
@@ -55,3 +56,12 @@ class EvalTarget:
     encoder_name: str
     store: Path  # held-out store of this encoder
     checkpoint: Path  # its reconstructor
+
+
+@dataclass(frozen=True)
+class TokensJob:
+    train_store: Path  # trains the selectors and completions
+    eval_store: Path  # held-out images they are evaluated on
+    checkpoint: Path  # the encoder's reconstructor R, to look at completed token sets in pixels
+    judge: EncoderSpec | None  # scores R's images against the originals (None: pixels only)
+    cfg: TokensConfig

@@ -14,13 +14,13 @@ from pathlib import Path
 from pipeline.artifacts import WriteLock, read_json
 from pipeline.config import ConfigError, EncoderSpec, OperatorPairSpec, RunConfig, TransformSpec
 from pipeline.config_files import resolve_encoder, resolve_entry
-from pipeline.jobs import EncodeJob, EvalTarget, OperatorJob, TrainJob
+from pipeline.jobs import EncodeJob, EvalTarget, OperatorJob, TokensJob, TrainJob
 from pipeline.models import model_ids, weights
 from pipeline.models.checkpoints import CheckpointError, read_header
-from pipeline.stages import encode, evaluate, operators, train
+from pipeline.stages import encode, evaluate, operators, tokens, train
 from storage import StoreError, open_store
 
-STAGES = ("encode", "train", "operators", "evaluate")
+STAGES = ("encode", "train", "operators", "evaluate", "tokens")
 
 
 @dataclass(frozen=True)
@@ -36,6 +36,18 @@ class OperatorStep:
         return OperatorJob(self.identity_store, self.transform_store, self.pair, checkpoint, cfg.operators)
 
 
+@dataclass(frozen=True)
+class TokensStep:
+    """A token utility study of one encoder, whose reconstructor is known once it is trained (`job(checkpoint)`)."""
+
+    encoder: str
+    train_store: Path
+    eval_store: Path
+
+    def job(self, cfg: RunConfig, checkpoint: Path, judge: EncoderSpec | None) -> TokensJob:
+        return TokensJob(self.train_store, self.eval_store, checkpoint, judge, cfg.tokens)
+
+
 @dataclass
 class RunPlan:
     cfg: RunConfig
@@ -44,6 +56,8 @@ class RunPlan:
     operators: list[OperatorStep] = field(default_factory=list)
     evaluate: dict[str, Path] = field(default_factory=dict)  # encoder name -> held-out store
     judges: list[EncoderSpec] = field(default_factory=list)
+    tokens: list[TokensStep] = field(default_factory=list)
+    tokens_judge: EncoderSpec | None = None
     n_images: dict[Path, int] = field(default_factory=dict)  # images each store will hold (before decoding)
     ensured: set[Path] = field(default_factory=set)  # stores already made by whoever executes this plan
 
@@ -68,6 +82,18 @@ class RunPlan:
         for path in dict.fromkeys(paths):
             groups.setdefault(encode.one_pass_key(self.encode[path]), []).append(path)
         return list(groups.values())
+
+    def tokens_steps(self, encoder_names: list[str] | None = None) -> list[TokensStep]:
+        """The token utility studies (only those of `encoder_names`); a run config without `tokens:` has none, and
+        asking for them is an error that says how to add them."""
+        if self.cfg.tokens is None:
+            raise ConfigError("this run config has no tokens: section; add `tokens: {}` for the defaults "
+                              "(docs/tokens.md)")  # fmt: skip
+        steps = [s for s in self.tokens if not encoder_names or s.encoder in encoder_names]
+        if not steps:
+            raise ConfigError(f"--encoder {', '.join(encoder_names or [])} matches no token study; studies: "
+                              f"{', '.join(s.encoder for s in self.tokens) or 'none'}")  # fmt: skip
+        return steps
 
     def eval_targets(self, checkpoints: dict[str, Path]) -> list[EvalTarget]:
         return [EvalTarget(name, store, checkpoints[name]) for name, store in self.evaluate.items()]
@@ -124,10 +150,14 @@ def build(cfg: RunConfig, config_path: Path | None = None, encoder_names: list[s
         return path
 
     # Operators and evaluation may name encoders outside `encoders:`; those get only the stores they need.
-    extra = [n for n in (*(cfg.operators.encoders or []), *(cfg.evaluate.encoders or [])) if n not in base]
+    token_names = (cfg.tokens.encoders or []) if cfg.tokens else []
+    extra = [n for n in (*(cfg.operators.encoders or []), *(cfg.evaluate.encoders or []), *token_names)
+             if n not in base]  # fmt: skip
     extra = [n for n in dict.fromkeys(extra) if encoder_names is None or n in encoder_names]
     for spec in (
-        encoder_specs(cfg, config_path, extra, "operators.encoders / evaluate.encoders") if extra else []
+        encoder_specs(cfg, config_path, extra, "operators.encoders / evaluate.encoders / tokens.encoders")
+        if extra
+        else []
     ):
         identity = EncodeJob(cfg.store_root, cfg.dataset, cfg.train.train_split, cfg.subset, spec,
                              TransformSpec(), cfg.store, cfg.encode)  # fmt: skip
@@ -147,6 +177,13 @@ def build(cfg: RunConfig, config_path: Path | None = None, encoder_names: list[s
         if not cfg.evaluate.encoders or name in cfg.evaluate.encoders:
             run.evaluate[name] = store(name, cfg.evaluate.split)
     run.judges = [resolve_encoder(name, config_path, "evaluate.judges") for name in cfg.evaluate.judges]
+    if cfg.tokens:
+        for name in [n for n in (cfg.tokens.encoders or default) if n in base]:
+            run.tokens.append(
+                TokensStep(name, store(name, cfg.tokens.train_split), store(name, cfg.tokens.split))
+            )
+        judge = cfg.tokens.judge or (cfg.evaluate.judges[0] if cfg.evaluate.judges else None)
+        run.tokens_judge = resolve_encoder(judge, config_path, "tokens.judge") if judge else None
     return run
 
 
@@ -181,13 +218,24 @@ def preflight(run: RunPlan, stages: tuple[str, ...] = STAGES) -> None:
         if cfg.operators.n_fit_images >= n_held_out:
             raise ConfigError(f"operators.n_fit_images {cfg.operators.n_fit_images} leaves no test images: split "
                               f"'{cfg.operators.split}' has {n_held_out}; set it below {n_held_out}")  # fmt: skip
+    if "tokens" in stages and run.tokens:
+        if cfg.tokens.split in shaped:
+            raise ConfigError(f"tokens.split '{cfg.tokens.split}' is a split that trains or selects the reconstructor; "
+                              "set tokens.split to a held-out split")  # fmt: skip
+        if run.tokens_judge is not None and not run.tokens_judge.keep_head:
+            raise ConfigError(f"tokens.judge: '{run.tokens_judge.name}' must set keep_head: true (judges score "
+                              "pooled image embeddings)")  # fmt: skip
     specs = {job.encoder.name: job.encoder for job in run.encode.values()}
-    for spec in [*specs.values(), *(run.judges if "evaluate" in stages else [])]:
+    judges = [*(run.judges if "evaluate" in stages else []),
+              *([run.tokens_judge] if "tokens" in stages and run.tokens and run.tokens_judge else [])]  # fmt: skip
+    for spec in [*specs.values(), *judges]:
         weights.check_available(spec)
     roots = {"encode": ("store_root", cfg.store_root), "train": ("train.output_root", cfg.train.output_root),
              "operators": ("operators.output_root", cfg.operators.output_root),
              "evaluate": ("evaluate.output_root", cfg.evaluate.output_root)}  # fmt: skip
-    for stage in stages:
+    if cfg.tokens:
+        roots["tokens"] = ("tokens.output_root", cfg.tokens.output_root)
+    for stage in [s for s in stages if s in roots]:
         _check_writable(*roots[stage])
 
 
@@ -217,7 +265,15 @@ def execute(run: RunPlan, with_operators: bool = True, progress: bool = False) -
     targets = run.eval_targets({name: result.checkpoint for name, result in trained.items()})
     judges = evaluate.load_judges(run.judges, cfg.evaluate.device)
     report = evaluate.run(targets, cfg.evaluate, judges, progress=progress)
-    return {"stores": stores, "trained": trained, "operators": fitted, "evaluation": report}
+    studies = [tokens.run(s.job(cfg, trained[s.encoder].checkpoint, run.tokens_judge), progress=progress)
+               for s in run.tokens]  # fmt: skip
+    return {
+        "stores": stores,
+        "trained": trained,
+        "operators": fitted,
+        "evaluation": report,
+        "tokens": studies,
+    }
 
 
 # -- the plan as a table ---------------------------------------------------------------------------------------
@@ -274,6 +330,7 @@ def plan(cfg: RunConfig, config_path: Path | None = None, with_operators: bool =
         ready = name in checkpoints and states[store] == "cached"
         steps.append(Step("evaluate", name, f"scores on {cfg.evaluate.split}",
                           "runs (scores re-used when cached)" if ready else "after train", str(cfg.evaluate.output_root)))  # fmt: skip
+    steps += [row for step in run.tokens for row in _tokens_steps(run, step, states, checkpoints)]
     return steps
 
 
@@ -295,12 +352,38 @@ def _operator_step(cfg: RunConfig, op: OperatorStep, states: dict, checkpoints: 
     return Step("operators", op.encoder, what, state, str(out_dir))
 
 
+def _tokens_steps(run: RunPlan, step: TokensStep, states: dict, checkpoints: dict) -> list[Step]:
+    """Two rows per study: its trained networks, and the evaluation (scores, tests, report) that uses them."""
+    t = run.cfg.tokens
+    train_what, eval_what = f"networks on {t.train_split}", f"evaluation on {t.split}"
+    if not all(states[p] == "cached" for p in (step.train_store, step.eval_store)):
+        return [Step("tokens", step.encoder, what, "after encode", "") for what in (train_what, eval_what)]
+    if step.encoder not in checkpoints:
+        return [Step("tokens", step.encoder, what, "after train", "") for what in (train_what, eval_what)]
+    job = step.job(run.cfg, checkpoints[step.encoder], run.tokens_judge)
+    try:
+        _, nets_dir, _, out_dir = tokens.keys_and_dirs(job, open_store(job.train_store), open_store(job.eval_store),
+                                                       read_header(job.checkpoint), tokens.judge_id(job))  # fmt: skip
+    except (CheckpointError, StoreError) as e:
+        return [Step("tokens", step.encoder, eval_what, f"to run (inputs: {e})", "")]
+    n_networks = len(tokens.token_training.network_specs(t))
+    done = len(list(nets_dir.glob("*/final.json")))
+    nets_state = (
+        "cached" if done >= n_networks else f"partial ({done}/{n_networks} networks)" if done else "to run"
+    )
+    eval_state = "cached" if read_json(out_dir / "result.json") is not None else "to run"
+    return [Step("tokens", step.encoder, train_what, nets_state, str(nets_dir)),
+            Step("tokens", step.encoder, eval_what, eval_state, str(out_dir))]  # fmt: skip
+
+
 def force(cfg: RunConfig, config_path: Path | None, stage: str) -> list[Path]:
     """Remove the artifacts of `stage` and of every stage after it, so the next run redoes them; returns what was
     removed. Each artifact's lock is taken first: one being written elsewhere is refused, not deleted."""
     if stage not in STAGES:
         raise ConfigError(f"--force: unknown stage '{stage}'; stages: {', '.join(STAGES)}")
     doomed = STAGES[STAGES.index(stage) :]
+    if stage in ("operators", "evaluate"):  # the token study reads neither
+        doomed = tuple(s for s in doomed if s != "tokens")
     steps = plan(cfg, config_path)
     removed = []
     for step in steps:

@@ -1,5 +1,5 @@
 """Typed, frozen run configs loaded from YAML: `base` (frozen models, the Runtime marker, names, hashing),
-`inputs` (what a feature store is made of), `stages` (training, operators, evaluation, orchestration), `run`
+`inputs` (what a feature store is made of), `stages` (training, operators, evaluation, orchestration), `tokens` (the token utility stage), `run`
 (a whole run). Import from here.
 
 Every model forbids unknown keys; `pipeline.config_files` loads them from YAML and turns a bad file into an
@@ -30,10 +30,11 @@ from pipeline.config.stages import (
     ReconstructorConfig,
     TrainConfig,
 )
+from pipeline.config.tokens import TokenNetworkConfig, TokensConfig
 
 __all__ = [
     "RUNTIME", "ComparisonSpec", "Compressor", "ConfigError", "DatasetSpec", "EncodeOptions", "EncoderEntry", "EncoderSpec", "Layer",
     "EvaluateConfig", "Frozen", "Name", "OperatorPairSpec", "OperatorsConfig", "OrchestrationConfig", "Precision",
-    "ReconstructorConfig", "RunConfig", "Runtime", "SplitSpec", "StoreOptions", "SubsetSpec", "TrainConfig",
+    "ReconstructorConfig", "RunConfig", "Runtime", "SplitSpec", "StoreOptions", "SubsetSpec", "TokenNetworkConfig", "TokensConfig", "TrainConfig",
     "TransformSpec", "canonical_json", "config_hash",
 ]  # fmt: skip

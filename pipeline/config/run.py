@@ -17,6 +17,7 @@ from pipeline.config.inputs import (
     TransformSpec,
 )
 from pipeline.config.stages import EvaluateConfig, OperatorsConfig, OrchestrationConfig, TrainConfig
+from pipeline.config.tokens import TokensConfig
 
 
 class RunConfig(Frozen):
@@ -40,6 +41,9 @@ class RunConfig(Frozen):
     operators: OperatorsConfig = OperatorsConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     orchestration: OrchestrationConfig = OrchestrationConfig()
+    tokens: TokensConfig | None = Field(
+        None, description="The token utility stage (learned token selection); absent: the run has none."
+    )
 
     @model_validator(mode="after")
     def _identity_transform(self) -> RunConfig:

@@ -15,9 +15,10 @@ from storage import FeatureStore
 
 
 def batch_stream(
-    store: FeatureStore, batch_size: int, seed: int, epoch: int, buffer_images: int
-) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """(features, pixels) batches of one epoch: shards in a seeded order through a bounded shuffle buffer."""
+    store: FeatureStore, batch_size: int, seed: int, epoch: int, buffer_images: int, pixels: bool = True
+) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
+    """(features, pixels) batches of one epoch: shards in a seeded order through a bounded shuffle buffer.
+    `pixels=False` never reads the pixels (None in their place); the batches of features are the same."""
     rng = np.random.default_rng([seed, epoch])
     lay = store.layout
     pool_feats: list[np.ndarray] = []
@@ -30,14 +31,17 @@ def batch_stream(
             pool_feats[i], pool_pixels[i] = pool_feats[-1], pool_pixels[-1]
             pool_feats.pop()
             pool_pixels.pop()
-        return np.stack([f for f, _ in out]), np.stack([p for _, p in out])
+        return np.stack([f for f, _ in out]), np.stack([p for _, p in out]) if pixels else None
 
     for shard in rng.permutation(lay.n_shards):
         rows = lay.shard_slice(int(shard))
         valid = store.group["valid"][rows]
-        feats, pixels = store.features(rows)[valid], store.pixels(rows)[valid]
+        feats = store.features(rows)[valid]
         pool_feats.extend(np.array(f) for f in feats)  # own copies, so the shard's arrays are freed
-        pool_pixels.extend(np.array(p) for p in pixels)
+        if pixels:
+            pool_pixels.extend(np.array(p) for p in store.pixels(rows)[valid])
+        else:
+            pool_pixels.extend([None] * len(feats))
         while len(pool_feats) >= buffer_images + batch_size:
             yield draw(batch_size)
     while pool_feats:
@@ -59,9 +63,11 @@ class Prefetcher:
 
     def _fill(self, iterator: Iterator) -> None:
         try:
-            for feats, pixels in iterator:
-                f, p = torch.from_numpy(feats), torch.from_numpy(pixels)
-                self.queue.put((f.pin_memory(), p.pin_memory()) if self.pin else (f, p))
+            for arrays in iterator:
+                tensors = [None if a is None else torch.from_numpy(a) for a in arrays]
+                if self.pin:
+                    tensors = [None if t is None else t.pin_memory() for t in tensors]
+                self.queue.put(tuple(tensors))
         except BaseException as e:  # re-raised in the consumer
             self.queue.put(e)
             return

@@ -238,14 +238,19 @@ def write(out_dir: Path, scores: pd.DataFrame, analysis: dict, targets, inputs: 
                  ("figure:reconstructions.png", None)]  # fmt: skip
     if notes:
         sections.append(("Notes", "\n".join(f"- {n}" for n in notes)))
-    md = _markdown(sections)
-    (out_dir / "report.md").write_text(md)
-    (out_dir / "report.html").write_text(_html(sections, out_dir))
+    return write_document(out_dir, "reconlab evaluation report", sections)
+
+
+def write_document(out_dir: Path, title: str, sections) -> tuple[Path, Path]:
+    """report.md and report.html (figures embedded) from (title, table | text | None) sections; a section titled
+    'figure:NAME' shows out_dir/NAME."""
+    (out_dir / "report.md").write_text(_markdown(title, sections))
+    (out_dir / "report.html").write_text(_html(title, sections, out_dir))
     return out_dir / "report.md", out_dir / "report.html"
 
 
-def _markdown(sections) -> str:
-    lines = ["# reconlab evaluation report", ""]
+def _markdown(title: str, sections) -> str:
+    lines = [f"# {title}", ""]
     for title, body in sections:
         if title.startswith("figure:"):
             name = title.removeprefix("figure:")
@@ -259,11 +264,11 @@ def _markdown(sections) -> str:
     return "\n".join(lines)
 
 
-def _html(sections, out_dir: Path) -> str:
-    parts = ["<!doctype html><html><head><meta charset='utf-8'><title>reconlab report</title>",
+def _html(title: str, sections, out_dir: Path) -> str:
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
              "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse;"
              "font-size:12px}td,th{border:1px solid #ccc;padding:2px 6px}img{max-width:100%}</style></head><body>",
-             f"<h1>reconlab evaluation report</h1><p>written {dt.datetime.now(dt.UTC).isoformat(timespec='seconds')}</p>"]  # fmt: skip
+             f"<h1>{html.escape(title)}</h1><p>written {dt.datetime.now(dt.UTC).isoformat(timespec='seconds')}</p>"]  # fmt: skip
     for title, body in sections:
         if title.startswith("figure:"):
             data = base64.b64encode((out_dir / title.removeprefix("figure:")).read_bytes()).decode()

@@ -196,6 +196,18 @@ def compare_family(
     ]
 
 
+def mean_ci(
+    values: np.ndarray, n_boot: int, seed: int, confidence: float = 0.95
+) -> tuple[float, float, float]:
+    """The mean and its percentile bootstrap CI (the interval is the mean itself when every value is equal)."""
+    v = np.asarray(values, float)
+    if np.all(v == v[0]):
+        return float(v[0]), float(v[0]), float(v[0])
+    ci = sps.bootstrap((v,), np.mean, n_resamples=n_boot, method="percentile", confidence_level=confidence,
+                       batch=_BATCH, random_state=np.random.default_rng(seed)).confidence_interval  # fmt: skip
+    return float(v.mean()), float(ci.low), float(ci.high)
+
+
 def ranking(
     scores: dict[str, pd.Series], comparisons: list[PairedComparison], n_boot: int, seed: int, alpha: float
 ) -> pd.DataFrame:
@@ -204,10 +216,8 @@ def ranking(
     rows = []
     for i, (name, values) in enumerate(scores.items()):
         v = values.to_numpy(float)
-        ci = sps.bootstrap((v,), np.mean, n_resamples=n_boot, method="percentile",
-                           random_state=np.random.default_rng(seed + 1000 + i)).confidence_interval  # fmt: skip
-        rows.append({"encoder": name, "n_images": v.size, "mean": float(v.mean()), "ci_low": float(ci.low),
-                     "ci_high": float(ci.high)})  # fmt: skip
+        mean, low, high = mean_ci(v, n_boot, seed + 1000 + i)
+        rows.append({"encoder": name, "n_images": v.size, "mean": mean, "ci_low": low, "ci_high": high})
     table = pd.DataFrame(rows).sort_values("mean", ascending=False).reset_index(drop=True)
     table.insert(0, "rank", np.arange(1, len(table) + 1))
     tied = {name: [] for name in scores}

@@ -16,41 +16,26 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from PIL import Image
 from tqdm.auto import tqdm
 
 from pipeline import artifacts
-from pipeline.config import ConfigError, EncoderSpec, EvaluateConfig, canonical_json, config_hash
-from pipeline.data import transforms
+from pipeline.config import ConfigError, EvaluateConfig, canonical_json, config_hash
 from pipeline.data.store_info import StoreInfo
 from pipeline.jobs import EvalTarget
 from pipeline.models import checkpoints, encoders
+from pipeline.models import judges as judges_mod
 from pipeline.models.checkpoints import (
     check_checkpoint_matches_store,
     check_held_out,
     load_reconstructor,
     reconstruct,
 )
+from pipeline.models.judges import load as load_judges  # noqa: F401 (the stage's entry point for its judges)
 from pipeline.provenance import provenance
 from pipeline.science import metrics, stats
 from storage import open_store
 
 PIXEL_JUDGE = "pixels"
-
-
-def load_judges(specs: list[EncoderSpec], device: str) -> dict[str, encoders.Encoder]:
-    """The judge encoders (specs resolved by the plan), loaded on `device`."""
-    judges = {}
-    for spec in specs:
-        name = spec.name
-        if not spec.keep_head:
-            raise ConfigError(
-                f"evaluate.judges: '{name}' must set keep_head: true (judges score pooled image embeddings)"
-            )
-        # Judges see exactly the pixels the encoder saw: the stored square image, resized (short_side_crop
-        # of a square is a plain resize; a judge's own crop_pct margin would cut its border away).
-        judges[name] = encoders.load(spec, device=device, geometry="short_side_crop")
-    return judges
 
 
 def _lpips_model():
@@ -63,26 +48,6 @@ def _lpips_model():
         return lpips.LPIPS(net="alex", verbose=False).eval(), ""
     except Exception as e:  # weights are fetched from the network on first use
         return None, f"LPIPS skipped: its weights are not available locally ({type(e).__name__})"
-
-
-def _resize(images_nhwc: np.ndarray, size: int) -> np.ndarray:
-    if images_nhwc.shape[1] == size:
-        return images_nhwc
-    return np.stack(
-        [np.asarray(Image.fromarray(im).resize((size, size), Image.Resampling.BICUBIC)) for im in images_nhwc]
-    )
-
-
-def _judge_cosines(
-    judge: encoders.Encoder, originals: np.ndarray, recons: np.ndarray, grayscale: bool
-) -> np.ndarray:
-    def embed(images):
-        # The released code judges grayscale copies (PIL convert("L"): the same BT.601 luma, rounded alike).
-        images = transforms.grayscale(images) if grayscale else images
-        batch = torch.stack([judge.preprocess(Image.fromarray(im)) for im in images])
-        return torch.nn.functional.normalize(judge.embed(batch), dim=-1)
-
-    return (embed(originals) * embed(recons)).sum(dim=-1).cpu().numpy()
 
 
 def score_key(store, header: dict, judges: dict, cfg: EvaluateConfig) -> dict:
@@ -128,8 +93,8 @@ def score_encoder(
         idx, ids = rows[start : start + cfg.batch_size], image_ids[start : start + cfg.batch_size]
         originals = store.pixels(idx)
         recons = reconstruct(model, store.features(idx), pre)
-        o01 = _resize(originals, cfg.pixel_resolution).astype(np.float32) / 255
-        r01 = _resize(recons, cfg.pixel_resolution).astype(np.float32) / 255
+        o01 = judges_mod.resize(originals, cfg.pixel_resolution).astype(np.float32) / 255
+        r01 = judges_mod.resize(recons, cfg.pixel_resolution).astype(np.float32) / 255
         values = {
             (PIXEL_JUDGE, "mse"): np.mean((o01 - r01) ** 2, axis=(1, 2, 3)),
             (PIXEL_JUDGE, "psnr_db"): metrics.psnr_db(o01, r01),
@@ -141,7 +106,7 @@ def score_encoder(
                 values[(PIXEL_JUDGE, "lpips")] = lpips_model(to_t(o01), to_t(r01)).flatten().numpy()
         for name, judge in judges.items():
             for mode in cfg.judge_modes:
-                values[(name, f"cosine_{mode}")] = _judge_cosines(
+                values[(name, f"cosine_{mode}")] = judges_mod.cosines(
                     judge, originals, recons, mode == "grayscale"
                 )
         for (judge_name, metric), v in values.items():
