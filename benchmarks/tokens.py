@@ -44,7 +44,7 @@ def make_store(path: Path, n: int, grid: int, dim: int):
         m = rows.stop - rows.start
         feats = rng.normal(size=(m, grid, grid, dim)).astype(np.float16)
         store.write_shard(shard, feats, np.zeros((m, 16, 16, 3), np.uint8), np.arange(rows.start, rows.stop),
-                          np.ones(m, bool), {"n_encoded": m, "failures": [], "stats": value_stats(feats)})  # fmt: skip
+                          np.ones(m, bool), {"n_encoded": m, "failures": [], "stats": value_stats(feats.astype(np.float32))})  # fmt: skip
     store.finalize()
     return open_store(path)
 

@@ -253,3 +253,41 @@ def test_the_plan_lists_the_study_and_refuses_what_cannot_work(tokens_run, tmp_p
     bad.write_text(yaml.safe_dump(data))
     with pytest.raises(ConfigError, match="no tokens: section"):
         plan.build(load_run_config(bad), bad).tokens_steps()
+
+
+def test_shared_mode_trains_one_network_per_method_and_a_baseline_draws_k_from_the_fractions(tmp_path):
+    cfg = TokensConfig(selectors="shared", shared_fraction=0.5, fractions=[0.25, 0.75], epochs=1, **SMALL)
+    specs = tt.network_specs(cfg)
+    assert [s.name for s in specs] == ["learned-p0.5", "random-shared", "norm-shared"]
+    out = train(pair_store(tmp_path / "train.zarr", 64, 5), specs[1], cfg, tmp_path / "random")
+    model, header = tt.load(out)
+    assert header["network"] == {"method": "random", "fraction": None, "name": "random-shared"}
+    assert model.selector is None
+
+
+@pytest.mark.parametrize(
+    "tokens, field",
+    [({"fractions": [0.5, 1.5]}, "tokens.fractions"), ({"split": "train"}, "tokens"),
+     ({"keep_penalty": "none"}, "tokens.keep_penalty")],
+)  # fmt: skip
+def test_a_bad_tokens_section_fails_at_load_naming_the_field(write_run_config, tokens, field):
+    import yaml
+
+    from pipeline.config import ConfigError
+    from pipeline.config_files import load_run_config
+
+    path = write_run_config()
+    path.write_text(yaml.safe_dump(yaml.safe_load(path.read_text()) | {"tokens": tokens}))
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        load_run_config(path)
+
+
+def test_the_cli_says_in_one_line_when_a_config_has_no_token_study(write_run_config):
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    result = CliRunner().invoke(app, ["tokens", "--config", str(write_run_config())])
+    assert (
+        result.exit_code == 2 and "no tokens: section" in result.output and "Traceback" not in result.output
+    )

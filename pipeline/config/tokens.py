@@ -4,7 +4,7 @@ Defaults follow the paper where it states them; every other default is reconlab'
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
@@ -33,7 +33,7 @@ class TokensConfig(Frozen):
     split: Name = Field(
         "val", description="Held-out split the selections are evaluated on (disjoint from train_split)."
     )
-    fractions: list[float] = Field(
+    fractions: list[Annotated[float, Field(gt=0, le=1)]] = Field(
         default_factory=lambda: [0.1, 0.2, 0.3, 0.5, 0.7, 0.9],
         min_length=1,
         description="Keep fractions p evaluated (k = round(p * tokens) kept, at least one).",
@@ -91,8 +91,6 @@ class TokensConfig(Frozen):
 
     @model_validator(mode="after")
     def _check(self) -> TokensConfig:
-        if any(not 0 < p <= 1 for p in self.fractions):
-            raise ValueError("fractions must each be in (0, 1]")
         if len(set(self.fractions)) != len(self.fractions):
             raise ValueError("fractions must not repeat")
         if self.train_split == self.split:

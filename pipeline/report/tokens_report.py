@@ -63,8 +63,12 @@ def figure_curves(means: pd.DataFrame, path: Path) -> None:
         ax.set_xlabel("keep fraction p")
     for ax in list(axes.flat)[len(metrics) :]:
         ax.axis("off")
-    axes.flat[0].legend(fontsize=6)
-    fig.tight_layout()
+    richest = max(
+        axes.flat, key=lambda ax: len(ax.get_lines())
+    )  # a pixel score: completed, no completion, R(all)
+    fig.legend(*richest.get_legend_handles_labels(), loc="lower center", ncol=4, fontsize=7)
+    fig.subplots_adjust(bottom=0.18)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
     fig.savefig(path, dpi=90)
     plt.close(fig)
 
