@@ -1,5 +1,5 @@
 """The end-to-end benchmark for `reconlab run`, schedules and deployments: one plan, then the stage tasks in order —
-every store, every reconstructor, the operator fits, the evaluation, the token utility studies. Each returns at once for work already done."""
+every store, every reconstructor, the operator fits, the evaluation, the token utility and SAE studies. Each returns at once for work already done."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from flows import tasks  # noqa: E402
 from flows.encode_flow import encode_all  # noqa: E402
 from flows.evaluate_flow import evaluate_all  # noqa: E402
 from flows.operators_flow import fit_all  # noqa: E402
+from flows.sae_flow import train_saes  # noqa: E402
 from flows.tokens_flow import study_all  # noqa: E402
 from flows.train_flow import train_all  # noqa: E402
 from pipeline import plan  # noqa: E402
@@ -39,5 +40,6 @@ def benchmark_flow(
         "trained": trained,
         "operators": fitted,
         "evaluation": evaluate_all(run, trained, progress),
-        "tokens": study_all(run, run.tokens, trained, progress),
+        "tokens": study_all(run, run.studies["tokens"], trained, progress),
+        "sae": train_saes(run, run.studies["sae"], trained, progress),
     }

@@ -51,12 +51,8 @@ def _preflight(
     run = plan.build(load_run_config(config), config, encoders)
     if "operators" in stages:
         run.operator_steps(transforms)
-    if stages == (
-        "encode",
-        "train",
-        "tokens",
-    ):  # `reconlab tokens`: the study must exist (run skips it if absent)
-        run.tokens_steps(encoders)
+    if len(stages) == 3 and stages[-1] in plan.STUDIES:  # `reconlab tokens|sae`: the study must exist
+        run.study_steps(stages[-1], encoders)
     plan.preflight(run, stages)
     from flows import prefect_env, reaper
 
@@ -100,10 +96,10 @@ def operator_summary(frame) -> str:
     return table.to_string(index=False, na_rep="-", float_format=lambda v: f"{v:.4g}")
 
 
-def _echo_tokens(results) -> None:
+def _echo_studies(kind: str, results) -> None:
     for r in results:
         state = "cached" if r.already_complete else "written"
-        typer.echo(f"\ntoken utility ({state}): {r.report}\n        {r.report.with_suffix('.html')}")
+        typer.echo(f"\n{kind} ({state}): {r.report}\n        {r.report.with_suffix('.html')}")
 
 
 def _echo_evaluation(result) -> None:
@@ -238,7 +234,25 @@ def tokens_command(
 
         _preflight(config, ("encode", "train", "tokens"), encoders=encoder)
         results = for_config(tokens_flow, config)(str(config), encoder, progress)
-    _echo_tokens(results)
+    _echo_studies("token utility", results)
+
+
+@app.command("sae")
+def sae_command(
+    config: Annotated[Path, typer.Option("--config", "-c", help="Run config YAML (with an sae: section).")],
+    encoder: Annotated[list[str] | None, typer.Option("--encoder", "-e", help="Only these encoders.")] = None,
+    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+) -> None:
+    """Sparse autoencoders on an encoder's patch tokens: a sparsity sweep per variant, held-out fidelity and the
+    Pareto table, stability across seeds, and concepts edited and seen through the reconstructor (docs/sae.md)."""
+
+    with reported_in_one_line():
+        from flows.sae_flow import sae_flow
+        from flows.tasks import for_config
+
+        _preflight(config, ("encode", "train", "sae"), encoders=encoder)
+        results = for_config(sae_flow, config)(str(config), encoder, progress)
+    _echo_studies("SAE study", results)
 
 
 def _echo_plan(config: Path, with_operators: bool = True) -> list:
@@ -274,12 +288,12 @@ def run(
         str | None,
         typer.Option(
             "--force",
-            help="Redo this stage (encode, train, operators, evaluate, tokens) and the stages that use it.",
+            help="Redo this stage (encode, train, operators, evaluate, tokens, sae) and the stages that use it.",
         ),
     ] = None,
 ) -> None:
-    """The whole benchmark: encode, train, operators, evaluate, and the token study where the config has one (one
-    Prefect flow; finished work is skipped)."""
+    """The whole benchmark: encode, train, operators, evaluate, and the token and SAE studies where the config has
+    them (one Prefect flow; finished work is skipped)."""
 
     with reported_in_one_line():
         from flows.benchmark_flow import benchmark_flow
@@ -287,9 +301,9 @@ def run(
 
         _preflight(
             config,
-            ("encode", "train", "operators", "evaluate", "tokens")
+            ("encode", "train", "operators", "evaluate", "tokens", "sae")
             if operators
-            else ("encode", "train", "evaluate", "tokens"),
+            else ("encode", "train", "evaluate", "tokens", "sae"),
         )
         if force:
             from pipeline.config_files import load_run_config
@@ -318,7 +332,8 @@ def run(
     _echo_trained(out["trained"].values())
     _echo_operators(out["operators"])
     _echo_evaluation(out["evaluation"])
-    _echo_tokens(out["tokens"])
+    _echo_studies("token utility", out["tokens"])
+    _echo_studies("SAE study", out["sae"])
 
 
 @app.command()
@@ -332,7 +347,7 @@ def serve(
         bool, typer.Option(help="Pause the schedule when this process stops (Prefect's default).")
     ] = False,
 ) -> None:
-    """Serve a deployment per stage (encode, train, operators, evaluate, tokens) and the benchmark for CONFIG, until
+    """Serve a deployment per stage (encode, train, operators, evaluate, tokens, sae) and the benchmark for CONFIG, until
     stopped: trigger them from the Prefect UI or `prefect deployment run` (needs a Prefect server: docs/flows.md)."""
     import os
 
@@ -357,7 +372,7 @@ def serve(
 
 @app.command()
 def demo(progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True) -> None:
-    """Build the demo set, then the whole benchmark on it: encode, train, operators, evaluate, tokens."""
+    """Build the demo set, then the whole benchmark on it: encode, train, operators, evaluate, tokens, sae."""
     run(DEMO_CONFIG, progress, True)
 
 

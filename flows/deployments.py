@@ -17,19 +17,20 @@ from flows.benchmark_flow import benchmark_flow  # noqa: E402
 from flows.encode_flow import encode_flow  # noqa: E402
 from flows.evaluate_flow import evaluate_flow  # noqa: E402
 from flows.operators_flow import operators_flow  # noqa: E402
+from flows.sae_flow import sae_flow  # noqa: E402
 from flows.tokens_flow import tokens_flow  # noqa: E402
 from flows.train_flow import train_flow  # noqa: E402
 from pipeline.config_files import load_run_config  # noqa: E402
 
 STAGE_FLOWS = {"encode": encode_flow, "train": train_flow, "operators": operators_flow, "evaluate": evaluate_flow,
-               "tokens": tokens_flow, "benchmark": benchmark_flow}  # fmt: skip
+               "tokens": tokens_flow, "sae": sae_flow, "benchmark": benchmark_flow}  # fmt: skip
 
 
 def deployments(config: Path, cron: str | None = None) -> list:
-    """One deployment per stage flow (tokens: where the config has a tokens: section) and one for the benchmark (scheduled by `cron` if given), named
+    """One deployment per stage flow (tokens, sae: where the config has their section) and one for the benchmark (scheduled by `cron` if given), named
     '<config stem>-<stage>', parameterised by the config's absolute path."""
     config = Path(config).resolve()
-    has_tokens = load_run_config(config).tokens is not None
+    cfg = load_run_config(config)
     one_at_a_time = ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.ENQUEUE)
     return [
         tasks.for_config(flow, config).to_deployment(
@@ -41,5 +42,5 @@ def deployments(config: Path, cron: str | None = None) -> list:
             description=f"reconlab {stage} for {config}",
         )
         for stage, flow in STAGE_FLOWS.items()
-        if stage != "tokens" or has_tokens
+        if stage not in ("tokens", "sae") or getattr(cfg, stage) is not None
     ]

@@ -30,13 +30,13 @@ def token_study(job: TokensJob, encoder_name: str, progress: bool = True):
     return tasks.finished(result, result.already_complete, f"token utility report {state} at {result.report}")
 
 
-def study_all(run: plan.RunPlan, steps: list[plan.TokensStep], trained: dict, progress: bool) -> list:
+def study_all(run: plan.RunPlan, steps: list[plan.StudyStep], trained: dict, progress: bool) -> list:
     """The stores the studies need, then the studies, one at a time (each uses the device)."""
     encode_all(run, [p for s in steps for p in (s.train_store, s.eval_store)], progress)
     results = []
     for step in steps:
         with tags(f"encoder:{step.encoder}"):
-            job = step.job(run.cfg, trained[step.encoder].checkpoint, run.tokens_judge)
+            job = run.study_job(step, trained[step.encoder].checkpoint)
             results.append(token_study.submit(job, step.encoder, progress).result())
     return results
 
@@ -50,6 +50,6 @@ def tokens_flow(
     if force:
         plan.force(cfg, Path(config_path), "tokens")
     run = plan.build(cfg, Path(config_path))
-    steps = run.tokens_steps(encoder_names)
+    steps = run.study_steps("tokens", encoder_names)
     trained = train_all(plan.build(cfg, Path(config_path), [s.encoder for s in steps]), progress)
     return study_all(run, steps, trained, progress)

@@ -126,7 +126,8 @@ class WriteLock:
 
 def list_artifacts(root: Path) -> list[dict]:
     """Every artifact under `root` — feature stores, training runs, operator fits, score sets, reports, token
-    networks and studies — with its status, size on disk and age, recognised by the files each kind always has."""
+    networks and studies, SAEs and their studies — with its status, size on disk and age, recognised by the files
+    each kind always has."""
     from storage.inspect import summary_row
 
     found = []
@@ -170,6 +171,11 @@ def _kind_and_status(here: Path, filenames: list[str]) -> tuple[str | None, str]
     if "networks.json" in filenames:
         trained = len(list(here.glob("*/final.json")))
         return "token networks", "complete" if finished else f"partial ({trained} network(s) trained)"
+    if "saes.json" in filenames:
+        trained = len(list(here.glob("*/final.json")))
+        return "SAEs", "complete" if finished else f"partial ({trained} SAE(s) trained)"
+    if "pareto.csv" in filenames:
+        return "SAE study", "complete" if finished else "partial"
     if "token_scores.parquet" in filenames:
         return "token study", "complete" if finished else "partial"
     if here.name.startswith("report__"):

@@ -13,6 +13,7 @@ from pipeline.config import (
     EncoderSpec,
     OperatorPairSpec,
     OperatorsConfig,
+    SaeConfig,
     StoreOptions,
     SubsetSpec,
     TokensConfig,
@@ -65,3 +66,11 @@ class TokensJob:
     checkpoint: Path  # the encoder's reconstructor R, to look at completed token sets in pixels
     judge: EncoderSpec | None  # scores R's images against the originals (None: pixels only)
     cfg: TokensConfig
+
+
+@dataclass(frozen=True)
+class SaeJob:
+    train_store: Path  # trains the SAEs
+    eval_store: Path  # held-out images of every metric
+    checkpoint: Path  # the encoder's reconstructor R, to see concepts and the SAE's cost in pixels
+    cfg: SaeConfig

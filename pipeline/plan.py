@@ -14,13 +14,14 @@ from pathlib import Path
 from pipeline.artifacts import WriteLock, read_json
 from pipeline.config import ConfigError, EncoderSpec, OperatorPairSpec, RunConfig, TransformSpec
 from pipeline.config_files import resolve_encoder, resolve_entry
-from pipeline.jobs import EncodeJob, EvalTarget, OperatorJob, TokensJob, TrainJob
+from pipeline.jobs import EncodeJob, EvalTarget, OperatorJob, SaeJob, TokensJob, TrainJob
 from pipeline.models import model_ids, weights
 from pipeline.models.checkpoints import CheckpointError, read_header
-from pipeline.stages import encode, evaluate, operators, tokens, train
+from pipeline.stages import encode, evaluate, operators, sae, tokens, train
 from storage import StoreError, open_store
 
-STAGES = ("encode", "train", "operators", "evaluate", "tokens")
+STAGES = ("encode", "train", "operators", "evaluate", "tokens", "sae")
+STUDIES = ("tokens", "sae")  # stages that study one encoder's stores through its reconstructor
 
 
 @dataclass(frozen=True)
@@ -37,15 +38,13 @@ class OperatorStep:
 
 
 @dataclass(frozen=True)
-class TokensStep:
-    """A token utility study of one encoder, whose reconstructor is known once it is trained (`job(checkpoint)`)."""
+class StudyStep:
+    """A study of one encoder's stores (token utility, SAE) whose reconstructor is known once it is trained."""
 
+    stage: str  # tokens | sae
     encoder: str
     train_store: Path
     eval_store: Path
-
-    def job(self, cfg: RunConfig, checkpoint: Path, judge: EncoderSpec | None) -> TokensJob:
-        return TokensJob(self.train_store, self.eval_store, checkpoint, judge, cfg.tokens)
 
 
 @dataclass
@@ -56,7 +55,7 @@ class RunPlan:
     operators: list[OperatorStep] = field(default_factory=list)
     evaluate: dict[str, Path] = field(default_factory=dict)  # encoder name -> held-out store
     judges: list[EncoderSpec] = field(default_factory=list)
-    tokens: list[TokensStep] = field(default_factory=list)
+    studies: dict[str, list[StudyStep]] = field(default_factory=lambda: {stage: [] for stage in STUDIES})
     tokens_judge: EncoderSpec | None = None
     n_images: dict[Path, int] = field(default_factory=dict)  # images each store will hold (before decoding)
     ensured: set[Path] = field(default_factory=set)  # stores already made by whoever executes this plan
@@ -83,17 +82,24 @@ class RunPlan:
             groups.setdefault(encode.one_pass_key(self.encode[path]), []).append(path)
         return list(groups.values())
 
-    def tokens_steps(self, encoder_names: list[str] | None = None) -> list[TokensStep]:
-        """The token utility studies (only those of `encoder_names`); a run config without `tokens:` has none, and
-        asking for them is an error that says how to add them."""
-        if self.cfg.tokens is None:
-            raise ConfigError("this run config has no tokens: section; add `tokens: {}` for the defaults "
-                              "(docs/tokens.md)")  # fmt: skip
-        steps = [s for s in self.tokens if not encoder_names or s.encoder in encoder_names]
+    def study_steps(self, stage: str, encoder_names: list[str] | None = None) -> list[StudyStep]:
+        """The stage's studies (only those of `encoder_names`); a run config without the stage's section has none,
+        and asking for them is an error that says how to add them."""
+        if getattr(self.cfg, stage) is None:
+            raise ConfigError(f"this run config has no {stage}: section; add `{stage}: {{}}` for the defaults "
+                              f"(docs/{stage}.md)")  # fmt: skip
+        steps = [s for s in self.studies[stage] if not encoder_names or s.encoder in encoder_names]
         if not steps:
-            raise ConfigError(f"--encoder {', '.join(encoder_names or [])} matches no token study; studies: "
-                              f"{', '.join(s.encoder for s in self.tokens) or 'none'}")  # fmt: skip
+            raise ConfigError(f"--encoder {', '.join(encoder_names or [])} matches no {stage} study; studies: "
+                              f"{', '.join(s.encoder for s in self.studies[stage]) or 'none'}")  # fmt: skip
         return steps
+
+    def study_job(self, step: StudyStep, checkpoint: Path) -> TokensJob | SaeJob:
+        if step.stage == "tokens":
+            return TokensJob(
+                step.train_store, step.eval_store, checkpoint, self.tokens_judge, self.cfg.tokens
+            )
+        return SaeJob(step.train_store, step.eval_store, checkpoint, self.cfg.sae)
 
     def eval_targets(self, checkpoints: dict[str, Path]) -> list[EvalTarget]:
         return [EvalTarget(name, store, checkpoints[name]) for name, store in self.evaluate.items()]
@@ -150,12 +156,12 @@ def build(cfg: RunConfig, config_path: Path | None = None, encoder_names: list[s
         return path
 
     # Operators and evaluation may name encoders outside `encoders:`; those get only the stores they need.
-    token_names = (cfg.tokens.encoders or []) if cfg.tokens else []
-    extra = [n for n in (*(cfg.operators.encoders or []), *(cfg.evaluate.encoders or []), *token_names)
+    study_names = [n for stage in STUDIES if getattr(cfg, stage) for n in getattr(cfg, stage).encoders or []]
+    extra = [n for n in (*(cfg.operators.encoders or []), *(cfg.evaluate.encoders or []), *study_names)
              if n not in base]  # fmt: skip
     extra = [n for n in dict.fromkeys(extra) if encoder_names is None or n in encoder_names]
     for spec in (
-        encoder_specs(cfg, config_path, extra, "operators.encoders / evaluate.encoders / tokens.encoders")
+        encoder_specs(cfg, config_path, extra, "operators / evaluate / tokens / sae .encoders")
         if extra
         else []
     ):
@@ -177,11 +183,13 @@ def build(cfg: RunConfig, config_path: Path | None = None, encoder_names: list[s
         if not cfg.evaluate.encoders or name in cfg.evaluate.encoders:
             run.evaluate[name] = store(name, cfg.evaluate.split)
     run.judges = [resolve_encoder(name, config_path, "evaluate.judges") for name in cfg.evaluate.judges]
-    if cfg.tokens:
-        for name in [n for n in (cfg.tokens.encoders or default) if n in base]:
-            run.tokens.append(
-                TokensStep(name, store(name, cfg.tokens.train_split), store(name, cfg.tokens.split))
+    for stage in STUDIES:
+        study = getattr(cfg, stage)
+        for name in [n for n in (study.encoders or default) if n in base] if study else []:
+            run.studies[stage].append(
+                StudyStep(stage, name, store(name, study.train_split), store(name, study.split))
             )
+    if cfg.tokens:
         judge = cfg.tokens.judge or (cfg.evaluate.judges[0] if cfg.evaluate.judges else None)
         run.tokens_judge = resolve_encoder(judge, config_path, "tokens.judge") if judge else None
     return run
@@ -218,23 +226,25 @@ def preflight(run: RunPlan, stages: tuple[str, ...] = STAGES) -> None:
         if cfg.operators.n_fit_images >= n_held_out:
             raise ConfigError(f"operators.n_fit_images {cfg.operators.n_fit_images} leaves no test images: split "
                               f"'{cfg.operators.split}' has {n_held_out}; set it below {n_held_out}")  # fmt: skip
-    if "tokens" in stages and run.tokens:
-        if cfg.tokens.split in shaped:
-            raise ConfigError(f"tokens.split '{cfg.tokens.split}' is a split that trains or selects the reconstructor; "
-                              "set tokens.split to a held-out split")  # fmt: skip
-        if run.tokens_judge is not None and not run.tokens_judge.keep_head:
-            raise ConfigError(f"tokens.judge: '{run.tokens_judge.name}' must set keep_head: true (judges score "
-                              "pooled image embeddings)")  # fmt: skip
+    for stage in [s for s in STUDIES if s in stages and run.studies[s]]:
+        split = getattr(cfg, stage).split
+        if split in shaped:
+            raise ConfigError(f"{stage}.split '{split}' is a split that trains or selects the reconstructor; "
+                              f"set {stage}.split to a held-out split")  # fmt: skip
+    judge = run.tokens_judge
+    if "tokens" in stages and run.studies["tokens"] and judge is not None and not judge.keep_head:
+        raise ConfigError(f"tokens.judge: '{judge.name}' must set keep_head: true (judges score pooled image "
+                          "embeddings)")  # fmt: skip
     specs = {job.encoder.name: job.encoder for job in run.encode.values()}
     judges = [*(run.judges if "evaluate" in stages else []),
-              *([run.tokens_judge] if "tokens" in stages and run.tokens and run.tokens_judge else [])]  # fmt: skip
+              *([run.tokens_judge] if "tokens" in stages and run.studies["tokens"] and run.tokens_judge else [])]  # fmt: skip
     for spec in [*specs.values(), *judges]:
         weights.check_available(spec)
     roots = {"encode": ("store_root", cfg.store_root), "train": ("train.output_root", cfg.train.output_root),
              "operators": ("operators.output_root", cfg.operators.output_root),
              "evaluate": ("evaluate.output_root", cfg.evaluate.output_root)}  # fmt: skip
-    if cfg.tokens:
-        roots["tokens"] = ("tokens.output_root", cfg.tokens.output_root)
+    for stage in [s for s in STUDIES if getattr(cfg, s)]:
+        roots[stage] = (f"{stage}.output_root", getattr(cfg, stage).output_root)
     for stage in [s for s in stages if s in roots]:
         _check_writable(*roots[stage])
 
@@ -265,14 +275,14 @@ def execute(run: RunPlan, with_operators: bool = True, progress: bool = False) -
     targets = run.eval_targets({name: result.checkpoint for name, result in trained.items()})
     judges = evaluate.load_judges(run.judges, cfg.evaluate.device)
     report = evaluate.run(targets, cfg.evaluate, judges, progress=progress)
-    studies = [tokens.run(s.job(cfg, trained[s.encoder].checkpoint, run.tokens_judge), progress=progress)
-               for s in run.tokens]  # fmt: skip
+    studies = {stage: [STUDY_RUNNERS[stage](run.study_job(s, trained[s.encoder].checkpoint), progress=progress)
+                       for s in run.studies[stage]] for stage in STUDIES}  # fmt: skip
     return {
         "stores": stores,
         "trained": trained,
         "operators": fitted,
         "evaluation": report,
-        "tokens": studies,
+        **studies,
     }
 
 
@@ -330,7 +340,12 @@ def plan(cfg: RunConfig, config_path: Path | None = None, with_operators: bool =
         ready = name in checkpoints and states[store] == "cached"
         steps.append(Step("evaluate", name, f"scores on {cfg.evaluate.split}",
                           "runs (scores re-used when cached)" if ready else "after train", str(cfg.evaluate.output_root)))  # fmt: skip
-    steps += [row for step in run.tokens for row in _tokens_steps(run, step, states, checkpoints)]
+    steps += [
+        row
+        for stage in STUDIES
+        for step in run.studies[stage]
+        for row in _study_steps(run, step, states, checkpoints)
+    ]
     return steps
 
 
@@ -352,28 +367,36 @@ def _operator_step(cfg: RunConfig, op: OperatorStep, states: dict, checkpoints: 
     return Step("operators", op.encoder, what, state, str(out_dir))
 
 
-def _tokens_steps(run: RunPlan, step: TokensStep, states: dict, checkpoints: dict) -> list[Step]:
+STUDY_RUNNERS = {"tokens": tokens.run, "sae": sae.run}
+
+
+def _study_steps(run: RunPlan, step: StudyStep, states: dict, checkpoints: dict) -> list[Step]:
     """Two rows per study: its trained networks, and the evaluation (scores, tests, report) that uses them."""
-    t = run.cfg.tokens
-    train_what, eval_what = f"networks on {t.train_split}", f"evaluation on {t.split}"
+    study = getattr(run.cfg, step.stage)
+    train_what, eval_what = f"networks on {study.train_split}", f"evaluation on {study.split}"
     if not all(states[p] == "cached" for p in (step.train_store, step.eval_store)):
-        return [Step("tokens", step.encoder, what, "after encode", "") for what in (train_what, eval_what)]
+        return [Step(step.stage, step.encoder, what, "after encode", "") for what in (train_what, eval_what)]
     if step.encoder not in checkpoints:
-        return [Step("tokens", step.encoder, what, "after train", "") for what in (train_what, eval_what)]
-    job = step.job(run.cfg, checkpoints[step.encoder], run.tokens_judge)
+        return [Step(step.stage, step.encoder, what, "after train", "") for what in (train_what, eval_what)]
+    job = run.study_job(step, checkpoints[step.encoder])
     try:
-        _, nets_dir, _, out_dir = tokens.keys_and_dirs(job, open_store(job.train_store), open_store(job.eval_store),
-                                                       read_header(job.checkpoint), tokens.judge_id(job))  # fmt: skip
+        stores = open_store(job.train_store), open_store(job.eval_store)
+        header = read_header(job.checkpoint)
+        if step.stage == "tokens":
+            _, nets_dir, _, out_dir = tokens.keys_and_dirs(job, *stores, header, tokens.judge_id(job))
+            n_networks = len(tokens.token_training.network_specs(study))
+        else:
+            _, nets_dir, _, out_dir = sae.keys_and_dirs(job, *stores, header)
+            n_networks = len(sae.sae_training.sae_specs(study))
     except (CheckpointError, StoreError) as e:
-        return [Step("tokens", step.encoder, eval_what, f"to run (inputs: {e})", "")]
-    n_networks = len(tokens.token_training.network_specs(t))
+        return [Step(step.stage, step.encoder, eval_what, f"to run (inputs: {e})", "")]
     done = len(list(nets_dir.glob("*/final.json")))
     nets_state = (
         "cached" if done >= n_networks else f"partial ({done}/{n_networks} networks)" if done else "to run"
     )
     eval_state = "cached" if read_json(out_dir / "result.json") is not None else "to run"
-    return [Step("tokens", step.encoder, train_what, nets_state, str(nets_dir)),
-            Step("tokens", step.encoder, eval_what, eval_state, str(out_dir))]  # fmt: skip
+    return [Step(step.stage, step.encoder, train_what, nets_state, str(nets_dir)),
+            Step(step.stage, step.encoder, eval_what, eval_state, str(out_dir))]  # fmt: skip
 
 
 def force(cfg: RunConfig, config_path: Path | None, stage: str) -> list[Path]:
@@ -382,8 +405,8 @@ def force(cfg: RunConfig, config_path: Path | None, stage: str) -> list[Path]:
     if stage not in STAGES:
         raise ConfigError(f"--force: unknown stage '{stage}'; stages: {', '.join(STAGES)}")
     doomed = STAGES[STAGES.index(stage) :]
-    if stage in ("operators", "evaluate"):  # the token study reads neither
-        doomed = tuple(s for s in doomed if s != "tokens")
+    if stage in ("operators", "evaluate", "tokens"):  # the studies read none of these
+        doomed = tuple(s for s in doomed if s not in STUDIES or s == stage)
     steps = plan(cfg, config_path)
     removed = []
     for step in steps:

@@ -32,6 +32,18 @@ def demo_dataset(demo_root) -> DatasetSpec:
 
 
 @pytest.fixture
+def one_thread():
+    """Bit-identical comparisons need one reduction order: the test's own runs use one torch thread, as must the
+    subprocesses it compares them with."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
 def make_job(tmp_path, demo_dataset):
     """An EncodeJob over the small demo set with the tiny 64 px encoder; keyword overrides per test."""
 

@@ -132,6 +132,7 @@ def test_without_the_floor_the_kept_fraction_collapses_and_with_it_settles_near_
 RESUMABLE = textwrap.dedent(
     """
     import sys, torch
+    torch.set_num_threads(1)  # the same reduction order as the runs it is compared with
     sys.path[:0] = [{root!r}, {tests!r}]
     from test_tokens import pair_store, train, SMALL
     from pipeline.config import TokensConfig
@@ -143,7 +144,7 @@ RESUMABLE = textwrap.dedent(
 )
 
 
-def test_a_killed_training_resumes_to_the_weights_of_an_uninterrupted_one(tmp_path):
+def test_a_killed_training_resumes_to_the_weights_of_an_uninterrupted_one(tmp_path, one_thread):
     store = pair_store(tmp_path / "train.zarr", 128, 4)
     cfg = TokensConfig(fractions=[0.5], epochs=6, seed=3, **SMALL)
     whole = train(store, tt.NetworkSpec("learned", 0.5), cfg, tmp_path / "whole")
@@ -194,8 +195,7 @@ def tokens_run(tmp_path_factory, demo_root):
     trained = train_stage.run(run.train["tiny-vit-64"], progress=False)
     from pipeline.stages import tokens
 
-    step = run.tokens_steps()[0]
-    job = step.job(cfg, trained.checkpoint, run.tokens_judge)
+    job = run.study_job(run.study_steps("tokens")[0], trained.checkpoint)
     return config, job, tokens.run(job)
 
 
@@ -252,7 +252,7 @@ def test_the_plan_lists_the_study_and_refuses_what_cannot_work(tokens_run, tmp_p
     del data["tokens"]
     bad.write_text(yaml.safe_dump(data))
     with pytest.raises(ConfigError, match="no tokens: section"):
-        plan.build(load_run_config(bad), bad).tokens_steps()
+        plan.build(load_run_config(bad), bad).study_steps("tokens")
 
 
 def test_shared_mode_trains_one_network_per_method_and_a_baseline_draws_k_from_the_fractions(tmp_path):

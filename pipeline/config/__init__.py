@@ -21,6 +21,7 @@ from pipeline.config.inputs import (
     TransformSpec,
 )
 from pipeline.config.run import RunConfig
+from pipeline.config.sae import SaeConfig
 from pipeline.config.stages import (
     ComparisonSpec,
     EvaluateConfig,
@@ -35,6 +36,6 @@ from pipeline.config.tokens import TokenNetworkConfig, TokensConfig
 __all__ = [
     "RUNTIME", "ComparisonSpec", "Compressor", "ConfigError", "DatasetSpec", "EncodeOptions", "EncoderEntry", "EncoderSpec", "Layer",
     "EvaluateConfig", "Frozen", "Name", "OperatorPairSpec", "OperatorsConfig", "OrchestrationConfig", "Precision",
-    "ReconstructorConfig", "RunConfig", "Runtime", "SplitSpec", "StoreOptions", "SubsetSpec", "TokenNetworkConfig", "TokensConfig", "TrainConfig",
+    "ReconstructorConfig", "RunConfig", "Runtime", "SaeConfig", "SplitSpec", "StoreOptions", "SubsetSpec", "TokenNetworkConfig", "TokensConfig", "TrainConfig",
     "TransformSpec", "canonical_json", "config_hash",
 ]  # fmt: skip

@@ -16,6 +16,7 @@ from pipeline.config.inputs import (
     SubsetSpec,
     TransformSpec,
 )
+from pipeline.config.sae import SaeConfig
 from pipeline.config.stages import EvaluateConfig, OperatorsConfig, OrchestrationConfig, TrainConfig
 from pipeline.config.tokens import TokensConfig
 
@@ -41,6 +42,9 @@ class RunConfig(Frozen):
     operators: OperatorsConfig = OperatorsConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     orchestration: OrchestrationConfig = OrchestrationConfig()
+    sae: SaeConfig | None = Field(
+        None, description="The SAE stage (sparse autoencoders); absent: the run has none."
+    )
     tokens: TokensConfig | None = Field(
         None, description="The token utility stage (learned token selection); absent: the run has none."
     )

@@ -6,7 +6,6 @@ optimiser and RNG state) so a killed run resumes and, on CPU, ends bit-identical
 
 from __future__ import annotations
 
-import csv
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +17,7 @@ from tqdm.auto import tqdm
 
 from pipeline.config import TokensConfig
 from pipeline.data.feature_loader import Prefetcher, batch_stream, n_batches_per_epoch
-from pipeline.models import checkpoints
+from pipeline.models import checkpoints, resumable
 from pipeline.models.token_selector import (
     TokenUtilityModel,
     n_kept,
@@ -153,16 +152,7 @@ def train_network(
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     header = header_base | {"network": {"method": spec.method, "fraction": spec.fraction, "name": spec.name},
                             "model": geometry(model)}  # fmt: skip
-    start_epoch, step = 0, 0
-    epochs = sorted(out_dir.glob("epoch-*.json"))
-    if epochs:
-        saved = checkpoints.read_header(epochs[-1])
-        if saved.get("config_hash") != header["config_hash"]:
-            raise checkpoints.CheckpointError(f"{epochs[-1]}: made by token config {saved.get('config_hash')}, "
-                                              f"this run is {header['config_hash']}")  # fmt: skip
-        checkpoints.load_weights(saved, model)
-        checkpoints.load_train_state(saved, optimizer, None)
-        start_epoch, step = saved["epoch"] + 1, saved["step"]
+    start_epoch, step = resumable.resume(out_dir, model, optimizer, header["config_hash"])
     per_epoch = n_batches_per_epoch(store, cfg.batch_size)
     bar = tqdm(total=per_epoch * cfg.epochs, initial=step, unit="step", disable=not progress,
                desc=f"tokens {spec.name}")  # fmt: skip
@@ -188,23 +178,7 @@ def train_network(
             metrics = {"epoch": epoch, "step": step, "loss": sums[0] / n, "reconstruction": sums[1] / n,
                        "kept_fraction": sums[2] / n}  # fmt: skip
             bar.set_postfix(loss=f"{metrics['loss']:.4g}", kept=f"{metrics['kept_fraction']:.3f}")
-            checkpoints.save(out_dir, f"epoch-{epoch:04d}", model, header | {"epoch": epoch, "step": step,
-                             "metrics": metrics}, optimizer)  # fmt: skip
-            _append_csv(out_dir / "metrics.csv", metrics)
-            for old in sorted(out_dir.glob("epoch-*.json"))[:-1]:
-                for f in out_dir.glob(old.stem + ".*"):
-                    f.unlink()
+            resumable.save_epoch(out_dir, model, optimizer, header, metrics)
     finally:
         bar.close()
-    last = checkpoints.read_header(sorted(out_dir.glob("epoch-*.json"))[-1])
-    return checkpoints.save(out_dir, "final", model, header | {"epoch": last["epoch"], "step": last["step"],
-                            "metrics": last["metrics"]})  # fmt: skip
-
-
-def _append_csv(path: Path, row: dict) -> None:
-    new = not path.is_file()
-    with open(path, "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(row))
-        if new:
-            writer.writeheader()
-        writer.writerow(row)
+    return resumable.save_final(out_dir, model, header)

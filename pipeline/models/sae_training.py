@@ -1,0 +1,140 @@
+"""Training sparse autoencoders on a store's patch tokens: the input screen (per-dimension mean/std and token
+norms, outliers named), the settings a config sweeps, and a resumable training loop that streams shards through
+the bounded shuffle buffer (the same seed gives the same batches; a killed run resumes bit-identical on CPU)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from pipeline.config import SaeConfig
+from pipeline.data.feature_loader import Prefetcher, batch_stream
+from pipeline.models import checkpoints, resumable
+from pipeline.models.sae import SparseAutoencoder, training_loss
+from storage import FeatureStore
+
+
+@dataclass(frozen=True)
+class SaeSpec:
+    """One trained SAE: a variant at one sparsity setting (k, or the L0 / L1 coefficient) and seed."""
+
+    kind: str
+    sparsity: float
+    seed: int
+
+    @property
+    def name(self) -> str:
+        setting = f"k{int(self.sparsity)}" if self.kind in ("topk", "batchtopk") else f"c{self.sparsity:g}"
+        return f"{self.kind}-{setting}-s{self.seed}"
+
+
+def sweep(cfg: SaeConfig, kind: str) -> list[float]:
+    return {"topk": cfg.k, "batchtopk": cfg.k, "jumprelu": cfg.l0_coefficients, "relu": cfg.l1_coefficients}[
+        kind
+    ]
+
+
+def primary(cfg: SaeConfig) -> SaeSpec:
+    """The first variant at the middle of its sweep, first seed: the SAE the concept analyses use."""
+    values = sweep(cfg, cfg.variants[0])
+    return SaeSpec(cfg.variants[0], values[len(values) // 2], cfg.seeds[0])
+
+
+def sae_specs(cfg: SaeConfig) -> list[SaeSpec]:
+    """The primary setting with every seed, then every other (variant, sparsity) with the first seed."""
+    main = primary(cfg)
+    specs = [SaeSpec(main.kind, main.sparsity, seed) for seed in cfg.seeds]
+    specs += [SaeSpec(kind, value, cfg.seeds[0]) for kind in cfg.variants for value in sweep(cfg, kind)]
+    return list(dict.fromkeys(specs))
+
+
+def tokens_of(feats_nhwd: torch.Tensor) -> torch.Tensor:
+    return feats_nhwd.reshape(-1, feats_nhwd.shape[-1]).float()
+
+
+def screen(store: FeatureStore, max_images: int = 1024) -> dict:
+    """Per-dimension mean and std and token-norm quantiles of the first `max_images` valid images, in float64;
+    outlier dimensions are those whose |mean| or std exceeds 10x the median std (a few huge dimensions dominate
+    unit-normalised vectors and can leave most latents dead at initialisation)."""
+    rows = np.flatnonzero(store.valid())[:max_images]
+    total, total_sq, n, norms = 0.0, 0.0, 0, []
+    for start in range(0, len(rows), 64):
+        x = store.features(rows[start : start + 64]).astype(np.float64)
+        x = x.reshape(-1, x.shape[-1])
+        total, total_sq, n = total + x.sum(0), total_sq + (x * x).sum(0), n + len(x)
+        norms.append(np.linalg.norm(x, axis=1))
+    mean = total / n
+    std = np.sqrt(np.maximum(total_sq / n - mean**2, 0))
+    limit = 10 * np.median(std)
+    outliers = np.flatnonzero((np.abs(mean) > limit) | (std > limit))
+    norms = np.concatenate(norms)
+    return {"n_vectors": n, "mean": mean, "std": std, "median_std": float(np.median(std)),
+            "outlier_dims": outliers.tolist(),
+            "outlier_share_of_energy": float(((mean**2 + std**2)[outliers]).sum() / (mean**2 + std**2).sum()),
+            "norm_quantiles": {q: float(np.quantile(norms, q)) for q in (0.01, 0.5, 0.99)}}  # fmt: skip
+
+
+def build(spec: SaeSpec, cfg: SaeConfig, dim: int) -> SparseAutoencoder:
+    k = int(spec.sparsity) if spec.kind in ("topk", "batchtopk") else 0
+    return SparseAutoencoder(dim, cfg.expansion * dim, spec.kind, k, cfg.center, cfg.unit_norm_inputs)
+
+
+def load(path: Path, device: str | torch.device = "cpu") -> tuple[SparseAutoencoder, dict]:
+    """An SAE checkpoint on its own (normalisation included) in eval mode, and its header."""
+    header = checkpoints.read_header(path)
+    g = header["model"]
+    sae = SparseAutoencoder(g["dim"], g["n_latents"], g["kind"], g["k"], g["center"], g["unit_norm_inputs"])
+    checkpoints.load_weights(header, sae)
+    return sae.to(device).eval(), header
+
+
+def train_sae(store: FeatureStore, spec: SaeSpec, cfg: SaeConfig, out_dir: Path, input_mean: np.ndarray,
+              header_base: dict, device: torch.device, compute_dtype: torch.dtype, progress: bool = False) -> Path:  # fmt: skip
+    """Train (or resume, or find finished) one SAE; returns its final checkpoint."""
+    if (out_dir / "final.json").is_file():
+        return out_dir / "final.json"
+    torch.manual_seed(spec.seed)
+    dim = store.layout.hidden_dim
+    sae = build(spec, cfg, dim)
+    sae.input_mean.copy_(torch.from_numpy(input_mean.astype(np.float32)))
+    sae = sae.to(device)
+    optimizer = torch.optim.Adam([p for p in sae.parameters() if p.requires_grad], lr=cfg.lr)
+    header = header_base | {"sae": {"kind": spec.kind, "sparsity": spec.sparsity, "seed": spec.seed, "name": spec.name},
+                            "model": {"dim": dim, "n_latents": sae.n_latents, "kind": spec.kind, "k": sae.k,
+                                      "center": cfg.center, "unit_norm_inputs": cfg.unit_norm_inputs}}  # fmt: skip
+    start_epoch, step = resumable.resume(out_dir, sae, optimizer, header["config_hash"])
+    bar = tqdm(
+        total=cfg.epochs, initial=start_epoch, unit="epoch", disable=not progress, desc=f"sae {spec.name}"
+    )
+    try:
+        for epoch in range(start_epoch, cfg.epochs):
+            sums, n_batches = np.zeros(3), 0
+            stream = batch_stream(
+                store, cfg.batch_images, spec.seed, epoch, cfg.shuffle_buffer_images, pixels=False
+            )
+            for feats, _ in Prefetcher(stream, 4, pin=device.type == "cuda"):
+                x = tokens_of(feats.to(device, non_blocking=True))
+                with torch.autocast(device.type, dtype=compute_dtype, enabled=compute_dtype != torch.float32):
+                    loss, parts, codes = training_loss(
+                        sae, x, spec.sparsity, cfg.aux_coefficient, cfg.dead_window
+                    )
+                optimizer.zero_grad(set_to_none=True)
+                loss.float().backward()
+                sae.project_decoder_grad()
+                optimizer.step()
+                sae.after_step(codes.detach().float())
+                step += 1
+                n_batches += 1
+                sums += [loss.item(), parts["mse"].item(), float((codes != 0).sum(dim=-1).float().mean())]
+            mean = sums / max(1, n_batches)
+            metrics = {"epoch": epoch, "step": step, "loss": mean[0], "mse": mean[1], "l0": mean[2],
+                       "dead_latents": int((sae.vectors_since_fired >= cfg.dead_window).sum())}  # fmt: skip
+            resumable.save_epoch(out_dir, sae, optimizer, header, metrics)
+            bar.update(1)
+    finally:
+        bar.close()
+    return resumable.save_final(out_dir, sae, header)
