@@ -39,7 +39,15 @@ class SaeConfig(Frozen):
         default_factory=lambda: [1e-3, 3e-3, 1e-2], min_length=1, description="JumpReLU L0 penalties swept."
     )
     l1_coefficients: list[Annotated[float, Field(gt=0)]] = Field(
-        default_factory=lambda: [1e-3, 3e-3, 1e-2], min_length=1, description="ReLU L1 penalties swept."
+        default_factory=lambda: [0.03, 0.1, 0.3], min_length=1, description="ReLU L1 penalties swept."
+    )
+    jumprelu_threshold: float = Field(
+        0.05,
+        gt=0,
+        description="JumpReLU's initial threshold, in the units of unit-norm inputs' pre-activations.",
+    )
+    jumprelu_bandwidth: float = Field(
+        0.05, gt=0, description="Width of JumpReLU's straight-through kernel (same units as the threshold)."
     )
     seeds: list[int] = Field(
         default_factory=lambda: [0, 1], min_length=1,

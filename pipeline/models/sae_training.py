@@ -80,7 +80,8 @@ def screen(store: FeatureStore, max_images: int = 1024) -> dict:
 
 def build(spec: SaeSpec, cfg: SaeConfig, dim: int) -> SparseAutoencoder:
     k = int(spec.sparsity) if spec.kind in ("topk", "batchtopk") else 0
-    return SparseAutoencoder(dim, cfg.expansion * dim, spec.kind, k, cfg.center, cfg.unit_norm_inputs)
+    return SparseAutoencoder(dim, cfg.expansion * dim, spec.kind, k, cfg.center, cfg.unit_norm_inputs,
+                             cfg.jumprelu_bandwidth, cfg.jumprelu_threshold)  # fmt: skip
 
 
 def load(path: Path, device: str | torch.device = "cpu") -> tuple[SparseAutoencoder, dict]:

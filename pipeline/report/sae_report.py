@@ -100,7 +100,9 @@ def choices_table(cfg: SaeConfig) -> pd.DataFrame:
         ("dictionary", f"{cfg.expansion} x feature width, decoder rows at unit norm", OURS + " for the size"),
         ("sparsity sweep", f"k {cfg.k}; JumpReLU L0 {cfg.l0_coefficients}; ReLU L1 {cfg.l1_coefficients}", OURS),
         ("BatchTopK inference", "one global threshold: EMA (0.99) of the smallest surviving training activation", OURS),
-        ("JumpReLU", "learned threshold per latent, rectangle-kernel straight-through, bandwidth 1e-3", OURS + " (values)"),
+        ("JumpReLU", f"learned threshold per latent (initial {cfg.jumprelu_threshold:g}), rectangle-kernel "
+         f"straight-through of width {cfg.jumprelu_bandwidth:g}: sized for unit-norm inputs, whose pre-activations "
+         "are cosines (the JumpReLU paper's 1e-3 assumes inputs of norm ~sqrt(width))", OURS + " (values)"),
         ("dead latents", f"AuxK (weight {cfg.aux_coefficient:g}, k_aux = width / 2) after {cfg.dead_window} silent "
          "training vectors; no resampling", OURS),
         ("optimiser", f"Adam, lr {cfg.lr:g} constant, {cfg.epochs} epochs, {cfg.batch_images} images per step", OURS),
