@@ -31,6 +31,13 @@ def demo_dataset(demo_root) -> DatasetSpec:
     return DatasetSpec(name="demo", kind="demo", root=demo_root)
 
 
+@pytest.fixture(scope="session")
+def study_root(tmp_path_factory) -> Path:
+    """One folder for the study stages' end-to-end tests (tokens, sae): their stores and reconstructor are the same
+    artifacts, made by the first and found by the second."""
+    return tmp_path_factory.mktemp("studies")
+
+
 @pytest.fixture
 def one_thread():
     """Bit-identical comparisons need one reduction order: the test's own runs use one torch thread, as must the

@@ -188,7 +188,7 @@ def test_a_killed_sae_training_resumes_to_the_weights_of_an_uninterrupted_one(tm
 
 
 @pytest.fixture(scope="module")
-def sae_run(tmp_path_factory, demo_root):
+def sae_run(study_root, demo_root):
     """The stage through the plan on the tiny 64 px encoder: stores, its reconstructor, then the study."""
     import yaml
 
@@ -197,14 +197,14 @@ def sae_run(tmp_path_factory, demo_root):
     from pipeline.stages import encode, sae
     from pipeline.stages import train as train_stage
 
-    tmp = tmp_path_factory.mktemp("sae")
+    tmp = study_root
     data = {"store_root": str(tmp / "stores"), "dataset": {"name": "demo", "kind": "demo", "root": str(demo_root)},
             "encoders": ["tiny-vit-64"], "store": {"shard_images": 16}, "encode": {"batch_size": 16, "num_workers": 0},
             "train": {"output_root": str(tmp / "train"), "epochs": 1, "batch_size": 8, "n_val_images": 4},
             "sae": {"output_root": str(tmp / "sae"), "variants": ["batchtopk", "relu"], "k": [4, 8],
                     "l1_coefficients": [0.01], "expansion": 2, "epochs": 2, "batch_images": 8, "seeds": [0, 1],
                     "n_edit_latents": 1, "n_sheet_latents": 2, "n_grid_images": 3}}  # fmt: skip
-    config = tmp / "run.yaml"
+    config = tmp / "sae.yaml"
     config.write_text(yaml.safe_dump(data))
     run = plan.build(load_run_config(config), config)
     plan.preflight(run, ("encode", "train", "sae"))

@@ -169,7 +169,7 @@ def test_a_killed_training_resumes_to_the_weights_of_an_uninterrupted_one(tmp_pa
 
 
 @pytest.fixture(scope="module")
-def tokens_run(tmp_path_factory, demo_root):
+def tokens_run(study_root, demo_root):
     """The stage through the plan on the tiny 64 px encoder: stores, its reconstructor, then the study."""
     import yaml
 
@@ -178,14 +178,14 @@ def tokens_run(tmp_path_factory, demo_root):
     from pipeline.stages import encode
     from pipeline.stages import train as train_stage
 
-    tmp = tmp_path_factory.mktemp("tokens")
+    tmp = study_root
     data = {"store_root": str(tmp / "stores"), "dataset": {"name": "demo", "kind": "demo", "root": str(demo_root)},
             "encoders": ["tiny-vit-64"], "store": {"shard_images": 16}, "encode": {"batch_size": 16, "num_workers": 0},
             "train": {"output_root": str(tmp / "train"), "epochs": 1, "batch_size": 8, "n_val_images": 4},
             "evaluate": {"judges": ["tiny-judge"]},
             "tokens": {"output_root": str(tmp / "tokens"), "fractions": [0.25, 1.0], "epochs": 2, "batch_size": 8,
                        "network": {"width": 32, "depth": 1, "head_dim": 16}, "n_boot": 200, "n_grid_images": 3}}  # fmt: skip
-    config = tmp / "run.yaml"
+    config = tmp / "tokens.yaml"
     config.write_text(yaml.safe_dump(data))
     cfg = load_run_config(config)
     run = plan.build(cfg, config)
