@@ -25,14 +25,12 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from synthetic_store import make_store  # noqa: E402
+
 from pipeline.config import SaeConfig  # noqa: E402
 from pipeline.data.feature_loader import Prefetcher, batch_stream  # noqa: E402
 from pipeline.models import sae_training as st  # noqa: E402
 from pipeline.models.sae import training_loss  # noqa: E402
-from pipeline.stages.encode import value_stats  # noqa: E402
-from storage import open_store  # noqa: E402
-from storage.creation import create  # noqa: E402
-from storage.format import StoreLayout  # noqa: E402
 
 MEMORY_CHILD = """
 import json, resource, sys, torch
@@ -48,22 +46,6 @@ st.train_sae(store, st.SaeSpec("batchtopk", 32, 0), cfg, Path({out!r}), np.zeros
              {{"config_hash": "bench"}}, torch.device("cpu"), torch.float32)
 print(json.dumps({{"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}}))
 """
-
-
-def make_store(path: Path, n: int, grid: int, dim: int):
-    rng = np.random.default_rng(0)
-    layout = StoreLayout(n, (grid, grid), dim, 16, 64, "float16", "blosc_zstd_shuffle")
-    enc = {"name": "synthetic", "backend": "none", "model_id": "synthetic", "weights_id": "random", "feature_layer": "last",
-           "grid_hw": [grid, grid], "hidden_dim": dim, "preprocessing": {"mean": [0.5] * 3, "std": [0.5] * 3}}  # fmt: skip
-    store = create(path, layout, {"config_hash": path.name, "encoder": enc})
-    for shard in range(layout.n_shards):
-        rows = layout.shard_slice(shard)
-        m = rows.stop - rows.start
-        feats = rng.normal(size=(m, grid, grid, dim)).astype(np.float16)
-        store.write_shard(shard, feats, np.zeros((m, 16, 16, 3), np.uint8), np.arange(rows.start, rows.stop),
-                          np.ones(m, bool), {"n_encoded": m, "failures": [], "stats": value_stats(feats.astype(np.float32))})  # fmt: skip
-    store.finalize()
-    return open_store(path)
 
 
 def rate(batches, sae, optimizer, cfg, device, steps: int) -> float:

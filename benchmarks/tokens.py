@@ -21,32 +21,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from synthetic_store import make_store  # noqa: E402
+
 from pipeline.config import TokensConfig  # noqa: E402
 from pipeline.data.feature_loader import Prefetcher, batch_stream  # noqa: E402
 from pipeline.models import token_training as tt  # noqa: E402
 from pipeline.models.token_selector import n_kept, norm_mask, random_mask, top_k_mask  # noqa: E402
-from pipeline.stages.encode import value_stats  # noqa: E402
-from storage import open_store  # noqa: E402
-from storage.creation import create  # noqa: E402
-from storage.format import StoreLayout  # noqa: E402
 
 SHAPES = {"tiny-vit-112 (7x7x192)": (7, 192, 192), "ViT-B/16@224 (14x14x768)": (14, 768, 256)}
-
-
-def make_store(path: Path, n: int, grid: int, dim: int):
-    rng = np.random.default_rng(0)
-    layout = StoreLayout(n, (grid, grid), dim, 16, 64, "float16", "blosc_zstd_shuffle")
-    enc = {"name": "synthetic", "backend": "none", "model_id": "synthetic", "weights_id": "random", "feature_layer": "last",
-           "grid_hw": [grid, grid], "hidden_dim": dim, "preprocessing": {"mean": [0.5] * 3, "std": [0.5] * 3}}  # fmt: skip
-    store = create(path, layout, {"config_hash": path.name, "encoder": enc})
-    for shard in range(layout.n_shards):
-        rows = layout.shard_slice(shard)
-        m = rows.stop - rows.start
-        feats = rng.normal(size=(m, grid, grid, dim)).astype(np.float16)
-        store.write_shard(shard, feats, np.zeros((m, 16, 16, 3), np.uint8), np.arange(rows.start, rows.stop),
-                          np.ones(m, bool), {"n_encoded": m, "failures": [], "stats": value_stats(feats.astype(np.float32))})  # fmt: skip
-    store.finalize()
-    return open_store(path)
 
 
 def train_rate(batches, model, optimizer, cfg, spec, device, steps: int) -> float:

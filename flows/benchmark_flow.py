@@ -15,8 +15,7 @@ from flows import tasks  # noqa: E402
 from flows.encode_flow import encode_all  # noqa: E402
 from flows.evaluate_flow import evaluate_all  # noqa: E402
 from flows.operators_flow import fit_all  # noqa: E402
-from flows.sae_flow import train_saes  # noqa: E402
-from flows.tokens_flow import study_all  # noqa: E402
+from flows.study_flows import study_all  # noqa: E402
 from flows.train_flow import train_all  # noqa: E402
 from pipeline import plan  # noqa: E402
 from pipeline.config_files import load_run_config  # noqa: E402
@@ -41,5 +40,5 @@ def benchmark_flow(
         "operators": fitted,
         "evaluation": evaluate_all(run, trained, progress),
         "tokens": study_all(run, run.studies["tokens"], trained, progress),
-        "sae": train_saes(run, run.studies["sae"], trained, progress),
+        "sae": study_all(run, run.studies["sae"], trained, progress),
     }

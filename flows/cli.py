@@ -229,8 +229,8 @@ def tokens_command(
     images in feature space and through the reconstructor, and write the report (docs/tokens.md)."""
 
     with reported_in_one_line():
+        from flows.study_flows import tokens_flow
         from flows.tasks import for_config
-        from flows.tokens_flow import tokens_flow
 
         _preflight(config, ("encode", "train", "tokens"), encoders=encoder)
         results = for_config(tokens_flow, config)(str(config), encoder, progress)
@@ -247,7 +247,7 @@ def sae_command(
     Pareto table, stability across seeds, and concepts edited and seen through the reconstructor (docs/sae.md)."""
 
     with reported_in_one_line():
-        from flows.sae_flow import sae_flow
+        from flows.study_flows import sae_flow
         from flows.tasks import for_config
 
         _preflight(config, ("encode", "train", "sae"), encoders=encoder)

@@ -17,8 +17,7 @@ from flows.benchmark_flow import benchmark_flow  # noqa: E402
 from flows.encode_flow import encode_flow  # noqa: E402
 from flows.evaluate_flow import evaluate_flow  # noqa: E402
 from flows.operators_flow import operators_flow  # noqa: E402
-from flows.sae_flow import sae_flow  # noqa: E402
-from flows.tokens_flow import tokens_flow  # noqa: E402
+from flows.study_flows import sae_flow, tokens_flow  # noqa: E402
 from flows.train_flow import train_flow  # noqa: E402
 from pipeline.config_files import load_run_config  # noqa: E402
 

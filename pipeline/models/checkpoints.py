@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from pipeline.artifacts import read_json, write_json_atomic
 from pipeline.config import ReconstructorConfig
 from pipeline.data.images import Preprocessing
-from pipeline.data.store_info import ENCODER_IDENTITY, StoreInfo
+from pipeline.data.store_info import ENCODER_IDENTITY, StoreInfo, check_same_encoder
 from pipeline.models.reconstructor import Reconstructor
 from pipeline.provenance import file_sha256
 from storage import FeatureStore, StoreError, open_store
@@ -248,6 +248,27 @@ def check_held_out(image_ids: np.ndarray, header: dict, scored: str) -> None:
                 f"{scored}: {overlap.size} of its images {role} the reconstructor (store {Path(source).name}), "
                 f"e.g. ids {overlap[:5].tolist()}; {fix}"
             )
+
+
+def study_rows(
+    train: FeatureStore, held_out: FeatureStore, header: dict, n_images: int | None, field: str
+) -> np.ndarray:
+    """The held-out rows a study (token utility, SAE) scores: the first `n_images` valid ones, after checking both
+    stores come from one encoder, the reconstructor suits them, and no held-out image is in the train store or
+    trained or selected the reconstructor. `field` names the split setting in errors (e.g. "tokens.split 'val'")."""
+    check_same_encoder(StoreInfo.of(train), StoreInfo.of(held_out))
+    check_checkpoint_matches_store(header, held_out)
+    rows = np.flatnonzero(held_out.valid())
+    rows = rows[:n_images] if n_images else rows
+    ids = held_out.image_ids()[rows]
+    overlap = np.intersect1d(ids, train.image_ids()[train.valid()])
+    if overlap.size:
+        raise DisjointnessError(
+            f"{field}: {overlap.size} of its images are in the train store {train.path.name} (e.g. ids "
+            f"{overlap[:5].tolist()}); evaluate on a split the study's networks never saw"
+        )
+    check_held_out(ids, header, field)
+    return rows
 
 
 @torch.no_grad()

@@ -25,7 +25,7 @@ import torch
 from pipeline import artifacts
 from pipeline.artifacts import WriteLock
 from pipeline.config import config_hash
-from pipeline.data.store_info import StoreInfo, check_same_encoder
+from pipeline.data.store_info import StoreInfo
 from pipeline.jobs import SaeJob
 from pipeline.models import checkpoints, sae_training
 from pipeline.models.encoders import resolve_compute_dtype, resolve_device
@@ -72,24 +72,6 @@ def _open(path: Path) -> FeatureStore:
     return store
 
 
-def held_out_rows(job: SaeJob, train: FeatureStore, held_out: FeatureStore, header: dict) -> np.ndarray:
-    """The held-out rows of every metric, after checking both stores come from one encoder, R suits them, and
-    no held-out image trained the SAEs or shaped R."""
-    check_same_encoder(StoreInfo.of(train), StoreInfo.of(held_out))
-    checkpoints.check_checkpoint_matches_store(header, held_out)
-    rows = np.flatnonzero(held_out.valid())
-    rows = rows[: job.cfg.n_eval_images] if job.cfg.n_eval_images else rows
-    ids = held_out.image_ids()[rows]
-    overlap = np.intersect1d(ids, train.image_ids()[train.valid()])
-    if overlap.size:
-        raise checkpoints.DisjointnessError(
-            f"sae.split '{job.cfg.split}': {overlap.size} of its images are in the train store {train.path.name} "
-            f"(e.g. ids {overlap[:5].tolist()}); evaluate on a split the SAEs never saw"
-        )
-    checkpoints.check_held_out(ids, header, f"sae.split '{job.cfg.split}'")
-    return rows
-
-
 def run(job: SaeJob, *, progress: bool = False) -> SaeResult:
     """Train (or resume) the SAEs, then evaluate and report; returns at once when finished before."""
     train, held_out = _open(job.train_store), _open(job.eval_store)
@@ -97,7 +79,9 @@ def run(job: SaeJob, *, progress: bool = False) -> SaeResult:
     key, models_dir, eval_key, out_dir = keys_and_dirs(job, train, held_out, header)
     if artifacts.finished(out_dir / artifacts.RESULT) is not None:
         return SaeResult(out_dir, models_dir, out_dir / "report.md", already_complete=True)
-    rows = held_out_rows(job, train, held_out, header)
+    rows = checkpoints.study_rows(
+        train, held_out, header, job.cfg.n_eval_images, f"sae.split '{job.cfg.split}'"
+    )
     saes, screening = train_all(job, train, key, models_dir, progress)
     with WriteLock(out_dir):
         if artifacts.finished(out_dir / artifacts.RESULT) is None:

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from pipeline import artifacts
 from pipeline.artifacts import WriteLock
 from pipeline.config import TokensConfig, config_hash
-from pipeline.data.store_info import StoreInfo, check_same_encoder
+from pipeline.data.store_info import StoreInfo
 from pipeline.jobs import TokensJob
 from pipeline.models import checkpoints, judges, token_training, weights
 from pipeline.models.encoders import resolve_compute_dtype, resolve_device
@@ -84,24 +84,6 @@ def judge_id(job: TokensJob) -> str | None:
     return weights.weights_key(job.judge) if job.judge else None
 
 
-def check_inputs(job: TokensJob, train: FeatureStore, held_out: FeatureStore, header: dict) -> np.ndarray:
-    """The held-out rows to score, after checking both stores come from one encoder, R suits them, and no
-    held-out image trained the networks or shaped R."""
-    check_same_encoder(StoreInfo.of(train), StoreInfo.of(held_out))
-    checkpoints.check_checkpoint_matches_store(header, held_out)
-    rows = np.flatnonzero(held_out.valid())
-    rows = rows[: job.cfg.n_eval_images] if job.cfg.n_eval_images else rows
-    ids = held_out.image_ids()[rows]
-    overlap = np.intersect1d(ids, train.image_ids()[train.valid()])
-    if overlap.size:
-        raise checkpoints.DisjointnessError(
-            f"tokens.split '{job.cfg.split}': {overlap.size} of its images are in the train store "
-            f"{train.path.name} (e.g. ids {overlap[:5].tolist()}); evaluate on a split the networks never saw"
-        )
-    checkpoints.check_held_out(ids, header, f"tokens.split '{job.cfg.split}'")
-    return rows
-
-
 def run(job: TokensJob, *, progress: bool = False) -> TokensResult:
     """Train (or resume) the networks, then score, test and report; returns at once when finished before."""
     cfg = job.cfg
@@ -110,7 +92,7 @@ def run(job: TokensJob, *, progress: bool = False) -> TokensResult:
     nets_key, nets_dir, eval_key, out_dir = keys_and_dirs(job, train, held_out, header, judge_id(job))
     if artifacts.finished(out_dir / artifacts.RESULT) is not None:
         return TokensResult(out_dir, nets_dir, out_dir / "report.md", already_complete=True)
-    rows = check_inputs(job, train, held_out, header)
+    rows = checkpoints.study_rows(train, held_out, header, cfg.n_eval_images, f"tokens.split '{cfg.split}'")
     judge = judges.load([job.judge], cfg.device, "tokens.judge")[job.judge.name] if job.judge else None
     networks = train_networks(job, train, nets_key, nets_dir, progress)
     with WriteLock(out_dir):
