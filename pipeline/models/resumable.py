@@ -38,13 +38,17 @@ def save_epoch(out_dir: Path, model, optimizer, header: dict, metrics: dict) -> 
     for old in sorted(out_dir.glob("epoch-*.json"))[:-1]:
         for f in out_dir.glob(old.stem + ".*"):
             f.unlink()
-    path = out_dir / "metrics.csv"
+    append_csv(out_dir / "metrics.csv", metrics)
+
+
+def append_csv(path: Path, row: dict) -> None:
+    """One row of a metrics CSV, the header first when the file is new."""
     new = not path.is_file()
     with open(path, "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(metrics))
+        writer = csv.DictWriter(f, fieldnames=list(row))
         if new:
             writer.writeheader()
-        writer.writerow(metrics)
+        writer.writerow(row)
 
 
 def save_final(out_dir: Path, model, header: dict) -> Path:

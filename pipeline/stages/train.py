@@ -8,7 +8,6 @@ a killed run resumes from the last one and, on CPU with a fixed seed, ends bit-i
 from __future__ import annotations
 
 import contextlib
-import csv
 import os
 import time
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ from pipeline.jobs import TrainJob
 from pipeline.models import checkpoints
 from pipeline.models.encoders import resolve_compute_dtype, resolve_device
 from pipeline.models.reconstructor import Reconstructor
+from pipeline.models.resumable import append_csv
 from pipeline.provenance import provenance
 from pipeline.report.figures import write_grid
 from pipeline.science import metrics
@@ -350,12 +350,8 @@ def _validate_and_log(
                    f"{run_dir.name} epoch {epoch} step {step}: PSNR {val['val_psnr_db']:.2f} dB")  # fmt: skip
     for k, v in val.items():
         writer.add_scalar(f"val/{k}", v, step)
-    row = {"step": step, "epoch": epoch, "train_loss": loss, **val, "time": time.time()}
-    csv_path = run_dir / "metrics.csv"
-    new = not csv_path.is_file()
-    with open(csv_path, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(row))
-        if new:
-            w.writeheader()
-        w.writerow(row)
+    append_csv(
+        run_dir / "metrics.csv",
+        {"step": step, "epoch": epoch, "train_loss": loss, **val, "time": time.time()},
+    )
     return val
