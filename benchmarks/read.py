@@ -63,6 +63,8 @@ def one_case(tmp: Path, n: int, grid: int, precision: str, rng) -> list[str]:
     picks = rng.integers(0, n, 100)
     readers = {
         "reconlab store": (lambda i: store.features(int(i)), lambda: store.features(slice(None))),
+        "reconlab store, as stored": (lambda i: store.features(int(i), as_stored=True),
+                                      lambda: store.features(slice(None), as_stored=True)),
         "zarr-python": (lambda i: array[int(i)], lambda: array[:]),
         ".pt per image": (lambda i: torch.load(pt / f"{int(i)}.pt"), lambda: [torch.load(pt / f"{i}.pt") for i in range(n)]),
         "raw memmap": (lambda i: np.array(raw[int(i)]), lambda: np.array(raw)),

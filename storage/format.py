@@ -183,11 +183,14 @@ class FeatureStore:
         lo, hi = int(rows.min()), int(rows.max()) + 1
         return self._array(name)[lo:hi][rows - lo]
 
-    def features(self, rows: slice | np.ndarray | int = slice(None)) -> np.ndarray:
-        """Features as float32 [n, H, W, D], whatever the stored precision."""
+    def features(self, rows: slice | np.ndarray | int = slice(None), as_stored: bool = False) -> np.ndarray:
+        """Features [n, H, W, D] as float32, whatever the stored precision; `as_stored`: in the stored float dtype
+        (float16 stays float16: half the bytes to move, converted where they are used, e.g. on the GPU; int8 with
+        per-token scales is always dequantised to float32)."""
         stored = self._read("features", rows)
-        scale = self._read("features_scale", rows) if self.layout.precision == "int8_per_token" else None
-        return prec.dequantize(stored, scale)
+        if self.layout.precision == "int8_per_token":
+            return prec.dequantize(stored, self._read("features_scale", rows))
+        return stored if as_stored else prec.dequantize(stored, None)
 
     def pixels(self, rows: slice | np.ndarray | int = slice(None)) -> np.ndarray:
         if not self.layout.store_pixels:

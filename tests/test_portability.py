@@ -43,7 +43,11 @@ def test_tensorstore_reads_every_precision_like_zarr_python(make_job, precision)
         read[name] = tensorstore.open(spec, read=True).result().read().result()
         np.testing.assert_array_equal(read[name], zarr.open_array(str(path / name), mode="r")[:])
     features = dequantize(read["features"], read.get("features_scale"))
-    np.testing.assert_array_equal(features, open_store(path).features())
+    store = open_store(path)
+    np.testing.assert_array_equal(features, store.features())
+    as_stored = store.features(np.array([1, 4]), as_stored=True)  # what the train loader moves to the device
+    assert as_stored.dtype == (np.float32 if precision == "int8_per_token" else read["features"].dtype)
+    np.testing.assert_array_equal(as_stored.astype(np.float32), features[[1, 4]])
 
 
 def test_bf16_rounding_before_writing_equals_numcodecs_bitround():

@@ -18,6 +18,7 @@ def batch_stream(
     store: FeatureStore, batch_size: int, seed: int, epoch: int, buffer_images: int, pixels: bool = True
 ) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
     """(features, pixels) batches of one epoch: shards in a seeded order through a bounded shuffle buffer.
+    Features come in the stored float dtype (float16 stores: float16; the consumer converts on its device).
     `pixels=False` never reads the pixels (None in their place); the batches of features are the same."""
     rng = np.random.default_rng([seed, epoch])
     lay = store.layout
@@ -36,7 +37,7 @@ def batch_stream(
     for shard in rng.permutation(lay.n_shards):
         rows = lay.shard_slice(int(shard))
         valid = store.group["valid"][rows]
-        feats = store.features(rows)[valid]
+        feats = store.features(rows, as_stored=True)[valid]  # float16 stays half-size until the device
         pool_feats.extend(np.array(f) for f in feats)  # own copies, so the shard's arrays are freed
         if pixels:
             pool_pixels.extend(np.array(p) for p in store.pixels(rows)[valid])

@@ -132,7 +132,9 @@ def train_step(
     model, optimizer, scheduler, feats, pixels, cfg: TrainConfig, pre: Preprocessing, device, compute_dtype
 ):
     """One optimisation step on a batch of (features, uint8 pixels); returns the loss tensor."""
-    feats = feats.to(device, non_blocking=True)
+    feats = feats.to(
+        device, non_blocking=True
+    ).float()  # the loader keeps the stored dtype (float16: half the copy)
     target = pre.normalize(pixels.to(device, non_blocking=True))
     with torch.autocast(device.type, dtype=compute_dtype, enabled=compute_dtype != torch.float32):
         pred = model(feats)
