@@ -47,6 +47,12 @@ def create(path: Path, layout: StoreLayout, attrs: dict) -> FeatureStore:
             "pixels", shape=(n, s, s, 3), dtype="uint8", chunks=(1, s, s, 3), shards=(k, s, s, 3),
             compressors=codecs, fill_value=0, dimension_names=("image", "y", "x", "rgb"),
         )  # fmt: skip
+    if layout.embedding_dim:
+        e = layout.embedding_dim
+        group.create_array(
+            "embeddings", shape=(n, e), dtype="float32", chunks=(1, e), shards=(k, e),
+            compressors=codecs, fill_value=0, dimension_names=("image", "e"),
+        )  # fmt: skip
     for name, dtype in (("image_ids", "int64"), ("valid", "bool")):
         group.create_array(
             name,

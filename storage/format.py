@@ -18,7 +18,7 @@ from storage.shard_reader import ShardReader
 
 FORMAT_VERSION = 2  # 2: per-shard file checksums and the store's content digest
 FORMAT_KEY = "reconlab_store_format"
-PER_IMAGE_ARRAYS = ("features", "features_scale", "pixels", "image_ids", "valid")
+PER_IMAGE_ARRAYS = ("features", "features_scale", "pixels", "embeddings", "image_ids", "valid")
 
 
 class StoreError(RuntimeError):
@@ -40,6 +40,7 @@ class StoreLayout:
     compressor: str
     store_pixels: bool = True
     compression_level: int = 3
+    embedding_dim: int = 0  # > 0: an `embeddings` [N, E] array of pooled image embeddings
 
     @property
     def n_shards(self) -> int:
@@ -53,7 +54,7 @@ class StoreLayout:
             self.precision
         ]
         features = h * w * (self.hidden_dim * per_value + (4 if self.precision == "int8_per_token" else 0))
-        return features + (0.5 * self.pixel_size**2 * 3 if self.store_pixels else 0)
+        return features + (0.5 * self.pixel_size**2 * 3 if self.store_pixels else 0) + 4 * self.embedding_dim
 
     def shard_slice(self, shard: int) -> slice:
         return slice(shard * self.shard_images, min((shard + 1) * self.shard_images, self.n_images))
@@ -144,6 +145,8 @@ class FeatureStore:
             expected["pixels"] = (lay.n_images, lay.pixel_size, lay.pixel_size, 3)
         if lay.precision == "int8_per_token":
             expected["features_scale"] = (lay.n_images, h, w)
+        if lay.embedding_dim:
+            expected["embeddings"] = (lay.n_images, lay.embedding_dim)
         for name, shape in expected.items():
             if name not in self.group:
                 raise StoreError(f"{self.path}: array '{name}' is missing")
@@ -192,6 +195,13 @@ class FeatureStore:
             return prec.dequantize(stored, self._read("features_scale", rows))
         return stored if as_stored else prec.dequantize(stored, None)
 
+    def embeddings(self, rows: slice | np.ndarray | int = slice(None)) -> np.ndarray:
+        """Pooled image embeddings [n, E] (float32), for stores encoded with encode.embeddings."""
+        if not self.layout.embedding_dim:
+            raise StoreError(f"{self.path}: this store has no image embeddings (encode it with encode.embeddings: "
+                             "true and an encoder with keep_head: true)")  # fmt: skip
+        return self._read("embeddings", rows)
+
     def pixels(self, rows: slice | np.ndarray | int = slice(None)) -> np.ndarray:
         if not self.layout.store_pixels:
             raise StoreError(f"{self.path}: this store was written without pixels (store_pixels: false)")
@@ -207,6 +217,7 @@ class FeatureStore:
         valid: np.ndarray,
         shard_record: dict,
         pixels_like: FeatureStore | None = None,
+        embeddings_ne: np.ndarray | None = None,
     ) -> None:
         """Write one whole shard, then its record, then mark it done: 'done' is never ahead of the data.
 
@@ -224,6 +235,8 @@ class FeatureStore:
             pixels_like is not None and self._link_pixels(pixels_like, shard)
         ):
             self.group["pixels"][rows] = pixels_nhwc
+        if embeddings_ne is not None:
+            self.group["embeddings"][rows] = embeddings_ne
         self.group["image_ids"][rows] = image_ids
         self.group["valid"][rows] = valid
         shards = dict(self.group.attrs.get("shards", {}))

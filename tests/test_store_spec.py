@@ -93,3 +93,33 @@ def test_opening_an_incomplete_store_fails_unless_allowed(finished_store):
 def test_opening_a_folder_that_is_not_a_store_fails(tmp_path):
     with pytest.raises(StoreError, match="not a feature store"):
         open_store(tmp_path)
+
+
+def test_encode_embeddings_stores_each_images_pooled_embedding_only_for_encoders_with_a_head(make_job):
+    import torch
+
+    from pipeline.config import EncodeOptions, SubsetSpec
+    from pipeline.models import encoders
+    from pipeline.stages import encode
+    from storage import open_store
+
+    options = EncodeOptions(batch_size=4, num_workers=0, embeddings=True)
+    judge = encode.run(
+        make_job(encoder="tiny-judge", options=options, subset=SubsetSpec(max_images=6)), progress=False
+    )
+    store = open_store(judge.store_path)
+    g = zarr.open_group(str(judge.store_path), mode="r")
+    assert g["embeddings"].shape == (6, store.layout.embedding_dim) and list(
+        g["embeddings"].metadata.dimension_names
+    ) == ["image", "e"]
+    encoder = encoders.load(store_spec := make_job(encoder="tiny-judge").encoder, device="cpu")
+    seen = encoder.normalize(encoder.seen(torch.from_numpy(store.pixels())))
+    np.testing.assert_allclose(store.embeddings(), encoder.embed(seen).numpy(), rtol=1e-4, atol=1e-5)
+    assert store_spec.keep_head and "embeddings" in store.attrs["config"]
+    # an encoder without a head has nothing to pool: the option leaves its store (and its key) as before
+    plain = make_job(subset=SubsetSpec(max_images=6))
+    with_option = make_job(options=options, subset=SubsetSpec(max_images=6))
+    assert encode.plan(plain)[2] == encode.plan(with_option)[2]
+    assert "embeddings" not in zarr.open_group(
+        str(encode.run(with_option, progress=False).store_path), mode="r"
+    )

@@ -250,3 +250,8 @@ class EncodeOptions(Frozen):
     max_image_pixels: int = Field(
         178_956_970, gt=0, description="Images with more pixels are skipped (decompression-bomb guard)."
     )
+    embeddings: bool = Field(
+        False,
+        description="Also store each image's pooled (projected) embedding, `embeddings` [N, E], for encoders with "
+        "keep_head: true (the input of embedding SAEs; one more forward pass through the head).",
+    )

@@ -54,7 +54,13 @@ def store_key(job: EncodeJob, records: list[ImageRecord], compute_dtype: torch.d
         "compute_dtype": str(compute_dtype).removeprefix("torch."),
         "image_limits": {"min_side": job.options.min_image_side, "max_pixels": job.options.max_image_pixels},
         "geometry": job.options.geometry,
+        **({"embeddings": True} if stores_embeddings(job) else {}),  # absent otherwise: older keys stay valid
     }
+
+
+def stores_embeddings(job: EncodeJob) -> bool:
+    """encode.embeddings asks for them and the encoder has a head to pool and project with."""
+    return job.options.embeddings and job.encoder.keep_head
 
 
 def store_path_for(job: EncodeJob, key: dict) -> Path:
@@ -223,6 +229,7 @@ def _open_or_create(
         compressor=job.store.compressor,
         store_pixels=job.store.store_pixels,
         compression_level=job.store.compression_level or default_level(job.store.precision),
+        embedding_dim=_embedding_width(encoder) if stores_embeddings(job) else 0,
     )
     attrs = {
         "config": key,
@@ -240,6 +247,12 @@ def _open_or_create(
         "n_images": len(records),
     }
     return create(path, layout, attrs)
+
+
+def _embedding_width(encoder: encoders.Encoder) -> int:
+    size = encoder.preprocessing.crop_size
+    with torch.inference_mode():
+        return int(encoder.embed(torch.zeros(1, 3, size, size)).shape[-1])
 
 
 @dataclass(frozen=True)
@@ -291,6 +304,11 @@ def _encode_pending(
                 grids = encoder.encode_layers(pixels_seen, [targets[k].layer for k in here])
                 for k, grid in zip(here, grids, strict=True):
                     buffers[k]["features"][local[ok.numpy()]] = grid.cpu().numpy()
+                if any("embeddings" in buffers[k] for k in here):
+                    with torch.inference_mode():
+                        pooled = encoder.embed(pixels_seen).cpu().numpy()
+                    for k in [k for k in here if "embeddings" in buffers[k]]:
+                        buffers[k]["embeddings"][local[ok.numpy()]] = pooled
             failures = [
                 {"image_id": records[pos].image_id, "path": str(records[pos].path), "reason": reason}
                 for pos, reason in zip(positions.tolist(), reasons, strict=True)
@@ -323,6 +341,7 @@ def _shard_buffer(layout: StoreLayout, shard: int, n: int) -> dict:
         "pixels": np.zeros((n, layout.pixel_size, layout.pixel_size, 3), np.uint8),
         "failures": [],
         "n_filled": 0,
+        **({"embeddings": np.zeros((n, layout.embedding_dim), np.float32)} if layout.embedding_dim else {}),
     }
 
 
@@ -366,9 +385,8 @@ class _ShardWriter:
                 pixels = buffer["pixels"] if self.store.layout.store_pixels else None
                 leader = buffer["pixels_from"]
                 pixels_like = leader.store if leader is not None and leader.wrote(buffer["shard"]) else None
-                self.store.write_shard(
-                    buffer["shard"], buffer["features"], pixels, image_ids, valid, record, pixels_like
-                )
+                self.store.write_shard(buffer["shard"], buffer["features"], pixels, image_ids, valid, record,
+                                       pixels_like, buffer.get("embeddings"))  # fmt: skip
                 self.ok.add(buffer["shard"])
             except BaseException as e:  # surfaced on the main thread at the next put/close
                 self.error = e
