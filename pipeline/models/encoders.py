@@ -104,6 +104,12 @@ class Encoder:
         return out.float()
 
     @torch.inference_mode()
+    def embedding_dim(self) -> int:
+        """Width of `embed`'s pooled embeddings (one probe forward pass)."""
+        size = self.preprocessing.crop_size
+        return int(self.embed(torch.zeros(1, 3, size, size)).shape[-1])
+
+    @torch.inference_mode()
     def encode_layers(self, pixels_nchw: torch.Tensor, layers: list[Layer]) -> list[torch.Tensor]:
         """One forward pass, the patch grids [B, H, W, D] of several layers (float32), in the order asked; each
         equals `encode` of a spec with that feature_layer."""

@@ -229,7 +229,7 @@ def _open_or_create(
         compressor=job.store.compressor,
         store_pixels=job.store.store_pixels,
         compression_level=job.store.compression_level or default_level(job.store.precision),
-        embedding_dim=_embedding_width(encoder) if stores_embeddings(job) else 0,
+        embedding_dim=encoder.embedding_dim() if stores_embeddings(job) else 0,
     )
     attrs = {
         "config": key,
@@ -247,12 +247,6 @@ def _open_or_create(
         "n_images": len(records),
     }
     return create(path, layout, attrs)
-
-
-def _embedding_width(encoder: encoders.Encoder) -> int:
-    size = encoder.preprocessing.crop_size
-    with torch.inference_mode():
-        return int(encoder.embed(torch.zeros(1, 3, size, size)).shape[-1])
 
 
 @dataclass(frozen=True)
