@@ -42,7 +42,7 @@ from pipeline.models import sae_training as st
 from storage import open_store
 store = open_store({store!r})
 cfg = SaeConfig(variants=["batchtopk"], k=[32], expansion=8, epochs=1, batch_images=16, shuffle_buffer_images=128)
-st.train_sae(store, st.SaeSpec("batchtopk", 32, 0), cfg, Path({out!r}), np.zeros(store.layout.hidden_dim),
+st.train_sae(st.TokenSource(store, cfg), st.SaeSpec("batchtopk", 32, 0), cfg, Path({out!r}), np.zeros(store.layout.hidden_dim),
              {{"config_hash": "bench"}}, torch.device("cpu"), torch.float32)
 print(json.dumps({{"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}}))
 """

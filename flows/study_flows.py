@@ -18,7 +18,7 @@ from flows.encode_flow import encode_all  # noqa: E402
 from flows.train_flow import train_all  # noqa: E402
 from pipeline import plan  # noqa: E402
 from pipeline.config_files import load_run_config  # noqa: E402
-from pipeline.stages import sae, tokens  # noqa: E402
+from pipeline.stages import captions, sae, tokens  # noqa: E402
 
 
 def _finish(stage: str, result, encoder_name: str, what: str):
@@ -39,12 +39,25 @@ def sae_study(job, encoder_name: str, progress: bool = True):
     return _finish("sae", sae.run(job, progress=progress), encoder_name, "SAE study")
 
 
+@tasks.stage_task("captions", name="text-encode", task_run_name="captions {encoder_name} {split}")
+def encode_captions(job, encoder_name: str, split: str, progress: bool = True):
+    result = captions.run(job, progress=progress)
+    state = "found" if result.already_complete else "written"
+    return tasks.finished(
+        result, result.already_complete, f"{result.n_captions} captions {state} at {result.path}"
+    )
+
+
 TASKS = {"tokens": token_study, "sae": sae_study}
 
 
 def study_all(run: plan.RunPlan, steps: list[plan.StudyStep], trained: dict, progress: bool) -> list:
     """The stores the studies need, then the studies, one at a time."""
     encode_all(run, [p for s in steps for p in (s.train_store, s.eval_store)], progress)
+    for path in dict.fromkeys(p for s in steps for p in (s.text_train, s.text_eval) if p is not None):
+        job = run.captions[path]
+        with tags(f"encoder:{job.encoder.name}"):
+            encode_captions.submit(job, job.encoder.name, job.split, progress).result()
     results = []
     for step in steps:
         with tags(f"encoder:{step.encoder}"):

@@ -74,3 +74,5 @@ class SaeJob:
     eval_store: Path  # held-out images of every metric
     checkpoint: Path  # the encoder's reconstructor R, to see concepts and the SAE's cost in pixels
     cfg: SaeConfig
+    text_train: Path | None = None  # inputs: embeddings: the caption stores of the two splits
+    text_eval: Path | None = None

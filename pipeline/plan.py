@@ -15,9 +15,9 @@ from pipeline.artifacts import WriteLock, read_json
 from pipeline.config import ConfigError, EncoderSpec, OperatorPairSpec, RunConfig, TransformSpec
 from pipeline.config_files import resolve_encoder, resolve_entry
 from pipeline.jobs import EncodeJob, EvalTarget, OperatorJob, SaeJob, TokensJob, TrainJob
-from pipeline.models import model_ids, weights
+from pipeline.models import model_ids, text_towers, weights
 from pipeline.models.checkpoints import CheckpointError, read_header
-from pipeline.stages import encode, evaluate, operators, sae, tokens, train
+from pipeline.stages import captions, encode, evaluate, operators, sae, tokens, train
 from storage import StoreError, open_store
 
 STAGES = ("encode", "train", "operators", "evaluate", "tokens", "sae")
@@ -45,6 +45,8 @@ class StudyStep:
     encoder: str
     train_store: Path
     eval_store: Path
+    text_train: Path | None = None  # sae on embeddings: the caption stores of the two splits
+    text_eval: Path | None = None
 
 
 @dataclass
@@ -57,6 +59,7 @@ class RunPlan:
     judges: list[EncoderSpec] = field(default_factory=list)
     studies: dict[str, list[StudyStep]] = field(default_factory=lambda: {stage: [] for stage in STUDIES})
     tokens_judge: EncoderSpec | None = None
+    captions: dict[Path, captions.CaptionJob] = field(default_factory=dict)  # caption stores, by folder
     n_images: dict[Path, int] = field(default_factory=dict)  # images each store will hold (before decoding)
     ensured: set[Path] = field(default_factory=set)  # stores already made by whoever executes this plan
 
@@ -99,7 +102,9 @@ class RunPlan:
             return TokensJob(
                 step.train_store, step.eval_store, checkpoint, self.tokens_judge, self.cfg.tokens
             )
-        return SaeJob(step.train_store, step.eval_store, checkpoint, self.cfg.sae)
+        return SaeJob(
+            step.train_store, step.eval_store, checkpoint, self.cfg.sae, step.text_train, step.text_eval
+        )
 
     def eval_targets(self, checkpoints: dict[str, Path]) -> list[EvalTarget]:
         return [EvalTarget(name, store, checkpoints[name]) for name, store in self.evaluate.items()]
@@ -186,13 +191,29 @@ def build(cfg: RunConfig, config_path: Path | None = None, encoder_names: list[s
     for stage in STUDIES:
         study = getattr(cfg, stage)
         for name in [n for n in (study.encoders or default) if n in base] if study else []:
-            run.studies[stage].append(
-                StudyStep(stage, name, store(name, study.train_split), store(name, study.split))
-            )
+            step = StudyStep(stage, name, store(name, study.train_split), store(name, study.split))
+            if stage == "sae" and study.inputs == "embeddings":
+                step = replace(
+                    step,
+                    text_train=caption_store(run, step.train_store),
+                    text_eval=caption_store(run, step.eval_store),
+                )
+            run.studies[stage].append(step)
     if cfg.tokens:
         judge = cfg.tokens.judge or (cfg.evaluate.judges[0] if cfg.evaluate.judges else None)
         run.tokens_judge = resolve_encoder(judge, config_path, "tokens.judge") if judge else None
     return run
+
+
+def caption_store(run: RunPlan, image_store: Path) -> Path:
+    """The caption store of an image store's split (same dataset, subset and encoder), added to the plan."""
+    job = run.encode[image_store]
+    text_towers.check_has_text_tower(job.encoder, "sae.inputs: embeddings: sae.encoders")
+    caption_job = captions.CaptionJob(run.cfg.store_root, job.dataset, job.split, job.subset, job.encoder,
+                                      device=job.options.device)  # fmt: skip
+    path = captions.plan(caption_job)[2]
+    run.captions[path] = caption_job
+    return path
 
 
 def preflight(run: RunPlan, stages: tuple[str, ...] = STAGES) -> None:
@@ -231,6 +252,14 @@ def preflight(run: RunPlan, stages: tuple[str, ...] = STAGES) -> None:
         if split in shaped:
             raise ConfigError(f"{stage}.split '{split}' is a split that trains or selects the reconstructor; "
                               f"set {stage}.split to a held-out split")  # fmt: skip
+    if (
+        "sae" in stages
+        and run.studies["sae"]
+        and cfg.sae.inputs == "embeddings"
+        and not cfg.encode.embeddings
+    ):
+        raise ConfigError("sae.inputs: embeddings trains on the stores' image embeddings: set encode.embeddings: "
+                          "true")  # fmt: skip
     judge = run.tokens_judge
     if "tokens" in stages and run.studies["tokens"] and judge is not None and not judge.keep_head:
         raise ConfigError(f"tokens.judge: '{judge.name}' must set keep_head: true (judges score pooled image "
@@ -275,6 +304,8 @@ def execute(run: RunPlan, with_operators: bool = True, progress: bool = False) -
     targets = run.eval_targets({name: result.checkpoint for name, result in trained.items()})
     judges = evaluate.load_judges(run.judges, cfg.evaluate.device)
     report = evaluate.run(targets, cfg.evaluate, judges, progress=progress)
+    for caption_job in run.captions.values():
+        captions.run(caption_job, progress=progress)
     studies = {stage: [STUDY_RUNNERS[stage](run.study_job(s, trained[s.encoder].checkpoint), progress=progress)
                        for s in run.studies[stage]] for stage in STUDIES}  # fmt: skip
     return {
@@ -378,6 +409,14 @@ def _study_steps(run: RunPlan, step: StudyStep, states: dict, checkpoints: dict)
         return [Step(step.stage, step.encoder, what, "after encode", "") for what in (train_what, eval_what)]
     if step.encoder not in checkpoints:
         return [Step(step.stage, step.encoder, what, "after train", "") for what in (train_what, eval_what)]
+    text_rows = [Step("sae", step.encoder, f"captions of {p.name.split('__')[1]}",
+                      "cached" if read_json(p / "result.json") is not None else "to run", str(p))
+                 for p in (step.text_train, step.text_eval) if p is not None]  # fmt: skip
+    if any(r.state != "cached" for r in text_rows):
+        return [
+            *text_rows,
+            *(Step(step.stage, step.encoder, w, "after captions", "") for w in (train_what, eval_what)),
+        ]
     job = run.study_job(step, checkpoints[step.encoder])
     try:
         stores = open_store(job.train_store), open_store(job.eval_store)
@@ -395,7 +434,7 @@ def _study_steps(run: RunPlan, step: StudyStep, states: dict, checkpoints: dict)
         "cached" if done >= n_networks else f"partial ({done}/{n_networks} networks)" if done else "to run"
     )
     eval_state = "cached" if read_json(out_dir / "result.json") is not None else "to run"
-    return [Step(step.stage, step.encoder, train_what, nets_state, str(nets_dir)),
+    return [*text_rows, Step(step.stage, step.encoder, train_what, nets_state, str(nets_dir)),
             Step(step.stage, step.encoder, eval_what, eval_state, str(out_dir))]  # fmt: skip
 
 

@@ -60,7 +60,10 @@ def test_captions_are_embedded_in_the_space_of_the_image_embeddings_and_found_ag
         tmp_path, demo_dataset, "val", SubsetSpec(max_images=5), tiny_clip, batch_size=3
     )
     result = captions.run(job)
-    embeddings, image_ids, texts = captions.read(result.path)
+    from pipeline.data.caption_store import read
+
+    stored = read(result.path)
+    embeddings, image_ids, texts = stored.embeddings, stored.image_ids, stored.texts
     assert result.n_captions == len(texts) == len(embeddings) == len(image_ids) >= 5
     expected = text_towers.load(tiny_clip).embed(texts[:4])
     np.testing.assert_allclose(embeddings[:4], expected, rtol=1e-4, atol=1e-6)
@@ -87,3 +90,48 @@ def test_a_model_without_a_tokenizer_fails_before_any_work_saying_where_it_looke
     spec = tiny_clip.model_copy(update={"weights": str(bare)})
     with pytest.raises(WeightsNotFoundError, match="no tokenizer files"):
         captions.run(captions.CaptionJob(tmp_path, demo_dataset, "val", SubsetSpec(max_images=2), spec))
+
+
+def test_an_embedding_sae_study_runs_through_the_plan_with_bridges_modality_and_stability(
+    tiny_clip, demo_root, tmp_path
+):
+    import pandas as pd
+    import yaml
+
+    from pipeline import plan
+    from pipeline.config import ConfigError
+    from pipeline.config_files import load_run_config
+    from pipeline.stages import captions, encode, sae
+    from pipeline.stages import train as train_stage
+
+    data = {"store_root": str(tmp_path / "stores"), "dataset": {"name": "demo", "kind": "demo", "root": str(demo_root)},
+            "encoders": [tiny_clip.model_dump(mode="json")], "store": {"shard_images": 16},
+            "encode": {"batch_size": 16, "num_workers": 0, "embeddings": True},
+            "train": {"output_root": str(tmp_path / "train"), "epochs": 1, "batch_size": 8, "n_val_images": 4},
+            "sae": {"output_root": str(tmp_path / "sae"), "inputs": "embeddings", "variants": ["batchtopk"], "k": [4],
+                    "expansion": 2, "epochs": 3, "batch_vectors": 16, "seeds": [0, 1], "text_shares": [0.5, 0.25],
+                    "n_bridges": 3}}  # fmt: skip
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(data))
+    run = plan.build(load_run_config(config), config)
+    plan.preflight(run, ("encode", "train", "sae"))
+    for group in run.one_pass_groups(run.encode):
+        encode.run_layers([run.encode[p] for p in group], progress=False)
+    trained = train_stage.run(run.train["tiny-clip-test"], progress=False)
+    for caption_job in run.captions.values():
+        captions.run(caption_job)
+    result = sae.run(run.study_job(run.study_steps("sae")[0], trained.checkpoint))
+    report = result.report.read_text()
+    assert "Top bridges" in report and "strongly unimodal" in report
+    bridges = pd.read_csv(result.out_dir / "bridges.csv")
+    assert len(bridges) == 3 and (bridges["image concept"] != bridges["text concept"]).all()
+    stability = pd.read_csv(result.out_dir / "pareto.csv")
+    assert {"batchtopk-k4-s0-t0.5", "batchtopk-k4-s1-t0.5", "batchtopk-k4-s0-t0.25"} <= set(stability.model)
+    for name in ("modality.png", "bridges.png", "pareto.png", "report.html"):
+        assert (result.out_dir / name).is_file(), name
+    rows = [s for s in plan.plan(load_run_config(config), config) if s.stage == "sae"]
+    assert [r.state for r in rows] == ["cached"] * 4  # the two caption stores, the SAEs, the evaluation
+    data["encode"]["embeddings"] = False
+    config.write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError, match="encode.embeddings"):
+        plan.preflight(plan.build(load_run_config(config), config), ("encode", "train", "sae"))

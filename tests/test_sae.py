@@ -58,7 +58,7 @@ def unit_atoms(n: int, dim: int, seed: int = 0) -> np.ndarray:
 
 
 def train(store, spec, cfg, out: Path) -> Path:
-    return st.train_sae(store, spec, cfg, out, np.zeros(store.layout.hidden_dim), {"config_hash": "test"},
+    return st.train_sae(st.TokenSource(store, cfg), spec, cfg, out, np.zeros(store.layout.hidden_dim), {"config_hash": "test"},
                         torch.device("cpu"), torch.float32)  # fmt: skip
 
 

@@ -25,6 +25,19 @@ class SaeConfig(Frozen):
     )
     train_split: Name = Field("train", description="Split whose store trains the SAEs.")
     split: Name = Field("val", description="Held-out split of every metric (disjoint from train_split).")
+    inputs: Literal["tokens", "embeddings"] = Field(
+        "tokens",
+        description="tokens: one vector per patch token of the stores (reconlab's own mode); embeddings: the pooled "
+        "image embeddings (encode.embeddings) and caption embeddings (text-encode stage) of one vision-language "
+        "model together, as arXiv:2504.11695.",
+    )
+    text_shares: list[Annotated[float, Field(ge=0, le=1)]] = Field(
+        default_factory=lambda: [0.5], min_length=1,
+        description="embeddings: share of caption vectors in each training batch (the image:text mix the paper "
+        "varies); the first is the primary, the others train the primary setting once more (stability across mixes).",
+    )  # fmt: skip
+    batch_vectors: int = Field(1024, gt=0, description="embeddings: vectors per training step.")
+    n_bridges: int = Runtime(10, gt=0, description="embeddings: bridges listed in the report.")
     variants: list[Variant] = Field(
         default_factory=lambda: ["batchtopk", "topk", "jumprelu", "relu"],
         min_length=1,
@@ -88,6 +101,8 @@ class SaeConfig(Frozen):
     def _check(self) -> SaeConfig:
         if self.train_split == self.split:
             raise ValueError(f"split '{self.split}' is train_split: metrics must be on held-out images")
+        if len(set(self.text_shares)) != len(self.text_shares):
+            raise ValueError("text_shares must not repeat")
         if len(set(self.seeds)) != len(self.seeds):
             raise ValueError("seeds must not repeat")
         return self

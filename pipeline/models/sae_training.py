@@ -25,11 +25,13 @@ class SaeSpec:
     kind: str
     sparsity: float
     seed: int
+    text_share: float | None = None  # embedding SAEs: the share of caption vectors in training batches
 
     @property
     def name(self) -> str:
         setting = f"k{int(self.sparsity)}" if self.kind in ("topk", "batchtopk") else f"c{self.sparsity:g}"
-        return f"{self.kind}-{setting}-s{self.seed}"
+        mix = "" if self.text_share is None else f"-t{self.text_share:g}"
+        return f"{self.kind}-{setting}-s{self.seed}{mix}"
 
 
 def sweep(cfg: SaeConfig, kind: str) -> list[float]:
@@ -39,16 +41,25 @@ def sweep(cfg: SaeConfig, kind: str) -> list[float]:
 
 
 def primary(cfg: SaeConfig) -> SaeSpec:
-    """The first variant at the middle of its sweep, first seed: the SAE the concept analyses use."""
+    """The first variant at the middle of its sweep, first seed (and first image:text mix): the SAE the concept
+    analyses use."""
     values = sweep(cfg, cfg.variants[0])
-    return SaeSpec(cfg.variants[0], values[len(values) // 2], cfg.seeds[0])
+    share = cfg.text_shares[0] if cfg.inputs == "embeddings" else None
+    return SaeSpec(cfg.variants[0], values[len(values) // 2], cfg.seeds[0], share)
 
 
 def sae_specs(cfg: SaeConfig) -> list[SaeSpec]:
-    """The primary setting with every seed, then every other (variant, sparsity) with the first seed."""
+    """The primary setting with every seed (and, for embeddings, every mix), then every other (variant, sparsity)
+    with the first seed."""
     main = primary(cfg)
-    specs = [SaeSpec(main.kind, main.sparsity, seed) for seed in cfg.seeds]
-    specs += [SaeSpec(kind, value, cfg.seeds[0]) for kind in cfg.variants for value in sweep(cfg, kind)]
+    specs = [SaeSpec(main.kind, main.sparsity, seed, main.text_share) for seed in cfg.seeds]
+    if cfg.inputs == "embeddings":
+        specs += [SaeSpec(main.kind, main.sparsity, main.seed, share) for share in cfg.text_shares]
+    specs += [
+        SaeSpec(kind, value, main.seed, main.text_share)
+        for kind in cfg.variants
+        for value in sweep(cfg, kind)
+    ]
     return list(dict.fromkeys(specs))
 
 
@@ -56,15 +67,13 @@ def tokens_of(feats_nhwd: torch.Tensor) -> torch.Tensor:
     return feats_nhwd.reshape(-1, feats_nhwd.shape[-1]).float()
 
 
-def screen(store: FeatureStore, max_images: int = 1024) -> dict:
-    """Per-dimension mean and std and token-norm quantiles of the first `max_images` valid images, in float64;
-    outlier dimensions are those whose |mean| or std exceeds 10x the median std (a few huge dimensions dominate
-    unit-normalised vectors and can leave most latents dead at initialisation)."""
-    rows = np.flatnonzero(store.valid())[:max_images]
+def screen(chunks) -> dict:
+    """Per-dimension mean and std and vector-norm quantiles of the training vectors (`chunks`: arrays [n, D]),
+    in float64; outlier dimensions are those whose |mean| or std exceeds 10x the median std (a few huge dimensions
+    dominate unit-normalised vectors and can leave most latents dead at initialisation)."""
     total, total_sq, n, norms = 0.0, 0.0, 0, []
-    for start in range(0, len(rows), 64):
-        x = store.features(rows[start : start + 64]).astype(np.float64)
-        x = x.reshape(-1, x.shape[-1])
+    for x in chunks:
+        x = np.asarray(x, np.float64).reshape(-1, np.shape(x)[-1])
         total, total_sq, n = total + x.sum(0), total_sq + (x * x).sum(0), n + len(x)
         norms.append(np.linalg.norm(x, axis=1))
     mean = total / n
@@ -76,6 +85,66 @@ def screen(store: FeatureStore, max_images: int = 1024) -> dict:
             "outlier_dims": outliers.tolist(),
             "outlier_share_of_energy": float(((mean**2 + std**2)[outliers]).sum() / (mean**2 + std**2).sum()),
             "norm_quantiles": {q: float(np.quantile(norms, q)) for q in (0.01, 0.5, 0.99)}}  # fmt: skip
+
+
+class TokenSource:
+    """Patch tokens of a store: images streamed through the shuffle buffer, all their tokens per step."""
+
+    def __init__(self, store: FeatureStore, cfg: SaeConfig):
+        self.store, self.cfg = store, cfg
+        self.dim = store.layout.hidden_dim
+
+    def screen_chunks(self, max_images: int = 1024):
+        rows = np.flatnonzero(self.store.valid())[:max_images]
+        return (self.store.features(rows[i : i + 64]) for i in range(0, len(rows), 64))
+
+    def batches(self, seed: int, epoch: int, pin: bool):
+        stream = batch_stream(self.store, self.cfg.batch_images, seed, epoch, self.cfg.shuffle_buffer_images,
+                              pixels=False)  # fmt: skip
+        for feats, _ in Prefetcher(stream, 4, pin=pin):
+            yield feats
+
+
+class EmbeddingSource:
+    """Image embeddings of a store and caption embeddings of a caption store, mixed `share` captions to 1 − share
+    images per batch; each side read in shuffled chunks through a bounded buffer (seeded: same seed, same batches).
+    An epoch is as many vectors as both sides hold."""
+
+    def __init__(self, store: FeatureStore, text_path: Path, cfg: SaeConfig, share: float):
+        import zarr
+
+        self.cfg, self.share = cfg, share
+        self.images, self.image_rows = store, np.flatnonzero(store.valid())
+        self.text = zarr.open_group(str(text_path), mode="r")["text_embeddings"]
+        self.dim = self.text.shape[1]
+
+    def screen_chunks(self, max_vectors: int = 4096):
+        yield self.images.embeddings(self.image_rows[:max_vectors])
+        yield self.text[:max_vectors]
+
+    def _side(self, read, n: int, rng, chunk: int = 1024):
+        """Endless vectors of one side: chunks in a random order through a shuffle buffer of ~2 chunks."""
+        buffer, keep = np.empty((0, self.dim), np.float32), min(chunk, n) // 2
+        while True:
+            for start in rng.permutation(np.arange(0, n, chunk)):
+                buffer = np.concatenate([buffer, read(start, min(start + chunk, n))])
+                rng.shuffle(buffer)
+                while len(buffer) > keep:
+                    take, buffer = buffer[: len(buffer) - keep], buffer[len(buffer) - keep :]
+                    yield from take
+
+    def batches(self, seed: int, epoch: int, pin: bool):
+        rng = np.random.default_rng([seed, epoch])
+        images = self._side(
+            lambda a, b: self.images.embeddings(self.image_rows[a:b]), len(self.image_rows), rng
+        )
+        texts = self._side(lambda a, b: self.text[a:b], self.text.shape[0], rng)
+        batch = self.cfg.batch_vectors
+        n_text = round(self.share * batch)
+        for _ in range(-(-(len(self.image_rows) + self.text.shape[0]) // batch)):
+            vectors = [next(texts) for _ in range(n_text)] + [next(images) for _ in range(batch - n_text)]
+            out = torch.from_numpy(np.stack(vectors).astype(np.float32))
+            yield out.pin_memory() if pin else out
 
 
 def build(spec: SaeSpec, cfg: SaeConfig, dim: int) -> SparseAutoencoder:
@@ -93,18 +162,20 @@ def load(path: Path, device: str | torch.device = "cpu") -> tuple[SparseAutoenco
     return sae.to(device).eval(), header
 
 
-def train_sae(store: FeatureStore, spec: SaeSpec, cfg: SaeConfig, out_dir: Path, input_mean: np.ndarray,
-              header_base: dict, device: torch.device, compute_dtype: torch.dtype, progress: bool = False) -> Path:  # fmt: skip
-    """Train (or resume, or find finished) one SAE; returns its final checkpoint."""
+def train_sae(source: TokenSource | EmbeddingSource, spec: SaeSpec, cfg: SaeConfig, out_dir: Path,
+              input_mean: np.ndarray, header_base: dict, device: torch.device, compute_dtype: torch.dtype,
+              progress: bool = False) -> Path:  # fmt: skip
+    """Train (or resume, or find finished) one SAE on the source's vectors; returns its final checkpoint."""
     if (out_dir / "final.json").is_file():
         return out_dir / "final.json"
     torch.manual_seed(spec.seed)
-    dim = store.layout.hidden_dim
+    dim = source.dim
     sae = build(spec, cfg, dim)
     sae.input_mean.copy_(torch.from_numpy(input_mean.astype(np.float32)))
     sae = sae.to(device)
     optimizer = torch.optim.Adam([p for p in sae.parameters() if p.requires_grad], lr=cfg.lr)
-    header = header_base | {"sae": {"kind": spec.kind, "sparsity": spec.sparsity, "seed": spec.seed, "name": spec.name},
+    header = header_base | {"sae": {"kind": spec.kind, "sparsity": spec.sparsity, "seed": spec.seed,
+                                    "text_share": spec.text_share, "name": spec.name},
                             "model": {"dim": dim, "n_latents": sae.n_latents, "kind": spec.kind, "k": sae.k,
                                       "center": cfg.center, "unit_norm_inputs": cfg.unit_norm_inputs}}  # fmt: skip
     start_epoch, step = resumable.resume(out_dir, sae, optimizer, header["config_hash"])
@@ -114,11 +185,8 @@ def train_sae(store: FeatureStore, spec: SaeSpec, cfg: SaeConfig, out_dir: Path,
     try:
         for epoch in range(start_epoch, cfg.epochs):
             sums, n_batches = np.zeros(3), 0
-            stream = batch_stream(
-                store, cfg.batch_images, spec.seed, epoch, cfg.shuffle_buffer_images, pixels=False
-            )
-            for feats, _ in Prefetcher(stream, 4, pin=device.type == "cuda"):
-                x = tokens_of(feats.to(device, non_blocking=True))
+            for batch in source.batches(spec.seed, epoch, pin=device.type == "cuda"):
+                x = tokens_of(batch.to(device, non_blocking=True))
                 with torch.autocast(device.type, dtype=compute_dtype, enabled=compute_dtype != torch.float32):
                     loss, parts, codes = training_loss(
                         sae, x, spec.sparsity, cfg.aux_coefficient, cfg.dead_window

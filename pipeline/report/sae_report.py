@@ -56,6 +56,38 @@ def _overlay(images: np.ndarray, firing_bhw: np.ndarray) -> np.ndarray:
     return (images * (0.2 + 0.8 * level)).astype(np.uint8)
 
 
+def figure_modality(modality: np.ndarray, path: Path) -> None:
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(5, 3))
+    ax.hist(modality[np.isfinite(modality)], bins=20, range=(0, 1))
+    ax.set_xlabel("modality score: image energy / (image + text energy)")
+    ax.set_ylabel("concepts")
+    ax.set_title("0: text-only, 1: image-only (concepts that fired)", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def figure_bridges(bridges: list[dict], images: list[np.ndarray], path: Path) -> None:
+    plt = pyplot()
+    n_cols = max(len(i) for i in images)
+    fig, axes = plt.subplots(
+        len(images), n_cols, figsize=(1.8 * n_cols + 4, 1.8 * len(images)), squeeze=False
+    )
+    for row, (bridge, tiles) in enumerate(zip(bridges, images, strict=True)):
+        for j in range(n_cols):
+            axes[row, j].axis("off")
+            if j < len(tiles):
+                axes[row, j].imshow(tiles[j])
+        caption = bridge["captions where b fires most"].split(" | ")[0]
+        axes[row, -1].text(1.05, 0.5, f"{bridge['image concept']} → {bridge['text concept']}: {caption[:60]}",
+                           transform=axes[row, -1].transAxes, fontsize=7, va="center")  # fmt: skip
+    fig.suptitle("top bridges: images where the image concept fires most, and a caption firing the text concept",
+                 fontsize=8)  # fmt: skip
+    fig.savefig(path, dpi=80, bbox_inches="tight")
+    plt.close(fig)
+
+
 def figure_edit(latent: int, entry: dict, cfg: SaeConfig, path: Path) -> None:
     plt = pyplot()
     diff = np.abs(entry["full"].astype(np.float32) - entry["edited"].astype(np.float32)).mean(axis=-1)
@@ -93,7 +125,9 @@ def figure_sheets(sheets: dict, path: Path) -> None:
 def choices_table(cfg: SaeConfig) -> pd.DataFrame:
     rows = [
         ("inputs", "patch tokens of one store (one vector per token)", "reconlab's own mode (2504.11695 trains on pooled "
-         "image and caption embeddings)"),
+         "image and caption embeddings)") if cfg.inputs == "tokens" else
+        ("inputs", f"pooled image embeddings and caption embeddings of one model, captions {cfg.text_shares} of each "
+         f"batch ({cfg.batch_vectors} vectors)", "2504.11695 (the mix: a setting it varies; the values: " + OURS + ")"),
         ("normalisation", ("unit L2 per vector" if cfg.unit_norm_inputs else "none") + (", centred on the training mean"
          if cfg.center else ""), "the papers' normalised embeddings" if cfg.unit_norm_inputs and not cfg.center else OURS),
         ("variants", ", ".join(cfg.variants), "BatchTopK first (best trade-off in 2504.11695); the others: " + OURS),
@@ -120,6 +154,8 @@ def choices_table(cfg: SaeConfig) -> pd.DataFrame:
 
 def write(out_dir: Path, analysis: dict, screening: dict, cfg: SaeConfig, training: pd.DataFrame, inputs: list[dict],
           key: dict) -> tuple[Path, Path]:  # fmt: skip
+    if "bridges" in analysis:
+        return _write_embeddings(out_dir, analysis, screening, cfg, training, inputs, key)
     pareto = analysis["pareto"]
     pareto.to_csv(out_dir / "pareto.csv", index=False)
     analysis["pixels"].to_csv(out_dir / "pixel_cost.csv", index=False)
@@ -131,12 +167,7 @@ def write(out_dir: Path, analysis: dict, screening: dict, cfg: SaeConfig, traini
          "run). Every metric is on held-out images. Frequent concepts are expected to be stable across seeds and "
          "rare ones not (2504.11695), so a low overall matched cosine is not by itself a fault."),
         ("Recorded choices", choices_table(cfg)),
-        ("Input screen (training tokens)", pd.DataFrame([{
-            "vectors screened": screening["n_vectors"], "median per-dimension std": screening["median_std"],
-            "outlier dimensions (|mean| or std > 10x median std)": ", ".join(map(str, screening["outlier_dims"])) or "none",
-            "their share of the energy": screening["outlier_share_of_energy"],
-            "token norm q01 / q50 / q99": " / ".join(f"{v:.3g}" for v in screening["norm_quantiles"].values()),
-            "what was done": "unit L2 per token" + (" after centring" if cfg.center else "") + "; dimensions kept as they are"}])),
+        ("Input screen (training tokens)", _screen_table(screening, cfg)),
         ("Pareto table: fidelity vs sparsity on held-out tokens", pareto),
         ("figure:pareto.png", None),
         (f"Stability of the primary setting ({analysis['primary']}) across seeds", analysis["stability"]["pairs"]),
@@ -157,3 +188,55 @@ def write(out_dir: Path, analysis: dict, screening: dict, cfg: SaeConfig, traini
         ("Run", pd.DataFrame([{"key hash": config_hash(key)}])),
     ]
     return write_document(out_dir, "reconlab SAE report", sections)
+
+
+def _screen_table(screening: dict, cfg: SaeConfig) -> pd.DataFrame:
+    return pd.DataFrame([{
+        "vectors screened": screening["n_vectors"], "median per-dimension std": screening["median_std"],
+        "outlier dimensions (|mean| or std > 10x median std)": ", ".join(map(str, screening["outlier_dims"])) or "none",
+        "their share of the energy": screening["outlier_share_of_energy"],
+        "vector norm q01 / q50 / q99": " / ".join(f"{v:.3g}" for v in screening["norm_quantiles"].values()),
+        "what was done": "unit L2 per vector" + (" after centring" if cfg.center else "") + "; dimensions kept as they are"}])  # fmt: skip
+
+
+def _write_embeddings(out_dir: Path, analysis: dict, screening: dict, cfg: SaeConfig, training: pd.DataFrame,
+                      inputs: list[dict], key: dict) -> tuple[Path, Path]:  # fmt: skip
+    pareto = analysis["pareto"]
+    pareto.to_csv(out_dir / "pareto.csv", index=False)
+    bridges = pd.DataFrame(
+        [{k: v for k, v in b.items() if not k.startswith("_")} for b in analysis["bridges"]]
+    )
+    bridges.to_csv(out_dir / "bridges.csv", index=False)
+    figure_pareto(pareto, out_dir / "pareto.png")
+    figure_modality(analysis["modality"], out_dir / "modality.png")
+    figure_energy(analysis["energy"], analysis["firing"], out_dir / "energy.png")
+    sections = [
+        ("What this is", "One sparse autoencoder on the image and caption embeddings of one vision-language model "
+         f"(arXiv:2504.11695), caption vectors making up {cfg.text_shares[0]:g} of each training batch (the "
+         "image:text mix, a setting the paper varies). Every metric is on held-out images and their captions. "
+         "The paper's findings, reported here and not forced: most concepts are strongly unimodal (modality score "
+         "near 0 or 1), frequent concepts are stable across runs and rare ones are not, and bridges join different "
+         "unimodal concepts."),
+        ("Recorded choices", choices_table(cfg)),
+        ("Input screen (training vectors: image and caption embeddings)", _screen_table(screening, cfg)),
+        ("Pareto table: fidelity vs sparsity on held-out images and captions", pareto),
+        ("figure:pareto.png", None),
+        ("Fidelity per modality", analysis["per_modality"]),
+        (f"Stability of the primary setting ({analysis['primary']}) across seeds and mixes", analysis["stability"]["pairs"]),
+        ("Stability by concept energy", analysis["stability"]["by_energy"]),
+        ("figure:energy.png", None),
+        ("Modality scores", f"{analysis['unimodal_share']:.1%} of the concepts that fired have a modality score below 0.1 "
+         "or above 0.9 (strongly unimodal)."),
+        ("figure:modality.png", None),
+        ("Top bridges: B = E_pairs[z_img z_txtᵀ] ⊙ (D Dᵀ) over held-out image–caption pairs, diagonal left out "
+         "(reconlab's choice: a bridge joins two different concepts)", bridges),
+    ]  # fmt: skip
+    if analysis["bridge_images"]:
+        figure_bridges(analysis["bridges"], analysis["bridge_images"], out_dir / "bridges.png")
+        sections.append(("figure:bridges.png", None))
+    sections += [
+        ("Training (last epoch)", training),
+        ("Inputs (every number above traces to these)", pd.DataFrame(inputs)),
+        ("Run", pd.DataFrame([{"key hash": config_hash(key)}])),
+    ]
+    return write_document(out_dir, "reconlab SAE report (image and caption embeddings)", sections)

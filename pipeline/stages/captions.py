@@ -105,12 +105,3 @@ def _open_or_create(path: Path, pairs: list[tuple[int, str]], tower) -> zarr.Gro
     (building / "captions.json").write_text(json.dumps([caption for _, caption in pairs]))
     building.rename(path)
     return zarr.open_group(str(path), mode="r+", zarr_format=3)
-
-
-def read(path: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """A finished caption store: (text_embeddings [M, E], caption_image_ids [M], captions)."""
-    if artifacts.finished(Path(path) / artifacts.RESULT) is None:
-        raise ValueError(f"{path}: not a finished caption store (run the text-encode stage to finish it)")
-    group = zarr.open_group(str(path), mode="r")
-    captions = json.loads((Path(path) / "captions.json").read_text())
-    return group["text_embeddings"][:], group["caption_image_ids"][:], captions

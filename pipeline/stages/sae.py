@@ -25,9 +25,10 @@ import torch
 from pipeline import artifacts
 from pipeline.artifacts import WriteLock
 from pipeline.config import config_hash
+from pipeline.data import caption_store
 from pipeline.data.store_info import StoreInfo
 from pipeline.jobs import SaeJob
-from pipeline.models import checkpoints, sae_training
+from pipeline.models import checkpoints, sae_analysis, sae_training
 from pipeline.models.encoders import resolve_compute_dtype, resolve_device
 from pipeline.report import sae_report
 from pipeline.science import metrics, stats
@@ -48,11 +49,12 @@ class SaeResult:
 
 def models_key(job: SaeJob, train: FeatureStore, device: torch.device) -> dict:
     fields = {k: v for k, v in artifacts.identity(job.cfg).items() if k not in _EVAL_FIELDS}
-    for swept in ("variants", "k", "l0_coefficients", "l1_coefficients", "seeds"):
+    for swept in ("variants", "k", "l0_coefficients", "l1_coefficients", "seeds", "text_shares"):
         fields.pop(swept)  # each SAE has its own folder: widening a sweep re-uses the SAEs already trained
     return {"sae": fields, "device": device.type,
             "compute_dtype": str(resolve_compute_dtype(job.cfg.compute_dtype, device)).removeprefix("torch."),
-            "train_store": StoreInfo.of(train).digest}  # fmt: skip
+            "train_store": StoreInfo.of(train).digest,
+            **({"train_captions": caption_store.read(job.text_train).digest} if job.text_train else {})}  # fmt: skip
 
 
 def keys_and_dirs(job: SaeJob, train: FeatureStore, held_out: FeatureStore, header: dict):
@@ -60,8 +62,12 @@ def keys_and_dirs(job: SaeJob, train: FeatureStore, held_out: FeatureStore, head
     key = models_key(job, train, resolve_device(job.cfg.device))
     models_dir = artifacts.folder(Path(job.cfg.output_root) / "models", name, key)
     eval_key = {"saes": config_hash(key), "sae": artifacts.identity(job.cfg),
-                "held_out_store": StoreInfo.of(held_out).digest, "reconstructor": header["config_hash"],
-                "reconstructor_weights_sha256": checkpoints.weights_sha256(header)}  # fmt: skip
+                "held_out_store": StoreInfo.of(held_out).digest}  # fmt: skip
+    if job.cfg.inputs == "tokens":  # only patch-token SAEs are looked at through R
+        eval_key |= {"reconstructor": header["config_hash"],
+                     "reconstructor_weights_sha256": checkpoints.weights_sha256(header)}  # fmt: skip
+    else:
+        eval_key["held_out_captions"] = caption_store.read(job.text_eval).digest
     return key, models_dir, eval_key, artifacts.folder(job.cfg.output_root, name, eval_key)
 
 
@@ -86,7 +92,8 @@ def run(job: SaeJob, *, progress: bool = False) -> SaeResult:
     with WriteLock(out_dir):
         if artifacts.finished(out_dir / artifacts.RESULT) is None:
             out_dir.mkdir(parents=True, exist_ok=True)
-            analysis = evaluate(job, train, held_out, rows, saes)
+            analysis = (evaluate(job, train, held_out, rows, saes) if job.cfg.inputs == "tokens"
+                        else sae_analysis.evaluate_embeddings(job.cfg, train, held_out, rows, saes, job.text_train, job.text_eval))  # fmt: skip
             inputs = [
                 {"input": "train store", "path": str(job.train_store), "sha256": StoreInfo.of(train).content_sha256},
                 {"input": "held-out store", "path": str(job.eval_store),
@@ -112,17 +119,25 @@ def train_all(job: SaeJob, train: FeatureStore, key: dict, models_dir: Path, pro
         return found, json.loads(marker.read_text())["screen"]
     with WriteLock(models_dir):
         models_dir.mkdir(parents=True, exist_ok=True)
-        screening = sae_training.screen(train)
+        screening = sae_training.screen(source_for(job, train, sae_training.primary(cfg)).screen_chunks())
         saved = {k: v.tolist() if isinstance(v, np.ndarray) else v for k, v in screening.items()}
         artifacts.write_json_atomic(marker, {"key": key, "screen": saved})
         base = {"config": key, "config_hash": config_hash(key), "train_store": str(train.path),
                 "encoder": StoreInfo.of(train).encoder_identity}  # fmt: skip
         dtype = resolve_compute_dtype(cfg.compute_dtype, device)
         for spec in specs:
-            sae_training.train_sae(train, spec, cfg, models_dir / spec.name, screening["mean"], base, device, dtype,
-                                   progress)  # fmt: skip
+            sae_training.train_sae(source_for(job, train, spec), spec, cfg, models_dir / spec.name, screening["mean"],
+                                   base, device, dtype, progress)  # fmt: skip
         artifacts.finish(models_dir / artifacts.RESULT, key, {"saes": [s.name for s in specs]})
     return found, saved
+
+
+def source_for(
+    job: SaeJob, train: FeatureStore, spec
+) -> sae_training.TokenSource | sae_training.EmbeddingSource:
+    if job.cfg.inputs == "tokens":
+        return sae_training.TokenSource(train, job.cfg)
+    return sae_training.EmbeddingSource(train, job.text_train, job.cfg, spec.text_share)
 
 
 def _training_table(saes: dict) -> pd.DataFrame:
@@ -153,56 +168,20 @@ def evaluate(job: SaeJob, train: FeatureStore, held_out: FeatureStore, rows: np.
                 energy_sum += codes.double().sum(dim=0).cpu()
                 n_img = len(rows[start : start + 16])
                 max_per_image.append(codes.view(n_img, -1, codes.shape[-1]).amax(dim=1).cpu().numpy())
-    table = [{"model": s.name, "variant": s.kind, "sparsity": s.sparsity, "seed": s.seed, "n_latents": m.n_latents,
-              "r2": fidelity[s].r2, "l0": fidelity[s].l0, "dead_latents": int((fidelity[s].fired == 0).sum()),
-              "dense_latents": int((fidelity[s].firing_frequency() > cfg.dense_frequency).sum())}
-             for s, m in models.items()]  # fmt: skip
-    table += pca_rows(
-        models[main], train, held_out, rows, sorted({max(1, round(r["l0"])) for r in table}), device
-    )
+    table = sae_analysis.pareto_rows(models, fidelity, cfg.dense_frequency)
+
+    def chunks(store, rows):
+        return (store.features(rows[i : i + 64]) for i in range(0, len(rows), 64))
+
+    train_rows = np.flatnonzero(train.valid())[:1024]
+    table += sae_analysis.pca_rows(models[main], chunks(train, train_rows), lambda: chunks(held_out, rows),
+                                   sorted({max(1, round(r["l0"])) for r in table}))  # fmt: skip
     energy = (energy_sum / fidelity[main].n).numpy()
-    return {"pareto": pd.DataFrame(table), "stability": stability(models, main, energy), "energy": energy,
+    return {"pareto": pd.DataFrame(table), "stability": sae_analysis.stability(models, main, energy), "energy": energy,
             "firing": fidelity[main].firing_frequency(), "primary": main.name,
             "pixels": pixel_cost(job, held_out, rows, models[main]),
             "edits": concept_edits(job, held_out, rows, models[main], energy, fidelity[main].firing_frequency(),
                                    np.concatenate(max_per_image))}  # fmt: skip
-
-
-def pca_rows(
-    sae, train: FeatureStore, held_out: FeatureStore, rows: np.ndarray, ks: list[int], device
-) -> list:
-    """The linear baseline: PCA fitted on training tokens (normalised as the SAEs' inputs) with k components, R² on
-    the same held-out tokens, for each k."""
-    moments = science.Moments.empty(train.layout.hidden_dim)
-    train_rows = np.flatnonzero(train.valid())[:1024]
-    for start in range(0, len(train_rows), 64):
-        x = sae_training.tokens_of(
-            torch.from_numpy(train.features(train_rows[start : start + 64])).to(device)
-        )
-        moments.update(sae.normalise(x)[0].cpu().numpy())
-    mean, components = moments.principal_axes()
-    ks = [k for k in ks if k <= len(components)]
-    fidelity = {k: science.Fidelity() for k in ks}
-    for start in range(0, len(rows), 64):
-        x = sae_training.tokens_of(torch.from_numpy(held_out.features(rows[start : start + 64])).to(device))
-        x_n = sae.normalise(x)[0].cpu().numpy()
-        for k in ks:
-            fidelity[k].update(x_n, science.pca_reconstruct(x_n, mean, components, k))
-    return [{"model": f"pca-{k}", "variant": "pca", "sparsity": k, "seed": None, "n_latents": k,
-             "r2": fidelity[k].r2, "l0": float(k), "dead_latents": 0, "dense_latents": k} for k in ks]  # fmt: skip
-
-
-def stability(models: dict, main, energy: np.ndarray) -> dict:
-    """The primary setting's other seeds matched to its first: mean matched cosine, overall and by energy."""
-    first = models[main].decoder.cpu().numpy()
-    rows, by_energy = [], []
-    for spec, sae in models.items():
-        if (spec.kind, spec.sparsity) == (main.kind, main.sparsity) and spec != main:
-            matched, _ = science.match_dictionaries(first, sae.decoder.cpu().numpy())
-            rows.append({"a": main.name, "b": spec.name, "mean matched cosine": float(matched.mean()),
-                         "share above 0.9": float((matched > 0.9).mean())})  # fmt: skip
-            by_energy += [{"b": spec.name, **r} for r in science.stability_by_energy(matched, energy)]
-    return {"pairs": pd.DataFrame(rows), "by_energy": pd.DataFrame(by_energy)}
 
 
 def _reconstructor(job: SaeJob, store: FeatureStore, device):
