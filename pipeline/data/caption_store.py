@@ -21,11 +21,16 @@ class Captions:
     digest: dict  # how a downstream artifact names what it read
 
 
-def read(path: Path) -> Captions:
+def digest(path: Path) -> dict:
+    """How a downstream artifact names a caption store: its key's hash (from its result record alone)."""
     record = finished(Path(path) / "result.json")
     if record is None:
         raise ValueError(f"{path}: not a finished caption store (run the text-encode stage to finish it)")
+    return {"config_hash": record["config_hash"]}
+
+
+def read(path: Path) -> Captions:
+    key = digest(path)
     group = zarr.open_group(str(path), mode="r")
     texts = json.loads((Path(path) / "captions.json").read_text())
-    return Captions(Path(path), group["text_embeddings"][:], group["caption_image_ids"][:], texts,
-                    {"config_hash": record["config_hash"]})  # fmt: skip
+    return Captions(Path(path), group["text_embeddings"][:], group["caption_image_ids"][:], texts, key)

@@ -54,7 +54,7 @@ def models_key(job: SaeJob, train: FeatureStore, device: torch.device) -> dict:
     return {"sae": fields, "device": device.type,
             "compute_dtype": str(resolve_compute_dtype(job.cfg.compute_dtype, device)).removeprefix("torch."),
             "train_store": StoreInfo.of(train).digest,
-            **({"train_captions": caption_store.read(job.text_train).digest} if job.text_train else {})}  # fmt: skip
+            **({"train_captions": caption_store.digest(job.text_train)} if job.text_train else {})}  # fmt: skip
 
 
 def keys_and_dirs(job: SaeJob, train: FeatureStore, held_out: FeatureStore, header: dict):
@@ -67,7 +67,7 @@ def keys_and_dirs(job: SaeJob, train: FeatureStore, held_out: FeatureStore, head
         eval_key |= {"reconstructor": header["config_hash"],
                      "reconstructor_weights_sha256": checkpoints.weights_sha256(header)}  # fmt: skip
     else:
-        eval_key["held_out_captions"] = caption_store.read(job.text_eval).digest
+        eval_key["held_out_captions"] = caption_store.digest(job.text_eval)
     return key, models_dir, eval_key, artifacts.folder(job.cfg.output_root, name, eval_key)
 
 
@@ -101,7 +101,8 @@ def run(job: SaeJob, *, progress: bool = False) -> SaeResult:
                 {"input": "reconstructor R", "path": str(job.checkpoint),
                  "sha256": checkpoints.weights_sha256(header)},
                 {"input": "trained SAEs", "path": str(models_dir), "sha256": config_hash(key)},
-            ]  # fmt: skip
+            ] + [{"input": f"captions ({role})", "path": str(p), "sha256": caption_store.digest(p)["config_hash"]}
+                 for role, p in (("train", job.text_train), ("held out", job.text_eval)) if p]  # fmt: skip
             sae_report.write(out_dir, analysis, screening, job.cfg, _training_table(saes), inputs, eval_key)
             artifacts.finish(out_dir / artifacts.RESULT, eval_key,
                              {"saes": str(models_dir), "report": str(out_dir / "report.md")})  # fmt: skip
