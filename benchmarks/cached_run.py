@@ -21,14 +21,14 @@ def wall(cmd: list[str]) -> float:
 
 def stage_work(config: Path) -> dict[str, float]:
     """Seconds of each cached stage's own work, in this (warm) process."""
-    from pipeline import plan
+    from pipeline import plan, plan_table
     from pipeline.config_files import load_run_config
     from pipeline.stages import encode, evaluate, operators, train
 
     cfg = load_run_config(config)
     times = {}
     start = time.perf_counter()
-    plan.plan(cfg, config)
+    plan_table.plan(cfg, config)
     times["plan"] = time.perf_counter() - start
     start = time.perf_counter()
     run = plan.build(cfg, config)

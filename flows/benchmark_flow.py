@@ -17,7 +17,7 @@ from flows.evaluate_flow import evaluate_all  # noqa: E402
 from flows.operators_flow import fit_all  # noqa: E402
 from flows.study_flows import study_all  # noqa: E402
 from flows.train_flow import train_all  # noqa: E402
-from pipeline import plan  # noqa: E402
+from pipeline import plan, plan_table  # noqa: E402
 from pipeline.config_files import load_run_config  # noqa: E402
 
 
@@ -28,7 +28,7 @@ def benchmark_flow(
     cfg = load_run_config(config_path)
     tasks.configure(cfg)
     if force:  # the stage and every later one
-        for removed in plan.force(cfg, Path(config_path), force):
+        for removed in plan_table.force(cfg, Path(config_path), force):
             print(f"force {force}: removed {removed}")
     run = plan.build(cfg, Path(config_path))
     stores = encode_all(run, list(run.encode), progress)

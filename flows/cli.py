@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 
+from flows import results_out
 from flows.errors import fail as _fail
 from flows.errors import reported_in_one_line
 from flows.store_cli import ls, store_app
@@ -60,58 +61,6 @@ def _preflight(
     reaper.start()  # what this run starts ends with it, even after a SIGKILL
 
 
-def _echo_trained(results) -> None:
-    for r in results:
-        m = r.val_metrics
-        state = "already trained" if r.already_complete else "trained"
-        typer.echo(
-            f"{r.run_dir}: {state}; val PSNR {m['val_psnr_db']:.2f} dB, SSIM {m['val_ssim']:.3f}, "
-            f"MSE {m['val_mse']:.4f}; checkpoint {r.checkpoint}"
-        )
-
-
-def _echo_operators(results) -> None:
-    """Each fit in one terminal-wide line; every column is in fits.csv / fits.md and the report."""
-    import pandas as pd
-
-    for r in results:
-        typer.echo(f"\n{r.out_dir}{' (cached)' if r.already_complete else ''}")
-        typer.echo(operator_summary(pd.DataFrame(r.table)))
-        typer.echo((r.out_dir / "fits.md").read_text().rstrip().splitlines()[-1])  # the paper's prediction
-
-
-def operator_summary(frame) -> str:
-    import pandas as pd
-
-    def count(column):
-        return frame[column].map(lambda v: "-" if v != v else str(int(v))) if column in frame else "-"
-
-    short = {"fit": frame["fit"], "PSNR dB": frame.get("psnr_db"), "SSIM": frame.get("ssim"),
-             "resid": frame.get("residual_test"), "T∘T err": frame.get("involution_error"),
-             "λ in/on/out": count("n_inside_unit_circle") + "/" + count("n_on_unit_circle") + "/"
-             + count("n_outside_unit_circle"),
-             "ρ": frame.get("spectral_radius")}  # fmt: skip
-    table = pd.DataFrame({k: v for k, v in short.items() if v is not None})
-    table["λ in/on/out"] = table["λ in/on/out"].replace("-/-/-", "-")
-    return table.to_string(index=False, na_rep="-", float_format=lambda v: f"{v:.4g}")
-
-
-def _echo_studies(kind: str, results) -> None:
-    for r in results:
-        state = "cached" if r.already_complete else "written"
-        typer.echo(f"\n{kind} ({state}): {r.report}\n        {r.report.with_suffix('.html')}")
-
-
-def _echo_evaluation(result) -> None:
-    rankings = result.analysis["rankings"]
-    # The primary (judge) ranking, and PSNR, which no judge's blind spots (e.g. grayscale judging) can hide.
-    for key in dict.fromkeys([result.analysis["primary"], ("pixels", "psnr_db")]):
-        if key in rankings:
-            typer.echo(f"\nranking by {key[0]} / {key[1]}:")
-            typer.echo(rankings[key].to_string(index=False))
-    typer.echo(f"\nreport: {result.report_md}\n        {result.report_html}")
-
-
 @app.command()
 def encode(
     config: Annotated[Path, typer.Option("--config", "-c", help="Run config YAML.")],
@@ -152,7 +101,7 @@ def train(
             results = list(for_config(train_flow, config)(str(config), encoder, progress).values())
         else:
             results = _train_without_prefect(config, encoder, progress)
-    _echo_trained(results)
+    results_out.echo_trained(results)
 
 
 def _train_without_prefect(config: Path, encoder_names: list[str] | None, progress: bool):
@@ -200,7 +149,7 @@ def operators_command(
 
         _preflight(config, ("encode", "train", "operators"), transforms=transform)
         results = for_config(operators_flow, config)(str(config), transform, progress)
-    _echo_operators(results)
+    results_out.echo_operators(results)
 
 
 @app.command()
@@ -216,7 +165,7 @@ def evaluate(
 
         _preflight(config, ("encode", "train", "evaluate"))
         result = for_config(evaluate_flow, config)(str(config), progress)
-    _echo_evaluation(result)
+    results_out.echo_evaluation(result)
 
 
 @app.command("tokens")
@@ -234,7 +183,7 @@ def tokens_command(
 
         _preflight(config, ("encode", "train", "tokens"), encoders=encoder)
         results = for_config(tokens_flow, config)(str(config), encoder, progress)
-    _echo_studies("token utility", results)
+    results_out.echo_studies("token utility", results)
 
 
 @app.command("sae")
@@ -252,14 +201,14 @@ def sae_command(
 
         _preflight(config, ("encode", "train", "sae"), encoders=encoder)
         results = for_config(sae_flow, config)(str(config), encoder, progress)
-    _echo_studies("SAE study", results)
+    results_out.echo_studies("SAE study", results)
 
 
 def _echo_plan(config: Path, with_operators: bool = True) -> list:
     import pandas as pd
 
     from pipeline.config_files import load_run_config
-    from pipeline.plan import plan
+    from pipeline.plan_table import plan
 
     steps = plan(load_run_config(config), config, with_operators)
     table = pd.DataFrame([vars(s) for s in steps]).rename(columns={"what": "split / transform / pair"})
@@ -307,7 +256,7 @@ def run(
         )
         if force:
             from pipeline.config_files import load_run_config
-            from pipeline.plan import force as force_stage
+            from pipeline.plan_table import force as force_stage
 
             for removed in force_stage(load_run_config(config), config, force):
                 typer.echo(f"--force {force}: removed {removed}")
@@ -329,11 +278,11 @@ def run(
     from pipeline.config_files import load_run_config
 
     ls(load_run_config(config).store_root)
-    _echo_trained(out["trained"].values())
-    _echo_operators(out["operators"])
-    _echo_evaluation(out["evaluation"])
-    _echo_studies("token utility", out["tokens"])
-    _echo_studies("SAE study", out["sae"])
+    results_out.echo_trained(out["trained"].values())
+    results_out.echo_operators(out["operators"])
+    results_out.echo_evaluation(out["evaluation"])
+    results_out.echo_studies("token utility", out["tokens"])
+    results_out.echo_studies("SAE study", out["sae"])
 
 
 @app.command()

@@ -12,7 +12,7 @@ prefect_env.configure()
 from prefect import flow  # noqa: E402
 
 from flows import tasks  # noqa: E402
-from pipeline import plan  # noqa: E402
+from pipeline import plan, plan_table  # noqa: E402
 from pipeline.config_files import load_run_config  # noqa: E402
 from pipeline.jobs import EncodeJob  # noqa: E402
 from pipeline.stages import encode  # noqa: E402
@@ -63,6 +63,6 @@ def encode_flow(
     cfg = load_run_config(config_path)
     tasks.configure(cfg)
     if force:
-        plan.force(cfg, Path(config_path), "encode")
+        plan_table.force(cfg, Path(config_path), "encode")
     run = plan.build(cfg, Path(config_path), encoder_names)
     return encode_all(run, list(run.encode), progress)

@@ -14,7 +14,7 @@ from prefect import flow  # noqa: E402
 from flows import tasks  # noqa: E402
 from flows.encode_flow import encode_all  # noqa: E402
 from flows.train_flow import train_all  # noqa: E402
-from pipeline import plan  # noqa: E402
+from pipeline import plan, plan_table  # noqa: E402
 from pipeline.config import EncoderSpec, EvaluateConfig  # noqa: E402
 from pipeline.config_files import load_run_config  # noqa: E402
 from pipeline.jobs import EvalTarget  # noqa: E402
@@ -45,7 +45,7 @@ def evaluate_flow(config_path: str, progress: bool = True, force: bool = False) 
     cfg = load_run_config(config_path)
     tasks.configure(cfg)
     if force:
-        plan.force(cfg, Path(config_path), "evaluate")
+        plan_table.force(cfg, Path(config_path), "evaluate")
     run = plan.build(cfg, Path(config_path), cfg.evaluate.encoders)
     trained = train_all(plan.build(cfg, Path(config_path), list(run.evaluate)), progress)
     return evaluate_all(run, trained, progress)

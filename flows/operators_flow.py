@@ -15,7 +15,7 @@ from prefect import flow  # noqa: E402
 from flows import tasks  # noqa: E402
 from flows.encode_flow import encode_all  # noqa: E402
 from flows.train_flow import train_all  # noqa: E402
-from pipeline import plan  # noqa: E402
+from pipeline import plan, plan_table  # noqa: E402
 from pipeline.config_files import load_run_config  # noqa: E402
 from pipeline.jobs import OperatorJob  # noqa: E402
 from pipeline.stages import operators  # noqa: E402
@@ -48,7 +48,7 @@ def operators_flow(
     cfg = load_run_config(config_path)
     tasks.configure(cfg)
     if force:
-        plan.force(cfg, Path(config_path), "operators")
+        plan_table.force(cfg, Path(config_path), "operators")
     run = plan.build(cfg, Path(config_path))
     steps = run.operator_steps(transform_names)
     names = list(dict.fromkeys(s.encoder for s in steps))

@@ -16,7 +16,7 @@ from prefect import flow, tags  # noqa: E402
 from flows import tasks  # noqa: E402
 from flows.encode_flow import encode_all  # noqa: E402
 from flows.train_flow import train_all  # noqa: E402
-from pipeline import plan  # noqa: E402
+from pipeline import plan, plan_table  # noqa: E402
 from pipeline.config_files import load_run_config  # noqa: E402
 from pipeline.stages import captions, sae, tokens  # noqa: E402
 
@@ -72,7 +72,7 @@ def _study(
     cfg = load_run_config(config_path)
     tasks.configure(cfg)
     if force:
-        plan.force(cfg, Path(config_path), stage)
+        plan_table.force(cfg, Path(config_path), stage)
     run = plan.build(cfg, Path(config_path))
     steps = run.study_steps(stage, encoder_names)
     trained = train_all(plan.build(cfg, Path(config_path), [s.encoder for s in steps]), progress)

@@ -13,7 +13,7 @@ from prefect import flow, tags  # noqa: E402
 
 from flows import tasks  # noqa: E402
 from flows.encode_flow import encode_all  # noqa: E402
-from pipeline import plan  # noqa: E402
+from pipeline import plan, plan_table  # noqa: E402
 from pipeline.config_files import load_run_config  # noqa: E402
 from pipeline.jobs import TrainJob  # noqa: E402
 from pipeline.stages import train  # noqa: E402
@@ -51,5 +51,5 @@ def train_flow(
     cfg = load_run_config(config_path)
     tasks.configure(cfg)
     if force:
-        plan.force(cfg, Path(config_path), "train")
+        plan_table.force(cfg, Path(config_path), "train")
     return train_all(plan.build(cfg, Path(config_path), encoder_names), progress)

@@ -1,24 +1,19 @@
-"""The run plan: a run config expanded, once, into the jobs of every stage — each store, training run, operator fit
-and evaluation target — which the flows, the torchrun path and the CLI all execute; and the same plan as a table
-of steps with the folder each artifact's identity names and whether it is done, without running anything heavy.
-`reconlab plan --config FILE` prints it; `reconlab run` prints it before starting.
+"""The run plan: a run config expanded, once, into the jobs of every stage — each store, training run, operator
+fit, evaluation target and study — which the flows, the torchrun path and the CLI all execute. The same plan as a
+table of steps (what `reconlab plan` prints) and `force` live in pipeline/plan_table.py.
 """
 
 from __future__ import annotations
 
-import shutil
 import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from pipeline.artifacts import WriteLock, read_json
 from pipeline.config import ConfigError, EncoderSpec, OperatorPairSpec, RunConfig, TransformSpec
 from pipeline.config_files import resolve_encoder, resolve_entry
 from pipeline.jobs import EncodeJob, EvalTarget, OperatorJob, SaeJob, TokensJob, TrainJob
 from pipeline.models import model_ids, text_towers, weights
-from pipeline.models.checkpoints import CheckpointError, read_header
 from pipeline.stages import captions, encode, evaluate, operators, sae, tokens, train
-from storage import StoreError, open_store
 
 STAGES = ("encode", "train", "operators", "evaluate", "tokens", "sae")
 STUDIES = ("tokens", "sae")  # stages that study one encoder's stores through its reconstructor
@@ -288,6 +283,9 @@ def _check_writable(field_name: str, root: Path) -> None:
         raise ConfigError(f"{field_name} {root}: cannot write there ({e.strerror})") from None
 
 
+STUDY_RUNNERS = {"tokens": tokens.run, "sae": sae.run}
+
+
 def execute(run: RunPlan, with_operators: bool = True, progress: bool = False) -> dict:
     """Every job of the plan in this process, in stage order, without an orchestrator: what `reconlab run` does
     when everything is cached (each stage returns its finished artifact at once), and the baseline of
@@ -315,150 +313,3 @@ def execute(run: RunPlan, with_operators: bool = True, progress: bool = False) -
         "evaluation": report,
         **studies,
     }
-
-
-# -- the plan as a table ---------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Step:
-    stage: str  # encode | train | operators | evaluate
-    encoder: str
-    what: str  # split and transform, pair, ...
-    state: str  # cached | partial (...) | to run | after <stage>
-    path: str  # where the artifact lives ('' until its inputs exist)
-
-
-def store_state(path: Path) -> str:
-    if not (path / "zarr.json").is_file():
-        return "to run"
-    try:
-        store = open_store(path, require_complete=False)
-    except StoreError:
-        return "to run (unreadable; recreated)"
-    if store.complete:
-        damaged = store.damaged_shards()
-        return f"partial ({len(damaged)} damaged shard(s) to re-encode)" if damaged else "cached"
-    done = store.shard_done()
-    return f"partial ({int(done.sum())}/{done.size} shards)"
-
-
-def plan(cfg: RunConfig, config_path: Path | None = None, with_operators: bool = True) -> list[Step]:
-    run = build(cfg, config_path)
-    states = {path: store_state(path) for path in run.encode}
-    steps = [
-        Step("encode", job.encoder.name, f"{job.split} {job.transform.tag}", states[path], str(path))
-        for path, job in run.encode.items()
-    ]
-    checkpoints: dict[str, Path] = {}
-    for name, job in run.train.items():
-        if not all(states[p] == "cached" for p in (job.train_store, job.val_store)):
-            steps.append(Step("train", name, cfg.train.train_split, "after encode", ""))
-            continue
-        _, run_dir = train.key_and_run_dir(job, open_store(job.train_store), open_store(job.val_store))
-        result = read_json(run_dir / "result.json")
-        if result is not None:
-            checkpoints[name] = Path(result["checkpoint"])
-            state = "cached"
-        else:
-            epochs = sorted((run_dir / "checkpoints").glob("epoch-*.json"))
-            last = int(epochs[-1].stem.removeprefix("epoch-")) + 1 if epochs else 0
-            state = f"partial ({last}/{cfg.train.epochs} epochs)" if epochs else "to run"
-        steps.append(Step("train", name, cfg.train.train_split, state, str(run_dir)))
-    if with_operators:
-        steps += [_operator_step(cfg, op, states, checkpoints) for op in run.operators]
-    for name, store in run.evaluate.items():
-        ready = name in checkpoints and states[store] == "cached"
-        steps.append(Step("evaluate", name, f"scores on {cfg.evaluate.split}",
-                          "runs (scores re-used when cached)" if ready else "after train", str(cfg.evaluate.output_root)))  # fmt: skip
-    steps += [
-        row
-        for stage in STUDIES
-        for step in run.studies[stage]
-        for row in _study_steps(run, step, states, checkpoints)
-    ]
-    return steps
-
-
-def _operator_step(cfg: RunConfig, op: OperatorStep, states: dict, checkpoints: dict) -> Step:
-    what = f"{op.pair.transform.tag} {op.pair.direction}"
-    if op.encoder not in checkpoints:
-        return Step("operators", op.encoder, what, "after train", "")
-    if not all(states[p] == "cached" for p in (op.identity_store, op.transform_store)):
-        return Step("operators", op.encoder, what, "after encode", "")
-    job = op.job(cfg, checkpoints[op.encoder])
-    try:
-        header = read_header(job.checkpoint)
-        _, out_dir = operators.fit_key_and_dir(
-            job, open_store(job.identity_store), open_store(job.transform_store), header
-        )
-    except (CheckpointError, StoreError) as e:
-        return Step("operators", op.encoder, what, f"to run (inputs: {e})", "")
-    state = "cached" if read_json(out_dir / "result.json") is not None else "to run"
-    return Step("operators", op.encoder, what, state, str(out_dir))
-
-
-STUDY_RUNNERS = {"tokens": tokens.run, "sae": sae.run}
-
-
-def _study_steps(run: RunPlan, step: StudyStep, states: dict, checkpoints: dict) -> list[Step]:
-    """Two rows per study: its trained networks, and the evaluation (scores, tests, report) that uses them."""
-    study = getattr(run.cfg, step.stage)
-    train_what, eval_what = f"networks on {study.train_split}", f"evaluation on {study.split}"
-    if not all(states[p] == "cached" for p in (step.train_store, step.eval_store)):
-        return [Step(step.stage, step.encoder, what, "after encode", "") for what in (train_what, eval_what)]
-    if step.encoder not in checkpoints:
-        return [Step(step.stage, step.encoder, what, "after train", "") for what in (train_what, eval_what)]
-    text_rows = [Step("sae", step.encoder, f"captions of {p.name.split('__')[1]}",
-                      "cached" if read_json(p / "result.json") is not None else "to run", str(p))
-                 for p in (step.text_train, step.text_eval) if p is not None]  # fmt: skip
-    if any(r.state != "cached" for r in text_rows):
-        return [
-            *text_rows,
-            *(Step(step.stage, step.encoder, w, "after captions", "") for w in (train_what, eval_what)),
-        ]
-    job = run.study_job(step, checkpoints[step.encoder])
-    try:
-        stores = open_store(job.train_store), open_store(job.eval_store)
-        header = read_header(job.checkpoint)
-        if step.stage == "tokens":
-            _, nets_dir, _, out_dir = tokens.keys_and_dirs(job, *stores, header, tokens.judge_id(job))
-            n_networks = len(tokens.token_training.network_specs(study))
-        else:
-            _, nets_dir, _, out_dir = sae.keys_and_dirs(job, *stores, header)
-            n_networks = len(sae.sae_training.sae_specs(study))
-    except (CheckpointError, StoreError) as e:
-        return [Step(step.stage, step.encoder, eval_what, f"to run (inputs: {e})", "")]
-    done = len(list(nets_dir.glob("*/final.json")))
-    nets_state = (
-        "cached" if done >= n_networks else f"partial ({done}/{n_networks} networks)" if done else "to run"
-    )
-    eval_state = "cached" if read_json(out_dir / "result.json") is not None else "to run"
-    return [*text_rows, Step(step.stage, step.encoder, train_what, nets_state, str(nets_dir)),
-            Step(step.stage, step.encoder, eval_what, eval_state, str(out_dir))]  # fmt: skip
-
-
-def force(cfg: RunConfig, config_path: Path | None, stage: str) -> list[Path]:
-    """Remove the artifacts of `stage` and of every stage after it, so the next run redoes them; returns what was
-    removed. Each artifact's lock is taken first: one being written elsewhere is refused, not deleted."""
-    if stage not in STAGES:
-        raise ConfigError(f"--force: unknown stage '{stage}'; stages: {', '.join(STAGES)}")
-    doomed = STAGES[STAGES.index(stage) :]
-    if stage in ("operators", "evaluate", "tokens"):  # the studies read none of these
-        doomed = tuple(s for s in doomed if s not in STUDIES or s == stage)
-    steps = plan(cfg, config_path)
-    removed = []
-    for step in steps:
-        if step.stage in doomed and step.stage != "evaluate" and step.path and Path(step.path).exists():
-            with WriteLock(Path(step.path)):
-                shutil.rmtree(step.path)
-            removed.append(Path(step.path))
-    if "evaluate" in doomed:
-        evaluated = {str(p) for p in build(cfg, config_path).evaluate.values()}
-        for meta_path in sorted((Path(cfg.evaluate.output_root) / "scores").glob("*.json")):
-            meta = read_json(meta_path)
-            if meta is not None and meta.get("store") in evaluated:
-                for f in (meta_path, meta_path.with_suffix(".parquet")):
-                    f.unlink(missing_ok=True)
-                removed.append(meta_path.with_suffix(".parquet"))
-    return removed

@@ -198,7 +198,7 @@ def test_a_deleted_shard_of_a_finished_store_is_detected_listed_and_re_encoded(m
     from typer.testing import CliRunner
 
     from flows.cli import app
-    from pipeline.plan import store_state
+    from pipeline.plan_table import store_state
     from storage import StoreError
 
     job = make_job(subset=SubsetSpec(max_images=8), store=StoreOptions(shard_images=4))

@@ -98,7 +98,7 @@ def test_an_embedding_sae_study_runs_through_the_plan_with_bridges_modality_and_
     import pandas as pd
     import yaml
 
-    from pipeline import plan
+    from pipeline import plan, plan_table
     from pipeline.config import ConfigError
     from pipeline.config_files import load_run_config
     from pipeline.stages import captions, encode, sae
@@ -129,7 +129,7 @@ def test_an_embedding_sae_study_runs_through_the_plan_with_bridges_modality_and_
     assert {"batchtopk-k4-s0-t0.5", "batchtopk-k4-s1-t0.5", "batchtopk-k4-s0-t0.25"} <= set(stability.model)
     for name in ("modality.png", "bridges.png", "pareto.png", "report.html"):
         assert (result.out_dir / name).is_file(), name
-    rows = [s for s in plan.plan(load_run_config(config), config) if s.stage == "sae"]
+    rows = [s for s in plan_table.plan(load_run_config(config), config) if s.stage == "sae"]
     assert [r.state for r in rows] == ["cached"] * 4  # the two caption stores, the SAEs, the evaluation
     data["encode"]["embeddings"] = False
     config.write_text(yaml.safe_dump(data))

@@ -8,7 +8,8 @@ from typer.testing import CliRunner
 
 from flows.cli import app
 from pipeline.config_files import load_run_config
-from pipeline.plan import build, plan
+from pipeline.plan import build
+from pipeline.plan_table import plan
 from pipeline.stages import encode, train
 
 
@@ -72,7 +73,7 @@ def test_ls_lists_every_kind_of_artifact_with_its_status(write_run_config, tmp_p
 
 def test_force_removes_a_stage_and_every_later_one_so_the_plan_runs_them_again(write_run_config, tmp_path):
     from pipeline.config import ConfigError
-    from pipeline.plan import force
+    from pipeline.plan_table import force
 
     path = _config(write_run_config, tmp_path)
     cfg = load_run_config(path)

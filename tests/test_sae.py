@@ -235,11 +235,11 @@ def test_the_stage_writes_the_pareto_table_stability_pixel_cost_and_concept_figu
 
 
 def test_a_finished_sae_study_is_found_and_listed_by_the_plan(sae_run):
-    from pipeline import plan
+    from pipeline import plan_table
     from pipeline.config_files import load_run_config
     from pipeline.stages import sae
 
     config, job, first = sae_run
     assert sae.run(job).already_complete
-    rows = [s for s in plan.plan(load_run_config(config), config) if s.stage == "sae"]
+    rows = [s for s in plan_table.plan(load_run_config(config), config) if s.stage == "sae"]
     assert [r.state for r in rows] == ["cached", "cached"]

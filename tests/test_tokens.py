@@ -236,12 +236,12 @@ def test_a_finished_study_is_found_and_eval_settings_reuse_the_trained_networks(
 def test_the_plan_lists_the_study_and_refuses_what_cannot_work(tokens_run, tmp_path):
     import yaml
 
-    from pipeline import plan
+    from pipeline import plan, plan_table
     from pipeline.config import ConfigError
     from pipeline.config_files import load_run_config
 
     config, _, _ = tokens_run
-    rows = [s for s in plan.plan(load_run_config(config), config) if s.stage == "tokens"]
+    rows = [s for s in plan_table.plan(load_run_config(config), config) if s.stage == "tokens"]
     assert [r.state for r in rows] == ["cached", "cached"]
     data = yaml.safe_load(config.read_text())
     data["tokens"] |= {"split": "train", "train_split": "val"}  # scored on the images that trained R
