@@ -88,8 +88,12 @@ class RunPlan:
                               f"(docs/{stage}.md)")  # fmt: skip
         steps = [s for s in self.studies[stage] if not encoder_names or s.encoder in encoder_names]
         if not steps:
-            raise ConfigError(f"--encoder {', '.join(encoder_names or [])} matches no {stage} study; studies: "
-                              f"{', '.join(s.encoder for s in self.studies[stage]) or 'none'}")  # fmt: skip
+            first = self.cfg.encoders[0]  # the default: a name, an inline spec or an entry {encoder: ...}
+            studied = getattr(self.cfg, stage).encoders or [
+                getattr(first, "name", getattr(first, "encoder", first))
+            ]
+            raise ConfigError(f"--encoder {', '.join(encoder_names or [])} matches no {stage} study; the config "
+                              f"studies {', '.join(studied)} ({stage}.encoders)")  # fmt: skip
         return steps
 
     def study_job(self, step: StudyStep, checkpoint: Path) -> TokensJob | SaeJob:

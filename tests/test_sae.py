@@ -243,3 +243,15 @@ def test_a_finished_sae_study_is_found_and_listed_by_the_plan(sae_run):
     assert sae.run(job).already_complete
     rows = [s for s in plan_table.plan(load_run_config(config), config) if s.stage == "sae"]
     assert [r.state for r in rows] == ["cached", "cached"]
+
+
+def test_an_encoder_filter_that_matches_no_study_says_which_encoders_are_studied(sae_run):
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    config, _, _ = sae_run
+    result = CliRunner().invoke(app, ["sae", "--config", str(config), "-e", "tiny-vit-112"])
+    assert result.exit_code == 2 and "the config studies tiny-vit-64 (sae.encoders)" in result.output, (
+        result.output
+    )
