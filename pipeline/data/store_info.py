@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.data.images import Preprocessing
-from storage import FeatureStore, StoreError
+from storage import FeatureStore, StoreError, open_store
 from storage.inspect import transform_tag
 
 # What must agree between the stores a reconstructor is trained on and used on.
@@ -91,3 +91,11 @@ def check_same_encoder(a: StoreInfo, b: StoreInfo) -> None:
     if diff:
         details = "; ".join(f"{k}: {a.encoder_identity[k]!r} vs {b.encoder_identity[k]!r}" for k in diff)
         raise StoreError(f"stores {a.path.name} and {b.path.name} come from different encoders ({details})")
+
+
+def open_encoded(path: Path) -> FeatureStore:
+    """A complete store with at least one encoded image (what a study reads), or a StoreError saying which."""
+    store = open_store(path)
+    if not StoreInfo.of(store).n_encoded:
+        raise StoreError(f"{path}: store has no encoded images")
+    return store

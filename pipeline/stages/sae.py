@@ -26,14 +26,14 @@ from pipeline import artifacts
 from pipeline.artifacts import WriteLock
 from pipeline.config import config_hash
 from pipeline.data import caption_store
-from pipeline.data.store_info import StoreInfo
+from pipeline.data.store_info import StoreInfo, open_encoded
 from pipeline.jobs import SaeJob
 from pipeline.models import checkpoints, sae_analysis, sae_training
 from pipeline.models.encoders import resolve_compute_dtype, resolve_device
 from pipeline.report import sae_report
 from pipeline.science import metrics, stats
 from pipeline.science import sae as science
-from storage import FeatureStore, StoreError, open_store
+from storage import FeatureStore
 
 MODELS_MARKER = "saes.json"  # the trained SAEs' key and input screen, written when their folder is made
 _EVAL_FIELDS = ("split", "n_eval_images", "n_edit_latents", "edit_scale", "dense_frequency")
@@ -71,16 +71,9 @@ def keys_and_dirs(job: SaeJob, train: FeatureStore, held_out: FeatureStore, head
     return key, models_dir, eval_key, artifacts.folder(job.cfg.output_root, name, eval_key)
 
 
-def _open(path: Path) -> FeatureStore:
-    store = open_store(path)
-    if not StoreInfo.of(store).n_encoded:
-        raise StoreError(f"{path}: store has no encoded images")
-    return store
-
-
 def run(job: SaeJob, *, progress: bool = False) -> SaeResult:
     """Train (or resume) the SAEs, then evaluate and report; returns at once when finished before."""
-    train, held_out = _open(job.train_store), _open(job.eval_store)
+    train, held_out = open_encoded(job.train_store), open_encoded(job.eval_store)
     header = checkpoints.read_header(job.checkpoint)
     key, models_dir, eval_key, out_dir = keys_and_dirs(job, train, held_out, header)
     if artifacts.finished(out_dir / artifacts.RESULT) is not None:

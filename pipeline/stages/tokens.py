@@ -27,14 +27,14 @@ from tqdm.auto import tqdm
 from pipeline import artifacts
 from pipeline.artifacts import WriteLock
 from pipeline.config import TokensConfig, config_hash
-from pipeline.data.store_info import StoreInfo
+from pipeline.data.store_info import StoreInfo, open_encoded
 from pipeline.jobs import TokensJob
 from pipeline.models import checkpoints, judges, token_training, weights
 from pipeline.models.encoders import resolve_compute_dtype, resolve_device
 from pipeline.models.token_selector import completed_set, n_kept, norm_mask, random_mask, top_k_mask
 from pipeline.report import tokens_report
 from pipeline.science import metrics, stats
-from storage import FeatureStore, StoreError, open_store
+from storage import FeatureStore
 
 NETWORKS_MARKER = "networks.json"  # the trained networks' key, written when their folder is made
 SCORES = "token_scores.parquet"
@@ -48,13 +48,6 @@ class TokensResult:
     networks_dir: Path
     report: Path
     already_complete: bool
-
-
-def _open(path: Path) -> FeatureStore:
-    store = open_store(path)
-    if not StoreInfo.of(store).n_encoded:
-        raise StoreError(f"{path}: store has no encoded images")
-    return store
 
 
 def networks_key(job: TokensJob, train: FeatureStore, device: torch.device) -> dict:
@@ -87,7 +80,7 @@ def judge_id(job: TokensJob) -> str | None:
 def run(job: TokensJob, *, progress: bool = False) -> TokensResult:
     """Train (or resume) the networks, then score, test and report; returns at once when finished before."""
     cfg = job.cfg
-    train, held_out = _open(job.train_store), _open(job.eval_store)
+    train, held_out = open_encoded(job.train_store), open_encoded(job.eval_store)
     header = checkpoints.read_header(job.checkpoint)
     nets_key, nets_dir, eval_key, out_dir = keys_and_dirs(job, train, held_out, header, judge_id(job))
     if artifacts.finished(out_dir / artifacts.RESULT) is not None:
