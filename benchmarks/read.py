@@ -2,7 +2,7 @@
 zarr-python on the same arrays, the paper's one `.pt` file per image, and a raw uncompressed NumPy memmap (the
 disk's practical limit here). ViT-B/16 features at 224 px (14x14x768) and 512 px (32x32x768), at float16,
 bf16_bitround and int8_per_token; random values (a bound: real features compress a little); shards of 64, the
-default codec per precision; best of 3, warm page cache. Prints ms per random image and MB/s (of float16-sized
+`auto` codec per precision (and float16 under blosc zstd, the default before it); best of 3, warm page cache. Prints ms per random image and MB/s (of float16-sized
 features) for a sequential read of everything.
     .venv/bin/python benchmarks/read.py
 """
@@ -18,7 +18,7 @@ import torch
 import zarr
 
 from storage import StoreLayout, create, open_store
-from storage.precision import default_level, quantize
+from storage.precision import quantize, resolve_codecs
 
 
 def best(fn, reps: int = 3) -> float:
@@ -30,20 +30,27 @@ def best(fn, reps: int = 3) -> float:
     return min(times)
 
 
-def one_case(tmp: Path, n: int, grid: int, precision: str, rng) -> list[str]:
+def drop_each(read_one, picks) -> None:
+    """Each result dropped as read, as a training step would: keeping 100 of them alive makes every read pay
+    fresh page faults for its output (~0.4 ms at 512 px, for every reader alike)."""
+    for i in picks:
+        read_one(i)
+
+
+def one_case(tmp: Path, n: int, grid: int, precision: str, compressor: str, rng) -> list[str]:
     d, k = 768, 64
     features = (rng.standard_normal((n, grid, grid, d)) * 2).astype(np.float32)
     layout = StoreLayout(n_images=n, grid_hw=(grid, grid), hidden_dim=d, pixel_size=16, shard_images=k,
-                         precision=precision, compressor="blosc_zstd_shuffle", store_pixels=False,
-                         compression_level=default_level(precision))  # fmt: skip
-    store = create(tmp / f"{precision}-{grid}.zarr", layout, {})
+                         precision=precision, store_pixels=False,
+                         **resolve_codecs(precision, compressor, None))  # fmt: skip
+    store = create(tmp / f"{precision}-{compressor}-{grid}.zarr", layout, {})
     for shard in range(layout.n_shards):
         rows = layout.shard_slice(shard)
         store.write_shard(shard, features[rows], None, np.arange(rows.start, rows.stop), np.ones(rows.stop - rows.start,
                           bool), {"n_encoded": 0, "failures": [], "stats": {}})  # fmt: skip
     store = open_store(store.path, require_complete=False)
     stored, scale = quantize(features, precision)
-    pt = tmp / f"pt-{precision}-{grid}"
+    pt = tmp / f"pt-{precision}-{compressor}-{grid}"
     pt.mkdir()
     for i in range(n):  # the paper's layout: a tensor file per image (bf16 as torch.bfloat16)
         tensor = (
@@ -54,10 +61,11 @@ def one_case(tmp: Path, n: int, grid: int, precision: str, rng) -> list[str]:
         torch.save(
             {"f": tensor, "scale": None if scale is None else torch.from_numpy(scale[i])}, pt / f"{i}.pt"
         )
-    raw = np.lib.format.open_memmap(tmp / f"raw-{precision}-{grid}.npy", "w+", stored.dtype, stored.shape)
+    raw_path = tmp / f"raw-{precision}-{compressor}-{grid}.npy"
+    raw = np.lib.format.open_memmap(raw_path, "w+", stored.dtype, stored.shape)
     raw[:] = stored
     raw.flush()
-    raw = np.load(tmp / f"raw-{precision}-{grid}.npy", mmap_mode="r")
+    raw = np.load(raw_path, mmap_mode="r")
     array = zarr.open_array(store.path / "features", mode="r")
     store.features(slice(None))  # the first read of each shard checks its SHA-256: once per process
     picks = rng.integers(0, n, 100)
@@ -71,22 +79,27 @@ def one_case(tmp: Path, n: int, grid: int, precision: str, rng) -> list[str]:
     }  # fmt: skip
     mb = n * grid * grid * d * 2 / 1e6
     out = []
+    codec = f"{layout.compressor} {layout.compression_level}"
     for name, (one, everything) in readers.items():
-        random_ms = 1e3 * best(lambda one=one: [one(i) for i in picks]) / len(picks)
+        random_ms = 1e3 * best(lambda one=one: drop_each(one, picks)) / len(picks)
         out.append(
-            f"| {grid * 16} px | {precision} | {name} | {random_ms:.2f} | {mb / best(everything):.0f} |"
+            f"| {grid * 16} px | {precision} | {codec} | {name} | {random_ms:.2f} | {mb / best(everything):.0f} |"
         )
     return out
 
 
 def main() -> None:
     rng = np.random.default_rng(0)
-    print("| input | precision | read | one image at random, ms | sequential, MB/s (float16-sized) |")
-    print("|---|---|---|---|---|")
+    print("| input | precision | codec | read | one image at random, ms | sequential, MB/s (float16-sized) |")
+    print("|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
         for grid, n in ((14, 256), (32, 128)):
-            for precision in ("float16", "bf16_bitround", "int8_per_token"):
-                for line in one_case(Path(tmp), n, grid, precision, rng):
+            cases = [(p, "auto") for p in ("float16", "bf16_bitround", "int8_per_token")]
+            for precision, compressor in [
+                *cases,
+                ("float16", "blosc_zstd_shuffle"),
+            ]:  # the last: the old default
+                for line in one_case(Path(tmp), n, grid, precision, compressor, rng):
                     print(line, flush=True)
 
 

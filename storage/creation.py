@@ -30,6 +30,10 @@ def create(path: Path, layout: StoreLayout, attrs: dict) -> FeatureStore:
         layout.shard_images,
     )
     codecs = prec.compressors(layout.compressor, layout.compression_level)
+    pixel_codecs = prec.compressors(
+        layout.pixel_compressor or layout.compressor,
+        layout.pixel_compression_level or layout.compression_level,
+    )
     dtype, filters = prec.feature_dtype_and_filters(layout.precision)
     # One image per inner chunk (a random read touches ~1 image), k images per shard file (few files, and the
     # unit of resumable work: a shard is written whole by one writer, so no two writers share a shard).
@@ -45,7 +49,7 @@ def create(path: Path, layout: StoreLayout, attrs: dict) -> FeatureStore:
     if layout.store_pixels:
         group.create_array(
             "pixels", shape=(n, s, s, 3), dtype="uint8", chunks=(1, s, s, 3), shards=(k, s, s, 3),
-            compressors=codecs, fill_value=0, dimension_names=("image", "y", "x", "rgb"),
+            compressors=pixel_codecs, fill_value=0, dimension_names=("image", "y", "x", "rgb"),
         )  # fmt: skip
     if layout.embedding_dim:
         e = layout.embedding_dim

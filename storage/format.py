@@ -41,6 +41,9 @@ class StoreLayout:
     store_pixels: bool = True
     compression_level: int = 3
     embedding_dim: int = 0  # > 0: an `embeddings` [N, E] array of pooled image embeddings
+    # The pixels' own codec (`compressor: auto`); None in stores written before it: the features' codec.
+    pixel_compressor: str | None = None
+    pixel_compression_level: int | None = None
 
     @property
     def n_shards(self) -> int:

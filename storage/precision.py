@@ -27,6 +27,40 @@ def default_level(precision: str) -> int:
     return 7 if precision == "bf16_bitround" else 3
 
 
+# `compressor: auto`: (codec, level) per precision for features, measured on ViT-B activations and photos
+# (docs/benchmarks.md, "Codecs per array"). float16/float32 features gain only 1.10x from zstd, at 10-15x the
+# decode time of lz4, which alone lets a 512 px image read in under 1 ms and still shrinks zero runs (ReLU'd
+# CNN features); zstd stays where it is the point: bf16-rounded features (1.54x at level 7, their zeroed bits)
+# and int8 codes (the small option). Pixels: zstd level 1 keeps most of level 3's gain (1.21x vs 1.27x at
+# 224 px) at a quarter of the encode time.
+AUTO_FEATURE_CODECS = {
+    "float16": ("blosc_lz4", 5),
+    "float32": ("blosc_lz4", 5),
+    "bf16_bitround": ("blosc_zstd_shuffle", 7),
+    "int8_per_token": ("blosc_zstd_shuffle", 3),
+}
+AUTO_PIXEL_CODEC = ("blosc_zstd_shuffle", 1)
+
+
+def resolve_codecs(precision: str, compressor: str, level: int | None) -> dict:
+    """The codec and level of features (and the small per-image arrays) and of pixels, as the store layout
+    records them. A named compressor applies to every array (stores made before `auto` did this)."""
+    if compressor != "auto":
+        chosen = (compressor, level or default_level(precision))
+        return _as_layout(chosen, chosen)
+    codec, auto_level = AUTO_FEATURE_CODECS[precision]
+    return _as_layout((codec, level or auto_level), AUTO_PIXEL_CODEC)
+
+
+def _as_layout(features: tuple[str, int], pixels: tuple[str, int]) -> dict:
+    return {
+        "compressor": features[0],
+        "compression_level": features[1],
+        "pixel_compressor": pixels[0],
+        "pixel_compression_level": pixels[1],
+    }
+
+
 def compressors(name: str, level: int = 3) -> list:
     if name == "none":
         return []

@@ -12,6 +12,7 @@ read by zarr.
 from __future__ import annotations
 
 import os
+import queue
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -35,6 +36,7 @@ class ShardReader:
         self.decoder = _decoder(meta.codecs)
         self.chunk_key = meta.encode_chunk_key
         self._indexes: dict[int, np.ndarray] = {}
+        self._spare_buffers: queue.SimpleQueue[bytearray] = queue.SimpleQueue()
 
     @classmethod
     def of(cls, array: zarr.Array, folder: Path) -> ShardReader | None:
@@ -75,24 +77,34 @@ class ShardReader:
         if not path.is_file():  # no chunk of this shard was ever written
             out[positions] = self.fill_value
             return
-        with open(path, "rb") as f:
-            index = self._index(shard, f)
-            whole = None
-            if len(positions) > self.shard_rows // 4:  # many chunks of this shard: one read of the file
-                f.seek(0)
-                whole = memoryview(f.read())
-            for position in positions:
-                offset, nbytes = (int(v) for v in index[int(rows[position]) % self.shard_rows])
-                if offset == _EMPTY:
-                    out[position] = self.fill_value
-                    continue
-                if whole is not None:
-                    raw = whole[offset : offset + nbytes]
-                else:
-                    f.seek(offset)
-                    raw = f.read(nbytes)
-                data = self.decoder.decode(raw) if self.decoder is not None else raw
-                out[position] = np.frombuffer(data, self.dtype).reshape(self.shape[1:])
+        buffer = self._buffer()
+        try:
+            with open(path, "rb") as f:
+                index = self._index(shard, f)
+                for position in positions:
+                    offset, nbytes = (int(v) for v in index[int(rows[position]) % self.shard_rows])
+                    if offset == _EMPTY:
+                        out[position] = self.fill_value
+                        continue
+                    if len(buffer) < nbytes:
+                        buffer = bytearray(nbytes)
+                    raw = memoryview(buffer)[:nbytes]
+                    if os.preadv(f.fileno(), [raw], offset) != nbytes:
+                        raise OSError(f"{path}: chunk of row {rows[position]} is cut short")
+                    if self.decoder is None:
+                        out[position] = np.frombuffer(raw, self.dtype).reshape(self.shape[1:])
+                    else:  # straight into the output row: no intermediate array
+                        self.decoder.decode(raw, out=out[position])
+        finally:
+            self._spare_buffers.put(buffer)
+
+    def _buffer(self) -> bytearray:
+        """A read buffer reused across calls: a fresh megabyte-sized allocation costs its page faults on every
+        read (~0.3 ms for one 512 px image of float16 ViT-B features)."""
+        try:
+            return self._spare_buffers.get_nowait()
+        except queue.Empty:
+            return bytearray(0)
 
     def _index(self, shard: int, f) -> np.ndarray:
         if shard not in self._indexes:

@@ -67,7 +67,36 @@ def test_bf16_rounding_before_writing_equals_numcodecs_bitround():
     assert np.isnan(out[0]) and out[1] == np.inf and out[2] == -np.inf
 
 
-@pytest.mark.parametrize("compressor", ["blosc_zstd_shuffle", "zstd", "none"])
+def _inner_compressor(path) -> tuple[str, dict]:
+    inner = json.loads((path / "zarr.json").read_text())["codecs"][0]["configuration"]["codecs"]
+    return inner[-1]["name"], inner[-1].get("configuration", {})
+
+
+def test_auto_codecs_are_chosen_per_array_and_a_named_one_applies_to_all():
+    from storage.precision import resolve_codecs
+
+    auto = resolve_codecs("float16", "auto", None)
+    assert (auto["compressor"], auto["pixel_compressor"], auto["pixel_compression_level"]) == (
+        "blosc_lz4", "blosc_zstd_shuffle", 1,
+    )  # fmt: skip
+    assert resolve_codecs("bf16_bitround", "auto", None)["compression_level"] == 7
+    assert resolve_codecs("float16", "auto", 2)["compression_level"] == 2
+    named = resolve_codecs("float16", "zstd", None)
+    assert named == {"compressor": "zstd", "compression_level": 3, "pixel_compressor": "zstd",
+                     "pixel_compression_level": 3}  # fmt: skip
+
+
+def test_a_default_store_holds_lz4_features_and_zstd_pixels(make_job):
+    path = encode.run(make_job(store=StoreOptions(shard_images=4), subset=SubsetSpec(max_images=5)),
+                      progress=False).store_path  # fmt: skip
+    name, config = _inner_compressor(path / "features")
+    assert name == "blosc" and config["cname"] == "lz4"
+    name, config = _inner_compressor(path / "pixels")
+    assert name == "blosc" and (config["cname"], config["clevel"]) == ("zstd", 1)
+    assert open_store(path).layout.pixel_compressor == "blosc_zstd_shuffle"
+
+
+@pytest.mark.parametrize("compressor", ["auto", "blosc_zstd_shuffle", "zstd", "none"])
 def test_the_direct_shard_reader_returns_what_zarr_returns(make_job, compressor):
     job = make_job(
         store=StoreOptions(shard_images=4, compressor=compressor), subset=SubsetSpec(max_images=10)

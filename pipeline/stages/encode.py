@@ -29,7 +29,7 @@ from pipeline.models.weights import weights_key
 from pipeline.provenance import provenance
 from storage import FeatureStore, StoreError, StoreLayout, create, open_store
 from storage.creation import remove_abandoned_creations
-from storage.precision import default_level, value_stats
+from storage.precision import resolve_codecs, value_stats
 
 
 @dataclass(frozen=True)
@@ -226,9 +226,8 @@ def _open_or_create(
         pixel_size=encoder.preprocessing.crop_size,
         shard_images=job.store.shard_images,
         precision=job.store.precision,
-        compressor=job.store.compressor,
         store_pixels=job.store.store_pixels,
-        compression_level=job.store.compression_level or default_level(job.store.precision),
+        **resolve_codecs(job.store.precision, job.store.compressor, job.store.compression_level),
         embedding_dim=encoder.embedding_dim() if stores_embeddings(job) else 0,
     )
     attrs = {
