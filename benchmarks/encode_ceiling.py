@@ -30,7 +30,8 @@ from pipeline.data.images import load_rgb
 from pipeline.jobs import EncodeJob
 from pipeline.models import encoders
 from pipeline.stages import encode
-from storage import open_store
+from storage import StoreLayout, create
+from storage.precision import resolve_codecs
 
 
 def coco_sized_jpegs(folder: Path, n: int) -> None:
@@ -47,6 +48,10 @@ def coco_sized_jpegs(folder: Path, n: int) -> None:
             .resize((640, 480), Image.Resampling.BICUBIC)
         )
         photo.rotate(i % 7, expand=False).save(folder / f"{i:06d}.jpg", quality=90)
+
+
+# The defaults (torch resize, per-array codecs) against what encoded stores before them (PIL, blosc zstd 3).
+SETTINGS = {"defaults": ("torch", "auto"), "before 2026-11-27": ("pil", "blosc_zstd_shuffle")}
 
 
 def main() -> None:
@@ -69,48 +74,47 @@ def main() -> None:
         spec = EncoderSpec(name="stand-in", backend="timm", model_id="vit_base_patch16_224", resolution=s,
                            patch_size=16, preprocessing_source="timm_pretrained_cfg", weights="random")  # fmt: skip
         rows = {}
-        for workers in (1, 2):
-            job = EncodeJob(tmp / f"stores-{workers}", dataset, "all", SubsetSpec(), spec, TransformSpec(),
-                            StoreOptions(), EncodeOptions(batch_size=32, num_workers=workers, device="cpu"))  # fmt: skip
-            start = time.perf_counter()
-            result = encode.run(job, progress=False)
-            rows[workers] = args.images / (time.perf_counter() - start)
+        for setting, (resize, compressor) in SETTINGS.items():
+            for workers in (1, 2):
+                job = EncodeJob(tmp / f"stores-{workers}-{resize}", dataset, "all", SubsetSpec(), spec,
+                                TransformSpec(), StoreOptions(compressor=compressor),
+                                EncodeOptions(batch_size=32, num_workers=workers, device="cpu", resize=resize))  # fmt: skip
+                start = time.perf_counter()
+                encode.run(job, progress=False)
+                rows[setting, workers] = args.images / (time.perf_counter() - start)
         encoders.Encoder.encode_layers = real
-        store = open_store(result.store_path)
         pre = encoders.load(spec, device="cpu").preprocessing
         paths = sorted((tmp / "images").glob("*.jpg"))[:64]
         start = time.perf_counter()
         decoded = [load_rgb(p, min_side=16, max_pixels=10**9, draft_to=2 * s) for p in paths]
-        decode_s = (time.perf_counter() - start) / len(paths)
-        start = time.perf_counter()
-        pixels = np.stack([pre.to_pixels(img) for img in decoded])
-        resize_s = (time.perf_counter() - start) / len(paths)
-        feats = stand_in[: len(paths)].numpy()
-        write_dir = tmp / "write-test"
-        from storage import StoreLayout, create
-
-        layout = StoreLayout(n_images=64, grid_hw=(grid, grid), hidden_dim=width, pixel_size=s, shard_images=64,
-                             precision="float16", compressor="blosc_zstd_shuffle", store_pixels=True,
-                             compression_level=3)  # fmt: skip
-        target = create(write_dir / "w.zarr", layout, {})
-        start = time.perf_counter()
-        target.write_shard(0, feats, pixels, np.arange(64), np.ones(64, bool), {"n_encoded": 64, "failures": [],
-                                                                                 "stats": {}})  # fmt: skip
-        write_s = (time.perf_counter() - start) / len(paths)
-    total = decode_s + resize_s + write_s
+        steps = {"decode JPEG (PIL, draft)": (time.perf_counter() - start) / len(paths)}
+        for resize, compressor in SETTINGS.values():
+            start = time.perf_counter()
+            pixels = np.stack([pre.to_pixels(img, resize) for img in decoded])
+            steps[f"resize + crop ({resize})"] = (time.perf_counter() - start) / len(paths)
+            layout = StoreLayout(n_images=64, grid_hw=(grid, grid), hidden_dim=width, pixel_size=s, shard_images=64,
+                                 precision="float16", store_pixels=True, **resolve_codecs("float16", compressor, None))  # fmt: skip
+            target = create(tmp / f"write-test-{resize}.zarr", layout, {})
+            start = time.perf_counter()
+            target.write_shard(0, stand_in[:64].numpy(), pixels, np.arange(64), np.ones(64, bool),
+                               {"n_encoded": 64, "failures": [], "stats": {}})  # fmt: skip
+            steps[f"compress + write features and pixels ({compressor})"] = (time.perf_counter() - start) / 64
     print(f"# encode stage ceiling: stand-in encoder, {args.images} JPEGs 640x480 -> {s} px, ViT-B-shaped float16 "
-          f"features ({grid}x{grid}x{width}), store {store.layout.precision}, CPU {torch.get_num_threads()} threads\n")  # fmt: skip
-    print("| decode workers | images/s (whole stage) |\n|---|---|")
-    for workers, rate in rows.items():
-        print(f"| {workers} | {rate:.0f} |")
-    print("\n| step (one image, this process) | ms | share |\n|---|---|---|")
-    for name, t in (("decode JPEG (PIL, draft)", decode_s), ("resize + crop", resize_s),
-                    ("compress + write features and pixels", write_s)):  # fmt: skip
-        print(f"| {name} | {1e3 * t:.2f} | {100 * t / total:.0f} % |")
-    print(
-        f"\nper core, decode + resize alone: {1 / (decode_s + resize_s):.0f} images/s; "
-        f"compress + write alone: {1 / write_s:.0f} images/s"
-    )
+          f"features ({grid}x{grid}x{width}), CPU, torch threads {torch.get_num_threads()}\n")  # fmt: skip
+    print("| setting | 1 decode worker, images/s | 2 decode workers, images/s |\n|---|---|---|")
+    for setting in SETTINGS:
+        print(f"| {setting} | {rows[setting, 1]:.0f} | {rows[setting, 2]:.0f} |")
+    print("\n| step (one image, this process) | ms |\n|---|---|")
+    for name, t in steps.items():
+        print(f"| {name} | {1e3 * t:.2f} |")
+    decode_s = steps["decode JPEG (PIL, draft)"]
+    for setting, (resize, compressor) in SETTINGS.items():
+        per_image = decode_s + steps[f"resize + crop ({resize})"]
+        write_s = steps[f"compress + write features and pixels ({compressor})"]
+        print(
+            f"\n{setting}: per core, decode + resize {1 / per_image:.0f} images/s, compress + write "
+            f"{1 / write_s:.0f} images/s, all steps on one core {1 / (per_image + write_s):.0f} images/s"
+        )
 
 
 if __name__ == "__main__":

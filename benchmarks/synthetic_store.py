@@ -9,10 +9,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipeline.stages.encode import value_stats  # noqa: E402
 from storage import open_store  # noqa: E402
 from storage.creation import create  # noqa: E402
 from storage.format import StoreLayout  # noqa: E402
+from storage.precision import value_stats  # noqa: E402
 
 
 def make_store(path: Path, n: int, grid: int, dim: int):

@@ -15,6 +15,7 @@ import zarr
 
 from storage import precision as prec
 from storage.shard_reader import ShardReader
+from storage.shard_writer import ShardWriter
 
 FORMAT_VERSION = 2  # 2: per-shard file checksums and the store's content digest
 FORMAT_KEY = "reconlab_store_format"
@@ -99,6 +100,7 @@ class FeatureStore:
         self._verified: set[tuple[str, int]] = set()  # (array, shard) whose file matched its SHA-256 on read
         self._readers: dict[str, ShardReader | None] = {}  # direct shard readers (storage/shard_reader.py)
         self._arrays: dict[str, zarr.Array] = {}
+        self._writers: dict[str, ShardWriter | None] = {}  # direct shard writers (storage/shard_writer.py)
 
     @property
     def attrs(self) -> dict:
@@ -231,19 +233,23 @@ class FeatureStore:
             if reader is not None:
                 reader.forget(shard)
         stored, scale = prec.quantize(features_nhwd, self.layout.precision)
-        self.group["features"][rows] = stored
-        if scale is not None:
-            self.group["features_scale"][rows] = scale
-        if pixels_nhwc is not None and not (
-            pixels_like is not None and self._link_pixels(pixels_like, shard)
-        ):
-            self.group["pixels"][rows] = pixels_nhwc
-        if embeddings_ne is not None:
-            self.group["embeddings"][rows] = embeddings_ne
+        if pixels_nhwc is not None and pixels_like is not None and self._link_pixels(pixels_like, shard):
+            pixels_nhwc = None
+        written = {}
+        for name, values in (("features", stored), ("features_scale", scale), ("pixels", pixels_nhwc),
+                             ("embeddings", embeddings_ne)):  # fmt: skip
+            if values is None:
+                continue
+            if name not in self._writers:
+                self._writers[name] = ShardWriter.of(self._array(name), self.path / name)
+            if (writer := self._writers[name]) is not None:
+                written[name] = writer.write(shard, values)
+            else:
+                self._array(name)[rows] = values
         self.group["image_ids"][rows] = image_ids
         self.group["valid"][rows] = valid
         shards = dict(self.group.attrs.get("shards", {}))
-        shards[str(shard)] = {**shard_record, "files": self._file_records(shard)}
+        shards[str(shard)] = {**shard_record, "files": self._file_records(shard, written)}
         self.group.attrs["shards"] = shards
         self.group["shard_done"][shard] = True
 
@@ -291,11 +297,12 @@ class FeatureStore:
         arr = self.group[name]
         return self.path / name / arr.metadata.encode_chunk_key((shard,) + (0,) * (arr.ndim - 1))
 
-    def _file_records(self, shard: int) -> dict:
-        """Per array, the shard file's size and SHA-256 (None: zarr wrote no file, every value is the fill)."""
-        records = {}
+    def _file_records(self, shard: int, written: dict | None = None) -> dict:
+        """Per array, the shard file's size and SHA-256 (None: zarr wrote no file, every value is the fill);
+        `written`: those already known from writing."""
+        records = dict(written or {})
         for name in PER_IMAGE_ARRAYS:
-            if name in self.group:
+            if name in self.group and name not in records:
                 path = self._shard_file(name, shard)
                 records[name] = (
                     {"bytes": path.stat().st_size, "sha256": file_sha256(path)} if path.is_file() else None

@@ -97,7 +97,7 @@ def quantize(features_nhwd: np.ndarray, precision: str) -> tuple[np.ndarray, np.
     if precision == "bf16_bitround":
         return round_to_bf16(features_nhwd), None
     dtype, _ = feature_dtype_and_filters(precision)
-    return features_nhwd.astype(dtype), None
+    return features_nhwd.astype(dtype, copy=False), None
 
 
 def round_to_bf16(values: np.ndarray) -> np.ndarray:

@@ -262,3 +262,30 @@ def test_other_weights_in_the_same_file_path_give_another_store_key(tmp_path):
     first = weights_key(spec)
     weights.write_bytes(b"second, longer")
     assert weights_key(spec) != first
+
+
+def test_the_resize_backend_is_in_the_key_and_pil_keeps_keys_made_before_it(make_job):
+    import dataclasses
+
+    job = make_job(split="val")
+    records = encode.list_images(job.dataset, job.split, job.subset)
+    by_torch = encode.store_key(job, records, torch.float32)
+    by_pil = encode.store_key(
+        dataclasses.replace(job, options=job.options.model_copy(update={"resize": "pil"})),
+        records,
+        torch.float32,
+    )
+    assert by_torch["resize"] == "torch" and "resize" not in by_pil
+    assert {k: v for k, v in by_torch.items() if k != "resize"} == by_pil
+
+
+def test_shard_statistics_taken_on_the_device_equal_the_stores_numpy_definition():
+    from pipeline.data.store_writer import feature_stats
+    from storage.precision import value_stats
+
+    features = np.random.default_rng(0).standard_normal((3, 4, 4, 8)).astype(np.float32) * 100
+    features[0, 0, 0, :3] = [np.inf, np.nan, 7e4]  # non-finite values and one above float16's range
+    expected, got = value_stats(features), feature_stats(torch.from_numpy(features))
+    assert got.keys() == expected.keys() and got["n_nonfinite"] == 2 and got["n_over_float16_max"] == 1
+    for name, value in expected.items():
+        assert got[name] == pytest.approx(value, rel=1e-6), name

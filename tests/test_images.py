@@ -303,3 +303,24 @@ def test_squash_mode_resizes_both_sides_so_a_wide_image_keeps_all_its_content():
     np.testing.assert_array_equal(pixels[16, 0], (255, 0, 0))
     np.testing.assert_array_equal(pixels[16, 16], (0, 255, 0))
     np.testing.assert_array_equal(pixels[16, 31], (0, 0, 255))
+
+
+@pytest.mark.parametrize("resize_mode", ["shortest", "squash"])
+@pytest.mark.parametrize("interpolation", ["bicubic", "bilinear"])
+def test_torch_resize_is_pils_filter_within_one_level(resize_mode, interpolation):
+    from skimage import data
+
+    photo = Image.fromarray(data.astronaut()).resize((640, 480))  # COCO-sized, landscape
+    for img in (photo, photo.transpose(Image.Transpose.ROTATE_90)):
+        spec = preprocessing(resize_mode, 248, 224, interpolation)
+        by_pil, by_torch = spec.to_pixels(img, "pil"), spec.to_pixels(img, "torch")
+        assert by_torch.shape == by_pil.shape == (224, 224, 3) and by_torch.dtype == np.uint8
+        difference = np.abs(by_torch.astype(int) - by_pil)
+        assert difference.max() <= 1 and (difference > 0).mean() < 0.02  # same filter, rounding apart
+        assert by_torch.flags.writeable
+
+
+def test_torch_resize_leaves_filters_it_lacks_to_pil():
+    wide = three_bands(width_per_band=32, height=32)
+    spec = preprocessing("shortest", 32, 32, "nearest")
+    np.testing.assert_array_equal(spec.to_pixels(wide, "torch"), spec.to_pixels(wide, "pil"))

@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def planted_store(path: Path, n_images: int, seed: int, atoms: np.ndarray, k: int = 3):
     """Tokens (16 per image) that are sums of k of the planted unit atoms with coefficients in [0.5, 1.5]."""
-    from pipeline.stages.encode import value_stats
+    from storage.precision import value_stats
 
     rng = np.random.default_rng(seed)
     n_atoms, dim = atoms.shape

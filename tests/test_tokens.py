@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def pair_store(path: Path, n: int, seed: int, scale: float = 1.0):
     """16 tokens of 16 dims per image in exact-copy pairs: token i (i < 8) equals token i + 8."""
-    from pipeline.stages.encode import value_stats
+    from storage.precision import value_stats
 
     rng = np.random.default_rng(seed)
     half = (scale * rng.normal(size=(n, 8, 16))).astype(np.float32)

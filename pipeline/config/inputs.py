@@ -252,6 +252,13 @@ class EncodeOptions(Frozen):
         "resolution, centre square crop, no margin; the released evaluation code's geometry). native: each "
         "model's own eval transform (timm crop_pct margins, HF squash resizes).",
     )
+    resize: Literal["torch", "pil"] = Field(
+        "torch",
+        description="Resampler of the resize to the encoder's input. torch: torch's antialiased uint8 resize "
+        "(the encoder's own filter, within 1 level of PIL's, ~5x faster: the decode workers' main cost); pil: "
+        "PIL's, as timm/transformers eval transforms (stores encoded before 2026-11-27 used it). Filters other "
+        "than bilinear/bicubic always use PIL.",
+    )
     min_image_side: int = Field(16, gt=0, description="Images with a smaller side are skipped as failures.")
     max_image_pixels: int = Field(
         178_956_970, gt=0, description="Images with more pixels are skipped (decompression-bomb guard)."

@@ -7,9 +7,7 @@ where it stopped and a finished store returns at once. Bad images are skipped an
 from __future__ import annotations
 
 import multiprocessing
-import queue
 import shutil
-import threading
 from contextlib import ExitStack
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -23,13 +21,14 @@ from pipeline.artifacts import WriteLock
 from pipeline.config import EncodeOptions, Layer, TransformSpec, config_hash
 from pipeline.data.datasets import ImageRecord, image_list_sha256, list_images
 from pipeline.data.images import Preprocessing, decode_for_encoder
+from pipeline.data.store_writer import BackgroundShardWriter, add_batch, shard_buffer
 from pipeline.jobs import EncodeJob
 from pipeline.models import encoders
 from pipeline.models.weights import weights_key
 from pipeline.provenance import provenance
 from storage import FeatureStore, StoreError, StoreLayout, create, open_store
 from storage.creation import remove_abandoned_creations
-from storage.precision import resolve_codecs, value_stats
+from storage.precision import resolve_codecs
 
 
 @dataclass(frozen=True)
@@ -54,6 +53,9 @@ def store_key(job: EncodeJob, records: list[ImageRecord], compute_dtype: torch.d
         "compute_dtype": str(compute_dtype).removeprefix("torch."),
         "image_limits": {"min_side": job.options.min_image_side, "max_pixels": job.options.max_image_pixels},
         "geometry": job.options.geometry,
+        **(
+            {"resize": job.options.resize} if job.options.resize != "pil" else {}
+        ),  # absent: PIL, as before it
         **({"embeddings": True} if stores_embeddings(job) else {}),  # absent otherwise: older keys stay valid
     }
 
@@ -83,6 +85,7 @@ class _DecodeDataset(torch.utils.data.Dataset):
         self.transform = transform
         self.min_side = options.min_image_side
         self.max_pixels = options.max_image_pixels
+        self.resize = options.resize
 
     def __len__(self) -> int:
         return len(self.records)
@@ -93,7 +96,7 @@ class _DecodeDataset(torch.utils.data.Dataset):
             s = self.preprocessing.crop_size
             return pos, np.zeros((s, s, 3), np.uint8), f"refused: {record.refused}"
         pixels, reason = decode_for_encoder(
-            record.path, self.preprocessing, self.transform, self.min_side, self.max_pixels
+            record.path, self.preprocessing, self.transform, self.min_side, self.max_pixels, self.resize
         )
         return pos, pixels, reason
 
@@ -274,7 +277,7 @@ def _encode_pending(
         prefetch_factor=4 if job.options.num_workers else None,
         multiprocessing_context=_worker_context() if job.options.num_workers else None,
     )
-    writers = [_ShardWriter(t.store) for t in targets]
+    writers = [BackgroundShardWriter(t.store) for t in targets]
     n_pending_images = sum(len(range(layout.n_images)[layout.shard_slice(i)]) for i in pending)
     bar = tqdm(
         total=layout.n_images, initial=layout.n_images - n_pending_images, unit="img", disable=not progress,
@@ -289,14 +292,14 @@ def _encode_pending(
             here = [k for k, todo in enumerate(pending_by_target) if shard in todo]
             for k in here:
                 if buffers[k] is None or buffers[k]["shard"] != shard:
-                    buffers[k] = _shard_buffer(targets[k].store.layout, shard, rows.stop - rows.start)
+                    buffers[k] = shard_buffer(targets[k].store.layout, shard, rows.stop - rows.start)
             ok = torch.tensor([not r for r in reasons])
             local = (positions - rows.start).numpy()
             if ok.any():
                 pixels_seen = encoder.normalize(encoder.seen(pixels[ok]))
                 grids = encoder.encode_layers(pixels_seen, [targets[k].layer for k in here])
                 for k, grid in zip(here, grids, strict=True):
-                    buffers[k]["features"][local[ok.numpy()]] = grid.cpu().numpy()
+                    add_batch(buffers[k], local[ok.numpy()], grid)
                 if any("embeddings" in buffers[k] for k in here):
                     with torch.inference_mode():
                         pooled = encoder.embed(pixels_seen).cpu().numpy()
@@ -324,71 +327,3 @@ def _encode_pending(
         for writer in writers:
             writer.close(raise_errors=False)
     return [t.store.finalize() for t in targets]
-
-
-def _shard_buffer(layout: StoreLayout, shard: int, n: int) -> dict:
-    h, w = layout.grid_hw
-    return {
-        "shard": shard,
-        "features": np.zeros((n, h, w, layout.hidden_dim), np.float32),
-        "pixels": np.zeros((n, layout.pixel_size, layout.pixel_size, 3), np.uint8),
-        "failures": [],
-        "n_filled": 0,
-        **({"embeddings": np.zeros((n, layout.embedding_dim), np.float32)} if layout.embedding_dim else {}),
-    }
-
-
-class _ShardWriter:
-    """Writes finished shards on a background thread so compression and disk I/O overlap the next forward."""
-
-    def __init__(self, store: FeatureStore):
-        self.store = store
-        self.jobs: queue.Queue = queue.Queue(maxsize=2)
-        self.error: BaseException | None = None
-        self.written: dict[int, threading.Event] = {}  # set once a shard is written (or failed)
-        self.ok: set[int] = set()
-        self.thread = threading.Thread(target=self._loop, name="shard-writer", daemon=True)
-        self.thread.start()
-
-    def put(self, buffer: dict, shard_records: list[ImageRecord]) -> None:
-        if self.error:
-            raise self.error
-        self.written.setdefault(buffer["shard"], threading.Event())
-        self.jobs.put((buffer, shard_records))
-
-    def wrote(self, shard: int) -> bool:
-        """Wait until this writer is done with `shard`; whether it was written."""
-        self.written[shard].wait()
-        return shard in self.ok
-
-    def _loop(self) -> None:
-        while (item := self.jobs.get()) is not None:
-            buffer, shard_records = item
-            try:
-                if self.error:
-                    continue
-                failed_ids = {f["image_id"] for f in buffer["failures"]}
-                image_ids = np.array([r.image_id for r in shard_records], np.int64)
-                valid = np.array([r.image_id not in failed_ids for r in shard_records])
-                record = {
-                    "n_encoded": int(valid.sum()),
-                    "failures": buffer["failures"],
-                    "stats": value_stats(buffer["features"][valid]),
-                }
-                pixels = buffer["pixels"] if self.store.layout.store_pixels else None
-                leader = buffer["pixels_from"]
-                pixels_like = leader.store if leader is not None and leader.wrote(buffer["shard"]) else None
-                self.store.write_shard(buffer["shard"], buffer["features"], pixels, image_ids, valid, record,
-                                       pixels_like, buffer.get("embeddings"))  # fmt: skip
-                self.ok.add(buffer["shard"])
-            except BaseException as e:  # surfaced on the main thread at the next put/close
-                self.error = e
-            finally:
-                self.written[buffer["shard"]].set()
-
-    def close(self, raise_errors: bool = True) -> None:
-        if self.thread.is_alive():
-            self.jobs.put(None)
-            self.thread.join()
-        if raise_errors and self.error:
-            raise self.error

@@ -1,0 +1,115 @@
+"""The encode stage's side of writing a store: shard buffers filled batch by batch, per-shard value statistics
+taken on the device, and a background thread that writes finished shards."""
+
+from __future__ import annotations
+
+import math
+import queue
+import threading
+
+import numpy as np
+import torch
+
+from pipeline.data.datasets import ImageRecord
+from storage import FeatureStore, StoreLayout
+from storage.precision import FLOAT16_MAX
+
+
+def shard_buffer(layout: StoreLayout, shard: int, n: int) -> dict:
+    """One shard's rows before writing. float16 stores buffer float16: the cast is done by torch on the device
+    (NumPy's float32 -> float16 cast costs ~0.7 ms per ViT-B@224 image, torch's ~0.08 ms; the same rounding)."""
+    h, w = layout.grid_hw
+    features_dtype = np.float16 if layout.precision == "float16" else np.float32
+    return {
+        "shard": shard,
+        "features": np.zeros((n, h, w, layout.hidden_dim), features_dtype),
+        "pixels": np.zeros((n, layout.pixel_size, layout.pixel_size, 3), np.uint8),
+        "stats": None,
+        "failures": [],
+        "n_filled": 0,
+        **({"embeddings": np.zeros((n, layout.embedding_dim), np.float32)} if layout.embedding_dim else {}),
+    }
+
+
+def add_batch(buffer: dict, rows: np.ndarray, features_nhwd: torch.Tensor) -> None:
+    """Features of the buffer's `rows`, statistics taken in float32 before any cast."""
+    buffer["stats"] = _add_stats(buffer["stats"], feature_stats(features_nhwd))
+    dtype = torch.float16 if buffer["features"].dtype == np.float16 else torch.float32
+    buffer["features"][rows] = features_nhwd.to(dtype).cpu().numpy()
+
+
+def feature_stats(features_nhwd: torch.Tensor) -> dict:
+    """The numbers recorded per shard (storage.precision.value_stats, computed where the features are)."""
+    x = features_nhwd.float()
+    finite = torch.isfinite(x)
+    clean = torch.where(finite, x, torch.zeros((), device=x.device))
+    magnitude = clean.abs()
+    return {
+        "max_abs": float(magnitude.max()) if x.numel() else 0.0,
+        "n_nonfinite": int((~finite).sum()),
+        "n_over_float16_max": int((magnitude > FLOAT16_MAX).sum()),
+        "sum_token_norm": float(torch.linalg.vector_norm(clean, dim=-1).sum()),
+        "n_tokens": math.prod(x.shape[:-1]),
+    }
+
+
+def _add_stats(total: dict | None, batch: dict) -> dict:
+    if total is None:
+        return batch
+    return {k: max(total[k], batch[k]) if k == "max_abs" else total[k] + batch[k] for k in batch}
+
+
+class BackgroundShardWriter:
+    """Writes finished shards on a background thread so compression and disk I/O overlap the next forward."""
+
+    def __init__(self, store: FeatureStore):
+        self.store = store
+        self.jobs: queue.Queue = queue.Queue(maxsize=2)
+        self.error: BaseException | None = None
+        self.written: dict[int, threading.Event] = {}  # set once a shard is written (or failed)
+        self.ok: set[int] = set()
+        self.thread = threading.Thread(target=self._loop, name="shard-writer", daemon=True)
+        self.thread.start()
+
+    def put(self, buffer: dict, shard_records: list[ImageRecord]) -> None:
+        if self.error:
+            raise self.error
+        self.written.setdefault(buffer["shard"], threading.Event())
+        self.jobs.put((buffer, shard_records))
+
+    def wrote(self, shard: int) -> bool:
+        """Wait until this writer is done with `shard`; whether it was written."""
+        self.written[shard].wait()
+        return shard in self.ok
+
+    def _loop(self) -> None:
+        while (item := self.jobs.get()) is not None:
+            buffer, shard_records = item
+            try:
+                if self.error:
+                    continue
+                failed_ids = {f["image_id"] for f in buffer["failures"]}
+                image_ids = np.array([r.image_id for r in shard_records], np.int64)
+                valid = np.array([r.image_id not in failed_ids for r in shard_records])
+                record = {
+                    "n_encoded": int(valid.sum()),
+                    "failures": buffer["failures"],
+                    "stats": buffer["stats"] or feature_stats(torch.zeros(0, 1)),
+                }
+                pixels = buffer["pixels"] if self.store.layout.store_pixels else None
+                leader = buffer["pixels_from"]
+                pixels_like = leader.store if leader is not None and leader.wrote(buffer["shard"]) else None
+                self.store.write_shard(buffer["shard"], buffer["features"], pixels, image_ids, valid, record,
+                                       pixels_like, buffer.get("embeddings"))  # fmt: skip
+                self.ok.add(buffer["shard"])
+            except BaseException as e:  # surfaced on the main thread at the next put/close
+                self.error = e
+            finally:
+                self.written[buffer["shard"]].set()
+
+    def close(self, raise_errors: bool = True) -> None:
+        if self.thread.is_alive():
+            self.jobs.put(None)
+            self.thread.join()
+        if raise_errors and self.error:
+            raise self.error
