@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import shutil
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -101,6 +102,7 @@ class FeatureStore:
         self._readers: dict[str, ShardReader | None] = {}  # direct shard readers (storage/shard_reader.py)
         self._arrays: dict[str, zarr.Array] = {}
         self._writers: dict[str, ShardWriter | None] = {}  # direct shard writers (storage/shard_writer.py)
+        self._attrs_lock = threading.Lock()
 
     @property
     def attrs(self) -> dict:
@@ -248,10 +250,12 @@ class FeatureStore:
                 self._array(name)[rows] = values
         self.group["image_ids"][rows] = image_ids
         self.group["valid"][rows] = valid
-        shards = dict(self.group.attrs.get("shards", {}))
-        shards[str(shard)] = {**shard_record, "files": self._file_records(shard, written)}
-        self.group.attrs["shards"] = shards
-        self.group["shard_done"][shard] = True
+        files = self._file_records(shard, written)
+        with self._attrs_lock:  # writers of other shards on other threads update the same record
+            shards = dict(self.group.attrs.get("shards", {}))
+            shards[str(shard)] = {**shard_record, "files": files}
+            self.group.attrs["shards"] = shards
+            self.group["shard_done"][shard] = True
 
     def _link_pixels(self, source: FeatureStore, shard: int) -> bool:
         """Place `source`'s pixel shard file here; False (nothing done) when it cannot stand for ours."""

@@ -31,15 +31,15 @@ def default_level(precision: str) -> int:
 # (docs/benchmarks.md, "Codecs per array"). float16/float32 features gain only 1.10x from zstd, at 10-15x the
 # decode time of lz4, which alone lets a 512 px image read in under 1 ms and still shrinks zero runs (ReLU'd
 # CNN features); zstd stays where it is the point: bf16-rounded features (1.54x at level 7, their zeroed bits)
-# and int8 codes (the small option). Pixels: zstd level 1 keeps most of level 3's gain (1.21x vs 1.27x at
-# 224 px) at a quarter of the encode time.
+# and int8 codes (the small option). Pixels: lz4 too (1.09-1.14x vs zstd's 1.21-1.38x, a few % of a store's
+# bytes; zstd costs 0.6 ms per 224 px image to write and 1.4 ms per 512 px image to read).
 AUTO_FEATURE_CODECS = {
     "float16": ("blosc_lz4", 5),
     "float32": ("blosc_lz4", 5),
     "bf16_bitround": ("blosc_zstd_shuffle", 7),
     "int8_per_token": ("blosc_zstd_shuffle", 3),
 }
-AUTO_PIXEL_CODEC = ("blosc_zstd_shuffle", 1)
+AUTO_PIXEL_CODEC = ("blosc_lz4", 5)
 
 
 def resolve_codecs(precision: str, compressor: str, level: int | None) -> dict:

@@ -289,3 +289,31 @@ def test_shard_statistics_taken_on_the_device_equal_the_stores_numpy_definition(
     assert got.keys() == expected.keys() and got["n_nonfinite"] == 2 and got["n_over_float16_max"] == 1
     for name, value in expected.items():
         assert got[name] == pytest.approx(value, rel=1e-6), name
+
+
+def test_shard_statistics_of_finite_features_take_the_fast_path_and_still_agree():
+    from pipeline.data.store_writer import feature_stats
+    from storage.precision import value_stats
+
+    features = np.random.default_rng(1).standard_normal((2, 3, 3, 5)).astype(np.float32)
+    features[1, 2, 2, 4] = -7e4  # finite, beyond float16
+    expected, got = value_stats(features), feature_stats(torch.from_numpy(features))
+    assert got["n_over_float16_max"] == 1 and got["n_nonfinite"] == 0
+    for name, value in expected.items():
+        assert got[name] == pytest.approx(value, rel=1e-6), name
+    assert feature_stats(torch.zeros(0, 4))["n_tokens"] == 0
+
+
+def test_several_writer_threads_write_the_same_store_as_one(make_job, tmp_path):
+    from pipeline.config import EncodeOptions, SubsetSpec
+
+    paths = []
+    for threads in (1, 3):
+        job = make_job(store_root=tmp_path / f"threads-{threads}", store=StoreOptions(shard_images=2),
+                       options=EncodeOptions(batch_size=2, num_workers=0, writer_threads=threads),
+                       subset=SubsetSpec(max_images=12))  # fmt: skip
+        paths.append(encode.run(job, progress=False).store_path)
+    one, three = (open_store(p) for p in paths)
+    assert three.complete and sorted(three.attrs["shards"], key=int) == [str(i) for i in range(6)]
+    assert three.attrs["content_sha256"] == one.attrs["content_sha256"]  # the very same files
+    np.testing.assert_array_equal(three.features(), one.features())

@@ -76,9 +76,7 @@ def test_auto_codecs_are_chosen_per_array_and_a_named_one_applies_to_all():
     from storage.precision import resolve_codecs
 
     auto = resolve_codecs("float16", "auto", None)
-    assert (auto["compressor"], auto["pixel_compressor"], auto["pixel_compression_level"]) == (
-        "blosc_lz4", "blosc_zstd_shuffle", 1,
-    )  # fmt: skip
+    assert (auto["compressor"], auto["pixel_compressor"]) == ("blosc_lz4", "blosc_lz4")
     assert resolve_codecs("bf16_bitround", "auto", None)["compression_level"] == 7
     assert resolve_codecs("float16", "auto", 2)["compression_level"] == 2
     named = resolve_codecs("float16", "zstd", None)
@@ -86,14 +84,19 @@ def test_auto_codecs_are_chosen_per_array_and_a_named_one_applies_to_all():
                      "pixel_compression_level": 3}  # fmt: skip
 
 
-def test_a_default_store_holds_lz4_features_and_zstd_pixels(make_job):
+def test_a_default_store_holds_lz4_features_and_pixels_and_bf16_features_in_zstd(make_job):
     path = encode.run(make_job(store=StoreOptions(shard_images=4), subset=SubsetSpec(max_images=5)),
                       progress=False).store_path  # fmt: skip
     name, config = _inner_compressor(path / "features")
     assert name == "blosc" and config["cname"] == "lz4"
     name, config = _inner_compressor(path / "pixels")
-    assert name == "blosc" and (config["cname"], config["clevel"]) == ("zstd", 1)
-    assert open_store(path).layout.pixel_compressor == "blosc_zstd_shuffle"
+    assert name == "blosc" and config["cname"] == "lz4"
+    assert open_store(path).layout.pixel_compressor == "blosc_lz4"
+    path = encode.run(make_job(store=StoreOptions(shard_images=4, precision="bf16_bitround"),
+                               subset=SubsetSpec(max_images=5)), progress=False).store_path  # fmt: skip
+    name, config = _inner_compressor(path / "features")
+    assert name == "blosc" and (config["cname"], config["clevel"]) == ("zstd", 7)
+    assert _inner_compressor(path / "pixels")[1]["cname"] == "lz4"
 
 
 @pytest.mark.parametrize("compressor", ["auto", "blosc_zstd_shuffle", "zstd", "none"])

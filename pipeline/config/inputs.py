@@ -220,7 +220,7 @@ class StoreOptions(Frozen):
         "auto",
         description="Byte codec. auto (measured per array): blosc lz4 for float16/float32 features (zstd gains "
         "only 1.1x there at 10x the decode time), blosc zstd + byte shuffle for bf16_bitround (level 7) and "
-        "int8_per_token (level 3), zstd level 1 for pixels. A named codec applies to every array; stores "
+        "int8_per_token (level 3), lz4 for pixels. A named codec applies to every array; stores "
         "encoded before `auto` existed used blosc_zstd_shuffle: name it to keep using them.",
     )
     compression_level: int | None = Field(
@@ -240,6 +240,12 @@ class EncodeOptions(Frozen):
         32, gt=0, description="Images per forward pass (batches never straddle shards)."
     )
     num_workers: int = Runtime(2, ge=0, description="DataLoader workers that decode and resize images.")
+    writer_threads: int = Runtime(
+        1,
+        ge=1,
+        description="Threads that compress and write finished shards (one writes ~600 ViT-B@224 images/s on "
+        "one core; a GPU host feeding thousands of images/s needs several).",
+    )
     device: Literal["auto", "cpu", "cuda"] = Runtime(
         "auto", description="auto: CUDA when available, else CPU."
     )

@@ -277,7 +277,7 @@ def _encode_pending(
         prefetch_factor=4 if job.options.num_workers else None,
         multiprocessing_context=_worker_context() if job.options.num_workers else None,
     )
-    writers = [BackgroundShardWriter(t.store) for t in targets]
+    writers = [BackgroundShardWriter(t.store, job.options.writer_threads) for t in targets]
     n_pending_images = sum(len(range(layout.n_images)[layout.shard_slice(i)]) for i in pending)
     bar = tqdm(
         total=layout.n_images, initial=layout.n_images - n_pending_images, unit="img", disable=not progress,
