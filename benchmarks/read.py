@@ -1,9 +1,10 @@
 """Reading features back from a reconlab store (`FeatureStore.features`, through storage/shard_reader.py) against
-zarr-python on the same arrays, the paper's one `.pt` file per image, and a raw uncompressed NumPy memmap (the
-disk's practical limit here). ViT-B/16 features at 224 px (14x14x768) and 512 px (32x32x768), at float16,
-bf16_bitround and int8_per_token; random values (a bound: real features compress a little); shards of 64, the
-`auto` codec per precision (and float16 under blosc zstd, the default before it); best of 3, warm page cache. Prints ms per random image and MB/s (of float16-sized
-features) for a sequential read of everything.
+zarr-python on the same arrays, the paper's one `.pt` file per image, a raw uncompressed NumPy memmap (the disk's
+practical limit here) and the train stage's loader (`batch_stream`: whole shards through a shuffle buffer).
+ViT-B/16 features at 224 px (14x14x768) and 512 px (32x32x768), at float16, bf16_bitround and int8_per_token;
+random values (a bound: real features compress a little); shards of 64, the `auto` codec per precision (and
+float16 under blosc zstd, the default before it); best of 3, warm page cache. Prints ms per random image and
+MB/s (of float16-sized features) and images/s for a sequential read of everything.
     .venv/bin/python benchmarks/read.py
 """
 
@@ -17,6 +18,7 @@ import numpy as np
 import torch
 import zarr
 
+from pipeline.data.feature_loader import batch_stream
 from storage import StoreLayout, create, open_store
 from storage.precision import quantize, resolve_codecs
 
@@ -76,22 +78,24 @@ def one_case(tmp: Path, n: int, grid: int, precision: str, compressor: str, rng)
         "zarr-python": (lambda i: array[int(i)], lambda: array[:]),
         ".pt per image": (lambda i: torch.load(pt / f"{int(i)}.pt"), lambda: [torch.load(pt / f"{i}.pt") for i in range(n)]),
         "raw memmap": (lambda i: np.array(raw[int(i)]), lambda: np.array(raw)),
+        "train loader (shuffle buffer 64, batch 32)": (None, lambda: list(batch_stream(store, 32, 0, 0, 64, pixels=False))),
     }  # fmt: skip
     mb = n * grid * grid * d * 2 / 1e6
     out = []
     codec = f"{layout.compressor} {layout.compression_level}"
     for name, (one, everything) in readers.items():
-        random_ms = 1e3 * best(lambda one=one: drop_each(one, picks)) / len(picks)
-        out.append(
-            f"| {grid * 16} px | {precision} | {codec} | {name} | {random_ms:.2f} | {mb / best(everything):.0f} |"
-        )
+        random_ms = f"{1e3 * best(lambda one=one: drop_each(one, picks)) / len(picks):.2f}" if one else "—"
+        sequential_s = best(everything)
+        out.append(f"| {grid * 16} px | {precision} | {codec} | {name} | {random_ms} | {mb / sequential_s:.0f} | "
+                   f"{n / sequential_s:.0f} |")  # fmt: skip
     return out
 
 
 def main() -> None:
     rng = np.random.default_rng(0)
-    print("| input | precision | codec | read | one image at random, ms | sequential, MB/s (float16-sized) |")
-    print("|---|---|---|---|---|---|")
+    print("| input | precision | codec | read | one image at random, ms | sequential, MB/s (float16-sized) | "
+          "sequential, images/s |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
         for grid, n in ((14, 256), (32, 128)):
             cases = [(p, "auto") for p in ("float16", "bf16_bitround", "int8_per_token")]
