@@ -141,13 +141,29 @@ def jobs_from_config(cfg: RunConfig, config_path: Path | None, encoder_names: li
     ]
 
 
-def build(cfg: RunConfig, config_path: Path | None = None, encoder_names: list[str] | None = None) -> RunPlan:
-    """The jobs of every stage, for all the config's encoders or only `encoder_names`."""
+def build(
+    cfg: RunConfig,
+    config_path: Path | None = None,
+    encoder_names: list[str] | None = None,
+    image_counts: dict[str, int] | None = None,
+) -> RunPlan:
+    """The jobs of every stage, for all the config's encoders or only `encoder_names`. `image_counts` (images per
+    split): plan without reading the dataset, for estimates; stores then have placeholder folders."""
     run = RunPlan(cfg)
     base = {}
+
+    def locate(job: EncodeJob) -> tuple[Path, int]:
+        if image_counts is None:
+            records, _, path = encode.plan(job)
+            return path, len(records)
+        if job.split not in image_counts:
+            raise ConfigError(f"no image count for split '{job.split}': pass --images {job.split}=N")
+        n = min(image_counts[job.split], job.subset.max_images or image_counts[job.split])
+        return Path(f"(unlisted) {job.encoder.name}__{job.split}__{job.transform.tag}"), n
+
     for job in jobs_from_config(cfg, config_path, encoder_names):
-        records, _, path = encode.plan(job)
-        run.encode[path], run.n_images[path] = job, len(records)
+        path, n = locate(job)
+        run.encode[path], run.n_images[path] = job, n
         if job.transform == TransformSpec():
             base.setdefault(job.encoder.name, job)
 
@@ -155,8 +171,8 @@ def build(cfg: RunConfig, config_path: Path | None = None, encoder_names: list[s
         job = replace(base[name], split=split, transform=transform)
         path = next((p for p, j in run.encode.items() if j == job), None)
         if path is None:
-            records, _, path = encode.plan(job)
-            run.encode[path], run.n_images[path] = job, len(records)
+            path, n = locate(job)
+            run.encode[path], run.n_images[path] = job, n
         return path
 
     # Operators and evaluation may name encoders outside `encoders:`; those get only the stores they need.

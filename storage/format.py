@@ -175,10 +175,15 @@ class FeatureStore:
     def valid(self) -> np.ndarray:
         return self._read("valid", slice(None))
 
-    def _read(self, name: str, rows: slice | np.ndarray | int) -> np.ndarray:
+    def _read(self, name: str, rows: slice | np.ndarray | int, out: np.ndarray | None = None) -> np.ndarray:
         self._verify_rows(name, rows)
         if name not in self._readers:
             self._readers[name] = ShardReader.of(self._array(name), self.path / name)
+        if out is not None:
+            if self._readers[name] is not None and np.ndim(rows) == 1:
+                return self._readers[name].read(np.arange(self.layout.n_images)[rows], out)
+            out[...] = self._read(name, rows)
+            return out
         if (reader := self._readers[name]) is not None:  # the direct path: ~3x faster for one image
             index = np.arange(self.layout.n_images)[rows]
             out = reader.read(np.atleast_1d(index))
@@ -193,10 +198,18 @@ class FeatureStore:
         lo, hi = int(rows.min()), int(rows.max()) + 1
         return self._array(name)[lo:hi][rows - lo]
 
-    def features(self, rows: slice | np.ndarray | int = slice(None), as_stored: bool = False) -> np.ndarray:
+    def features(
+        self,
+        rows: slice | np.ndarray | int = slice(None),
+        as_stored: bool = False,
+        out: np.ndarray | None = None,
+    ) -> np.ndarray:
         """Features [n, H, W, D] as float32, whatever the stored precision; `as_stored`: in the stored float dtype
         (float16 stays float16: half the bytes to move, converted where they are used, e.g. on the GPU; int8 with
-        per-token scales is always dequantised to float32)."""
+        per-token scales is always dequantised to float32). `out` (as_stored reads of float stores, rows an index
+        array): an array to read into, reused across calls by a loader."""
+        if out is not None and as_stored and self.layout.precision != "int8_per_token":
+            return self._read("features", rows, out)
         stored = self._read("features", rows)
         if self.layout.precision == "int8_per_token":
             return prec.dequantize(stored, self._read("features_scale", rows))
@@ -209,10 +222,12 @@ class FeatureStore:
                              "true and an encoder with keep_head: true)")  # fmt: skip
         return self._read("embeddings", rows)
 
-    def pixels(self, rows: slice | np.ndarray | int = slice(None)) -> np.ndarray:
+    def pixels(
+        self, rows: slice | np.ndarray | int = slice(None), out: np.ndarray | None = None
+    ) -> np.ndarray:
         if not self.layout.store_pixels:
             raise StoreError(f"{self.path}: this store was written without pixels (store_pixels: false)")
-        return self._read("pixels", rows)
+        return self._read("pixels", rows, out)
 
     # -- writing -------------------------------------------------------------------------------------------
     def write_shard(

@@ -23,6 +23,7 @@ from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ShardingCodec, Zstd
 from zarr.codecs.sharding import ShardingCodecIndexLocation
 
 _EMPTY = np.uint64(2**64 - 1)  # offset and nbytes of a chunk never written (fill value)
+_ROWS_PER_TASK = 16  # rows one thread reads in turn: enough to outweigh a task's start, few enough to spread
 
 
 class ShardReader:
@@ -54,25 +55,37 @@ class ShardReader:
             return None
         return cls(array, folder)
 
-    def read(self, rows: np.ndarray) -> np.ndarray:
-        """The rows (any order, repeats allowed) as one array [len(rows), ...]; shards on parallel threads
-        (reads and blosc/zstd decoding release the GIL)."""
-        out = np.empty((len(rows), *self.shape[1:]), self.dtype)
-        shards = np.unique(rows // self.shard_rows)
-        if len(shards) <= 1:
-            for shard in shards:
-                self._read_shard(int(shard), rows, out)
+    def read(self, rows: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """The rows (any order, repeats allowed) as one array [len(rows), ...]. Many rows are read and decoded
+        on parallel threads, in runs of `_ROWS_PER_TASK` positions (reads and blosc/zstd decoding release the
+        GIL): a whole shard of zstd-compressed features decodes on every core, not one. `out`: where to put
+        them (a buffer reused across calls spares a fresh allocation's page faults)."""
+        shape = (len(rows), *self.shape[1:])
+        if out is None:
+            out = np.empty(shape, self.dtype)
+        elif out.shape != shape or out.dtype != self.dtype or not out.flags.c_contiguous:
+            raise ValueError(f"out must be a C-contiguous {self.dtype} array of shape {shape}")
+        shard_of = rows // self.shard_rows
+        tasks = [
+            (int(shard), part)
+            for shard in np.unique(shard_of)
+            for part in np.array_split(np.flatnonzero(shard_of == shard), -(-int((shard_of == shard).sum()) // _ROWS_PER_TASK))
+        ]  # fmt: skip
+        workers = min(len(tasks), os.cpu_count() or 1, 8)
+        if workers <= 1:
+            for shard, positions in tasks:
+                self._read_shard(shard, rows, positions, out)
         else:
-            with ThreadPoolExecutor(min(len(shards), os.cpu_count() or 1, 8)) as pool:
-                list(pool.map(lambda shard: self._read_shard(int(shard), rows, out), shards))
+            with ThreadPoolExecutor(workers) as pool:
+                list(pool.map(lambda task: self._read_shard(task[0], rows, task[1], out), tasks))
         return out.astype(self.dtype.newbyteorder("="), copy=False)
 
     def forget(self, shard: int) -> None:
         """Drop a cached index (the shard is being written again)."""
         self._indexes.pop(shard, None)
 
-    def _read_shard(self, shard: int, rows: np.ndarray, out: np.ndarray) -> None:
-        positions = np.flatnonzero(rows // self.shard_rows == shard)
+    def _read_shard(self, shard: int, rows: np.ndarray, positions: np.ndarray, out: np.ndarray) -> None:
+        """out[positions] = rows[positions], all of them rows of `shard`."""
         path = self.folder / self.chunk_key((shard,) + (0,) * (len(self.shape) - 1))
         if not path.is_file():  # no chunk of this shard was ever written
             out[positions] = self.fill_value

@@ -19,34 +19,54 @@ def batch_stream(
 ) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
     """(features, pixels) batches of one epoch: shards in a seeded order through a bounded shuffle buffer.
     Features come in the stored float dtype (float16 stores: float16; the consumer converts on its device).
-    `pixels=False` never reads the pixels (None in their place); the batches of features are the same."""
+    `pixels=False` never reads the pixels (None in their place); the batches of features are the same.
+
+    The buffer is one preallocated array of slots (buffer + a shard + a batch): a shard's images are copied into
+    free slots and a batch gathered from drawn slots, so memory is fixed and no image is allocated on its own
+    (per-image arrays cost their page faults: ~0.4 ms per 512 px image of ViT-B features)."""
     rng = np.random.default_rng([seed, epoch])
     lay = store.layout
-    pool_feats: list[np.ndarray] = []
-    pool_pixels: list[np.ndarray] = []
+    valid_rows = store.valid()
+    capacity = buffer_images + batch_size + lay.shard_images
+    slot_features = slot_pixels = staging = None
+    free = list(range(capacity - 1, -1, -1))
+    pool: list[int] = []  # slots holding an image, in the order the draws see them
 
     def draw(n: int):
-        picks = sorted(rng.choice(len(pool_feats), size=n, replace=False), reverse=True)
-        out = [(pool_feats[i], pool_pixels[i]) for i in picks]
-        for i in picks:  # swap-remove: O(1) per image, no copying of the pool
-            pool_feats[i], pool_pixels[i] = pool_feats[-1], pool_pixels[-1]
-            pool_feats.pop()
-            pool_pixels.pop()
-        return np.stack([f for f, _ in out]), np.stack([p for _, p in out]) if pixels else None
+        picks = sorted(rng.choice(len(pool), size=n, replace=False), reverse=True)
+        slots = [pool[i] for i in picks]
+        for i in picks:  # swap-remove: O(1) per image
+            pool[i] = pool[-1]
+            pool.pop()
+        free.extend(slots)
+        return slot_features[slots], slot_pixels[slots] if pixels else None
 
     for shard in rng.permutation(lay.n_shards):
         rows = lay.shard_slice(int(shard))
-        valid = store.group["valid"][rows]
-        feats = store.features(rows, as_stored=True)[valid]  # float16 stays half-size until the device
-        pool_feats.extend(np.array(f) for f in feats)  # own copies, so the shard's arrays are freed
+        keep = np.flatnonzero(valid_rows[rows]) + rows.start
+        if not keep.size:
+            continue
+        # float16 stays half-size until the device; read into one reused buffer per array
+        feats = store.features(keep, as_stored=True, out=None if staging is None else staging[0][: keep.size])
+        if slot_features is None:
+            slot_features = np.empty((capacity, *feats.shape[1:]), feats.dtype)
+        slots = [free.pop() for _ in range(len(keep))]
+        slot_features[slots] = feats
+        images = (
+            store.pixels(keep, out=None if staging is None else staging[1][: keep.size]) if pixels else None
+        )
         if pixels:
-            pool_pixels.extend(np.array(p) for p in store.pixels(rows)[valid])
-        else:
-            pool_pixels.extend([None] * len(feats))
-        while len(pool_feats) >= buffer_images + batch_size:
+            if slot_pixels is None:
+                slot_pixels = np.empty((capacity, *images.shape[1:]), images.dtype)
+            slot_pixels[slots] = images
+        if staging is None and feats.flags.owndata:
+            staging = (np.empty((lay.shard_images, *feats.shape[1:]), feats.dtype),
+                       None if images is None else np.empty((lay.shard_images, *images.shape[1:]), images.dtype))  # fmt: skip
+        pool.extend(slots)
+        while len(pool) >= buffer_images + batch_size:
             yield draw(batch_size)
-    while pool_feats:
-        yield draw(min(batch_size, len(pool_feats)))
+    while pool:
+        yield draw(min(batch_size, len(pool)))
 
 
 def n_batches_per_epoch(store: FeatureStore, batch_size: int) -> int:

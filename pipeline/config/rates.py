@@ -1,0 +1,45 @@
+"""The rates the cost model reads (configs/rates.yaml): a GPU's peak and assumed utilisation, the host's measured
+per-image CPU costs, measured stored bytes, and FLOP twins for models timm cannot build offline."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from pipeline.config.base import Frozen
+
+Stage = Literal["encode", "train", "evaluate"]
+Precisions = dict[Literal["float16", "float32", "bf16_bitround", "int8_per_token"], float]
+
+
+class GpuRates(Frozen):
+    name: str
+    peak_tflops: float = Field(gt=0, description="Dense peak of the compute dtype (bf16 autocast on CUDA).")
+    peak_source: str
+    utilisation: dict[Stage, float] = Field(description="Share of the peak each stage reaches, 0-1.")
+    utilisation_source: str
+
+
+class HostRates(Frozen):
+    cpu_cores: int = Field(gt=0)
+    cpu_cores_source: str
+    decode_resize_ms: float = Field(gt=0, description="CPU ms to decode and resize one image (one core).")
+    write_ms_per_mb: float = Field(gt=0, description="CPU ms to compress and write one stored MB.")
+    loader_ms_per_mb: Precisions = Field(description="Train loader ms per MB of float16-sized features.")
+    source: str
+
+
+class StoredBytes(Frozen):
+    features: Precisions = Field(description="Stored bytes per raw float16 feature byte, per precision.")
+    pixels: float = Field(gt=0, description="Stored bytes per raw uint8 pixel byte.")
+    source: str
+
+
+class Rates(Frozen):
+    gpu: GpuRates
+    host: HostRates
+    stored_bytes: StoredBytes
+    flop_twins: dict[str, str] = Field(
+        default_factory=dict, description="model_id -> the timm architecture counted in its place."
+    )

@@ -1,0 +1,187 @@
+"""What a run costs before it runs: GPU-hours and disk bytes per planned artifact (`reconlab plan --estimate`).
+
+FLOPs are counted on each model itself (torch's FlopCounterMode over a forward on the meta device: the real
+architecture at the run's resolution, no weights, no GPU); time is FLOPs over the GPU's peak times an assumed
+utilisation, or the host's measured CPU cost where that is the larger (decoding and writing in the encode stage,
+the train loader), from configs/rates.yaml. Every row says which of its figures are counted, measured or assumed.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from pipeline.config import EncoderSpec, ReconstructorConfig, RunConfig
+from pipeline.config.rates import Rates
+from pipeline.models.reconstructor import Reconstructor
+from pipeline.plan import RunPlan
+
+MB = 1e6
+
+
+@dataclass(frozen=True)
+class Estimate:
+    stage: str
+    encoder: str
+    what: str
+    images: int
+    gpu_hours: float  # hours the stage holds one GPU (compute or, where larger, the host feeding it)
+    disk_gb: float  # bytes it leaves on disk, in GB
+    bound: str  # what sets the time: GPU compute, host CPU, train loader
+    basis: str  # where the figures come from
+
+
+def estimate(run: RunPlan, rates: Rates) -> list[Estimate]:
+    """One row per planned artifact of the run's four stages; studies (tokens, sae) are listed as not modelled."""
+    cfg = run.cfg
+    rows = [_encode_row(run, group, rates) for group in run.one_pass_groups(list(run.encode))]
+    for name, job in run.train.items():
+        rows.append(
+            _train_row(cfg, name, run.encode[job.train_store].encoder, run.n_images[job.train_store], rates)
+        )
+    for step in run.operators:
+        spec, n = run.encode[step.identity_store].encoder, run.n_images[step.identity_store]
+        rows.append(_operators_row(cfg, spec, step.pair.transform.tag, n, rates))
+    for store in run.evaluate.values():
+        rows.append(_evaluate_row(cfg, run, run.encode[store].encoder, run.n_images[store], rates))
+    for stage, steps in run.studies.items():
+        rows += [Estimate(stage, s.encoder, "networks and evaluation", 0, math.nan, math.nan, "",
+                          "not modelled: see docs/tokens.md, docs/sae.md") for s in steps]  # fmt: skip
+    return rows
+
+
+def _hours(flops: float, rates: Rates, stage: str) -> float:
+    return flops / (rates.gpu.peak_tflops * 1e12 * rates.gpu.utilisation[stage]) / 3600
+
+
+def _gpu_basis(rates: Rates, stage: str) -> str:
+    return f"{rates.gpu.name} {rates.gpu.peak_tflops:g} TFLOP/s x {rates.gpu.utilisation[stage]:g} (assumed)"
+
+
+def _encode_row(run: RunPlan, group: list, rates: Rates) -> Estimate:
+    job, n = run.encode[group[0]], run.n_images[group[0]]
+    spec, store = job.encoder, job.store
+    h, w = spec.grid
+    per_image = {
+        "features": sum(
+            h * w * (run.encode[p].encoder.hidden_dim or encoder_width(spec, rates)) * 2 for p in group
+        )
+        * rates.stored_bytes.features[store.precision],
+        "pixels": spec.resolution**2 * 3 * rates.stored_bytes.pixels if store.store_pixels else 0.0,
+    }
+    stored_mb = sum(per_image.values()) / MB
+    gpu = _hours(n * encoder_flops(spec, rates), rates, "encode")
+    cpu_ms = rates.host.decode_resize_ms + rates.host.write_ms_per_mb * stored_mb
+    host = n * cpu_ms / 1e3 / rates.host.cpu_cores / 3600
+    layers = f", {len(group)} layers in one pass" if len(group) > 1 else ""
+    return Estimate(
+        "encode", spec.name, f"{job.split} {job.transform.tag}{layers}", n, max(gpu, host), n * stored_mb * MB / 1e9,
+        "GPU compute" if gpu >= host else f"host CPU ({rates.host.cpu_cores} cores)",
+        f"FLOPs counted; {_gpu_basis(rates, 'encode')}; host {cpu_ms:.1f} ms/image/core (measured CPU rates); "
+        f"bytes: measured ratios ({store.precision})",
+    )  # fmt: skip
+
+
+def _train_row(cfg: RunConfig, name: str, spec: EncoderSpec, n: int, rates: Rates) -> Estimate:
+    epochs, precision = cfg.train.epochs, cfg.store.precision
+    flops = 3 * reconstructor_flops(cfg.train.model, spec, rates)  # forward + backward
+    gpu = _hours(n * epochs * flops, rates, "train")
+    h, w = spec.grid
+    feature_mb = h * w * (spec.hidden_dim or encoder_width(spec, rates)) * 2 / MB
+    pixel_mb = spec.resolution**2 * 3 / MB
+    loader = n * epochs * (feature_mb * rates.host.loader_ms_per_mb[precision]
+                           + pixel_mb * rates.host.loader_ms_per_mb["float16"]) / 1e3 / 3600  # fmt: skip
+    params = reconstructor_params(cfg.train.model, spec, rates)
+    disk = (
+        params * 4 * (3 + 1) / 1e9
+    )  # the latest epoch checkpoint (weights + two Adam moments) + final weights
+    return Estimate(
+        "train", name, f"{cfg.train.train_split}, {epochs} epochs", n, max(gpu, loader), disk,
+        "GPU compute" if gpu >= loader else "train loader (one thread)",
+        f"FLOPs counted (R: {params / 1e6:.0f} M parameters, x3 for backward); {_gpu_basis(rates, 'train')}; "
+        f"loader: measured CPU rate ({precision})",
+    )  # fmt: skip
+
+
+def _operators_row(cfg: RunConfig, spec: EncoderSpec, tag: str, n: int, rates: Rates) -> Estimate:
+    n_eval = min(cfg.operators.n_eval_images or n, n)
+    flops = 2 * n_eval * reconstructor_flops(cfg.train.model, spec, rates)  # R of T(f(x)) and of f(T(x))
+    width = spec.hidden_dim or encoder_width(spec, rates)
+    fits = 3 * width * width * 8  # one D x D float64 matrix per fit
+    return Estimate("operators", spec.name, tag, n, _hours(flops, rates, "evaluate"), fits / 1e9, "GPU compute",
+                    "FLOPs counted (reconstructions of test pairs); fits on the CPU (seconds)")  # fmt: skip
+
+
+def _evaluate_row(cfg: RunConfig, run: RunPlan, spec: EncoderSpec, n: int, rates: Rates) -> Estimate:
+    judges = sum(encoder_flops(j, rates) for j in run.judges) * len(cfg.evaluate.judge_modes) * 2  # image + R
+    flops = n * (reconstructor_flops(cfg.train.model, spec, rates) + judges)
+    return Estimate("evaluate", spec.name, f"scores on {cfg.evaluate.split}", n, _hours(flops, rates, "evaluate"),
+                    n * 200 / 1e9, "GPU compute",
+                    f"FLOPs counted (R + {len(run.judges)} judges x {len(cfg.evaluate.judge_modes)} modes); "
+                    f"{_gpu_basis(rates, 'evaluate')}")  # fmt: skip
+
+
+@functools.cache
+def _timm_trunk(model_id: str, resolution: int) -> tuple[float, int]:
+    """(forward FLOPs of one image through the trunk, output width) of a timm architecture, on the meta device."""
+    from pipeline.models import _torchvision_shim
+
+    _torchvision_shim.install()
+    import timm
+
+    with torch.device("meta"):
+        try:
+            model = timm.create_model(model_id, pretrained=False, img_size=resolution)
+        except TypeError:  # CNNs take any size and no img_size
+            model = timm.create_model(model_id, pretrained=False)
+        with FlopCounterMode(display=False) as counter:
+            model.forward_features(torch.empty(1, 3, resolution, resolution))
+    return float(counter.get_total_flops()), int(model.num_features)
+
+
+def _architecture(spec: EncoderSpec, rates: Rates) -> str:
+    if spec.backend == "timm":
+        return spec.model_id
+    if spec.model_id in rates.flop_twins:
+        return rates.flop_twins[spec.model_id]
+    raise ValueError(
+        f"encoder '{spec.name}': cannot count the FLOPs of {spec.backend} model {spec.model_id}; add a timm "
+        "architecture of the same depth, width and patch under flop_twins in the rates file"
+    )
+
+
+def encoder_flops(spec: EncoderSpec, rates: Rates) -> float:
+    return _timm_trunk(_architecture(spec, rates), spec.resolution)[0]
+
+
+def encoder_width(spec: EncoderSpec, rates: Rates) -> int:
+    return _timm_trunk(_architecture(spec, rates), spec.resolution)[1]
+
+
+@functools.cache
+def _reconstructor_counts(
+    cfg_json: str, width: int, grid: tuple[int, int], patch: int, size: int
+) -> tuple[float, int]:
+    """(forward FLOPs of one image, parameters) of the reconstructor, built on the meta device."""
+    with torch.device("meta"):
+        model = Reconstructor(ReconstructorConfig.model_validate_json(cfg_json), width, grid, patch, size)
+        with FlopCounterMode(display=False) as counter:
+            model(torch.empty(1, *grid, width))
+    return float(counter.get_total_flops()), sum(p.numel() for p in model.parameters())
+
+
+def _counts(cfg: ReconstructorConfig, spec: EncoderSpec, rates: Rates) -> tuple[float, int]:
+    width = spec.hidden_dim or encoder_width(spec, rates)
+    return _reconstructor_counts(cfg.model_dump_json(), width, spec.grid, spec.patch_size, spec.resolution)
+
+
+def reconstructor_flops(cfg: ReconstructorConfig, spec: EncoderSpec, rates: Rates) -> float:
+    return _counts(cfg, spec, rates)[0]
+
+
+def reconstructor_params(cfg: ReconstructorConfig, spec: EncoderSpec, rates: Rates) -> int:
+    return _counts(cfg, spec, rates)[1]

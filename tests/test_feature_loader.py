@@ -1,0 +1,61 @@
+"""The train loader (pipeline/data/feature_loader.py): every valid image once per epoch, features and pixels of
+the same image together, seeded order, and reads into reused buffers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pipeline.data.feature_loader import batch_stream
+from storage import StoreLayout, create, open_store
+from storage.precision import resolve_codecs
+
+
+@pytest.fixture
+def labelled_store(tmp_path):
+    """150 images in shards of 16 (the last one short), ~10 % invalid; image i's features and pixels hold i."""
+    n, rng = 150, np.random.default_rng(0)
+    layout = StoreLayout(n_images=n, grid_hw=(2, 2), hidden_dim=4, pixel_size=4, shard_images=16,
+                         precision="float16", **resolve_codecs("float16", "auto", None))  # fmt: skip
+    store = create(tmp_path / "s.zarr", layout, {})
+    rows = np.arange(n)
+    features = np.broadcast_to(rows[:, None, None, None], (n, 2, 2, 4)).astype(np.float32)
+    pixels = np.broadcast_to((rows % 256)[:, None, None, None], (n, 4, 4, 3)).astype(np.uint8)
+    valid = rng.random(n) > 0.1
+    for shard in range(layout.n_shards):
+        r = layout.shard_slice(shard)
+        store.write_shard(shard, features[r], pixels[r], rows[r], valid[r], {"n_encoded": 0, "failures": [],
+                                                                           "stats": {}})  # fmt: skip
+    return open_store(store.path, require_complete=False), valid
+
+
+def _ids(batches) -> list[int]:
+    return [int(i) for features, _ in batches for i in features[:, 0, 0, 0]]
+
+
+def test_every_valid_image_comes_once_per_epoch_with_its_own_pixels(labelled_store):
+    store, valid = labelled_store
+    batches = list(batch_stream(store, batch_size=7, seed=1, epoch=0, buffer_images=20))
+    assert sorted(_ids(batches)) == np.flatnonzero(valid).tolist()
+    assert all(len(f) == 7 for f, _ in batches[:-1])
+    for features, pixels in batches:
+        assert features.dtype == np.float16  # as stored, converted on the device
+        np.testing.assert_array_equal(pixels[:, 0, 0, 0], features[:, 0, 0, 0].astype(int) % 256)
+
+
+def test_the_order_is_seeded_per_epoch_and_pixels_false_gives_the_same_features(labelled_store):
+    store, _ = labelled_store
+    first = _ids(batch_stream(store, 8, seed=3, epoch=2, buffer_images=32))
+    assert first == _ids(batch_stream(store, 8, seed=3, epoch=2, buffer_images=32, pixels=False))
+    assert first != _ids(batch_stream(store, 8, seed=3, epoch=3, buffer_images=32))
+    assert all(p is None for _, p in batch_stream(store, 8, seed=3, epoch=2, buffer_images=32, pixels=False))
+
+
+def test_reads_into_a_given_buffer_and_refuses_one_of_the_wrong_shape(labelled_store):
+    store, _ = labelled_store
+    rows = np.array([3, 40, 17])
+    buffer = np.empty((3, 2, 2, 4), np.float16)
+    assert store.features(rows, as_stored=True, out=buffer) is buffer
+    np.testing.assert_array_equal(buffer[:, 0, 0, 0], rows)
+    with pytest.raises(ValueError, match="C-contiguous float16 array of shape"):
+        store.features(rows, as_stored=True, out=np.empty((2, 2, 2, 4), np.float16))
