@@ -220,12 +220,40 @@ def _echo_plan(config: Path, with_operators: bool = True) -> list:
 def plan_command(
     config: Annotated[Path, typer.Option("--config", "-c", help="Run config YAML.")],
     operators: Annotated[bool, typer.Option(help="Include the operators stage.")] = True,
+    estimate: Annotated[
+        bool, typer.Option("--estimate", help="Add GPU-hours and disk per artifact (docs/benchmarks.md).")
+    ] = False,
+    images: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="split=N: estimate without the dataset, e.g. --images train=118287 --images val=5000."
+        ),
+    ] = None,
+    rates: Annotated[Path | None, typer.Option(help="Rates file (default: configs/rates.yaml).")] = None,
 ) -> None:
     """Print what a run would do, stage by stage: each store, training run and operator fit, where it lives and
-    whether it is cached, partial or to run. Runs nothing."""
+    whether it is cached, partial or to run; with --estimate, what each costs. Runs nothing."""
     with reported_in_one_line():
-        _preflight(config)
-        _echo_plan(config, operators)
+        counts = _image_counts(images) if images else None
+        if counts is not None and not estimate:
+            raise typer.BadParameter(
+                "--images applies to --estimate only (the plan lists the dataset itself)"
+            )
+        if counts is None:
+            _preflight(config)
+            _echo_plan(config, operators)
+        if estimate:
+            results_out.echo_estimate(config, counts, rates, operators)
+
+
+def _image_counts(items: list[str]) -> dict[str, int]:
+    counts = {}
+    for item in items:
+        split, _, n = item.partition("=")
+        if not split or not n.isdigit() or int(n) == 0:
+            raise typer.BadParameter(f"--images expects split=N with N > 0, got '{item}'")
+        counts[split] = int(n)
+    return counts
 
 
 @app.command()

@@ -56,3 +56,37 @@ def echo_evaluation(result) -> None:
             typer.echo(f"\nranking by {key[0]} / {key[1]}:")
             typer.echo(rankings[key].to_string(index=False))
     typer.echo(f"\nreport: {result.report_md}\n        {result.report_html}")
+
+
+def echo_estimate(config, image_counts: dict[str, int] | None, rates_path, with_operators: bool) -> None:
+    """`reconlab plan --estimate`: GPU-hours and disk per planned artifact, totals per stage, and the source of
+    every rate (configs/rates.yaml)."""
+    import pandas as pd
+
+    from pipeline import plan
+    from pipeline.config.rates import Rates
+    from pipeline.config_files import REPO_CONFIG_DIR, load_model, load_run_config
+    from pipeline.cost_model import estimate
+
+    rates_path = rates_path or REPO_CONFIG_DIR / "rates.yaml"
+    rates = load_model(rates_path, Rates)
+    run = plan.build(load_run_config(config), config, image_counts=image_counts)
+    rows = estimate(run, rates, with_operators)
+    table = pd.DataFrame(
+        [{"stage": r.stage, "encoder": r.encoder, "what": r.what, "images": r.images, "GPU h": r.gpu_hours,
+          "compute h": r.compute_hours, "host h": r.host_hours, "bound": r.bound, "disk GB": r.disk_gb}
+         for r in rows]
+    )  # fmt: skip
+    typer.echo(f"\nEstimate ({rates.gpu.name}; rates: {rates_path})\n")
+    typer.echo(table.to_markdown(index=False, tablefmt="simple", floatfmt=".3g"))
+    totals = table.groupby("stage", sort=False)[["GPU h", "disk GB"]].sum(min_count=1)
+    totals.loc["total"] = totals.sum()
+    typer.echo("\n" + totals.reset_index().to_markdown(index=False, tablefmt="simple", floatfmt=".4g"))
+    typer.echo(
+        "\nGPU h: hours the stage holds one GPU = max(compute h, host h); host h: the CPU work beside it."
+    )
+    for stage, basis in dict.fromkeys((r.stage, r.basis) for r in rows):
+        typer.echo(f"  {stage}: {basis}")
+    typer.echo(f"  GPU utilisation: {rates.gpu.utilisation_source}")
+    typer.echo(f"  host: {rates.host.source}; {rates.host.cpu_cores} cores: {rates.host.cpu_cores_source}")
+    typer.echo(f"  bytes: {rates.stored_bytes.source}")

@@ -29,27 +29,37 @@ class Estimate:
     encoder: str
     what: str
     images: int
-    gpu_hours: float  # hours the stage holds one GPU (compute or, where larger, the host feeding it)
-    disk_gb: float  # bytes it leaves on disk, in GB
-    bound: str  # what sets the time: GPU compute, host CPU, train loader
+    compute_hours: float  # the GPU's own work: counted FLOPs at the assumed share of its peak
+    host_hours: float  # what the host does alongside (decode and write, the train loader); 0: nothing
+    disk_gb: float  # what it leaves on disk
     basis: str  # where the figures come from
 
+    @property
+    def gpu_hours(self) -> float:
+        """Hours the stage holds one GPU: its compute, or the host feeding it where that is slower."""
+        return max(self.compute_hours, self.host_hours)
 
-def estimate(run: RunPlan, rates: Rates) -> list[Estimate]:
+    @property
+    def bound(self) -> str:
+        if math.isnan(self.compute_hours):
+            return ""
+        return "GPU compute" if self.compute_hours >= self.host_hours else "host"
+
+
+def estimate(run: RunPlan, rates: Rates, with_operators: bool = True) -> list[Estimate]:
     """One row per planned artifact of the run's four stages; studies (tokens, sae) are listed as not modelled."""
     cfg = run.cfg
     rows = [_encode_row(run, group, rates) for group in run.one_pass_groups(list(run.encode))]
     for name, job in run.train.items():
-        rows.append(
-            _train_row(cfg, name, run.encode[job.train_store].encoder, run.n_images[job.train_store], rates)
-        )
-    for step in run.operators:
+        spec, n = run.encode[job.train_store].encoder, run.n_images[job.train_store]
+        rows.append(_train_row(cfg, name, spec, n, rates))
+    for step in run.operators if with_operators else []:
         spec, n = run.encode[step.identity_store].encoder, run.n_images[step.identity_store]
         rows.append(_operators_row(cfg, spec, step.pair.transform.tag, n, rates))
     for store in run.evaluate.values():
         rows.append(_evaluate_row(cfg, run, run.encode[store].encoder, run.n_images[store], rates))
     for stage, steps in run.studies.items():
-        rows += [Estimate(stage, s.encoder, "networks and evaluation", 0, math.nan, math.nan, "",
+        rows += [Estimate(stage, s.encoder, "networks and evaluation", 0, math.nan, math.nan, math.nan,
                           "not modelled: see docs/tokens.md, docs/sae.md") for s in steps]  # fmt: skip
     return rows
 
@@ -62,65 +72,63 @@ def _gpu_basis(rates: Rates, stage: str) -> str:
     return f"{rates.gpu.name} {rates.gpu.peak_tflops:g} TFLOP/s x {rates.gpu.utilisation[stage]:g} (assumed)"
 
 
+def _width(spec: EncoderSpec, rates: Rates) -> int:
+    return spec.hidden_dim or encoder_width(spec, rates)
+
+
 def _encode_row(run: RunPlan, group: list, rates: Rates) -> Estimate:
+    """One forward pass over the split fills every store of `group` (an encoder's layers)."""
     job, n = run.encode[group[0]], run.n_images[group[0]]
     spec, store = job.encoder, job.store
     h, w = spec.grid
-    per_image = {
-        "features": sum(
-            h * w * (run.encode[p].encoder.hidden_dim or encoder_width(spec, rates)) * 2 for p in group
-        )
-        * rates.stored_bytes.features[store.precision],
-        "pixels": spec.resolution**2 * 3 * rates.stored_bytes.pixels if store.store_pixels else 0.0,
-    }
-    stored_mb = sum(per_image.values()) / MB
-    gpu = _hours(n * encoder_flops(spec, rates), rates, "encode")
+    features = sum(h * w * _width(run.encode[p].encoder, rates) * 2 for p in group)
+    pixels = spec.resolution**2 * 3 if store.store_pixels else 0
+    stored_mb = (
+        features * rates.stored_bytes.features[store.precision] + pixels * rates.stored_bytes.pixels
+    ) / MB
     cpu_ms = rates.host.decode_resize_ms + rates.host.write_ms_per_mb * stored_mb
-    host = n * cpu_ms / 1e3 / rates.host.cpu_cores / 3600
     layers = f", {len(group)} layers in one pass" if len(group) > 1 else ""
     return Estimate(
-        "encode", spec.name, f"{job.split} {job.transform.tag}{layers}", n, max(gpu, host), n * stored_mb * MB / 1e9,
-        "GPU compute" if gpu >= host else f"host CPU ({rates.host.cpu_cores} cores)",
-        f"FLOPs counted; {_gpu_basis(rates, 'encode')}; host {cpu_ms:.1f} ms/image/core (measured CPU rates); "
-        f"bytes: measured ratios ({store.precision})",
+        "encode", spec.name, f"{job.split} {job.transform.tag}{layers}", n,
+        _hours(n * encoder_flops(spec, rates), rates, "encode"),
+        n * cpu_ms / 1e3 / rates.host.cpu_cores / 3600, n * stored_mb * MB / 1e9,
+        f"FLOPs counted; {_gpu_basis(rates, 'encode')}; host: {cpu_ms:.1f} ms per image on each of "
+        f"{rates.host.cpu_cores} cores (measured CPU rates); bytes: measured ratios ({store.precision})",
     )  # fmt: skip
 
 
 def _train_row(cfg: RunConfig, name: str, spec: EncoderSpec, n: int, rates: Rates) -> Estimate:
     epochs, precision = cfg.train.epochs, cfg.store.precision
-    flops = 3 * reconstructor_flops(cfg.train.model, spec, rates)  # forward + backward
-    gpu = _hours(n * epochs * flops, rates, "train")
     h, w = spec.grid
-    feature_mb = h * w * (spec.hidden_dim or encoder_width(spec, rates)) * 2 / MB
-    pixel_mb = spec.resolution**2 * 3 / MB
-    loader = n * epochs * (feature_mb * rates.host.loader_ms_per_mb[precision]
-                           + pixel_mb * rates.host.loader_ms_per_mb["float16"]) / 1e3 / 3600  # fmt: skip
+    feature_mb, pixel_mb = h * w * _width(spec, rates) * 2 / MB, spec.resolution**2 * 3 / MB
+    loader_ms = (
+        feature_mb * rates.host.loader_ms_per_mb[precision]
+        + pixel_mb * rates.host.loader_ms_per_mb["float16"]
+    )
     params = reconstructor_params(cfg.train.model, spec, rates)
-    disk = (
-        params * 4 * (3 + 1) / 1e9
-    )  # the latest epoch checkpoint (weights + two Adam moments) + final weights
     return Estimate(
-        "train", name, f"{cfg.train.train_split}, {epochs} epochs", n, max(gpu, loader), disk,
-        "GPU compute" if gpu >= loader else "train loader (one thread)",
+        "train", name, f"{cfg.train.train_split}, {epochs} epochs", n,
+        _hours(n * epochs * 3 * reconstructor_flops(cfg.train.model, spec, rates), rates, "train"),  # x3: backward
+        n * epochs * loader_ms / 1e3 / 3600,
+        params * 4 * (3 + 1) / 1e9,  # the latest epoch checkpoint (weights, two Adam moments) + final weights
         f"FLOPs counted (R: {params / 1e6:.0f} M parameters, x3 for backward); {_gpu_basis(rates, 'train')}; "
-        f"loader: measured CPU rate ({precision})",
+        f"host: the train loader at its measured CPU rate ({precision}: {loader_ms:.2f} ms per image)",
     )  # fmt: skip
 
 
 def _operators_row(cfg: RunConfig, spec: EncoderSpec, tag: str, n: int, rates: Rates) -> Estimate:
     n_eval = min(cfg.operators.n_eval_images or n, n)
     flops = 2 * n_eval * reconstructor_flops(cfg.train.model, spec, rates)  # R of T(f(x)) and of f(T(x))
-    width = spec.hidden_dim or encoder_width(spec, rates)
-    fits = 3 * width * width * 8  # one D x D float64 matrix per fit
-    return Estimate("operators", spec.name, tag, n, _hours(flops, rates, "evaluate"), fits / 1e9, "GPU compute",
-                    "FLOPs counted (reconstructions of test pairs); fits on the CPU (seconds)")  # fmt: skip
+    fits = 3 * _width(spec, rates) ** 2 * 8  # a D x D float64 matrix per fit
+    return Estimate("operators", spec.name, tag, n, _hours(flops, rates, "evaluate"), 0.0, fits / 1e9,
+                    "FLOPs counted (reconstructions of the test pairs); the fits run on the CPU in seconds")  # fmt: skip
 
 
 def _evaluate_row(cfg: RunConfig, run: RunPlan, spec: EncoderSpec, n: int, rates: Rates) -> Estimate:
     judges = sum(encoder_flops(j, rates) for j in run.judges) * len(cfg.evaluate.judge_modes) * 2  # image + R
     flops = n * (reconstructor_flops(cfg.train.model, spec, rates) + judges)
     return Estimate("evaluate", spec.name, f"scores on {cfg.evaluate.split}", n, _hours(flops, rates, "evaluate"),
-                    n * 200 / 1e9, "GPU compute",
+                    0.0, n * 200 / 1e9,  # a few scores per image
                     f"FLOPs counted (R + {len(run.judges)} judges x {len(cfg.evaluate.judge_modes)} modes); "
                     f"{_gpu_basis(rates, 'evaluate')}")  # fmt: skip
 
@@ -175,8 +183,8 @@ def _reconstructor_counts(
 
 
 def _counts(cfg: ReconstructorConfig, spec: EncoderSpec, rates: Rates) -> tuple[float, int]:
-    width = spec.hidden_dim or encoder_width(spec, rates)
-    return _reconstructor_counts(cfg.model_dump_json(), width, spec.grid, spec.patch_size, spec.resolution)
+    return _reconstructor_counts(cfg.model_dump_json(), _width(spec, rates), spec.grid, spec.patch_size,
+                                 spec.resolution)  # fmt: skip
 
 
 def reconstructor_flops(cfg: ReconstructorConfig, spec: EncoderSpec, rates: Rates) -> float:
