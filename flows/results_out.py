@@ -74,7 +74,8 @@ def echo_estimate(config, image_counts: dict[str, int] | None, rates_path, with_
     rows = estimate(run, rates, with_operators)
     table = pd.DataFrame(
         [{"stage": r.stage, "encoder": r.encoder, "what": r.what, "images": r.images, "GPU h": r.gpu_hours,
-          "compute h": r.compute_hours, "host h": r.host_hours, "bound": r.bound, "disk GB": r.disk_gb}
+          "compute h": r.compute_hours, "host h": r.host_hours, "host ms/image": r.host_ms, "bound": r.bound,
+          "disk GB": r.disk_gb}
          for r in rows]
     )  # fmt: skip
     typer.echo(f"\nEstimate ({rates.gpu.name}; rates: {rates_path})\n")

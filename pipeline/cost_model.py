@@ -31,8 +31,9 @@ class Estimate:
     images: int
     compute_hours: float  # the GPU's own work: counted FLOPs at the assumed share of its peak
     host_hours: float  # what the host does alongside (decode and write, the train loader); 0: nothing
+    host_ms: float  # the host's CPU milliseconds per image (per pass for training)
     disk_gb: float  # what it leaves on disk
-    basis: str  # where the figures come from
+    basis: str  # where the figures come from (the same for every row of a stage)
 
     @property
     def gpu_hours(self) -> float:
@@ -59,7 +60,7 @@ def estimate(run: RunPlan, rates: Rates, with_operators: bool = True) -> list[Es
     for store in run.evaluate.values():
         rows.append(_evaluate_row(cfg, run, run.encode[store].encoder, run.n_images[store], rates))
     for stage, steps in run.studies.items():
-        rows += [Estimate(stage, s.encoder, "networks and evaluation", 0, math.nan, math.nan, math.nan,
+        rows += [Estimate(stage, s.encoder, "networks and evaluation", 0, math.nan, math.nan, math.nan, math.nan,
                           "not modelled: see docs/tokens.md, docs/sae.md") for s in steps]  # fmt: skip
     return rows
 
@@ -91,9 +92,9 @@ def _encode_row(run: RunPlan, group: list, rates: Rates) -> Estimate:
     return Estimate(
         "encode", spec.name, f"{job.split} {job.transform.tag}{layers}", n,
         _hours(n * encoder_flops(spec, rates), rates, "encode"),
-        n * cpu_ms / 1e3 / rates.host.cpu_cores / 3600, n * stored_mb * MB / 1e9,
-        f"FLOPs counted; {_gpu_basis(rates, 'encode')}; host: {cpu_ms:.1f} ms per image on each of "
-        f"{rates.host.cpu_cores} cores (measured CPU rates); bytes: measured ratios ({store.precision})",
+        n * cpu_ms / 1e3 / rates.host.cpu_cores / 3600, cpu_ms, n * stored_mb * MB / 1e9,
+        f"FLOPs counted; {_gpu_basis(rates, 'encode')}; host: decode, resize, compress and write at the measured "
+        f"CPU rates on {rates.host.cpu_cores} cores; bytes: measured ratios ({store.precision})",
     )  # fmt: skip
 
 
@@ -109,10 +110,10 @@ def _train_row(cfg: RunConfig, name: str, spec: EncoderSpec, n: int, rates: Rate
     return Estimate(
         "train", name, f"{cfg.train.train_split}, {epochs} epochs", n,
         _hours(n * epochs * 3 * reconstructor_flops(cfg.train.model, spec, rates), rates, "train"),  # x3: backward
-        n * epochs * loader_ms / 1e3 / 3600,
+        n * epochs * loader_ms / 1e3 / 3600, loader_ms,
         params * 4 * (3 + 1) / 1e9,  # the latest epoch checkpoint (weights, two Adam moments) + final weights
-        f"FLOPs counted (R: {params / 1e6:.0f} M parameters, x3 for backward); {_gpu_basis(rates, 'train')}; "
-        f"host: the train loader at its measured CPU rate ({precision}: {loader_ms:.2f} ms per image)",
+        f"FLOPs counted (x3 for the backward pass); {_gpu_basis(rates, 'train')}; host: the train loader at its "
+        f"measured CPU rate ({precision}); disk: the last epoch checkpoint and the final weights",
     )  # fmt: skip
 
 
@@ -120,7 +121,7 @@ def _operators_row(cfg: RunConfig, spec: EncoderSpec, tag: str, n: int, rates: R
     n_eval = min(cfg.operators.n_eval_images or n, n)
     flops = 2 * n_eval * reconstructor_flops(cfg.train.model, spec, rates)  # R of T(f(x)) and of f(T(x))
     fits = 3 * _width(spec, rates) ** 2 * 8  # a D x D float64 matrix per fit
-    return Estimate("operators", spec.name, tag, n, _hours(flops, rates, "evaluate"), 0.0, fits / 1e9,
+    return Estimate("operators", spec.name, tag, n, _hours(flops, rates, "evaluate"), 0.0, 0.0, fits / 1e9,
                     "FLOPs counted (reconstructions of the test pairs); the fits run on the CPU in seconds")  # fmt: skip
 
 
@@ -128,7 +129,7 @@ def _evaluate_row(cfg: RunConfig, run: RunPlan, spec: EncoderSpec, n: int, rates
     judges = sum(encoder_flops(j, rates) for j in run.judges) * len(cfg.evaluate.judge_modes) * 2  # image + R
     flops = n * (reconstructor_flops(cfg.train.model, spec, rates) + judges)
     return Estimate("evaluate", spec.name, f"scores on {cfg.evaluate.split}", n, _hours(flops, rates, "evaluate"),
-                    0.0, n * 200 / 1e9,  # a few scores per image
+                    0.0, 0.0, n * 200 / 1e9,  # a few scores per image
                     f"FLOPs counted (R + {len(run.judges)} judges x {len(cfg.evaluate.judge_modes)} modes); "
                     f"{_gpu_basis(rates, 'evaluate')}")  # fmt: skip
 

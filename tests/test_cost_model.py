@@ -1,0 +1,70 @@
+"""The cost model (`reconlab plan --estimate`): FLOPs counted on the real architectures (known answers), bytes
+from the store layout and the measured ratios, hours from the stated rates, and the CLI without the dataset."""
+
+from __future__ import annotations
+
+import pytest
+from typer.testing import CliRunner
+
+from flows.cli import app
+from pipeline import plan
+from pipeline.config.rates import Rates
+from pipeline.config_files import REPO_CONFIG_DIR, load_model, load_run_config, resolve_encoder
+from pipeline.cost_model import encoder_flops, estimate, reconstructor_flops
+
+
+@pytest.fixture(scope="module")
+def rates() -> Rates:
+    return load_model(REPO_CONFIG_DIR / "rates.yaml", Rates)
+
+
+def test_a_vits_forward_flops_are_counted_exactly(rates):
+    # ViT-Ti/16 at 64 px: 16 patches + 1 class token, width 192, 12 blocks. Per block 24 N D^2 (qkv, proj,
+    # MLP 4D) + 4 N^2 D (attention), 2 FLOPs per multiply-add; the patch embedding 2 x 16 x (3 x 16 x 16) x D.
+    n, d = 17, 192
+    expected = 12 * (24 * n * d * d + 4 * n * n * d) + 2 * 16 * 768 * d
+    assert encoder_flops(resolve_encoder("tiny-vit-64"), rates) == expected
+    # attention is quadratic in tokens: 112 px has 49 + 1 tokens
+    n = 50
+    assert (
+        encoder_flops(resolve_encoder("tiny-vit-112"), rates)
+        == 12 * (24 * n * d * d + 4 * n * n * d) + 2 * 49 * 768 * d
+    )
+
+
+def test_rows_follow_the_layout_the_counts_and_the_rates(write_run_config, rates):
+    config = write_run_config(splits=["train", "val"], store={"shard_images": 8, "precision": "float16"})
+    cfg = load_run_config(config)
+    run = plan.build(cfg, config, image_counts={"train": 1000, "val": 100})
+    rows = {(r.stage, r.what.split()[0]): r for r in estimate(run, rates)}
+    encode_train = rows["encode", "train"]
+    spec = resolve_encoder("tiny-vit-64")
+    stored = (
+        4 * 4 * 192 * 2 * rates.stored_bytes.features["float16"] + 64 * 64 * 3 * rates.stored_bytes.pixels
+    )
+    assert encode_train.images == 1000 and encode_train.disk_gb == pytest.approx(1000 * stored / 1e9)
+    peak = rates.gpu.peak_tflops * 1e12 * rates.gpu.utilisation["encode"]
+    assert encode_train.compute_hours == pytest.approx(1000 * encoder_flops(spec, rates) / peak / 3600)
+    train = rows["train", "train,"]
+    flops = 1000 * cfg.train.epochs * 3 * reconstructor_flops(cfg.train.model, spec, rates)
+    assert train.compute_hours == pytest.approx(
+        flops / (rates.gpu.peak_tflops * 1e12 * rates.gpu.utilisation["train"]) / 3600
+    )
+    assert train.gpu_hours == max(train.compute_hours, train.host_hours) > 0
+    faster = rates.model_copy(
+        update={"gpu": rates.gpu.model_copy(update={"peak_tflops": 2 * rates.gpu.peak_tflops})}
+    )
+    assert estimate(run, faster)[0].compute_hours == pytest.approx(encode_train.compute_hours / 2)
+
+
+def test_plan_estimate_runs_without_the_dataset_and_says_what_is_assumed(write_run_config, tmp_path):
+    config = write_run_config(dataset={"name": "absent", "kind": "folder", "root": str(tmp_path / "nowhere"),
+                                       "splits": {s: {"images_dir": s} for s in ("train", "val")}})  # fmt: skip
+    result = CliRunner().invoke(app, ["plan", "--config", str(config), "--estimate", "--images", "val=5000",
+                                      "--images", "train=20000"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "total" in result.output and "assumed" in result.output and "measured" in result.output
+    bad = CliRunner().invoke(app, ["plan", "--config", str(config), "--estimate", "--images", "val"])
+    assert bad.exit_code != 0 and "split=N" in bad.output
+    missing = CliRunner().invoke(app, ["plan", "--config", str(config), "--estimate", "--images", "train=5"])
+    assert missing.exit_code != 0 and "no image count for split 'val'" in missing.output
