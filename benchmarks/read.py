@@ -1,6 +1,7 @@
 """Reading features back from a reconlab store (`FeatureStore.features`, through storage/shard_reader.py) against
 zarr-python on the same arrays, the paper's one `.pt` file per image, a raw uncompressed NumPy memmap (the disk's
-practical limit here) and the train stage's loader (`batch_stream`: whole shards through a shuffle buffer).
+practical limit here) and the train stage's loader (`batch_stream`: whole shards through a shuffle buffer; images/s
+of features alone and of features + pixels, the stores holding photos at the encoder's size).
 ViT-B/16 features at 224 px (14x14x768) and 512 px (32x32x768), at float16, bf16_bitround and int8_per_token;
 random values (a bound: real features compress a little); shards of 64, the `auto` codec per precision (and
 float16 under blosc zstd, the default before it); best of 3, warm page cache. Prints ms per random image and
@@ -32,6 +33,16 @@ def best(fn, reps: int = 3) -> float:
     return min(times)
 
 
+def photos(size: int, n: int) -> np.ndarray:
+    """n images of size x size cycling through scikit-image's photos (pixels compress like real ones)."""
+    from PIL import Image
+    from skimage import data
+
+    base = [np.asarray(Image.fromarray(getattr(data, name)()).convert("RGB").resize((size, size)))
+            for name in ("astronaut", "coffee", "chelsea", "rocket")]  # fmt: skip
+    return np.stack([base[i % len(base)] for i in range(n)])
+
+
 def drop_each(read_one, picks) -> None:
     """Each result dropped as read, as a training step would: keeping 100 of them alive makes every read pay
     fresh page faults for its output (~0.4 ms at 512 px, for every reader alike)."""
@@ -42,14 +53,15 @@ def drop_each(read_one, picks) -> None:
 def one_case(tmp: Path, n: int, grid: int, precision: str, compressor: str, rng) -> list[str]:
     d, k = 768, 64
     features = (rng.standard_normal((n, grid, grid, d)) * 2).astype(np.float32)
-    layout = StoreLayout(n_images=n, grid_hw=(grid, grid), hidden_dim=d, pixel_size=16, shard_images=k,
-                         precision=precision, store_pixels=False,
-                         **resolve_codecs(precision, compressor, None))  # fmt: skip
+    size = grid * 16
+    layout = StoreLayout(n_images=n, grid_hw=(grid, grid), hidden_dim=d, pixel_size=size, shard_images=k,
+                         precision=precision, **resolve_codecs(precision, compressor, None))  # fmt: skip
     store = create(tmp / f"{precision}-{compressor}-{grid}.zarr", layout, {})
+    pixels = photos(size, n)
     for shard in range(layout.n_shards):
         rows = layout.shard_slice(shard)
-        store.write_shard(shard, features[rows], None, np.arange(rows.start, rows.stop), np.ones(rows.stop - rows.start,
-                          bool), {"n_encoded": 0, "failures": [], "stats": {}})  # fmt: skip
+        store.write_shard(shard, features[rows], pixels[rows], np.arange(rows.start, rows.stop),
+                          np.ones(rows.stop - rows.start, bool), {"n_encoded": 0, "failures": [], "stats": {}})  # fmt: skip
     store = open_store(store.path, require_complete=False)
     stored, scale = quantize(features, precision)
     pt = tmp / f"pt-{precision}-{compressor}-{grid}"
@@ -78,7 +90,8 @@ def one_case(tmp: Path, n: int, grid: int, precision: str, compressor: str, rng)
         "zarr-python": (lambda i: array[int(i)], lambda: array[:]),
         ".pt per image": (lambda i: torch.load(pt / f"{int(i)}.pt"), lambda: [torch.load(pt / f"{i}.pt") for i in range(n)]),
         "raw memmap": (lambda i: np.array(raw[int(i)]), lambda: np.array(raw)),
-        "train loader (shuffle buffer 64, batch 32)": (None, lambda: list(batch_stream(store, 32, 0, 0, 64, pixels=False))),
+        "train loader, features (shuffle buffer 64, batch 32)": (None, lambda: list(batch_stream(store, 32, 0, 0, 64, pixels=False))),
+        "train loader, features + pixels": (None, lambda: list(batch_stream(store, 32, 0, 0, 64))),
     }  # fmt: skip
     mb = n * grid * grid * d * 2 / 1e6
     out = []
