@@ -42,9 +42,9 @@ def test_cli_encode_runs_the_flow_then_store_ls_and_inspect_describe_the_stores(
     inspected = runner.invoke(app, ["store", "inspect", str(store), "--json", "--preview", str(preview)])
     assert inspected.exit_code == 0, inspected.output
     info = json.loads(inspected.output[: inspected.output.rindex("}") + 1])
-    assert (
-        info["complete"] and info["n_encoded"] == 12 and info["arrays"]["features"]["compression_ratio"] > 1
-    )
+    # float16 features in lz4 (compressor: auto) stay about their raw size; the ratio is reported either way
+    assert info["complete"] and info["n_encoded"] == 12
+    assert 0.9 < info["arrays"]["features"]["compression_ratio"] < 1.2
     assert info["feature_stats_sampled"]["fraction_nonfinite"] == 0
     assert preview.stat().st_size > 1000
 
