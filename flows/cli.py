@@ -204,15 +204,14 @@ def sae_command(
     results_out.echo_studies("SAE study", results)
 
 
-def _echo_plan(config: Path, with_operators: bool = True) -> list:
-    import pandas as pd
-
+def _echo_plan(config: Path, with_operators: bool = True, estimated=None) -> list:
     from pipeline.config_files import load_run_config
     from pipeline.plan_table import plan
 
     steps = plan(load_run_config(config), config, with_operators)
-    table = pd.DataFrame([vars(s) for s in steps]).rename(columns={"what": "split / transform / pair"})
-    typer.echo(table.to_markdown(index=False, tablefmt="simple"))
+    results_out.echo_plan(steps, estimated[0] if estimated else None)
+    if estimated:
+        results_out.echo_estimate_sources(*estimated)
     return steps
 
 
@@ -239,11 +238,13 @@ def plan_command(
             raise typer.BadParameter(
                 "--images applies to --estimate only (the plan lists the dataset itself)"
             )
-        if counts is None:
-            _preflight(config)
-            _echo_plan(config, operators)
-        if estimate:
-            results_out.echo_estimate(config, counts, rates, operators)
+        if counts is not None:  # no dataset to plan from: the estimate alone
+            results_out.echo_estimate(*results_out.estimates(config, counts, rates, operators))
+            return
+        _preflight(config)
+        _echo_plan(
+            config, operators, results_out.estimates(config, None, rates, operators) if estimate else None
+        )
 
 
 def _image_counts(items: list[str]) -> dict[str, int]:

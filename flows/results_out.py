@@ -58,34 +58,59 @@ def echo_evaluation(result) -> None:
     typer.echo(f"\nreport: {result.report_md}\n        {result.report_html}")
 
 
-def echo_estimate(config, image_counts: dict[str, int] | None, rates_path, with_operators: bool) -> None:
-    """`reconlab plan --estimate`: GPU-hours and disk per planned artifact, totals per stage, and the source of
-    every rate (configs/rates.yaml)."""
-    import pandas as pd
-
+def estimates(config, image_counts: dict[str, int] | None, rates_path, with_operators: bool):
+    """(rows, rates) of `reconlab plan --estimate` (configs/rates.yaml unless `rates_path`)."""
     from pipeline import plan
     from pipeline.config.rates import Rates
     from pipeline.config_files import REPO_CONFIG_DIR, load_model, load_run_config
     from pipeline.cost_model import estimate
 
-    rates_path = rates_path or REPO_CONFIG_DIR / "rates.yaml"
-    rates = load_model(rates_path, Rates)
+    rates = load_model(rates_path or REPO_CONFIG_DIR / "rates.yaml", Rates)
     run = plan.build(load_run_config(config), config, image_counts=image_counts)
-    rows = estimate(run, rates, with_operators)
+    return estimate(run, rates, with_operators), rates
+
+
+def echo_plan(steps, rows=None) -> None:
+    """The plan table; with estimate rows, each step's GPU hours, what bounds them, and its disk."""
+    import pandas as pd
+
+    table = pd.DataFrame([vars(s) for s in steps])
+    if rows is not None:
+        by_path = {r.path: r for r in rows if r.path}
+        by_name = {(r.stage, r.encoder, r.what): r for r in rows if not r.path}
+        found = [by_path.get(s.path) or by_name.get((s.stage, s.encoder, s.what)) for s in steps]
+        table["GPU h"] = [r.gpu_hours if r else None for r in found]
+        table["bound"] = [r.bound if r else "" for r in found]
+        table["disk GB"] = [r.disk_gb if r else None for r in found]
+    table = table.rename(columns={"what": "split / transform / pair"})
+    typer.echo(table.to_markdown(index=False, tablefmt="simple", floatfmt=".3g"))
+
+
+def echo_estimate(rows, rates) -> None:
+    """The estimate alone (a config whose dataset is not here: `--images`), then its totals and sources."""
+    import pandas as pd
+
     table = pd.DataFrame(
         [{"stage": r.stage, "encoder": r.encoder, "what": r.what, "images": r.images, "GPU h": r.gpu_hours,
           "compute h": r.compute_hours, "host h": r.host_hours, "host ms/image": r.host_ms, "bound": r.bound,
-          "disk GB": r.disk_gb}
-         for r in rows]
+          "disk GB": r.disk_gb} for r in rows]
     )  # fmt: skip
-    typer.echo(f"\nEstimate ({rates.gpu.name}; rates: {rates_path})\n")
     typer.echo(table.to_markdown(index=False, tablefmt="simple", floatfmt=".3g"))
-    totals = table.groupby("stage", sort=False)[["GPU h", "disk GB"]].sum(min_count=1)
+    echo_estimate_sources(rows, rates)
+
+
+def echo_estimate_sources(rows, rates) -> None:
+    """Totals per stage and where every figure comes from."""
+    import pandas as pd
+
+    table = pd.DataFrame([{"stage": r.stage, "compute h": r.compute_hours, "host h": r.host_hours,
+                           "GPU h": r.gpu_hours, "disk GB": r.disk_gb} for r in rows if r.bound or r.path])  # fmt: skip
+    totals = table.groupby("stage", sort=False).sum(min_count=1)
     totals.loc["total"] = totals.sum()
-    typer.echo("\n" + totals.reset_index().to_markdown(index=False, tablefmt="simple", floatfmt=".4g"))
-    typer.echo(
-        "\nGPU h: hours the stage holds one GPU = max(compute h, host h); host h: the CPU work beside it."
-    )
+    typer.echo(f"\nEstimate on {rates.gpu.name}, per stage:\n")
+    typer.echo(totals.reset_index().to_markdown(index=False, tablefmt="simple", floatfmt=".4g"))
+    typer.echo("\nGPU h: hours a stage holds one GPU = max(compute h: its FLOPs on the GPU, host h: the CPU work "
+               "feeding it).")  # fmt: skip
     for stage, basis in dict.fromkeys((r.stage, r.basis) for r in rows):
         typer.echo(f"  {stage}: {basis}")
     typer.echo(f"  GPU utilisation: {rates.gpu.utilisation_source}")

@@ -34,6 +34,7 @@ class Estimate:
     host_ms: float  # the host's CPU milliseconds per image (per pass for training)
     disk_gb: float  # what it leaves on disk
     basis: str  # where the figures come from (the same for every row of a stage)
+    path: str = ""  # the store an encode row fills (the plan table's key for it)
 
     @property
     def gpu_hours(self) -> float:
@@ -42,21 +43,22 @@ class Estimate:
 
     @property
     def bound(self) -> str:
-        if math.isnan(self.compute_hours):
-            return ""
+        if math.isnan(self.compute_hours) or self.compute_hours == self.host_hours == 0:
+            return ""  # not modelled, or filled by another row's pass (a layer of the same encoder)
         return "GPU compute" if self.compute_hours >= self.host_hours else "host"
 
 
 def estimate(run: RunPlan, rates: Rates, with_operators: bool = True) -> list[Estimate]:
-    """One row per planned artifact of the run's four stages; studies (tokens, sae) are listed as not modelled."""
+    """One row per planned artifact of the run's four stages, named as `reconlab plan` names it (stage, encoder,
+    what; encode rows also by store folder); studies (tokens, sae) are listed as not modelled."""
     cfg = run.cfg
-    rows = [_encode_row(run, group, rates) for group in run.one_pass_groups(list(run.encode))]
+    rows = [row for group in run.one_pass_groups(list(run.encode)) for row in _encode_rows(run, group, rates)]
     for name, job in run.train.items():
         spec, n = run.encode[job.train_store].encoder, run.n_images[job.train_store]
         rows.append(_train_row(cfg, name, spec, n, rates))
     for step in run.operators if with_operators else []:
         spec, n = run.encode[step.identity_store].encoder, run.n_images[step.identity_store]
-        rows.append(_operators_row(cfg, spec, step.pair.transform.tag, n, rates))
+        rows.append(_operators_row(cfg, spec, f"{step.pair.transform.tag} {step.pair.direction}", n, rates))
     for store in run.evaluate.values():
         rows.append(_evaluate_row(cfg, run, run.encode[store].encoder, run.n_images[store], rates))
     for stage, steps in run.studies.items():
@@ -77,25 +79,27 @@ def _width(spec: EncoderSpec, rates: Rates) -> int:
     return spec.hidden_dim or encoder_width(spec, rates)
 
 
-def _encode_row(run: RunPlan, group: list, rates: Rates) -> Estimate:
-    """One forward pass over the split fills every store of `group` (an encoder's layers)."""
+def _encode_rows(run: RunPlan, group: list, rates: Rates) -> list[Estimate]:
+    """One forward pass over the split fills every store of `group` (an encoder's layers): its GPU and host time
+    are on the first store's row, each store's bytes on its own."""
     job, n = run.encode[group[0]], run.n_images[group[0]]
     spec, store = job.encoder, job.store
     h, w = spec.grid
-    features = sum(h * w * _width(run.encode[p].encoder, rates) * 2 for p in group)
-    pixels = spec.resolution**2 * 3 if store.store_pixels else 0
-    stored_mb = (
-        features * rates.stored_bytes.features[store.precision] + pixels * rates.stored_bytes.pixels
-    ) / MB
-    cpu_ms = rates.host.decode_resize_ms + rates.host.write_ms_per_mb * stored_mb
-    layers = f", {len(group)} layers in one pass" if len(group) > 1 else ""
-    return Estimate(
-        "encode", spec.name, f"{job.split} {job.transform.tag}{layers}", n,
-        _hours(n * encoder_flops(spec, rates), rates, "encode"),
-        n * cpu_ms / 1e3 / rates.host.cpu_cores / 3600, cpu_ms, n * stored_mb * MB / 1e9,
-        f"FLOPs counted; {_gpu_basis(rates, 'encode')}; host: decode, resize, compress and write at the measured "
-        f"CPU rates on {rates.host.cpu_cores} cores; bytes: measured ratios ({store.precision})",
-    )  # fmt: skip
+    pixels = spec.resolution**2 * 3 * rates.stored_bytes.pixels if store.store_pixels else 0
+    # the other layers' stores hard-link the first one's pixel files: no bytes, no writing
+    stored_mb = [(h * w * _width(run.encode[p].encoder, rates) * 2 * rates.stored_bytes.features[store.precision]
+                  + (pixels if k == 0 else 0)) / MB for k, p in enumerate(group)]  # fmt: skip
+    cpu_ms = rates.host.decode_resize_ms + rates.host.write_ms_per_mb * sum(stored_mb)
+    basis = (f"FLOPs counted; {_gpu_basis(rates, 'encode')}; host: decode, resize, compress and write at the "
+             f"measured CPU rates on {rates.host.cpu_cores} cores; bytes: measured ratios ({store.precision}); "
+             "the layers of one encoder share one pass (its time on the first layer's row)")  # fmt: skip
+    first = (_hours(n * encoder_flops(spec, rates), rates, "encode"), n * cpu_ms / 1e3 / rates.host.cpu_cores / 3600,
+             cpu_ms)  # fmt: skip
+    return [
+        Estimate("encode", run.encode[p].encoder.name, f"{job.split} {job.transform.tag}", n,
+                 *(first if k == 0 else (0.0, 0.0, 0.0)), n * mb * MB / 1e9, basis, str(p))
+        for k, (p, mb) in enumerate(zip(group, stored_mb, strict=True))
+    ]  # fmt: skip
 
 
 def _train_row(cfg: RunConfig, name: str, spec: EncoderSpec, n: int, rates: Rates) -> Estimate:
@@ -108,12 +112,12 @@ def _train_row(cfg: RunConfig, name: str, spec: EncoderSpec, n: int, rates: Rate
     )
     params = reconstructor_params(cfg.train.model, spec, rates)
     return Estimate(
-        "train", name, f"{cfg.train.train_split}, {epochs} epochs", n,
+        "train", name, cfg.train.train_split, n,
         _hours(n * epochs * 3 * reconstructor_flops(cfg.train.model, spec, rates), rates, "train"),  # x3: backward
         n * epochs * loader_ms / 1e3 / 3600, loader_ms,
         params * 4 * (3 + 1) / 1e9,  # the latest epoch checkpoint (weights, two Adam moments) + final weights
-        f"FLOPs counted (x3 for the backward pass); {_gpu_basis(rates, 'train')}; host: the train loader at its "
-        f"measured CPU rate ({precision}); disk: the last epoch checkpoint and the final weights",
+        f"{epochs} epochs; FLOPs counted (x3 for the backward pass); {_gpu_basis(rates, 'train')}; host: the train "
+        f"loader at its measured CPU rate ({precision}); disk: the last epoch checkpoint and the final weights",
     )  # fmt: skip
 
 

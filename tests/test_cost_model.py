@@ -45,7 +45,7 @@ def test_rows_follow_the_layout_the_counts_and_the_rates(write_run_config, rates
     assert encode_train.images == 1000 and encode_train.disk_gb == pytest.approx(1000 * stored / 1e9)
     peak = rates.gpu.peak_tflops * 1e12 * rates.gpu.utilisation["encode"]
     assert encode_train.compute_hours == pytest.approx(1000 * encoder_flops(spec, rates) / peak / 3600)
-    train = rows["train", "train,"]
+    train = rows["train", "train"]
     flops = 1000 * cfg.train.epochs * 3 * reconstructor_flops(cfg.train.model, spec, rates)
     assert train.compute_hours == pytest.approx(
         flops / (rates.gpu.peak_tflops * 1e12 * rates.gpu.utilisation["train"]) / 3600
@@ -68,3 +68,16 @@ def test_plan_estimate_runs_without_the_dataset_and_says_what_is_assumed(write_r
     assert bad.exit_code != 0 and "split=N" in bad.output
     missing = CliRunner().invoke(app, ["plan", "--config", str(config), "--estimate", "--images", "train=5"])
     assert missing.exit_code != 0 and "no image count for split 'val'" in missing.output
+
+
+def test_plan_estimate_adds_columns_to_the_plan_table(write_run_config):
+    config = write_run_config(encoders=["tiny-vit-64", {"encoder": "tiny-vit-112", "layers": [-1, -2]}])
+    result = CliRunner().invoke(app, ["plan", "--config", str(config), "--estimate"])
+    assert result.exit_code == 0, result.output
+    header = next(line for line in result.output.splitlines() if line.startswith("stage"))
+    assert "GPU h" in header and "disk GB" in header and "state" in header
+    encode_rows = [line.split() for line in result.output.splitlines() if line.startswith("encode ")]
+    layer_rows = [row for row in encode_rows if row[1] == "tiny-vit-112.L-2"]
+    assert encode_rows and all(row[-1].replace(".", "").replace("e-", "").isdigit() for row in encode_rows)
+    assert layer_rows and all(row[-2] == "0" for row in layer_rows)  # one pass with L-1: its time is there
+    assert "per stage" in result.output and "total" in result.output
