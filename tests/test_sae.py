@@ -255,3 +255,19 @@ def test_an_encoder_filter_that_matches_no_study_says_which_encoders_are_studied
     assert result.exit_code == 2 and "the config studies tiny-vit-64 (sae.encoders)" in result.output, (
         result.output
     )
+
+
+def test_sparsity_energy_and_bridge_scores_on_hand_computed_values():
+    from pipeline.science.sae import Fidelity, bridge_scores, energy
+
+    codes = np.array([[0.0, 2.0, 0.0], [1.0, 3.0, 0.0], [0.0, 0.0, 0.0], [4.0, 1.0, 0.0]])
+    fidelity = Fidelity()
+    fidelity.update(np.ones((2, 2)), np.ones((2, 2)), codes[:2])
+    fidelity.update(np.zeros((2, 2)), np.zeros((2, 2)), codes[2:])
+    assert fidelity.l0 == 5 / 4  # non-zero codes per vector
+    np.testing.assert_array_equal(fidelity.firing_frequency(), [2 / 4, 3 / 4, 0])
+    np.testing.assert_array_equal(energy(codes), [5 / 4, 6 / 4, 0])  # mean activation, not the peak
+    # two image-caption pairs, two concepts whose unit atoms are 45 degrees apart
+    image_codes, text_codes = np.array([[1.0, 0.0], [2.0, 0.0]]), np.array([[0.0, 3.0], [0.0, 1.0]])
+    scores = bridge_scores(image_codes, text_codes, np.array([[2.0, 0.0], [1.0, 1.0]]))
+    np.testing.assert_allclose(scores, [[0.0, (1 * 3 + 2 * 1) / 2 * 2**-0.5], [0.0, 0.0]])
