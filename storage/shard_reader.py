@@ -66,11 +66,12 @@ class ShardReader:
         elif out.shape != shape or out.dtype != self.dtype or not out.flags.c_contiguous:
             raise ValueError(f"out must be a C-contiguous {self.dtype} array of shape {shape}")
         shard_of = rows // self.shard_rows
-        tasks = [
-            (int(shard), part)
-            for shard in np.unique(shard_of)
-            for part in np.array_split(np.flatnonzero(shard_of == shard), -(-int((shard_of == shard).sum()) // _ROWS_PER_TASK))
-        ]  # fmt: skip
+        tasks = []
+        for shard in np.unique(shard_of):
+            positions = np.flatnonzero(shard_of == shard)
+            tasks += [
+                (int(shard), part) for part in np.array_split(positions, -(-positions.size // _ROWS_PER_TASK))
+            ]
         workers = min(len(tasks), os.cpu_count() or 1, 8)
         if workers <= 1:
             for shard, positions in tasks:

@@ -59,7 +59,7 @@ def batch_stream(
             if slot_pixels is None:
                 slot_pixels = np.empty((capacity, *images.shape[1:]), images.dtype)
             slot_pixels[slots] = images
-        if staging is None and feats.flags.owndata:
+        if staging is None:
             staging = (np.empty((lay.shard_images, *feats.shape[1:]), feats.dtype),
                        None if images is None else np.empty((lay.shard_images, *images.shape[1:]), images.dtype))  # fmt: skip
         pool.extend(slots)

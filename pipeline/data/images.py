@@ -159,7 +159,7 @@ class Preprocessing:
         # Same rounding as torchvision's CenterCrop, which timm's eval transform uses.
         top, left = int(round((new_h - s) / 2.0)), int(round((new_w - s) / 2.0))
         if resize == "torch" and self.interpolation in ("bilinear", "bicubic") and (new_w, new_h) != (w, h):
-            # HWC uint8 viewed as NCHW is channels-last: torch's vectorised uint8 path, no copy
+            # HWC uint8 viewed as NCHW is channels-last: the layout torch's vectorised uint8 kernel takes
             image = torch.from_numpy(np.array(img)).permute(2, 0, 1)[None]
             resized = F.interpolate(image, size=(new_h, new_w), mode=self.interpolation, antialias=True)
             return resized[0, :, top : top + s, left : left + s].permute(1, 2, 0).numpy().copy()
