@@ -17,6 +17,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from pipeline.config import EncoderSpec, ReconstructorConfig, RunConfig
 from pipeline.config.rates import Rates
+from pipeline.models import sae_training, token_training
 from pipeline.models.reconstructor import Reconstructor
 from pipeline.plan import RunPlan
 
@@ -49,8 +50,8 @@ class Estimate:
 
 
 def estimate(run: RunPlan, rates: Rates, with_operators: bool = True) -> list[Estimate]:
-    """One row per planned artifact of the run's four stages, named as `reconlab plan` names it (stage, encoder,
-    what; encode rows also by store folder); studies (tokens, sae) are listed as not modelled."""
+    """One row per planned artifact, named as `reconlab plan` names it (stage, encoder, what; encode rows also by
+    store folder); the studies' caption stores (embedding SAEs) are not modelled."""
     cfg = run.cfg
     rows = [row for group in run.one_pass_groups(list(run.encode)) for row in _encode_rows(run, group, rates)]
     for name, job in run.train.items():
@@ -62,9 +63,57 @@ def estimate(run: RunPlan, rates: Rates, with_operators: bool = True) -> list[Es
     for store in run.evaluate.values():
         rows.append(_evaluate_row(cfg, run, run.encode[store].encoder, run.n_images[store], rates))
     for stage, steps in run.studies.items():
-        rows += [Estimate(stage, s.encoder, "networks and evaluation", 0, math.nan, math.nan, math.nan, math.nan,
-                          "not modelled: see docs/tokens.md, docs/sae.md") for s in steps]  # fmt: skip
+        for step in steps:
+            study, spec = getattr(cfg, stage), run.encode[step.train_store].encoder
+            sizes = run.n_images[step.train_store], run.n_images[step.eval_store]
+            rows += _study_rows(stage, study, spec, cfg, *sizes, rates)
     return rows
+
+
+def _study_rows(stage: str, study, spec: EncoderSpec, cfg: RunConfig, n_train: int, n_eval: int,
+                rates: Rates) -> list[Estimate]:  # fmt: skip
+    """The study's networks (each trained `epochs` passes over the train store) and its evaluation (each network
+    on the held-out images, each result seen through R)."""
+    h, w = spec.grid
+    width, n_tokens = _width(spec, rates), h * w
+    if stage == "tokens":
+        counts = [_token_network_counts(network, study, width, n_tokens)
+                  for network in token_training.network_specs(study)]  # fmt: skip
+        basis_networks = "token networks' FLOPs counted"
+    else:  # SAEs: the encoder and decoder matmuls, 4 D L per vector (the JumpReLU kernel has no meta support)
+        vectors, latents = (1 if study.inputs == "embeddings" else n_tokens), study.expansion * width
+        counts = [(4 * width * latents * vectors, 2 * width * latents) for _ in sae_training.sae_specs(study)]
+        basis_networks = "SAE matmuls counted by formula (4 x width x latents per vector)"
+    forwards = [flops for flops, _ in counts]
+    n_eval = min(study.n_eval_images or n_eval, n_eval)
+    loader_ms = n_tokens * width * 2 / MB * rates.host.loader_ms_per_mb[cfg.store.precision]
+    train = Estimate(
+        stage, spec.name, f"networks on {study.train_split}", n_train,
+        _hours(3 * n_train * study.epochs * sum(forwards), rates, "train"),
+        len(forwards) * n_train * study.epochs * loader_ms / 1e3 / 3600, loader_ms,
+        sum(16 * params for _, params in counts) / 1e9,  # weights, two Adam moments, final weights: 16 B each
+        f"{len(forwards)} networks x {study.epochs} epochs; {basis_networks} (x3 for the backward pass); "
+        f"{_gpu_basis(rates, 'train')}; host: the train loader's measured CPU rate, one pass per network",
+    )  # fmt: skip
+    r_flops = reconstructor_flops(cfg.train.model, spec, rates)
+    evaluation = Estimate(
+        stage, spec.name, f"evaluation on {study.split}", n_eval,
+        _hours(n_eval * (sum(forwards) + len(forwards) * r_flops), rates, "evaluate"), 0.0, 0.0, 0.0,
+        f"each network on the held-out images and its result through R (FLOPs counted); {_gpu_basis(rates, 'evaluate')}",
+    )  # fmt: skip
+    return [train, evaluation]
+
+
+def _token_network_counts(network, study, width: int, n_tokens: int) -> tuple[float, int]:
+    """(forward FLOPs of one image, parameters) of a token study network, built on the meta device."""
+    with torch.device("meta"):
+        model = token_training.build(network, study, width, n_tokens)
+        tokens = torch.empty(1, n_tokens, width)
+        with FlopCounterMode(display=False) as counter:
+            if network.method == "learned":
+                model.keep_logits(tokens)
+            model.complete(tokens, torch.empty(1, n_tokens))
+    return float(counter.get_total_flops()), sum(p.numel() for p in model.parameters())
 
 
 def _hours(flops: float, rates: Rates, stage: str) -> float:

@@ -81,3 +81,19 @@ def test_plan_estimate_adds_columns_to_the_plan_table(write_run_config):
     assert encode_rows and all(row[-1].replace(".", "").replace("e-", "").isdigit() for row in encode_rows)
     assert layer_rows and all(row[-2] == "0" for row in layer_rows)  # one pass with L-1: its time is there
     assert "per stage" in result.output and "total" in result.output
+
+
+def test_the_studies_are_priced_per_network(rates):
+    from pipeline.models import sae_training
+
+    config = REPO_CONFIG_DIR / "demo.yaml"
+    cfg = load_run_config(config)
+    run = plan.build(cfg, config, image_counts={"train": 256, "val": 64})
+    rows = {(r.stage, r.what.split()[0]): r for r in estimate(run, rates)}
+    sae, n_sae = cfg.sae, len(sae_training.sae_specs(cfg.sae))
+    width, tokens = 192, 7 * 7  # tiny-vit-112: 7x7 tokens of width 192
+    flops = 3 * 256 * sae.epochs * n_sae * 4 * width * sae.expansion * width * tokens
+    peak = rates.gpu.peak_tflops * 1e12 * rates.gpu.utilisation["train"]
+    assert rows["sae", "networks"].compute_hours == pytest.approx(flops / peak / 3600)
+    assert rows["sae", "networks"].disk_gb == pytest.approx(n_sae * 16 * 2 * width * sae.expansion * width / 1e9)
+    assert rows["tokens", "networks"].compute_hours > 0 and rows["tokens", "evaluation"].images == 64
