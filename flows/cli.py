@@ -12,6 +12,7 @@ from flows import results_out
 from flows.errors import fail as _fail
 from flows.errors import reported_in_one_line
 from flows.store_cli import ls, store_app
+from pipeline.config import ConfigError
 from pipeline.config_files import REPO_CONFIG_DIR
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
@@ -241,7 +242,13 @@ def plan_command(
         if counts is not None:  # no dataset to plan from: the estimate alone
             results_out.echo_estimate(*results_out.estimates(config, counts, rates, operators))
             return
-        _preflight(config)
+        try:
+            _preflight(config)
+        except ConfigError as e:
+            hint = (
+                "; to estimate without the dataset, pass --images SPLIT=N for each split" if estimate else ""
+            )
+            raise ConfigError(f"{e}{hint}") from None
         _echo_plan(
             config, operators, results_out.estimates(config, None, rates, operators) if estimate else None
         )

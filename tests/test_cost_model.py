@@ -68,6 +68,8 @@ def test_plan_estimate_runs_without_the_dataset_and_says_what_is_assumed(write_r
     assert bad.exit_code != 0 and "split=N" in bad.output
     missing = CliRunner().invoke(app, ["plan", "--config", str(config), "--estimate", "--images", "train=5"])
     assert missing.exit_code != 0 and "no image count for split 'val'" in missing.output
+    no_data = CliRunner().invoke(app, ["plan", "--config", str(config), "--estimate"])
+    assert no_data.exit_code != 0 and "pass --images SPLIT=N" in no_data.output
 
 
 def test_plan_estimate_adds_columns_to_the_plan_table(write_run_config):
