@@ -104,7 +104,7 @@ def echo_estimate_sources(rows, rates) -> None:
     import pandas as pd
 
     table = pd.DataFrame([{"stage": r.stage, "compute h": r.compute_hours, "host h": r.host_hours,
-                           "GPU h": r.gpu_hours, "disk GB": r.disk_gb} for r in rows if r.bound or r.path])  # fmt: skip
+                           "GPU h": r.gpu_hours, "disk GB": r.disk_gb} for r in rows])  # fmt: skip
     totals = table.groupby("stage", sort=False).sum(min_count=1)
     totals.loc["total"] = totals.sum()
     typer.echo(f"\nEstimate on {rates.gpu.name}, per stage:\n")

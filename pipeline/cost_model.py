@@ -9,7 +9,6 @@ the train loader), from configs/rates.yaml. Every row says which of its figures 
 from __future__ import annotations
 
 import functools
-import math
 from dataclasses import dataclass
 
 import torch
@@ -44,8 +43,8 @@ class Estimate:
 
     @property
     def bound(self) -> str:
-        if math.isnan(self.compute_hours) or self.compute_hours == self.host_hours == 0:
-            return ""  # not modelled, or filled by another row's pass (a layer of the same encoder)
+        if self.compute_hours == self.host_hours == 0:
+            return ""  # filled by another row's pass (a layer of the same encoder)
         return "GPU compute" if self.compute_hours >= self.host_hours else "host"
 
 

@@ -97,5 +97,7 @@ def test_the_studies_are_priced_per_network(rates):
     flops = 3 * 256 * sae.epochs * n_sae * 4 * width * sae.expansion * width * tokens
     peak = rates.gpu.peak_tflops * 1e12 * rates.gpu.utilisation["train"]
     assert rows["sae", "networks"].compute_hours == pytest.approx(flops / peak / 3600)
-    assert rows["sae", "networks"].disk_gb == pytest.approx(n_sae * 16 * 2 * width * sae.expansion * width / 1e9)
+    assert rows["sae", "networks"].disk_gb == pytest.approx(
+        n_sae * 16 * 2 * width * sae.expansion * width / 1e9
+    )
     assert rows["tokens", "networks"].compute_hours > 0 and rows["tokens", "evaluation"].images == 64
