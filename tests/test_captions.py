@@ -93,7 +93,7 @@ def test_a_model_without_a_tokenizer_fails_before_any_work_saying_where_it_looke
 
 
 def test_an_embedding_sae_study_runs_through_the_plan_with_bridges_modality_and_stability(
-    tiny_clip, demo_root, tmp_path
+    tiny_clip, demo_root, tmp_path, encode_and_train
 ):
     import pandas as pd
     import yaml
@@ -101,8 +101,7 @@ def test_an_embedding_sae_study_runs_through_the_plan_with_bridges_modality_and_
     from pipeline import plan, plan_table
     from pipeline.config import ConfigError
     from pipeline.config_files import load_run_config
-    from pipeline.stages import captions, encode, sae
-    from pipeline.stages import train as train_stage
+    from pipeline.stages import captions, sae
 
     data = {"store_root": str(tmp_path / "stores"), "dataset": {"name": "demo", "kind": "demo", "root": str(demo_root)},
             "encoders": [tiny_clip.model_dump(mode="json")], "store": {"shard_images": 16},
@@ -112,15 +111,10 @@ def test_an_embedding_sae_study_runs_through_the_plan_with_bridges_modality_and_
                     "expansion": 2, "epochs": 3, "batch_vectors": 16, "seeds": [0, 1], "text_shares": [0.5, 0.25],
                     "n_bridges": 3}}  # fmt: skip
     config = tmp_path / "run.yaml"
-    config.write_text(yaml.safe_dump(data))
-    run = plan.build(load_run_config(config), config)
-    plan.preflight(run, ("encode", "train", "sae"))
-    for group in run.one_pass_groups(run.encode):
-        encode.run_layers([run.encode[p] for p in group], progress=False)
-    trained = train_stage.run(run.train["tiny-clip-test"], progress=False)
+    run, checkpoint = encode_and_train(data, config, "sae")
     for caption_job in run.captions.values():
         captions.run(caption_job)
-    result = sae.run(run.study_job(run.study_steps("sae")[0], trained.checkpoint))
+    result = sae.run(run.study_job(run.study_steps("sae")[0], checkpoint))
     report = result.report.read_text()
     assert "Top bridges" in report and "strongly unimodal" in report
     bridges = pd.read_csv(result.out_dir / "bridges.csv")

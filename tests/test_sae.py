@@ -188,14 +188,9 @@ def test_a_killed_sae_training_resumes_to_the_weights_of_an_uninterrupted_one(tm
 
 
 @pytest.fixture(scope="module")
-def sae_run(study_root, demo_root):
+def sae_run(study_root, demo_root, encode_and_train):
     """The stage through the plan on the tiny 64 px encoder: stores, its reconstructor, then the study."""
-    import yaml
-
-    from pipeline import plan
-    from pipeline.config_files import load_run_config
-    from pipeline.stages import encode, sae
-    from pipeline.stages import train as train_stage
+    from pipeline.stages import sae
 
     tmp = study_root
     data = {"store_root": str(tmp / "stores"), "dataset": {"name": "demo", "kind": "demo", "root": str(demo_root)},
@@ -205,13 +200,8 @@ def sae_run(study_root, demo_root):
                     "l1_coefficients": [0.01], "expansion": 2, "epochs": 2, "batch_images": 8, "seeds": [0, 1],
                     "n_edit_latents": 1, "n_sheet_latents": 2, "n_grid_images": 3}}  # fmt: skip
     config = tmp / "sae.yaml"
-    config.write_text(yaml.safe_dump(data))
-    run = plan.build(load_run_config(config), config)
-    plan.preflight(run, ("encode", "train", "sae"))
-    for group in run.one_pass_groups(run.encode):
-        encode.run_layers([run.encode[p] for p in group], progress=False)
-    trained = train_stage.run(run.train["tiny-vit-64"], progress=False)
-    job = run.study_job(run.study_steps("sae")[0], trained.checkpoint)
+    run, checkpoint = encode_and_train(data, config, "sae")
+    job = run.study_job(run.study_steps("sae")[0], checkpoint)
     return config, job, sae.run(job)
 
 

@@ -169,14 +169,9 @@ def test_a_killed_training_resumes_to_the_weights_of_an_uninterrupted_one(tmp_pa
 
 
 @pytest.fixture(scope="module")
-def tokens_run(study_root, demo_root):
+def tokens_run(study_root, demo_root, encode_and_train):
     """The stage through the plan on the tiny 64 px encoder: stores, its reconstructor, then the study."""
-    import yaml
-
-    from pipeline import plan
-    from pipeline.config_files import load_run_config
-    from pipeline.stages import encode
-    from pipeline.stages import train as train_stage
+    from pipeline.stages import tokens
 
     tmp = study_root
     data = {"store_root": str(tmp / "stores"), "dataset": {"name": "demo", "kind": "demo", "root": str(demo_root)},
@@ -186,16 +181,8 @@ def tokens_run(study_root, demo_root):
             "tokens": {"output_root": str(tmp / "tokens"), "fractions": [0.25, 1.0], "epochs": 2, "batch_size": 8,
                        "network": {"width": 32, "depth": 1, "head_dim": 16}, "n_boot": 200, "n_grid_images": 3}}  # fmt: skip
     config = tmp / "tokens.yaml"
-    config.write_text(yaml.safe_dump(data))
-    cfg = load_run_config(config)
-    run = plan.build(cfg, config)
-    plan.preflight(run, ("encode", "train", "tokens"))
-    for group in run.one_pass_groups(run.encode):
-        encode.run_layers([run.encode[p] for p in group], progress=False)
-    trained = train_stage.run(run.train["tiny-vit-64"], progress=False)
-    from pipeline.stages import tokens
-
-    job = run.study_job(run.study_steps("tokens")[0], trained.checkpoint)
+    run, checkpoint = encode_and_train(data, config, "tokens")
+    job = run.study_job(run.study_steps("tokens")[0], checkpoint)
     return config, job, tokens.run(job)
 
 
