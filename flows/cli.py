@@ -44,9 +44,10 @@ def _preflight(
     stages: tuple[str, ...] = (),
     encoders: list[str] | None = None,
     transforms: list[str] | None = None,
-) -> None:
+):
     """Before Prefect starts: the config, every encoder spec (architecture vs weights), and all that `stages` will
-    need (weights of encoders and judges, writable folders, held-out images, filters that select something)."""
+    need (weights of encoders and judges, writable folders, held-out images, filters that select something).
+    Returns the plan it checked."""
     from pipeline import plan
     from pipeline.config_files import load_run_config
 
@@ -60,6 +61,7 @@ def _preflight(
 
     prefect_env.quiet_user_errors()
     reaper.start()  # what this run starts ends with it, even after a SIGKILL
+    return run
 
 
 @app.command()
@@ -205,11 +207,10 @@ def sae_command(
     results_out.echo_studies("SAE study", results)
 
 
-def _echo_plan(config: Path, with_operators: bool = True, estimated=None) -> list:
-    from pipeline.config_files import load_run_config
+def _echo_plan(config: Path, run, with_operators: bool = True, estimated=None) -> list:
     from pipeline.plan_table import plan
 
-    steps = plan(load_run_config(config), config, with_operators)
+    steps = plan(run.cfg, config, with_operators, run)
     results_out.echo_plan(steps, estimated[0] if estimated else None)
     if estimated:
         results_out.echo_estimate_sources(*estimated)
@@ -240,18 +241,21 @@ def plan_command(
                 "--images applies to --estimate only (the plan lists the dataset itself)"
             )
         if counts is not None:  # no dataset to plan from: the estimate alone
-            results_out.echo_estimate(*results_out.estimates(config, counts, rates, operators))
+            from pipeline import plan
+            from pipeline.config_files import load_run_config
+
+            unlisted = plan.build(load_run_config(config), config, image_counts=counts)
+            results_out.echo_estimate(*results_out.estimates(unlisted, rates, operators))
             return
         try:
-            _preflight(config)
+            planned = _preflight(config)
         except ConfigError as e:
             hint = (
                 "; to estimate without the dataset, pass --images SPLIT=N for each split" if estimate else ""
             )
             raise ConfigError(f"{e}{hint}") from None
-        _echo_plan(
-            config, operators, results_out.estimates(config, None, rates, operators) if estimate else None
-        )
+        estimated = results_out.estimates(planned, rates, operators) if estimate else None
+        _echo_plan(config, planned, operators, estimated)
 
 
 def _image_counts(items: list[str]) -> dict[str, int]:
@@ -284,7 +288,7 @@ def run(
         from flows.benchmark_flow import benchmark_flow
         from flows.tasks import for_config
 
-        _preflight(
+        planned = _preflight(
             config,
             ("encode", "train", "operators", "evaluate", "tokens", "sae")
             if operators
@@ -296,7 +300,7 @@ def run(
 
             for removed in force_stage(load_run_config(config), config, force):
                 typer.echo(f"--force {force}: removed {removed}")
-        steps = _echo_plan(config, operators)
+        steps = _echo_plan(config, planned, operators)
         if not os.environ.get("PREFECT_API_URL") and all(
             s.state == "cached" for s in steps if s.stage != "evaluate"
         ):
@@ -306,9 +310,8 @@ def run(
                 "\nnothing to encode, train or fit: results read from their artifacts (Prefect not started)"
             )
             from pipeline import plan
-            from pipeline.config_files import load_run_config
 
-            out = plan.execute(plan.build(load_run_config(config), config), operators, progress)
+            out = plan.execute(planned, operators, progress)
         else:
             out = for_config(benchmark_flow, config)(str(config), progress, operators)
     from pipeline.config_files import load_run_config

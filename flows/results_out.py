@@ -58,15 +58,13 @@ def echo_evaluation(result) -> None:
     typer.echo(f"\nreport: {result.report_md}\n        {result.report_html}")
 
 
-def estimates(config, image_counts: dict[str, int] | None, rates_path, with_operators: bool):
-    """(rows, rates) of `reconlab plan --estimate` (configs/rates.yaml unless `rates_path`)."""
-    from pipeline import plan
+def estimates(run, rates_path, with_operators: bool):
+    """(rows, rates) of `reconlab plan --estimate` for a built plan (configs/rates.yaml unless `rates_path`)."""
     from pipeline.config.rates import Rates
-    from pipeline.config_files import REPO_CONFIG_DIR, load_model, load_run_config
+    from pipeline.config_files import REPO_CONFIG_DIR, load_model
     from pipeline.cost_model import estimate
 
     rates = load_model(rates_path or REPO_CONFIG_DIR / "rates.yaml", Rates)
-    run = plan.build(load_run_config(config), config, image_counts=image_counts)
     return estimate(run, rates, with_operators), rates
 
 

@@ -40,8 +40,11 @@ def store_state(path: Path) -> str:
     return f"partial ({int(done.sum())}/{done.size} shards)"
 
 
-def plan(cfg: RunConfig, config_path: Path | None = None, with_operators: bool = True) -> list[Step]:
-    run = build(cfg, config_path)
+def plan(
+    cfg: RunConfig, config_path: Path | None = None, with_operators: bool = True, run: RunPlan | None = None
+) -> list[Step]:
+    """`run`: the plan of `cfg` already built (listing a dataset is not free)."""
+    run = run or build(cfg, config_path)
     states = {path: store_state(path) for path in run.encode}
     steps = [
         Step("encode", job.encoder.name, f"{job.split} {job.transform.tag}", states[path], str(path))
