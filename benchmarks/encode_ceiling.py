@@ -13,7 +13,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numcodecs
 import numpy as np
 import torch
 from PIL import Image
@@ -33,7 +32,8 @@ from pipeline.jobs import EncodeJob
 from pipeline.models import encoders
 from pipeline.stages import encode
 from storage import StoreLayout, create
-from storage.precision import resolve_codecs, value_stats
+from storage.precision import compressors, resolve_codecs, value_stats
+from storage.shard_writer import numcodecs_codec
 
 
 def coco_sized_jpegs(folder: Path, n: int) -> None:
@@ -95,9 +95,9 @@ def steps_of_one_image(tmp: Path, paths: list[Path], pre, stand_in: torch.Tensor
                 lambda: (value_stats(features.numpy()), features.numpy().astype(np.float16)), n
             )
         codecs = resolve_codecs("float16", compressor, None)
-        feature_codec = numcodecs.Blosc(*BLOSC[codecs["compressor"]], clevel=codecs["compression_level"])
-        pixel_codec = numcodecs.Blosc(
-            *BLOSC[codecs["pixel_compressor"]], clevel=codecs["pixel_compression_level"]
+        feature_codec = numcodecs_codec(compressors(codecs["compressor"], codecs["compression_level"])[0])
+        pixel_codec = numcodecs_codec(
+            compressors(codecs["pixel_compressor"], codecs["pixel_compression_level"])[0]
         )
         f16 = features.numpy().astype(np.float16)
         steps[f"{setting}: compress features + pixels"] = per_image(
@@ -116,9 +116,6 @@ def steps_of_one_image(tmp: Path, paths: list[Path], pre, stand_in: torch.Tensor
         )
     torch.set_num_threads(2)
     return steps
-
-
-BLOSC = {"blosc_lz4": ("lz4",), "blosc_zstd_shuffle": ("zstd",)}
 
 
 def layout_for(n: int, stand_in: torch.Tensor, s: int, compressor: str) -> StoreLayout:

@@ -34,7 +34,7 @@ class ShardWriter:
         self.dtype = np.dtype(array.dtype).newbyteorder("<")
         self.chunk_key = meta.encode_chunk_key
         inner = list(meta.codecs[0].codecs)
-        self.encoder = _encoder(inner[1]) if len(inner) == 2 else None
+        self.encoder = numcodecs_codec(inner[1]) if len(inner) == 2 else None
 
     @classmethod
     def of(cls, array: zarr.Array, folder: Path) -> ShardWriter | None:
@@ -42,7 +42,7 @@ class ShardWriter:
         if ShardReader.of(array, folder) is None:
             return None
         inner = list(array.metadata.codecs[0].codecs)
-        if len(inner) == 2 and _encoder(inner[1]) is None:
+        if len(inner) == 2 and numcodecs_codec(inner[1]) is None:
             return None
         return cls(array, folder)
 
@@ -72,8 +72,8 @@ class ShardWriter:
         return {"bytes": offset + pieces[-1].nbytes, "sha256": digest.hexdigest()}
 
 
-def _encoder(codec):
-    """numcodecs' twin of the array's compressor (None: one this writer does not know)."""
+def numcodecs_codec(codec):
+    """numcodecs' twin of a zarr compressor codec (None: one this writer does not know)."""
     if isinstance(codec, BloscCodec):
         shuffle = {"noshuffle": numcodecs.Blosc.NOSHUFFLE, "shuffle": numcodecs.Blosc.SHUFFLE,
                    "bitshuffle": numcodecs.Blosc.BITSHUFFLE}[codec.shuffle.value]  # fmt: skip
