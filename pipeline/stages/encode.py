@@ -53,7 +53,7 @@ def store_key(job: EncodeJob, records: list[ImageRecord], compute_dtype: torch.d
         "compute_dtype": str(compute_dtype).removeprefix("torch."),
         "image_limits": {"min_side": job.options.min_image_side, "max_pixels": job.options.max_image_pixels},
         "geometry": job.options.geometry,
-        **({"resize": job.options.resize} if job.options.resize != "pil" else {}),  # absent: PIL, as before it
+        **({"resize": job.options.resize} if job.options.resize != "pil" else {}),  # absent: PIL (older keys)
         **({"embeddings": True} if stores_embeddings(job) else {}),  # absent otherwise: older keys stay valid
     }
 
