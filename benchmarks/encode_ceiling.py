@@ -32,7 +32,7 @@ from pipeline.jobs import EncodeJob
 from pipeline.models import encoders
 from pipeline.stages import encode
 from storage import StoreLayout, create
-from storage.precision import compressors, resolve_codecs, value_stats
+from storage.precision import compressors, quantize, resolve_codecs, value_stats
 from storage.shard_writer import numcodecs_codec
 
 
@@ -52,9 +52,22 @@ def coco_sized_jpegs(folder: Path, n: int) -> None:
         photo.rotate(i % 7, expand=False).save(folder / f"{i:06d}.jpg", quality=90)
 
 
-# The defaults (torch resize, per-array codecs) against what encoded stores before them (PIL, blosc zstd 3).
-SETTINGS = {"defaults": ("torch", "auto"), "before 2026-11-27": ("pil", "blosc_zstd_shuffle")}
-WRITER_THREADS = {"defaults": 1, "defaults, 2 writer threads": 2, "before 2026-11-27": 1}
+# (resize, compressor, precision): the defaults (torch resize, per-array codecs) against what encoded stores
+# before them (PIL, blosc zstd 3); bf16_bitround (configs/coco.yaml's precision) under auto's codec and the one
+# auto used first (zstd 7 in blosc's own blocks, rounding on the writer thread in NumPy).
+SETTINGS = {
+    "defaults": ("torch", "auto", "float16"),
+    "before 2026-11-27": ("pil", "blosc_zstd_shuffle", "float16"),
+    "bf16_bitround": ("torch", "auto", "bf16_bitround"),
+    "bf16_bitround (auto's first codec)": ("torch", "blosc_zstd_shuffle", "bf16_bitround"),
+}
+WRITER_THREADS = {
+    "defaults": 1,
+    "defaults, 2 writer threads": 2,
+    "before 2026-11-27": 1,
+    "bf16_bitround": 1,
+    "bf16_bitround (auto's first codec)": 1,
+}
 
 
 def per_image(fn, n: int, reps: int = 3) -> float:
@@ -77,38 +90,48 @@ def steps_of_one_image(tmp: Path, paths: list[Path], pre, stand_in: torch.Tensor
     )
     decoded = [load_rgb(p, min_side=16, max_pixels=10**9, draft_to=2 * s) for p in paths]
     features = stand_in[:n]
-    for setting, (resize, compressor) in SETTINGS.items():
+    for setting, (resize, compressor, precision) in SETTINGS.items():
         steps[f"{setting}: resize + crop ({resize})"] = per_image(
             lambda resize=resize: [pre.to_pixels(img, resize) for img in decoded], n
         )
         pixels = [pre.to_pixels(img, resize) for img in decoded]
         batch = torch.from_numpy(np.stack(pixels))
-        buffer = shard_buffer(layout_for(n, stand_in, s, compressor), 0, n)
+        buffer = shard_buffer(layout_for(n, stand_in, s, compressor, precision), 0, n)
         steps[f"{setting}: main process: normalise (GPU where there is one)"] = per_image(
             lambda batch=batch: pre.normalize(batch), n
         )
-        steps[f"{setting}: main process: float16 cast + shard statistics"] = per_image(
-            lambda buffer=buffer: add_batch(buffer, np.arange(n), features), n
+        steps[f"{setting}: main process: quantise + shard statistics"] = per_image(
+            lambda buffer=buffer, precision=precision: add_batch(buffer, np.arange(n), features, precision), n
         )
-        if setting != "defaults":  # stores before 2026-11-27 cast in NumPy on the writer thread
-            steps[f"{setting}: main process: float16 cast + shard statistics"] = per_image(
-                lambda: (value_stats(features.numpy()), features.numpy().astype(np.float16)), n
+        if "before" in setting or "first" in setting:
+            # stores before then quantised in NumPy on the writer thread
+            steps[f"{setting}: main process: quantise + shard statistics"] = per_image(
+                lambda precision=precision: (
+                    value_stats(features.numpy()),
+                    quantize(features.numpy(), precision),
+                ),
+                n,
             )
-        codecs = resolve_codecs("float16", compressor, None)
-        feature_codec = numcodecs_codec(compressors(codecs["compressor"], codecs["compression_level"])[0])
+        codecs = resolve_codecs(precision, compressor, None)
+        feature_codec = numcodecs_codec(
+            compressors(codecs["compressor"], codecs["compression_level"], codecs["compression_blocksize"])[0]
+        )
         pixel_codec = numcodecs_codec(
             compressors(codecs["pixel_compressor"], codecs["pixel_compression_level"])[0]
         )
-        f16 = features.numpy().astype(np.float16)
+        f16, _ = quantize(features.numpy(), precision)  # what the writer gets
         steps[f"{setting}: compress features + pixels"] = per_image(
             lambda fc=feature_codec, pc=pixel_codec, f16=f16, pixels=pixels: [
                 (fc.encode(f), pc.encode(p)) for f, p in zip(f16, pixels, strict=True)
             ], n
         )  # fmt: skip
-        target = create(tmp / f"write-test-{setting}.zarr", layout_for(n, stand_in, s, compressor), {})
+        target = create(
+            tmp / f"write-test-{setting}.zarr", layout_for(n, stand_in, s, compressor, precision), {}
+        )
         write = per_image(
             lambda target=target, f16=f16, pixels=pixels: target.write_shard(
-                0, f16, np.stack(pixels), np.arange(n), np.ones(n, bool), {"n_encoded": n, "failures": [], "stats": {}}
+                0, f16, np.stack(pixels), np.arange(n), np.ones(n, bool), {"n_encoded": n, "failures": [], "stats": {}},
+                quantized=True
             ), n
         )  # fmt: skip
         steps[f"{setting}: write shard files (+ SHA-256, ids, record)"] = (
@@ -118,10 +141,10 @@ def steps_of_one_image(tmp: Path, paths: list[Path], pre, stand_in: torch.Tensor
     return steps
 
 
-def layout_for(n: int, stand_in: torch.Tensor, s: int, compressor: str) -> StoreLayout:
+def layout_for(n: int, stand_in: torch.Tensor, s: int, compressor: str, precision: str) -> StoreLayout:
     _, grid, _, width = stand_in.shape
     return StoreLayout(n_images=n, grid_hw=(grid, grid), hidden_dim=width, pixel_size=s, shard_images=n,
-                       precision="float16", store_pixels=True, **resolve_codecs("float16", compressor, None))  # fmt: skip
+                       precision=precision, store_pixels=True, **resolve_codecs(precision, compressor, None))  # fmt: skip
 
 
 def main() -> None:
@@ -147,10 +170,10 @@ def main() -> None:
         rows = {}
         for rep in range(2):  # the first round warms the fork server and page cache; the second is reported
             for setting, threads in WRITER_THREADS.items():
-                resize, compressor = SETTINGS[setting.split(",")[0]]
+                resize, compressor, precision = SETTINGS[setting.split(",")[0]]
                 for workers in (1, 2):
                     job = EncodeJob(tmp / f"stores-{rep}-{workers}-{setting}", dataset, "all", SubsetSpec(), spec,
-                                    TransformSpec(), StoreOptions(compressor=compressor),
+                                    TransformSpec(), StoreOptions(compressor=compressor, precision=precision),
                                     EncodeOptions(batch_size=32, num_workers=workers, device="cpu", resize=resize,
                                                   writer_threads=threads))  # fmt: skip
                     start = time.perf_counter()
@@ -158,8 +181,8 @@ def main() -> None:
                     rows[setting, workers] = args.images / (time.perf_counter() - start)
         paths = sorted((tmp / "images").glob("*.jpg"))[:64]
         steps = steps_of_one_image(tmp, paths, built.preprocessing, stand_in, s)
-    print(f"# encode stage ceiling: stand-in encoder, {args.images} JPEGs 640x480 -> {s} px, ViT-B-shaped float16 "
-          f"features ({grid}x{grid}x{width}), CPU (2 cores)\n")  # fmt: skip
+    print(f"# encode stage ceiling: stand-in encoder, {args.images} JPEGs 640x480 -> {s} px, ViT-B-shaped "
+          f"features ({grid}x{grid}x{width}; float16 unless the setting names bf16_bitround), CPU (2 cores)\n")  # fmt: skip
     print("| setting | 1 decode worker, images/s | 2 decode workers, images/s |\n|---|---|---|")
     for setting in WRITER_THREADS:
         print(f"| {setting} | {rows[setting, 1]:.0f} | {rows[setting, 2]:.0f} |")
@@ -167,7 +190,7 @@ def main() -> None:
     for name, t in steps.items():
         print(f"| {name} | {1e3 * t:.2f} |")
     for setting in SETTINGS:
-        mine = {k: v for k, v in steps.items() if k.startswith(setting) or k.startswith("decode")}
+        mine = {k: v for k, v in steps.items() if k.startswith(f"{setting}: ") or k.startswith("decode")}
         cpu = sum(v for k, v in mine.items() if "normalise" not in k)
         print(f"\n{setting}: CPU time per image without the GPU's share {1e3 * cpu:.2f} ms = "
               f"{1 / cpu:.0f} images/s per core; shares: "

@@ -29,7 +29,7 @@ def create(path: Path, layout: StoreLayout, attrs: dict) -> FeatureStore:
         layout.pixel_size,
         layout.shard_images,
     )
-    codecs = prec.compressors(layout.compressor, layout.compression_level)
+    codecs = prec.compressors(layout.compressor, layout.compression_level, layout.compression_blocksize)
     pixel_codecs = prec.compressors(
         layout.pixel_compressor or layout.compressor,
         layout.pixel_compression_level or layout.compression_level,

@@ -46,6 +46,8 @@ class StoreLayout:
     # The pixels' own codec (`compressor: auto`); None in stores written before it: the features' codec.
     pixel_compressor: str | None = None
     pixel_compression_level: int | None = None
+    # Bytes per blosc block of the features' codec; 0 (and stores written before it): blosc's own choice.
+    compression_blocksize: int = 0
 
     @property
     def n_shards(self) -> int:
@@ -206,13 +208,14 @@ class FeatureStore:
     ) -> np.ndarray:
         """Features [n, H, W, D] as float32, whatever the stored precision; `as_stored`: in the stored float dtype
         (float16 stays float16: half the bytes to move, converted where they are used, e.g. on the GPU; int8 with
-        per-token scales is always dequantised to float32). `out` (as_stored reads of float stores, rows an index
-        array): an array to read into, reused across calls by a loader."""
-        if out is not None and as_stored and self.layout.precision != "int8_per_token":
+        per-token scales is always dequantised to float32). `out` (as_stored reads, rows an index array): an
+        array to read (or dequantise) into, reused across calls by a loader."""
+        if self.layout.precision == "int8_per_token":
+            codes = self._read("features", rows)
+            return prec.dequantize(codes, self._read("features_scale", rows), out if as_stored else None)
+        if out is not None and as_stored:
             return self._read("features", rows, out)
         stored = self._read("features", rows)
-        if self.layout.precision == "int8_per_token":
-            return prec.dequantize(stored, self._read("features_scale", rows))
         return stored if as_stored else prec.dequantize(stored, None)
 
     def embeddings(self, rows: slice | np.ndarray | int = slice(None)) -> np.ndarray:
@@ -240,16 +243,27 @@ class FeatureStore:
         shard_record: dict,
         pixels_like: FeatureStore | None = None,
         embeddings_ne: np.ndarray | None = None,
+        quantized: bool = False,
+        features_scale: np.ndarray | None = None,
     ) -> None:
         """Write one whole shard, then its record, then mark it done: 'done' is never ahead of the data.
 
         pixels_like: a store holding these very pixels in this shard, with the same pixel array metadata: its
-        shard file is hard-linked (copied across file systems) instead of compressing the pixels again."""
+        shard file is hard-linked (copied across file systems) instead of compressing the pixels again.
+        quantized: `features_nhwd` (and `features_scale`, int8_per_token) already hold what
+        `precision.quantize` gives, as the encode stage makes them on its device; otherwise float32 features."""
         rows = self.layout.shard_slice(shard)
         for reader in self._readers.values():
             if reader is not None:
                 reader.forget(shard)
-        stored, scale = prec.quantize(features_nhwd, self.layout.precision)
+        if quantized:
+            stored, scale = features_nhwd, features_scale
+            dtype, _ = prec.feature_dtype_and_filters(self.layout.precision)
+            if stored.dtype != dtype or (scale is None) != (self.layout.precision != "int8_per_token"):
+                raise ValueError(f"shard {shard}: quantized features of dtype {stored.dtype} (scale given: "
+                                 f"{scale is not None}) are not {self.layout.precision}'s")  # fmt: skip
+        else:
+            stored, scale = prec.quantize(features_nhwd, self.layout.precision)
         if pixels_nhwc is not None and pixels_like is not None and self._link_pixels(pixels_like, shard):
             pixels_nhwc = None
         written = {}

@@ -20,7 +20,9 @@ def codec_text(codec) -> str:
     except (AttributeError, NotImplementedError):
         return type(codec).__name__
     settings = {
-        k: v for k, v in (spec.get("configuration") or {}).items() if k not in ("typesize", "blocksize")
+        k: v
+        for k, v in (spec.get("configuration") or {}).items()
+        if k != "typesize" and not (k == "blocksize" and not v)  # blocksize 0: blosc's own choice
     }
     return f"{spec['name']}({', '.join(f'{k}={v}' for k, v in settings.items())})"
 

@@ -22,54 +22,62 @@ MAX_TOKEN_RELATIVE_ERROR = {
 
 
 def default_level(precision: str) -> int:
-    # Measured on ViT-B activations (docs/benchmarks.md): zstd level 7 takes bf16-rounded features from 0.71x
-    # to 0.65x the bytes of a bf16 .pt; elsewhere level 3 is within 2% of level 7 at a fraction of the time.
+    """A named compressor's level where the config gives none (in blosc's own blocks, where level 7 takes
+    bf16-rounded features from 0.71x to 0.65x the bytes of a bf16 .pt, and level 3 is within 2% of level 7
+    elsewhere: docs/benchmarks.md)."""
     return 7 if precision == "bf16_bitround" else 3
 
 
-# `compressor: auto`: (codec, level) per precision for features, measured on ViT-B activations and photos
-# (docs/benchmarks.md, "Codecs per array"). float16/float32 features gain only 1.10x from zstd, at 10-15x the
-# decode time of lz4, which alone lets a 512 px image read in under 1 ms and still shrinks zero runs (ReLU'd
-# CNN features); zstd stays where it is the point: bf16-rounded features (1.54x at level 7, their zeroed bits)
-# and int8 codes (the small option). Pixels: lz4 too (1.09-1.14x vs zstd's 1.21-1.38x, a few % of a store's
+# `compressor: auto`: (codec, level, blosc block bytes) per precision for features, measured on ViT-B activations
+# and photos (docs/benchmarks.md, "Codecs per array"). float16/float32 features gain only 1.10x from zstd, at
+# 10-15x the decode time of lz4, which alone lets a 512 px image read in under 1 ms and still shrinks zero runs
+# (ReLU'd CNN features). zstd stays where it is the point, bf16-rounded features (their zeroed bits) and int8
+# codes, at level 1 in 1 MiB blocks: blosc's own block choice (32-256 KiB) cuts the long zero byte planes that
+# shuffle makes into pieces, and higher levels buy nothing back. Against level 7 in blosc's blocks, on
+# bf16-rounded ViT-B features at 512 px: 0.71x vs 0.73x the float16 bytes, 5 vs 53-78 ms to compress an image,
+# 1.0-1.3 vs 1.6-2.1 ms to decompress it. Pixels: lz4 too (1.09-1.14x vs zstd's 1.21-1.38x, a few % of a store's
 # bytes; zstd costs 0.6 ms per 224 px image to write and 1.4 ms per 512 px image to read).
+ZSTD_BLOCK_BYTES = 1 << 20
 AUTO_FEATURE_CODECS = {
-    "float16": ("blosc_lz4", 5),
-    "float32": ("blosc_lz4", 5),
-    "bf16_bitround": ("blosc_zstd_shuffle", 7),
-    "int8_per_token": ("blosc_zstd_shuffle", 3),
+    "float16": ("blosc_lz4", 5, 0),
+    "float32": ("blosc_lz4", 5, 0),
+    "bf16_bitround": ("blosc_zstd_shuffle", 1, ZSTD_BLOCK_BYTES),
+    "int8_per_token": ("blosc_zstd_shuffle", 1, ZSTD_BLOCK_BYTES),
 }
 AUTO_PIXEL_CODEC = ("blosc_lz4", 5)
 
 
 def resolve_codecs(precision: str, compressor: str, level: int | None) -> dict:
-    """The codec and level of features (and the small per-image arrays) and of pixels, as the store layout
-    records them. A named compressor applies to every array (stores made before `auto` did this)."""
+    """The codec, level and blosc block size of features (and the small per-image arrays) and the codec of
+    pixels, as the store layout records them. A named compressor applies to every array, in blosc's own blocks
+    (stores made before `auto` did this)."""
     if compressor != "auto":
         chosen = (compressor, level or default_level(precision))
-        return _as_layout(chosen, chosen)
-    codec, auto_level = AUTO_FEATURE_CODECS[precision]
-    return _as_layout((codec, level or auto_level), AUTO_PIXEL_CODEC)
+        return _as_layout(chosen, chosen, 0)
+    codec, auto_level, block_bytes = AUTO_FEATURE_CODECS[precision]
+    return _as_layout((codec, level or auto_level), AUTO_PIXEL_CODEC, block_bytes)
 
 
-def _as_layout(features: tuple[str, int], pixels: tuple[str, int]) -> dict:
+def _as_layout(features: tuple[str, int], pixels: tuple[str, int], block_bytes: int) -> dict:
     return {
         "compressor": features[0],
         "compression_level": features[1],
+        "compression_blocksize": block_bytes,
         "pixel_compressor": pixels[0],
         "pixel_compression_level": pixels[1],
     }
 
 
-def compressors(name: str, level: int = 3) -> list:
+def compressors(name: str, level: int = 3, block_bytes: int = 0) -> list:
+    """The Zarr v3 codec `name` at `level`; `block_bytes` is blosc's block size (0: blosc chooses)."""
     if name == "none":
         return []
     if name == "zstd":
         return [zc.ZstdCodec(level=level)]
     if name == "blosc_lz4":
-        return [zc.BloscCodec(cname="lz4", clevel=level, shuffle="shuffle")]
+        return [zc.BloscCodec(cname="lz4", clevel=level, shuffle="shuffle", blocksize=block_bytes)]
     shuffle = "bitshuffle" if name == "blosc_zstd_bitshuffle" else "shuffle"
-    return [zc.BloscCodec(cname="zstd", clevel=level, shuffle=shuffle)]
+    return [zc.BloscCodec(cname="zstd", clevel=level, shuffle=shuffle, blocksize=block_bytes)]
 
 
 def feature_dtype_and_filters(precision: str) -> tuple[str, list]:
@@ -108,9 +116,11 @@ def round_to_bf16(values: np.ndarray) -> np.ndarray:
     return np.where(np.isfinite(values), rounded.view(np.float32), values.astype(np.float32))
 
 
-def dequantize(stored: np.ndarray, scale: np.ndarray | None) -> np.ndarray:
+def dequantize(stored: np.ndarray, scale: np.ndarray | None, out: np.ndarray | None = None) -> np.ndarray:
+    """Stored values as float32 (into `out` where given, for int8 codes). int8 codes times their scale in one
+    pass: converting first and multiplying after costs twice the time (two passes over a float32 array)."""
     if scale is not None:
-        return stored.astype(np.float32) * scale[..., None]
+        return np.multiply(stored, scale[..., None], out=out, dtype=np.float32)
     return stored.astype(np.float32, copy=False)
 
 

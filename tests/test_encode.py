@@ -304,6 +304,40 @@ def test_shard_statistics_of_finite_features_take_the_fast_path_and_still_agree(
     assert feature_stats(torch.zeros(0, 4))["n_tokens"] == 0
 
 
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast")  # 3.4e38 in float16: inf in both
+@pytest.mark.parametrize("precision", ["float16", "bf16_bitround", "int8_per_token", "float32"])
+def test_quantising_on_the_device_gives_the_stores_numpy_values_bit_for_bit(precision):
+    from pipeline.data.store_writer import quantize
+    from storage.precision import quantize as numpy_quantize
+
+    rng = np.random.default_rng(2)
+    features = (rng.standard_normal((2, 3, 4, 64)) * np.exp(rng.standard_normal(64) * 4)).astype(np.float32)
+    features[0, 0, 0, :6] = [
+        1e-40,
+        -3e-39,
+        3.4e38,
+        1 + 2**-8,
+        1 + 3 * 2**-8,
+        0.0,
+    ]  # subnormals, ties, overflow
+    features[0, 0, 1] = 0.0  # a token of zeros: int8's scale falls back to 1
+    cases = [(features, True), (features, False)]
+    if precision in ("bf16_bitround", "float32"):  # int8 codes of NaN are undefined in both
+        nonfinite = features.copy()
+        nonfinite[1, 2, 3, :3] = [np.inf, -np.inf, np.nan]
+        cases.append((nonfinite, False))
+    for values, finite in cases:
+        expected, expected_scale = numpy_quantize(values, precision)
+        got, scale = quantize(torch.from_numpy(values), precision, finite=finite)
+        got = got.numpy()
+        assert got.dtype == expected.dtype
+        bits = {1: np.uint8, 2: np.uint16, 4: np.uint32}[got.itemsize]
+        np.testing.assert_array_equal(got.view(bits), expected.view(bits))
+        assert (scale is None) == (expected_scale is None)
+        if scale is not None:
+            np.testing.assert_array_equal(scale.numpy(), expected_scale)
+
+
 def test_several_writer_threads_write_the_same_store_as_one(make_job, tmp_path):
     from pipeline.config import EncodeOptions, SubsetSpec
 

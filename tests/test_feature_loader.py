@@ -59,3 +59,24 @@ def test_reads_into_a_given_buffer_and_refuses_one_of_the_wrong_shape(labelled_s
     np.testing.assert_array_equal(buffer[:, 0, 0, 0], rows)
     with pytest.raises(ValueError, match="C-contiguous float16 array of shape"):
         store.features(rows, as_stored=True, out=np.empty((2, 2, 2, 4), np.float16))
+
+
+def test_int8_stores_dequantise_into_the_given_buffer_as_a_plain_read_does(tmp_path):
+    n, rng = 20, np.random.default_rng(1)
+    layout = StoreLayout(n_images=n, grid_hw=(2, 3), hidden_dim=8, pixel_size=4, shard_images=8,
+                         precision="int8_per_token", **resolve_codecs("int8_per_token", "auto", None))  # fmt: skip
+    store = create(tmp_path / "q.zarr", layout, {})
+    features = rng.standard_normal((n, 2, 3, 8)).astype(np.float32)
+    for shard in range(layout.n_shards):
+        r = layout.shard_slice(shard)
+        store.write_shard(shard, features[r], np.zeros((r.stop - r.start, 4, 4, 3), np.uint8), np.arange(n)[r],
+                          np.ones(r.stop - r.start, bool), {"n_encoded": 0, "failures": [], "stats": {}})  # fmt: skip
+    store = open_store(store.path, require_complete=False)
+    rows = np.array([2, 9, 17])
+    buffer = np.full((3, 2, 3, 8), np.nan, np.float32)
+    assert store.features(rows, as_stored=True, out=buffer) is buffer
+    np.testing.assert_array_equal(buffer, store.features(rows))
+    np.testing.assert_allclose(buffer, features[rows], atol=np.abs(features[rows]).max() / 254 + 1e-7)
+    loaded = np.concatenate([f for f, _ in batch_stream(store, 4, seed=0, epoch=0, buffer_images=4)])
+    assert loaded.dtype == np.float32
+    np.testing.assert_array_equal(np.sort(loaded.ravel()), np.sort(store.features().ravel()))

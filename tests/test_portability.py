@@ -77,11 +77,12 @@ def test_auto_codecs_are_chosen_per_array_and_a_named_one_applies_to_all():
 
     auto = resolve_codecs("float16", "auto", None)
     assert (auto["compressor"], auto["pixel_compressor"]) == ("blosc_lz4", "blosc_lz4")
-    assert resolve_codecs("bf16_bitround", "auto", None)["compression_level"] == 7
+    bf16 = resolve_codecs("bf16_bitround", "auto", None)
+    assert (bf16["compression_level"], bf16["compression_blocksize"]) == (1, 2**20)
     assert resolve_codecs("float16", "auto", 2)["compression_level"] == 2
     named = resolve_codecs("float16", "zstd", None)
-    assert named == {"compressor": "zstd", "compression_level": 3, "pixel_compressor": "zstd",
-                     "pixel_compression_level": 3}  # fmt: skip
+    assert named == {"compressor": "zstd", "compression_level": 3, "compression_blocksize": 0,
+                     "pixel_compressor": "zstd", "pixel_compression_level": 3}  # fmt: skip
 
 
 def test_a_default_store_holds_lz4_features_and_pixels_and_bf16_features_in_zstd(make_job):
@@ -95,7 +96,7 @@ def test_a_default_store_holds_lz4_features_and_pixels_and_bf16_features_in_zstd
     path = encode.run(make_job(store=StoreOptions(shard_images=4, precision="bf16_bitround"),
                                subset=SubsetSpec(max_images=5)), progress=False).store_path  # fmt: skip
     name, config = _inner_compressor(path / "features")
-    assert name == "blosc" and (config["cname"], config["clevel"]) == ("zstd", 7)
+    assert name == "blosc" and (config["cname"], config["clevel"], config["blocksize"]) == ("zstd", 1, 2**20)
     assert _inner_compressor(path / "pixels")[1]["cname"] == "lz4"
 
 
