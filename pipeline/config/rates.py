@@ -25,7 +25,9 @@ class HostRates(Frozen):
     cpu_cores: int = Field(gt=0)
     cpu_cores_source: str
     decode_resize_ms: float = Field(gt=0, description="CPU ms to decode and resize one image (one core).")
-    write_ms_per_mb: float = Field(gt=0, description="CPU ms to compress and write one stored MB.")
+    write_ms_per_mb: Precisions = Field(
+        description="CPU ms to compress and write one stored MB (features and pixels), per precision."
+    )
     loader_ms_per_mb: Precisions = Field(description="Train loader ms per MB of float16-sized features.")
     source: str
 
