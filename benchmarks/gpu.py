@@ -1,0 +1,239 @@
+"""Issue 13's GPU figures in one run, prepared for the few sessions that are lent a GPU (15 minutes of device
+time, machine start included): every table is headed by the device's name, and each part is sized to end within
+~4 minutes on an H100 so that a failed first try can be rerun.
+
+encode, a ViT-B/16 (random weights: throughput does not depend on them) at each resolution, on COCO-sized JPEGs:
+  (a) the model alone: pre-decoded pixels in pinned memory -> GPU -> features back on the host;
+  (b) reconlab's encode stage, JPEG files -> finished float16 store (decode workers, writer threads);
+  (c) the paper's pattern: batch 2, one `torch.save` of bf16 features per image.
+train, the default reconstructor on the store (b) wrote: steps/s with batches streamed from the store through
+  the train loader vs the same batches already on the GPU, bf16 autocast on/off, torch.compile on/off; peak GPU
+  memory of each; the largest batch that fits (doubling until out of memory).
+
+    .venv/bin/python benchmarks/gpu.py                 # on the GPU machine
+    .venv/bin/python benchmarks/gpu.py --smoke         # the same code on this CPU at toy sizes (tested)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline.config import (
+    DatasetSpec,
+    EncodeOptions,
+    EncoderSpec,
+    SplitSpec,
+    StoreOptions,
+    SubsetSpec,
+    TrainConfig,
+    TransformSpec,
+)
+from pipeline.data.datasets import list_images
+from pipeline.data.feature_loader import Prefetcher, batch_stream
+from pipeline.data.store_info import StoreInfo
+from pipeline.jobs import EncodeJob
+from pipeline.models import encoders
+from pipeline.stages import encode, train
+
+sys.path.insert(0, str(Path(__file__).parent))  # the sibling benchmark, also when imported by the test
+from encode_ceiling import coco_sized_jpegs  # noqa: E402
+
+SETTINGS = {  # the full run and the smoke test's toy sizes
+    "full": {"model": "vit_base_patch16_224", "resolutions": (224, 512), "images": 2048, "batch": 64,
+             "train_steps": 40, "compile": (False, True), "max_batch": 8192},
+    "smoke": {"model": "vit_tiny_patch16_224", "resolutions": (64,), "images": 24, "batch": 8,
+              "train_steps": 3, "compile": (False,), "max_batch": 0},
+}  # fmt: skip
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device: torch.device) -> float:
+    synchronize(device)
+    start = time.perf_counter()
+    fn()
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+def encode_rows(
+    work: Path, spec: EncoderSpec, s: dict, device: torch.device, workers: int
+) -> tuple[list, Path]:
+    """Images/s of (a), (b) and (c) for one resolution; the path of the store (b) wrote."""
+    folder = work / "jpegs"
+    if not folder.is_dir():
+        coco_sized_jpegs(folder, s["images"])
+    dataset = DatasetSpec(
+        name="jpegs", kind="folder", root=work, splits={"all": SplitSpec(images_dir=folder)}
+    )
+    records = list_images(dataset, "all", SubsetSpec())
+    n, batch = len(records), s["batch"]
+    enc = encoders.load(spec, device=str(device))
+    # what each encode run pays to build the model, imports warm: a second build
+    load_s = timed(lambda: encoders.load(spec, device=str(device)), device)
+    decoded = encode._DecodeDataset(records, enc.preprocessing, TransformSpec(), EncodeOptions())
+    pixels = torch.from_numpy(np.stack([decoded[i][1] for i in range(n)]))
+    pixels = pixels.pin_memory() if device.type == "cuda" else pixels
+
+    def model_alone():
+        for i in range(0, n, batch):
+            x = pixels[i : i + batch].to(device, non_blocking=True)
+            enc.encode(enc.normalize(x)).cpu()
+
+    model_alone()  # warm-up: cuDNN/cuBLAS choices, allocator
+    a = min(timed(model_alone, device) for _ in range(2))
+    stage, store_path = [], None
+    for rep in range(2):  # the first warms the worker start and the page cache
+        job = EncodeJob(work / f"stores-{rep}", dataset, "all", SubsetSpec(), spec, TransformSpec(), StoreOptions(),
+                        EncodeOptions(batch_size=batch, num_workers=workers, device=str(device),
+                                      writer_threads=min(4, workers)))  # fmt: skip
+        start = time.perf_counter()
+        store_path = encode.run(job, progress=False).store_path
+        stage.append(time.perf_counter() - start)
+    b = stage[-1]
+    pt_dir = work / "pt"
+    loader = torch.utils.data.DataLoader(
+        decoded, batch_size=2, num_workers=workers, collate_fn=encode._collate
+    )
+
+    def paper_pattern():
+        pt_dir.mkdir(exist_ok=True)
+        for positions, images, _ in loader:
+            feats = enc.encode(enc.normalize(images.to(device))).to(torch.bfloat16).cpu()
+            for pos, f in zip(positions.tolist(), feats, strict=True):
+                torch.save(f.clone(), pt_dir / f"{records[pos].image_id}.pt")
+
+    c = timed(paper_pattern, device)
+    rows = [
+        ("(a) model alone, pixels pinned in memory", n / a, "1.00"),
+        (f"(b) encode stage, JPEG -> store ({workers} decode workers)", n / b, f"b/a = {a / b:.2f}"),
+        (f"(b) without the model build ({load_s:.1f} s)", n / (b - load_s), f"b/a = {a / (b - load_s):.2f}"),
+        ("(c) paper pattern: batch 2, torch.save per image", n / c, f"b/c = {c / b:.2f}"),
+    ]
+    return rows, store_path
+
+
+def train_rows(store_path: Path, s: dict, device: torch.device) -> list:
+    """Steps/s streamed vs resident on the device, per compute dtype and compile setting, with peak memory."""
+    store = train.open_training_store(store_path)
+    pre = StoreInfo.of(store).preprocessing
+    rows = []
+    dtypes = (torch.bfloat16, torch.float32) if device.type == "cuda" else (torch.float32,)
+    for compute_dtype in dtypes:
+        for compiled in s["compile"]:
+            cfg = TrainConfig(batch_size=s["batch"], shuffle_buffer_images=4 * s["batch"], compile=compiled)
+            times = {}
+            for resident in (True, False):
+                times[resident], peak = _train_steps(store, cfg, pre, device, compute_dtype, s["train_steps"],
+                                                     resident)  # fmt: skip
+            rate = s["train_steps"] / times[False]
+            rows.append((str(compute_dtype).removeprefix("torch."), compiled, rate, rate * s["batch"],
+                         times[True] / times[False], peak))  # fmt: skip
+    return rows
+
+
+def _train_steps(store, cfg, pre, device, compute_dtype, n_steps: int, resident: bool) -> tuple[float, float]:
+    torch.manual_seed(0)
+    model = train.build_model(cfg, store).to(device)
+    model = torch.compile(model) if cfg.compile else model
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    sched = train.lr_schedule(opt, cfg, 2 * n_steps + 2)
+
+    def batches():
+        epoch = 0
+        while True:
+            yield from batch_stream(store, cfg.batch_size, cfg.seed, epoch, cfg.shuffle_buffer_images)
+            epoch += 1
+
+    source = batches()
+    warm = [tuple(torch.from_numpy(a).to(device) for a in next(source)) for _ in range(3)]
+    for f, p in warm:  # compile and allocator warm-up, outside the timing
+        train.train_step(model, opt, sched, f, p, cfg, pre, device, compute_dtype)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    if resident:
+        on_device = [tuple(torch.from_numpy(a).to(device) for a in next(source)) for _ in range(n_steps)]
+        steps = lambda: [train.train_step(model, opt, sched, f, p, cfg, pre, device, compute_dtype)  # noqa: E731
+                         for f, p in on_device]  # fmt: skip
+    else:
+        stream = iter(Prefetcher(source, cfg.prefetch_batches, pin=device.type == "cuda"))
+        steps = lambda: [train.train_step(model, opt, sched, *next(stream), cfg, pre, device, compute_dtype)  # noqa: E731
+                         for _ in range(n_steps)]  # fmt: skip
+    seconds = timed(steps, device)
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
+    return seconds, peak
+
+
+def largest_batch(store_path: Path, s: dict, device: torch.device) -> int:
+    """The largest power-of-two batch whose bf16 training step fits on the device (0: not searched)."""
+    store = train.open_training_store(store_path)
+    pre = StoreInfo.of(store).preprocessing
+    features, pixels = next(batch_stream(store, 1, 0, 0, 1))
+    fits, size = 0, s["batch"]
+    while s["max_batch"] and size <= s["max_batch"]:
+        cfg = TrainConfig(batch_size=size)
+        model = opt = None
+        try:
+            model = train.build_model(cfg, store).to(device)
+            opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+            sched = train.lr_schedule(opt, cfg, 4)
+            f = torch.from_numpy(features).to(device).expand(size, *features.shape[1:])
+            p = torch.from_numpy(pixels).to(device).expand(size, *pixels.shape[1:])
+            train.train_step(model, opt, sched, f, p, cfg, pre, device, torch.bfloat16)
+            synchronize(device)
+            fits, size = size, 2 * size
+        except torch.OutOfMemoryError:
+            break
+        finally:
+            model = opt = None
+            torch.cuda.empty_cache()
+    return fits
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--smoke", action="store_true", help="toy sizes on the CPU (what the test runs)")
+    parser.add_argument("--workers", type=int, default=max(1, min(12, (os.cpu_count() or 2) - 2)))
+    parser.add_argument("--resolution", type=int, action="append", help="only these (default: 224 and 512)")
+    args = parser.parse_args(argv)
+    s = dict(SETTINGS["smoke" if args.smoke else "full"])
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    print(
+        f"# device: {name}; torch {torch.__version__}; {os.cpu_count()} CPU cores, {args.workers} decode workers"
+    )
+    for resolution in args.resolution or s["resolutions"]:
+        spec = EncoderSpec(name=f"vit-b16-{resolution}", backend="timm", model_id=s["model"], resolution=resolution,
+                           patch_size=16, preprocessing_source="timm_pretrained_cfg", weights="random")  # fmt: skip
+        with tempfile.TemporaryDirectory() as tmp:
+            rows, store_path = encode_rows(Path(tmp), spec, s, device, args.workers)
+            print(f"\n## {name}: encode, {s['model']} @ {resolution} px, {s['images']} JPEGs 640x480, "
+                  f"batch {s['batch']}\n\n| path | images/s | ratio |\n|---|---|---|")  # fmt: skip
+            for path, rate, ratio in rows:
+                print(f"| {path} | {rate:.0f} | {ratio} |", flush=True)
+            print(f"\n## {name}: train, default reconstructor on the {resolution} px store, batch {s['batch']}, "
+                  f"{s['train_steps']} steps\n\n| compute | compile | steps/s streamed | images/s | "
+                  "streamed / resident on the device | peak GPU GiB |\n|---|---|---|---|---|---|")  # fmt: skip
+            for dtype, compiled, rate, images, ratio, peak in train_rows(store_path, s, device):
+                print(
+                    f"| {dtype} | {compiled} | {rate:.2f} | {images:.0f} | {ratio:.2f} | {peak:.1f} |",
+                    flush=True,
+                )
+            print(f"\nlargest bf16 batch that fits: {largest_batch(store_path, s, device) or 'not searched'}")
+
+
+if __name__ == "__main__":
+    main()
