@@ -133,20 +133,22 @@ def train_rows(store_path: Path, s: dict, device: torch.device) -> list:
     for compute_dtype in dtypes:
         for compiled in s["compile"]:
             cfg = TrainConfig(batch_size=s["batch"], shuffle_buffer_images=4 * s["batch"], compile=compiled)
+            torch.manual_seed(0)
+            model = train.build_model(cfg, store).to(device)
+            model = torch.compile(model) if compiled else model  # compiled once for both data paths
             times = {}
             for resident in (True, False):
-                times[resident], peak = _train_steps(store, cfg, pre, device, compute_dtype, s["train_steps"],
-                                                     resident)  # fmt: skip
+                times[resident], peak = _train_steps(model, store, cfg, pre, device, compute_dtype,
+                                                     s["train_steps"], resident)  # fmt: skip
             rate = s["train_steps"] / times[False]
             rows.append((str(compute_dtype).removeprefix("torch."), compiled, rate, rate * s["batch"],
                          times[True] / times[False], peak))  # fmt: skip
     return rows
 
 
-def _train_steps(store, cfg, pre, device, compute_dtype, n_steps: int, resident: bool) -> tuple[float, float]:
-    torch.manual_seed(0)
-    model = train.build_model(cfg, store).to(device)
-    model = torch.compile(model) if cfg.compile else model
+def _train_steps(
+    model, store, cfg, pre, device, compute_dtype, n_steps: int, resident: bool
+) -> tuple[float, float]:
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     sched = train.lr_schedule(opt, cfg, 2 * n_steps + 2)
 
