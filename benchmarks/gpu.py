@@ -1,6 +1,7 @@
 """Issue 13's GPU figures in one run, prepared for the few sessions that are lent a GPU (15 minutes of device
-time, machine start included): every table is headed by the device's name, and each part is sized to end within
-~4 minutes on an H100 so that a failed first try can be rerun.
+time, machine start included): every table is headed by the device's name and printed as it is measured, and
+one resolution per call is meant to end within ~4 minutes on an H100 (an estimate: never run on one yet), so
+that both resolutions and one rerun fit.
 
 encode, a ViT-B/16 (random weights: throughput does not depend on them) at each resolution, on COCO-sized JPEGs:
   (a) the model alone: pre-decoded pixels in pinned memory -> GPU -> features back on the host;
@@ -17,10 +18,13 @@ train, the default reconstructor on the store (b) wrote: steps/s with batches st
 from __future__ import annotations
 
 import argparse
+import gc
+import itertools
 import os
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -50,7 +54,7 @@ SETTINGS = {  # the full run and the smoke test's toy sizes
     "full": {"model": "vit_base_patch16_224", "resolutions": (224, 512), "images": 2048, "batch": 64,
              "train_steps": 40, "compile": (False, True), "max_batch": 8192},
     "smoke": {"model": "vit_tiny_patch16_224", "resolutions": (64,), "images": 24, "batch": 8,
-              "train_steps": 3, "compile": (False,), "max_batch": 0},
+              "train_steps": 3, "compile": (False,), "max_batch": 16},
 }  # fmt: skip
 
 
@@ -124,11 +128,11 @@ def encode_rows(
     return rows, store_path
 
 
-def train_rows(store_path: Path, s: dict, device: torch.device) -> list:
-    """Steps/s streamed vs resident on the device, per compute dtype and compile setting, with peak memory."""
+def train_rows(store_path: Path, s: dict, device: torch.device) -> Iterator[tuple]:
+    """Steps/s streamed vs resident on the device, per compute dtype and compile setting, with peak memory; each
+    row as soon as it is measured (a run cut short keeps what it printed)."""
     store = train.open_training_store(store_path)
     pre = StoreInfo.of(store).preprocessing
-    rows = []
     dtypes = (torch.bfloat16, torch.float32) if device.type == "cuda" else (torch.float32,)
     for compute_dtype in dtypes:
         for compiled in s["compile"]:
@@ -141,9 +145,8 @@ def train_rows(store_path: Path, s: dict, device: torch.device) -> list:
                 times[resident], peak = _train_steps(model, store, cfg, pre, device, compute_dtype,
                                                      s["train_steps"], resident)  # fmt: skip
             rate = s["train_steps"] / times[False]
-            rows.append((str(compute_dtype).removeprefix("torch."), compiled, rate, rate * s["batch"],
-                         times[True] / times[False], peak))  # fmt: skip
-    return rows
+            yield (str(compute_dtype).removeprefix("torch."), compiled, rate, rate * s["batch"],
+                   times[True] / times[False], peak)  # fmt: skip
 
 
 def _train_steps(
@@ -169,7 +172,10 @@ def _train_steps(
         steps = lambda: [train.train_step(model, opt, sched, f, p, cfg, pre, device, compute_dtype)  # noqa: E731
                          for f, p in on_device]  # fmt: skip
     else:
-        stream = iter(Prefetcher(source, cfg.prefetch_batches, pin=device.type == "cuda"))
+        # exactly the batches it needs: its thread then ends instead of holding pinned batches
+        stream = iter(
+            Prefetcher(itertools.islice(source, n_steps), cfg.prefetch_batches, pin=device.type == "cuda")
+        )
         steps = lambda: [train.train_step(model, opt, sched, *next(stream), cfg, pre, device, compute_dtype)  # noqa: E731
                          for _ in range(n_steps)]  # fmt: skip
     seconds = timed(steps, device)
@@ -181,26 +187,31 @@ def largest_batch(store_path: Path, s: dict, device: torch.device) -> int:
     """The largest power-of-two batch whose bf16 training step fits on the device (0: not searched)."""
     store = train.open_training_store(store_path)
     pre = StoreInfo.of(store).preprocessing
-    features, pixels = next(batch_stream(store, 1, 0, 0, 1))
+    features, pixels = (torch.from_numpy(a) for a in next(batch_stream(store, 1, 0, 0, 1)))
     fits, size = 0, s["batch"]
     while s["max_batch"] and size <= s["max_batch"]:
-        cfg = TrainConfig(batch_size=size)
-        model = opt = None
         try:
-            model = train.build_model(cfg, store).to(device)
-            opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-            sched = train.lr_schedule(opt, cfg, 4)
-            f = torch.from_numpy(features).to(device).expand(size, *features.shape[1:])
-            p = torch.from_numpy(pixels).to(device).expand(size, *pixels.shape[1:])
-            train.train_step(model, opt, sched, f, p, cfg, pre, device, torch.bfloat16)
-            synchronize(device)
-            fits, size = size, 2 * size
-        except torch.OutOfMemoryError:
+            _one_step(store, pre, features, pixels, size, device)
+        except (torch.OutOfMemoryError, RuntimeError) as e:  # cuBLAS and cuDNN report theirs as RuntimeError
+            if "out of memory" not in str(e).lower() and "alloc" not in str(e).lower():
+                raise
             break
-        finally:
-            model = opt = None
-            torch.cuda.empty_cache()
+        finally:  # the step's model, optimiser and batch are gone with its frame
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        fits, size = size, 2 * size
     return fits
+
+
+def _one_step(store, pre, features, pixels, size: int, device: torch.device) -> None:
+    cfg = TrainConfig(batch_size=size)
+    model = train.build_model(cfg, store).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    f = features.to(device).expand(size, *features.shape[1:])
+    p = pixels.to(device).expand(size, *pixels.shape[1:])
+    train.train_step(model, opt, train.lr_schedule(opt, cfg, 4), f, p, cfg, pre, device, torch.bfloat16)
+    synchronize(device)
 
 
 def main(argv: list[str] | None = None) -> None:

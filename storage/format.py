@@ -212,6 +212,10 @@ class FeatureStore:
         array to read (or dequantise) into, reused across calls by a loader."""
         if self.layout.precision == "int8_per_token":
             codes = self._read("features", rows)
+            if as_stored and out is not None and (out.dtype != np.float32 or out.shape != codes.shape):
+                raise ValueError(
+                    f"out must be a float32 array of shape {codes.shape}, not {out.dtype} {out.shape}"
+                )
             return prec.dequantize(codes, self._read("features_scale", rows), out if as_stored else None)
         if out is not None and as_stored:
             return self._read("features", rows, out)

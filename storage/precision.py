@@ -33,7 +33,7 @@ def default_level(precision: str) -> int:
 # 10-15x the decode time of lz4, which alone lets a 512 px image read in under 1 ms and still shrinks zero runs
 # (ReLU'd CNN features). zstd stays where it is the point, bf16-rounded features (their zeroed bits) and int8
 # codes, at level 1 in 1 MiB blocks: blosc's own block choice (32-256 KiB) cuts the long zero byte planes that
-# shuffle makes into pieces, and higher levels buy nothing back. Against level 7 in blosc's blocks, on
+# shuffle makes into pieces (level 7 in those blocks is no smaller at 512 px). Against level 7 in blosc's blocks, on
 # bf16-rounded ViT-B-like random values at 512 px: 0.71x vs 0.73x the float16 bytes (real activations: 0.63x
 # both), 5 vs 53-78 ms to compress an image, 1.0-1.3 vs 1.6-2.1 ms to decompress it. Pixels: lz4 too (1.09-1.14x
 # vs zstd's 1.21-1.38x, a few % of a store's bytes; zstd costs 0.6 ms per 224 px image to write and 1.4 ms per

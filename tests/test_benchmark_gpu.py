@@ -20,3 +20,4 @@ def test_the_gpu_benchmark_runs_end_to_end_at_toy_sizes_on_the_cpu(capsys):
     assert set(rates) == {"a", "b", "c"} and all(rate > 0 for rate in rates.values())
     train_row = re.search(r"\| float32 \| False \| ([\d.]+) \| (\d+) \| ([\d.]+) \|", out)
     assert train_row and float(train_row.group(1)) > 0 and float(train_row.group(3)) > 0
+    assert "largest bf16 batch that fits: 16" in out  # the search doubled 8 -> 16, its smoke cap

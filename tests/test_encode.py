@@ -306,7 +306,9 @@ def test_shard_statistics_of_finite_features_take_the_fast_path_and_still_agree(
 
 @pytest.mark.filterwarnings("ignore:overflow encountered in cast")  # 3.4e38 in float16: inf in both
 @pytest.mark.parametrize("precision", ["float16", "bf16_bitround", "int8_per_token", "float32"])
-def test_quantising_on_the_device_gives_the_stores_numpy_values_bit_for_bit(precision):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device")])])  # fmt: skip
+def test_quantising_on_the_device_gives_the_stores_numpy_values_bit_for_bit(precision, device):
     from pipeline.data.store_writer import quantize
     from storage.precision import quantize as numpy_quantize
 
@@ -327,9 +329,9 @@ def test_quantising_on_the_device_gives_the_stores_numpy_values_bit_for_bit(prec
         nonfinite[1, 2, 3, :3] = [np.inf, -np.inf, np.nan]
         cases.append((nonfinite, False))
     for values, finite in cases:
-        expected, expected_scale = numpy_quantize(values, precision)
-        got, scale = quantize(torch.from_numpy(values), precision, finite=finite)
-        got = got.numpy()
+        expected, expected_scale = numpy_quantize(values.copy(), precision)
+        got, scale = quantize(torch.from_numpy(values.copy()).to(device), precision, finite=finite)
+        got, scale = got.cpu().numpy(), None if scale is None else scale.cpu()
         assert got.dtype == expected.dtype
         bits = {1: np.uint8, 2: np.uint16, 4: np.uint32}[got.itemsize]
         np.testing.assert_array_equal(got.view(bits), expected.view(bits))

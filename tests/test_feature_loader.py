@@ -76,6 +76,8 @@ def test_int8_stores_dequantise_into_the_given_buffer_as_a_plain_read_does(tmp_p
     buffer = np.full((3, 2, 3, 8), np.nan, np.float32)
     assert store.features(rows, as_stored=True, out=buffer) is buffer
     np.testing.assert_array_equal(buffer, store.features(rows))
+    with pytest.raises(ValueError, match="float32 array of shape"):
+        store.features(rows, as_stored=True, out=np.empty((3, 2, 3, 8), np.float16))
     np.testing.assert_allclose(buffer, features[rows], atol=np.abs(features[rows]).max() / 254 + 1e-7)
     loaded = np.concatenate([f for f, _ in batch_stream(store, 4, seed=0, epoch=0, buffer_images=4)])
     assert loaded.dtype == np.float32
