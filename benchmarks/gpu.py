@@ -162,13 +162,13 @@ def _train_steps(
             epoch += 1
 
     source = batches()
-    warm = [tuple(torch.from_numpy(a).to(device) for a in next(source)) for _ in range(3)]
+    warm = [tuple(torch.as_tensor(a).to(device) for a in next(source)) for _ in range(3)]
     for f, p in warm:  # compile and allocator warm-up, outside the timing
         train.train_step(model, opt, sched, f, p, cfg, pre, device, compute_dtype)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     if resident:
-        on_device = [tuple(torch.from_numpy(a).to(device) for a in next(source)) for _ in range(n_steps)]
+        on_device = [tuple(torch.as_tensor(a).to(device) for a in next(source)) for _ in range(n_steps)]
         steps = lambda: [train.train_step(model, opt, sched, f, p, cfg, pre, device, compute_dtype)  # noqa: E731
                          for f, p in on_device]  # fmt: skip
     else:
@@ -187,7 +187,7 @@ def largest_batch(store_path: Path, s: dict, device: torch.device) -> int:
     """The largest power-of-two batch whose bf16 training step fits on the device (0: not searched)."""
     store = train.open_training_store(store_path)
     pre = StoreInfo.of(store).preprocessing
-    features, pixels = (torch.from_numpy(a) for a in next(batch_stream(store, 1, 0, 0, 1)))
+    features, pixels = (torch.as_tensor(a) for a in next(batch_stream(store, 1, 0, 0, 1)))
     fits, size = 0, s["batch"]
     while s["max_batch"] and size <= s["max_batch"]:
         try:

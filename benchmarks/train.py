@@ -55,7 +55,7 @@ def steps(store_path: Path, cfg: TrainConfig, n_steps: int, in_memory: bool) -> 
 
     source = batches()
     if in_memory:
-        resident = [tuple(map(torch.from_numpy, next(source))) for _ in range(n_steps)]
+        resident = [tuple(map(torch.as_tensor, next(source))) for _ in range(n_steps)]
         start = time.perf_counter()
         for f, p in resident:
             train.train_step(model, opt, sched, f, p, cfg, pre, device, dtype)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from pipeline.data.feature_loader import batch_stream
 from storage import StoreLayout, create, open_store
@@ -82,3 +83,24 @@ def test_int8_stores_dequantise_into_the_given_buffer_as_a_plain_read_does(tmp_p
     loaded = np.concatenate([f for f, _ in batch_stream(store, 4, seed=0, epoch=0, buffer_images=4)])
     assert loaded.dtype == np.float32
     np.testing.assert_array_equal(np.sort(loaded.ravel()), np.sort(store.features().ravel()))
+
+
+def test_bf16_stores_travel_as_bf16_and_widen_to_the_stored_values(tmp_path):
+    n, rng = 20, np.random.default_rng(2)
+    layout = StoreLayout(n_images=n, grid_hw=(2, 2), hidden_dim=8, pixel_size=4, shard_images=8,
+                         precision="bf16_bitround", **resolve_codecs("bf16_bitround", "auto", None))  # fmt: skip
+    store = create(tmp_path / "b.zarr", layout, {})
+    features = (rng.standard_normal((n, 2, 2, 8)) * 1e3).astype(np.float32)
+    features[0, 0, 0, :4] = [np.inf, -np.inf, np.nan, 3.4e38]
+    for shard in range(layout.n_shards):
+        r = layout.shard_slice(shard)
+        store.write_shard(shard, features[r], np.zeros((r.stop - r.start, 4, 4, 3), np.uint8), np.arange(n)[r],
+                          np.ones(r.stop - r.start, bool), {"n_encoded": 0, "failures": [], "stats": {}})  # fmt: skip
+    store = open_store(store.path, require_complete=False)
+    batches = [f for f, _ in batch_stream(store, 6, seed=0, epoch=0, buffer_images=4)]
+    assert all(f.dtype == torch.bfloat16 for f in batches)
+    widened = torch.cat(batches).float().numpy()
+    stored = store.features()
+    assert widened.shape == stored.shape
+    order = np.argsort(widened.reshape(n, -1)[:, 5])  # batches are shuffled: match images by a finite value
+    np.testing.assert_array_equal(widened[order], stored[np.argsort(stored.reshape(n, -1)[:, 5])])

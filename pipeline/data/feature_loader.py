@@ -18,8 +18,10 @@ def batch_stream(
     store: FeatureStore, batch_size: int, seed: int, epoch: int, buffer_images: int, pixels: bool = True
 ) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
     """(features, pixels) batches of one epoch: shards in a seeded order through a bounded shuffle buffer.
-    Features come in the stored float dtype (float16 stores: float16; the consumer converts on its device).
-    `pixels=False` never reads the pixels (None in their place); the batches of features are the same.
+    Features come in the stored float dtype (float16 stores: float16; the consumer converts on its device), and
+    bf16_bitround stores, whose float32 values are bf16 values, as a torch bfloat16 tensor (NumPy has no bf16):
+    half the bytes to shuffle, pin and move, widened exactly on the device. `pixels=False` never reads the pixels
+    (None in their place); the batches of features are the same.
 
     The buffer is one preallocated array of slots (buffer + a shard + a batch): a shard's images are copied into
     free slots and a batch gathered from drawn slots, so memory is fixed and no image is allocated on its own
@@ -29,6 +31,9 @@ def batch_stream(
     valid_rows = store.valid()
     capacity = buffer_images + batch_size + lay.shard_images
     slot_features = slot_pixels = staging = None
+    # The high half of each little-endian float32 is its bf16 value exactly: bf16-rounded values have zero low
+    # halves (a NaN whose payload sits only in the low half would read as inf; reconlab writes canonical NaNs)
+    as_bf16 = lay.precision == "bf16_bitround" and np.little_endian
     free = list(range(capacity - 1, -1, -1))
     pool: list[int] = []  # slots holding an image, in the order the draws see them
 
@@ -39,7 +44,9 @@ def batch_stream(
             pool[i] = pool[-1]
             pool.pop()
         free.extend(slots)
-        return slot_features[slots], slot_pixels[slots] if pixels else None
+        features = slot_features[slots]
+        features = torch.from_numpy(features).view(torch.bfloat16) if as_bf16 else features
+        return features, slot_pixels[slots] if pixels else None
 
     for shard in rng.permutation(lay.n_shards):
         rows = lay.shard_slice(int(shard))
@@ -48,6 +55,8 @@ def batch_stream(
             continue
         # float16 stays half-size until the device; read into one reused buffer per array
         feats = store.features(keep, as_stored=True, out=None if staging is None else staging[0][: keep.size])
+        if as_bf16:
+            feats = feats.view(np.uint16)[..., 1::2]
         if slot_features is None:
             slot_features = np.empty((capacity, *feats.shape[1:]), feats.dtype)
         slots = [free.pop() for _ in range(len(keep))]
@@ -60,7 +69,7 @@ def batch_stream(
                 slot_pixels = np.empty((capacity, *images.shape[1:]), images.dtype)
             slot_pixels[slots] = images
         if staging is None:
-            staging = (np.empty((lay.shard_images, *feats.shape[1:]), feats.dtype),
+            staging = (np.empty((lay.shard_images, *feats.shape[1:]), np.float32 if as_bf16 else feats.dtype),
                        None if images is None else np.empty((lay.shard_images, *images.shape[1:]), images.dtype))  # fmt: skip
         pool.extend(slots)
         while len(pool) >= buffer_images + batch_size:
@@ -85,7 +94,7 @@ class Prefetcher:
     def _fill(self, iterator: Iterator) -> None:
         try:
             for arrays in iterator:
-                tensors = [None if a is None else torch.from_numpy(a) for a in arrays]
+                tensors = [None if a is None else torch.as_tensor(a) for a in arrays]  # no copy
                 if self.pin:
                     tensors = [None if t is None else t.pin_memory() for t in tensors]
                 self.queue.put(tuple(tensors))
