@@ -23,7 +23,8 @@ from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ShardingCodec, Zstd
 from zarr.codecs.sharding import ShardingCodecIndexLocation
 
 _EMPTY = np.uint64(2**64 - 1)  # offset and nbytes of a chunk never written (fill value)
-_ROWS_PER_TASK = 16  # rows one thread reads in turn: enough to outweigh a task's start, few enough to spread
+_MIN_ROWS_PER_TASK = 4  # rows one thread reads in turn: enough to outweigh a task's start
+_MAX_THREADS = 8
 
 
 class ShardReader:
@@ -57,7 +58,7 @@ class ShardReader:
 
     def read(self, rows: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """The rows (any order, repeats allowed) as one array [len(rows), ...]. Many rows are read and decoded
-        on parallel threads, in runs of `_ROWS_PER_TASK` positions (reads and blosc/zstd decoding release the
+        on parallel threads, the rows split evenly over up to 8 of them (reads and blosc/zstd decoding release the
         GIL): a whole shard of zstd-compressed features decodes on every core, not one. `out`: where to put
         them (a buffer reused across calls spares a fresh allocation's page faults)."""
         shape = (len(rows), *self.shape[1:])
@@ -66,13 +67,16 @@ class ShardReader:
         elif out.shape != shape or out.dtype != self.dtype or not out.flags.c_contiguous:
             raise ValueError(f"out must be a C-contiguous {self.dtype} array of shape {shape}")
         shard_of = rows // self.shard_rows
+        threads = min(os.cpu_count() or 1, _MAX_THREADS)
+        # a shard's rows split over every thread (a loader reads one shard at a time), in runs of at least 4
+        per_task = max(_MIN_ROWS_PER_TASK, -(-len(rows) // threads))
         tasks = []
         for shard in np.unique(shard_of):
             positions = np.flatnonzero(shard_of == shard)
             tasks += [
-                (int(shard), part) for part in np.array_split(positions, -(-positions.size // _ROWS_PER_TASK))
+                (int(shard), part) for part in np.array_split(positions, -(-positions.size // per_task))
             ]
-        workers = min(len(tasks), os.cpu_count() or 1, 8)
+        workers = min(len(tasks), threads)
         if workers <= 1:
             for shard, positions in tasks:
                 self._read_shard(shard, rows, positions, out)
