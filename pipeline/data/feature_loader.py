@@ -16,7 +16,7 @@ from storage import FeatureStore
 
 def batch_stream(
     store: FeatureStore, batch_size: int, seed: int, epoch: int, buffer_images: int, pixels: bool = True
-) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
+) -> Iterator[tuple[np.ndarray | torch.Tensor, np.ndarray | None]]:
     """(features, pixels) batches of one epoch: shards in a seeded order through a bounded shuffle buffer.
     Features come in the stored float dtype (float16 stores: float16; the consumer converts on its device), and
     bf16_bitround stores, whose float32 values are bf16 values, as a torch bfloat16 tensor (NumPy has no bf16):
