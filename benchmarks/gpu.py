@@ -155,13 +155,10 @@ def _train_steps(
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     sched = train.lr_schedule(opt, cfg, 2 * n_steps + 2)
 
-    def batches():
-        epoch = 0
-        while True:
-            yield from batch_stream(store, cfg.batch_size, cfg.seed, epoch, cfg.shuffle_buffer_images)
-            epoch += 1
-
-    source = batches()
+    source = itertools.chain.from_iterable(
+        batch_stream(store, cfg.batch_size, cfg.seed, epoch, cfg.shuffle_buffer_images)
+        for epoch in itertools.count()
+    )
     warm = [tuple(torch.as_tensor(a).to(device) for a in next(source)) for _ in range(3)]
     for f, p in warm:  # compile and allocator warm-up, outside the timing
         train.train_step(model, opt, sched, f, p, cfg, pre, device, compute_dtype)
