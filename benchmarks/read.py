@@ -6,11 +6,12 @@ ViT-B/16 features at 224 px (14x14x768) and 512 px (32x32x768), at float16, bf16
 random values (a bound: real features compress a little); shards of 64, the `auto` codec per precision and
 blosc zstd in blosc's own blocks (level 3, 7 for bf16_bitround: the codecs before); best of 3, warm page cache.
 Prints ms per random image and MB/s (of float16-sized features) and images/s for a sequential read of everything.
-    .venv/bin/python benchmarks/read.py
+    .venv/bin/python benchmarks/read.py [--loader-only]   (taskset -c 0 in front: the same on one core)
 """
 
 from __future__ import annotations
 
+import argparse
 import tempfile
 import time
 from pathlib import Path
@@ -50,7 +51,9 @@ def drop_each(read_one, picks) -> None:
         read_one(i)
 
 
-def one_case(tmp: Path, n: int, grid: int, precision: str, compressor: str, rng) -> list[str]:
+def one_case(
+    tmp: Path, n: int, grid: int, precision: str, compressor: str, rng, loader_only: bool
+) -> list[str]:
     d, k = 768, 64
     features = (rng.standard_normal((n, grid, grid, d)) * 2).astype(np.float32)
     size = grid * 16
@@ -93,6 +96,8 @@ def one_case(tmp: Path, n: int, grid: int, precision: str, compressor: str, rng)
         "train loader, features (shuffle buffer 64, batch 32)": (None, lambda: list(batch_stream(store, 32, 0, 0, 64, pixels=False))),
         "train loader, features + pixels": (None, lambda: list(batch_stream(store, 32, 0, 0, 64))),
     }  # fmt: skip
+    if loader_only:
+        readers = {name: reader for name, reader in readers.items() if name.startswith("train loader")}
     mb = n * grid * grid * d * 2 / 1e6
     out = []
     codec = f"{layout.compressor} {layout.compression_level}"
@@ -105,6 +110,11 @@ def one_case(tmp: Path, n: int, grid: int, precision: str, compressor: str, rng)
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--loader-only", action="store_true", help="only the train loader rows, auto codecs")
+    args = parser.parse_args()
     rng = np.random.default_rng(0)
     print("| input | precision | codec | read | one image at random, ms | sequential, MB/s (float16-sized) | "
           "sequential, images/s |")  # fmt: skip
@@ -114,9 +124,9 @@ def main() -> None:
             precisions = ("float16", "bf16_bitround", "int8_per_token")
             # blosc_zstd_shuffle: the default before `auto` (float16), and auto's first codecs (zstd 7
             # and 3 in blosc's own blocks) for the others
-            for compressor in ("auto", "blosc_zstd_shuffle"):
+            for compressor in ("auto",) if args.loader_only else ("auto", "blosc_zstd_shuffle"):
                 for precision in precisions:
-                    for line in one_case(Path(tmp), n, grid, precision, compressor, rng):
+                    for line in one_case(Path(tmp), n, grid, precision, compressor, rng, args.loader_only):
                         print(line, flush=True)
 
 
