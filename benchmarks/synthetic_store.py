@@ -11,7 +11,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from storage import open_store  # noqa: E402
 from storage.creation import create  # noqa: E402
-from storage.format import StoreLayout  # noqa: E402
+from storage.layout import StoreLayout  # noqa: E402
 from storage.precision import value_stats  # noqa: E402
 
 

@@ -4,14 +4,8 @@
 """
 
 from storage.creation import create
-from storage.format import (
-    FORMAT_VERSION,
-    FeatureStore,
-    StoreError,
-    StoreLayout,
-    StoreLocked,
-    open_store,
-)
+from storage.format import FORMAT_VERSION, FeatureStore, open_store
+from storage.layout import StoreError, StoreLayout, StoreLocked
 
 __all__ = [
     "FORMAT_VERSION",

@@ -9,7 +9,8 @@ from pathlib import Path
 import zarr
 
 from storage import precision as prec
-from storage.format import FORMAT_KEY, FORMAT_VERSION, FeatureStore, StoreError, StoreLayout
+from storage.format import FORMAT_KEY, FORMAT_VERSION, FeatureStore
+from storage.layout import StoreError, StoreLayout
 
 
 def create(path: Path, layout: StoreLayout, attrs: dict) -> FeatureStore:

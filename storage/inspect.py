@@ -6,7 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
-from storage.format import FORMAT_KEY, StoreError, open_store
+from storage.format import FORMAT_KEY, open_store
+from storage.layout import StoreError
 
 
 def disk_bytes(path: Path) -> int:

@@ -24,7 +24,7 @@ from pipeline.models.sae import SparseAutoencoder, training_loss
 from pipeline.science import sae as science
 from storage import open_store
 from storage.creation import create
-from storage.format import StoreLayout
+from storage.layout import StoreLayout
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -29,7 +29,7 @@ from pipeline.models.token_selector import (
 )
 from storage import open_store
 from storage.creation import create
-from storage.format import StoreLayout
+from storage.layout import StoreLayout
 
 ROOT = Path(__file__).resolve().parent.parent
 
