@@ -101,7 +101,7 @@ def steps_of_one_image(tmp: Path, paths: list[Path], pre, stand_in: torch.Tensor
             lambda batch=batch: pre.normalize(batch), n
         )
         steps[f"{setting}: main process: quantise + shard statistics"] = per_image(
-            lambda buffer=buffer, precision=precision: add_batch(buffer, np.arange(n), features, precision), n
+            lambda buffer=buffer: add_batch(buffer, np.arange(n), features), n
         )
         if "before" in setting or "first" in setting:
             # stores before then quantised in NumPy on the writer thread

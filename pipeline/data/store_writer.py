@@ -23,6 +23,7 @@ def shard_buffer(layout: StoreLayout, shard: int, n: int) -> dict:
     stored_dtype = {"float16": np.float16, "int8_per_token": np.int8}.get(layout.precision, np.float32)
     return {
         "shard": shard,
+        "precision": layout.precision,
         "features": np.zeros((n, h, w, layout.hidden_dim), stored_dtype),
         **(
             {"features_scale": np.ones((n, h, w), np.float32)} if layout.precision == "int8_per_token" else {}
@@ -35,11 +36,11 @@ def shard_buffer(layout: StoreLayout, shard: int, n: int) -> dict:
     }
 
 
-def add_batch(buffer: dict, rows: np.ndarray, features_nhwd: torch.Tensor, precision: str) -> None:
+def add_batch(buffer: dict, rows: np.ndarray, features_nhwd: torch.Tensor) -> None:
     """Features of the buffer's `rows` in the store's precision; statistics taken in float32 before any cast."""
     stats = feature_stats(features_nhwd)
     buffer["stats"] = _add_stats(buffer["stats"], stats)
-    stored, scale = quantize(features_nhwd, precision, finite=stats["n_nonfinite"] == 0)
+    stored, scale = quantize(features_nhwd, buffer["precision"], finite=stats["n_nonfinite"] == 0)
     buffer["features"][rows] = stored.cpu().numpy()
     if scale is not None:
         buffer["features_scale"][rows] = scale.cpu().numpy()

@@ -297,7 +297,7 @@ def _encode_pending(
                 pixels_seen = encoder.normalize(encoder.seen(pixels[ok]))
                 grids = encoder.encode_layers(pixels_seen, [targets[k].layer for k in here])
                 for k, grid in zip(here, grids, strict=True):
-                    add_batch(buffers[k], local[ok.numpy()], grid, job.store.precision)
+                    add_batch(buffers[k], local[ok.numpy()], grid)
                 if any("embeddings" in buffers[k] for k in here):
                     with torch.inference_mode():
                         pooled = encoder.embed(pixels_seen).cpu().numpy()
