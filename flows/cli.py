@@ -247,6 +247,9 @@ def plan_command(
             unlisted = plan.build(load_run_config(config), config, image_counts=counts)
             results_out.echo_estimate(*results_out.estimates(unlisted, rates, operators))
             return
+        from pipeline.config_files import load_run_config
+
+        load_run_config(config)  # a config's own mistakes get no dataset hint
         try:
             planned = _preflight(config)
         except ConfigError as e:

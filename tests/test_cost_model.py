@@ -72,6 +72,13 @@ def test_plan_estimate_runs_without_the_dataset_and_says_what_is_assumed(write_r
     assert no_data.exit_code != 0 and "pass --images SPLIT=N" in no_data.output
 
 
+def test_a_config_mistake_under_estimate_gets_no_dataset_hint(write_run_config):
+    config = write_run_config(store={"precision": "bf16_bitround"})
+    config.write_text(config.read_text().replace("bf16_bitround", "bf16_bitrond"))
+    result = CliRunner().invoke(app, ["plan", "--config", str(config), "--estimate"])
+    assert result.exit_code != 0 and "store.precision" in result.output and "--images" not in result.output
+
+
 def test_plan_estimate_adds_columns_to_the_plan_table(write_run_config):
     config = write_run_config(encoders=["tiny-vit-64", {"encoder": "tiny-vit-112", "layers": [-1, -2]}])
     result = CliRunner().invoke(app, ["plan", "--config", str(config), "--estimate"])
