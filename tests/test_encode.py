@@ -279,6 +279,20 @@ def test_the_resize_backend_is_in_the_key_and_pil_keeps_keys_made_before_it(make
     assert {k: v for k, v in by_torch.items() if k != "resize"} == by_pil
 
 
+def test_jpeg_draft_1x_is_in_the_key_and_2x_keeps_keys_made_before_it(make_job):
+    import dataclasses
+
+    job = make_job(split="val")
+    records = encode.list_images(job.dataset, job.split, job.subset)
+    default = encode.store_key(job, records, torch.float32)
+    drafted = encode.store_key(
+        dataclasses.replace(job, options=job.options.model_copy(update={"jpeg_draft": "1x"})),
+        records,
+        torch.float32,
+    )
+    assert "jpeg_draft" not in default and drafted == {**default, "jpeg_draft": "1x"}
+
+
 def test_shard_statistics_taken_on_the_device_equal_the_stores_numpy_definition():
     from pipeline.data.store_writer import feature_stats
     from storage.precision import value_stats

@@ -10,10 +10,20 @@ import numpy as np
 import pytest
 import yaml
 import zarr
+from PIL import Image
 from typer.testing import CliRunner
 
 from flows.cli import app
-from pipeline.config import EncodeOptions, EncoderSpec, EvaluateConfig, StoreOptions, SubsetSpec, TrainConfig
+from pipeline.config import (
+    DatasetSpec,
+    EncodeOptions,
+    EncoderSpec,
+    EvaluateConfig,
+    SplitSpec,
+    StoreOptions,
+    SubsetSpec,
+    TrainConfig,
+)
 from pipeline.config_files import REPO_CONFIG_DIR, resolve_encoder
 from pipeline.models import encoders, model_ids
 from pipeline.models.checkpoints import DisjointnessError
@@ -98,6 +108,22 @@ def test_store_verify_passes_on_an_honest_store(make_job):
     assert len(report.checks) == 4 and not report.mismatches, report.checks
     assert report.largest_error <= 2.0**-11 + 1e-3
     assert all(c.pixel_max_abs_diff == 0 for c in report.checks) and not report.notes
+
+
+def test_store_verify_decodes_as_the_store_was_encoded_with_jpeg_draft_1x(make_job, tmp_path):
+    from skimage import data
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i, name in enumerate(("astronaut", "coffee")):  # big enough for libjpeg's 1/4 scale at 64 px
+        Image.fromarray(getattr(data, name)()).convert("RGB").save(folder / f"{i}.jpg", quality=90)
+    dataset = DatasetSpec(
+        name="photos", kind="folder", root=tmp_path, splits={"all": SplitSpec(images_dir=folder)}
+    )
+    options = EncodeOptions(batch_size=2, num_workers=0, jpeg_draft="1x")
+    path = encode.run(make_job(dataset=dataset, split="all", options=options), progress=False).store_path
+    report = verify(path, n_images=2, device="cpu")
+    assert not report.mismatches and all(c.pixel_max_abs_diff == 0 for c in report.checks), report.checks
 
 
 def test_store_verify_catches_a_store_encoded_with_another_crop_than_it_records(make_job):

@@ -3,6 +3,7 @@
 Every bad input is a real file written with PIL/numpy into tmp_path; nothing is mocked.
 """
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,7 @@ import skimage.data
 from PIL import Image
 
 from pipeline.config import TransformSpec
-from pipeline.data.images import ImageSkipped, Preprocessing, apply_transform, load_rgb
+from pipeline.data.images import ImageSkipped, Preprocessing, apply_transform, decode_for_encoder, load_rgb
 
 MIN_SIDE = 16
 MAX_PIXELS = 178_956_970
@@ -198,6 +199,23 @@ def test_big_jpeg_with_draft_decodes_smaller_but_keeps_at_least_the_requested_sh
     assert drafted.width < 3000 and drafted.height < 2000
     assert min(drafted.size) >= 128
     assert drafted.width * 2000 == drafted.height * 3000  # JPEG scales both sides alike
+
+
+def test_jpeg_draft_1x_decodes_at_the_resize_side_never_below_it_and_stays_close_to_a_full_decode(tmp_path):
+    path = tmp_path / "coco-sized.jpg"
+    Image.fromarray(skimage.data.astronaut()).resize((640, 480), Image.Resampling.BICUBIC).save(
+        path, quality=90
+    )
+    shared = Preprocessing("shortest", 224, 224, "bicubic", (0.5,) * 3, (0.5,) * 3, "test", "short_side_crop")
+    native = replace(shared, resize_size=248, geometry="native")  # timm's crop_pct 0.9 margin
+
+    assert load(path, draft_to=shared.resize_size).size == (320, 240)  # libjpeg's 1/2 DCT scale
+    assert load(path, draft_to=native.resize_size).size == (640, 480)  # 1/2 would be below 248: full decode
+    full, _ = decode_for_encoder(path, shared, TransformSpec(), 16, 10**9, "torch", "2x")
+    drafted, _ = decode_for_encoder(path, shared, TransformSpec(), 16, 10**9, "torch", "1x")
+    mse = np.mean((full.astype(float) - drafted.astype(float)) ** 2)
+    assert drafted.shape == full.shape == (224, 224, 3)
+    assert 35 < 10 * np.log10(255**2 / mse) < 60  # another decode of the same photo, not the same pixels
 
 
 # --- pixel-space transforms ---------------------------------------------------------------------------------

@@ -267,6 +267,14 @@ class EncodeOptions(Frozen):
         "PIL's, as timm/transformers eval transforms (stores encoded before 2026-11-27 used it). Filters other "
         "than bilinear/bicubic always use PIL.",
     )
+    jpeg_draft: Literal["2x", "1x"] = Field(
+        "2x",
+        description="How small a JPEG may decode (libjpeg's DCT scaling by 1/2, 1/4, 1/8, before the resize). "
+        "2x: both sides stay >= twice the encoder's input side, so the resize still filters the image's own "
+        "samples (a 640x480 photo decodes in full for 224 px; the paper's preprocessing decodes in full). 1x: >= "
+        "the side the resize targets, ~2x faster decode + resize of COCO-sized photos to 224 px; the pixels "
+        "differ from a full decode by ~41 dB PSNR (reconlab's option, not the paper's; docs/benchmarks.md).",
+    )
     min_image_side: int = Field(16, gt=0, description="Images with a smaller side are skipped as failures.")
     max_image_pixels: int = Field(
         178_956_970, gt=0, description="Images with more pixels are skipped (decompression-bomb guard)."

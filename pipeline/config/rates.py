@@ -24,7 +24,9 @@ class GpuRates(Frozen):
 class HostRates(Frozen):
     cpu_cores: int = Field(gt=0)
     cpu_cores_source: str
-    decode_resize_ms: float = Field(gt=0, description="CPU ms to decode and resize one image (one core).")
+    decode_resize_ms: dict[Literal["2x", "1x"], float] = Field(
+        description="CPU ms to decode and resize one image (one core), per encode.jpeg_draft."
+    )
     write_ms_per_mb: Precisions = Field(
         description="CPU ms to compress and write one stored MB (features and pixels), per precision."
     )

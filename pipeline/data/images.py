@@ -177,11 +177,15 @@ def decode_for_encoder(
     min_side: int,
     max_pixels: int,
     resize: str = "pil",
+    jpeg_draft: str = "2x",
 ) -> tuple[np.ndarray, str]:
-    """An image file as the encoder sees it (uint8 [S, S, 3], T applied), or zeros and the reason it was skipped."""
+    """An image file as the encoder sees it (uint8 [S, S, 3], T applied), or zeros and the reason it was skipped.
+    jpeg_draft (encode.jpeg_draft): the smallest size a JPEG may decode at, 2x: twice the crop side; 1x: the
+    side the resize targets (never below it: the resize never upsamples what a full decode would not)."""
     s = preprocessing.crop_size
+    draft_to = {"2x": max(2 * s, preprocessing.resize_size), "1x": preprocessing.resize_size}[jpeg_draft]
     try:
-        img = load_rgb(path, min_side=min_side, max_pixels=max_pixels, draft_to=2 * s)
+        img = load_rgb(path, min_side=min_side, max_pixels=max_pixels, draft_to=draft_to)
         if transform.name != "identity":
             img = Image.fromarray(apply_transform(np.asarray(img), transform))
         return preprocessing.to_pixels(img, resize), ""

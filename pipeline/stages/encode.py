@@ -54,6 +54,7 @@ def store_key(job: EncodeJob, records: list[ImageRecord], compute_dtype: torch.d
         "image_limits": {"min_side": job.options.min_image_side, "max_pixels": job.options.max_image_pixels},
         "geometry": job.options.geometry,
         **({"resize": job.options.resize} if job.options.resize != "pil" else {}),  # absent: PIL (older keys)
+        **({"jpeg_draft": job.options.jpeg_draft} if job.options.jpeg_draft != "2x" else {}),  # absent: 2x
         **({"embeddings": True} if stores_embeddings(job) else {}),  # absent otherwise: older keys stay valid
     }
 
@@ -81,9 +82,7 @@ class _DecodeDataset(torch.utils.data.Dataset):
         self.records = records
         self.preprocessing = preprocessing
         self.transform = transform
-        self.min_side = options.min_image_side
-        self.max_pixels = options.max_image_pixels
-        self.resize = options.resize
+        self.options = options
 
     def __len__(self) -> int:
         return len(self.records)
@@ -94,8 +93,9 @@ class _DecodeDataset(torch.utils.data.Dataset):
             s = self.preprocessing.crop_size
             return pos, np.zeros((s, s, 3), np.uint8), f"refused: {record.refused}"
         pixels, reason = decode_for_encoder(
-            record.path, self.preprocessing, self.transform, self.min_side, self.max_pixels, self.resize
-        )
+            record.path, self.preprocessing, self.transform, self.options.min_image_side,
+            self.options.max_image_pixels, self.options.resize, self.options.jpeg_draft,
+        )  # fmt: skip
         return pos, pixels, reason
 
 

@@ -94,7 +94,8 @@ def verify(
     for start in range(0, rows.size, batch_size):
         batch = rows[start : start + batch_size]
         decoded = [decode_for_encoder(records[r].path, encoder.preprocessing, transform, limits["min_side"],
-                                      limits["max_pixels"], key.get("resize", "pil")) for r in batch]  # fmt: skip
+                                      limits["max_pixels"], key.get("resize", "pil"), key.get("jpeg_draft", "2x"))
+                   for r in batch]  # fmt: skip
         failed = [records[r].path for r, (_, reason) in zip(batch, decoded, strict=True) if reason]
         if failed:
             raise StoreError(f"{path}: image(s) encoded before can no longer be read: {failed[:3]}")
