@@ -79,6 +79,7 @@ def test_auto_codecs_are_chosen_per_array_and_a_named_one_applies_to_all():
     assert (auto["compressor"], auto["pixel_compressor"]) == ("blosc_lz4", "blosc_lz4")
     bf16 = resolve_codecs("bf16_bitround", "auto", None)
     assert (bf16["compression_level"], bf16["compression_blocksize"]) == (1, 2**20)
+    assert resolve_codecs("int8_per_token", "auto", None)["compressor"] == "blosc_lz4"  # zstd saves only 8 %
     assert resolve_codecs("float16", "auto", 2)["compression_level"] == 2
     named = resolve_codecs("float16", "zstd", None)
     assert named == {"compressor": "zstd", "compression_level": 3, "compression_blocksize": 0,

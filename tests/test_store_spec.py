@@ -123,3 +123,27 @@ def test_encode_embeddings_stores_each_images_pooled_embedding_only_for_encoders
     assert "embeddings" not in zarr.open_group(
         str(encode.run(with_option, progress=False).store_path), mode="r"
     )
+
+
+def test_reads_widen_stored_values_exactly_as_numpy_defines_them():
+    """dequantize runs in torch for speed; the values must be NumPy's: float16 widened, int8 codes times scale."""
+    from storage.precision import dequantize
+
+    rng = np.random.default_rng(0)
+    halves = rng.integers(0, 2**16, (3, 4, 5, 64), dtype=np.uint16).view(
+        np.float16
+    )  # every kind, NaN/inf too
+    halves.flags.writeable = False  # as zarr may hand them over
+    codes = rng.integers(-127, 128, (3, 4, 5, 64), dtype=np.int8)
+    scale = (rng.random((3, 4, 5)) * 10.0 ** rng.integers(-40, 30, (3, 4, 5))).astype(np.float32)
+    out = np.full(codes.shape, 7.0, np.float32)
+
+    widened = dequantize(halves, None)
+    assert widened.dtype == np.float32
+    reference = halves.astype(np.float32)
+    numbers = ~np.isnan(reference)  # NaN stays NaN; the CPU's conversion quiets a signalling NaN's payload
+    np.testing.assert_array_equal(widened.view(np.uint32)[numbers], reference.view(np.uint32)[numbers])
+    assert np.isnan(widened[~numbers]).all() and (~numbers).sum() > 0
+    assert dequantize(codes, scale, out) is out
+    expected = np.multiply(codes, scale[..., None], dtype=np.float32)
+    np.testing.assert_array_equal(out.view(np.uint32), expected.view(np.uint32))
