@@ -137,9 +137,8 @@ def _encode_rows(run: RunPlan, group: list, rates: Rates) -> list[Estimate]:
     # the other layers' stores hard-link the first one's pixel files: no bytes, no writing
     stored_mb = [(h * w * _width(run.encode[p].encoder, rates) * 2 * rates.stored_bytes.features[store.precision]
                   + (pixels if k == 0 else 0)) / MB for k, p in enumerate(group)]  # fmt: skip
-    cpu_ms = rates.host.decode_resize_ms[job.options.jpeg_draft] + rates.host.write_ms_per_mb[
-        store.precision
-    ] * sum(stored_mb)
+    write_ms = rates.host.write_ms_per_mb[store.precision] * sum(stored_mb)
+    cpu_ms = rates.host.decode_resize_ms[job.options.jpeg_draft] + write_ms
     basis = (f"FLOPs counted; {_gpu_basis(rates, 'encode')}; host: decode, resize, compress and write at the "
              f"measured CPU rates on {rates.host.cpu_cores} cores; bytes: measured ratios ({store.precision}); "
              "the layers of one encoder share one pass (its time on the first layer's row)")  # fmt: skip
