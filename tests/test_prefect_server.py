@@ -75,8 +75,20 @@ def _serve(config: Path, url: str, home: Path) -> subprocess.Popen:
         env.pop(key, None)
     return subprocess.Popen(
         [sys.executable, "-m", "flows.cli", "serve", "-c", str(config)], cwd=ROOT, env=env,
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        stdout=(home.parent / "serve.log").open("a"), stderr=subprocess.STDOUT, start_new_session=True,
     )  # fmt: skip
+
+
+def _stop(serving: subprocess.Popen, home: Path) -> None:
+    """Ctrl-C, as a user stops it; a process still up after 2 minutes (1-2 s here when idle) is killed and the
+    test fails with the end of its log."""
+    serving.send_signal(signal.SIGINT)
+    try:
+        serving.wait(timeout=120)
+    except subprocess.TimeoutExpired:
+        serving.kill()
+        tail = (home.parent / "serve.log").read_text()[-3000:]
+        pytest.fail(f"`reconlab serve` did not stop within 2 minutes of SIGINT; its log ends:\n{tail}")
 
 
 @pytest.fixture(scope="module")
@@ -164,8 +176,7 @@ def test_served_stages_run_log_publish_cache_queue_and_resume(server, api, confi
         done = [_wait(lambda r=r: _final(client, r.id), 600, "both training runs") for r in pending]
         assert all(s.is_completed() for s in done), done
     finally:
-        serving.send_signal(signal.SIGINT)
-        serving.wait(timeout=60)
+        _stop(serving, home)
 
     # Killed mid-encode (SIGKILL of the serving process), then served again and triggered again: it resumes.
     serving = _serve(config, server, home)
@@ -197,8 +208,7 @@ def test_served_stages_run_log_publish_cache_queue_and_resume(server, api, confi
         resumed = _run(server, "reconlab-encode/served-encode", {"encoder_names": ["tiny-vit-112"]})
         assert resumed.state.is_completed(), resumed.state
     finally:
-        serving.send_signal(signal.SIGINT)
-        serving.wait(timeout=60)
+        _stop(serving, home)
     _assert_equals_an_uninterrupted_encode(config, tmp_path)
 
 
