@@ -75,7 +75,8 @@ def inspect(
         )
         typer.echo(
             f"dataset    {info['dataset']['name']}/{info['dataset']['split']}  transform {transform_tag(info['image_transform'])}  "
-            f"geometry {enc['preprocessing'].get('geometry', 'native')}"
+            f"geometry {enc['preprocessing'].get('geometry', 'native')}  resize {info['decoding']['resize']}  "
+            f"jpeg_draft {info['decoding']['jpeg_draft']}"
         )
         for name, a in info["arrays"].items():
             ratio = f"{a['compression_ratio']:.2f}x" if a["compression_ratio"] else "-"

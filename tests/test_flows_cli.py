@@ -46,6 +46,7 @@ def test_cli_encode_runs_the_flow_then_store_ls_and_inspect_describe_the_stores(
     assert info["complete"] and info["n_encoded"] == 12
     assert 0.9 < info["arrays"]["features"]["compression_ratio"] < 1.2
     assert info["feature_stats_sampled"]["fraction_nonfinite"] == 0
+    assert info["decoding"] == {"resize": "torch", "jpeg_draft": "2x"}
     assert preview.stat().st_size > 1000
 
 
