@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from synthetic_store import make_store  # noqa: E402
 
 from pipeline.config import TokensConfig  # noqa: E402
-from pipeline.data.feature_loader import Prefetcher, batch_stream  # noqa: E402
+from pipeline.data.feature_loader import Prefetcher, batch_stream, widen  # noqa: E402
 from pipeline.models import token_training as tt  # noqa: E402
 from pipeline.models.token_selector import n_kept, norm_mask, random_mask, top_k_mask  # noqa: E402
 
@@ -37,7 +37,7 @@ def train_rate(batches, model, optimizer, cfg, spec, device, steps: int) -> floa
     for i, feats in enumerate(batches):
         if i == 3:
             start, done = time.perf_counter(), 0
-        tokens = feats.to(device, non_blocking=True).float().flatten(1, 2)
+        tokens = widen(feats.to(device, non_blocking=True)).flatten(1, 2)
         loss, _, _ = tt.step_loss(model, tokens, spec, cfg)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

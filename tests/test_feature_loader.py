@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.data.feature_loader import batch_stream
+from pipeline.data.feature_loader import batch_stream, widen
 from storage import StoreLayout, create, open_store
 from storage.precision import resolve_codecs
 
@@ -80,9 +80,14 @@ def test_int8_stores_dequantise_into_the_given_buffer_as_a_plain_read_does(tmp_p
     with pytest.raises(ValueError, match="float32 array of shape"):
         store.features(rows, as_stored=True, out=np.empty((3, 2, 3, 8), np.float16))
     np.testing.assert_allclose(buffer, features[rows], atol=np.abs(features[rows]).max() / 254 + 1e-7)
-    loaded = np.concatenate([f for f, _ in batch_stream(store, 4, seed=0, epoch=0, buffer_images=4)])
-    assert loaded.dtype == np.float32
-    np.testing.assert_array_equal(np.sort(loaded.ravel()), np.sort(store.features().ravel()))
+    batches = [torch.as_tensor(f) for f, _ in batch_stream(store, 4, seed=0, epoch=0, buffer_images=4)]
+    assert all(
+        f.dtype == torch.int8 and f.shape[-1] == 8 + 4 for f in batches
+    )  # codes, then the scale's bytes
+    loaded = torch.cat([widen(f) for f in batches]).numpy()
+    order = np.argsort(loaded[:, 0, 0, 0])  # batches are shuffled: match images by a value
+    stored = store.features()
+    np.testing.assert_array_equal(loaded[order], stored[np.argsort(stored[:, 0, 0, 0])])
 
 
 def test_bf16_stores_travel_as_bf16_and_widen_to_the_stored_values(tmp_path):
@@ -99,7 +104,7 @@ def test_bf16_stores_travel_as_bf16_and_widen_to_the_stored_values(tmp_path):
     store = open_store(store.path, require_complete=False)
     batches = [f for f, _ in batch_stream(store, 6, seed=0, epoch=0, buffer_images=4)]
     assert all(f.dtype == torch.bfloat16 for f in batches)
-    widened = torch.cat(batches).float().numpy()
+    widened = torch.cat([widen(f) for f in batches]).numpy()
     stored = store.features()
     assert widened.shape == stored.shape
     order = np.argsort(widened.reshape(n, -1)[:, 5])  # batches are shuffled: match images by a finite value

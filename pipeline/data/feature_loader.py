@@ -18,10 +18,11 @@ def batch_stream(
     store: FeatureStore, batch_size: int, seed: int, epoch: int, buffer_images: int, pixels: bool = True
 ) -> Iterator[tuple[np.ndarray | torch.Tensor, np.ndarray | None]]:
     """(features, pixels) batches of one epoch: shards in a seeded order through a bounded shuffle buffer.
-    Features come in the stored float dtype (float16 stores: float16; the consumer converts on its device), and
-    bf16_bitround stores, whose float32 values are bf16 values, as a torch bfloat16 tensor (NumPy has no bf16):
-    half the bytes to shuffle, pin and move, widened exactly on the device. `pixels=False` never reads the pixels
-    (None in their place); the batches of features are the same.
+    Features come as stored, for `widen` to turn into float32 on the consumer's device: float16 stores as
+    float16; bf16_bitround stores, whose float32 values are bf16 values, as a torch bfloat16 tensor (NumPy has no
+    bf16); int8_per_token stores as int8 codes with each token's float32 scale in 4 more bytes at the end of its
+    vector [B, H, W, D + 4]. Half or a quarter of float32's bytes to shuffle, pin and move, widened exactly on
+    the device. `pixels=False` never reads the pixels (None in their place); the batches of features are the same.
 
     The buffer is one preallocated array of slots (buffer + a shard + a batch): a shard's images are copied into
     free slots and a batch gathered from drawn slots, so memory is fixed and no image is allocated on its own
@@ -34,6 +35,7 @@ def batch_stream(
     # The high half of each little-endian float32 is its bf16 value exactly: bf16-rounded values have zero low
     # halves (a NaN whose payload sits only in the low half would read as inf; reconlab writes canonical NaNs)
     as_bf16 = lay.precision == "bf16_bitround" and np.little_endian
+    as_int8 = lay.precision == "int8_per_token" and np.little_endian  # scale bytes read back on the device
     free = list(range(capacity - 1, -1, -1))
     pool: list[int] = []  # slots holding an image, in the order the draws see them
 
@@ -54,7 +56,13 @@ def batch_stream(
         if not keep.size:
             continue
         # float16 stays half-size until the device; read into one reused buffer per array
-        feats = store.features(keep, as_stored=True, out=None if staging is None else staging[0][: keep.size])
+        if as_int8:
+            codes, scale = store.int8_codes(keep)
+            feats = np.concatenate([codes, scale[..., None].view(np.int8)], axis=-1)
+        else:
+            feats = store.features(
+                keep, as_stored=True, out=None if staging is None else staging[0][: keep.size]
+            )
         if as_bf16:
             feats = feats.view(np.uint16)[..., 1::2]
         if slot_features is None:
@@ -76,6 +84,14 @@ def batch_stream(
             yield draw(batch_size)
     while pool:
         yield draw(min(batch_size, len(pool)))
+
+
+def widen(features: torch.Tensor) -> torch.Tensor:
+    """A batch of `batch_stream` (on its device) as the float32 values the store holds; float32 passes as is."""
+    if features.dtype == torch.int8:  # codes, then each token's scale in its last 4 bytes
+        scale = features[..., -4:].contiguous().view(torch.float32)
+        return features[..., :-4].float().mul_(scale)
+    return features.float()
 
 
 def n_batches_per_epoch(store: FeatureStore, batch_size: int) -> int:

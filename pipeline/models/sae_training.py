@@ -12,7 +12,7 @@ import torch
 from tqdm.auto import tqdm
 
 from pipeline.config import SaeConfig
-from pipeline.data.feature_loader import Prefetcher, batch_stream
+from pipeline.data.feature_loader import Prefetcher, batch_stream, widen
 from pipeline.models import checkpoints, resumable
 from pipeline.models.sae import SparseAutoencoder, training_loss
 from storage import FeatureStore
@@ -64,7 +64,9 @@ def sae_specs(cfg: SaeConfig) -> list[SaeSpec]:
 
 
 def tokens_of(feats_nhwd: torch.Tensor) -> torch.Tensor:
-    return feats_nhwd.reshape(-1, feats_nhwd.shape[-1]).float()
+    """A batch of features (read, or as `batch_stream` gives them) as float32 token vectors [N * H * W, D]."""
+    feats = widen(feats_nhwd)
+    return feats.reshape(-1, feats.shape[-1])
 
 
 def screen(chunks) -> dict:

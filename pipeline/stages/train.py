@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from pipeline import artifacts
 from pipeline.artifacts import WriteLock
 from pipeline.config import TrainConfig, config_hash
-from pipeline.data.feature_loader import Prefetcher, batch_stream, n_batches_per_epoch
+from pipeline.data.feature_loader import Prefetcher, batch_stream, n_batches_per_epoch, widen
 from pipeline.data.images import Preprocessing
 from pipeline.data.store_info import StoreInfo, check_same_encoder
 from pipeline.jobs import TrainJob
@@ -132,9 +132,7 @@ def train_step(
     model, optimizer, scheduler, feats, pixels, cfg: TrainConfig, pre: Preprocessing, device, compute_dtype
 ):
     """One optimisation step on a batch of (features, uint8 pixels); returns the loss tensor."""
-    feats = feats.to(
-        device, non_blocking=True
-    ).float()  # the loader keeps the stored dtype (float16: half the copy)
+    feats = widen(feats.to(device, non_blocking=True))  # the loader keeps the stored dtype: less to copy
     target = pre.normalize(pixels.to(device, non_blocking=True))
     with torch.autocast(device.type, dtype=compute_dtype, enabled=compute_dtype != torch.float32):
         pred = model(feats)
