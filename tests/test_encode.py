@@ -264,33 +264,20 @@ def test_other_weights_in_the_same_file_path_give_another_store_key(tmp_path):
     assert weights_key(spec) != first
 
 
-def test_the_resize_backend_is_in_the_key_and_pil_keeps_keys_made_before_it(make_job):
+@pytest.mark.parametrize("option, value, older", [("resize", "torch", "pil"), ("jpeg_draft", "1x", "2x")])
+def test_a_decoding_option_is_in_the_key_and_the_value_stores_had_before_it_keeps_their_keys(
+    make_job, option, value, older
+):
     import dataclasses
 
     job = make_job(split="val")
     records = encode.list_images(job.dataset, job.split, job.subset)
-    by_torch = encode.store_key(job, records, torch.float32)
-    by_pil = encode.store_key(
-        dataclasses.replace(job, options=job.options.model_copy(update={"resize": "pil"})),
-        records,
-        torch.float32,
-    )
-    assert by_torch["resize"] == "torch" and "resize" not in by_pil
-    assert {k: v for k, v in by_torch.items() if k != "resize"} == by_pil
 
+    def key(v):
+        options = job.options.model_copy(update={option: v})
+        return encode.store_key(dataclasses.replace(job, options=options), records, torch.float32)
 
-def test_jpeg_draft_1x_is_in_the_key_and_2x_keeps_keys_made_before_it(make_job):
-    import dataclasses
-
-    job = make_job(split="val")
-    records = encode.list_images(job.dataset, job.split, job.subset)
-    default = encode.store_key(job, records, torch.float32)
-    drafted = encode.store_key(
-        dataclasses.replace(job, options=job.options.model_copy(update={"jpeg_draft": "1x"})),
-        records,
-        torch.float32,
-    )
-    assert "jpeg_draft" not in default and drafted == {**default, "jpeg_draft": "1x"}
+    assert option not in key(older) and key(value) == {**key(older), option: value}
 
 
 def test_shard_statistics_taken_on_the_device_equal_the_stores_numpy_definition():
