@@ -73,10 +73,16 @@ def _serve(config: Path, url: str, home: Path) -> subprocess.Popen:
     env = {**os.environ, "PREFECT_API_URL": url, "PREFECT_HOME": str(home), "RECONLAB_HOME": str(home)}
     for key in ("PREFECT_LOGGING_TO_API_ENABLED", "PREFECT_LOGGING_LEVEL"):  # as a user's shell has them
         env.pop(key, None)
-    return subprocess.Popen(
-        [sys.executable, "-m", "flows.cli", "serve", "-c", str(config)], cwd=ROOT, env=env,
-        stdout=(home.parent / "serve.log").open("a"), stderr=subprocess.STDOUT, start_new_session=True,
-    )  # fmt: skip
+    # Started as from a terminal, where Ctrl-C reaches it: a child inherits an ignored SIGINT, and this test
+    # process may be ignoring it by now (SIG_IGN seen here after the rest of the suite had run).
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        return subprocess.Popen(
+            [sys.executable, "-m", "flows.cli", "serve", "-c", str(config)], cwd=ROOT, env=env,
+            stdout=(home.parent / "serve.log").open("a"), stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _stop(serving: subprocess.Popen, home: Path) -> None:
@@ -86,8 +92,10 @@ def _stop(serving: subprocess.Popen, home: Path) -> None:
     try:
         serving.wait(timeout=120)
     except subprocess.TimeoutExpired:
+        status = Path(f"/proc/{serving.pid}/status").read_text()  # SigIgn: signals it ignores
         serving.kill()
-        tail = (home.parent / "serve.log").read_text()[-3000:]
+        tail = "".join(f"{line}\n" for line in status.splitlines() if line.startswith("Sig"))
+        tail += (home.parent / "serve.log").read_text()[-3000:]
         pytest.fail(f"`reconlab serve` did not stop within 2 minutes of SIGINT; its log ends:\n{tail}")
 
 
