@@ -73,8 +73,8 @@ def _serve(config: Path, url: str, home: Path) -> subprocess.Popen:
     env = {**os.environ, "PREFECT_API_URL": url, "PREFECT_HOME": str(home), "RECONLAB_HOME": str(home)}
     for key in ("PREFECT_LOGGING_TO_API_ENABLED", "PREFECT_LOGGING_LEVEL"):  # as a user's shell has them
         env.pop(key, None)
-    # Started as from a terminal, where Ctrl-C reaches it: a child inherits an ignored SIGINT, and this test
-    # process may be ignoring it by now (SIG_IGN seen here after the rest of the suite had run).
+    # Started as from a terminal, where Ctrl-C reaches it: a test run started as a background job ignores SIGINT
+    # (the shell's rule for background jobs), and a child inherits an ignored signal.
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         return subprocess.Popen(
