@@ -117,8 +117,8 @@ def inspect_store(path: Path, n_stat_images: int = 64) -> dict:
         "image_transform": attrs["image_transform"],
         # how the pixels were decoded and resized (keys made before these options hold neither: PIL, 2x)
         "decoding": {
-            "resize": attrs.get("config", {}).get("resize", "pil"),
-            "jpeg_draft": attrs.get("config", {}).get("jpeg_draft", "2x"),
+            option: attrs.get("config", {}).get(option, older)
+            for option, older in (("resize", "pil"), ("jpeg_draft", "2x"))
         },
         "provenance": attrs["provenance"],
         "feature_stats_recorded": attrs.get("feature_stats"),
