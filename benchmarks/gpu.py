@@ -84,8 +84,6 @@ def encode_rows(
     records = list_images(dataset, "all", SubsetSpec())
     n, batch = len(records), s["batch"]
     enc = encoders.load(spec, device=str(device))
-    # what each encode run pays to build the model, imports warm: a second build
-    load_s = timed(lambda: encoders.load(spec, device=str(device)), device)
     decoded = encode._DecodeDataset(records, enc.preprocessing, TransformSpec(), EncodeOptions())
     pixels = torch.from_numpy(np.stack([decoded[i][1] for i in range(n)]))
     pixels = pixels.pin_memory() if device.type == "cuda" else pixels
@@ -97,15 +95,34 @@ def encode_rows(
 
     model_alone()  # warm-up: cuDNN/cuBLAS choices, allocator
     a = min(timed(model_alone, device) for _ in range(2))
-    stage, store_path = [], None
-    for rep in range(2):  # the first warms the worker start and the page cache
-        job = EncodeJob(work / f"stores-{rep}", dataset, "all", SubsetSpec(), spec, TransformSpec(), StoreOptions(),
-                        EncodeOptions(batch_size=batch, num_workers=workers, device=str(device),
-                                      writer_threads=min(4, workers)))  # fmt: skip
+
+    def stage(folder: str, store: StoreOptions, torch_threads: int | None = None, **options):
+        options = {"num_workers": workers, **options}
+        job = EncodeJob(work / folder, dataset, "all", SubsetSpec(), spec, TransformSpec(), store,
+                        EncodeOptions(batch_size=batch, device=str(device),
+                                      writer_threads=min(4, options["num_workers"]), **options))  # fmt: skip
+        threads = torch.get_num_threads()
+        torch.set_num_threads(torch_threads or threads)
         start = time.perf_counter()
-        store_path = encode.run(job, progress=False).store_path
-        stage.append(time.perf_counter() - start)
-    b = stage[-1]
+        result = encode.run(job, progress=False)
+        seconds = time.perf_counter() - start
+        torch.set_num_threads(threads)
+        return seconds, result
+
+    stage("warm-up", StoreOptions())  # worker start, page cache
+    b, result = stage("float16", StoreOptions())
+    load_s = result.seconds["model load"]
+    variants = [  # the COCO config's precision, the smallest one, and the cheaper JPEG decode
+        (f"(b) {name}", *stage(name, StoreOptions(precision=name)))
+        for name in ("bf16_bitround", "int8_per_token")
+    ] + [
+        ("(b) float16, jpeg_draft 1x", *stage("draft-1x", StoreOptions(), jpeg_draft="1x")),
+        # where it saturates: fewer decode workers, and the main process's torch on one thread (its idle
+        # intra-op threads spin on cores the decode workers need)
+        (f"(b) float16, {max(1, workers // 3)} decode workers",
+         *stage("fewer-workers", StoreOptions(), num_workers=max(1, workers // 3))),
+        ("(b) float16, main process on 1 torch thread", *stage("one-thread", StoreOptions(), torch_threads=1)),
+    ]  # fmt: skip
     pt_dir = work / "pt"
     loader = torch.utils.data.DataLoader(
         decoded, batch_size=2, num_workers=workers, collate_fn=encode._collate
@@ -120,33 +137,62 @@ def encode_rows(
 
     c = timed(paper_pattern, device)
     rows = [
-        ("(a) model alone, pixels pinned in memory", n / a, "1.00"),
-        (f"(b) encode stage, JPEG -> store ({workers} decode workers)", n / b, f"b/a = {a / b:.2f}"),
-        (f"(b) without the model build ({load_s:.1f} s)", n / (b - load_s), f"b/a = {a / (b - load_s):.2f}"),
-        ("(c) paper pattern: batch 2, torch.save per image", n / c, f"b/c = {c / b:.2f}"),
-    ]
-    return rows, store_path
+        ("(a) model alone, pixels pinned in memory", n / a, "1.00", ""),
+        (f"(b) encode stage, JPEG -> float16 store ({workers} decode workers)", n / b, f"b/a = {a / b:.2f}",
+         result.timing()),
+        (f"(b) without the model build ({load_s:.1f} s)", n / (b - load_s), f"b/a = {a / (b - load_s):.2f}", ""),
+        *((label, n / t, f"b/a = {a / t:.2f}", r.timing()) for label, t, r in variants),
+        ("(c) paper pattern: batch 2, torch.save per image", n / c, f"b/c = {c / b:.2f}", ""),
+    ]  # fmt: skip
+    return rows, result.store_path
 
 
-def train_rows(store_path: Path, s: dict, device: torch.device) -> Iterator[tuple]:
+def host_costs(device: torch.device) -> str:
+    """What the host pays per MB to touch fresh memory (page faults) and to copy features back from the device,
+    pageable against pinned: the costs the encode stage's main thread pays per batch."""
+    mb = 64
+    fresh = min(timed(lambda: torch.empty(mb << 20, dtype=torch.uint8).fill_(1), device) for _ in range(5))
+    reused_buffer = torch.empty(mb << 20, dtype=torch.uint8)
+    reused = min(timed(lambda: reused_buffer.fill_(1), device) for _ in range(5))
+    line = f"host: fill {mb} MB fresh {1e3 * fresh:.1f} ms, reused {1e3 * reused:.1f} ms"
+    if device.type == "cuda":
+        on_device = torch.ones(mb << 20, dtype=torch.uint8, device=device)
+        pinned = torch.empty(mb << 20, dtype=torch.uint8, pin_memory=True)
+        pageable = min(timed(lambda: on_device.cpu(), device) for _ in range(5))
+        into_pinned = min(timed(lambda: pinned.copy_(on_device), device) for _ in range(5))
+        line += f"; copy {mb} MB device -> host: pageable {1e3 * pageable:.1f} ms, pinned {1e3 * into_pinned:.1f} ms"
+    return line
+
+
+def train_rows(store_path: Path, s: dict, device: torch.device) -> Iterator[str]:
     """Steps/s streamed vs resident on the device, per compute dtype and compile setting, with peak memory; each
-    row as soon as it is measured (a run cut short keeps what it printed)."""
+    table row as soon as it is measured (a run cut short keeps what it printed). A setting that does not fit in
+    the device's memory is a row that says so."""
     store = train.open_training_store(store_path)
     pre = StoreInfo.of(store).preprocessing
-    dtypes = (torch.bfloat16, torch.float32) if device.type == "cuda" else (torch.float32,)
-    for compute_dtype in dtypes:
-        for compiled in s["compile"]:
-            cfg = TrainConfig(batch_size=s["batch"], shuffle_buffer_images=4 * s["batch"], compile=compiled)
-            torch.manual_seed(0)
-            model = train.build_model(cfg, store).to(device)
-            model = torch.compile(model) if compiled else model  # compiled once for both data paths
-            times = {}
+    # float32 compiled is left out: the slowest setting, and the one nobody would train with on a GPU
+    settings = [(torch.bfloat16, c) for c in s["compile"]] + [(torch.float32, False)]
+    for compute_dtype, compiled in settings if device.type == "cuda" else [(torch.float32, False)]:
+        cfg = TrainConfig(batch_size=s["batch"], shuffle_buffer_images=4 * s["batch"], compile=compiled)
+        torch.manual_seed(0)
+        model = train.build_model(cfg, store).to(device)
+        model = torch.compile(model) if compiled else model  # compiled once for both data paths
+        times, name = {}, str(compute_dtype).removeprefix("torch.")
+        try:
             for resident in (True, False):
                 times[resident], peak = _train_steps(model, store, cfg, pre, device, compute_dtype,
                                                      s["train_steps"], resident)  # fmt: skip
-            rate = s["train_steps"] / times[False]
-            yield (str(compute_dtype).removeprefix("torch."), compiled, rate, rate * s["batch"],
-                   times[True] / times[False], peak)  # fmt: skip
+        except torch.OutOfMemoryError:
+            yield f"| {name} | {compiled} | out of memory at batch {s['batch']} | | | |"
+            continue
+        finally:
+            del model
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        rate = s["train_steps"] / times[False]
+        yield (f"| {name} | {compiled} | {rate:.2f} | {rate * s['batch']:.0f} | {times[True] / times[False]:.2f} "
+               f"| {peak:.1f} |")  # fmt: skip
 
 
 def _train_steps(
@@ -218,6 +264,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--smoke", action="store_true", help="toy sizes on the CPU (what the test runs)")
     parser.add_argument("--workers", type=int, default=max(1, min(12, (os.cpu_count() or 2) - 2)))
     parser.add_argument("--resolution", type=int, action="append", help="only these (default: 224 and 512)")
+    parser.add_argument("--encode-only", action="store_true", help="no training rows")
     args = parser.parse_args(argv)
     s = dict(SETTINGS["smoke" if args.smoke else "full"])
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
@@ -225,23 +272,23 @@ def main(argv: list[str] | None = None) -> None:
     print(
         f"# device: {name}; torch {torch.__version__}; {os.cpu_count()} CPU cores, {args.workers} decode workers"
     )
+    print(host_costs(device), flush=True)
     for resolution in args.resolution or s["resolutions"]:
         spec = EncoderSpec(name=f"vit-b16-{resolution}", backend="timm", model_id=s["model"], resolution=resolution,
                            patch_size=16, preprocessing_source="timm_pretrained_cfg", weights="random")  # fmt: skip
         with tempfile.TemporaryDirectory() as tmp:
             rows, store_path = encode_rows(Path(tmp), spec, s, device, args.workers)
             print(f"\n## {name}: encode, {s['model']} @ {resolution} px, {s['images']} JPEGs 640x480, "
-                  f"batch {s['batch']}\n\n| path | images/s | ratio |\n|---|---|---|")  # fmt: skip
-            for path, rate, ratio in rows:
-                print(f"| {path} | {rate:.0f} | {ratio} |", flush=True)
+                  f"batch {s['batch']}\n\n| path | images/s | ratio | the stage's time (s) |\n|---|---|---|---|")  # fmt: skip
+            for path, rate, ratio, timing in rows:
+                print(f"| {path} | {rate:.0f} | {ratio} | {timing} |", flush=True)
+            if args.encode_only:
+                continue
             print(f"\n## {name}: train, default reconstructor on the {resolution} px store, batch {s['batch']}, "
                   f"{s['train_steps']} steps\n\n| compute | compile | steps/s streamed | images/s | "
                   "streamed / resident on the device | peak GPU GiB |\n|---|---|---|---|---|---|")  # fmt: skip
-            for dtype, compiled, rate, images, ratio, peak in train_rows(store_path, s, device):
-                print(
-                    f"| {dtype} | {compiled} | {rate:.2f} | {images:.0f} | {ratio:.2f} | {peak:.1f} |",
-                    flush=True,
-                )
+            for row in train_rows(store_path, s, device):
+                print(row, flush=True)
             print(f"\nlargest bf16 batch that fits: {largest_batch(store_path, s, device) or 'not searched'}")
 
 

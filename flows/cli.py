@@ -82,6 +82,8 @@ def encode(
     for r in results:
         state = "already complete" if r.already_complete else "encoded"
         typer.echo(f"{r.store_path}: {state}, {r.n_encoded}/{r.n_images} images, {r.n_failed} failed")
+        if r.seconds:
+            typer.echo(f"  time {r.timing()}")
 
 
 @app.command()

@@ -30,7 +30,8 @@ def encode_stores(jobs: list[EncodeJob], label: str, progress: bool = True):
             f"store-{job.encoder.name}-{job.split}-{job.transform.tag}",
             f"**{result.store_path.name}**\n\n| images | encoded | failed | state |\n|---|---|---|---|\n"
             f"| {result.n_images} | {result.n_encoded} | {result.n_failed} | "
-            f"{'cached' if result.already_complete else 'encoded now'} |\n\n`{result.store_path.resolve()}`",
+            f"{'cached' if result.already_complete else 'encoded now'} |\n\n`{result.store_path.resolve()}`"
+            + (f"\n\ntime: {result.timing()}" if result.seconds else ""),
             f"feature store of {job.encoder.name} on {job.split} ({job.transform.tag})",
         )
     cached = all(r.already_complete for r in results)

@@ -1,9 +1,9 @@
 """What a run costs before it runs: GPU-hours and disk bytes per planned artifact (`reconlab plan --estimate`).
 
 FLOPs are counted on each model itself (torch's FlopCounterMode over a forward on the meta device: the real
-architecture at the run's resolution, no weights, no GPU); time is FLOPs over the GPU's peak times an assumed
-utilisation, or the host's measured CPU cost where that is the larger (decoding and writing in the encode stage,
-the train loader), from configs/rates.yaml. Every row says which of its figures are counted, measured or assumed.
+architecture at the run's resolution, no weights, no GPU); time is FLOPs over the GPU's peak times its
+utilisation (measured on one GPU, or assumed where the rates say so), or the host's measured CPU cost where that
+is the larger (decoding and writing in the encode stage, the train loader), from configs/rates.yaml. Every row says which of its figures are counted, measured or assumed.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ class Estimate:
     encoder: str
     what: str
     images: int
-    compute_hours: float  # the GPU's own work: counted FLOPs at the assumed share of its peak
+    compute_hours: float  # the GPU's own work: counted FLOPs at the rates' share of its peak
     host_hours: float  # what the host does alongside (decode and write, the train loader); 0: nothing
     host_ms: float  # the host's CPU milliseconds per image (per pass for training)
     disk_gb: float  # what it leaves on disk
@@ -120,7 +120,7 @@ def _hours(flops: float, rates: Rates, stage: str) -> float:
 
 
 def _gpu_basis(rates: Rates, stage: str) -> str:
-    return f"{rates.gpu.name} {rates.gpu.peak_tflops:g} TFLOP/s x {rates.gpu.utilisation[stage]:g} (assumed)"
+    return f"{rates.gpu.name} {rates.gpu.peak_tflops:g} TFLOP/s x {rates.gpu.utilisation[stage]:g} (GPU utilisation below)"
 
 
 def _width(spec: EncoderSpec, rates: Rates) -> int:

@@ -40,10 +40,25 @@ def test_encode_writes_features_equal_to_encoding_the_stored_pixels(make_job):
 
 def test_a_second_run_on_a_finished_store_returns_at_once_without_rewriting(make_job):
     job = make_job(split="val")
+    start = time.perf_counter()
     first = encode.run(job, progress=False)
+    wall = time.perf_counter() - start
+    # where the run's time went: every step, each measured, adding up to the run's time
+    assert set(first.seconds) == {
+        "setup",
+        "model load",
+        "workers start",
+        "decode wait",
+        "model",
+        "writer wait",
+        "finish",
+    }
+    assert min(first.seconds.values()) >= 0 and first.seconds["model"] > 0 and first.seconds["model load"] > 0
+    assert 0.9 * wall <= sum(first.seconds.values()) <= wall
+    assert first.timing().startswith(f"{sum(first.seconds.values()):.1f} s: ")
     stamp = (first.store_path / "zarr.json").stat().st_mtime_ns
     second = encode.run(job, progress=False)
-    assert second.already_complete and second.store_path == first.store_path
+    assert second.already_complete and second.store_path == first.store_path and second.seconds == {}
     assert (first.store_path / "zarr.json").stat().st_mtime_ns == stamp
 
 

@@ -1,4 +1,4 @@
-"""The rates the cost model reads (configs/rates.yaml): a GPU's peak and assumed utilisation, the host's measured
+"""The rates the cost model reads (configs/rates.yaml): a GPU's peak and utilisation, the host's measured
 per-image CPU costs, measured stored bytes, and FLOP twins for models timm cannot build offline."""
 
 from __future__ import annotations

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import multiprocessing
 import shutil
+import time
 from contextlib import ExitStack
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +39,16 @@ class EncodeResult:
     n_encoded: int
     n_failed: int
     already_complete: bool
+    # where this run's time went (wall seconds, summing to the run's): setup, model load, workers start (the
+    # decode workers), decode wait, model (forward + copies back), writer wait, finish; empty for a store that was
+    # already complete
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def timing(self) -> str:
+        """One line: the run's seconds and the share of each step, the bottleneck first."""
+        total = sum(self.seconds.values())
+        parts = sorted(self.seconds.items(), key=lambda kv: -kv[1])
+        return f"{total:.1f} s: " + ", ".join(f"{step} {s:.1f} s" for step, s in parts)
 
 
 def store_key(job: EncodeJob, records: list[ImageRecord], compute_dtype: torch.dtype) -> dict:
@@ -150,6 +161,7 @@ def run_layers(jobs: list[EncodeJob], *, progress: bool = True) -> list[EncodeRe
     """The stores of several feature layers of one encoder (same split, transform and options), each exactly the
     store `run` makes for its own job, from one forward pass per batch: the model runs once up to the deepest
     layer asked for, and every store still missing a shard gets its layer's features."""
+    run_start = time.perf_counter()
     if len({one_pass_key(job) for job in jobs}) != 1:
         raise ValueError("run_layers: the jobs must differ only in the encoder's feature layer")
     planned = [plan(job) for job in jobs]
@@ -166,6 +178,7 @@ def run_layers(jobs: list[EncodeJob], *, progress: bool = True) -> list[EncodeRe
         if not todo:
             return results
         job = jobs[todo[0]]
+        start = time.perf_counter()
         encoder = encoders.load(
             job.encoder, device=job.options.device, compute_dtype=job.options.compute_dtype,
             geometry=job.options.geometry,
@@ -177,10 +190,13 @@ def run_layers(jobs: list[EncodeJob], *, progress: bool = True) -> list[EncodeRe
             store = _open_or_create(path, jobs[i], key, records, view)
             _check_free_space(store)
             targets.append(_Target(store, view.spec.feature_layer))
-        summaries = _encode_pending(targets, job, planned[todo[0]][0], encoder, progress=progress)
+        seconds = {"model load": time.perf_counter() - start}
+        summaries = _encode_pending(targets, job, planned[todo[0]][0], encoder, seconds, progress=progress)
+        # listing the images, hashing the list, locks, opening or creating the stores
+        seconds["setup"] = time.perf_counter() - run_start - sum(seconds.values())
     for i, summary in zip(todo, summaries, strict=True):
         path, n = planned[i][2], len(planned[i][0])
-        results[i] = EncodeResult(path, n, summary["n_encoded"], summary["n_failed"], already_complete=False)
+        results[i] = EncodeResult(path, n, summary["n_encoded"], summary["n_failed"], False, seconds)
     return results
 
 
@@ -260,9 +276,13 @@ def _encode_pending(
     job: EncodeJob,
     records: list[ImageRecord],
     encoder: encoders.Encoder,
+    seconds: dict[str, float],
     *,
     progress: bool,
 ) -> list[dict]:
+    """Encode the targets' missing shards; their finalised summaries. Adds each step's wall seconds to `seconds`
+    (the loader's decode workers, the model and the writer threads overlap: the largest is the bottleneck)."""
+    seconds.update(dict.fromkeys(("decode wait", "model", "writer wait", "finish"), 0.0))
     layout = targets[0].store.layout  # every target has the same rows and shards; grids and widths may differ
     pending_by_target = [set(np.flatnonzero(~t.store.shard_done()).tolist()) for t in targets]
     pending = sorted(set().union(*pending_by_target))
@@ -284,7 +304,11 @@ def _encode_pending(
     )  # fmt: skip
     buffers: list[dict | None] = [None] * len(targets)
     try:
-        for positions, pixels, reasons in loader:
+        start = time.perf_counter()
+        batches = iter(loader)
+        seconds["workers start"] = time.perf_counter() - start
+        for positions, pixels, reasons in _timed(batches, seconds, "decode wait"):
+            start = time.perf_counter()
             shard = int(positions[0]) // layout.shard_images
             rows = layout.shard_slice(shard)
             here = [k for k, todo in enumerate(pending_by_target) if shard in todo]
@@ -312,16 +336,35 @@ def _encode_pending(
                 buffers[k]["pixels"][local] = pixels.numpy()
                 buffers[k]["failures"] += failures
                 buffers[k]["n_filled"] += len(reasons)
+            seconds["model"] += (
+                time.perf_counter() - start
+            )  # with the copies to the host, which wait for the GPU
             if buffers[here[0]]["n_filled"] == rows.stop - rows.start:  # the shard is whole in every store
+                start = time.perf_counter()
                 for k in here:  # the first store compresses the pixels; the others link its file
                     leader = None if k == here[0] else writers[here[0]]
                     writers[k].put({**buffers[k], "pixels_from": leader}, records[rows])
                     buffers[k] = None
+                seconds["writer wait"] += time.perf_counter() - start  # a full queue: writers behind
             bar.update(len(reasons))
+        start = time.perf_counter()
         for writer in writers:
             writer.close()
     finally:
         bar.close()
         for writer in writers:
             writer.close(raise_errors=False)
-    return [t.store.finalize() for t in targets]
+    summaries = [t.store.finalize() for t in targets]
+    seconds["finish"] += time.perf_counter() - start
+    return summaries
+
+
+def _timed(items, seconds: dict[str, float], step: str):
+    """`items`, adding the time spent waiting for each to `seconds[step]`."""
+    while True:
+        start = time.perf_counter()
+        item = next(items, None)
+        seconds[step] += time.perf_counter() - start
+        if item is None:
+            return
+        yield item
