@@ -160,12 +160,14 @@ def _train_row(cfg: RunConfig, name: str, spec: EncoderSpec, n: int, rates: Rate
         + pixel_mb * rates.host.loader_ms_per_mb["float16"]
     )
     params = reconstructor_params(cfg.train.model, spec, rates)
+    # torch.compile's own rate where the rates have one
+    stage = "train_compiled" if cfg.train.compile and "train_compiled" in rates.gpu.utilisation else "train"
     return Estimate(
         "train", name, cfg.train.train_split, n,
-        _hours(n * epochs * 3 * reconstructor_flops(cfg.train.model, spec, rates), rates, "train"),  # x3: backward
+        _hours(n * epochs * 3 * reconstructor_flops(cfg.train.model, spec, rates), rates, stage),  # x3: backward
         n * epochs * loader_ms / 1e3 / 3600, loader_ms,
         params * 4 * (3 + 1) / 1e9,  # the latest epoch checkpoint (weights, two Adam moments) + final weights
-        f"{epochs} epochs; FLOPs counted (x3 for the backward pass); {_gpu_basis(rates, 'train')}; host: the train "
+        f"{epochs} epochs; FLOPs counted (x3 for the backward pass); {_gpu_basis(rates, stage)}; host: the train "
         f"loader at its measured CPU rate ({precision}); disk: the last epoch checkpoint and the final weights",
     )  # fmt: skip
 

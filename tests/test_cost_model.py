@@ -56,6 +56,15 @@ def test_rows_follow_the_layout_the_counts_and_the_rates(write_run_config, rates
     )
     assert estimate(run, faster)[0].compute_hours == pytest.approx(encode_train.compute_hours / 2)
 
+    # train.compile: true trains at torch.compile's measured utilisation
+    compiled_cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"compile": True})})
+    compiled_run = plan.build(compiled_cfg, config, image_counts={"train": 1000, "val": 100})
+    compiled = next(r for r in estimate(compiled_run, rates) if r.stage == "train" and r.what.startswith("train"))
+    ratio = rates.gpu.utilisation["train"] / rates.gpu.utilisation["train_compiled"]
+    assert compiled.compute_hours == pytest.approx(train.compute_hours * ratio) and ratio < 1
+    assert f"x {rates.gpu.utilisation['train_compiled']:g} " in compiled.basis
+    assert f"x {rates.gpu.utilisation['train']:g} " in train.basis
+
 
 def test_plan_estimate_runs_without_the_dataset_and_says_what_is_assumed(write_run_config, tmp_path):
     config = write_run_config(dataset={"name": "absent", "kind": "folder", "root": str(tmp_path / "nowhere"),

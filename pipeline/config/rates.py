@@ -9,7 +9,7 @@ from pydantic import Field
 
 from pipeline.config.base import Frozen
 
-Stage = Literal["encode", "train", "evaluate"]
+Stage = Literal["encode", "train", "train_compiled", "evaluate"]  # train_compiled: train.compile: true
 Precisions = dict[Literal["float16", "float32", "bf16_bitround", "int8_per_token"], float]
 
 
