@@ -59,7 +59,9 @@ def test_rows_follow_the_layout_the_counts_and_the_rates(write_run_config, rates
     # train.compile: true trains at torch.compile's measured utilisation
     compiled_cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"compile": True})})
     compiled_run = plan.build(compiled_cfg, config, image_counts={"train": 1000, "val": 100})
-    compiled = next(r for r in estimate(compiled_run, rates) if r.stage == "train" and r.what.startswith("train"))
+    compiled = next(
+        r for r in estimate(compiled_run, rates) if r.stage == "train" and r.what.startswith("train")
+    )
     ratio = rates.gpu.utilisation["train"] / rates.gpu.utilisation["train_compiled"]
     assert compiled.compute_hours == pytest.approx(train.compute_hours * ratio) and ratio < 1
     assert f"x {rates.gpu.utilisation['train_compiled']:g} " in compiled.basis
