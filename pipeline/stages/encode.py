@@ -318,7 +318,8 @@ def _encode_pending(
             ok = torch.tensor([not r for r in reasons])
             local = (positions - rows.start).numpy()
             if ok.any():
-                pixels_seen = encoder.normalize(encoder.seen(pixels[ok]))
+                # all decoded (the usual batch): the pinned batch itself, no pageable copy before the device copy
+                pixels_seen = encoder.normalize(encoder.seen(pixels if ok.all() else pixels[ok]))
                 grids = encoder.encode_layers(pixels_seen, [targets[k].layer for k in here])
                 for k, grid in zip(here, grids, strict=True):
                     add_batch(buffers[k], local[ok.numpy()], grid)
