@@ -3,7 +3,8 @@
 FLOPs are counted on each model itself (torch's FlopCounterMode over a forward on the meta device: the real
 architecture at the run's resolution, no weights, no GPU); time is FLOPs over the GPU's peak times its
 utilisation (measured on one GPU, or assumed where the rates say so), or the host's measured CPU cost where that
-is the larger (decoding and writing in the encode stage, the train loader), from configs/rates.yaml. Every row says which of its figures are counted, measured or assumed.
+is the larger (decoding and writing in the encode stage, the train loader), from configs/rates.yaml. Every row
+says which of its figures are counted, measured or assumed.
 """
 
 from __future__ import annotations

@@ -337,9 +337,8 @@ def _encode_pending(
                 buffers[k]["pixels"][local] = pixels.numpy()
                 buffers[k]["failures"] += failures
                 buffers[k]["n_filled"] += len(reasons)
-            seconds["model"] += (
-                time.perf_counter() - start
-            )  # with the copies to the host, which wait for the GPU
+            # with the copies to the host, which wait for the GPU
+            seconds["model"] += time.perf_counter() - start
             if buffers[here[0]]["n_filled"] == rows.stop - rows.start:  # the shard is whole in every store
                 start = time.perf_counter()
                 for k in here:  # the first store compresses the pixels; the others link its file
