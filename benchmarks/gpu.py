@@ -1,15 +1,17 @@
-"""Issue 13's GPU figures in one run, prepared for the few sessions that are lent a GPU (15 minutes of device
-time, machine start included): every table is headed by the device's name and printed as it is measured, and
-one resolution per call is meant to end within ~4 minutes on an H100 (an estimate: never run on one yet), so
-that both resolutions and one rerun fit.
+"""Issue 13's GPU figures in one run, for the few sessions that are lent a GPU (15 minutes of device time,
+machine start included). Every table is headed by the device's name and printed as it is measured. Run 1 on an
+H200 took 212 s at 224 px and 317 s at 512 px (docs/benchmarks.md, "GPU figures"); `--encode-only` leaves out
+training.
 
 encode, a ViT-B/16 (random weights: throughput does not depend on them) at each resolution, on COCO-sized JPEGs:
   (a) the model alone: pre-decoded pixels in pinned memory -> GPU -> features back on the host;
-  (b) reconlab's encode stage, JPEG files -> finished float16 store (decode workers, writer threads);
+  (b) reconlab's encode stage, JPEG files -> finished store (decode workers, writer threads), each row with the
+      stage's own account of its time; other precisions, jpeg_draft 1x, fewer workers, one torch thread;
   (c) the paper's pattern: batch 2, one `torch.save` of bf16 features per image.
 train, the default reconstructor on the store (b) wrote: steps/s with batches streamed from the store through
-  the train loader vs the same batches already on the GPU, bf16 autocast on/off, torch.compile on/off; peak GPU
-  memory of each; the largest batch that fits (doubling until out of memory).
+  the train loader vs the same batches already on the GPU, bf16 autocast with torch.compile on/off and float32;
+  peak GPU memory of each; the largest batch that fits (doubling until out of memory).
+host: the cost of touching fresh memory, and device-to-host copies into pageable vs pinned memory.
 
     .venv/bin/python benchmarks/gpu.py                 # on the GPU machine
     .venv/bin/python benchmarks/gpu.py --smoke         # the same code on this CPU at toy sizes (tested)
