@@ -21,6 +21,14 @@ from storage.shard_writer import ShardWriter
 FORMAT_VERSION = 2  # 2: per-shard file checksums and the store's content digest
 FORMAT_KEY = "reconlab_store_format"
 PER_IMAGE_ARRAYS = ("features", "features_scale", "pixels", "embeddings", "image_ids", "valid")
+# How the pixels were decoded (encode.resize, encode.jpeg_draft): a store key holds an option only away from
+# these values, the ones of the keys made before the option existed, so those keys stay valid.
+DECODING_DEFAULTS = {"resize": "pil", "jpeg_draft": "2x"}
+
+
+def decoding(key: dict) -> dict[str, str]:
+    """The decoding options a store key stands for, those it leaves out included."""
+    return {option: key.get(option, older) for option, older in DECODING_DEFAULTS.items()}
 
 
 def open_store(path: str | Path, *, require_complete: bool = True, mode: str = "r") -> FeatureStore:

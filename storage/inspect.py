@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from storage.format import FORMAT_KEY, open_store
+from storage.format import FORMAT_KEY, decoding, open_store
 from storage.layout import StoreError
 
 
@@ -115,11 +115,7 @@ def inspect_store(path: Path, n_stat_images: int = 64) -> dict:
         "encoder": attrs["encoder"],
         "dataset": attrs["dataset"],
         "image_transform": attrs["image_transform"],
-        # how the pixels were decoded and resized (keys made before these options hold neither: PIL, 2x)
-        "decoding": {
-            option: attrs.get("config", {}).get(option, older)
-            for option, older in (("resize", "pil"), ("jpeg_draft", "2x"))
-        },
+        "decoding": decoding(attrs.get("config", {})),
         "provenance": attrs["provenance"],
         "feature_stats_recorded": attrs.get("feature_stats"),
         "feature_stats_sampled": stats,

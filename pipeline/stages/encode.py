@@ -29,6 +29,7 @@ from pipeline.models.weights import weights_key
 from pipeline.provenance import provenance
 from storage import FeatureStore, StoreError, StoreLayout, create, open_store
 from storage.creation import remove_abandoned_creations
+from storage.format import DECODING_DEFAULTS
 from storage.precision import resolve_codecs
 
 
@@ -64,8 +65,11 @@ def store_key(job: EncodeJob, records: list[ImageRecord], compute_dtype: torch.d
         "compute_dtype": str(compute_dtype).removeprefix("torch."),
         "image_limits": {"min_side": job.options.min_image_side, "max_pixels": job.options.max_image_pixels},
         "geometry": job.options.geometry,
-        **({"resize": job.options.resize} if job.options.resize != "pil" else {}),  # absent: PIL (older keys)
-        **({"jpeg_draft": job.options.jpeg_draft} if job.options.jpeg_draft != "2x" else {}),  # absent: 2x
+        **{
+            option: getattr(job.options, option)
+            for option, older in DECODING_DEFAULTS.items()
+            if getattr(job.options, option) != older
+        },  # absent at the older keys' values: they stay valid
         **({"embeddings": True} if stores_embeddings(job) else {}),  # absent otherwise: older keys stay valid
     }
 

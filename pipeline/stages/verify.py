@@ -18,7 +18,7 @@ from pipeline.data.images import decode_for_encoder
 from pipeline.data.store_info import StoreInfo
 from pipeline.models import encoders
 from storage import StoreError, open_store
-from storage.format import damaged_message
+from storage.format import damaged_message, decoding
 from storage.precision import MAX_TOKEN_RELATIVE_ERROR
 
 # Recomputing is not bit-exact (batch composition changes BLAS paths; bf16 autocast rounds activations): the
@@ -87,14 +87,14 @@ def verify(
     rng = np.random.default_rng(seed)
     rows = np.sort(rng.choice(valid_rows, size=min(n_images, valid_rows.size), replace=False))
     transform = TransformSpec.model_validate(key["image_transform"])
-    limits = key["image_limits"]
+    limits, options = key["image_limits"], decoding(key)
     bound = MAX_TOKEN_RELATIVE_ERROR[store.layout.precision] + COMPUTE_TOLERANCE[key["compute_dtype"]]
     image_ids = store.image_ids()
     checks = []
     for start in range(0, rows.size, batch_size):
         batch = rows[start : start + batch_size]
         decoded = [decode_for_encoder(records[r].path, encoder.preprocessing, transform, limits["min_side"],
-                                      limits["max_pixels"], key.get("resize", "pil"), key.get("jpeg_draft", "2x"))
+                                      limits["max_pixels"], options["resize"], options["jpeg_draft"])
                    for r in batch]  # fmt: skip
         failed = [records[r].path for r, (_, reason) in zip(batch, decoded, strict=True) if reason]
         if failed:
