@@ -26,7 +26,7 @@ from pipeline.config import (
     SubsetSpec,
     TransformSpec,
 )
-from pipeline.data.images import decode_for_encoder, load_rgb
+from pipeline.data.images import decode_for_encoder, draft_side, load_rgb
 from pipeline.data.store_writer import add_batch, shard_buffer
 from pipeline.jobs import EncodeJob
 from pipeline.models import encoders
@@ -109,7 +109,7 @@ def steps_of_one_image(tmp: Path, paths: list[Path], pre, stand_in: torch.Tensor
     steps, n = {}, len(paths)
     features = stand_in[:n]
     for setting, (resize, compressor, precision, draft) in SETTINGS.items():
-        draft_to = {"2x": 2 * s, "1x": pre.resize_size}[draft]
+        draft_to = draft_side(pre, draft)
         decode, resized = decode_then_resize(paths, pre, resize, draft_to)
         steps[f"{setting}: decode JPEG (PIL, draft to {draft} the side)"] = decode
         steps[f"{setting}: resize + crop ({resize})"] = resized

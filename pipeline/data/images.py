@@ -170,6 +170,15 @@ class Preprocessing:
         return np.array(img, dtype=np.uint8)  # a writable copy (torch.from_numpy warns on read-only arrays)
 
 
+def draft_side(preprocessing: Preprocessing, jpeg_draft: str) -> int:
+    """The smallest side a JPEG may decode at (encode.jpeg_draft). 2x: twice the crop side; 1x: the side the
+    resize targets (never below it: the resize never upsamples what a full decode would not)."""
+    return {
+        "2x": max(2 * preprocessing.crop_size, preprocessing.resize_size),
+        "1x": preprocessing.resize_size,
+    }[jpeg_draft]
+
+
 def decode_for_encoder(
     path: Path,
     preprocessing: Preprocessing,
@@ -179,13 +188,12 @@ def decode_for_encoder(
     resize: str = "pil",
     jpeg_draft: str = "2x",
 ) -> tuple[np.ndarray, str]:
-    """An image file as the encoder sees it (uint8 [S, S, 3], T applied), or zeros and the reason it was skipped.
-    jpeg_draft (encode.jpeg_draft): the smallest size a JPEG may decode at, 2x: twice the crop side; 1x: the
-    side the resize targets (never below it: the resize never upsamples what a full decode would not)."""
+    """An image file as the encoder sees it (uint8 [S, S, 3], T applied), or zeros and the reason it was skipped."""
     s = preprocessing.crop_size
-    draft_to = {"2x": max(2 * s, preprocessing.resize_size), "1x": preprocessing.resize_size}[jpeg_draft]
     try:
-        img = load_rgb(path, min_side=min_side, max_pixels=max_pixels, draft_to=draft_to)
+        img = load_rgb(
+            path, min_side=min_side, max_pixels=max_pixels, draft_to=draft_side(preprocessing, jpeg_draft)
+        )
         if transform.name != "identity":
             img = Image.fromarray(apply_transform(np.asarray(img), transform))
         return preprocessing.to_pixels(img, resize), ""
