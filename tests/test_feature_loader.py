@@ -81,9 +81,8 @@ def test_int8_stores_dequantise_into_the_given_buffer_as_a_plain_read_does(tmp_p
         store.features(rows, as_stored=True, out=np.empty((3, 2, 3, 8), np.float16))
     np.testing.assert_allclose(buffer, features[rows], atol=np.abs(features[rows]).max() / 254 + 1e-7)
     batches = [torch.as_tensor(f) for f, _ in batch_stream(store, 4, seed=0, epoch=0, buffer_images=4)]
-    assert all(
-        f.dtype == torch.int8 and f.shape[-1] == 8 + 4 for f in batches
-    )  # codes, then the scale's bytes
+    # codes, then the scale's bytes
+    assert all(f.dtype == torch.int8 and f.shape[-1] == 8 + 4 for f in batches)
     loaded = torch.cat([widen(f) for f in batches]).numpy()
     order = np.argsort(loaded[:, 0, 0, 0])  # batches are shuffled: match images by a value
     stored = store.features()

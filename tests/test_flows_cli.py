@@ -25,9 +25,8 @@ def test_cli_encode_runs_the_flow_then_store_ls_and_inspect_describe_the_stores(
     assert result.output.count("encoded, 12/12 images, 0 failed") == 2, (
         result.output
     )  # the plan's encode rows
-    assert (
-        result.output.count("  time ") == 2 and "decode wait" in result.output
-    )  # where each run's time went
+    # where each run's time went
+    assert result.output.count("  time ") == 2 and "decode wait" in result.output
 
     again = runner.invoke(
         app, ["encode", "--config", str(config), "--encoder", "tiny-vit-64", "--no-progress"]

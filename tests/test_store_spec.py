@@ -130,9 +130,8 @@ def test_reads_widen_stored_values_exactly_as_numpy_defines_them():
     from storage.precision import dequantize
 
     rng = np.random.default_rng(0)
-    halves = rng.integers(0, 2**16, (3, 4, 5, 64), dtype=np.uint16).view(
-        np.float16
-    )  # every kind, NaN/inf too
+    # every kind of float16, NaN and inf too
+    halves = rng.integers(0, 2**16, (3, 4, 5, 64), dtype=np.uint16).view(np.float16)
     halves.flags.writeable = False  # as zarr may hand them over
     codes = rng.integers(-127, 128, (3, 4, 5, 64), dtype=np.int8)
     scale = (rng.random((3, 4, 5)) * 10.0 ** rng.integers(-40, 30, (3, 4, 5))).astype(np.float32)
