@@ -90,6 +90,17 @@ def test_a_config_mistake_under_estimate_gets_no_dataset_hint(write_run_config):
     assert result.exit_code != 0 and "store.precision" in result.output and "--images" not in result.output
 
 
+def test_a_utilisation_above_the_peak_in_a_rates_file_fails_naming_the_field(write_run_config, tmp_path):
+    rates = tmp_path / "rates.yaml"
+    rates.write_text(
+        (REPO_CONFIG_DIR / "rates.yaml").read_text().replace("train_compiled: 0.18", "train_compiled: 1.8")
+    )
+    result = CliRunner().invoke(
+        app, ["plan", "--config", str(write_run_config()), "--estimate", "--rates", str(rates)]
+    )
+    assert result.exit_code == 2 and "gpu.utilisation.train_compiled" in result.output, result.output
+
+
 def test_plan_estimate_adds_columns_to_the_plan_table(write_run_config):
     config = write_run_config(encoders=["tiny-vit-64", {"encoder": "tiny-vit-112", "layers": [-1, -2]}])
     result = CliRunner().invoke(app, ["plan", "--config", str(config), "--estimate"])

@@ -3,7 +3,7 @@ per-image CPU costs, measured stored bytes, and FLOP twins for models timm canno
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field
 
@@ -17,7 +17,9 @@ class GpuRates(Frozen):
     name: str
     peak_tflops: float = Field(gt=0, description="Dense peak of the compute dtype (bf16 autocast on CUDA).")
     peak_source: str
-    utilisation: dict[Stage, float] = Field(description="Share of the peak each stage reaches, 0-1.")
+    utilisation: dict[Stage, Annotated[float, Field(gt=0, le=1)]] = Field(
+        description="Share of the peak each stage reaches, 0-1."
+    )
     utilisation_source: str
 
 
