@@ -11,7 +11,8 @@ encode, a ViT-B/16 (random weights: throughput does not depend on them) at each 
 train, the default reconstructor on the store (b) wrote: steps/s with batches streamed from the store through
   the train loader vs the same batches already on the GPU, bf16 autocast with torch.compile on/off and float32;
   peak GPU memory of each; the largest batch that fits (doubling until out of memory).
-host: the cost of touching fresh memory, and device-to-host copies into pageable vs pinned memory.
+host: the cost of touching fresh memory, device-to-host copies into pageable vs pinned memory, and writing a file
+  in many write calls vs one (the shard writer's one call per image until 2026-11-27 vs one per file now).
 
     .venv/bin/python benchmarks/gpu.py                 # on the GPU machine
     .venv/bin/python benchmarks/gpu.py --smoke         # the same code on this CPU at toy sizes (tested)
@@ -48,6 +49,7 @@ from pipeline.data.store_info import StoreInfo
 from pipeline.jobs import EncodeJob
 from pipeline.models import encoders
 from pipeline.stages import encode, train
+from storage.shard_writer import write_all
 
 sys.path.insert(0, str(Path(__file__).parent))  # the sibling benchmark, also when imported by the test
 from encode_ceiling import coco_sized_jpegs  # noqa: E402
@@ -158,6 +160,13 @@ def host_costs(device: torch.device) -> str:
     reused_buffer = torch.empty(mb << 20, dtype=torch.uint8)
     reused = min(timed(lambda: reused_buffer.fill_(1), device) for _ in range(5))
     line = f"host: fill {mb} MB fresh {1e3 * fresh:.1f} ms, reused {1e3 * reused:.1f} ms"
+    # a shard file in one write call, as the store writes it, against one call per 256 kB (one per image before)
+    pieces = [memoryview(reused_buffer.numpy()[i : i + (256 << 10)]) for i in range(0, mb << 20, 256 << 10)]
+    with tempfile.TemporaryDirectory() as tmp:
+        per_piece = min(timed(lambda: _write_each(Path(tmp, "a"), pieces), device) for _ in range(3))
+        one_call = min(timed(lambda: _write_once(Path(tmp, "b"), pieces), device) for _ in range(3))
+    line += (f"; write {mb} MB to {tempfile.gettempdir()}: {len(pieces)} calls {1e3 * per_piece:.1f} ms, "
+             f"one call {1e3 * one_call:.1f} ms")  # fmt: skip
     if device.type == "cuda":
         on_device = torch.ones(mb << 20, dtype=torch.uint8, device=device)
         pinned = torch.empty(mb << 20, dtype=torch.uint8, pin_memory=True)
@@ -165,6 +174,20 @@ def host_costs(device: torch.device) -> str:
         into_pinned = min(timed(lambda: pinned.copy_(on_device), device) for _ in range(5))
         line += f"; copy {mb} MB device -> host: pageable {1e3 * pageable:.1f} ms, pinned {1e3 * into_pinned:.1f} ms"
     return line
+
+
+def _write_each(path: Path, pieces: list[memoryview]) -> None:
+    with open(path, "wb", buffering=0) as f:
+        for piece in pieces:
+            f.write(piece)
+
+
+def _write_once(path: Path, pieces: list[memoryview]) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+    try:
+        write_all(fd, list(pieces))
+    finally:
+        os.close(fd)
 
 
 def train_rows(store_path: Path, s: dict, device: torch.device) -> Iterator[str]:

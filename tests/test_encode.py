@@ -24,6 +24,7 @@ from pipeline.models import encoders
 from pipeline.models.weights import weights_key
 from pipeline.stages import encode
 from storage import StoreLocked, open_store
+from storage.format import RECORDS_FOLDER
 
 
 def test_encode_writes_features_equal_to_encoding_the_stored_pixels(make_job):
@@ -185,6 +186,9 @@ def test_encode_resumes_after_sigkill_and_equals_an_uninterrupted_run(
     partial = open_store(path, require_complete=False)
     n_done_before = int(partial.shard_done().sum())
     assert 0 < n_done_before < partial.layout.n_shards
+    # each done shard's record is a file of its own while the store is written: a shard never rewrites the others'
+    records = {int(p.stem) for p in (path / RECORDS_FOLDER).glob("*.json")}
+    assert set(np.flatnonzero(partial.shard_done()).tolist()) <= records
 
     from pipeline.config_files import load_run_config
 
@@ -200,6 +204,8 @@ def test_encode_resumes_after_sigkill_and_equals_an_uninterrupted_run(
     np.testing.assert_array_equal(a.features(), b.features())
     np.testing.assert_array_equal(a.pixels(), b.pixels())
     np.testing.assert_array_equal(a.image_ids(), b.image_ids())
+    # the records gathered into `shards` on completion: the same content digest as the uninterrupted run's
+    assert not (path / RECORDS_FOLDER).exists() and a.attrs["content_sha256"] == b.attrs["content_sha256"]
 
 
 @pytest.mark.parametrize("precision,bound", [("bf16_bitround", 2.0**-8), ("float16", 2.0**-11)])
