@@ -286,6 +286,42 @@ def test_disk_full_mid_encode_is_one_line_and_the_rerun_resumes(make_job, monkey
     assert not again.already_complete and again.n_encoded == 12 and open_store(path).complete
 
 
+def test_a_partial_store_an_older_version_left_resumes_to_the_same_content(make_job, monkeypatch, tmp_path):
+    import json
+    import shutil
+
+    from pipeline.config import StoreOptions, SubsetSpec
+    from pipeline.stages import encode
+    from storage import FeatureStore, open_store
+    from storage.format import RECORDS_FOLDER
+
+    job = make_job(subset=SubsetSpec(max_images=12), store=StoreOptions(shard_images=4))
+    real_write = FeatureStore.write_shard
+
+    def stop_at_shard_2(self, shard, *args, **kwargs):
+        if shard == 2:
+            raise KeyboardInterrupt
+        return real_write(self, shard, *args, **kwargs)
+
+    monkeypatch.setattr(FeatureStore, "write_shard", stop_at_shard_2)
+    with pytest.raises(KeyboardInterrupt):
+        encode.run(job, progress=False)
+    monkeypatch.setattr(FeatureStore, "write_shard", real_write)
+    # before 2026-11-27 the done shards' records were in the `shards` attribute, not in files of their own
+    path = encode.plan(job)[2]
+    partial = open_store(path, require_complete=False, mode="r+")
+    records = {f.stem: json.loads(f.read_text()) for f in (path / RECORDS_FOLDER).glob("*.json")}
+    assert sorted(records) == ["0", "1"]
+    partial.group.attrs["shards"] = records
+    shutil.rmtree(path / RECORDS_FOLDER)
+
+    resumed = open_store(encode.run(job, progress=False).store_path)
+    fresh = open_store(encode.run(make_job(store_root=tmp_path / "fresh", subset=SubsetSpec(max_images=12),
+                                           store=StoreOptions(shard_images=4)), progress=False).store_path)  # fmt: skip
+    assert sorted(resumed.attrs["shards"], key=int) == ["0", "1", "2"]
+    assert resumed.attrs["content_sha256"] == fresh.attrs["content_sha256"]
+
+
 def test_not_enough_free_space_is_refused_before_encoding(make_job, monkeypatch):
     import shutil
     from collections import namedtuple
