@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -16,14 +17,14 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline import plan
+from pipeline import cpus, plan
 from pipeline.artifacts import WriteLock
-from pipeline.config import DatasetSpec, EncodeOptions, SplitSpec, StoreOptions, TransformSpec
+from pipeline.config import DatasetSpec, EncodeOptions, SplitSpec, StoreOptions, SubsetSpec, TransformSpec
 from pipeline.config_files import resolve_encoder
 from pipeline.models import encoders
 from pipeline.models.weights import weights_key
 from pipeline.stages import encode
-from storage import StoreLocked, open_store
+from storage import FeatureStore, StoreLocked, open_store
 from storage.format import RECORDS_FOLDER
 
 
@@ -375,3 +376,37 @@ def test_several_writer_threads_write_the_same_store_as_one(make_job, tmp_path):
     assert three.complete and sorted(three.attrs["shards"], key=int) == [str(i) for i in range(6)]
     assert three.attrs["content_sha256"] == one.attrs["content_sha256"]  # the very same files
     np.testing.assert_array_equal(three.features(), one.features())
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs 2 CPUs to bind a thread to one of them")
+def test_a_thread_bound_to_one_cpu_encodes_with_workers_and_writers_on_all(make_job, monkeypatch, capsys):
+    everything = os.sched_getaffinity(0)
+    assert everything == cpus.START
+    writer_cpus = []
+    real_write = FeatureStore.write_shard
+
+    def write_shard(self, *args, **kwargs):
+        writer_cpus.append(os.sched_getaffinity(0))
+        return real_write(self, *args, **kwargs)
+
+    monkeypatch.setattr(FeatureStore, "write_shard", write_shard)
+    # what loading torch does to the importing thread when OMP_PROC_BIND or GOMP_CPU_AFFINITY is set
+    os.sched_setaffinity(0, {min(everything)})
+    try:
+        job = make_job(
+            subset=SubsetSpec(max_images=4), options=EncodeOptions(num_workers=0, writer_threads=1)
+        )
+        assert encode.run(job, progress=False).n_encoded == 4
+        bound_after = os.sched_getaffinity(0)
+        # a decode worker that starts bound (forked here: the stage's fork server may have started while bound),
+        # with the stage's worker_init_fn
+        loader = torch.utils.data.DataLoader(
+            range(1), batch_size=None, num_workers=1, collate_fn=os.sched_getaffinity,
+            multiprocessing_context="fork", worker_init_fn=functools.partial(cpus.run_on, cpus.START),
+        )  # fmt: skip
+        worker_cpus = next(iter(loader))
+    finally:
+        os.sched_setaffinity(0, everything)
+    assert writer_cpus and all(c == everything for c in writer_cpus) and worker_cpus == everything
+    assert bound_after == {min(everything)}  # the caller's binding is its own business: given back as it was
+    assert f"bound to 1 of the process's {len(everything)} CPUs" in capsys.readouterr().out

@@ -6,6 +6,7 @@ where it stopped and a finished store returns at once. Bad images are skipped an
 
 from __future__ import annotations
 
+import functools
 import multiprocessing
 import shutil
 import time
@@ -17,7 +18,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from pipeline import artifacts
+from pipeline import artifacts, cpus
 from pipeline.artifacts import WriteLock
 from pipeline.config import EncodeOptions, Layer, TransformSpec, config_hash
 from pipeline.data.datasets import ImageRecord, image_list_sha256, list_images
@@ -195,7 +196,14 @@ def run_layers(jobs: list[EncodeJob], *, progress: bool = True) -> list[EncodeRe
             _check_free_space(store)
             targets.append(_Target(store, view.spec.feature_layer))
         seconds = {"model load": time.perf_counter() - start}
-        summaries = _encode_pending(targets, job, planned[todo[0]][0], encoder, seconds, progress=progress)
+        with cpus.start_cpus() as bound_to:
+            if bound_to < len(cpus.START):
+                print(f"encode: this thread was bound to {bound_to} of the process's {len(cpus.START)} CPUs "
+                      "(OpenMP's OMP_PROC_BIND or GOMP_CPU_AFFINITY?); the decode workers and writers use all "
+                      f"{len(cpus.START)}")  # fmt: skip
+            summaries = _encode_pending(
+                targets, job, planned[todo[0]][0], encoder, seconds, progress=progress
+            )
         # listing the images, hashing the list, locks, opening or creating the stores
         seconds["setup"] = time.perf_counter() - run_start - sum(seconds.values())
     for i, summary in zip(todo, summaries, strict=True):
@@ -298,6 +306,7 @@ def _encode_pending(
         pin_memory=encoder.device.type == "cuda",
         prefetch_factor=4 if job.options.num_workers else None,
         multiprocessing_context=_worker_context() if job.options.num_workers else None,
+        worker_init_fn=functools.partial(cpus.run_on, cpus.START),
     )
     writers = [BackgroundShardWriter(t.store, job.options.writer_threads) for t in targets]
     n_pending_images = sum(len(range(layout.n_images)[layout.shard_slice(i)]) for i in pending)
