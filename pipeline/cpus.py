@@ -4,16 +4,43 @@ With OMP_PROC_BIND or GOMP_CPU_AFFINITY set (HPC job scripts often set them), lo
 thread that imports it to one CPU, and every thread and process that thread starts inherits that one CPU: the
 encode stage's decode workers and writer threads all shared it (docs/benchmarks.md; pytorch issues #8126,
 #101850). `pipeline/__init__.py` imports this module first, so the CLI and the flows read the CPUs before torch
-loads; a script that imports torch first reads them after, and gets no widening.
+loads. Where torch loaded first with such a variable set (a notebook, a script), START is every CPU the cgroup
+allows instead: a `taskset` narrower than that is then not honoured.
 """
 
 from __future__ import annotations
 
 import os
+import sys
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 
-START: frozenset[int] = frozenset(os.sched_getaffinity(0))
+
+def _cpus_the_cgroup_allows() -> frozenset[int]:
+    """Asked on a thread of its own, which asks for every CPU: the kernel gives the ones this cgroup allows."""
+    found = []
+
+    def ask() -> None:
+        with suppress(OSError):
+            os.sched_setaffinity(0, range(os.cpu_count() or 1))
+            found.append(frozenset(os.sched_getaffinity(0)))
+
+    thread = threading.Thread(target=ask)
+    thread.start()
+    thread.join()
+    return found[0] if found else frozenset(os.sched_getaffinity(0))
+
+
+_OPENMP_BINDS = any(
+    os.environ.get(name, "").lower() not in ("", "false")
+    for name in ("OMP_PROC_BIND", "OMP_PLACES", "GOMP_CPU_AFFINITY")
+)
+START: frozenset[int] = (
+    _cpus_the_cgroup_allows()
+    if _OPENMP_BINDS and "torch" in sys.modules
+    else frozenset(os.sched_getaffinity(0))
+)
 
 
 def run_on(cpus: frozenset[int], _worker_id: int | None = None) -> None:

@@ -410,3 +410,14 @@ def test_a_thread_bound_to_one_cpu_encodes_with_workers_and_writers_on_all(make_
     assert writer_cpus and all(c == everything for c in writer_cpus) and worker_cpus == everything
     assert bound_after == {min(everything)}  # the caller's binding is its own business: given back as it was
     assert f"bound to 1 of the process's {len(everything)} CPUs" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs 2 CPUs to bind a thread to one of them")
+def test_with_openmp_binding_set_the_cpus_are_all_the_cgroups_also_when_torch_loaded_first():
+    # a notebook: torch first, then pipeline; OMP_PROC_BIND binds the thread that loads torch to one CPU
+    code = "import os, torch, pipeline; print(len(pipeline.cpus.START), len(os.sched_getaffinity(0)))"
+    env = {**os.environ, "OMP_PROC_BIND": "true", "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    ).stdout
+    assert out.split() == [str(len(os.sched_getaffinity(0))), "1"]
