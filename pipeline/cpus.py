@@ -16,6 +16,12 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 
+_LINUX = hasattr(os, "sched_getaffinity")  # affinity calls are Linux's; elsewhere this module does nothing
+
+
+def _cpus_now() -> frozenset[int]:
+    return frozenset(os.sched_getaffinity(0) if _LINUX else range(os.cpu_count() or 1))
+
 
 def _cpus_the_cgroup_allows() -> frozenset[int]:
     """Asked on a thread of its own, which asks for every CPU: the kernel gives the ones this cgroup allows."""
@@ -29,7 +35,7 @@ def _cpus_the_cgroup_allows() -> frozenset[int]:
     thread = threading.Thread(target=ask)
     thread.start()
     thread.join()
-    return found[0] if found else frozenset(os.sched_getaffinity(0))
+    return found[0] if found else _cpus_now()
 
 
 _OPENMP_BINDS = any(
@@ -37,16 +43,14 @@ _OPENMP_BINDS = any(
     for name in ("OMP_PROC_BIND", "OMP_PLACES", "GOMP_CPU_AFFINITY")
 )
 START: frozenset[int] = (
-    _cpus_the_cgroup_allows()
-    if _OPENMP_BINDS and "torch" in sys.modules
-    else frozenset(os.sched_getaffinity(0))
+    _cpus_the_cgroup_allows() if _LINUX and _OPENMP_BINDS and "torch" in sys.modules else _cpus_now()
 )
 
 
 def run_on(cpus: frozenset[int], _worker_id: int | None = None) -> None:
     """Let the calling thread run on `cpus` where it is bound to fewer (a DataLoader worker_init_fn, with `cpus`
     the parent's START: a worker forked from a fork server started while bound has that server's CPUs)."""
-    if os.sched_getaffinity(0) < cpus:
+    if _LINUX and _cpus_now() < cpus:
         with suppress(OSError):  # CPUs taken from this cgroup since: keep the ones we have
             os.sched_setaffinity(0, cpus)
 
@@ -55,10 +59,10 @@ def run_on(cpus: frozenset[int], _worker_id: int | None = None) -> None:
 def start_cpus() -> Iterator[int]:
     """Within: the calling thread, and the threads and processes it starts, run on every CPU in START. Yields
     how many CPUs the thread was bound to before (len(START) when it was not bound)."""
-    before = os.sched_getaffinity(0)
+    before = _cpus_now()
     run_on(START)
     try:
         yield len(before)
     finally:
-        if os.sched_getaffinity(0) != before:
+        if _cpus_now() != before:
             os.sched_setaffinity(0, before)

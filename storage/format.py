@@ -24,7 +24,8 @@ PER_IMAGE_ARRAYS = ("features", "features_scale", "pixels", "embeddings", "image
 # these values, the ones of the keys made before the option existed, so those keys stay valid.
 DECODING_DEFAULTS = {"resize": "pil", "jpeg_draft": "2x"}
 # While a store is written, each done shard's record is a file of its own here; `finalize` gathers them into the
-# `shards` attribute. Rewriting `shards` whole per shard cost O(shards) each: 200 ms per shard at COCO's 1,848.
+# `shards` attribute. Rewriting `shards` whole per shard grew with every shard: 289 ms per shard at the end of
+# COCO's 1,848 (benchmarks/store_writes.py).
 RECORDS_FOLDER = "shard_records"
 
 
