@@ -68,7 +68,10 @@ def inspect(
         typer.echo(f"status     {info['status']} ({info['shards_done']} shards done)")
         for shard, problem in info["damaged_shards"].items():
             typer.echo(f"damaged    shard {shard}: {problem}")
-        typer.echo(f"images     {info['n_encoded']} encoded, {info['n_failed']} failed of {info['n_images']}")
+        so_far = "" if info["complete"] else " so far"
+        typer.echo(
+            f"images     {info['n_encoded']} encoded, {info['n_failed']} failed{so_far} of {info['n_images']}"
+        )
         typer.echo(
             f"encoder    {enc['name']} ({enc['backend']} {enc['model_id']}, layer {enc['feature_layer']}, "
             f"{enc['n_prefix_tokens_dropped']} prefix tokens dropped, weights {enc['weights_id']})"

@@ -98,6 +98,11 @@ def inspect_store(path: Path, n_stat_images: int = 64) -> dict:
     except StoreError as e:
         stats = {"unreadable": str(e)}
     done = store.shard_done()
+    # a store still being written: what its done shards' records say so far
+    records = [
+        r for key, r in sorted(store.shard_records().items(), key=lambda kv: int(kv[0])) if done[int(key)]
+    ]
+    failures = attrs["failures"] if "failures" in attrs else [f for r in records for f in r["failures"]]
     return {
         "path": str(path),
         "format_version": attrs.get(FORMAT_KEY),
@@ -107,9 +112,9 @@ def inspect_store(path: Path, n_stat_images: int = 64) -> dict:
         "damaged_shards": {str(k): v for k, v in damaged.items()},
         "shards_done": f"{int(done.sum())}/{done.size}",
         "n_images": store.n_images,
-        "n_encoded": attrs.get("n_encoded"),
-        "n_failed": attrs.get("n_failed"),
-        "failures": attrs.get("failures", []),
+        "n_encoded": attrs.get("n_encoded", sum(r["n_encoded"] for r in records)),
+        "n_failed": attrs.get("n_failed", len(failures)),
+        "failures": failures,
         "arrays": arrays,
         "bytes_on_disk": disk_bytes(path),
         "encoder": attrs["encoder"],

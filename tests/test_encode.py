@@ -26,6 +26,7 @@ from pipeline.models.weights import weights_key
 from pipeline.stages import encode
 from storage import FeatureStore, StoreLocked, open_store
 from storage.format import RECORDS_FOLDER
+from storage.inspect import inspect_store
 
 
 def test_encode_writes_features_equal_to_encoding_the_stored_pixels(make_job):
@@ -190,6 +191,7 @@ def test_encode_resumes_after_sigkill_and_equals_an_uninterrupted_run(
     # each done shard's record is a file of its own while the store is written: a shard never rewrites the others'
     records = {int(p.stem) for p in (path / RECORDS_FOLDER).glob("*.json")}
     assert set(np.flatnonzero(partial.shard_done()).tolist()) <= records
+    assert inspect_store(path)["n_encoded"] == 4 * n_done_before  # `store inspect`: the images encoded so far
 
     from pipeline.config_files import load_run_config
 
