@@ -77,9 +77,9 @@ class ShardWriter:
 
 
 def write_all(fd: int, pieces: list[memoryview]) -> None:
-    """Write `pieces` one after another in as few system calls as the kernel takes (one per shard, usually, not
-    one per image): on the GPU host lent to issue 13, a write call to its /tmp cost ~2.7 ms whatever its size,
-    and 2 calls per image held the encode stage to ~170 images/s (docs/benchmarks.md)."""
+    """Write `pieces` one after another in as few system calls as the kernel takes (one per shard file,
+    usually, not one per image): on the GPU host lent to issue 13, write calls to its /tmp took 2.7 ms each on
+    average, ~5.9 ms per image, about what the encode stage lost there (docs/benchmarks.md)."""
     pieces = [piece for piece in pieces if piece.nbytes]
     while pieces:
         n = os.writev(fd, pieces[:_IOV_MAX])
