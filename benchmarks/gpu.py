@@ -6,7 +6,8 @@ training.
 encode, a ViT-B/16 (random weights: throughput does not depend on them) at each resolution, on COCO-sized JPEGs:
   (a) the model alone: pre-decoded pixels in pinned memory -> GPU -> features back on the host;
   (b) reconlab's encode stage, JPEG files -> finished store (decode workers, writer threads), each row with the
-      stage's own account of its time; other precisions, jpeg_draft 1x, fewer workers, one torch thread;
+      stage's own account of its time; other precisions, jpeg_draft 1x, fewer workers, one torch thread,
+      the store in /dev/shm (memory: the file system's share);
   (c) the paper's pattern: batch 2, one `torch.save` of bf16 features per image.
 train, the default reconstructor on the store (b) wrote: steps/s with batches streamed from the store through
   the train loader vs the same batches already on the GPU, bf16 autocast with torch.compile on/off and float32;
@@ -24,6 +25,7 @@ import argparse
 import gc
 import itertools
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -101,9 +103,11 @@ def encode_rows(
     model_alone()  # warm-up: cuDNN/cuBLAS choices, allocator
     a = min(timed(model_alone, device) for _ in range(2))
 
-    def stage(folder: str, store: StoreOptions, torch_threads: int | None = None, **options):
+    def stage(
+        folder: str, store: StoreOptions, torch_threads: int | None = None, root: Path = work, **options
+    ):
         options = {"num_workers": workers, **options}
-        job = EncodeJob(work / folder, dataset, "all", SubsetSpec(), spec, TransformSpec(), store,
+        job = EncodeJob(root / folder, dataset, "all", SubsetSpec(), spec, TransformSpec(), store,
                         EncodeOptions(batch_size=batch, device=str(device),
                                       writer_threads=min(4, options["num_workers"]), **options))  # fmt: skip
         threads = torch.get_num_threads()
@@ -128,6 +132,13 @@ def encode_rows(
          *stage("fewer-workers", StoreOptions(), num_workers=max(1, workers // 3))),
         ("(b) float16, main process on 1 torch thread", *stage("one-thread", StoreOptions(), torch_threads=1)),
     ]  # fmt: skip
+    # the same store in memory: how much of the stage's time is the file system's
+    store_bytes = sum(f.stat().st_size for f in result.store_path.rglob("*") if f.is_file())
+    if Path("/dev/shm").is_dir() and shutil.disk_usage("/dev/shm").free > 3 * store_bytes:
+        with tempfile.TemporaryDirectory(dir="/dev/shm") as shm:
+            variants.append(
+                ("(b) float16, store in /dev/shm", *stage("in-memory", StoreOptions(), root=Path(shm)))
+            )
     pt_dir = work / "pt"
     loader = torch.utils.data.DataLoader(
         decoded, batch_size=2, num_workers=workers, collate_fn=encode._collate

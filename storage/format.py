@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import shutil
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -23,10 +24,12 @@ PER_IMAGE_ARRAYS = ("features", "features_scale", "pixels", "embeddings", "image
 # How the pixels were decoded (encode.resize, encode.jpeg_draft): a store key holds an option only away from
 # these values, the ones of the keys made before the option existed, so those keys stay valid.
 DECODING_DEFAULTS = {"resize": "pil", "jpeg_draft": "2x"}
-# While a store is written, each done shard's record is a file of its own here; `finalize` gathers them into the
-# `shards` attribute. Rewriting `shards` whole per shard grew with every shard: 289 ms per shard at the end of
-# COCO's 1,848 (benchmarks/store_writes.py).
+# While a store is written, each done shard's record is the attributes of a Zarr group of its own here
+# (`shard_records/{s}/zarr.json`: the store stays a Zarr hierarchy); `finalize` gathers them into the `shards`
+# attribute. Rewriting `shards` whole per shard grew with every shard: 289 ms per shard at the end of COCO's
+# 1,848 (benchmarks/store_writes.py).
 RECORDS_FOLDER = "shard_records"
+_EMPTY_GROUP = {"zarr_format": 3, "node_type": "group", "attributes": {}}
 
 
 def decoding(key: dict) -> dict[str, str]:
@@ -261,11 +264,13 @@ class FeatureStore:
         self._array("image_ids")[rows] = image_ids
         self._array("valid")[rows] = valid
         files = self._file_records(shard, written)
-        record = self.path / RECORDS_FOLDER / f"{shard}.json"
-        record.parent.mkdir(exist_ok=True)
-        partial = record.with_name(f"{record.name}.{os.getpid()}.partial")
-        partial.write_text(json.dumps({**shard_record, "files": files}))
-        os.replace(partial, record)
+        records = self.path / RECORDS_FOLDER
+        if not (records / "zarr.json").is_file():
+            _write_json(records / "zarr.json", _EMPTY_GROUP)
+        _write_json(
+            records / str(shard) / "zarr.json",
+            {**_EMPTY_GROUP, "attributes": {**shard_record, "files": files}},
+        )
         self._array("shard_done")[shard] = True
 
     def _link_pixels(self, source: FeatureStore, shard: int) -> bool:
@@ -310,10 +315,10 @@ class FeatureStore:
 
     def shard_records(self) -> dict[str, dict]:
         """Each done shard's record (key: its index as a string): from `shards`, and for a store still being
-        written from its own file in RECORDS_FOLDER."""
+        written from its own group in RECORDS_FOLDER."""
         records = dict(self.group.attrs.get("shards", {}))
-        for path in (self.path / RECORDS_FOLDER).glob("*.json"):
-            records[path.stem] = json.loads(path.read_text())
+        for path in (self.path / RECORDS_FOLDER).glob("*/zarr.json"):
+            records[path.parent.name] = json.loads(path.read_text())["attributes"]
         return records
 
     # -- integrity -----------------------------------------------------------------------------------------
@@ -383,7 +388,7 @@ class FeatureStore:
         records = dict(self.group.attrs.get("shards", {}))
         for shard in shards:
             records.pop(str(shard), None)
-            (self.path / RECORDS_FOLDER / f"{shard}.json").unlink(missing_ok=True)
+            shutil.rmtree(self.path / RECORDS_FOLDER / str(shard), ignore_errors=True)
             self.group["shard_done"][shard] = False
         self.group.attrs.update({"shards": records, "complete": False})
 
@@ -394,6 +399,15 @@ class FeatureStore:
             partial.unlink(missing_ok=True)
             removed += 1
         return removed
+
+
+def _write_json(path: Path, doc: dict) -> None:
+    """All or nothing: under a temp name (one per thread: writers of two shards may both write the parent group),
+    then renamed into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.partial")
+    partial.write_text(json.dumps(doc))
+    os.replace(partial, path)
 
 
 def file_sha256(path: Path, block: int = 1 << 22) -> str:

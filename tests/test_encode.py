@@ -10,11 +10,13 @@ import subprocess
 import sys
 import textwrap
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import zarr
 from PIL import Image
 
 from pipeline import cpus, plan
@@ -188,9 +190,13 @@ def test_encode_resumes_after_sigkill_and_equals_an_uninterrupted_run(
     partial = open_store(path, require_complete=False)
     n_done_before = int(partial.shard_done().sum())
     assert 0 < n_done_before < partial.layout.n_shards
-    # each done shard's record is a file of its own while the store is written: a shard never rewrites the others'
-    records = {int(p.stem) for p in (path / RECORDS_FOLDER).glob("*.json")}
+    # each done shard's record is a Zarr group of its own while the store is written: a shard never rewrites the
+    # others', and the store stays a Zarr hierarchy that zarr lists to the bottom without a warning
+    records = {int(p.parent.name) for p in (path / RECORDS_FOLDER).glob("*/zarr.json")}
     assert set(np.flatnonzero(partial.shard_done()).tolist()) <= records
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert len(list(zarr.open_group(str(path), mode="r").members(max_depth=None))) > len(records)
     assert inspect_store(path)["n_encoded"] == 4 * n_done_before  # `store inspect`: the images encoded so far
 
     from pipeline.config_files import load_run_config
