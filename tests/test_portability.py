@@ -120,7 +120,7 @@ def test_the_direct_shard_reader_returns_what_zarr_returns(make_job, compressor)
 
 
 def test_a_shard_file_takes_one_write_call_and_survives_partial_writes(tmp_path, monkeypatch):
-    # one call, not one per image: on issue 13's GPU host each write call cost ~2.7 ms whatever its size
+    # one call, not one per image: on issue 13's GPU host a write call cost 2.7 ms on average
     pieces = [memoryview(np.full(n, n % 251, np.uint8)).cast("B") for n in [3000, 0, 1, 70000] * 40]
     calls, real_writev = [], os.writev
     monkeypatch.setattr(os, "writev", lambda fd, bufs: calls.append(len(bufs)) or real_writev(fd, bufs))

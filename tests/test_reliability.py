@@ -307,7 +307,7 @@ def test_a_partial_store_an_older_version_left_resumes_to_the_same_content(make_
     with pytest.raises(KeyboardInterrupt):
         encode.run(job, progress=False)
     monkeypatch.setattr(FeatureStore, "write_shard", real_write)
-    # before 2026-11-27 the done shards' records were in the `shards` attribute, not in files of their own
+    # before 2026-11-27 the done shards' records were in the `shards` attribute, not in groups of their own
     path = encode.plan(job)[2]
     partial = open_store(path, require_complete=False, mode="r+")
     records = {
