@@ -108,11 +108,15 @@ class FeatureStore:
         return self.group.attrs["content_sha256"]
 
     def shard_done(self) -> np.ndarray:
-        return self.group["shard_done"][:]
+        if self.group.attrs.get(
+            "complete"
+        ):  # every shard is done (see reopen_shards); zarr reads the flags at
+            return np.ones(self.layout.n_shards, bool)  # ~0.5 ms each, ~1 s for COCO's 1,848
+        return self._array("shard_done")[:]
 
     @property
     def complete(self) -> bool:
-        return bool(self.group.attrs.get("complete")) and bool(self.shard_done().all())
+        return bool(self.group.attrs.get("complete"))
 
     def validate(self, *, require_complete: bool) -> None:
         lay = self.layout
@@ -384,13 +388,17 @@ class FeatureStore:
             self._verified.add((name, shard))
 
     def reopen_shards(self, shards: list[int]) -> None:
-        """Mark damaged shards as not done, so the encode stage writes them again."""
+        """Mark damaged shards as not done, so the encode stage writes them again. `complete` is cleared first, so
+        that at every moment it promises every shard is done; their old records go last (a record kept by a
+        crash in between is replaced when its shard is written again)."""
+        self.group.attrs["complete"] = False
+        for shard in shards:
+            self._array("shard_done")[shard] = False
+            shutil.rmtree(self.path / RECORDS_FOLDER / str(shard), ignore_errors=True)
         records = dict(self.group.attrs.get("shards", {}))
         for shard in shards:
             records.pop(str(shard), None)
-            shutil.rmtree(self.path / RECORDS_FOLDER / str(shard), ignore_errors=True)
-            self.group["shard_done"][shard] = False
-        self.group.attrs.update({"shards": records, "complete": False})
+        self.group.attrs["shards"] = records
 
     def remove_partial_files(self) -> int:
         """Temp files a killed writer can leave beside chunk files."""
