@@ -26,7 +26,7 @@ from pipeline.models.checkpoints import load_reconstructor, reconstruct
 from pipeline.models.reconstructor import Reconstructor
 from pipeline.science import metrics
 from pipeline.stages import encode, train
-from storage import StoreError
+from storage import StoreError, open_store
 
 FAST = dict(
     batch_size=4, lr=2e-3, val_every_steps=1000, n_val_images=8, n_sample_images=2, shuffle_buffer_images=8
@@ -196,7 +196,7 @@ def test_train_and_val_stores_of_different_encoders_are_refused(tiny_store, make
 
 
 def test_an_incomplete_store_is_refused_before_training(tiny_store, tmp_path):
-    zarr.open_group(str(tiny_store), mode="r+")["shard_done"][1] = False
+    open_store(tiny_store, mode="r+").reopen_shards([1])  # taken back as a writer does it
     with pytest.raises(StoreError, match="incomplete"):
         train.run(train.TrainJob(tiny_store, tiny_store, _cfg(tmp_path)), progress=False)
 
