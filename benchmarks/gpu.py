@@ -51,7 +51,7 @@ from pipeline.data.store_info import StoreInfo
 from pipeline.jobs import EncodeJob
 from pipeline.models import encoders
 from pipeline.stages import encode, train
-from storage.shard_writer import write_all
+from storage.shard_writer import write_file
 
 sys.path.insert(0, str(Path(__file__).parent))  # the sibling benchmark, also when imported by the test
 from encode_ceiling import coco_sized_jpegs  # noqa: E402
@@ -175,7 +175,7 @@ def host_costs(device: torch.device) -> str:
     pieces = [memoryview(reused_buffer.numpy()[i : i + (256 << 10)]) for i in range(0, mb << 20, 256 << 10)]
     with tempfile.TemporaryDirectory() as tmp:
         per_piece = min(timed(lambda: _write_each(Path(tmp, "a"), pieces), device) for _ in range(3))
-        one_call = min(timed(lambda: _write_once(Path(tmp, "b"), pieces), device) for _ in range(3))
+        one_call = min(timed(lambda: write_file(Path(tmp, "b"), list(pieces)), device) for _ in range(3))
     line += (f"; write {mb} MB to {tempfile.gettempdir()}: {len(pieces)} calls {1e3 * per_piece:.1f} ms, "
              f"one call {1e3 * one_call:.1f} ms")  # fmt: skip
     if device.type == "cuda":
@@ -191,14 +191,6 @@ def _write_each(path: Path, pieces: list[memoryview]) -> None:
     with open(path, "wb", buffering=0) as f:
         for piece in pieces:
             f.write(piece)
-
-
-def _write_once(path: Path, pieces: list[memoryview]) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
-    try:
-        write_all(fd, list(pieces))
-    finally:
-        os.close(fd)
 
 
 def train_rows(store_path: Path, s: dict, device: torch.device) -> Iterator[str]:

@@ -67,13 +67,18 @@ class ShardWriter:
         digest = hashlib.sha256()
         for piece in pieces:
             digest.update(piece)
-        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
-        try:
-            write_all(fd, pieces)
-        finally:
-            os.close(fd)
+        write_file(partial, pieces)
         os.replace(partial, path)
         return {"bytes": offset + pieces[-1].nbytes, "sha256": digest.hexdigest()}
+
+
+def write_file(path: Path, pieces: list[memoryview]) -> None:
+    """A new file of `pieces`, one after another (write_all)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+    try:
+        write_all(fd, pieces)
+    finally:
+        os.close(fd)
 
 
 def write_all(fd: int, pieces: list[memoryview]) -> None:
