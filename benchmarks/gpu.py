@@ -50,6 +50,7 @@ from pipeline.data.feature_loader import Prefetcher, batch_stream
 from pipeline.data.store_info import StoreInfo
 from pipeline.jobs import EncodeJob
 from pipeline.models import encoders
+from pipeline.models.step_scalars import StepScalars
 from pipeline.stages import encode, train
 from storage.shard_writer import write_file
 
@@ -212,25 +213,29 @@ def train_rows(store_path: Path, s: dict, device: torch.device) -> Iterator[str]
         model = torch.compile(model) if compiled else model  # compiled once for both data paths
         times, name = {}, str(compute_dtype).removeprefix("torch.")
         try:
-            for resident in (True, False):
-                times[resident], peak = _train_steps(model, store, cfg, pre, device, compute_dtype,
-                                                     s["train_steps"], resident)  # fmt: skip
+            for path in ("resident", "streamed", "streamed, loss read each step"):
+                times[path], peak = _train_steps(model, store, cfg, pre, device, compute_dtype,
+                                                 s["train_steps"], path)  # fmt: skip
         except torch.OutOfMemoryError:
-            yield f"| {batch} | {name} | {compiled} | out of memory | | | |"
+            yield f"| {batch} | {name} | {compiled} | out of memory | | | | |"
             continue
         finally:
             del model
             gc.collect()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-        rate = s["train_steps"] / times[False]
+        rate = s["train_steps"] / times["streamed"]
         yield (f"| {batch} | {name} | {compiled} | {rate:.2f} | {rate * batch:.0f} "
-               f"| {times[True] / times[False]:.2f} | {peak:.1f} |")  # fmt: skip
+               f"| {times['resident'] / times['streamed']:.2f} "
+               f"| {times['streamed, loss read each step'] / times['streamed']:.2f} | {peak:.1f} |")  # fmt: skip
 
 
 def _train_steps(
-    model, store, cfg, pre, device, compute_dtype, n_steps: int, resident: bool
+    model, store, cfg, pre, device, compute_dtype, n_steps: int, path: str
 ) -> tuple[float, float]:
+    """Seconds for `n_steps` training steps and the peak GPU GiB. `path`: batches resident on the device, or
+    streamed from the store with the losses kept on the device as the train stage keeps them (StepScalars), or
+    streamed with each step's loss read at once (`.item()`: the host waits for the GPU every step)."""
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     sched = train.lr_schedule(opt, cfg, 2 * n_steps + 2)
 
@@ -243,17 +248,24 @@ def _train_steps(
         train.train_step(model, opt, sched, f, p, cfg, pre, device, compute_dtype)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    if resident:
-        on_device = [tuple(torch.as_tensor(a).to(device) for a in next(source)) for _ in range(n_steps)]
-        steps = lambda: [train.train_step(model, opt, sched, f, p, cfg, pre, device, compute_dtype)  # noqa: E731
-                         for f, p in on_device]  # fmt: skip
+    if path == "resident":
+        batches = [tuple(torch.as_tensor(a).to(device) for a in next(source)) for _ in range(n_steps)]
     else:
         # exactly the batches it needs: its thread then ends instead of holding pinned batches
-        stream = iter(
-            Prefetcher(itertools.islice(source, n_steps), cfg.prefetch_batches, pin=device.type == "cuda")
+        batches = Prefetcher(
+            itertools.islice(source, n_steps), cfg.prefetch_batches, pin=device.type == "cuda"
         )
-        steps = lambda: [train.train_step(model, opt, sched, *next(stream), cfg, pre, device, compute_dtype)  # noqa: E731
-                         for _ in range(n_steps)]  # fmt: skip
+
+    def steps():
+        losses = StepScalars()
+        for step, (f, p) in enumerate(batches):
+            loss = train.train_step(model, opt, sched, f, p, cfg, pre, device, compute_dtype)
+            if path == "streamed, loss read each step":
+                loss.item()
+            else:
+                losses.add(step, loss)
+        losses.read()
+
     seconds = timed(steps, device)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
     return seconds, peak
@@ -319,7 +331,8 @@ def main(argv: list[str] | None = None) -> None:
                 continue
             print(f"\n## {name}: train, default reconstructor on the {resolution} px store, {s['train_steps']} "
                   "steps\n\n| batch | compute | compile | steps/s streamed | images/s | streamed / resident on the "
-                  "device | peak GPU GiB |\n|---|---|---|---|---|---|---|")  # fmt: skip
+                  "device | loss read each step / kept on the device | peak GPU GiB |\n"
+                  "|---|---|---|---|---|---|---|---|")  # fmt: skip
             for row in train_rows(store_path, s, device):
                 print(row, flush=True)
             print(f"\nlargest bf16 batch that fits: {largest_batch(store_path, s, device) or 'not searched'}")

@@ -71,6 +71,38 @@ def test_rerunning_a_finished_training_returns_its_checkpoint_at_once(tiny_store
     assert second.already_complete and second.checkpoint == first.checkpoint
 
 
+def test_tensorboard_gets_every_steps_own_loss_though_the_host_reads_them_in_groups(
+    tiny_store, tmp_path, monkeypatch
+):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    read_at_once, seen = [], []
+    real_step, real_read = train.train_step, train.StepScalars.read
+
+    def step_and_remember(*args):
+        loss = real_step(*args)
+        seen.append(loss.item())  # what reading every step, as before, gave
+        return loss
+
+    def read(self):
+        rows = real_read(self)
+        read_at_once.append(len(rows))
+        return rows
+
+    monkeypatch.setattr(train, "train_step", step_and_remember)
+    monkeypatch.setattr(train.StepScalars, "read", read)
+    monkeypatch.setattr(train, "LOSS_READ_SECONDS", 3600.0)  # only at validation and epoch ends
+    result = train.run(
+        train.TrainJob(tiny_store, tiny_store, _cfg(tmp_path, epochs=3, val_every_steps=3)), progress=False
+    )
+    events = EventAccumulator(str(result.run_dir / "tensorboard"))
+    events.Reload()
+    logged = [(e.step, e.value) for e in events.Scalars("train/loss")]
+    assert logged == [(step, np.float32(v)) for step, v in enumerate(seen, start=1)]  # 2 steps per epoch
+    assert [e.step for e in events.Scalars("train/lr")] == [1, 2, 3, 4, 5, 6]
+    assert read_at_once == [2, 1, 1, 2]  # epoch 0's end, step 3 (validation), epoch 1's end, epoch 2's end
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_train_compile_on_cuda_learns_as_eager_does(tiny_store, tmp_path):

@@ -15,6 +15,7 @@ from pipeline.config import SaeConfig
 from pipeline.data.feature_loader import Prefetcher, batch_stream, widen
 from pipeline.models import checkpoints, resumable
 from pipeline.models.sae import SparseAutoencoder, training_loss
+from pipeline.models.step_scalars import StepScalars
 from storage import FeatureStore
 
 
@@ -186,7 +187,7 @@ def train_sae(source: TokenSource | EmbeddingSource, spec: SaeSpec, cfg: SaeConf
     )
     try:
         for epoch in range(start_epoch, cfg.epochs):
-            sums, n_batches = np.zeros(3), 0
+            scalars = StepScalars()
             for batch in source.batches(spec.seed, epoch, pin=device.type == "cuda"):
                 x = tokens_of(batch.to(device, non_blocking=True))
                 with torch.autocast(device.type, dtype=compute_dtype, enabled=compute_dtype != torch.float32):
@@ -199,9 +200,9 @@ def train_sae(source: TokenSource | EmbeddingSource, spec: SaeSpec, cfg: SaeConf
                 optimizer.step()
                 sae.after_step(codes.detach().float())
                 step += 1
-                n_batches += 1
-                sums += [loss.item(), parts["mse"].item(), float((codes != 0).sum(dim=-1).float().mean())]
-            mean = sums / max(1, n_batches)
+                scalars.add(step, loss, parts["mse"], (codes != 0).sum(dim=-1).float().mean())
+            n_batches = len(scalars)
+            mean = scalars.sums(3) / max(1, n_batches)
             metrics = {"epoch": epoch, "step": step, "loss": mean[0], "mse": mean[1], "l0": mean[2],
                        "dead_latents": int((sae.vectors_since_fired >= cfg.dead_window).sum())}  # fmt: skip
             resumable.save_epoch(out_dir, sae, optimizer, header, metrics)

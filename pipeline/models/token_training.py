@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from pipeline.config import TokensConfig
 from pipeline.data.feature_loader import Prefetcher, batch_stream, n_batches_per_epoch, widen
 from pipeline.models import checkpoints, resumable
+from pipeline.models.step_scalars import StepScalars
 from pipeline.models.token_selector import (
     TokenUtilityModel,
     n_kept,
@@ -160,7 +161,7 @@ def train_network(
     metrics: dict = {}
     try:
         for epoch in range(start_epoch, cfg.epochs):
-            sums = np.zeros(3)
+            scalars = StepScalars()
             stream = batch_stream(
                 store, cfg.batch_size, cfg.seed, epoch, cfg.shuffle_buffer_images, pixels=False
             )
@@ -172,8 +173,9 @@ def train_network(
                 loss.backward()
                 optimizer.step()
                 step += 1
-                sums += [loss.item(), recon.item(), kept.item()]
+                scalars.add(step, loss, recon, kept)
                 bar.update(1)
+            sums = scalars.sums(3)
             n = max(1, per_epoch)
             metrics = {"epoch": epoch, "step": step, "loss": sums[0] / n, "reconstruction": sums[1] / n,
                        "kept_fraction": sums[2] / n}  # fmt: skip

@@ -29,10 +29,14 @@ from pipeline.models import checkpoints
 from pipeline.models.encoders import resolve_compute_dtype, resolve_device
 from pipeline.models.reconstructor import Reconstructor
 from pipeline.models.resumable import append_csv
+from pipeline.models.step_scalars import StepScalars
 from pipeline.provenance import provenance
 from pipeline.report.figures import write_grid
 from pipeline.science import metrics
 from storage import FeatureStore, StoreError, open_store
+
+# How often the host reads the losses it logs (each read waits for the device; see StepScalars)
+LOSS_READ_SECONDS = 1.0
 
 
 @dataclass(frozen=True)
@@ -148,6 +152,15 @@ def train_step(
     return loss.detach()
 
 
+def _log_losses(losses: StepScalars, lrs: dict[int, float], writer, bar, epoch: int) -> float:
+    """Log every step's loss and learning rate since the last call (one wait for the device); the last loss."""
+    for step, (loss_value,) in losses.read():
+        writer.add_scalar("train/loss", loss_value, step)
+        writer.add_scalar("train/lr", lrs.pop(step), step)
+    bar.set_postfix(loss=f"{loss_value:.4f}", epoch=epoch)
+    return loss_value
+
+
 def run(job: TrainJob, *, progress: bool = True) -> TrainResult:
     """Train (or resume, or return the finished) reconstructor for the job's stores."""
     cfg = job.cfg
@@ -260,6 +273,7 @@ def _train(cfg: TrainConfig, key: dict, run_dir: Path, train_store, val_store, p
         desc=f"train {run_dir.name}",
     )
     val_metrics: dict = {}
+    losses, lrs, loss_value, last_read = StepScalars(), {}, float("nan"), time.monotonic()
     model.train()
     try:
         for epoch in range(start_epoch, cfg.epochs):
@@ -276,16 +290,18 @@ def _train(cfg: TrainConfig, key: dict, run_dir: Path, train_store, val_store, p
                 bar.update(1)
                 if not lead:
                     continue
-                loss_value = loss.item()
-                writer.add_scalar("train/loss", loss_value, step)
-                writer.add_scalar("train/lr", scheduler.get_last_lr()[0], step)
-                bar.set_postfix(loss=f"{loss_value:.4f}", epoch=epoch)
-                if step % cfg.val_every_steps == 0 and step % steps_per_epoch:
+                losses.add(step, loss)
+                lrs[step] = scheduler.get_last_lr()[0]
+                validating = step % cfg.val_every_steps == 0 and step % steps_per_epoch
+                if validating or time.monotonic() - last_read >= LOSS_READ_SECONDS:
+                    loss_value, last_read = _log_losses(losses, lrs, writer, bar, epoch), time.monotonic()
+                if validating:
                     val_metrics = _validate_and_log(model, val_store, cfg, device, compute_dtype, writer,
                                                     run_dir, step, epoch, loss_value, grid=True)  # fmt: skip
             if not lead:
                 _barrier(world)  # wait for rank 0's checkpoint of this epoch
                 continue
+            loss_value = _log_losses(losses, lrs, writer, bar, epoch) if len(losses) else loss_value
             # Every epoch end: metrics for 'best'; the grid PNG only at validation steps and the last epoch.
             grid = epoch == cfg.epochs - 1 or step % cfg.val_every_steps == 0
             val_metrics = _validate_and_log(model, val_store, cfg, device, compute_dtype, writer,
