@@ -128,7 +128,7 @@ def reconstruct(
         ),
     ],
     out: Annotated[Path, typer.Option("--out", help="Folder for the PNGs.")],
-    n: Annotated[int, typer.Option("--n", help="Number of images.")] = 8,
+    n: Annotated[int, typer.Option("--n", min=1, help="Number of images.")] = 8,
 ) -> None:
     """Write PNGs of original | reconstruction for a store's first N images."""
     from pipeline.stages.reconstruct import write_side_by_side

@@ -31,7 +31,7 @@ def ls(root: Annotated[Path, typer.Argument(help="Store root folder.")] = Path("
     typer.echo(header)
     for r in rows:
         if "error" in r:
-            typer.echo(f"{r['path']}: {r['error']}")
+            typer.echo(r["error"] if r["error"].startswith(r["path"]) else f"{r['path']}: {r['error']}")
             continue
         typer.echo(
             f"{r['encoder']:<20} {r['dataset']:<18} {r['transform']:<12} {r['n_images']:>7} "
@@ -89,7 +89,9 @@ def inspect(
                 f"({a['bytes_on_disk'] / 1e6:.2f} MB)"
             )
         s = info["feature_stats_sampled"]
-        if s:
+        if "unreadable" in s:
+            typer.echo(f"features   not sampled: {s['unreadable']}")
+        elif s:
             typer.echo(
                 f"features   mean token norm {s['mean_token_norm']:.3f}, non-finite {s['fraction_nonfinite']:.2e} "
                 f"(over {s['n_images_sampled']} images)"
@@ -112,11 +114,29 @@ def verify_store(
     ] = 8,
     seed: Annotated[int, typer.Option(help="Seed of the image choice.")] = 0,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    repair: Annotated[
+        bool,
+        typer.Option(
+            "--repair",
+            help="Take back the shards whose files fail their SHA-256, for `reconlab encode` to redo.",
+        ),
+    ] = False,
 ) -> None:
-    """Re-encode N random images with the store's recorded encoder, weights, layer and geometry and compare
-    them with the stored features (within the precision's error bound). Exit 1 on a mismatch."""
+    """Check every shard file against the SHA-256 recorded when it was written, then re-encode N random images
+    with the store's recorded encoder, weights, layer and geometry and compare them with the stored features
+    (within the precision's error bound). Exit 1 on a mismatch."""
+    from pipeline.stages.verify import repair as take_back
     from pipeline.stages.verify import verify
 
+    if repair:
+        with reported_in_one_line():
+            damaged = take_back(path)
+        for shard, problem in damaged.items():
+            typer.echo(f"took back shard {shard}: {problem}")
+        if damaged:
+            typer.echo(f"{path}: {len(damaged)} shard(s) taken back; run `reconlab encode` with the same config: "
+                       "it re-encodes exactly those shards")  # fmt: skip
+            return
     with reported_in_one_line():
         report = verify(path, recompute, seed, device)
     for note in report.notes:

@@ -4,6 +4,7 @@ encoder specs found by name under configs/encoders/."""
 from __future__ import annotations
 
 import reprlib
+import typing
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -44,7 +45,7 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 def _format_validation_error(path: Path, err: ValidationError, model: type[BaseModel]) -> str:
     lines = [f"{path}: invalid {model.__name__} ({err.error_count()} problem(s)):"]
     for e in err.errors()[:_MAX_PROBLEMS]:
-        field = ".".join(str(p) for p in e["loc"]) or "<top level>"
+        field = ".".join(str(p) for p in e["loc"] if not _is_union_tag(p)) or "<top level>"
         detail = e["msg"]
         if e["type"] == "extra_forbidden":
             parent = _model_at(model, e["loc"][:-1])
@@ -58,24 +59,33 @@ def _format_validation_error(path: Path, err: ValidationError, model: type[BaseM
     return "\n".join(lines)
 
 
+def _is_union_tag(part) -> bool:
+    return isinstance(part, str) and part.startswith(
+        "<"
+    )  # the tag of a discriminated union's form (EncoderItem)
+
+
 def _model_at(model: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
     """The nested model class at a validation-error location, to list its allowed keys."""
-    current: Any = model
+    candidates: list[type[BaseModel]] = [model]
     for part in loc:
-        if isinstance(part, int) or current is None:
+        if isinstance(part, int):
             continue
-        field = getattr(current, "model_fields", {}).get(part)
-        if field is None:
+        if _is_union_tag(part):  # the form the item was validated as: "<EncoderSpec>"
+            candidates = [c for c in candidates if f"<{c.__name__}>" == part]
+            continue
+        fields = [c.model_fields[part] for c in candidates if part in c.model_fields]
+        if not fields:
             return None
-        annotation = field.annotation
-        candidates = [annotation, *getattr(annotation, "__args__", ())]
-        current = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
-        if current is None:
-            for c in candidates:
-                for sub in getattr(c, "__args__", ()):
-                    if isinstance(sub, type) and issubclass(sub, BaseModel):
-                        current = sub
-    return current
+        candidates = _models_in(fields[0].annotation)
+    return candidates[0] if len(candidates) == 1 else None
+
+
+def _models_in(annotation) -> list[type[BaseModel]]:
+    """The model classes an annotation holds, through lists, unions and Annotated."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [m for arg in typing.get_args(annotation) for m in _models_in(arg)]
 
 
 def load_model(path: str | Path, model: type[M], overrides: dict[str, Any] | None = None) -> M:

@@ -34,7 +34,13 @@ def open_store(path: str | Path, *, require_complete: bool = True, mode: str = "
     path = Path(path)
     if not (path / "zarr.json").is_file():
         raise StoreError(f"{path}: not a feature store (no zarr.json)")
-    group = zarr.open_group(str(path), mode=mode, zarr_format=3)
+    try:
+        group = zarr.open_group(str(path), mode=mode, zarr_format=3)
+    except (ValueError, KeyError, TypeError) as e:  # bad JSON is a ValueError, zarr's metadata errors too
+        raise StoreError(
+            f"{path}: zarr.json is not a readable Zarr v3 group ({type(e).__name__}: {e}); the store's record "
+            "is lost: delete the folder and run `reconlab encode` with the same config"
+        ) from e
     version = group.attrs.get(FORMAT_KEY)
     if version != FORMAT_VERSION:
         raise StoreError(
@@ -48,11 +54,22 @@ def open_store(path: str | Path, *, require_complete: bool = True, mode: str = "
     return store
 
 
+# A shard file of the size written but other bytes: only a full read finds it (damaged_shards(full=True))
+CONTENT_CHANGED = "does not match its SHA-256"
+
+
 def damaged_message(store: FeatureStore, damaged: dict[int, str]) -> str:
     first = next(iter(damaged.items()))
+    # The encode stage checks sizes only (hashing a whole store at every run would cost minutes), so a changed
+    # content needs the shards taken back first.
+    fix = (
+        f"run `reconlab store verify {store.path} --repair`, then `reconlab encode` with the same config"
+        if any(CONTENT_CHANGED in problem for problem in damaged.values())
+        else "run `reconlab encode` with the same config"
+    )
     return (
         f"{store.path}: {len(damaged)} finished shard(s) changed on disk since they were written (shard {first[0]}: "
-        f"{first[1]}); run `reconlab encode` with the same config: it re-encodes exactly those shards"
+        f"{first[1]}); {fix}: it re-encodes exactly those shards"
     )
 
 
@@ -236,7 +253,7 @@ class FeatureStore(StoreWriting):
         if path.stat().st_size != recorded["bytes"]:
             return f"{name}: file {path.relative_to(self.path)} has {path.stat().st_size} bytes, {recorded['bytes']} were written"
         if full and file_sha256(path) != recorded["sha256"]:
-            return f"{name}: file {path.relative_to(self.path)} does not match its SHA-256"
+            return f"{name}: file {path.relative_to(self.path)} {CONTENT_CHANGED}"
         return ""
 
     def damaged_shards(self, *, full: bool = False) -> dict[int, str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -34,11 +35,23 @@ def transform_tag(image_transform: dict) -> str:
 
 
 def find_stores(root: Path) -> list[Path]:
+    """reconlab's stores under `root`, and folders named like one whose zarr.json is not JSON (listed as errors)."""
     return sorted(
         p.parent
         for p in Path(root).glob("*/zarr.json")
-        if not p.parent.name.startswith(".") and FORMAT_KEY in p.read_text()[:100000]  # hidden: being created
+        if not p.parent.name.startswith(".")  # hidden: being created
+        and (FORMAT_KEY in p.read_text(errors="replace")[:100000] or _unparsable_store_json(p))
     )
+
+
+def _unparsable_store_json(path: Path) -> bool:
+    if path.parent.suffix != ".zarr":
+        return False
+    try:
+        json.loads(path.read_text(errors="replace"))
+    except ValueError:
+        return True
+    return False
 
 
 def summary_row(path: Path) -> dict:

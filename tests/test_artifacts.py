@@ -221,12 +221,15 @@ def test_a_deleted_shard_of_a_finished_store_is_detected_listed_and_re_encoded(m
     np.testing.assert_array_equal(repaired.features(), features)
 
 
-def test_changed_bytes_of_the_same_size_are_refused_on_read_and_by_store_verify(make_job):
+def test_changed_bytes_of_the_same_size_are_refused_then_repaired_by_verify_and_encode(make_job):
+    from typer.testing import CliRunner
+
+    from flows.cli import app
     from storage import StoreError
 
-    path = encode.run(
-        make_job(subset=SubsetSpec(max_images=8), store=StoreOptions(shard_images=4)), progress=False
-    ).store_path
+    job = make_job(subset=SubsetSpec(max_images=8), store=StoreOptions(shard_images=4))
+    path = encode.run(job, progress=False).store_path
+    digest = open_store(path).content_sha256
     victim = path / "pixels" / "c" / "0" / "0" / "0" / "0"
     data = bytearray(victim.read_bytes())
     data[len(data) // 2] ^= 0xFF
@@ -237,8 +240,42 @@ def test_changed_bytes_of_the_same_size_are_refused_on_read_and_by_store_verify(
         store.pixels(0)
     from pipeline.stages.verify import verify
 
-    with pytest.raises(StoreError, match="does not match its SHA-256"):
+    with pytest.raises(StoreError, match=f"does not match its SHA-256.*store verify {path} --repair"):
         verify(path, 2, device="cpu")
+    features_file = path / "features" / "c" / "1" / "0" / "0" / "0"
+    data = bytearray(features_file.read_bytes())
+    data[-40] ^= 0xFF
+    features_file.write_bytes(bytes(data))
+    inspected = CliRunner().invoke(app, ["store", "inspect", str(path)])  # described, not a traceback
+    assert inspected.exit_code == 0 and "not sampled: " in inspected.output, inspected.output
+    assert encode.run(job, progress=False).already_complete  # sizes agree: encode alone cannot see it
+    repaired = CliRunner().invoke(app, ["store", "verify", str(path), "--repair"])
+    assert repaired.exit_code == 0, repaired.output
+    assert "took back shard 0: pixels" in repaired.output and "took back shard 1: features" in repaired.output
+    again = encode.run(job, progress=False)  # now re-encodes exactly that shard
+    assert not again.already_complete and open_store(path).content_sha256 == digest
+    assert (
+        "OK: 2 images"
+        in CliRunner().invoke(app, ["store", "verify", str(path), "--repair", "--recompute", "2"]).output
+    )
+
+
+def test_a_store_whose_zarr_json_is_not_json_is_listed_and_refused_in_one_line(make_job):
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    path = encode.run(make_job(subset=SubsetSpec(max_images=4)), progress=False).store_path
+    (path / "zarr.json").write_text("{broken")
+    for command in (["store", "inspect", str(path)], ["store", "verify", str(path)]):
+        result = CliRunner().invoke(app, command)
+        assert result.exit_code == 2 and "zarr.json is not a readable Zarr v3 group" in result.output, (
+            result.output
+        )
+    listed = CliRunner().invoke(app, ["store", "ls", str(path.parent)])
+    assert listed.exit_code == 0 and f"{path}: zarr.json is not a readable" in listed.output, listed.output
+    everything = CliRunner().invoke(app, ["ls", str(path.parent)])
+    assert everything.exit_code == 0 and "unreadable" in everything.output, everything.output
 
 
 def test_a_store_re_encoded_with_other_bytes_gives_its_readers_a_new_key(make_job, monkeypatch):

@@ -67,6 +67,28 @@ def test_an_unknown_encoder_fails_at_load_time_listing_known_ones(tmp_path, writ
         load_run_config(_write(tmp_path, data))
 
 
+@pytest.mark.parametrize(
+    ("entry", "expected"),
+    [
+        ({"encoder": "tiny-vit-64", "layers": [-1, -1]}, r"`encoders\.0`: Value error, layers \[-1, -1\] repeat"),
+        ({"encoder": "tiny-vit-64", "every": 0}, r"`encoders\.0\.every`: Input should be greater than 0"),
+        ({"encoder": "tiny-vit-64", "layerz": [-1]}, r"`encoders\.0\.layerz`: Extra .*allowed fields here: encoder,"),
+        ({"name": "x", "backend": "timm", "model_id": "m", "resolution": 64, "patch_size": 16, "colour": 3},
+         r"`encoders\.0\.colour`: Extra .*allowed fields here: name, backend"),
+        (3, r"`encoders\.0`: an encoder is a name, a spec mapping, or a mapping \{encoder: NAME"),
+    ],
+)  # fmt: skip
+def test_a_mistake_in_an_encoder_entry_is_reported_against_its_own_form_alone(
+    tmp_path, write_run_config, entry, expected
+):
+    data = yaml.safe_load(write_run_config().read_text())
+    data["encoders"] = [entry]
+    with pytest.raises(ConfigError, match=expected) as err:
+        load_run_config(_write(tmp_path, data))
+    assert "<" not in str(err.value).split("\n", 1)[1].replace("<top level>", "")  # no union tags shown
+    assert "encoders.0.str" not in str(err.value)  # nor the other forms' complaints
+
+
 def test_a_resolution_that_is_not_a_multiple_of_the_patch_fails_with_a_fix(tmp_path):
     spec = yaml.safe_load((REPO_CONFIG_DIR / "encoders" / "tiny-vit-64.yaml").read_text())
     spec["resolution"] = 70

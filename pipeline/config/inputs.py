@@ -4,9 +4,9 @@ encode options (all part of a store's key except the fields marked Runtime)."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Discriminator, Field, Tag, model_validator
 
 from pipeline.config.base import Frozen, Name, NegativeLayer, Runtime
 
@@ -132,6 +132,30 @@ class EncoderEntry(Frozen):
 
 
 ID_OPTIONS = ("name", "resolution", "weights", "revision", "seed", "trust_remote_code", "model_kwargs")
+
+
+def _encoder_form(value: Any) -> str | None:
+    if isinstance(value, str):
+        return "<name>"
+    if isinstance(value, EncoderEntry) or (isinstance(value, dict) and "encoder" in value):
+        return "<EncoderEntry>"
+    if isinstance(value, EncoderSpec | dict):
+        return "<EncoderSpec>"
+    return None
+
+
+# One `encoders:` item, validated as the one form its shape says, so that a mistake in it is reported against that
+# form alone, not drowned in every other form's complaints. The tags (in `<>`) are left out of error messages.
+EncoderItem = Annotated[
+    Annotated[str, Tag("<name>")]
+    | Annotated[EncoderSpec, Tag("<EncoderSpec>")]
+    | Annotated[EncoderEntry, Tag("<EncoderEntry>")],
+    Discriminator(
+        _encoder_form,
+        custom_error_type="encoder_form",
+        custom_error_message="an encoder is a name, a spec mapping, or a mapping {encoder: NAME, ...}",
+    ),
+]
 
 
 class SplitSpec(Frozen):

@@ -10,8 +10,7 @@ from pipeline.config.base import Frozen, Name, Runtime
 from pipeline.config.inputs import (
     DatasetSpec,
     EncodeOptions,
-    EncoderEntry,
-    EncoderSpec,
+    EncoderItem,
     StoreOptions,
     SubsetSpec,
     TransformSpec,
@@ -30,7 +29,7 @@ class RunConfig(Frozen):
     dataset: DatasetSpec
     splits: list[Name] = Field(default_factory=lambda: ["train", "val"])
     subset: SubsetSpec = SubsetSpec()
-    encoders: list[str | EncoderSpec | EncoderEntry] = Field(
+    encoders: list[EncoderItem] = Field(
         min_length=1,
         description="Encoder names (configs/encoders/NAME.yaml), YAML paths, 'timm:<id>' / 'hf:<repo>' model ids, "
         "inline specs, or entries {encoder: ..., layers: [...]} (several layers, or a model id with options).",

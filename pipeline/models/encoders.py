@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipeline.config import EncoderSpec, Layer
+from pipeline.config import ConfigError, EncoderSpec, Layer
 from pipeline.data.images import Preprocessing
 from pipeline.models import _torchvision_shim, model_ids
 from pipeline.models.model_ids import check_architecture
@@ -232,7 +232,12 @@ def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device 'cuda' requested but torch.cuda.is_available() is False on this machine")
+        raise ConfigError(
+            "device 'cuda' is set (encode.device, train.device, tokens.device, sae.device or --device) but torch "
+            f"sees no CUDA device here (torch {torch.__version__}, "
+            f"{'CUDA ' + torch.version.cuda if torch.version.cuda else 'a CPU build'}); set it to auto or cpu, or "
+            "install a CUDA build of torch (README, 'GPU users')"
+        )
     return torch.device(device)
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipeline.artifacts import WriteLock
 from pipeline.config import DatasetSpec, EncoderSpec, SubsetSpec, TransformSpec
 from pipeline.data.datasets import image_list_sha256, list_images
 from pipeline.data.images import decode_for_encoder
@@ -55,6 +56,16 @@ def token_relative_error(stored_nhwd: np.ndarray, fresh_nhwd: np.ndarray) -> np.
     """Per image: the largest |stored − fresh| of any token divided by that token's largest |fresh| value."""
     scale = np.maximum(np.abs(fresh_nhwd).max(axis=-1), 1e-12)
     return (np.abs(stored_nhwd - fresh_nhwd).max(axis=-1) / scale).reshape(len(fresh_nhwd), -1).max(axis=1)
+
+
+def repair(path: Path) -> dict[int, str]:
+    """Check every shard file of a store against its SHA-256 and take the damaged shards back (the store becomes
+    partial), so the next encode run re-encodes exactly those; the damaged shards and their problems."""
+    store = open_store(path, require_complete=False, mode="r+")
+    with WriteLock(store.path):  # not while an encode run writes it
+        if damaged := store.damaged_shards(full=True):
+            store.reopen_shards(sorted(damaged))
+    return damaged
 
 
 def verify(
