@@ -73,7 +73,7 @@ def encode(
     """Encode every store the run needs (the plan's encode rows: splits x transforms per encoder, and the transformed
     copies the operators fit on) into feature stores; resumes partial stores and re-encodes damaged shards."""
 
-    with reported_in_one_line():
+    with reported_in_one_line(stoppable=True):
         from flows.encode_flow import encode_flow
         from flows.tasks import for_config
 
@@ -97,7 +97,7 @@ def train(
 ) -> None:
     """Train a reconstructor per encoder on its train store (encoding first if needed); resumes killed runs."""
 
-    with reported_in_one_line():
+    with reported_in_one_line(stoppable=True):
         _preflight(config, ("encode", "train"), encoder)
         if prefect:
             from flows.tasks import for_config
@@ -148,7 +148,7 @@ def operators_command(
 ) -> None:
     """Fit feature-space operators (swap, channel scaling, colorization) and write their plots and grids."""
 
-    with reported_in_one_line():
+    with reported_in_one_line(stoppable=True):
         from flows.operators_flow import operators_flow
         from flows.tasks import for_config
 
@@ -164,7 +164,7 @@ def evaluate(
 ) -> None:
     """Score held-out reconstructions of every encoder, compare and rank them, and write the report."""
 
-    with reported_in_one_line():
+    with reported_in_one_line(stoppable=True):
         from flows.evaluate_flow import evaluate_flow
         from flows.tasks import for_config
 
@@ -182,7 +182,7 @@ def tokens_command(
     """Token utility: train the learned token selector and the baselines' completions, compare them on held-out
     images in feature space and through the reconstructor, and write the report (docs/tokens.md)."""
 
-    with reported_in_one_line():
+    with reported_in_one_line(stoppable=True):
         from flows.study_flows import tokens_flow
         from flows.tasks import for_config
 
@@ -200,7 +200,7 @@ def sae_command(
     """Sparse autoencoders on an encoder's patch tokens: a sparsity sweep per variant, held-out fidelity and the
     Pareto table, stability across seeds, and concepts edited and seen through the reconstructor (docs/sae.md)."""
 
-    with reported_in_one_line():
+    with reported_in_one_line(stoppable=True):
         from flows.study_flows import sae_flow
         from flows.tasks import for_config
 
@@ -289,7 +289,7 @@ def run(
     """The whole benchmark: encode, train, operators, evaluate, and the token and SAE studies where the config has
     them (one Prefect flow; finished work is skipped)."""
 
-    with reported_in_one_line():
+    with reported_in_one_line(stoppable=True):
         from flows.benchmark_flow import benchmark_flow
         from flows.tasks import for_config
 

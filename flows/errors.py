@@ -27,10 +27,12 @@ def user_errors() -> tuple[type[Exception], ...]:
     from pipeline.models.checkpoints import CheckpointError, DisjointnessError
     from pipeline.models.model_ids import ArchitectureMismatchError
     from pipeline.models.weights import WeightsNotFoundError
+    from pipeline.stop import Interrupted
     from storage import StoreError
 
     return (
         ConfigError,
+        Interrupted,
         WeightsNotFoundError,
         StoreError,
         CheckpointError,
@@ -59,11 +61,22 @@ def is_reported(error: BaseException) -> bool:
 
 
 @contextlib.contextmanager
-def reported_in_one_line():
-    """Turn a user error or an environment fault raised inside into `fail(...)`; let anything else through."""
+def reported_in_one_line(stoppable: bool = False):
+    """Turn a user error or an environment fault raised inside into `fail(...)`; let anything else through.
+    `stoppable` (the commands that run flows): Ctrl-C and SIGTERM stop the running stage at its next safe point,
+    and the command ends with one line and exit code 130, whatever Prefect raised on the way out."""
+    from flows.interrupts import stopping_on_signals
+    from pipeline import stop
+
     try:
-        yield
-    except Exception as e:
+        with stopping_on_signals() if stoppable else contextlib.nullcontext():
+            yield
+    except BaseException as e:  # Prefect raises its TerminationSignal, a BaseException, on SIGTERM
+        if stoppable and stop.requested() and not isinstance(e, typer.Exit):
+            typer.secho(str(stop.Interrupted()), fg=typer.colors.RED, err=True)
+            raise typer.Exit(130) from None
+        if not isinstance(e, Exception):
+            raise
         message = one_line(e)
         if message is None:
             raise

@@ -43,6 +43,10 @@ class _UserErrorFilter(logging.Filter):
 
         if record.levelno < logging.ERROR:
             return True
+        from pipeline import stop
+
+        if stop.requested():  # the CLI says in one line that it stopped (flows/interrupts.py)
+            return False
         if record.exc_info and record.exc_info[1] is not None:
             return not is_reported(record.exc_info[1])
         # Records without exc_info name the exception in their text: "... exception ConfigError: ...".

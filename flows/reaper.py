@@ -49,6 +49,13 @@ def _processes() -> dict[int, tuple[int, str]]:
     return table
 
 
+def _is_zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True  # gone
+
+
 def _descendants(root: int, table: dict[int, tuple[int, str]]) -> dict[int, str]:
     children: dict[int, list[int]] = {}
     for pid, (ppid, _) in table.items():
@@ -78,7 +85,9 @@ def main(watched: int) -> None:
         return
     started = table[watched][1]
     known: dict[int, str] = {}
-    while table.get(watched, (0, None))[1] == started:
+    # A zombie has ended: its parent may reap it only later (e.g. once the pipes it holds are read to their end,
+    # which the processes it left may hold open).
+    while table.get(watched, (0, None))[1] == started and not _is_zombie(watched):
         known = {pid: s for pid, s in _descendants(watched, table).items() if pid != me}
         time.sleep(POLL_S)
         table = _processes()

@@ -59,6 +59,48 @@ def test_a_sigkilled_encode_leaves_no_process_running(write_run_config, tmp_path
     assert not _live_in_group(proc.pid)
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc")
+@pytest.mark.parametrize("how", ["Ctrl-C to the terminal's process group", "SIGTERM to the command"])
+def test_an_interrupted_training_stops_at_once_in_one_line_and_leaves_nothing_running(
+    write_run_config, tmp_path, how
+):
+    config = write_run_config(
+        subset={"max_images": 8},
+        train={"output_root": str(tmp_path / "train"), "epochs": 500, "batch_size": 4, "n_val_images": 4,
+               "n_sample_images": 1, "shuffle_buffer_images": 8, "val_every_steps": 10000},
+        splits=["train", "val"],
+    )  # fmt: skip
+    env = {**os.environ, "RECONLAB_HOME": str(tmp_path / "home")}
+    env.pop("PREFECT_HOME", None)  # its own temporary Prefect server, which the terminal's Ctrl-C reaches too
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "flows.cli", "train", "-c", str(config), "--no-progress"], cwd=ROOT, env=env,
+        start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list((tmp_path / "train").glob("*/checkpoints/epoch-*.json"))) < 2:
+        assert proc.poll() is None, proc.stdout.read()
+        time.sleep(0.2)
+    if how.startswith("Ctrl-C"):
+        os.killpg(proc.pid, signal.SIGINT)
+    else:
+        os.kill(proc.pid, signal.SIGTERM)
+    try:
+        output, _ = proc.communicate(
+            timeout=15
+        )  # it trained on before: for minutes, or until the training ended
+    except subprocess.TimeoutExpired as e:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise AssertionError(f"still running 15 s after {how}: {proc.communicate()[0]}") from e
+    assert proc.returncode == 130, output
+    assert "finished shards, epochs and fits are kept; run the same command to resume" in output
+    assert "Traceback" not in output and "ERROR" not in output, output
+    deadline = time.time() + 10
+    while time.time() < deadline and _live_in_group(proc.pid):
+        time.sleep(0.2)
+    assert not _live_in_group(proc.pid)
+
+
 # -- the bad-input matrix: one line, exit 2, no traceback, nothing written ----------------------------------------
 
 runner = CliRunner()

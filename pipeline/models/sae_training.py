@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from pipeline import stop
 from pipeline.config import SaeConfig
 from pipeline.data.feature_loader import Prefetcher, batch_stream, widen
 from pipeline.models import checkpoints, resumable
@@ -189,6 +190,7 @@ def train_sae(source: TokenSource | EmbeddingSource, spec: SaeSpec, cfg: SaeConf
         for epoch in range(start_epoch, cfg.epochs):
             scalars = StepScalars()
             for batch in source.batches(spec.seed, epoch, pin=device.type == "cuda"):
+                stop.check()
                 x = tokens_of(batch.to(device, non_blocking=True))
                 with torch.autocast(device.type, dtype=compute_dtype, enabled=compute_dtype != torch.float32):
                     loss, parts, codes = training_loss(

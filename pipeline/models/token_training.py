@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from pipeline import stop
 from pipeline.config import TokensConfig
 from pipeline.data.feature_loader import Prefetcher, batch_stream, n_batches_per_epoch, widen
 from pipeline.models import checkpoints, resumable
@@ -166,6 +167,7 @@ def train_network(
                 store, cfg.batch_size, cfg.seed, epoch, cfg.shuffle_buffer_images, pixels=False
             )
             for feats, _ in Prefetcher(stream, 4, pin=device.type == "cuda"):
+                stop.check()
                 tokens = widen(feats.to(device, non_blocking=True)).flatten(1, 2)
                 with torch.autocast(device.type, dtype=compute_dtype, enabled=compute_dtype != torch.float32):
                     loss, recon, kept = step_loss(model, tokens, spec, cfg)

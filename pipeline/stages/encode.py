@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import multiprocessing
 import shutil
+import signal
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
@@ -18,7 +19,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from pipeline import artifacts, cpus
+from pipeline import artifacts, cpus, stop
 from pipeline.artifacts import WriteLock
 from pipeline.config import EncodeOptions, Layer, TransformSpec, config_hash
 from pipeline.data.datasets import ImageRecord, image_list_sha256, list_images
@@ -122,6 +123,12 @@ def _worker_context():
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload([__name__])
     return context
+
+
+def _start_decode_worker(start_cpus: frozenset[int], worker_id: int) -> None:
+    # Ctrl-C reaches the terminal's whole process group: the stage stops its workers itself (pipeline/stop.py)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    cpus.run_on(start_cpus, worker_id)
 
 
 def _collate(items):
@@ -306,7 +313,7 @@ def _encode_pending(
         pin_memory=encoder.device.type == "cuda",
         prefetch_factor=4 if job.options.num_workers else None,
         multiprocessing_context=_worker_context() if job.options.num_workers else None,
-        worker_init_fn=functools.partial(cpus.run_on, cpus.START),
+        worker_init_fn=functools.partial(_start_decode_worker, cpus.START),
     )
     writers = [BackgroundShardWriter(t.store, job.options.writer_threads) for t in targets]
     n_pending_images = sum(len(range(layout.n_images)[layout.shard_slice(i)]) for i in pending)
@@ -321,6 +328,7 @@ def _encode_pending(
         batches = iter(loader)
         seconds["workers start"] = time.perf_counter() - start
         for positions, pixels, reasons in _timed(batches, seconds, "decode wait"):
+            stop.check()  # between batches: the shards written so far are whole
             start = time.perf_counter()
             shard = int(positions[0]) // layout.shard_images
             rows = layout.shard_slice(shard)

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from pipeline import artifacts
+from pipeline import artifacts, stop
 from pipeline.artifacts import WriteLock
 from pipeline.config import TrainConfig, config_hash
 from pipeline.data.feature_loader import Prefetcher, batch_stream, n_batches_per_epoch, widen
@@ -283,6 +283,7 @@ def _train(cfg: TrainConfig, key: dict, run_dir: Path, train_store, val_store, p
             ):
                 if i % world != rank or i >= steps_per_epoch * world:
                     continue
+                stop.check()  # between steps: a rerun resumes from the last epoch's checkpoint
                 loss = train_step(
                     train_model, optimizer, scheduler, feats, pixels, cfg, pre, device, compute_dtype
                 )

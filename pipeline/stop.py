@@ -1,0 +1,45 @@
+"""A stop asked for by a signal (Ctrl-C, SIGTERM), honoured by the long stages at their next safe point: a
+training step, an encode batch. What stopping there leaves is what any kill leaves (every artifact survives a
+SIGKILL: finished shards, epochs and fits are kept, a rerun resumes), only without a traceback and without
+waiting for the stage to end. The CLI turns signals into requests (flows/interrupts.py); stage logic only checks.
+"""
+
+from __future__ import annotations
+
+import threading
+
+_requested = threading.Event()
+_stopped = threading.Event()
+
+
+class Interrupted(Exception):
+    def __init__(self):
+        super().__init__(
+            "interrupted: finished shards, epochs and fits are kept; run the same command to resume"
+        )
+
+
+def request() -> None:
+    _requested.set()
+
+
+def requested() -> bool:
+    return _requested.is_set()
+
+
+def check() -> None:
+    """At a safe point of a stage: raise Interrupted if a stop was asked for."""
+    if _requested.is_set():
+        _stopped.set()
+        raise Interrupted()
+
+
+def wait_stopped(timeout_s: float) -> bool:
+    """Wait until a stage stopped at a safe point (True), or `timeout_s` passed (False)."""
+    return _stopped.wait(timeout_s)
+
+
+def reset() -> None:
+    """Forget a request (for a process that goes on after handling it: tests)."""
+    _requested.clear()
+    _stopped.clear()
