@@ -247,6 +247,9 @@ def plan_command(
             from pipeline.config_files import load_run_config
 
             unlisted = plan.build(load_run_config(config), config, image_counts=counts)
+            if unused := sorted(set(counts) - {job.split for job in unlisted.encode.values()}):
+                raise typer.BadParameter(f"--images gives split(s) {unused} that this run does not use; it uses "
+                                         f"{sorted({job.split for job in unlisted.encode.values()})}")  # fmt: skip
             results_out.echo_estimate(*results_out.estimates(unlisted, rates, operators))
             return
         from pipeline.config_files import load_run_config
@@ -269,6 +272,8 @@ def _image_counts(items: list[str]) -> dict[str, int]:
         split, _, n = item.partition("=")
         if not split or not n.isdigit() or int(n) == 0:
             raise typer.BadParameter(f"--images expects split=N with N > 0, got '{item}'")
+        if split in counts:
+            raise typer.BadParameter(f"--images gives split '{split}' twice")
         counts[split] = int(n)
     return counts
 
@@ -299,7 +304,7 @@ def run(
             if operators
             else ("encode", "train", "evaluate", "tokens", "sae"),
         )
-        if force:
+        if force is not None:  # --force "" is a mistake, not no --force
             from pipeline.config_files import load_run_config
             from pipeline.plan_table import force as force_stage
 

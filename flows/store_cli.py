@@ -55,7 +55,7 @@ def inspect(
     try:
         info = inspect_store(path)
         if preview is not None:
-            write_preview(path, preview)
+            preview = write_preview(path, preview)
     except StoreError as e:
         _fail(str(e))
     if as_json:

@@ -91,6 +91,8 @@ def _models_in(annotation) -> list[type[BaseModel]]:
 def load_model(path: str | Path, model: type[M], overrides: dict[str, Any] | None = None) -> M:
     """Parse a YAML file into `model`; raise ConfigError naming the file and field on any problem."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{path}: a folder, not a config file; give the YAML file's path")
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     try:

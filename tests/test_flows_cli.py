@@ -51,6 +51,12 @@ def test_cli_encode_runs_the_flow_then_store_ls_and_inspect_describe_the_stores(
     assert info["feature_stats_sampled"]["fraction_nonfinite"] == 0
     assert info["decoding"] == {"resize": "torch", "jpeg_draft": "2x"}
     assert preview.stat().st_size > 1000
+    for given, written in (
+        (tmp_path / "pca", tmp_path / "pca.png"),
+        (tmp_path, tmp_path / f"{store.name}.preview.png"),
+    ):
+        shown = runner.invoke(app, ["store", "inspect", str(store), "--preview", str(given)])
+        assert f"preview written to {written}" in shown.output and written.is_file(), shown.output
 
 
 def test_cli_reports_a_bad_config_with_exit_code_2(tmp_path):

@@ -157,6 +157,7 @@ COCO_CASES = {
     "not json": ("{images: [", "not valid JSON"),
     "a json list": ("[1, 2]", "got a JSON list"),
     "no images key": ({"annotations": []}, "no 'images' list"),
+    "images as a mapping": ({"images": {}}, "'images' is a dict, not a list"),
     "image without file_name": ({"images": [{"id": 1}]}, "images[0] has no file_name"),
     "image without id": ({"images": [{"file_name": "a.png"}]}, "images[0] has no id"),
     "non-integer id": ({"images": [{"id": "7", "file_name": "a.png"}]}, "is not an integer"),
@@ -182,6 +183,21 @@ def test_a_captions_file_with_categories_and_annotations_without_category_id_is_
 
     records = list_images(DatasetSpec.model_validate(_coco(tmp_path, annotations)), "val")
     assert [r.captions for r in records] == [("red",), ("red too",)]
+
+
+def test_plan_arguments_that_would_be_ignored_are_refused_in_one_line(tmp_path):
+    config = _write_raw(tmp_path, _base(tmp_path))
+    estimate = ["plan", "-c", str(config), "--estimate"]
+    twice = runner.invoke(app, [*estimate, "--images", "val=5", "--images", "val=7"])
+    assert twice.exit_code == 2 and "split 'val' twice" in twice.output, twice.output
+    unused = runner.invoke(
+        app, [*estimate, "--images", "val=5", "--images", "train=5", "--images", "nosplit=9"]
+    )
+    assert unused.exit_code == 2 and "['nosplit'] that this run does" in unused.output, unused.output
+    _assert_one_line_failure(runner.invoke(app, ["plan", "-c", str(tmp_path)]), "a folder, not a config file")
+    missing_split = _write_raw(tmp_path, _base(tmp_path, splits=["val", "test"]))
+    _assert_one_line_failure(runner.invoke(app, ["plan", "-c", str(missing_split)]), "no split 'test'",
+                             "add it to dataset.splits")  # fmt: skip
 
 
 CONFIG_CASES = {

@@ -35,7 +35,11 @@ def demo_splits(root: Path) -> dict[str, SplitSpec]:
 def split_spec(dataset: DatasetSpec, split: str) -> SplitSpec:
     splits = demo_splits(dataset.root) if dataset.kind == "demo" else dataset.splits
     if split not in splits:
-        raise ConfigError(f"dataset '{dataset.name}' has no split '{split}'; it has {sorted(splits)}")
+        raise ConfigError(
+            f"dataset '{dataset.name}' has no split '{split}'; it has {sorted(splits)}: add it to dataset.splits, "
+            "or name one it has where the split comes from (splits, train.train_split / val_split, "
+            "operators.split, evaluate.split; train_split defaults to 'train', the others to 'val')"
+        )
     spec = splits[split]
     if dataset.kind == "demo":
         return spec
@@ -117,8 +121,12 @@ def read_coco_annotations(path: Path) -> dict:
             f"{path}: expected a COCO object with an 'images' list, got a JSON {type(data).__name__}"
         )
     images = data.get("images")
-    if not isinstance(images, list):
+    if images is None:
         raise ConfigError(f"{path}: no 'images' list (keys: {', '.join(map(str, data)) or 'none'})")
+    if not isinstance(images, list):
+        raise ConfigError(
+            f"{path}: 'images' is a {type(images).__name__}, not a list of {{id, file_name, ...}}"
+        )
     for i, image in enumerate(images):
         missing = [k for k in ("id", "file_name") if not isinstance(image, dict) or k not in image]
         if missing:
