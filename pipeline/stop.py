@@ -37,9 +37,3 @@ def check() -> None:
 def wait_stopped(timeout_s: float) -> bool:
     """Wait until a stage stopped at a safe point (True), or `timeout_s` passed (False)."""
     return _stopped.wait(timeout_s)
-
-
-def reset() -> None:
-    """Forget a request (for a process that goes on after handling it: tests)."""
-    _requested.clear()
-    _stopped.clear()
