@@ -18,7 +18,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from pipeline import artifacts
+from pipeline import artifacts, stop
 from pipeline.config import ConfigError, EvaluateConfig, canonical_json, config_hash
 from pipeline.data.store_info import StoreInfo
 from pipeline.jobs import EvalTarget
@@ -90,6 +90,7 @@ def score_encoder(
     records: list[pd.DataFrame] = []
     bar = tqdm(total=len(rows), unit="img", desc=f"score {target.encoder_name}", disable=not progress)
     for start in range(0, len(rows), cfg.batch_size):
+        stop.check()  # scores are written once, whole: a rerun scores again
         idx, ids = rows[start : start + cfg.batch_size], image_ids[start : start + cfg.batch_size]
         originals = store.pixels(idx)
         recons = reconstruct(model, store.features(idx), pre)

@@ -15,7 +15,7 @@ import dask
 import numpy as np
 from safetensors.numpy import save_file
 
-from pipeline import artifacts
+from pipeline import artifacts, stop
 from pipeline.artifacts import WriteLock, write_json_atomic
 from pipeline.config import OperatorPairSpec, config_hash
 from pipeline.data.store_info import StoreInfo, check_same_encoder
@@ -186,6 +186,7 @@ def _fit_and_analyse(
     transform = job.pair.transform
     predicted = expected_spectrum(transform.name, transform.params, job.pair.direction)
     for fit_type, not_run in fits_for(job.pair, cfg.fits):
+        stop.check()  # the fit's record is written once, whole: a rerun fits again
         if not_run:
             table.append({"fit": fit_type, "not_run": not_run})
             continue
