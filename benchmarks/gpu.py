@@ -79,16 +79,31 @@ def timed(fn, device: torch.device) -> float:
     return time.perf_counter() - start
 
 
+def _jpegs(work: Path, s: dict) -> DatasetSpec:
+    folder = work / "jpegs"
+    if not folder.is_dir():
+        coco_sized_jpegs(folder, s["images"])
+    return DatasetSpec(name="jpegs", kind="folder", root=work, splits={"all": SplitSpec(images_dir=folder)})
+
+
+def _stage_job(folder: Path, dataset: DatasetSpec, spec: EncoderSpec, store: StoreOptions, s: dict,
+               device: torch.device, **options) -> EncodeJob:  # fmt: skip
+    return EncodeJob(folder, dataset, "all", SubsetSpec(), spec, TransformSpec(), store,
+                     EncodeOptions(batch_size=s["batch"], device=str(device),
+                                   writer_threads=min(4, options["num_workers"]), **options))  # fmt: skip
+
+
+def train_store(work: Path, spec: EncoderSpec, s: dict, device: torch.device, workers: int) -> Path:
+    """The float16 store the train rows read, made by the encode stage alone (--train-only)."""
+    job = _stage_job(work / "float16", _jpegs(work, s), spec, StoreOptions(), s, device, num_workers=workers)
+    return encode.run(job, progress=False).store_path
+
+
 def encode_rows(
     work: Path, spec: EncoderSpec, s: dict, device: torch.device, workers: int
 ) -> tuple[list, Path]:
     """Images/s of (a), (b) and (c) for one resolution; the path of the store (b) wrote."""
-    folder = work / "jpegs"
-    if not folder.is_dir():
-        coco_sized_jpegs(folder, s["images"])
-    dataset = DatasetSpec(
-        name="jpegs", kind="folder", root=work, splits={"all": SplitSpec(images_dir=folder)}
-    )
+    dataset = _jpegs(work, s)
     records = list_images(dataset, "all", SubsetSpec())
     n, batch = len(records), s["batch"]
     enc = encoders.load(spec, device=str(device))
@@ -107,10 +122,9 @@ def encode_rows(
     def stage(
         folder: str, store: StoreOptions, torch_threads: int | None = None, root: Path = work, **options
     ):
-        options = {"num_workers": workers, **options}
-        job = EncodeJob(root / folder, dataset, "all", SubsetSpec(), spec, TransformSpec(), store,
-                        EncodeOptions(batch_size=batch, device=str(device),
-                                      writer_threads=min(4, options["num_workers"]), **options))  # fmt: skip
+        job = _stage_job(
+            root / folder, dataset, spec, store, s, device, **{"num_workers": workers, **options}
+        )
         threads = torch.get_num_threads()
         torch.set_num_threads(torch_threads or threads)
         start = time.perf_counter()
@@ -310,8 +324,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workers", type=int, default=max(1, min(12, (os.cpu_count() or 2) - 2)))
     parser.add_argument("--resolution", type=int, action="append", help="only these (default: 224 and 512)")
     parser.add_argument("--encode-only", action="store_true", help="no training rows")
+    parser.add_argument(
+        "--train-only", action="store_true", help="no encode rows (one stage run makes the store)"
+    )
+    parser.add_argument(
+        "--train-batch", type=int, action="append", help="only these train batches (default: 10, 64)"
+    )
     args = parser.parse_args(argv)
     s = dict(SETTINGS["smoke" if args.smoke else "full"])
+    s["train_batches"] = tuple(args.train_batch or s["train_batches"])
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(
@@ -322,11 +343,14 @@ def main(argv: list[str] | None = None) -> None:
         spec = EncoderSpec(name=f"vit-b16-{resolution}", backend="timm", model_id=s["model"], resolution=resolution,
                            patch_size=16, preprocessing_source="timm_pretrained_cfg", weights="random")  # fmt: skip
         with tempfile.TemporaryDirectory() as tmp:
-            rows, store_path = encode_rows(Path(tmp), spec, s, device, args.workers)
-            print(f"\n## {name}: encode, {s['model']} @ {resolution} px, {s['images']} JPEGs 640x480, "
-                  f"batch {s['batch']}\n\n| path | images/s | ratio | the stage's time (s) |\n|---|---|---|---|")  # fmt: skip
-            for path, rate, ratio, timing in rows:
-                print(f"| {path} | {rate:.0f} | {ratio} | {timing} |", flush=True)
+            if args.train_only:
+                store_path = train_store(Path(tmp), spec, s, device, args.workers)
+            else:
+                rows, store_path = encode_rows(Path(tmp), spec, s, device, args.workers)
+                print(f"\n## {name}: encode, {s['model']} @ {resolution} px, {s['images']} JPEGs 640x480, "
+                      f"batch {s['batch']}\n\n| path | images/s | ratio | the stage's time (s) |\n|---|---|---|---|")  # fmt: skip
+                for path, rate, ratio, timing in rows:
+                    print(f"| {path} | {rate:.0f} | {ratio} | {timing} |", flush=True)
             if args.encode_only:
                 continue
             print(f"\n## {name}: train, default reconstructor on the {resolution} px store, {s['train_steps']} "

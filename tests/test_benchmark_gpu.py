@@ -21,3 +21,13 @@ def test_the_gpu_benchmark_runs_end_to_end_at_toy_sizes_on_the_cpu(capsys):
     train_row = re.search(r"\| float32 \| False \| ([\d.]+) \| (\d+) \| ([\d.]+) \| ([\d.]+) \|", out)
     assert train_row and all(float(train_row.group(i)) > 0 for i in (1, 3, 4))
     assert "largest bf16 batch that fits: 16" in out  # the search doubled 8 -> 16, its smoke cap
+
+
+def test_train_only_makes_its_store_with_one_stage_run_and_prints_no_encode_rows(capsys):
+    spec = importlib.util.spec_from_file_location("gpu_benchmark", BENCHMARK)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.main(["--smoke", "--train-only"])
+    out = capsys.readouterr().out
+    assert "encode, " not in out and "| (b)" not in out
+    assert re.search(r"\| float32 \| False \| ([\d.]+) \| (\d+) \| ([\d.]+) \| ([\d.]+) \|", out), out
