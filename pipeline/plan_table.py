@@ -5,6 +5,7 @@ artifacts and those that use them."""
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -143,19 +144,28 @@ def force(cfg: RunConfig, config_path: Path | None, stage: str) -> list[Path]:
     doomed = STAGES[STAGES.index(stage) :]
     if stage in ("operators", "evaluate", "tokens"):  # the studies read none of these
         doomed = tuple(s for s in doomed if s not in STUDIES or s == stage)
-    steps = plan(cfg, config_path)
-    removed = []
-    for step in steps:
-        if step.stage in doomed and step.stage != "evaluate" and step.path and Path(step.path).exists():
-            with WriteLock(Path(step.path)):
-                shutil.rmtree(step.path)
-            removed.append(Path(step.path))
+    folders = [Path(step.path) for step in plan(cfg, config_path)
+               if step.stage in doomed and step.stage != "evaluate" and step.path and Path(step.path).exists()]  # fmt: skip
+    scores, reports = [], []
     if "evaluate" in doomed:
         evaluated = {str(p) for p in build(cfg, config_path).evaluate.values()}
-        for meta_path in sorted((Path(cfg.evaluate.output_root) / "scores").glob("*.json")):
+        root = Path(cfg.evaluate.output_root)
+        for meta_path in sorted((root / "scores").glob("*.json")):
             meta = read_json(meta_path)
             if meta is not None and meta.get("store") in evaluated:
-                for f in (meta_path, meta_path.with_suffix(".parquet")):
-                    f.unlink(missing_ok=True)
-                removed.append(meta_path.with_suffix(".parquet"))
-    return removed
+                scores.append(meta_path.with_suffix(".parquet"))
+        stems = {path.stem for path in scores}
+        for record_path in sorted(root.glob("report__*/result.json")):  # reports made from those scores
+            record = read_json(record_path)
+            if record is not None and stems & set(record.get("key", {}).get("scores", [])):
+                reports.append(record_path.parent)
+    # Every lock first: an artifact being written elsewhere refuses the whole --force, before anything is removed.
+    with contextlib.ExitStack() as locks:
+        for path in [*folders, *reports, *scores]:
+            locks.enter_context(WriteLock(path))
+        for folder in [*folders, *reports]:
+            shutil.rmtree(folder)
+        for parquet in scores:
+            parquet.with_suffix(".json").unlink(missing_ok=True)
+            parquet.unlink(missing_ok=True)
+    return [*folders, *reports, *scores]

@@ -140,6 +140,9 @@ def test_scores_are_reused_not_recomputed(result, targets):
                     equal_nan=True)
         for k in first
     )  # fmt: skip
+    res.report_html.unlink()  # a report missing a file is written again, not reused
+    rebuilt = evaluate.run(targets, cfg, evaluate.load_judges([resolve_encoder("tiny-judge")], "cpu"))
+    assert rebuilt.report_html.is_file() and [f.stat().st_mtime_ns for f in rebuilt.score_files] == stamps
 
 
 def test_headline_pairs_pick_siglip_vs_siglip2_at_the_same_resolution():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from flows.cli import app
@@ -21,6 +22,7 @@ def _config(write_run_config, tmp_path):
                "n_sample_images": 2, "shuffle_buffer_images": 4},
         operators={"output_root": str(tmp_path / "ops"), "pairs": [{"transform": {"name": "swap_rb"}}],
                    "n_fit_images": 4},
+        evaluate={"output_root": str(tmp_path / "evaluate")},
     )  # fmt: skip
 
 
@@ -83,10 +85,31 @@ def test_force_removes_a_stage_and_every_later_one_so_the_plan_runs_them_again(w
     }
     run = train.run(train.TrainJob(stores[("train", "identity")], stores[("val", "identity")], cfg.train),
                     progress=False)  # fmt: skip
+    from pipeline.artifacts import WriteLock
+    from storage import StoreError
+
+    with WriteLock(run.run_dir), pytest.raises(StoreError, match="another run .* is writing"):
+        force(cfg, path, "encode")  # one artifact is being written: nothing at all is removed
+    assert all(store.is_dir() for store in stores.values()) and run.run_dir.is_dir()
     assert force(cfg, path, "train") == [run.run_dir]
     states = {(s.stage, s.what): s.state for s in plan(cfg, path)}
     assert states[("train", "train")] == "to run" and states[("encode", "train identity")] == "cached"
     assert states[("operators", "swap_rb forward")] == "after train"
+    from pipeline.artifacts import write_json_atomic
+
+    scores_dir = Path(cfg.evaluate.output_root) / "scores"  # a finished evaluation, as its files look
+    scores_dir.mkdir(parents=True)
+    scores = scores_dir / "tiny-vit-64__0123456789abcdef.parquet"
+    scores.write_bytes(b"scores")
+    write_json_atomic(
+        scores.with_suffix(".json"), {"store": str(next(iter(build(cfg, path).evaluate.values())))}
+    )
+    made_from_them, other = (Path(cfg.evaluate.output_root) / f"report__{h}" for h in ("aaaa", "bbbb"))
+    for report, used in ((made_from_them, scores.stem), (other, "another-encoder__ffff")):
+        report.mkdir()
+        write_json_atomic(report / "result.json", {"key": {"scores": [used]}})
+    assert sorted(force(cfg, path, "evaluate")) == sorted([made_from_them, scores])
+    assert not scores.exists() and not scores.with_suffix(".json").exists() and other.is_dir()
     try:
         force(cfg, path, "trian")
     except ConfigError as e:

@@ -19,6 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from pipeline import artifacts, stop
+from pipeline.artifacts import WriteLock
 from pipeline.config import ConfigError, EvaluateConfig, canonical_json, config_hash
 from pipeline.data.store_info import StoreInfo
 from pipeline.jobs import EvalTarget
@@ -80,11 +81,15 @@ def score_encoder(
     key = score_key(store, header, judges, cfg)
     out = artifacts.folder(Path(cfg.output_root) / "scores", target.encoder_name, key, ".parquet")
     meta_path = out.with_suffix(".json")
-    meta = artifacts.finished(meta_path)
-    if (
-        out.is_file() and meta is not None
-    ):  # the meta file is written last: its presence marks the scores done
-        return pd.read_parquet(out), out, meta
+    with WriteLock(out):  # two runs never score one encoder at once: the second waits, then reads the first's
+        meta = artifacts.finished(meta_path)
+        if out.is_file() and meta is not None:  # the meta file is written last: it marks the scores done
+            return pd.read_parquet(out), out, meta
+        return _score(target, judges, cfg, store, model, rows, image_ids, key, out, meta_path, progress)
+
+
+def _score(target, judges, cfg, store, model, rows, image_ids, key, out, meta_path, progress):
+    """Score `target` under its lock (score_encoder): the parquet, then its meta record, which marks it done."""
     pre = StoreInfo.of(store).preprocessing
     lpips_model, lpips_note = _lpips_model() if cfg.lpips else (None, "")
     records: list[pd.DataFrame] = []
@@ -286,7 +291,6 @@ def run(
     progress: bool = True,
 ) -> EvaluateResult:
     """Score every target (cached) with the loaded judges, analyse, and write the report; returns where it is."""
-    from pipeline.report import report
 
     if len(targets) < 2:
         raise ConfigError("evaluation compares encoders: give at least two")
@@ -306,8 +310,16 @@ def run(
     )
     key = {"scores": [f.stem for f in files], "stats": stats_cfg}
     out_dir = artifacts.folder(cfg.output_root, "report", key)
+    with WriteLock(out_dir):  # a second run waits, then finds this one's report
+        return _report(out_dir, key, stats_cfg, frames, files, notes, inputs, targets, cfg, judges)
+
+
+def _report(out_dir: Path, key: dict, stats_cfg: dict, frames, files, notes, inputs, targets, cfg, judges):
+    from pipeline.report import report
+
     done = artifacts.finished(out_dir / artifacts.RESULT)
-    if done is not None:  # same score files, same statistics settings: the report stands
+    whole = all((out_dir / name).is_file() for name in ("report.md", "report.html"))
+    if done is not None and whole:  # same score files, same statistics settings: the report stands
         return EvaluateResult(
             out_dir / "report.md", out_dir / "report.html", files, _cached_analysis(out_dir, done, cfg)
         )
