@@ -164,8 +164,9 @@ def _kind_and_status(here: Path, filenames: list[str]) -> tuple[str | None, str]
     if "zarr.json" in filenames:
         return "store", ""
     if (here / "checkpoints").is_dir():
-        epochs = len(list((here / "checkpoints").glob("epoch-*.json")))
-        return "training run", "complete" if finished else f"partial ({epochs} epoch checkpoint(s))"
+        kept = sorted((here / "checkpoints").glob("epoch-*.json"))  # the last `keep_last` only: count by name
+        epochs = int(kept[-1].stem.removeprefix("epoch-")) + 1 if kept else 0
+        return "training run", "complete" if finished else f"partial ({epochs} epoch(s) done)"
     if "fits.md" in filenames or any(f.endswith("_eigenvalues.png") for f in filenames):
         return "operator fit", "complete" if finished else "partial"
     if "networks.json" in filenames:

@@ -64,12 +64,20 @@ def test_ls_lists_every_kind_of_artifact_with_its_status(write_run_config, tmp_p
     run = train.run(train.TrainJob(store, store, cfg.train), progress=False)
     killed = tmp_path / "train" / "tiny-vit-64__0123456789abcdef"  # a run killed before its first epoch ended
     (killed / "checkpoints").mkdir(parents=True)
+    later = (
+        tmp_path / "train" / "tiny-vit-64__fedcba9876543210"
+    )  # killed in epoch 7: keep_last 2 kept two files
+    (later / "checkpoints").mkdir(parents=True)
+    for epoch in (4, 5):
+        (later / "checkpoints" / f"epoch-{epoch:04d}.json").write_text("{}")
     out = CliRunner().invoke(app, ["ls", str(tmp_path)])
     assert out.exit_code == 0, out.output
     rows = {line.split()[-1]: line for line in out.output.splitlines()[2:]}
     assert rows[str(store)].startswith("store ") and " complete " in rows[str(store)]
     assert rows[str(run.run_dir)].startswith("training run") and " complete " in rows[str(run.run_dir)]
-    assert "partial (0 epoch checkpoint(s))" in rows[str(killed)]
+    assert (
+        "partial (0 epoch(s) done)" in rows[str(killed)] and "partial (6 epoch(s) done)" in rows[str(later)]
+    )
     assert CliRunner().invoke(app, ["ls", str(tmp_path / "nothing")]).exit_code == 2
 
 
