@@ -189,8 +189,8 @@ def write_preview(path: Path, out_png: Path, n_images: int = 6) -> Path:
     out_png = Path(out_png)
     if out_png.is_dir():  # a folder: the figure goes inside, named after the store
         out_png = out_png / f"{Path(path).name}.preview.png"
-    elif out_png.suffix.lower() != ".png":  # matplotlib would add it: say the name it writes
-        out_png = out_png.with_name(out_png.name + ".png")
+    elif out_png.suffix.lower().lstrip(".") not in fig.canvas.get_supported_filetypes():
+        out_png = out_png.with_name(out_png.name + ".png")  # what matplotlib would write: say that name
     out_png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out_png, dpi=100, bbox_inches="tight")
     plt.close(fig)
