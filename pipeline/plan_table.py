@@ -162,7 +162,7 @@ def force(cfg: RunConfig, config_path: Path | None, stage: str) -> list[Path]:
     # Every lock first: an artifact being written elsewhere refuses the whole --force, before anything is removed.
     with contextlib.ExitStack() as locks:
         for path in [*folders, *reports, *scores]:
-            locks.enter_context(WriteLock(path))
+            locks.enter_context(WriteLock(path, wait_s=0))  # refuse at once, whatever lock_wait_s says
         for folder in [*folders, *reports]:
             shutil.rmtree(folder)
         for parquet in scores:
