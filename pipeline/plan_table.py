@@ -128,8 +128,10 @@ def _study_steps(run: RunPlan, step: StudyStep, states: dict, checkpoints: dict)
     except (CheckpointError, StoreError) as e:
         return [Step(step.stage, step.encoder, eval_what, f"to run (inputs: {e})", "")]
     done = len(list(nets_dir.glob("*/final.json")))
+    # a network killed mid-training has epoch checkpoints and resumes from them
+    started = done or any(nets_dir.glob("*/epoch-*.json"))
     nets_state = (
-        "cached" if done >= n_networks else f"partial ({done}/{n_networks} networks)" if done else "to run"
+        "cached" if done >= n_networks else f"partial ({done}/{n_networks} networks)" if started else "to run"
     )
     eval_state = "cached" if read_json(out_dir / "result.json") is not None else "to run"
     return [*text_rows, Step(step.stage, step.encoder, train_what, nets_state, str(nets_dir)),

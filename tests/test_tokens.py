@@ -230,6 +230,16 @@ def test_the_plan_lists_the_study_and_refuses_what_cannot_work(tokens_run, tmp_p
     config, _, _ = tokens_run
     rows = [s for s in plan_table.plan(load_run_config(config), config) if s.stage == "tokens"]
     assert [r.state for r in rows] == ["cached", "cached"]
+    finals = sorted(Path(rows[0].path).glob("*/final.json"))
+    assert all(list(final.parent.glob("epoch-*.json")) for final in finals)  # each keeps its last epoch
+    # as if killed in training: epoch checkpoints, no final
+    hidden = [final.rename(final.with_name("final.json.hidden")) for final in finals]
+    try:
+        states = [s.state for s in plan_table.plan(load_run_config(config), config) if s.stage == "tokens"]
+        assert states[0] == f"partial (0/{len(finals)} networks)", states
+    finally:
+        for final, moved in zip(finals, hidden, strict=True):
+            moved.rename(final)
     data = yaml.safe_load(config.read_text())
     data["tokens"] |= {"split": "train", "train_split": "val"}  # scored on the images that trained R
     bad = tmp_path / "bad.yaml"
