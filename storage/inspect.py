@@ -39,18 +39,20 @@ def find_stores(root: Path) -> list[Path]:
     return sorted(
         p.parent
         for p in Path(root).glob("*/zarr.json")
-        if not p.parent.name.startswith(".")  # hidden: being created
-        and (FORMAT_KEY in p.read_text(errors="replace")[:100000] or _unparsable_store_json(p))
+        if not p.parent.name.startswith(".") and _is_store_json(p)  # hidden: being created
     )
 
 
-def _unparsable_store_json(path: Path) -> bool:
+def _is_store_json(path: Path) -> bool:
+    text = path.read_text(errors="replace")
+    if FORMAT_KEY in text[:100000]:
+        return True
     if path.parent.suffix != ".zarr":
         return False
     try:
-        json.loads(path.read_text(errors="replace"))
+        json.loads(text)
     except ValueError:
-        return True
+        return True  # a store's record gone bad: listed, so that its error is seen
     return False
 
 
