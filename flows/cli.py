@@ -10,12 +10,12 @@ import typer
 
 from flows import results_out
 from flows.errors import fail as _fail
-from flows.errors import reported_in_one_line
+from flows.errors import OneValueEach, reported_in_one_line
 from flows.store_cli import ls, store_app
 from pipeline.config import ConfigError
 from pipeline.config_files import REPO_CONFIG_DIR
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
+app = typer.Typer(cls=OneValueEach, no_args_is_help=True, add_completion=False, help=__doc__)
 app.add_typer(store_app, name="store")
 
 DEMO_CONFIG = REPO_CONFIG_DIR / "demo.yaml"

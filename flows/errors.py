@@ -7,6 +7,7 @@ import errno
 import os
 
 import typer
+from typer.core import TyperGroup, TyperOption
 
 from pipeline.config import ConfigError
 
@@ -81,3 +82,20 @@ def reported_in_one_line(stoppable: bool = False):
         if message is None:
             raise
         fail(message)
+
+
+class OneValueEach(TyperGroup):
+    """Refuses an option that takes one value given twice (`--config a.yaml --config b.yaml`): Click would keep
+    the last one silently."""
+
+    def resolve_command(self, ctx: typer.Context, args: list[str]):
+        name, command, rest = super().resolve_command(ctx, args)
+        if command is not None and not hasattr(command, "commands"):  # a group resolves its own commands
+            args_before_end = rest[: rest.index("--")] if "--" in rest else rest
+            for param in command.params:
+                if isinstance(param, TyperOption) and not (param.multiple or param.is_flag or param.count):
+                    given = [a for a in args_before_end for opt in param.opts
+                             if a == opt or (opt.startswith("--") and a.startswith(opt + "="))]  # fmt: skip
+                    if len(given) > 1:
+                        raise typer.BadParameter(f"given {len(given)} times: give it once", ctx, param)
+        return name, command, rest

@@ -66,6 +66,17 @@ def test_cli_reports_a_bad_config_with_exit_code_2(tmp_path):
     assert result.exit_code == 2 and "store.precision" in result.output
 
 
+def test_an_option_of_one_value_given_twice_is_refused_not_overridden(tmp_path):
+    first, second = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    for args in (["plan", "--config", str(first), "--config", str(second)],
+                 ["plan", f"--config={first}", "-c", str(second)],
+                 ["store", "inspect", str(tmp_path), "--preview", "x", "--preview", "y"]):  # fmt: skip
+        result = runner.invoke(app, args)
+        assert result.exit_code == 2 and "given 2 times: give it once" in result.output, (args, result.output)
+    once = runner.invoke(app, ["plan", "--config", str(first), "--", "--config"])  # after `--`: not an option
+    assert "given 2 times" not in once.output and once.exit_code == 2  # a.yaml does not exist
+
+
 def test_store_inspect_on_a_non_store_fails_cleanly(tmp_path):
     result = runner.invoke(app, ["store", "inspect", str(tmp_path)])
     assert result.exit_code == 2 and "not a feature store" in result.output
