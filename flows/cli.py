@@ -9,8 +9,8 @@ from typing import Annotated
 import typer
 
 from flows import results_out
-from flows.errors import fail as _fail
 from flows.errors import OneValueEach, reported_in_one_line
+from flows.errors import fail as _fail
 from flows.store_cli import ls, store_app
 from pipeline.config import ConfigError
 from pipeline.config_files import REPO_CONFIG_DIR

@@ -9,8 +9,8 @@ from typing import Annotated
 
 import typer
 
-from flows.errors import fail as _fail
 from flows.errors import OneValueEach, reported_in_one_line
+from flows.errors import fail as _fail
 
 store_app = typer.Typer(cls=OneValueEach, no_args_is_help=True, help="Inspect cached feature stores.")
 
