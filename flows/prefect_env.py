@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import subprocess
 from pathlib import Path
 
 DEFAULTS = {
@@ -64,3 +65,25 @@ def quiet_user_errors() -> None:
         logger = logging.getLogger(name)
         if not any(isinstance(f, _UserErrorFilter) for f in logger.filters):
             logger.addFilter(_UserErrorFilter())
+
+
+class _SubprocessInOwnSession:
+    """The `subprocess` module as Prefect's server module sees it: every Popen starts a session of its own."""
+
+    def __getattr__(self, name: str):
+        return getattr(subprocess, name)
+
+    @staticmethod
+    def Popen(*args, **kwargs):  # noqa: N802 (subprocess's name)
+        return subprocess.Popen(*args, **{**kwargs, "start_new_session": True})
+
+
+def temporary_server_in_own_session() -> None:
+    """Without PREFECT_API_URL, Prefect starts a temporary server as a child in the CLI's process group, so the
+    terminal's Ctrl-C stops it too, before the run can record that it stopped: its flow run stayed RUNNING. In a
+    session of its own it outlives the Ctrl-C; Prefect's exit handler stops it, flows/reaper.py after a SIGKILL."""
+    if os.environ.get("PREFECT_API_URL"):
+        return
+    from prefect.server.api import server
+
+    server.subprocess = _SubprocessInOwnSession()

@@ -12,6 +12,7 @@ from pathlib import Path
 from flows import prefect_env
 
 prefect_env.configure()
+prefect_env.temporary_server_in_own_session()
 
 from prefect import tags, task  # noqa: E402
 from prefect.artifacts import create_markdown_artifact  # noqa: E402

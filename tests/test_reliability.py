@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -22,16 +23,18 @@ from flows.cli import app
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _live_in_group(pgid: int) -> list[str]:
-    """Processes of a process group that are still running (zombies waiting for init hold nothing)."""
-    live = []
+def _live_started_by(home: Path) -> list[str]:
+    """Processes a CLI run with RECONLAB_HOME=home started, still running: they all inherit its environment, also
+    those in sessions of their own (Prefect's temporary server). Zombies waiting for init hold nothing."""
+    live, marker = [], f"RECONLAB_HOME={home}".encode()
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+                environ = (entry / "environ").read_bytes().split(b"\0")
             except OSError:
                 continue
-            if int(fields[2]) == pgid and fields[0] != "Z":
+            if marker in environ and state != "Z":
                 live.append(entry.name)
     return live
 
@@ -50,13 +53,13 @@ def test_a_sigkilled_encode_leaves_no_process_running(write_run_config, tmp_path
     while time.time() < deadline and not list((tmp_path / "stores").glob("*/features/c")):
         assert proc.poll() is None, "encode ended before it could be killed"
         time.sleep(0.2)
-    assert len(_live_in_group(proc.pid)) >= 3, "expected the server, fork server and workers to be running"
+    assert len(_live_started_by(tmp_path / "home")) >= 4, "expected the server, fork server and workers running"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     deadline = time.time() + 10
-    while time.time() < deadline and _live_in_group(proc.pid):
+    while time.time() < deadline and _live_started_by(tmp_path / "home"):
         time.sleep(0.2)
-    assert not _live_in_group(proc.pid)
+    assert not _live_started_by(tmp_path / "home")
 
 
 @pytest.mark.slow
@@ -95,10 +98,13 @@ def test_an_interrupted_training_stops_at_once_in_one_line_and_leaves_nothing_ru
     assert proc.returncode == 130, output
     assert "finished shards, epochs and fits are kept; run the same command to resume" in output
     assert "Traceback" not in output and "ERROR" not in output, output
+    with sqlite3.connect(tmp_path / "home" / "prefect" / "prefect.db") as db:  # the temporary server's record
+        ended = "FAILED" if how.startswith("Ctrl-C") else "CRASHED"  # Prefect's engine reads a SIGTERM as a crash
+        assert db.execute("SELECT state_type FROM flow_run").fetchall() == [(ended,)]  # Ctrl-C left it RUNNING
     deadline = time.time() + 10
-    while time.time() < deadline and _live_in_group(proc.pid):
+    while time.time() < deadline and _live_started_by(tmp_path / "home"):
         time.sleep(0.2)
-    assert not _live_in_group(proc.pid)
+    assert not _live_started_by(tmp_path / "home")
 
 
 # -- the bad-input matrix: one line, exit 2, no traceback, nothing written ----------------------------------------
