@@ -8,6 +8,8 @@ the artifact's folder. Adding a config field therefore changes keys unless the f
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import fcntl
 import json
 import os
@@ -85,35 +87,40 @@ def read_json(path: Path) -> Any | None:
 class WriteLock:
     """Exclusive lock on an artifact (store, training run, operator fit); released by the OS if the holder dies.
     By default a held lock fails at once; `wait_s` (or $RECONLAB_LOCK_WAIT_S, which the flows set from
-    `orchestration.lock_wait_s`) waits that long for the other run, whose finished artifact is then re-used."""
+    `orchestration.lock_wait_s`) waits that long for the other run, whose finished artifact is then re-used.
+    Runs reading the artifact (ReadLock) hold it too: `--force` and `store verify --repair` refuse to remove or
+    change what another run reads."""
+
+    shared = False
 
     def __init__(self, artifact_path: Path, wait_s: float | None = None):
         self.lock_path = Path(artifact_path).with_name(Path(artifact_path).name + ".lock")
         self.wait_s = float(os.environ.get("RECONLAB_LOCK_WAIT_S", 0)) if wait_s is None else wait_s
         self._fd: int | None = None
 
-    def __enter__(self) -> WriteLock:
+    def __enter__(self):
         self.lock_path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
         deadline, announced = time.monotonic() + self.wait_s, False
         while True:
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(fd, (fcntl.LOCK_SH if self.shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
                 break
             except BlockingIOError:
-                holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+                holders = _holders(fd)
                 if time.monotonic() >= deadline:
                     os.close(fd)
                     raise StoreLocked(
-                        f"{self.lock_path.with_suffix('')}: another run (pid {holder}) is writing this artifact; "
+                        f"{self.lock_path.with_suffix('')}: {holders} this artifact; "
                         "wait for it to finish or stop it, then re-run (finished work is kept)"
                     ) from None
                 if not announced:
-                    print(f"waiting for pid {holder}, which is writing {self.lock_path.with_suffix('')}")
+                    print(f"waiting: {holders} {self.lock_path.with_suffix('')}")
                     announced = True
                 time.sleep(min(2.0, max(deadline - time.monotonic(), 0.05)))
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        if not self.shared:  # readers leave the last writer's pid in place
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, str(os.getpid()).encode(), 0)
         self._fd = fd
         return self
 
@@ -122,6 +129,48 @@ class WriteLock:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = None
+
+
+class ReadLock(WriteLock):
+    """Shared lock on an artifact a stage reads: any number of runs read it at once; a run writing it makes the
+    reader wait (or refuse) as WriteLock does."""
+
+    shared = True
+
+
+@contextlib.contextmanager
+def reading(*artifact_paths: Path | None):
+    """ReadLock on each artifact a stage reads while it runs (None and repeats skipped). An artifact whose lock
+    file cannot be made (a read-only copy) is read unlocked: nothing here can remove it either."""
+    with contextlib.ExitStack() as locks:
+        for path in dict.fromkeys(Path(p) for p in artifact_paths if p is not None):
+            try:
+                locks.enter_context(ReadLock(path))
+            except PermissionError:
+                continue
+            except OSError as e:
+                if e.errno != errno.EROFS:
+                    raise
+        yield
+
+
+def _holders(fd: int) -> str:
+    """Who holds the lock that `fd` could not take: a writer (its pid is in the file) or readers (shared holders
+    only: a shared lock is then free; their pids from /proc/locks where there is one)."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+        return f"another run (pid {holder}) is writing"
+    fcntl.flock(fd, fcntl.LOCK_UN)
+    st = os.fstat(fd)
+    inode = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    try:
+        lines = Path("/proc/locks").read_text().splitlines()
+    except OSError:
+        lines = []
+    pids = sorted({f[4] for f in map(str.split, lines) if len(f) > 5 and f[1] == "FLOCK" and f[5] == inode})
+    return f"another run (pid {', '.join(pids)}) is reading" if pids else "another run is reading"
 
 
 def list_artifacts(root: Path) -> list[dict]:
@@ -181,7 +230,15 @@ def _kind_and_status(here: Path, filenames: list[str]) -> tuple[str | None, str]
         return "token study", "complete" if finished else "partial"
     if here.name.startswith("report__"):
         return "report", "complete" if "report.html" in filenames else "partial"
+    if any(_is_fit_record(here / f) for f in filenames if f.endswith(".json")):  # killed before its first plot
+        return "operator fit", "partial"
     return None, ""
+
+
+def _is_fit_record(path: Path) -> bool:
+    """An operator fit's per-fit record (`<fit>.json`, written before its plot and fits.md)."""
+    record = read_json(path)
+    return isinstance(record, dict) and {"fit", "transform", "direction", "source_store"} <= record.keys()
 
 
 def _age(seconds: float) -> str:

@@ -294,3 +294,76 @@ def test_a_store_re_encoded_with_other_bytes_gives_its_readers_a_new_key(make_jo
     key_after = train.run_key(train_job, open_store(path), open_store(path), torch.device("cpu"))
     assert key_after["train_store"]["config_hash"] == key_before["train_store"]["config_hash"]
     assert key_after["train_store"]["content_sha256"] != key_before["train_store"]["content_sha256"]
+
+
+def test_readers_share_an_artifact_and_keep_writers_force_and_repair_off_it(tmp_path):
+    import os
+
+    from pipeline.artifacts import ReadLock, WriteLock, reading
+    from storage import StoreLocked
+
+    store, me = tmp_path / "x.zarr", os.getpid()
+    with (
+        ReadLock(store, wait_s=0),
+        ReadLock(store, wait_s=0),  # any number of readers
+        pytest.raises(StoreLocked, match=rf"x.zarr: another run \(pid {me}\) is reading this artifact"),
+    ):
+        WriteLock(store, wait_s=0).__enter__()
+    with (
+        WriteLock(store, wait_s=0),
+        pytest.raises(StoreLocked, match=rf"another run \(pid {me}\) is writing this artifact"),
+    ):
+        ReadLock(store, wait_s=0).__enter__()
+    with WriteLock(store, wait_s=0):  # readers gone: free again
+        pass
+    other = tmp_path / "run"
+    with reading(store, None, store, other):  # None and repeats skipped
+        for path in (store, other):
+            with pytest.raises(StoreLocked, match="is reading"):
+                WriteLock(path, wait_s=0).__enter__()
+
+
+@pytest.mark.parametrize("stage", ["train", "operators", "evaluate", "tokens", "sae", "reconstruct"])
+def test_every_stage_holds_its_inputs_read_locked_while_it_runs(stage, tmp_path, monkeypatch):
+    """What `--force` and `store verify --repair` rely on: each input is locked for the whole stage (the stage's
+    work is replaced by a probe that tries to take each input's write lock)."""
+    import contextlib
+
+    from pipeline import jobs
+    from pipeline.artifacts import WriteLock
+    from pipeline.stages import evaluate, operators, reconstruct, sae, tokens, train
+    from storage import StoreLocked
+
+    a, b, text, run_dir = (
+        tmp_path / "a.zarr",
+        tmp_path / "b.zarr",
+        tmp_path / "captions.zarr",
+        tmp_path / "run",
+    )
+    checkpoint = run_dir / "checkpoints" / "best.json"  # the train stage's layout: the run is locked
+    module, work, inputs, call = {
+        "train": (train, "_run", [a, b], lambda: train.run(jobs.TrainJob(a, b, None))),
+        "operators": (operators, "_run", [a, b, run_dir],
+                      lambda: operators.run(jobs.OperatorJob(a, b, None, checkpoint, None))),
+        "evaluate": (evaluate, "_scores_and_report", [a, b, run_dir],
+                     lambda: evaluate.run([jobs.EvalTarget("x", a, checkpoint), jobs.EvalTarget("y", b, checkpoint)],
+                                          None, {})),
+        "tokens": (tokens, "_run", [a, b, run_dir], lambda: tokens.run(jobs.TokensJob(a, b, checkpoint, None, None))),
+        "sae": (sae, "_run", [a, b, run_dir, text], lambda: sae.run(jobs.SaeJob(a, b, checkpoint, None, text))),
+        "reconstruct": (reconstruct, "_write", [a, run_dir],
+                        lambda: reconstruct.write_side_by_side(a, checkpoint, tmp_path / "out")),
+    }[stage]  # fmt: skip
+    refused = []
+
+    def probe(*args, **kwargs):
+        for path in inputs:
+            with contextlib.suppress(StoreLocked), WriteLock(path, wait_s=0):
+                continue
+            refused.append(path)
+
+    monkeypatch.setattr(module, work, probe)
+    call()
+    assert refused == inputs
+    with contextlib.ExitStack() as locks:  # released when the stage ends
+        for path in inputs:
+            locks.enter_context(WriteLock(path, wait_s=0))

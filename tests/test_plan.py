@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -70,6 +71,12 @@ def test_ls_lists_every_kind_of_artifact_with_its_status(write_run_config, tmp_p
     (later / "checkpoints").mkdir(parents=True)
     for epoch in (4, 5):
         (later / "checkpoints" / f"epoch-{epoch:04d}.json").write_text("{}")
+    fit = (
+        tmp_path / "operators" / "tiny-vit-64__swap_rb-forward__0123456789abcdef"
+    )  # killed after one fit's record
+    fit.mkdir(parents=True)
+    (fit / "procrustes.json").write_text(json.dumps({"fit": "procrustes", "transform": {"name": "swap_rb"},
+                                                     "direction": "forward", "source_store": str(store)}))  # fmt: skip
     out = CliRunner().invoke(app, ["ls", str(tmp_path)])
     assert out.exit_code == 0, out.output
     rows = {line.split()[-1]: line for line in out.output.splitlines()[2:]}
@@ -78,6 +85,7 @@ def test_ls_lists_every_kind_of_artifact_with_its_status(write_run_config, tmp_p
     assert (
         "partial (0 epoch(s) done)" in rows[str(killed)] and "partial (6 epoch(s) done)" in rows[str(later)]
     )
+    assert rows[str(fit)].startswith("operator fit") and " partial " in rows[str(fit)]
     assert CliRunner().invoke(app, ["ls", str(tmp_path / "nothing")]).exit_code == 2
 
 
@@ -98,6 +106,14 @@ def test_force_removes_a_stage_and_every_later_one_so_the_plan_runs_them_again(w
 
     with WriteLock(run.run_dir), pytest.raises(StoreError, match="another run .* is writing"):
         force(cfg, path, "encode")  # one artifact is being written: nothing at all is removed
+    assert all(store.is_dir() for store in stores.values()) and run.run_dir.is_dir()
+    from pipeline.artifacts import reading
+
+    with (
+        reading(stores[("val", "identity")]),
+        pytest.raises(StoreError, match=r"another run \(pid \d+\) is reading"),
+    ):
+        force(cfg, path, "encode")  # a stage reads one store (the train stage holds this while it trains)
     assert all(store.is_dir() for store in stores.values()) and run.run_dir.is_dir()
     assert force(cfg, path, "train") == [run.run_dir]
     states = {(s.stage, s.what): s.state for s in plan(cfg, path)}

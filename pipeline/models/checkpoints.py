@@ -31,6 +31,13 @@ class CheckpointError(ValueError):
     """A checkpoint that is missing, of another schema, or made for other features."""
 
 
+def training_run_of(checkpoint: Path) -> Path | None:
+    """The training run a reconstructor checkpoint belongs to (the train stage writes `<run>/checkpoints/<name>.json`);
+    None for a checkpoint kept anywhere else."""
+    checkpoint = Path(checkpoint)
+    return checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else None
+
+
 def _atomic_save_file(tensors: dict, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp))

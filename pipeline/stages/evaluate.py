@@ -30,6 +30,7 @@ from pipeline.models.checkpoints import (
     check_held_out,
     load_reconstructor,
     reconstruct,
+    training_run_of,
 )
 from pipeline.models.judges import load as load_judges  # noqa: F401 (the stage's entry point for its judges)
 from pipeline.provenance import provenance
@@ -294,6 +295,14 @@ def run(
 
     if len(targets) < 2:
         raise ConfigError("evaluation compares encoders: give at least two")
+    inputs = [path for t in targets for path in (t.store, training_run_of(t.checkpoint))]
+    with artifacts.reading(*inputs):
+        return _scores_and_report(targets, cfg, judges, progress)
+
+
+def _scores_and_report(
+    targets: list[EvalTarget], cfg: EvaluateConfig, judges: dict, progress: bool
+) -> EvaluateResult:
     frames, files, notes, inputs = [], [], [], []
     for t in targets:
         scores, path, meta = score_encoder(t, judges, cfg, progress=progress)

@@ -27,6 +27,7 @@ from pipeline.models.checkpoints import (
     check_held_out,
     load_reconstructor,
     reconstruct,
+    training_run_of,
 )
 from pipeline.provenance import provenance
 from pipeline.science import metrics, operator_fits
@@ -123,6 +124,11 @@ def fit_key_and_dir(job: OperatorJob, identity: FeatureStore, transformed: Featu
 
 def run(job: OperatorJob, *, progress: bool = False) -> OperatorResult:
     """Fit, analyse and save the operators of one (encoder, transform, direction); cached on its inputs."""
+    with artifacts.reading(job.identity_store, job.transform_store, training_run_of(job.checkpoint)):
+        return _run(job, progress)
+
+
+def _run(job: OperatorJob, progress: bool) -> OperatorResult:
     identity, transformed = open_store(job.identity_store), open_store(job.transform_store)
     check_same_encoder(StoreInfo.of(identity), StoreInfo.of(transformed))
     if not np.array_equal(identity.image_ids(), transformed.image_ids()):

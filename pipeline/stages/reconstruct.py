@@ -7,13 +7,24 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from pipeline.artifacts import reading
 from pipeline.data.store_info import StoreInfo
-from pipeline.models.checkpoints import check_checkpoint_matches_store, load_reconstructor, reconstruct
+from pipeline.models.checkpoints import (
+    check_checkpoint_matches_store,
+    load_reconstructor,
+    reconstruct,
+    training_run_of,
+)
 from storage import open_store
 
 
 def write_side_by_side(store_path: Path, checkpoint: Path, out_dir: Path, n_images: int = 8) -> list[Path]:
     """PNGs of original | reconstruction for the store's first n valid images."""
+    with reading(store_path, training_run_of(checkpoint)):
+        return _write(store_path, checkpoint, out_dir, n_images)
+
+
+def _write(store_path: Path, checkpoint: Path, out_dir: Path, n_images: int) -> list[Path]:
     store = open_store(store_path)
     model, header = load_reconstructor(checkpoint)
     check_checkpoint_matches_store(header, store)

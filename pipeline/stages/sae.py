@@ -73,6 +73,12 @@ def keys_and_dirs(job: SaeJob, train: FeatureStore, held_out: FeatureStore, head
 
 def run(job: SaeJob, *, progress: bool = False) -> SaeResult:
     """Train (or resume) the SAEs, then evaluate and report; returns at once when finished before."""
+    run_of_r = checkpoints.training_run_of(job.checkpoint)
+    with artifacts.reading(job.train_store, job.eval_store, run_of_r, job.text_train, job.text_eval):
+        return _run(job, progress)
+
+
+def _run(job: SaeJob, progress: bool) -> SaeResult:
     train, held_out = open_encoded(job.train_store), open_encoded(job.eval_store)
     header = checkpoints.read_header(job.checkpoint)
     key, models_dir, eval_key, out_dir = keys_and_dirs(job, train, held_out, header)

@@ -79,6 +79,11 @@ def judge_id(job: TokensJob) -> str | None:
 
 def run(job: TokensJob, *, progress: bool = False) -> TokensResult:
     """Train (or resume) the networks, then score, test and report; returns at once when finished before."""
+    with artifacts.reading(job.train_store, job.eval_store, checkpoints.training_run_of(job.checkpoint)):
+        return _run(job, progress)
+
+
+def _run(job: TokensJob, progress: bool) -> TokensResult:
     cfg = job.cfg
     train, held_out = open_encoded(job.train_store), open_encoded(job.eval_store)
     header = checkpoints.read_header(job.checkpoint)

@@ -163,6 +163,11 @@ def _log_losses(losses: StepScalars, lrs: dict[int, float], writer, bar, epoch: 
 
 def run(job: TrainJob, *, progress: bool = True) -> TrainResult:
     """Train (or resume, or return the finished) reconstructor for the job's stores."""
+    with artifacts.reading(job.train_store, job.val_store):
+        return _run(job, progress)
+
+
+def _run(job: TrainJob, progress: bool) -> TrainResult:
     cfg = job.cfg
     train_store, val_store = open_training_store(job.train_store), open_training_store(job.val_store)
     check_same_encoder(StoreInfo.of(train_store), StoreInfo.of(val_store))

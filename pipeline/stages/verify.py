@@ -62,7 +62,7 @@ def repair(path: Path) -> dict[int, str]:
     """Check every shard file of a store against its SHA-256 and take the damaged shards back (the store becomes
     partial), so the next encode run re-encodes exactly those; the damaged shards and their problems."""
     store = open_store(path, require_complete=False, mode="r+")
-    with WriteLock(store.path, wait_s=0):  # not while an encode run writes it
+    with WriteLock(store.path, wait_s=0):  # not while a run writes or reads it
         if damaged := store.damaged_shards(full=True):
             store.reopen_shards(sorted(damaged))
     return damaged
