@@ -26,7 +26,7 @@ from pipeline.config import (
     SubsetSpec,
     TransformSpec,
 )
-from pipeline.data.images import decode_for_encoder, draft_side, load_rgb
+from pipeline.data.images import decode_for_encoder, draft_side, load_rgb, load_rgb_array
 from pipeline.data.store_writer import add_batch, shard_buffer
 from pipeline.jobs import EncodeJob
 from pipeline.models import encoders
@@ -84,17 +84,22 @@ def per_image(fn, n: int, reps: int = 3) -> float:
     return min(times) / n
 
 
+def pil_array(path: Path, **limits) -> np.ndarray:
+    """The stage's decoder before 2026-11-28: PIL all the way (load_rgb_array's fallback)."""
+    return np.array(load_rgb(path, **limits))
+
+
 def decode_then_resize(
-    paths: list[Path], pre, resize: str, draft_to: int, reps: int = 3
+    paths: list[Path], pre, resize: str, draft_to: int, load=load_rgb_array, reps: int = 3
 ) -> tuple[float, float]:
     """Seconds per image to decode and to resize + crop, taken image by image as a decode worker runs them (each
-    resize finds its image still in cache); the best of `reps` passes."""
+    resize finds its image still in cache); the best of `reps` passes. `load`: the stage's decoder, or PIL's."""
     best = (float("inf"), float("inf"))
     for _ in range(reps):
         decode = resized = 0.0
         for path in paths:
             start = time.perf_counter()
-            img = load_rgb(path, min_side=16, max_pixels=10**9, draft_to=draft_to)
+            img = load(path, min_side=16, max_pixels=10**9, draft_to=draft_to)
             middle = time.perf_counter()
             pre.to_pixels(img, resize)
             decode, resized = decode + middle - start, resized + time.perf_counter() - middle
@@ -110,10 +115,19 @@ def steps_of_one_image(tmp: Path, paths: list[Path], pre, stand_in: torch.Tensor
     features = stand_in[:n]
     for setting, (resize, compressor, precision, draft) in SETTINGS.items():
         draft_to = draft_side(pre, draft)
-        decode, resized = decode_then_resize(paths, pre, resize, draft_to)
-        steps[f"{setting}: decode JPEG (PIL, draft to {draft} the side)"] = decode
+        if setting == "defaults":  # the decoder before, in the same process, as the baseline
+            steps["(PIL decode, the stage's decoder before 2026-11-28: not counted)"] = decode_then_resize(
+                paths, pre, resize, draft_to, load=pil_array
+            )[0]
+        before = "before" in setting
+        decode, resized = decode_then_resize(
+            paths, pre, resize, draft_to, load=pil_array if before else load_rgb_array
+        )
+        steps[f"{setting}: decode JPEG ({'PIL' if before else 'simplejpeg'}, draft to {draft} the side)"] = (
+            decode
+        )
         steps[f"{setting}: resize + crop ({resize})"] = resized
-        decoded = [load_rgb(p, min_side=16, max_pixels=10**9, draft_to=draft_to) for p in paths]
+        decoded = [load_rgb_array(p, min_side=16, max_pixels=10**9, draft_to=draft_to) for p in paths]
         pixels = [pre.to_pixels(img, resize) for img in decoded]
         batch = torch.from_numpy(np.stack(pixels))
         buffer = shard_buffer(layout_for(n, stand_in, s, compressor, precision), 0, n)
@@ -224,7 +238,7 @@ def main() -> None:
     for name, t in steps.items():
         print(f"| {name} | {1e3 * t:.2f} |")
     for setting in SETTINGS:
-        mine = {k: v for k, v in steps.items() if k.startswith(f"{setting}: ")}
+        mine = {k: v for k, v in steps.items() if k.startswith(f"{setting}: ")}  # the baseline row is not
         cpu = sum(v for k, v in mine.items() if "normalise" not in k)
         print(f"\n{setting}: CPU time per image without the GPU's share {1e3 * cpu:.2f} ms = "
               f"{1 / cpu:.0f} images/s per core; shares: "

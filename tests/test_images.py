@@ -12,7 +12,14 @@ import skimage.data
 from PIL import Image
 
 from pipeline.config import TransformSpec
-from pipeline.data.images import ImageSkipped, Preprocessing, apply_transform, decode_for_encoder, load_rgb
+from pipeline.data.images import (
+    ImageSkipped,
+    Preprocessing,
+    apply_transform,
+    decode_for_encoder,
+    load_rgb,
+    load_rgb_array,
+)
 
 MIN_SIDE = 16
 MAX_PIXELS = 178_956_970
@@ -216,6 +223,51 @@ def test_jpeg_draft_1x_decodes_at_the_resize_side_never_below_it_and_stays_close
     mse = np.mean((full.astype(float) - drafted.astype(float)) ** 2)
     assert drafted.shape == full.shape == (224, 224, 3)
     assert 35 < 10 * np.log10(255**2 / mse) < 60  # another decode of the same photo, not the same pixels
+
+
+@pytest.mark.parametrize(
+    ("size", "save"),
+    [((640, 480), {"quality": 90}), ((500, 375), {"quality": 75, "subsampling": 0}),
+     ((1000, 750), {"quality": 95, "subsampling": 1}), ((333, 500), {"quality": 85, "progressive": True}),
+     ((1203, 907), {"quality": 90, "optimize": True})],
+)  # fmt: skip
+def test_the_fast_jpeg_decoder_gives_pils_pixels_at_pils_draft_scale(tmp_path, size, save, monkeypatch):
+    import simplejpeg
+
+    calls = []
+    decode = simplejpeg.decode_jpeg
+    monkeypatch.setattr(simplejpeg, "decode_jpeg", lambda *a, **k: calls.append(k) or decode(*a, **k))
+    path = tmp_path / "photo.jpg"
+    Image.fromarray(skimage.data.coffee()).resize(size, Image.Resampling.BICUBIC).save(path, **save)
+    for draft_to in (None, 100, 128, 224, 256, 448):
+        fast = load_rgb_array(path, min_side=MIN_SIDE, max_pixels=MAX_PIXELS, draft_to=draft_to)
+        np.testing.assert_array_equal(fast, np.asarray(load(path, draft_to=draft_to)), err_msg=str(draft_to))
+    assert len(calls) == 6  # every decode took the fast path
+    shared = Preprocessing("shortest", 224, 224, "bicubic", (0.5,) * 3, (0.5,) * 3, "test", "short_side_crop")
+    for resize in ("torch", "pil"):
+        for transform in (TransformSpec(), TransformSpec(name="swap_rb")):
+            pixels, reason = decode_for_encoder(path, shared, transform, MIN_SIDE, MAX_PIXELS, resize, "2x")
+            reference = np.asarray(load(path, draft_to=448))
+            reference = reference if transform.name == "identity" else apply_transform(reference, transform)
+            np.testing.assert_array_equal(pixels, shared.to_pixels(Image.fromarray(reference), resize))
+            assert reason == ""
+
+
+def test_jpegs_the_fast_decoder_does_not_take_go_through_pil(tmp_path, photo_rgb):
+    rotated, gray, cut = tmp_path / "rotated.jpg", tmp_path / "gray.jpg", tmp_path / "cut.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(photo_rgb).save(rotated, exif=exif)
+    Image.fromarray(photo_rgb).convert("L").save(gray)
+    Image.fromarray(photo_rgb).save(cut, quality=90)
+    cut.write_bytes(cut.read_bytes()[:-200])
+    for path in (rotated, gray):
+        np.testing.assert_array_equal(
+            load_rgb_array(path, min_side=MIN_SIDE, max_pixels=MAX_PIXELS), np.asarray(load(path))
+        )
+    assert load_rgb_array(rotated, min_side=MIN_SIDE, max_pixels=MAX_PIXELS).shape == (120, 100, 3)  # upright
+    with pytest.raises(ImageSkipped, match="truncated"):  # simplejpeg refuses it; PIL says why
+        load_rgb_array(cut, min_side=MIN_SIDE, max_pixels=MAX_PIXELS)
 
 
 # --- pixel-space transforms ---------------------------------------------------------------------------------

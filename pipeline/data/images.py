@@ -5,14 +5,17 @@ Decoding never raises on bad input: long runs skip the image and record the reas
 
 from __future__ import annotations
 
+import contextlib
+import io
 import warnings
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
+import simplejpeg
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageOps
+from PIL import ExifTags, Image, ImageOps
 
 from pipeline.config import TransformSpec
 
@@ -21,26 +24,17 @@ class ImageSkipped(Exception):
     """An image that cannot be used; the message is the recorded reason."""
 
 
-def load_rgb(path: Path, *, min_side: int, max_pixels: int, draft_to: int | None = None) -> Image.Image:
-    """Open `path` as an 8-bit RGB PIL image, converting grayscale/CMYK/palette/alpha/16-bit; raise ImageSkipped."""
+@contextlib.contextmanager
+def _skipping_unusable(path: Path):
+    """PIL's errors on an image file as the reasons it is skipped (ImageSkipped)."""
     if not path.is_file():
         raise ImageSkipped("missing file")
     try:
         with warnings.catch_warnings():
-            # Our own max_pixels check below decides (PIL's warning would fire at its fixed default instead);
+            # Our own max_pixels check decides (PIL's warning would fire at its fixed default instead);
             # PIL still refuses above twice its default (358 Mpx) with DecompressionBombError.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(path)
-            width, height = img.size
-            if width * height > max_pixels:
-                raise ImageSkipped(f"too large: {width}x{height} > max_image_pixels {max_pixels}")
-            if min(width, height) < min_side:
-                raise ImageSkipped(f"too small: {width}x{height}, min_image_side is {min_side}")
-            if draft_to and img.format == "JPEG":
-                # JPEG can decode at 1/2, 1/4, 1/8 scale: huge photos never materialise at full size.
-                img.draft("RGB", (draft_to, draft_to))
-            img.load()
-            img = ImageOps.exif_transpose(img)
+            yield
     except ImageSkipped:
         raise
     except Image.DecompressionBombError as e:
@@ -49,7 +43,55 @@ def load_rgb(path: Path, *, min_side: int, max_pixels: int, draft_to: int | None
         raise ImageSkipped("not an image (unidentified format)") from None
     except (OSError, SyntaxError, ValueError) as e:
         raise ImageSkipped(f"corrupt image: {e}") from None
+
+
+def _open_checked(source, min_side: int, max_pixels: int, draft_to: int | None) -> Image.Image:
+    """Open (headers only) and check the size; a JPEG is set to decode at the scale `draft_to` allows."""
+    img = Image.open(source)
+    width, height = img.size
+    if width * height > max_pixels:
+        raise ImageSkipped(f"too large: {width}x{height} > max_image_pixels {max_pixels}")
+    if min(width, height) < min_side:
+        raise ImageSkipped(f"too small: {width}x{height}, min_image_side is {min_side}")
+    if draft_to and img.format == "JPEG":
+        # JPEG can decode at 1/2, 1/4, 1/8 scale: huge photos never materialise at full size.
+        img.draft("RGB", (draft_to, draft_to))
+    return img
+
+
+def load_rgb(path: Path, *, min_side: int, max_pixels: int, draft_to: int | None = None) -> Image.Image:
+    """Open `path` as an 8-bit RGB PIL image, converting grayscale/CMYK/palette/alpha/16-bit; raise ImageSkipped."""
+    with _skipping_unusable(path):
+        img = _open_checked(path, min_side, max_pixels, draft_to)
+        img.load()
+        img = ImageOps.exif_transpose(img)
     return _to_rgb(img)
+
+
+def load_rgb_array(path: Path, *, min_side: int, max_pixels: int, draft_to: int | None = None) -> np.ndarray:
+    """load_rgb as uint8 [H, W, 3]. A colour JPEG with no EXIF rotation (nearly every photo) is decoded by
+    simplejpeg at the scale PIL's draft chose: the same libjpeg-turbo decode, so the same pixels (tested), without
+    PIL's decoder overhead and the copy into NumPy (docs/benchmarks.md). Everything else goes through PIL."""
+    with _skipping_unusable(path):
+        data = path.read_bytes()
+        img = _open_checked(io.BytesIO(data), min_side, max_pixels, draft_to)
+        if (
+            img.format == "JPEG"
+            and img.mode == "RGB"
+            and img.getexif().get(ExifTags.Base.Orientation, 1) == 1
+        ):
+            width, height = (
+                img.size
+            )  # after the draft: the smallest scale libjpeg-turbo picks at this size is PIL's
+            try:
+                pixels = simplejpeg.decode_jpeg(data, "RGB", min_width=width, min_height=height)
+            except ValueError:  # strict about what libjpeg only warns of: PIL decides
+                pixels = None
+            if pixels is not None and pixels.shape[:2] == (height, width):
+                return pixels
+        img.load()
+        img = ImageOps.exif_transpose(img)
+    return np.asarray(_to_rgb(img))
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
@@ -141,14 +183,14 @@ class Preprocessing:
             raise ValueError(f"unknown geometry '{geometry}'; known: short_side_crop, native")
         return replace(self, geometry=geometry, resize_mode="shortest", resize_size=self.crop_size)
 
-    def to_pixels(self, img: Image.Image, resize: str = "pil") -> np.ndarray:
+    def to_pixels(self, img: Image.Image | np.ndarray, resize: str = "pil") -> np.ndarray:
         """Resize + crop an RGB image to the encoder's input: uint8 [S, S, 3]. Normalisation happens on device.
 
         resize 'pil': PIL's resampling, what timm's and transformers' eval transforms do. 'torch': torch's
         antialiased uint8 resize, the same filters (torchvision's tensor transforms and transformers' fast image
         processors use it) at ~5x the speed; it gives values within 1 level of PIL's (0.4 % of values differ on
         a photo, docs/benchmarks.md). Only bilinear and bicubic have it; other filters always use PIL."""
-        w, h = img.size
+        h, w = img.shape[:2] if isinstance(img, np.ndarray) else img.size[::-1]
         if self.resize_mode == "squash":
             new_w = new_h = self.resize_size
         else:
@@ -160,9 +202,11 @@ class Preprocessing:
         top, left = int(round((new_h - s) / 2.0)), int(round((new_w - s) / 2.0))
         if resize == "torch" and self.interpolation in ("bilinear", "bicubic") and (new_w, new_h) != (w, h):
             # HWC uint8 viewed as NCHW is channels-last: the layout torch's vectorised uint8 kernel takes
-            image = torch.from_numpy(np.array(img)).permute(2, 0, 1)[None]
+            image = torch.from_numpy(np.require(img, np.uint8, ["C", "W"])).permute(2, 0, 1)[None]
             resized = F.interpolate(image, size=(new_h, new_w), mode=self.interpolation, antialias=True)
             return resized[0, :, top : top + s, left : left + s].permute(1, 2, 0).numpy().copy()
+        if isinstance(img, np.ndarray):
+            img = Image.fromarray(img)
         if (new_w, new_h) != (w, h):
             img = img.resize((new_w, new_h), resample=_RESAMPLE[self.interpolation])
         if (new_w, new_h) != (s, s):
@@ -191,12 +235,12 @@ def decode_for_encoder(
     """An image file as the encoder sees it (uint8 [S, S, 3], T applied), or zeros and the reason it was skipped."""
     s = preprocessing.crop_size
     try:
-        img = load_rgb(
+        pixels = load_rgb_array(
             path, min_side=min_side, max_pixels=max_pixels, draft_to=draft_side(preprocessing, jpeg_draft)
         )
         if transform.name != "identity":
-            img = Image.fromarray(apply_transform(np.asarray(img), transform))
-        return preprocessing.to_pixels(img, resize), ""
+            pixels = apply_transform(pixels, transform)
+        return preprocessing.to_pixels(pixels, resize), ""
     except ImageSkipped as e:
         return np.zeros((s, s, 3), np.uint8), str(e)
     except Exception as e:  # a decoder bug on one odd file must not end a long run
