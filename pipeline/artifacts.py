@@ -140,10 +140,11 @@ class ReadLock(WriteLock):
 
 @contextlib.contextmanager
 def reading(*artifact_paths: Path | None):
-    """ReadLock on each artifact a stage reads while it runs (None and repeats skipped). An artifact whose lock
-    file cannot be made (a read-only copy) is read unlocked: nothing here can remove it either."""
+    """ReadLock on each artifact a stage reads while it runs (None, repeats and missing ones skipped: the stage
+    says what is missing). An artifact whose lock file cannot be made (a read-only copy) is read unlocked: nothing
+    here can remove it either."""
     with contextlib.ExitStack() as locks:
-        for path in dict.fromkeys(Path(p) for p in artifact_paths if p is not None):
+        for path in dict.fromkeys(Path(p) for p in artifact_paths if p is not None and Path(p).exists()):
             try:
                 locks.enter_context(ReadLock(path))
             except PermissionError:

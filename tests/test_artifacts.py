@@ -316,11 +316,13 @@ def test_readers_share_an_artifact_and_keep_writers_force_and_repair_off_it(tmp_
         ReadLock(store, wait_s=0).__enter__()
     with WriteLock(store, wait_s=0):  # readers gone: free again
         pass
-    other = tmp_path / "run"
-    with reading(store, None, store, other):  # None and repeats skipped
+    other, missing = tmp_path / "run", tmp_path / "missing.zarr"
+    store.mkdir(), other.mkdir()
+    with reading(store, None, store, other, missing):  # None, repeats and missing artifacts skipped
         for path in (store, other):
             with pytest.raises(StoreLocked, match="is reading"):
                 WriteLock(path, wait_s=0).__enter__()
+    assert not missing.with_name("missing.zarr.lock").exists()
 
 
 @pytest.mark.parametrize("stage", ["train", "operators", "evaluate", "tokens", "sae", "reconstruct"])
@@ -334,12 +336,9 @@ def test_every_stage_holds_its_inputs_read_locked_while_it_runs(stage, tmp_path,
     from pipeline.stages import evaluate, operators, reconstruct, sae, tokens, train
     from storage import StoreLocked
 
-    a, b, text, run_dir = (
-        tmp_path / "a.zarr",
-        tmp_path / "b.zarr",
-        tmp_path / "captions.zarr",
-        tmp_path / "run",
-    )
+    a, b, text, run_dir = (tmp_path / name for name in ("a.zarr", "b.zarr", "captions.zarr", "run"))
+    for artifact in (a, b, text, run_dir):
+        artifact.mkdir()
     checkpoint = run_dir / "checkpoints" / "best.json"  # the train stage's layout: the run is locked
     module, work, inputs, call = {
         "train": (train, "_run", [a, b], lambda: train.run(jobs.TrainJob(a, b, None))),
