@@ -115,10 +115,10 @@ def steps_of_one_image(tmp: Path, paths: list[Path], pre, stand_in: torch.Tensor
     features = stand_in[:n]
     for setting, (resize, compressor, precision, draft) in SETTINGS.items():
         draft_to = draft_side(pre, draft)
-        if setting == "defaults":  # the decoder before, in the same process, as the baseline
-            steps["(PIL decode, the stage's decoder before 2026-11-28: not counted)"] = decode_then_resize(
-                paths, pre, resize, draft_to, load=pil_array
-            )[0]
+        if setting in ("defaults", "jpeg_draft 1x"):  # the decoder before, in the same process: the baseline
+            steps[f"({setting}: PIL decode, the stage's decoder before 2026-11-28; not counted)"] = (
+                decode_then_resize(paths, pre, resize, draft_to, load=pil_array)[0]
+            )
         before = "before" in setting
         decode, resized = decode_then_resize(
             paths, pre, resize, draft_to, load=pil_array if before else load_rgb_array
