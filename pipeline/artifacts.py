@@ -231,9 +231,8 @@ def _kind_and_status(here: Path, filenames: list[str]) -> tuple[str | None, str]
         return "token study", "complete" if finished else "partial"
     if here.name.startswith("report__"):
         return "report", "complete" if "report.html" in filenames else "partial"
-    if any(
-        _is_fit_record(here / f) for f in filenames if f.endswith(".json")
-    ):  # killed before its first plot
+    fit_records = [f for f in filenames if f.endswith(".json") and _is_fit_record(here / f)]
+    if fit_records:  # an operator fit killed before its first plot
         return "operator fit", "partial"
     return None, ""
 

@@ -10,18 +10,8 @@ from pathlib import Path
 import pipeline
 from storage.format import file_sha256  # noqa: F401 (one SHA-256 of a file, re-exported)
 
-_PACKAGES = (
-    "torch",
-    "timm",
-    "transformers",
-    "zarr",
-    "numcodecs",
-    "numpy",
-    "pillow",
-    "simplejpeg",
-    "dask",
-    "prefect",
-)
+_PACKAGES = ("torch", "timm", "transformers", "zarr", "numcodecs", "numpy", "pillow", "simplejpeg", "dask",
+             "prefect")  # fmt: skip
 
 
 def package_versions() -> dict[str, str]:

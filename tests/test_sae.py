@@ -175,6 +175,7 @@ def test_a_killed_sae_training_resumes_to_the_weights_of_an_uninterrupted_one(tm
     deadline = time.time() + 120
     while not list(killed.glob("epoch-0001.json")) and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
+    assert proc.poll() is None, f"the training process ended on its own (exit {proc.returncode})"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (killed / "final.json").is_file(), "the run finished before it could be killed"

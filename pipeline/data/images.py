@@ -6,7 +6,6 @@ Decoding never raises on bad input: long runs skip the image and record the reas
 from __future__ import annotations
 
 import contextlib
-import io
 import warnings
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -73,25 +72,26 @@ def load_rgb_array(path: Path, *, min_side: int, max_pixels: int, draft_to: int 
     simplejpeg at the scale PIL's draft chose: the same libjpeg-turbo decode, so the same pixels (tested), without
     PIL's decoder overhead and the copy into NumPy (docs/benchmarks.md). Everything else goes through PIL."""
     with _skipping_unusable(path):
-        data = path.read_bytes()
-        img = _open_checked(io.BytesIO(data), min_side, max_pixels, draft_to)
-        if (
-            img.format == "JPEG"
-            and img.mode == "RGB"
-            and img.getexif().get(ExifTags.Base.Orientation, 1) == 1
-        ):
-            width, height = (
-                img.size
-            )  # after the draft: the smallest scale libjpeg-turbo picks at this size is PIL's
-            try:
-                pixels = simplejpeg.decode_jpeg(data, "RGB", min_width=width, min_height=height)
-            except ValueError:  # strict about what libjpeg only warns of: PIL decides
-                pixels = None
-            if pixels is not None and pixels.shape[:2] == (height, width):
+        img = _open_checked(path, min_side, max_pixels, draft_to)
+        orientation = img.getexif().get(ExifTags.Base.Orientation, 1)
+        if img.format == "JPEG" and img.mode == "RGB" and orientation == 1:
+            pixels = _decoded_as_pil_would(path.read_bytes(), *img.size)
+            if pixels is not None:
+                img.close()
                 return pixels
         img.load()
         img = ImageOps.exif_transpose(img)
     return np.asarray(_to_rgb(img))
+
+
+def _decoded_as_pil_would(jpeg: bytes, width: int, height: int) -> np.ndarray | None:
+    """simplejpeg's decode at PIL's draft size: libjpeg-turbo's smallest scale that keeps it is PIL's. None where
+    simplejpeg refuses what libjpeg only warns of (PIL then decides) or lands on another size."""
+    try:
+        pixels = simplejpeg.decode_jpeg(jpeg, "RGB", min_width=width, min_height=height)
+    except ValueError:
+        return None
+    return pixels if pixels.shape[:2] == (height, width) else None
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
