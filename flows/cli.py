@@ -365,7 +365,10 @@ def serve(
                + ("Stopping pauses the schedule." if pause_on_stop else
                   "The schedule stays active when this process stops: its runs wait (Late) until a server serves "
                   "them again."))  # fmt: skip
-    prefect_serve(*served, pause_on_shutdown=pause_on_stop)
+    from flows.interrupts import flow_runs_stop_before_serving_ends
+
+    with flow_runs_stop_before_serving_ends():
+        prefect_serve(*served, pause_on_shutdown=pause_on_stop)
 
 
 @app.command()

@@ -17,6 +17,7 @@ import signal
 import socket
 import threading
 import time
+from pathlib import Path
 
 from pipeline import stop
 
@@ -49,15 +50,15 @@ def _on_signal(signum: int) -> None:
     threading.Thread(target=_end_after_stop, daemon=True).start()
 
 
-def _read_signals(reader: socket.socket) -> None:
+def _read_signals(reader: socket.socket, signals: tuple[int, ...]) -> None:
     while data := reader.recv(64):
         for signum in data:
-            if signum in SIGNALS:
+            if signum in signals:
                 _on_signal(signum)
 
 
 @contextlib.contextmanager
-def stopping_on_signals():
+def stopping_on_signals(signals: tuple[int, ...] = SIGNALS):
     """While inside: SIGINT and SIGTERM ask the running stage to stop (main thread only; elsewhere a no-op)."""
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -66,8 +67,10 @@ def stopping_on_signals():
     writer.setblocking(False)
     previous_fd = signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
     # The handlers only keep the default actions away (KeyboardInterrupt, termination); the thread acts.
-    previous = {s: signal.signal(s, lambda signum, frame: None) for s in SIGNALS}
-    threading.Thread(target=_read_signals, args=(reader,), daemon=True, name="reconlab-signals").start()
+    previous = {s: signal.signal(s, lambda signum, frame: None) for s in signals}
+    threading.Thread(
+        target=_read_signals, args=(reader, signals), daemon=True, name="reconlab-signals"
+    ).start()
     try:
         yield
     finally:
@@ -75,3 +78,69 @@ def stopping_on_signals():
             signal.signal(s, handler)
         signal.set_wakeup_fd(previous_fd)
         writer.close()  # the reading thread sees the end and returns
+
+
+def in_a_served_run() -> None:
+    """In a flow run process that Prefect's runner (`reconlab serve`) or a worker started: a Ctrl-C (the terminal's
+    SIGINT reaches the serving process's whole group) stops the stage as in a CLI command, so the run ends Failed
+    on the server; before, the process died at once and the run stayed Running. SIGTERM stays Prefect's: its
+    runner sends it to cancel a run from the UI. For the rest of the process (it runs this one flow)."""
+    global _served
+    if (
+        _served
+        or not os.environ.get("PREFECT__FLOW_RUN_ID")
+        or signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    ):
+        return
+    if threading.current_thread() is threading.main_thread():
+        _served = stopping_on_signals((signal.SIGINT,))
+        _served.__enter__()
+
+
+_served = None
+
+
+@contextlib.contextmanager
+def flow_runs_stop_before_serving_ends():
+    """`reconlab serve`: Prefect's runner kills the flow runs it started as it shuts down, so after a Ctrl-C they
+    stayed Running on the server. The runs get the terminal's SIGINT too (in_a_served_run): the first SIGINT
+    here waits until they have stopped and recorded it (up to GRACE_S), then ends serving; a second, at once."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_sigint(signum, frame) -> None:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        _say(
+            "SIGINT: the running flow runs stop at their next safe point first; press Ctrl-C again to stop now."
+        )
+        threading.Thread(target=_interrupt_when_runs_ended, daemon=True).start()
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _interrupt_when_runs_ended() -> None:
+    deadline = time.monotonic() + GRACE_S + AFTER_STOP_S
+    while time.monotonic() < deadline and _flow_run_children():
+        time.sleep(0.2)
+    signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)  # a KeyboardInterrupt ends Prefect's serve
+
+
+def _flow_run_children() -> list[int]:
+    """This process's children that run a flow (Prefect's runner gives each PREFECT__FLOW_RUN_ID); Linux only."""
+    found = []
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            running_a_flow = (
+                parent == os.getpid() and b"PREFECT__FLOW_RUN_ID=" in (entry / "environ").read_bytes()
+            )
+        except (OSError, ValueError, IndexError):
+            continue
+        if running_a_flow:
+            found.append(int(entry.name))
+    return found

@@ -9,7 +9,7 @@ import re
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from flows import prefect_env
+from flows import interrupts, prefect_env
 
 prefect_env.configure()
 prefect_env.temporary_server_in_own_session()
@@ -44,8 +44,10 @@ def stage_task(stage: str, **options):
 
 
 def configure(cfg: RunConfig) -> None:
-    """Settings a flow run applies before its stages: how long to wait for another run's lock."""
+    """Settings a flow run applies before its stages: how long to wait for another run's lock; a served run
+    stops at a safe point on Ctrl-C (flows/interrupts.py)."""
     os.environ["RECONLAB_LOCK_WAIT_S"] = str(cfg.orchestration.lock_wait_s)
+    interrupts.in_a_served_run()
 
 
 def task_runner(cfg: RunConfig):

@@ -108,6 +108,67 @@ def test_an_interrupted_training_stops_at_once_in_one_line_and_leaves_nothing_ru
     assert not _live_started_by(tmp_path / "home")
 
 
+SERVED_RUN = """
+import os, sys, time
+from flows import interrupts
+from pipeline import stop
+interrupts.in_a_served_run()
+print("ready", flush=True)
+deadline = time.time() + 20
+while not stop.requested() and time.time() < deadline:
+    time.sleep(0.05)
+print("stop requested" if stop.requested() else "not stopped", flush=True)
+time.sleep(float(sys.argv[1]))  # the stage reaching its safe point and the run recording Failed
+os._exit(130)
+"""
+
+SERVER = """
+import os, subprocess, sys, time
+from flows import interrupts
+with interrupts.flow_runs_stop_before_serving_ends():
+    run = subprocess.Popen([sys.executable, "-c", sys.argv[1], "1.5"], env={**os.environ, "PREFECT__FLOW_RUN_ID": "x"},
+                           stdout=subprocess.PIPE, text=True)
+    assert run.stdout.readline() == "ready\\n"
+    print("serving", flush=True)
+    try:
+        time.sleep(30)
+    except KeyboardInterrupt:
+        print(f"serving ended, the run {'running' if run.poll() is None else 'ended'}: {run.stdout.read()!r}", flush=True)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc")
+def test_a_ctrl_c_to_reconlab_serve_lets_its_flow_runs_stop_and_record_it_before_serving_ends():
+    """Prefect's runner kills its flow runs as it shuts down; on a Ctrl-C to the terminal (SIGINT to the serving
+    process and its runs) serving now ends only once the runs have stopped at a safe point (by hand, with a real
+    server and `reconlab serve`: the run ends Failed, where it stayed Running)."""
+    serve = subprocess.Popen([sys.executable, "-c", SERVER, SERVED_RUN], cwd=ROOT, start_new_session=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    assert serve.stdout.readline() == "serving\n"
+    start = time.monotonic()
+    os.killpg(serve.pid, signal.SIGINT)
+    output, _ = serve.communicate(timeout=30)
+    assert time.monotonic() - start > 1.5, output  # it waited for the run
+    assert "serving ended, the run ended: 'stop requested\\n'" in output, output
+    assert "the running flow runs stop at their next safe point first" in output
+
+
+def test_only_a_flow_run_started_by_prefect_takes_over_sigint_and_leaves_sigterm_to_prefect():
+    def run(env: dict, sig: int) -> tuple[int, str]:
+        proc = subprocess.Popen([sys.executable, "-c", SERVED_RUN, "0"], cwd=ROOT, env={**os.environ, **env},
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+        assert proc.stdout.readline() == "ready\n"
+        proc.send_signal(sig)
+        output, _ = proc.communicate(timeout=30)
+        return proc.returncode, output
+
+    code, output = run({"PREFECT__FLOW_RUN_ID": "x"}, signal.SIGINT)
+    assert code == 130 and output.endswith("stopping at the next safe point" in output and "stop requested\n"), output
+    code, output = run({}, signal.SIGINT)  # not a served run: Python's own KeyboardInterrupt
+    assert code == -signal.SIGINT and "KeyboardInterrupt" in output
+    assert run({"PREFECT__FLOW_RUN_ID": "x"}, signal.SIGTERM)[0] == -signal.SIGTERM  # Prefect's to handle
+
+
 # -- the bad-input matrix: one line, exit 2, no traceback, nothing written ----------------------------------------
 
 runner = CliRunner()
