@@ -68,6 +68,8 @@ def stopping_on_signals(signals: tuple[int, ...] = SIGNALS):
     previous_fd = signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
     # The handlers only keep the default actions away (KeyboardInterrupt, termination); the thread acts.
     previous = {s: signal.signal(s, lambda signum, frame: None) for s in signals}
+    global _open
+    _open += 1
     threading.Thread(
         target=_read_signals, args=(reader, signals), daemon=True, name="reconlab-signals"
     ).start()
@@ -78,6 +80,10 @@ def stopping_on_signals(signals: tuple[int, ...] = SIGNALS):
             signal.signal(s, handler)
         signal.set_wakeup_fd(previous_fd)
         writer.close()  # the reading thread sees the end and returns
+        _open -= 1
+
+
+_open = 0  # stopping_on_signals contexts open in this process (the CLI's, a served run's)
 
 
 def in_a_served_run() -> None:
@@ -85,19 +91,18 @@ def in_a_served_run() -> None:
     SIGINT reaches the serving process's whole group) stops the stage as in a CLI command, so the run ends Failed
     on the server; before, the process died at once and the run stayed Running. SIGTERM stays Prefect's: its
     runner sends it to cancel a run from the UI. For the rest of the process (it runs this one flow)."""
-    global _served
     if (
-        _served
+        _open
         or not os.environ.get("PREFECT__FLOW_RUN_ID")
         or signal.getsignal(signal.SIGINT) is signal.SIG_IGN
     ):
         return
     if threading.current_thread() is threading.main_thread():
-        _served = stopping_on_signals((signal.SIGINT,))
-        _served.__enter__()
+        _kept.append(stopping_on_signals((signal.SIGINT,)))  # kept: a collected context would close itself
+        _kept[-1].__enter__()
 
 
-_served = None
+_kept: list = []
 
 
 @contextlib.contextmanager
@@ -127,7 +132,9 @@ def _interrupt_when_runs_ended() -> None:
     deadline = time.monotonic() + GRACE_S + AFTER_STOP_S
     while time.monotonic() < deadline and _flow_run_children():
         time.sleep(0.2)
-    signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)  # a KeyboardInterrupt ends Prefect's serve
+    signal.pthread_kill(
+        threading.main_thread().ident, signal.SIGINT
+    )  # a KeyboardInterrupt ends Prefect's serve
 
 
 def _flow_run_children() -> list[int]:
