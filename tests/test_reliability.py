@@ -109,7 +109,8 @@ def test_an_interrupted_training_stops_at_once_in_one_line_and_leaves_nothing_ru
 
 
 SERVED_RUN = """
-import os, sys, time
+import os, signal, sys, time
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as Prefect's runner starts it (pytest's may be ignored)
 from flows import interrupts
 from pipeline import stop
 interrupts.in_a_served_run()
