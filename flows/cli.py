@@ -11,7 +11,7 @@ import typer
 from flows import results_out
 from flows.errors import OneValueEach, reported_in_one_line
 from flows.errors import fail as _fail
-from flows.store_cli import ls, store_app
+from flows.store_cli import ls, ls_artifacts, store_app
 from pipeline.config import ConfigError
 from pipeline.config_files import REPO_CONFIG_DIR
 
@@ -377,26 +377,7 @@ def demo(progress: Annotated[bool, typer.Option(help="Show progress bars.")] = T
     run(DEMO_CONFIG, progress, True)
 
 
-@app.command("ls")
-def ls_artifacts(
-    root: Annotated[
-        Path, typer.Argument(help="Folder to scan (e.g. runs/ or a config's output roots).")
-    ] = Path("runs"),
-) -> None:
-    """Every artifact under ROOT: feature stores, training runs, operator fits, score sets, reports — with status,
-    size on disk and age."""
-    import pandas as pd
-
-    from pipeline.artifacts import list_artifacts
-
-    if not root.is_dir():
-        _fail(f"{root}: no such folder")
-    rows = list_artifacts(root)
-    if not rows:
-        typer.echo(f"no reconlab artifacts under {root}")
-        return
-    table = pd.DataFrame(rows)[["kind", "status", "size_mb", "age", "path"]]
-    typer.echo(table.to_markdown(index=False, tablefmt="simple", floatfmt=".1f"))
+app.command("ls")(ls_artifacts)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""`reconlab store ...`: list, inspect and verify cached feature stores."""
+"""`reconlab store ...` (list, inspect and verify cached feature stores) and `reconlab ls` (every artifact)."""
 
 from __future__ import annotations
 
@@ -152,3 +152,24 @@ def verify_store(
         pixels = "" if c.pixel_max_abs_diff < 0 else f", stored pixels differ by up to {c.pixel_max_abs_diff}"
         typer.echo(f"  image {c.image_id} ({c.path}): feature error {c.feature_error:.3g}{pixels}", err=True)
     raise typer.Exit(1)
+
+
+def ls_artifacts(
+    root: Annotated[
+        Path, typer.Argument(help="Folder to scan (e.g. runs/ or a config's output roots).")
+    ] = Path("runs"),
+) -> None:
+    """Every artifact under ROOT: feature stores, training runs, operator fits, score sets, reports — with status,
+    size on disk and age."""
+    import pandas as pd
+
+    from pipeline.artifacts import list_artifacts
+
+    if not root.is_dir():
+        _fail(f"{root}: no such folder")
+    rows = list_artifacts(root)
+    if not rows:
+        typer.echo(f"no reconlab artifacts under {root}")
+        return
+    table = pd.DataFrame(rows)[["kind", "status", "size_mb", "age", "path"]]
+    typer.echo(table.to_markdown(index=False, tablefmt="simple", floatfmt=".1f"))
