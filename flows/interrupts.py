@@ -139,15 +139,14 @@ def _interrupt_when_runs_ended() -> None:
 
 def _flow_run_children() -> list[int]:
     """This process's children that run a flow (Prefect's runner gives each PREFECT__FLOW_RUN_ID); Linux only."""
-    found = []
-    for entry in Path("/proc").glob("[0-9]*"):
-        try:
-            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            running_a_flow = (
-                parent == os.getpid() and b"PREFECT__FLOW_RUN_ID=" in (entry / "environ").read_bytes()
-            )
-        except (OSError, ValueError, IndexError):
-            continue
-        if running_a_flow:
-            found.append(int(entry.name))
-    return found
+    from flows.reaper import processes
+
+    children = [pid for pid, (parent, _) in processes().items() if parent == os.getpid()]
+    return [pid for pid in children if b"PREFECT__FLOW_RUN_ID=" in _environ(pid)]
+
+
+def _environ(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:  # ended meanwhile
+        return b""

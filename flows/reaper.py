@@ -35,7 +35,7 @@ def start(pid: int | None = None) -> None:
     )  # fmt: skip
 
 
-def _processes() -> dict[int, tuple[int, str]]:
+def processes() -> dict[int, tuple[int, str]]:
     """pid -> (parent pid, start time) for every process we can see."""
     table = {}
     for entry in Path("/proc").iterdir():
@@ -70,7 +70,7 @@ def _descendants(root: int, table: dict[int, tuple[int, str]]) -> dict[int, str]
 
 def _signal_all(known: dict[int, str], sig: int) -> dict[int, str]:
     """Send `sig` to each known process still running (same start time: not a recycled pid); return those."""
-    table = _processes()
+    table = processes()
     alive = {pid: start for pid, start in known.items() if table.get(pid, (0, None))[1] == start}
     for pid in alive:
         with contextlib.suppress(ProcessLookupError):
@@ -80,7 +80,7 @@ def _signal_all(known: dict[int, str], sig: int) -> dict[int, str]:
 
 def main(watched: int) -> None:
     me = os.getpid()
-    table = _processes()
+    table = processes()
     if watched not in table:
         return
     started = table[watched][1]
@@ -90,7 +90,7 @@ def main(watched: int) -> None:
     while table.get(watched, (0, None))[1] == started and not _is_zombie(watched):
         known = {pid: s for pid, s in _descendants(watched, table).items() if pid != me}
         time.sleep(POLL_S)
-        table = _processes()
+        table = processes()
     # The run is gone: whatever it left must go too, including what its children started meanwhile.
     known |= {pid: s for root in list(known) for pid, s in _descendants(root, table).items()}
     if _signal_all(known, signal.SIGTERM):
