@@ -18,7 +18,7 @@ import torch
 import zarr
 
 from pipeline.config import DatasetSpec, EncodeOptions, EncoderSpec, StoreOptions, SubsetSpec, TransformSpec
-from pipeline.data import demo
+from pipeline.data import decode_workers, demo
 from pipeline.data.datasets import list_images
 from pipeline.models import encoders
 from pipeline.stages import encode
@@ -66,7 +66,7 @@ def main() -> None:
     )
 
     # (a) compute limit: forward on pre-decoded pixels already in memory.
-    ds = encode._DecodeDataset(records, enc.preprocessing, TransformSpec(), EncodeOptions())
+    ds = decode_workers.DecodeDataset(records, enc.preprocessing, TransformSpec(), EncodeOptions())
     pixels = torch.from_numpy(np.stack([ds[i][1] for i in range(n)]))
     if enc.device.type == "cuda":
         pixels = pixels.pin_memory()
@@ -103,7 +103,7 @@ def main() -> None:
     pt_dir = work / "pt"
     pt_dir.mkdir()
     loader = torch.utils.data.DataLoader(
-        ds, batch_size=2, num_workers=args.num_workers, collate_fn=encode._collate
+        ds, batch_size=2, num_workers=args.num_workers, collate_fn=decode_workers.collate
     )
 
     def paper_pattern():

@@ -45,6 +45,7 @@ from pipeline.config import (
     TrainConfig,
     TransformSpec,
 )
+from pipeline.data import decode_workers
 from pipeline.data.datasets import list_images
 from pipeline.data.feature_loader import Prefetcher, batch_stream
 from pipeline.data.store_info import StoreInfo
@@ -107,7 +108,7 @@ def encode_rows(
     records = list_images(dataset, "all", SubsetSpec())
     n, batch = len(records), s["batch"]
     enc = encoders.load(spec, device=str(device))
-    decoded = encode._DecodeDataset(records, enc.preprocessing, TransformSpec(), EncodeOptions())
+    decoded = decode_workers.DecodeDataset(records, enc.preprocessing, TransformSpec(), EncodeOptions())
     pixels = torch.from_numpy(np.stack([decoded[i][1] for i in range(n)]))
     pixels = pixels.pin_memory() if device.type == "cuda" else pixels
 
@@ -156,7 +157,7 @@ def encode_rows(
             )
     pt_dir = work / "pt"
     loader = torch.utils.data.DataLoader(
-        decoded, batch_size=2, num_workers=workers, collate_fn=encode._collate
+        decoded, batch_size=2, num_workers=workers, collate_fn=decode_workers.collate
     )
 
     def paper_pattern():

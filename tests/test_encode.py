@@ -429,3 +429,47 @@ def test_with_openmp_binding_set_the_cpus_are_all_the_cgroups_also_when_torch_lo
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
     ).stdout
     assert out.split() == [str(len(os.sched_getaffinity(0))), "1"]
+
+
+_DECODE_MAIN = """
+import os, sys
+from pathlib import Path
+
+if __name__ == "__mp_main__":  # a worker importing this program, as spawn and fork-server workers do
+    Path(os.environ["IMPORTED_BY"], str(os.getpid())).touch()
+
+if __name__ == "__main__":
+    import numpy as np
+    from PIL import Image
+    from pipeline.config import EncodeOptions, TransformSpec
+    from pipeline.data import decode_workers
+    from pipeline.data.datasets import ImageRecord
+    from pipeline.data.images import Preprocessing
+
+    folder = Path(sys.argv[1])
+    for i in range(4):
+        Image.fromarray(np.full((40, 48, 3), 60 * i, np.uint8)).save(folder / f"{i}.jpg")
+    # 2,000 more records: the pickled dataset is larger than a pipe's buffer, as any real split's is
+    records = [ImageRecord(image_id=i, path=folder / f"{i % 4}.jpg") for i in range(2004)]
+    preprocessing = Preprocessing("shortest", 32, 32, "bicubic", (0.5,) * 3, (0.5,) * 3, "test")
+    dataset = decode_workers.DecodeDataset(records, preprocessing, TransformSpec(), EncodeOptions())
+    loader = decode_workers.loader(dataset, [[0, 1], [2, 3]], num_workers=2, pin_memory=False)
+    batches = decode_workers.started(loader) if sys.argv[2] == "started" else iter(loader)
+    print(sum(len(reasons) for _, _, reasons in batches if not any(reasons)))
+"""
+
+
+@pytest.mark.parametrize("start", ["started", "plain iter"])
+def test_decode_workers_never_import_the_program_that_started_them(tmp_path, start):
+    """A served Prefect run's program is prefect.engine: each worker importing it cost seconds, one after the
+    other. `plain iter` is the control: it shows this test sees such imports."""
+    script, imported_by = tmp_path / "program.py", tmp_path / "imported-by"
+    script.write_text(_DECODE_MAIN)
+    imported_by.mkdir()
+    env = {**os.environ, "IMPORTED_BY": str(imported_by), "PYTHONPATH": str(Path(__file__).parents[1])}
+    done = subprocess.run(
+        [sys.executable, str(script), str(tmp_path), start], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split()[-1] == "4"  # every image decoded
+    assert len(list(imported_by.iterdir())) == (0 if start == "started" else 2)

@@ -6,10 +6,7 @@ where it stopped and a finished store returns at once. Bad images are skipped an
 
 from __future__ import annotations
 
-import functools
-import multiprocessing
 import shutil
-import signal
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
@@ -21,9 +18,9 @@ from tqdm.auto import tqdm
 
 from pipeline import artifacts, cpus, stop
 from pipeline.artifacts import WriteLock
-from pipeline.config import EncodeOptions, Layer, TransformSpec, config_hash
+from pipeline.config import Layer, config_hash
+from pipeline.data import decode_workers
 from pipeline.data.datasets import ImageRecord, image_list_sha256, list_images
-from pipeline.data.images import Preprocessing, decode_for_encoder
 from pipeline.data.store_writer import BackgroundShardWriter, add_batch, shard_buffer
 from pipeline.jobs import EncodeJob
 from pipeline.models import encoders
@@ -88,52 +85,6 @@ def store_path_for(job: EncodeJob, key: dict) -> Path:
         key,
         ".zarr",
     )
-
-
-class _DecodeDataset(torch.utils.data.Dataset):
-    """Runs in DataLoader workers: decode, transform, resize + crop to uint8. Never raises on a bad image."""
-
-    def __init__(
-        self, records, preprocessing: Preprocessing, transform: TransformSpec, options: EncodeOptions
-    ):
-        self.records = records
-        self.preprocessing = preprocessing
-        self.transform = transform
-        self.options = options
-
-    def __len__(self) -> int:
-        return len(self.records)
-
-    def __getitem__(self, pos: int):
-        record = self.records[pos]
-        if record.refused:
-            s = self.preprocessing.crop_size
-            return pos, np.zeros((s, s, 3), np.uint8), f"refused: {record.refused}"
-        pixels, reason = decode_for_encoder(
-            record.path, self.preprocessing, self.transform, self.options.min_image_side,
-            self.options.max_image_pixels, self.options.resize, self.options.jpeg_draft,
-        )  # fmt: skip
-        return pos, pixels, reason
-
-
-def _worker_context():
-    """DataLoader workers are not forks of this (possibly multi-threaded) process: forked from inside a Prefect
-    flow (its threads, event loop and exit hooks) they died with exit code 1. They fork from a clean fork server
-    that has already imported this module, so a worker starts in milliseconds, not seconds."""
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload([__name__])
-    return context
-
-
-def _start_decode_worker(start_cpus: frozenset[int], worker_id: int) -> None:
-    # Ctrl-C reaches the terminal's whole process group: the stage stops its workers itself (pipeline/stop.py)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    cpus.run_on(start_cpus, worker_id)
-
-
-def _collate(items):
-    positions, pixels, reasons = zip(*items, strict=True)
-    return torch.tensor(positions), torch.from_numpy(np.stack(pixels)), list(reasons)
 
 
 def _batches_within_shards(
@@ -305,15 +256,11 @@ def _encode_pending(
     layout = targets[0].store.layout  # every target has the same rows and shards; grids and widths may differ
     pending_by_target = [set(np.flatnonzero(~t.store.shard_done()).tolist()) for t in targets]
     pending = sorted(set().union(*pending_by_target))
-    loader = torch.utils.data.DataLoader(
-        _DecodeDataset(records, encoder.preprocessing, job.transform, job.options),
-        batch_sampler=_batches_within_shards(pending, layout, job.options.batch_size),
+    loader = decode_workers.loader(
+        decode_workers.DecodeDataset(records, encoder.preprocessing, job.transform, job.options),
+        _batches_within_shards(pending, layout, job.options.batch_size),
         num_workers=job.options.num_workers,
-        collate_fn=_collate,
         pin_memory=encoder.device.type == "cuda",
-        prefetch_factor=4 if job.options.num_workers else None,
-        multiprocessing_context=_worker_context() if job.options.num_workers else None,
-        worker_init_fn=functools.partial(_start_decode_worker, cpus.START),
     )
     writers = [BackgroundShardWriter(t.store, job.options.writer_threads) for t in targets]
     n_pending_images = sum(len(range(layout.n_images)[layout.shard_slice(i)]) for i in pending)
@@ -325,7 +272,7 @@ def _encode_pending(
     buffers: list[dict | None] = [None] * len(targets)
     try:
         start = time.perf_counter()
-        batches = iter(loader)
+        batches = decode_workers.started(loader)
         seconds["workers start"] = time.perf_counter() - start
         for positions, pixels, reasons in _timed(batches, seconds, "decode wait"):
             stop.check()  # between batches: the shards written so far are whole
