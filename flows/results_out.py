@@ -112,5 +112,8 @@ def echo_estimate_sources(rows, rates) -> None:
     for stage, basis in dict.fromkeys((r.stage, r.basis) for r in rows):
         typer.echo(f"  {stage}: {basis}")
     typer.echo(f"  GPU utilisation: {rates.gpu.utilisation_source}")
+    for stage, points in rates.gpu.utilisation_by_step_tflop.items():
+        shares = ", ".join(f"{tflop:g} TFLOP -> {share:g}" for tflop, share in sorted(points.items()))
+        typer.echo(f"  GPU utilisation by step, {stage}: {shares} (log-linear between, the end's beyond)")
     typer.echo(f"  host: {rates.host.source}; {rates.host.cpu_cores} cores: {rates.host.cpu_cores_source}")
     typer.echo(f"  bytes: {rates.stored_bytes.source}")

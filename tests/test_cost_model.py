@@ -33,6 +33,8 @@ def test_a_vits_forward_flops_are_counted_exactly(rates):
 
 
 def test_rows_follow_the_layout_the_counts_and_the_rates(write_run_config, rates):
+    # one utilisation per stage here; by work per step in the next test
+    rates = rates.model_copy(update={"gpu": rates.gpu.model_copy(update={"utilisation_by_step_tflop": {}})})
     config = write_run_config(splits=["train", "val"], store={"shard_images": 8, "precision": "float16"})
     cfg = load_run_config(config)
     run = plan.build(cfg, config, image_counts={"train": 1000, "val": 100})
@@ -68,6 +70,35 @@ def test_rows_follow_the_layout_the_counts_and_the_rates(write_run_config, rates
     assert f"x {rates.gpu.utilisation['train']:g} " in train.basis
 
 
+def test_a_train_rows_utilisation_is_read_off_the_measured_points_by_its_work_per_step(
+    write_run_config, rates
+):
+    config = write_run_config()
+    cfg = load_run_config(config)
+    image_flops = 3 * reconstructor_flops(cfg.train.model, resolve_encoder("tiny-vit-64"), rates)
+    step_tflop = cfg.train.batch_size * image_flops / 1e12
+
+    def train_hours(points: dict, batch_size: int = cfg.train.batch_size) -> float:
+        gpu = rates.gpu.model_copy(update={"utilisation_by_step_tflop": {"train": points}})
+        batch_cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"batch_size": batch_size})})
+        run = plan.build(batch_cfg, config, image_counts={"train": 1000, "val": 100})
+        return next(
+            r for r in estimate(run, rates.model_copy(update={"gpu": gpu})) if r.stage == "train"
+        ).compute_hours
+
+    def hours_at(share: float) -> float:
+        return 1000 * cfg.train.epochs * image_flops / (rates.gpu.peak_tflops * 1e12 * share) / 3600
+
+    around = {step_tflop / 10: 0.1, step_tflop * 10: 0.3}
+    assert train_hours(around) == pytest.approx(hours_at(0.2))  # the log-midpoint
+    assert train_hours(around, batch_size=cfg.train.batch_size * 1000) == pytest.approx(
+        hours_at(0.3)
+    )  # beyond
+    assert train_hours({step_tflop * 100: 0.3, step_tflop * 1000: 0.5}) == pytest.approx(
+        hours_at(0.3)
+    )  # below
+
+
 def test_plan_estimate_runs_without_the_dataset_and_says_what_is_assumed(write_run_config, tmp_path):
     config = write_run_config(dataset={"name": "absent", "kind": "folder", "root": str(tmp_path / "nowhere"),
                                        "splits": {s: {"images_dir": s} for s in ("train", "val")}})  # fmt: skip
@@ -93,7 +124,7 @@ def test_a_config_mistake_under_estimate_gets_no_dataset_hint(write_run_config):
 def test_a_utilisation_above_the_peak_in_a_rates_file_fails_naming_the_field(write_run_config, tmp_path):
     rates = tmp_path / "rates.yaml"
     rates.write_text(
-        (REPO_CONFIG_DIR / "rates.yaml").read_text().replace("train_compiled: 0.18", "train_compiled: 1.8")
+        (REPO_CONFIG_DIR / "rates.yaml").read_text().replace("train_compiled: 0.11", "train_compiled: 1.1")
     )
     result = CliRunner().invoke(
         app, ["plan", "--config", str(write_run_config()), "--estimate", "--rates", str(rates)]

@@ -468,7 +468,11 @@ def test_decode_workers_never_import_the_program_that_started_them(tmp_path, sta
     imported_by.mkdir()
     env = {**os.environ, "IMPORTED_BY": str(imported_by), "PYTHONPATH": str(Path(__file__).parents[1])}
     done = subprocess.run(
-        [sys.executable, str(script), str(tmp_path), start], env=env, capture_output=True, text=True, timeout=120
+        [sys.executable, str(script), str(tmp_path), start],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.split()[-1] == "4"  # every image decoded

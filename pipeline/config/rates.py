@@ -21,6 +21,14 @@ class GpuRates(Frozen):
         description="Share of the peak each stage reaches, 0-1."
     )
     utilisation_source: str
+    utilisation_by_step_tflop: dict[
+        Stage, dict[Annotated[float, Field(gt=0)], Annotated[float, Field(gt=0, le=1)]]
+    ] = Field(
+        default_factory=dict,
+        description="Measured points, TFLOP of work in one step -> the share of the peak the stage reached; a "
+        "stage listed here gets its utilisation from them (log-linear between points, the end point's beyond "
+        "them), not from `utilisation`.",
+    )
 
 
 class HostRates(Frozen):
