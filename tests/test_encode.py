@@ -431,6 +431,25 @@ def test_with_openmp_binding_set_the_cpus_are_all_the_cgroups_also_when_torch_lo
     assert out.split() == [str(len(os.sched_getaffinity(0))), "1"]
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("precision", ["float16", "bf16_bitround", "int8_per_token", "float32"])
+def test_a_shard_buffer_filled_from_the_gpu_through_pinned_memory_equals_one_filled_on_the_cpu(precision):
+    from pipeline.data.store_writer import add_batch, shard_buffer
+    from storage import StoreLayout
+
+    layout = StoreLayout(n_images=8, grid_hw=(3, 4), hidden_dim=64, pixel_size=16, shard_images=8, precision=precision,
+                         compressor="auto")  # fmt: skip
+    features = torch.randn(8, 3, 4, 64) * 10
+    buffers = {device: shard_buffer(layout, 0, 8) for device in ("cpu", "cuda")}
+    for device, buffer in buffers.items():  # two batches of different sizes: the staging buffer is reused
+        add_batch(buffer, np.arange(5), features[:5].to(device))
+        add_batch(buffer, np.arange(5, 8), features[5:].to(device))
+    for name in ("features", "features_scale"):
+        if name in buffers["cpu"]:
+            np.testing.assert_array_equal(buffers["cuda"][name], buffers["cpu"][name])
+
+
 _DECODE_MAIN = """
 import os, sys
 from pathlib import Path
