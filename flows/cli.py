@@ -356,19 +356,15 @@ def serve(
         )
     with reported_in_one_line():
         _preflight(config)
-        from prefect import serve as prefect_serve
-
         from flows.deployments import deployments
+        from flows.deployments import serve as serve_deployments
 
         served = deployments(config, cron)
-    typer.echo(f"serving {len(served)} deployments of {config.resolve()}; stop with Ctrl-C. "
+    typer.echo(f"serving {len(served)} deployments of {config.resolve()}; stop with Ctrl-C or SIGTERM. "
                + ("Stopping pauses the schedule." if pause_on_stop else
                   "The schedule stays active when this process stops: its runs wait (Late) until a server serves "
                   "them again."))  # fmt: skip
-    from flows.interrupts import flow_runs_stop_before_serving_ends
-
-    with flow_runs_stop_before_serving_ends():
-        prefect_serve(*served, pause_on_shutdown=pause_on_stop)
+    serve_deployments(served, pause_on_stop)
 
 
 @app.command()

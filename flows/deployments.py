@@ -4,7 +4,12 @@ put on work pools by `prefect deploy` (prefect.yaml). Each runs one at a time pe
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import signal
 from pathlib import Path
+
+import typer
 
 from flows import prefect_env
 
@@ -43,3 +48,27 @@ def deployments(config: Path, cron: str | None = None) -> list:
         for stage, flow in STAGE_FLOWS.items()
         if stage not in ("tokens", "sae") or getattr(cfg, stage) is not None
     ]
+
+
+def serve(served: list, pause_on_stop: bool) -> None:
+    """Prefect's `serve` of `served`, with its runner's SIGTERM taken as a Ctrl-C: the flow runs stop at a safe
+    point and record it before serving ends (flows/interrupts.py). Prefect's own SIGTERM handler ended serving at
+    once and left the running run Running on the server, holding its deployment's one slot."""
+    from prefect.runner import Runner
+
+    from flows.interrupts import flow_runs_stop_before_serving_ends
+
+    typer.echo("deployments (trigger with `prefect deployment run NAME` or from the UI):")
+    for deployment in served:
+        typer.echo(f"  {deployment.flow_name}/{deployment.name}")
+    with flow_runs_stop_before_serving_ends() as stop_serving:
+
+        class _Runner(Runner):
+            def handle_sigterm(self, *args, **kwargs) -> None:
+                stop_serving(signal.SIGTERM)
+
+        runner = _Runner(pause_on_shutdown=pause_on_stop)
+        for deployment in served:
+            runner.add_deployment(deployment)
+        with contextlib.suppress(KeyboardInterrupt):
+            asyncio.run(runner.start())

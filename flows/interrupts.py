@@ -108,22 +108,34 @@ _kept: list = []
 @contextlib.contextmanager
 def flow_runs_stop_before_serving_ends():
     """`reconlab serve`: Prefect's runner kills the flow runs it started as it shuts down, so after a Ctrl-C they
-    stayed Running on the server. The runs get the terminal's SIGINT too (in_a_served_run): the first SIGINT
-    here waits until they have stopped and recorded it (up to GRACE_S), then ends serving; a second, at once."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
+    stayed Running on the server, and with each deployment's limit of one run the next runs waited behind them.
+    Yields `stop_serving(signum)`, the SIGINT handler here and what the runner's SIGTERM handler must call: the
+    running flow runs stop at their next safe point and record it (in_a_served_run; a Ctrl-C reaches them from the
+    terminal, a SIGTERM to this process alone, as from `kill`, `docker stop` or systemd, is passed on to them as
+    SIGINT), serving ends once they have (up to GRACE_S); a second signal ends it at once."""
+    stopping = threading.Event()
 
-    def on_sigint(signum, frame) -> None:
+    def stop_serving(signum: int) -> None:
+        if stopping.is_set():
+            raise KeyboardInterrupt  # a KeyboardInterrupt ends Prefect's serve
+        stopping.set()
         signal.signal(signal.SIGINT, signal.default_int_handler)
+        if signum != signal.SIGINT:
+            for pid in _flow_run_children():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGINT)
         _say(
-            "SIGINT: the running flow runs stop at their next safe point first; press Ctrl-C again to stop now."
+            f"{signal.Signals(signum).name}: the running flow runs stop at their next safe point first; "
+            "send it again to stop now."
         )
         threading.Thread(target=_interrupt_when_runs_ended, daemon=True).start()
 
-    previous = signal.signal(signal.SIGINT, on_sigint)
+    if threading.current_thread() is not threading.main_thread():
+        yield stop_serving
+        return
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: stop_serving(signum))
     try:
-        yield
+        yield stop_serving
     finally:
         signal.signal(signal.SIGINT, previous)
 

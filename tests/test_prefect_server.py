@@ -1,7 +1,8 @@
 """Against a real Prefect server started here on 127.0.0.1: `reconlab serve` serves a deployment per stage; a stage
 triggered through the API completes with its logs and its artifact; a second trigger finishes as cached; two
-concurrent triggers of one artifact both end well; a serving process killed mid-stage resumes on the next trigger
-and ends with the same result as an uninterrupted run."""
+concurrent triggers of one artifact both end well; a SIGTERM to the serving process mid-stage ends the run Failed
+and then serving; a serving process killed mid-stage resumes on the next trigger and ends with the same result as
+an uninterrupted run."""
 
 from __future__ import annotations
 
@@ -23,19 +24,23 @@ pytestmark = [
 ]
 
 
+# a tiny store encodes in about a second here: the signal must land within its first shards
+MID_STAGE_POLL_S = 0.02
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def _wait(predicate, timeout_s: float, what: str):
+def _wait(predicate, timeout_s: float, what: str, poll_s: float = 0.5):
     deadline = time.time() + timeout_s
     while time.time() < deadline:
         value = predicate()
         if value:
             return value
-        time.sleep(0.5)
+        time.sleep(poll_s)
     raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
 
 
@@ -108,7 +113,7 @@ def config(tmp_path_factory, demo_root):
         "store_root": str(root / "stores"),
         "dataset": {"name": "demo", "kind": "demo", "root": str(demo_root)},
         "splits": ["train", "val"],
-        "encoders": ["tiny-vit-64", "tiny-vit-112"],
+        "encoders": ["tiny-vit-64", "tiny-vit-112", "tiny-vit-64-gray"],
         "store": {"shard_images": 2}, "encode": {"batch_size": 2, "num_workers": 0},
         "train": {"output_root": str(root / "train"), "epochs": 1, "batch_size": 8, "n_val_images": 8,
                   "n_sample_images": 2, "shuffle_buffer_images": 8},
@@ -198,8 +203,12 @@ def test_served_stages_run_log_publish_cache_queue_and_resume(server, api, confi
             "reconlab-encode/served-encode", parameters={"encoder_names": ["tiny-vit-112"]}, timeout=0
         )
         stores = config.parent / "stores"
-        _wait(lambda: [p for p in stores.glob("tiny-vit-112__*.zarr") if open_store(p, require_complete=False)
-                       .shard_done().any()], 300, "the first shards of tiny-vit-112")  # fmt: skip
+        _wait(
+            lambda: _shards_done(stores, "tiny-vit-112"),
+            300,
+            "the first shards of tiny-vit-112",
+            MID_STAGE_POLL_S,
+        )
         os.kill(serving.pid, signal.SIGKILL)
         serving.wait()
         time.sleep(2)  # the reaper ends the flow run the serving process had started
@@ -218,6 +227,37 @@ def test_served_stages_run_log_publish_cache_queue_and_resume(server, api, confi
     finally:
         _stop(serving, home)
     _assert_equals_an_uninterrupted_encode(config, tmp_path)
+
+    # Stopped mid-encode by a SIGTERM to the serving process alone (`kill`, `docker stop`): the run stops at a safe
+    # point and records Failed, where Prefect's own handler left it Running and holding its deployment's slot;
+    # serving then ends by itself.
+    serving = _serve(config, server, home)
+    try:
+        _wait(
+            lambda: _deployment_exists(client, "reconlab-encode/served-encode"), 120, "the served deployments"
+        )
+        stopped = run_deployment(
+            "reconlab-encode/served-encode", parameters={"encoder_names": ["tiny-vit-64-gray"]}, timeout=0
+        )
+        _wait(
+            lambda: _shards_done(stores, "tiny-vit-64-gray"),
+            300,
+            "the first shards of tiny-vit-64-gray",
+            MID_STAGE_POLL_S,
+        )
+        serving.send_signal(signal.SIGTERM)
+        serving.wait(timeout=90)
+        assert _wait(lambda: _final(client, stopped.id), 30, "the stopped run's final state").is_failed()
+    finally:
+        if serving.poll() is None:
+            serving.kill()
+
+
+def _shards_done(stores: Path, encoder: str) -> int:
+    from storage import open_store
+
+    return sum(int(open_store(p, require_complete=False).shard_done().sum())
+               for p in stores.glob(f"{encoder}__*.zarr") if (p / "zarr.json").is_file())  # fmt: skip
 
 
 def _deployment_exists(client, name: str) -> bool:

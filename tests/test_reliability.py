@@ -124,9 +124,10 @@ os._exit(130)
 """
 
 SERVER = """
-import os, subprocess, sys, time
+import os, signal, subprocess, sys, time
 from flows import interrupts
-with interrupts.flow_runs_stop_before_serving_ends():
+with interrupts.flow_runs_stop_before_serving_ends() as stop_serving:
+    signal.signal(signal.SIGTERM, lambda signum, frame: stop_serving(signum))  # as reconlab's Prefect runner does
     run = subprocess.Popen([sys.executable, "-c", sys.argv[1], "1.5"], env={**os.environ, "PREFECT__FLOW_RUN_ID": "x"},
                            stdout=subprocess.PIPE, text=True)
     assert run.stdout.readline() == "ready\\n"
@@ -139,15 +140,19 @@ with interrupts.flow_runs_stop_before_serving_ends():
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc")
-def test_a_ctrl_c_to_reconlab_serve_lets_its_flow_runs_stop_and_record_it_before_serving_ends():
+@pytest.mark.parametrize("how", ["Ctrl-C to the terminal", "SIGTERM to the serving process alone"])
+def test_stopping_reconlab_serve_lets_its_flow_runs_stop_and_record_it_before_serving_ends(how):
     """Prefect's runner kills its flow runs as it shuts down; on a Ctrl-C to the terminal (SIGINT to the serving
-    process and its runs) serving now ends only once the runs have stopped at a safe point (by hand, with a real
-    server and `reconlab serve`: the run ends Failed, where it stayed Running)."""
+    process and its runs), or a SIGTERM to the serving process (`kill`, `docker stop`), serving now ends only
+    once the runs have stopped at a safe point (with a real server: tests/test_prefect_server.py)."""
     serve = subprocess.Popen([sys.executable, "-c", SERVER, SERVED_RUN], cwd=ROOT, start_new_session=True,
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
     assert serve.stdout.readline() == "serving\n"
     start = time.monotonic()
-    os.killpg(serve.pid, signal.SIGINT)
+    if how.startswith("Ctrl-C"):
+        os.killpg(serve.pid, signal.SIGINT)
+    else:
+        serve.send_signal(signal.SIGTERM)
     output, _ = serve.communicate(timeout=30)
     assert time.monotonic() - start > 1.5, output  # it waited for the run
     assert "serving ended, the run ended: 'stop requested\\n'" in output, output
