@@ -10,6 +10,7 @@ import functools
 import multiprocessing
 import signal
 import sys
+import threading
 import types
 from collections.abc import Iterator
 
@@ -87,14 +88,19 @@ def started(decode_loader: torch.utils.data.DataLoader) -> Iterator:
     `main_path` key that the preparation data names `init_main_from_path`)."""
     if not decode_loader.num_workers:
         return iter(decode_loader)
-    main = sys.modules["__main__"]
-    sys.modules["__main__"] = types.ModuleType(
-        "__main__"
-    )  # no __file__ or __spec__: nothing for workers to import
-    try:
-        return iter(decode_loader)
-    finally:
-        sys.modules["__main__"] = main
+    with (
+        _main_swap
+    ):  # two stages starting their workers at once on two threads must not swap in each other's stub
+        main = sys.modules["__main__"]
+        # no __file__ or __spec__: nothing for the workers to import
+        sys.modules["__main__"] = types.ModuleType("__main__")
+        try:
+            return iter(decode_loader)
+        finally:
+            sys.modules["__main__"] = main
+
+
+_main_swap = threading.Lock()
 
 
 def _worker_context():
