@@ -88,9 +88,8 @@ def started(decode_loader: torch.utils.data.DataLoader) -> Iterator:
     `main_path` key that the preparation data names `init_main_from_path`)."""
     if not decode_loader.num_workers:
         return iter(decode_loader)
-    with (
-        _main_swap
-    ):  # two stages starting their workers at once on two threads must not swap in each other's stub
+    # two stages starting their workers at once on two threads must not swap in each other's stub
+    with _main_swap:
         main = sys.modules["__main__"]
         # no __file__ or __spec__: nothing for the workers to import
         sys.modules["__main__"] = types.ModuleType("__main__")
