@@ -199,7 +199,7 @@ def test_served_stages_run_log_publish_cache_queue_and_resume(server, api, confi
         )
         from prefect.deployments import run_deployment
 
-        run_deployment(
+        killed = run_deployment(
             "reconlab-encode/served-encode", parameters={"encoder_names": ["tiny-vit-112"]}, timeout=0
         )
         stores = config.parent / "stores"
@@ -211,7 +211,9 @@ def test_served_stages_run_log_publish_cache_queue_and_resume(server, api, confi
         )
         os.kill(serving.pid, signal.SIGKILL)
         serving.wait()
-        time.sleep(2)  # the reaper ends the flow run the serving process had started
+        # the reaper ends the flow run the serving process had started, with a SIGTERM: Prefect records a crash,
+        # and the deployment's slot is free for the next run
+        assert _wait(lambda: _final(client, killed.id), 30, "the killed run's final state").is_crashed()
         targets = [p for p in stores.glob("tiny-vit-112__*.zarr") if (p / "zarr.json").is_file()]
         assert len(targets) < 2 or not all(open_store(p, require_complete=False).complete for p in targets)
     finally:
