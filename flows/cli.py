@@ -354,6 +354,13 @@ def serve(
             "serving needs a Prefect server: run `prefect server start --host 127.0.0.1 --port 4200` and "
             "`export PREFECT_API_URL=http://127.0.0.1:4200/api` first (ephemeral mode cannot serve or schedule)"
         )
+    from flows import prefect_env
+
+    if not prefect_env.server_answers(os.environ["PREFECT_API_URL"]):
+        _fail(
+            f"no Prefect server answers at PREFECT_API_URL={os.environ['PREFECT_API_URL']}: start it (`prefect "
+            "server start --host 127.0.0.1 --port 4200`) or point PREFECT_API_URL at the one you run"
+        )
     with reported_in_one_line():
         _preflight(config)
         from flows.deployments import deployments

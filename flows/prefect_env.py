@@ -87,3 +87,17 @@ def temporary_server_in_own_session() -> None:
     from prefect.server.api import server
 
     server.subprocess = _SubprocessInOwnSession()
+
+
+def server_answers(api_url: str, timeout_s: float = 10.0) -> bool:
+    """Whether anything answers HTTP at `api_url`/health (an error status counts: a server that wants a key)."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{api_url.rstrip('/')}/health", timeout=timeout_s):
+            return True
+    except urllib.error.HTTPError:
+        return True
+    except (urllib.error.URLError, OSError, ValueError):  # refused, unknown host, timeout, not a URL
+        return False

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 from pathlib import Path
 
 import pytest
@@ -115,6 +116,15 @@ def test_serve_without_a_prefect_server_explains_what_to_start(write_run_config,
     monkeypatch.delenv("PREFECT_API_URL", raising=False)
     result = runner.invoke(app, ["serve", "--config", str(write_run_config()), "--cron", "0 2 * * *"])
     assert result.exit_code == 2 and "prefect server start" in result.output
+    # set, but nothing listens there: one line, not a connection traceback
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed_port = s.getsockname()[1]
+    monkeypatch.setenv("PREFECT_API_URL", f"http://127.0.0.1:{closed_port}/api")
+    result = runner.invoke(app, ["serve", "--config", str(write_run_config())])
+    assert result.exit_code == 2 and "no Prefect server answers at PREFECT_API_URL" in result.output, (
+        result.output
+    )
 
 
 def test_prefect_failure_logs_of_user_errors_are_dropped_and_others_kept():
