@@ -120,13 +120,16 @@ def flow_runs_stop_before_serving_ends():
             raise KeyboardInterrupt  # a KeyboardInterrupt ends Prefect's serve
         stopping.set()
         signal.signal(signal.SIGINT, signal.default_int_handler)
+        runs = _flow_run_children()
         if signum != signal.SIGINT:
-            for pid in _flow_run_children():
+            for pid in runs:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGINT)
+        name = signal.Signals(signum).name
         _say(
-            f"{signal.Signals(signum).name}: the running flow runs stop at their next safe point first; "
-            "send it again to stop now."
+            f"{name}: the running flow runs stop at their next safe point first; send it again to stop now."
+            if runs
+            else f"{name}: no flow run is running; serving ends."
         )
         threading.Thread(target=_interrupt_when_runs_ended, daemon=True).start()
 
