@@ -47,7 +47,7 @@ from pipeline.config import (
 )
 from pipeline.data import decode_workers
 from pipeline.data.datasets import list_images
-from pipeline.data.feature_loader import Prefetcher, batch_stream
+from pipeline.data.feature_loader import EpochBatches, batch_stream
 from pipeline.data.store_info import StoreInfo
 from pipeline.jobs import EncodeJob
 from pipeline.models import encoders
@@ -275,11 +275,10 @@ def _train_steps(
         torch.cuda.reset_peak_memory_stats(device)
     if path == "resident":
         batches = [tuple(torch.as_tensor(a).to(device) for a in next(source)) for _ in range(n_steps)]
-    else:
-        # exactly the batches it needs: its thread then ends instead of holding pinned batches
-        batches = Prefetcher(
-            itertools.islice(source, n_steps), cfg.prefetch_batches, pin=device.type == "cuda"
-        )
+    else:  # the train stage's loader: its worker process (where /dev/shm holds the batches in flight)
+        epochs = EpochBatches(store, cfg.batch_size, cfg.seed, range(n_steps), cfg.shuffle_buffer_images,
+                              cfg.prefetch_batches, pin=device.type == "cuda")  # fmt: skip
+        batches = itertools.islice((batch for epoch in range(n_steps) for batch in epochs.of(epoch)), n_steps)
 
     def steps():
         losses = StepScalars()
@@ -292,6 +291,8 @@ def _train_steps(
         losses.read()
 
     seconds = timed(steps, device)
+    if path != "resident":
+        epochs.close()
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
     return seconds, peak
 

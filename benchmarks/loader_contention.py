@@ -1,11 +1,12 @@
-"""Does the train loader's thread slow the training loop's own Python work? (CPU; no GPU needed.)
+"""Does the train loader slow the training loop's own Python work? (CPU; no GPU needed.)
 
 On an H200, training at the paper's batch of 10 at 224 px ran at 0.88 of the rate with the batches already on the
 GPU (docs/benchmarks.md, GPU figures, run 2), where every larger step reached 0.95-1.00. Such a step is ~28 ms
 of mostly kernel launches: Python work on the main thread. This script stands in a loop of tiny torch ops of
-that length for the step (dispatch-bound, as launches are) and times it alone, with the train loader streaming
-batches of 10 ViT-B@224 images on a thread of the same process (as the train stage runs it: Prefetcher), and
-with the same loader in another process. A slowdown in-thread and none across processes is the GIL.
+that length for the step (dispatch-bound, as launches are) and times it alone and with the train loader
+streaming batches of 10 ViT-B@224 images (features + pixels) three ways: on a thread of the same process (the
+train stage before 2026-11-28: `EpochBatches(workers=0)`), in its worker process (the stage now), and, as a
+reference, the loop in a process of its own while this one runs the loader.
 
     .venv/bin/python benchmarks/loader_contention.py [--repeats 2]
 """
@@ -25,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipeline.data.feature_loader import Prefetcher, batch_stream  # noqa: E402
+from pipeline.data.feature_loader import EpochBatches  # noqa: E402
 from storage import open_store  # noqa: E402
 from storage.creation import create  # noqa: E402
 from storage.layout import StoreLayout  # noqa: E402
@@ -81,12 +82,15 @@ def _steps_in_own_process(n_ops: int, out) -> None:
     out.put(steps_ms(n_ops))
 
 
-def loader_thread(store_path: Path) -> Prefetcher:
-    store = open_store(store_path)
-    stream = itertools.chain.from_iterable(
-        batch_stream(store, BATCH, 0, e, 4 * BATCH) for e in itertools.count()
+def batches(store_path: Path, workers: int):
+    """STEPS batches of the train stage's loader (EpochBatches), with its worker process or on a thread."""
+    epochs = EpochBatches(
+        open_store(store_path), BATCH, 0, range(100), 4 * BATCH, 4, pin=False, workers=workers
     )
-    return Prefetcher(itertools.islice(stream, STEPS), 4, pin=False)
+    try:
+        yield from itertools.islice((batch for epoch in range(100) for batch in epochs.of(epoch)), STEPS)
+    finally:
+        epochs.close()
 
 
 def main() -> None:
@@ -100,25 +104,25 @@ def main() -> None:
         store_path = Path(tmp) / "store.zarr"
         make_store(store_path)
         print(f"# {n_ops} tiny torch ops per step (~{STEP_MS:.0f} ms alone), {STEPS} steps, batches of {BATCH} "
-              "ViT-B@224 images\n\n| repeat | step alone, ms | loader on a thread (the stage) | ratio "
-              "| loader in another process | ratio |\n|---|---|---|---|---|---|")  # fmt: skip
+              "ViT-B@224 images\n\n| repeat | step alone, ms | loader on a thread | ratio | loader in its worker "
+              "process (the stage) | ratio | the loop in a process of its own | ratio |\n"
+              "|---|---|---|---|---|---|---|---|")  # fmt: skip
         context = multiprocessing.get_context("spawn")
         for repeat in range(args.repeats):
             alone = steps_ms(n_ops)
-            threaded = steps_ms(n_ops, loader_thread(store_path))
+            threaded = steps_ms(n_ops, batches(store_path, workers=0))
+            worker = steps_ms(n_ops, batches(store_path, workers=1))
             results = context.Queue()
             other = context.Process(target=_steps_in_own_process, args=(n_ops, results))
             other.start()
-            for _ in loader_thread(
-                store_path
-            ):  # the loader here, paced by its queue as a training loop paces it
+            for _ in batches(store_path, workers=0):  # paced as a training loop paces it
                 if not other.is_alive():
                     break
                 time.sleep(STEP_MS / 1e3)
             separate = results.get()
             other.join()
-            print(f"| {repeat + 1} | {alone:.2f} | {threaded:.2f} | {alone / threaded:.2f} | {separate:.2f} "
-                  f"| {alone / separate:.2f} |", flush=True)  # fmt: skip
+            print(f"| {repeat + 1} | {alone:.2f} | {threaded:.2f} | {alone / threaded:.2f} | {worker:.2f} "
+                  f"| {alone / worker:.2f} | {separate:.2f} | {alone / separate:.2f} |", flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -1,13 +1,14 @@
 """Train-stage benchmark: does the Zarr loader starve the model, and does memory stay flat as the store grows?
 
-(1) steps/s training from the store (shard reads + shuffle buffer + prefetch thread) vs the same batches already
-in memory, same process; (2) peak RSS of a fixed number of steps on a store and on one 10x larger, each in a
+(1) steps/s training from the store (shard reads + shuffle buffer in the loader's worker process) vs the same batches
+already in memory, same process; (2) peak RSS of a fixed number of steps on a store and on one 10x larger, each in a
 fresh subprocess. Run:  .venv/bin/python benchmarks/train.py [--encoder tiny-vit-112 --n-small 256]
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import resource
 import subprocess
@@ -22,7 +23,7 @@ import torch
 from pipeline.config import DatasetSpec, EncodeOptions, StoreOptions, SubsetSpec, TrainConfig, TransformSpec
 from pipeline.config_files import resolve_encoder
 from pipeline.data import demo
-from pipeline.data.feature_loader import Prefetcher, batch_stream
+from pipeline.data.feature_loader import EpochBatches, batch_stream
 from pipeline.data.store_info import StoreInfo
 from pipeline.stages import encode, train
 from storage.inspect import disk_bytes
@@ -59,12 +60,14 @@ def steps(store_path: Path, cfg: TrainConfig, n_steps: int, in_memory: bool) -> 
         start = time.perf_counter()
         for f, p in resident:
             train.train_step(model, opt, sched, f, p, cfg, pre, device, dtype)
-    else:
+    else:  # the stage's loader (its worker process since 2026-11-28; a thread in the figures before)
         start = time.perf_counter()
-        prefetch = iter(Prefetcher(source, cfg.prefetch_batches, pin=False))
-        for _ in range(n_steps):
-            f, p = next(prefetch)
+        epochs = EpochBatches(store, cfg.batch_size, cfg.seed, range(n_steps), cfg.shuffle_buffer_images,
+                              cfg.prefetch_batches, pin=False)  # fmt: skip
+        streamed = (batch for epoch in range(n_steps) for batch in epochs.of(epoch))
+        for f, p in itertools.islice(streamed, n_steps):
             train.train_step(model, opt, sched, f, p, cfg, pre, device, dtype)
+        epochs.close()
     return time.perf_counter() - start
 
 

@@ -461,7 +461,7 @@ if __name__ == "__main__":
     import numpy as np
     from PIL import Image
     from pipeline.config import EncodeOptions, TransformSpec
-    from pipeline.data import decode_workers
+    from pipeline.data import decode_workers, worker_processes
     from pipeline.data.datasets import ImageRecord
     from pipeline.data.images import Preprocessing
 
@@ -473,7 +473,7 @@ if __name__ == "__main__":
     preprocessing = Preprocessing("shortest", 32, 32, "bicubic", (0.5,) * 3, (0.5,) * 3, "test")
     dataset = decode_workers.DecodeDataset(records, preprocessing, TransformSpec(), EncodeOptions())
     loader = decode_workers.loader(dataset, [[0, 1], [2, 3]], num_workers=2, pin_memory=False)
-    batches = decode_workers.started(loader) if sys.argv[2] == "started" else iter(loader)
+    batches = worker_processes.started(loader) if sys.argv[2] == "started" else iter(loader)
     print(sum(len(reasons) for _, _, reasons in batches if not any(reasons)))
 """
 

@@ -3,13 +3,17 @@ the same image together, seeded order, and reads into reused buffers."""
 
 from __future__ import annotations
 
+import os
+import sys
+import time
+
 import numpy as np
 import pytest
 import torch
 
-from pipeline.data.feature_loader import batch_stream, widen
+from pipeline.data.feature_loader import EpochBatches, batch_stream, widen
 from storage import StoreLayout, create, open_store
-from storage.precision import resolve_codecs
+from storage.precision import resolve_codecs, value_stats
 
 
 @pytest.fixture
@@ -26,8 +30,66 @@ def labelled_store(tmp_path):
     for shard in range(layout.n_shards):
         r = layout.shard_slice(shard)
         store.write_shard(shard, features[r], pixels[r], rows[r], valid[r], {"n_encoded": 0, "failures": [],
-                                                                           "stats": {}})  # fmt: skip
-    return open_store(store.path, require_complete=False), valid
+                                                                           "stats": value_stats(features[r])})  # fmt: skip
+    store.finalize()
+    return open_store(store.path), valid
+
+
+@pytest.mark.parametrize("workers", [1, 0])
+def test_the_train_stages_epochs_are_batch_streams_from_a_worker_process_or_a_thread(labelled_store, workers):
+    store, _ = labelled_store
+    epochs = EpochBatches(store, 7, seed=1, epochs=range(2, 5), buffer_images=20, depth=2, pin=False,
+                          workers=workers)  # fmt: skip
+    for epoch in range(2, 5):
+        got = [(f.numpy(), p.numpy()) for f, p in epochs.of(epoch)]
+        expected = list(batch_stream(store, 7, 1, epoch, 20))
+        assert len(got) == len(expected) > 0
+        for (f, p), (f_expected, p_expected) in zip(got, expected, strict=True):
+            np.testing.assert_array_equal(f, f_expected)
+            np.testing.assert_array_equal(p, p_expected)
+    assert list(epochs.of(5)) == []  # past the last epoch: nothing, no hang
+    epochs.close()
+
+
+def test_where_dev_shm_is_too_small_the_loader_reads_on_a_thread_with_the_same_batches(
+    labelled_store, monkeypatch
+):
+    from collections import namedtuple
+
+    from pipeline.data import feature_loader
+
+    store, _ = labelled_store
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(feature_loader.shutil, "disk_usage", lambda path: usage(64 << 20, 64 << 20, 4096))
+    epochs = EpochBatches(store, 7, seed=1, epochs=range(1), buffer_images=20, depth=2, pin=False)
+    assert not epochs.in_worker
+    assert [f.numpy().tolist() for f, _ in epochs.of(0)] == [
+        f.tolist() for f, _ in batch_stream(store, 7, 1, 0, 20)
+    ]
+    monkeypatch.undo()
+    assert feature_loader.shared_memory_fits(store, 7, 2) == sys.platform.startswith("linux")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc")
+def test_a_closed_epoch_loader_ends_its_worker_process(labelled_store):
+    store, _ = labelled_store
+    epochs = EpochBatches(store, 7, seed=1, epochs=range(100), buffer_images=20, depth=2, pin=False)
+    next(epochs.of(0))  # an epoch left unfinished, as a stopped training leaves it
+    assert _fork_server_children()
+    epochs.close()
+    deadline = time.time() + 10
+    while _fork_server_children() and time.time() < deadline:
+        time.sleep(0.1)
+    assert not _fork_server_children()
+
+
+def _fork_server_children() -> list[int]:
+    """Workers: children of this process's children (the fork server's), none of its own."""
+    from flows.reaper import processes
+
+    table = processes()
+    mine = {pid for pid, (parent, _) in table.items() if parent == os.getpid()}
+    return [pid for pid, (parent, _) in table.items() if parent in mine]
 
 
 def _ids(batches) -> list[int]:

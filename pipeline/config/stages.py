@@ -91,7 +91,7 @@ class TrainConfig(Frozen):
     n_sample_images: int = Runtime(8, gt=0, description="Images in the validation grid PNG.")
     keep_last: int = Runtime(2, gt=0, description="Epoch checkpoints kept (plus best).")
     shuffle_buffer_images: int = Field(512, gt=0, description="In-memory shuffle buffer (bounds memory).")
-    prefetch_batches: int = Runtime(4, gt=0, description="Batches the loader thread keeps ready.")
+    prefetch_batches: int = Runtime(4, gt=0, description="Batches the loader's worker process keeps ready.")
     device: Literal["auto", "cpu", "cuda"] = Runtime(
         "auto", description="auto: CUDA when available, else CPU."
     )

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from pipeline import artifacts, cpus, stop
 from pipeline.artifacts import WriteLock
 from pipeline.config import Layer, config_hash
-from pipeline.data import decode_workers
+from pipeline.data import decode_workers, worker_processes
 from pipeline.data.datasets import ImageRecord, image_list_sha256, list_images
 from pipeline.data.store_writer import BackgroundShardWriter, add_batch, shard_buffer
 from pipeline.jobs import EncodeJob
@@ -272,7 +272,7 @@ def _encode_pending(
     buffers: list[dict | None] = [None] * len(targets)
     try:
         start = time.perf_counter()
-        batches = decode_workers.started(loader)
+        batches = worker_processes.started(loader)
         seconds["workers start"] = time.perf_counter() - start
         for positions, pixels, reasons in _timed(batches, seconds, "decode wait"):
             stop.check()  # between batches: the shards written so far are whole

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from pipeline import artifacts, stop
 from pipeline.artifacts import WriteLock
 from pipeline.config import TrainConfig, config_hash
-from pipeline.data.feature_loader import Prefetcher, batch_stream, n_batches_per_epoch, widen
+from pipeline.data.feature_loader import EpochBatches, n_batches_per_epoch, widen
 from pipeline.data.images import Preprocessing
 from pipeline.data.store_info import StoreInfo, check_same_encoder
 from pipeline.jobs import TrainJob
@@ -280,12 +280,14 @@ def _train(cfg: TrainConfig, key: dict, run_dir: Path, train_store, val_store, p
     val_metrics: dict = {}
     losses, lrs, loss_value, last_read = StepScalars(), {}, float("nan"), time.monotonic()
     model.train()
+    epochs = EpochBatches(train_store, cfg.batch_size, cfg.seed, range(start_epoch, cfg.epochs),
+                          cfg.shuffle_buffer_images, cfg.prefetch_batches, pin=device.type == "cuda")  # fmt: skip
+    if not epochs.in_worker and lead:
+        print("train: /dev/shm cannot hold the loader's batches in flight, so it reads on a thread of this process "
+              "(slower on a GPU at small batches); give it more room (docker run --shm-size=2g)")  # fmt: skip
     try:
         for epoch in range(start_epoch, cfg.epochs):
-            stream = batch_stream(train_store, cfg.batch_size, cfg.seed, epoch, cfg.shuffle_buffer_images)
-            for i, (feats, pixels) in enumerate(
-                Prefetcher(stream, cfg.prefetch_batches, pin=device.type == "cuda")
-            ):
+            for i, (feats, pixels) in enumerate(epochs.of(epoch)):
                 if i % world != rank or i >= steps_per_epoch * world:
                     continue
                 stop.check()  # between steps: a rerun resumes from the last epoch's checkpoint
@@ -324,6 +326,7 @@ def _train(cfg: TrainConfig, key: dict, run_dir: Path, train_store, val_store, p
                     f.unlink()
             _barrier(world)
     finally:
+        epochs.close()
         bar.close()
         if writer is not None:
             writer.close()

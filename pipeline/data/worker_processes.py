@@ -1,0 +1,66 @@
+"""Worker processes for torch DataLoaders (the encode stage's decoders, the train stage's loader): forked from a
+clean fork server, never from the stage's process, and never importing the program that started the stage."""
+
+from __future__ import annotations
+
+import functools
+import multiprocessing
+import signal
+import sys
+import threading
+import types
+from collections.abc import Iterator
+
+import torch
+
+from pipeline import cpus
+
+# the modules with the workers' code; the fork server imports them once, whichever stage starts it
+WORKER_MODULES = ["pipeline.data.decode_workers", "pipeline.data.feature_loader"]
+
+
+def context():
+    """DataLoader workers are not forks of this (possibly multi-threaded) process: forked from inside a Prefect
+    flow (its threads, event loop and exit hooks) they died with exit code 1. They fork from a clean fork server
+    that has already imported WORKER_MODULES, so a worker starts in milliseconds."""
+    server = multiprocessing.get_context("forkserver")
+    server.set_forkserver_preload(WORKER_MODULES)
+    return server
+
+
+def init():
+    """A DataLoader's worker_init_fn: the terminal's Ctrl-C reaches the whole process group, and the stage stops
+    its workers itself (pipeline/stop.py); each worker runs on every CPU the process started with."""
+    return functools.partial(_start, cpus.START)
+
+
+def _start(start_cpus: frozenset[int], worker_id: int) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    cpus.run_on(start_cpus, worker_id)
+
+
+def started(loader: torch.utils.data.DataLoader) -> Iterator:
+    """The loader's batches, its workers started.
+
+    A worker started by a fork server or by spawn first imports the parent's `__main__` (CPython runs it again
+    as `__mp_main__`), and the parent waits for each one in turn whenever the pickled dataset is larger than a
+    pipe's buffer (64 KiB, about a thousand image records). Under a served Prefect run `__main__` is
+    `prefect.engine` (1.3 s to import here) and a benchmark script imports more: on an H200 machine 12 decode
+    workers took 7.6 s to start, 0.6 s each, and each kept a copy of those modules. The workers need nothing from
+    `__main__` (their code is in the module the fork server preloads), so it is hidden from them while they
+    start. CPython's own way, preloading `__main__` in the fork server, does not work up to 3.13 (its fork server
+    looks for a `main_path` key that the preparation data names `init_main_from_path`)."""
+    if not loader.num_workers:
+        return iter(loader)
+    # two stages starting their workers at once on two threads must not swap in each other's stub
+    with _main_swap:
+        main = sys.modules["__main__"]
+        # no __file__ or __spec__: nothing for the workers to import
+        sys.modules["__main__"] = types.ModuleType("__main__")
+        try:
+            return iter(loader)
+        finally:
+            sys.modules["__main__"] = main
+
+
+_main_swap = threading.Lock()
