@@ -105,9 +105,9 @@ class EpochBatches:
     """The train stage's batches of `epochs` (`batch_stream`'s, in order), read, decoded and shuffled by one worker
     process that stays for all of them (each shard's checksum is verified once, as by one store handle); batches
     come through shared memory, pinned here for a GPU. On a thread of the training process the same loader took
-    the GIL from the training loop: a ~25 ms dispatch-bound step, the paper's batch of 10 at 224 px on an H200,
-    ran at 0.81-0.85 of its speed alone on the CPU with the loader on a thread, ~1.0 with it in another process
-    (benchmarks/loader_contention.py). `workers=0` reads on a thread here instead (Prefetcher), as does the
+    the GIL from the training loop: a CPU stand-in for a ~25 ms dispatch-bound step (the paper's batch of 10 at
+    224 px on an H200, which trained at 0.88 of its rate with the batches already on the GPU) ran at 0.88 of its
+    speed alone with the loader on a thread and 0.98 with it in its worker (benchmarks/loader_contention.py). `workers=0` reads on a thread here instead (Prefetcher), as does the
     default where /dev/shm cannot hold the batches in flight (a container's default is 64 MB)."""
 
     def __init__(self, store: FeatureStore, batch_size: int, seed: int, epochs: range, buffer_images: int,
