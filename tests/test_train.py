@@ -137,7 +137,8 @@ def test_a_killed_training_resumes_and_ends_bit_identical_to_an_uninterrupted_on
     args = json.dumps(
         {"cfg": cfg.model_dump(mode="json"), "store": str(tiny_store), "threads": torch.get_num_threads()}
     )
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    tag = f"RECONLAB_TEST_RUN={tmp_path.name}"  # inherited by all the run starts: its loader's fork server, worker
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent), **dict([tag.split("=")])}
     proc = subprocess.Popen([sys.executable, "-c", _KILLABLE, args], env=env)
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline and proc.poll() is None:
@@ -146,6 +147,13 @@ def test_a_killed_training_resumes_and_ends_bit_identical_to_an_uninterrupted_on
             break
         time.sleep(0.02)
     assert proc.wait() == -signal.SIGKILL, "training ended before it could be killed"
+    if sys.platform.startswith(
+        "linux"
+    ):  # nothing it started outlives it (no reaper here: a plain script's kill)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and _processes_with(tag):
+            time.sleep(0.2)
+        assert not _processes_with(tag)
     (run_dir,) = [p for p in (tmp_path / "train").iterdir() if p.is_dir()]
     assert not (run_dir / "result.json").exists()
 
@@ -158,6 +166,17 @@ def test_a_killed_training_resumes_and_ends_bit_identical_to_an_uninterrupted_on
     b = load_file(str(reference.last_checkpoint.with_suffix(".safetensors")))
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _processes_with(env_entry: str) -> list[int]:
+    pids = []
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            if env_entry.encode() in environ.read_bytes().split(b"\0"):
+                pids.append(int(environ.parent.name))
+        except OSError:  # ended meanwhile, or not ours to read
+            continue
+    return pids
 
 
 def test_checkpoints_round_trip_weights_optimizer_scheduler_and_rng(tmp_path):

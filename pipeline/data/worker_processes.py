@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import functools
 import multiprocessing
+import os
 import signal
 import sys
 import threading
+import time
 import types
 from collections.abc import Iterator
 
@@ -30,13 +32,29 @@ def context():
 
 def init():
     """A DataLoader's worker_init_fn: the terminal's Ctrl-C reaches the whole process group, and the stage stops
-    its workers itself (pipeline/stop.py); each worker runs on every CPU the process started with."""
-    return functools.partial(_start, cpus.START)
+    its workers itself (pipeline/stop.py); each worker runs on every CPU the process started with, and ends with
+    the process that started it."""
+    return functools.partial(_start, cpus.START, os.getpid())
 
 
-def _start(start_cpus: frozenset[int], worker_id: int) -> None:
+def _start(start_cpus: frozenset[int], stage_pid: int, worker_id: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     cpus.run_on(start_cpus, worker_id)
+    threading.Thread(target=_end_with, args=(stage_pid,), daemon=True, name="end-with-stage").start()
+
+
+def _end_with(stage_pid: int) -> None:
+    """A worker's parent is the fork server, and the fork server lives as long as any worker holds its pipe: a
+    stage's process killed where no reaper ran (SIGKILL of a script, a test) left both for good, the worker
+    waiting on its queue. The worker now ends within a second of the stage's process."""
+    while True:
+        time.sleep(1.0)
+        try:
+            os.kill(stage_pid, 0)
+        except ProcessLookupError:
+            os._exit(0)
+        except PermissionError:  # the pid is another user's process now: the stage's is gone
+            os._exit(0)
 
 
 def started(loader: torch.utils.data.DataLoader) -> Iterator:
