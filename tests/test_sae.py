@@ -157,6 +157,13 @@ RESUMABLE = textwrap.dedent(
     from pipeline.config import SaeConfig
     from pipeline.models import sae_training as st
     from storage import open_store
+    from pipeline.models import resumable
+    import time
+    save_epoch = resumable.save_epoch
+    def save_epoch_then_wait(*args, **kwargs):  # a tiny run's 8 epochs can end between two of the test's polls
+        save_epoch(*args, **kwargs)
+        time.sleep(0.5)
+    resumable.save_epoch = save_epoch_then_wait
     cfg = SaeConfig(variants=["batchtopk"], epochs=8, **PLANTED)
     train(open_store({store!r}), st.SaeSpec("batchtopk", 3, 0), cfg, Path({out!r}))
     """
