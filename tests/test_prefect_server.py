@@ -193,22 +193,9 @@ def test_served_stages_run_log_publish_cache_queue_and_resume(server, api, confi
 
     # Killed mid-encode (SIGKILL of the serving process), then served again and triggered again: it resumes.
     serving = _serve(config, server, home)
+    stores = config.parent / "stores"
     try:
-        _wait(
-            lambda: _deployment_exists(client, "reconlab-encode/served-encode"), 120, "the served deployments"
-        )
-        from prefect.deployments import run_deployment
-
-        killed = run_deployment(
-            "reconlab-encode/served-encode", parameters={"encoder_names": ["tiny-vit-112"]}, timeout=0
-        )
-        stores = config.parent / "stores"
-        _wait(
-            lambda: _shards_done(stores, "tiny-vit-112"),
-            300,
-            "the first shards of tiny-vit-112",
-            MID_STAGE_POLL_S,
-        )
+        killed = _encode_under_way(client, stores, "tiny-vit-112")
         os.kill(serving.pid, signal.SIGKILL)
         serving.wait()
         # the reaper ends the flow run the serving process had started, with a SIGTERM: Prefect records a crash,
@@ -235,24 +222,25 @@ def test_served_stages_run_log_publish_cache_queue_and_resume(server, api, confi
     # serving then ends by itself.
     serving = _serve(config, server, home)
     try:
-        _wait(
-            lambda: _deployment_exists(client, "reconlab-encode/served-encode"), 120, "the served deployments"
-        )
-        stopped = run_deployment(
-            "reconlab-encode/served-encode", parameters={"encoder_names": ["tiny-vit-64-gray"]}, timeout=0
-        )
-        _wait(
-            lambda: _shards_done(stores, "tiny-vit-64-gray"),
-            300,
-            "the first shards of tiny-vit-64-gray",
-            MID_STAGE_POLL_S,
-        )
+        stopped = _encode_under_way(client, stores, "tiny-vit-64-gray")
         serving.send_signal(signal.SIGTERM)
         serving.wait(timeout=90)
         assert _wait(lambda: _final(client, stopped.id), 30, "the stopped run's final state").is_failed()
     finally:
         if serving.poll() is None:
             serving.kill()
+
+
+def _encode_under_way(client, stores: Path, encoder: str):
+    """Once the served deployments exist: an encode of `encoder` triggered, and its first shards written."""
+    from prefect.deployments import run_deployment
+
+    _wait(lambda: _deployment_exists(client, "reconlab-encode/served-encode"), 120, "the served deployments")
+    flow_run = run_deployment(
+        "reconlab-encode/served-encode", parameters={"encoder_names": [encoder]}, timeout=0
+    )
+    _wait(lambda: _shards_done(stores, encoder), 300, f"the first shards of {encoder}", MID_STAGE_POLL_S)
+    return flow_run
 
 
 def _shards_done(stores: Path, encoder: str) -> int:
