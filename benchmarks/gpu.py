@@ -61,7 +61,7 @@ from encode_ceiling import coco_sized_jpegs  # noqa: E402
 SETTINGS = {  # the full run and the smoke test's toy sizes
     # train batches: the paper's per-device 10 (TrainConfig's default, configs/coco.yaml's) and 64
     "full": {"model": "vit_base_patch16_224", "resolutions": (224, 512), "images": 2048, "batch": 64,
-             "train_batches": (10, 64), "train_steps": 40, "compile": (False, True), "max_batch": 8192},
+             "train_batches": (10, 64), "train_steps": 60, "compile": (False, True), "max_batch": 8192},
     "smoke": {"model": "vit_tiny_patch16_224", "resolutions": (64,), "images": 24, "batch": 8,
               "train_batches": (8,), "train_steps": 3, "compile": (False,), "max_batch": 16},
 }  # fmt: skip
@@ -236,11 +236,11 @@ def train_rows(store_path: Path, s: dict, device: torch.device) -> Iterator[str]
         torch.manual_seed(0)
         model = train.build_model(cfg, store).to(device)
         model = torch.compile(model) if compiled else model  # compiled once for both data paths
-        times, name = {}, str(compute_dtype).removeprefix("torch.")
+        times, first, name = {}, {}, str(compute_dtype).removeprefix("torch.")
         try:
-            for path in ("resident", "streamed", "streamed, loss read each step"):
-                times[path], peak = _train_steps(model, store, cfg, pre, device, compute_dtype,
-                                                 s["train_steps"], path)  # fmt: skip
+            for path in ("resident", "worker", "thread"):
+                times[path], peak, first[path] = _train_steps(model, store, cfg, pre, device, compute_dtype,
+                                                              s["train_steps"], path)  # fmt: skip
         except torch.OutOfMemoryError:
             yield f"| {batch} | {name} | {compiled} | out of memory | | | | |"
             continue
@@ -249,18 +249,19 @@ def train_rows(store_path: Path, s: dict, device: torch.device) -> Iterator[str]
             gc.collect()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-        rate = s["train_steps"] / times["streamed"]
+        rate = s["train_steps"] / times["worker"]
         yield (f"| {batch} | {name} | {compiled} | {rate:.2f} | {rate * batch:.0f} "
-               f"| {times['resident'] / times['streamed']:.2f} "
-               f"| {times['streamed, loss read each step'] / times['streamed']:.2f} | {peak:.1f} |")  # fmt: skip
+               f"| {times['resident'] / times['worker']:.2f} | {times['resident'] / times['thread']:.2f} "
+               f"| {first['worker']:.2f}, {first['thread']:.2f} | {peak:.1f} |")  # fmt: skip
 
 
 def _train_steps(
     model, store, cfg, pre, device, compute_dtype, n_steps: int, path: str
-) -> tuple[float, float]:
-    """Seconds for `n_steps` training steps and the peak GPU GiB. `path`: batches resident on the device, or
-    streamed from the store with the losses kept on the device as the train stage keeps them (StepScalars), or
-    streamed with each step's loss read at once (`.item()`: the host waits for the GPU every step)."""
+) -> tuple[float, float, float]:
+    """Seconds for `n_steps` training steps, the peak GPU GiB and the loader's seconds to its first batch.
+    `path`: batches resident on the device, or streamed by the train stage's loader (`EpochBatches`) from its
+    worker process ("worker") or a thread of this process ("thread"), timed from its first batch (its start is
+    once per training run, not per step)."""
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     sched = train.lr_schedule(opt, cfg, 2 * n_steps + 2)
 
@@ -273,28 +274,29 @@ def _train_steps(
         train.train_step(model, opt, sched, f, p, cfg, pre, device, compute_dtype)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    first_batch_s = float("nan")
     if path == "resident":
-        batches = [tuple(torch.as_tensor(a).to(device) for a in next(source)) for _ in range(n_steps)]
-    else:  # the train stage's loader: its worker process (where /dev/shm holds the batches in flight)
+        batches = iter([tuple(torch.as_tensor(a).to(device) for a in next(source)) for _ in range(n_steps)])
+    else:
+        start = time.perf_counter()
         epochs = EpochBatches(store, cfg.batch_size, cfg.seed, range(n_steps), cfg.shuffle_buffer_images,
-                              cfg.prefetch_batches, pin=device.type == "cuda")  # fmt: skip
+                              cfg.prefetch_batches, pin=device.type == "cuda", workers=int(path == "worker"))  # fmt: skip
         batches = itertools.islice((batch for epoch in range(n_steps) for batch in epochs.of(epoch)), n_steps)
+        first = next(batches)
+        first_batch_s = time.perf_counter() - start
+        batches = itertools.chain([first], batches)
 
     def steps():
         losses = StepScalars()
         for step, (f, p) in enumerate(batches):
-            loss = train.train_step(model, opt, sched, f, p, cfg, pre, device, compute_dtype)
-            if path == "streamed, loss read each step":
-                loss.item()
-            else:
-                losses.add(step, loss)
+            losses.add(step, train.train_step(model, opt, sched, f, p, cfg, pre, device, compute_dtype))
         losses.read()
 
     seconds = timed(steps, device)
     if path != "resident":
         epochs.close()
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
-    return seconds, peak
+    return seconds, peak, first_batch_s
 
 
 def largest_batch(store_path: Path, s: dict, device: torch.device) -> int:
@@ -366,9 +368,9 @@ def main(argv: list[str] | None = None) -> None:
             if args.encode_only:
                 continue
             print(f"\n## {name}: train, default reconstructor on the {resolution} px store, {s['train_steps']} "
-                  "steps\n\n| batch | compute | compile | steps/s streamed | images/s | streamed / resident on the "
-                  "device | loss read each step / kept on the device | peak GPU GiB |\n"
-                  "|---|---|---|---|---|---|---|---|")  # fmt: skip
+                  "steps from the loader's first batch\n\n| batch | compute | compile | steps/s streamed | images/s "
+                  "| streamed / resident on the device | the same, loader on a thread | loader's first batch, "
+                  "worker and thread (s) | peak GPU GiB |\n|---|---|---|---|---|---|---|---|---|")  # fmt: skip
             for row in train_rows(store_path, s, device):
                 print(row, flush=True)
             print(f"\nlargest bf16 batch that fits: {largest_batch(store_path, s, device) or 'not searched'}")

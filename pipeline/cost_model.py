@@ -119,7 +119,7 @@ def _token_network_counts(network, study, width: int, n_tokens: int) -> tuple[fl
 
 def _utilisation(rates: Rates, stage: str, step_flops: float) -> float:
     """The stage's share of the peak for steps of `step_flops`: a GPU is fuller the more work a step holds (the
-    reconstructor at the paper's batch 10 reached 0.048 of an H200 at 224 px and 0.113 at 512)."""
+    reconstructor at the paper's batch 10 reached 0.058 of an H200 at 224 px and 0.113 at 512)."""
     points = rates.gpu.utilisation_by_step_tflop.get(stage)
     if not points:
         return rates.gpu.utilisation[stage]

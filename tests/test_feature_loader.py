@@ -60,7 +60,7 @@ def test_where_dev_shm_is_too_small_the_loader_reads_on_a_thread_with_the_same_b
 
     store, _ = labelled_store
     usage = namedtuple("usage", "total used free")
-    monkeypatch.setattr(feature_loader.shutil, "disk_usage", lambda path: usage(64 << 20, 64 << 20, 4096))
+    monkeypatch.setattr(feature_loader.shutil, "disk_usage", lambda path: usage(64 << 20, 64 << 20, 1024))
     epochs = EpochBatches(store, 7, seed=1, epochs=range(1), buffer_images=20, depth=2, pin=False)
     assert not epochs.in_worker
     assert [f.numpy().tolist() for f, _ in epochs.of(0)] == [
@@ -81,6 +81,35 @@ def test_a_closed_epoch_loader_ends_its_worker_process(labelled_store):
     while _fork_server_children() and time.time() < deadline:
         time.sleep(0.1)
     assert not _fork_server_children()
+
+
+def test_a_read_error_in_the_worker_is_raised_in_the_training_process_with_its_traceback(labelled_store):
+    store, _ = labelled_store
+    chunks = sorted(p for p in (store.path / "features").rglob("*") if p.is_file() and p.name[0].isdigit())
+    for chunk in chunks:
+        chunk.write_bytes(b"not a chunk" * 8)
+    epochs = EpochBatches(store, 7, seed=1, epochs=range(1), buffer_images=20, depth=2, pin=False, workers=1)
+    with pytest.raises(RuntimeError, match="the train loader's worker process failed:\n(?s:.*)Traceback"):
+        list(epochs.of(0))
+    epochs.close()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc")
+def test_a_killed_worker_is_an_error_in_the_training_process_not_a_hang(labelled_store):
+    import signal
+
+    store, _ = labelled_store
+    epochs = EpochBatches(
+        store, 7, seed=1, epochs=range(100), buffer_images=20, depth=2, pin=False, workers=1
+    )
+    batches = epochs.of(0)
+    next(batches)
+    (worker,) = _fork_server_children()
+    os.kill(worker, signal.SIGKILL)
+    with pytest.raises(RuntimeError, match=r"worker process ended \(exit code -9\) before its last batch"):
+        for _ in range(1000):
+            next(batches)
+    epochs.close()
 
 
 def _fork_server_children() -> list[int]:

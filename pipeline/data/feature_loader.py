@@ -8,7 +8,9 @@ from __future__ import annotations
 import queue
 import shutil
 import threading
+import traceback
 from collections.abc import Iterator
+from contextlib import suppress
 
 import numpy as np
 import torch
@@ -103,29 +105,28 @@ def n_batches_per_epoch(store: FeatureStore, batch_size: int) -> int:
 
 class EpochBatches:
     """The train stage's batches of `epochs` (`batch_stream`'s, in order), read, decoded and shuffled by one worker
-    process that stays for all of them (each shard's checksum is verified once, as by one store handle); batches
-    come through shared memory, pinned here for a GPU. On a thread of the training process the same loader took
-    the GIL from the training loop: a CPU stand-in for a ~25 ms dispatch-bound step (the paper's batch of 10 at
-    224 px on an H200, which trained at 0.88 of its rate with the batches already on the GPU) ran at 0.88 of its
-    speed alone with the loader on a thread and 0.98 with it in its worker (benchmarks/loader_contention.py). `workers=0` reads on a thread here instead (Prefetcher), as does the
-    default where /dev/shm cannot hold the batches in flight (a container's default is 64 MB)."""
+    process that stays for all of them (each shard's checksum is verified once, as by one store handle).
+
+    The worker writes each batch into one of `depth` slots of shared memory made once, and a thread of this
+    process copies it out (into pinned memory for a GPU) and hands the slot back. Measured on an H200 at the
+    paper's batch of 10 (docs/benchmarks.md, GPU figures, run 3), as steps/s against the same batches already on
+    the GPU: 224 px 0.87/0.83/1.00 (bf16 eager/compiled/float32) where reading on a thread of the training process
+    gave 0.84/0.77/0.94 (the reads take the GIL from a ~25 ms dispatch-bound step); 512 px 0.95/0.94/1.00 against
+    0.99/0.97/1.00. A torch DataLoader worker did worse (0.58-0.93, timed from its start, which cannot account
+    for the gap): it moves every batch through fresh shared memory, whose page faults cost ~20 ms per 512 px
+    batch (24 MB) here, more than reading it. The worker takes 0.2-0.6 s to its first batch, once per training
+    run. `workers=0` reads on the thread instead, as does the default where /dev/shm cannot hold the slots (a
+    container's default is 64 MB)."""
 
     def __init__(self, store: FeatureStore, batch_size: int, seed: int, epochs: range, buffer_images: int,
                  depth: int, pin: bool, workers: int | None = None):  # fmt: skip
         if workers is None:
             workers = int(shared_memory_fits(store, batch_size, depth))
         self.in_worker = bool(workers)
-        if workers:
-            loader = torch.utils.data.DataLoader(
-                _Epochs(store.path, batch_size, seed, epochs, buffer_images), batch_size=None, num_workers=1,
-                prefetch_factor=depth, pin_memory=pin, multiprocessing_context=worker_processes.context(),
-                worker_init_fn=worker_processes.init(),
-            )  # fmt: skip
-            self._items = worker_processes.started(loader)
-        else:
-            self._items = iter(
-                Prefetcher(_tagged(store, batch_size, seed, epochs, buffer_images), depth, pin)
-            )
+        args = batch_size, seed, epochs, buffer_images
+        self._worker = _SlotWorker(store.path, args, depth, pin) if workers else None
+        self._prefetcher = Prefetcher(self._worker or _tagged(store, *args), depth, pin=pin and not workers)
+        self._items = iter(self._prefetcher)
         self._ahead = None
 
     def of(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -138,12 +139,16 @@ class EpochBatches:
             yield item[1], item[2]
 
     def close(self) -> None:
-        """Stop the worker (also when training stops early)."""
-        self._items = iter(())
+        """Stop the worker (also when training stops early): the thread first, which ends after the batch it is
+        on, so that nothing sends on the worker's pipes as they close."""
+        self._prefetcher.stop()
+        self._prefetcher.thread.join(timeout=10)
+        if self._worker is not None:
+            self._worker.stop()
 
 
 def shared_memory_fits(store: FeatureStore, batch_size: int, depth: int) -> bool:
-    """Whether /dev/shm has room for twice the batches a worker keeps in flight (float32-sized, an upper bound)."""
+    """Whether /dev/shm has room for twice the worker's slots (float32-sized, an upper bound)."""
     layout = store.layout
     h, w = layout.grid_hw
     image_bytes = h * w * (layout.hidden_dim + 1) * 4 + layout.pixel_size**2 * 3
@@ -151,24 +156,97 @@ def shared_memory_fits(store: FeatureStore, batch_size: int, depth: int) -> bool
         free = shutil.disk_usage("/dev/shm").free
     except OSError:  # no /dev/shm (not Linux)
         return False
-    return free >= 2 * (depth + 2) * batch_size * image_bytes
+    return free >= 2 * depth * batch_size * image_bytes
 
 
-class _Epochs(torch.utils.data.IterableDataset):
-    """In the worker: its own handle on the store, the batches of every epoch tagged with the epoch."""
+class _SlotWorker:
+    """`_tagged`'s batches from a worker process, through `n_slots` shared slots made once; iterating yields
+    (epoch, features, pixels) copies (pinned with `pin`), each slot handed back as soon as it is copied."""
 
-    def __init__(self, store_path, batch_size: int, seed: int, epochs: range, buffer_images: int):
-        self.args = store_path, batch_size, seed, epochs, buffer_images
+    def __init__(self, store_path, stream_args: tuple, n_slots: int, pin: bool):
+        server = worker_processes.context()
+        # pipes, not queues: one sender and one receiver each, and no semaphores left behind by a stopped worker
+        self._filled, filled = server.Pipe(duplex=False)
+        free, self._free = server.Pipe(duplex=False)
+        self._process = server.Process(
+            target=_fill_slots, name="reconlab-train-loader", daemon=True,
+            args=(worker_processes.init(), store_path, stream_args, n_slots, filled, free),
+        )  # fmt: skip
+        self.pin = pin
+        with worker_processes.main_hidden():
+            self._process.start()
+        filled.close()
+        free.close()
 
     def __iter__(self):
-        store_path, *args = self.args
-        return _tagged(open_store(store_path), *args)
+        slots = None
+        while (item := self._next()) is not None:
+            if slots is None:
+                # the worker's first message: its slots, shared once. Their file descriptors come from the
+                # worker while it lives, so it has none to fill until they are here
+                slots = item
+                for slot in range(len(slots[0])):
+                    self._free.send(slot)
+                continue
+            epoch, slot, n = item
+            batch = [torch.empty((n, *s.shape[2:]), dtype=s.dtype, pin_memory=self.pin).copy_(s[slot, :n])
+                     for s in slots]  # fmt: skip
+            with suppress(OSError):  # the worker has finished, or was stopped
+                self._free.send(slot)
+            yield epoch, *batch
+
+    def _next(self):
+        try:
+            item = self._filled.recv()
+        except EOFError:  # the worker's end of the pipe closed without its last message
+            self._process.join(timeout=10)
+            raise RuntimeError(f"the train loader's worker process ended (exit code {self._process.exitcode}) "
+                               "before its last batch") from None  # fmt: skip
+        if isinstance(item, str):
+            raise RuntimeError(f"the train loader's worker process failed:\n{item}")
+        return item
+
+    def stop(self) -> None:
+        """The worker's next wait for a slot ends it, and it exits as a process should (a terminated one left
+        semaphores registered with multiprocessing's resource tracker, which warned of them at exit); it is
+        terminated if it has not ended in 10 s."""
+        self._free.close()
+        self._process.join(timeout=10)
+        if self._process.is_alive():
+            self._process.terminate()
+            self._process.join()
+
+
+def _fill_slots(start, store_path, stream_args: tuple, n_slots: int, filled, free) -> None:
+    """In the worker process: each batch into a free slot, its (epoch, slot, images) to the consumer."""
+    start(0)
+    # as in a DataLoader's workers: OpenMP threads copying a batch spin against the training process's threads
+    torch.set_num_threads(1)
+    try:
+        slots = None
+        for epoch, *arrays in _tagged(open_store(store_path), *stream_args):
+            batch = [torch.as_tensor(a) for a in arrays]
+            if slots is None:
+                batch_size = stream_args[0]
+                slots = [torch.empty((n_slots, batch_size, *t.shape[1:]), dtype=t.dtype).share_memory_()
+                         for t in batch]  # fmt: skip
+                filled.send(slots)
+            slot = free.recv()
+            for s, t in zip(slots, batch, strict=True):
+                s[slot, : len(t)].copy_(t)
+            filled.send((epoch, slot, len(batch[0])))
+        filled.send(None)
+    except (EOFError, BrokenPipeError):  # the consumer stopped
+        pass
+    except Exception:  # the consumer raises it
+        with suppress(OSError):
+            filled.send(traceback.format_exc())
 
 
 def _tagged(store: FeatureStore, batch_size: int, seed: int, epochs: range, buffer_images: int):
     for epoch in epochs:
         for features, pixels in batch_stream(store, batch_size, seed, epoch, buffer_images):
-            yield torch.tensor(epoch), features, pixels
+            yield epoch, features, pixels
 
 
 class Prefetcher:
@@ -177,6 +255,7 @@ class Prefetcher:
     def __init__(self, iterator: Iterator, depth: int, pin: bool):
         self.queue: queue.Queue = queue.Queue(maxsize=depth)
         self.pin = pin
+        self._stopped = threading.Event()
         self.thread = threading.Thread(target=self._fill, args=(iterator,), daemon=True)
         self.thread.start()
 
@@ -186,11 +265,25 @@ class Prefetcher:
                 tensors = [None if a is None else torch.as_tensor(a) for a in arrays]  # no copy
                 if self.pin:
                     tensors = [None if t is None else t.pin_memory() for t in tensors]
-                self.queue.put(tuple(tensors))
+                if not self._put(tuple(tensors)):
+                    return
         except BaseException as e:  # re-raised in the consumer
-            self.queue.put(e)
+            self._put(e)
             return
-        self.queue.put(None)
+        self._put(None)
+
+    def _put(self, item) -> bool:
+        while not self._stopped.is_set():
+            try:
+                self.queue.put(item, timeout=0.2)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    def stop(self) -> None:
+        """The thread ends within 0.2 s of its next batch, ahead of the consumer or not."""
+        self._stopped.set()
 
     def __iter__(self):
         while (item := self.queue.get()) is not None:

@@ -12,6 +12,7 @@ import threading
 import time
 import types
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 
@@ -31,7 +32,7 @@ def context():
 
 
 def init():
-    """A DataLoader's worker_init_fn: the terminal's Ctrl-C reaches the whole process group, and the stage stops
+    """A DataLoader's worker_init_fn (or any worker process's first call, with 0): the terminal's Ctrl-C reaches the whole process group, and the stage stops
     its workers itself (pipeline/stop.py); each worker runs on every CPU the process started with, and ends with
     the process that started it."""
     return functools.partial(_start, cpus.START, os.getpid())
@@ -70,13 +71,20 @@ def started(loader: torch.utils.data.DataLoader) -> Iterator:
     looks for a `main_path` key that the preparation data names `init_main_from_path`)."""
     if not loader.num_workers:
         return iter(loader)
+    with main_hidden():
+        return iter(loader)
+
+
+@contextmanager
+def main_hidden() -> Iterator[None]:
+    """Within: processes started from `context()` do not import this program's `__main__` (see `started`)."""
     # two stages starting their workers at once on two threads must not swap in each other's stub
     with _main_swap:
         main = sys.modules["__main__"]
         # no __file__ or __spec__: nothing for the workers to import
         sys.modules["__main__"] = types.ModuleType("__main__")
         try:
-            return iter(loader)
+            yield
         finally:
             sys.modules["__main__"] = main
 
