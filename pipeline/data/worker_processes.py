@@ -1,5 +1,5 @@
-"""Worker processes for torch DataLoaders (the encode stage's decoders, the train stage's loader): forked from a
-clean fork server, never from the stage's process, and never importing the program that started the stage."""
+"""Worker processes (the encode stage's DataLoader decoders, the train stage's loader): forked from a clean fork
+server, never from the stage's process, and never importing the program that started the stage."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ WORKER_MODULES = ["pipeline.data.decode_workers", "pipeline.data.feature_loader"
 
 
 def context():
-    """DataLoader workers are not forks of this (possibly multi-threaded) process: forked from inside a Prefect
+    """Workers are not forks of this (possibly multi-threaded) process: forked from inside a Prefect
     flow (its threads, event loop and exit hooks) they died with exit code 1. They fork from a clean fork server
     that has already imported WORKER_MODULES, so a worker starts in milliseconds."""
     server = multiprocessing.get_context("forkserver")
@@ -32,9 +32,9 @@ def context():
 
 
 def init():
-    """A DataLoader's worker_init_fn (or any worker process's first call, with 0): the terminal's Ctrl-C reaches the whole process group, and the stage stops
-    its workers itself (pipeline/stop.py); each worker runs on every CPU the process started with, and ends with
-    the process that started it."""
+    """A DataLoader's worker_init_fn (a worker process of our own calls it with 0): the terminal's Ctrl-C reaches
+    the whole process group, and the stage stops its workers itself (pipeline/stop.py); each worker runs on every
+    CPU the process started with, and ends with the process that started it."""
     return functools.partial(_start, cpus.START, os.getpid())
 
 
