@@ -55,6 +55,8 @@ def test_a_second_run_on_a_finished_store_returns_at_once_without_rewriting(make
         "workers start",
         "decode wait",
         "model",
+        "to host",
+        "into buffers",
         "writer wait",
         "finish",
     }

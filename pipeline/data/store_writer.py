@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import queue
 import threading
+import time
 
 import numpy as np
 import torch
@@ -36,14 +37,24 @@ def shard_buffer(layout: StoreLayout, shard: int, n: int) -> dict:
     }
 
 
-def add_batch(buffer: dict, rows: np.ndarray, features_nhwd: torch.Tensor) -> None:
-    """Features of the buffer's `rows` in the store's precision; statistics taken in float32 before any cast."""
+def add_batch(
+    buffer: dict, rows: np.ndarray, features_nhwd: torch.Tensor, seconds: dict | None = None
+) -> None:
+    """Features of the buffer's `rows` in the store's precision; statistics taken in float32 before any cast.
+    `seconds` gets the time to the features' arrival on the host ("to host") and of the copy into the buffer
+    ("into buffers")."""
+    start = time.perf_counter()
     stats = feature_stats(features_nhwd)
     buffer["stats"] = _add_stats(buffer["stats"], stats)
     stored, scale = quantize(features_nhwd, buffer["precision"], finite=stats["n_nonfinite"] == 0)
-    buffer["features"][rows] = _on_host(stored)
+    on_host = _on_host(stored)
+    copying = time.perf_counter()
+    buffer["features"][rows] = on_host
     if scale is not None:
         buffer["features_scale"][rows] = _on_host(scale)
+    if seconds is not None:
+        seconds["to host"] += copying - start
+        seconds["into buffers"] += time.perf_counter() - copying
 
 
 def _on_host(x: torch.Tensor) -> np.ndarray:

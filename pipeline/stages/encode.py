@@ -40,8 +40,9 @@ class EncodeResult:
     n_failed: int
     already_complete: bool
     # where this run's time went (wall seconds, summing to the run's): setup, model load, workers start (the
-    # decode workers), decode wait, model (forward + copies back), writer wait, finish; empty for a store that was
-    # already complete
+    # decode workers), decode wait, model (the copy to the device and the forward), to host (statistics,
+    # quantisation, the copy back), into buffers (the copies into the shard buffers), writer wait, finish; empty
+    # for a store that was already complete
     seconds: dict[str, float] = field(default_factory=dict)
 
     def timing(self) -> str:
@@ -252,7 +253,9 @@ def _encode_pending(
 ) -> list[dict]:
     """Encode the targets' missing shards; their finalised summaries. Adds each step's wall seconds to `seconds`
     (the loader's decode workers, the model and the writer threads overlap: the largest is the bottleneck)."""
-    seconds.update(dict.fromkeys(("decode wait", "model", "writer wait", "finish"), 0.0))
+    seconds.update(
+        dict.fromkeys(("decode wait", "model", "to host", "into buffers", "writer wait", "finish"), 0.0)
+    )
     layout = targets[0].store.layout  # every target has the same rows and shards; grids and widths may differ
     pending_by_target = [set(np.flatnonzero(~t.store.shard_done()).tolist()) for t in targets]
     pending = sorted(set().union(*pending_by_target))
@@ -289,11 +292,18 @@ def _encode_pending(
                 # all decoded (the usual batch): the pinned batch itself, no pageable copy before the device copy
                 pixels_seen = encoder.normalize(encoder.seen(pixels if ok.all() else pixels[ok]))
                 grids = encoder.encode_layers(pixels_seen, [targets[k].layer for k in here])
-                for k, grid in zip(here, grids, strict=True):
-                    add_batch(buffers[k], local[ok.numpy()], grid)
+                pooled = None
                 if any("embeddings" in buffers[k] for k in here):
                     with torch.inference_mode():
-                        pooled = encoder.embed(pixels_seen).cpu().numpy()
+                        pooled = encoder.embed(pixels_seen)
+                if encoder.device.type == "cuda":  # the forwards' own time (the statistics wait anyway)
+                    torch.cuda.synchronize(encoder.device)
+                seconds["model"] += time.perf_counter() - start
+                for k, grid in zip(here, grids, strict=True):
+                    add_batch(buffers[k], local[ok.numpy()], grid, seconds)
+                start = time.perf_counter()
+                if pooled is not None:
+                    pooled = pooled.cpu().numpy()
                     for k in [k for k in here if "embeddings" in buffers[k]]:
                         buffers[k]["embeddings"][local[ok.numpy()]] = pooled
             failures = [
@@ -305,8 +315,7 @@ def _encode_pending(
                 buffers[k]["pixels"][local] = pixels.numpy()
                 buffers[k]["failures"] += failures
                 buffers[k]["n_filled"] += len(reasons)
-            # with the copies to the host, which wait for the GPU
-            seconds["model"] += time.perf_counter() - start
+            seconds["into buffers"] += time.perf_counter() - start
             if buffers[here[0]]["n_filled"] == rows.stop - rows.start:  # the shard is whole in every store
                 start = time.perf_counter()
                 for k in here:  # the first store compresses the pixels; the others link its file
