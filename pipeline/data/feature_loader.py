@@ -185,8 +185,9 @@ class _SlotWorker:
                 # the worker's first message: its slots, shared once. Their file descriptors come from the
                 # worker while it lives, so it has none to fill until they are here
                 slots = item
-                for slot in range(len(slots[0])):
-                    self._free.send(slot)
+                with suppress(OSError):  # stopped already
+                    for slot in range(len(slots[0])):
+                        self._free.send(slot)
                 continue
             epoch, slot, n = item
             batch = [torch.empty((n, *s.shape[2:]), dtype=s.dtype, pin_memory=self.pin).copy_(s[slot, :n])
