@@ -433,6 +433,28 @@ def test_with_openmp_binding_set_the_cpus_are_all_the_cgroups_also_when_torch_lo
     assert out.split() == [str(len(os.sched_getaffinity(0))), "1"]
 
 
+def test_a_written_shards_buffer_is_reused_reset_as_a_new_one_where_the_shapes_match():
+    from pipeline.data.store_writer import add_batch, shard_buffer
+    from storage import StoreLayout
+
+    layout = StoreLayout(n_images=12, grid_hw=(2, 2), hidden_dim=8, pixel_size=4, shard_images=8,
+                         precision="int8_per_token", compressor="auto", embedding_dim=3)  # fmt: skip
+    spent = shard_buffer(layout, 0, 8)
+    add_batch(spent, np.arange(8), torch.randn(8, 2, 2, 8))
+    for name in ("pixels", "embeddings"):
+        spent[name][:] = 7
+    again = shard_buffer(layout, 1, 8, spent)  # as the next shard takes it from the writer
+    new = shard_buffer(layout, 1, 8)
+    for name in ("features", "features_scale", "pixels", "embeddings"):
+        assert again[name] is spent[name]  # the same memory, no new pages
+        np.testing.assert_array_equal(again[name], new[name])  # what a failed image's rows keep
+    assert (
+        again["shard"] == 1 and again["n_filled"] == 0 and again["failures"] == [] and again["stats"] is None
+    )
+    last = shard_buffer(layout, 1, 4, spent)  # the short last shard: other shapes, new arrays
+    assert last["features"].shape[0] == 4 and last["features"] is not spent["features"]
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("precision", ["float16", "bf16_bitround", "int8_per_token", "float32"])

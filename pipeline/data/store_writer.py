@@ -16,24 +16,40 @@ from storage import FeatureStore, StoreLayout
 from storage.precision import FLOAT16_MAX
 
 
-def shard_buffer(layout: StoreLayout, shard: int, n: int) -> dict:
+def shard_buffer(layout: StoreLayout, shard: int, n: int, spent: dict | None = None) -> dict:
     """One shard's rows before writing, held as the store keeps them: `add_batch` quantises on the device (NumPy
     costs per ViT-B@512 image: float16 cast 4.4 ms, bf16 rounding 7.3 ms, int8 codes 6.3 ms, on the writer
-    thread; torch on a GPU: next to nothing)."""
+    thread; torch on a GPU: next to nothing).
+
+    `spent`: a written shard's buffer (`BackgroundShardWriter.spent`), whose arrays are reset and used again when
+    they have this shard's shape. New arrays cost a page fault per 4 KiB at the first write: copying a ViT-B@512
+    batch into them took 4.9 ms per image on this project's CPU, against ~0.5 ms into arrays written before."""
     h, w = layout.grid_hw
     stored_dtype = {"float16": np.float16, "int8_per_token": np.int8}.get(layout.precision, np.float32)
+    shapes = {
+        "features": ((n, h, w, layout.hidden_dim), stored_dtype, 0),
+        **({"features_scale": ((n, h, w), np.float32, 1)} if layout.precision == "int8_per_token" else {}),
+        "pixels": ((n, layout.pixel_size, layout.pixel_size, 3), np.uint8, 0),
+        **({"embeddings": ((n, layout.embedding_dim), np.float32, 0)} if layout.embedding_dim else {}),
+    }
+    reuse = spent is not None and all(
+        name in spent and spent[name].shape == shape and spent[name].dtype == dtype
+        for name, (shape, dtype, _) in shapes.items()
+    )
+    arrays = {}
+    for name, (shape, dtype, fill) in shapes.items():
+        if reuse:
+            arrays[name] = spent[name]
+            arrays[name].fill(fill)  # an image that fails to decode keeps these values, as in a new buffer
+        else:
+            arrays[name] = np.full(shape, fill, dtype) if fill else np.zeros(shape, dtype)
     return {
         "shard": shard,
         "precision": layout.precision,
-        "features": np.zeros((n, h, w, layout.hidden_dim), stored_dtype),
-        **(
-            {"features_scale": np.ones((n, h, w), np.float32)} if layout.precision == "int8_per_token" else {}
-        ),
-        "pixels": np.zeros((n, layout.pixel_size, layout.pixel_size, 3), np.uint8),
+        **arrays,
         "stats": None,
         "failures": [],
         "n_filled": 0,
-        **({"embeddings": np.zeros((n, layout.embedding_dim), np.float32)} if layout.embedding_dim else {}),
     }
 
 
@@ -138,6 +154,7 @@ class BackgroundShardWriter:
         self.jobs: queue.Queue = queue.Queue(maxsize=2 * threads)
         self.error: BaseException | None = None
         self.written: dict[int, threading.Event] = {}  # set once a shard is written (or failed)
+        self._spent: queue.SimpleQueue = queue.SimpleQueue()  # buffers written, for `shard_buffer` to reuse
         self.ok: set[int] = set()
         self.threads = [
             threading.Thread(target=self._loop, name=f"shard-writer-{i}", daemon=True) for i in range(threads)
@@ -150,6 +167,13 @@ class BackgroundShardWriter:
             raise self.error
         self.written.setdefault(buffer["shard"], threading.Event())
         self.jobs.put((buffer, shard_records))
+
+    def spent(self) -> dict | None:
+        """A buffer this writer has finished with, if there is one."""
+        try:
+            return self._spent.get_nowait()
+        except queue.Empty:
+            return None
 
     def wrote(self, shard: int) -> bool:
         """Wait until this writer is done with `shard`; whether it was written."""
@@ -180,6 +204,7 @@ class BackgroundShardWriter:
             except BaseException as e:  # surfaced on the main thread at the next put/close
                 self.error = e
             finally:
+                self._spent.put(buffer)
                 self.written[buffer["shard"]].set()
 
     def close(self, raise_errors: bool = True) -> None:

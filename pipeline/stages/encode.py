@@ -285,7 +285,8 @@ def _encode_pending(
             here = [k for k, todo in enumerate(pending_by_target) if shard in todo]
             for k in here:
                 if buffers[k] is None or buffers[k]["shard"] != shard:
-                    buffers[k] = shard_buffer(targets[k].store.layout, shard, rows.stop - rows.start)
+                    buffers[k] = shard_buffer(targets[k].store.layout, shard, rows.stop - rows.start,
+                                              writers[k].spent())  # fmt: skip
             ok = torch.tensor([not r for r in reasons])
             local = (positions - rows.start).numpy()
             if ok.any():
