@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from pipeline.data.feature_loader import EpochBatches, batch_stream, widen
-from storage import StoreLayout, create, open_store
+from storage import StoreError, StoreLayout, create, open_store
 from storage.precision import resolve_codecs, value_stats
 
 
@@ -83,14 +83,18 @@ def test_a_closed_epoch_loader_ends_its_worker_process(labelled_store):
     assert not _fork_server_children()
 
 
-def test_a_read_error_in_the_worker_is_raised_in_the_training_process_with_its_traceback(labelled_store):
+def test_a_read_error_in_the_worker_is_raised_in_the_training_process_as_itself_with_its_traceback(
+    labelled_store,
+):
     store, _ = labelled_store
     chunks = sorted(p for p in (store.path / "features").rglob("*") if p.is_file() and p.name[0].isdigit())
     for chunk in chunks:
         chunk.write_bytes(b"not a chunk" * 8)
     epochs = EpochBatches(store, 7, seed=1, epochs=range(1), buffer_images=20, depth=2, pin=False, workers=1)
-    with pytest.raises(RuntimeError, match="the train loader's worker process failed:\n(?s:.*)Traceback"):
+    # raised as itself, so the CLI shows a damaged store in one line; the worker's traceback is its cause
+    with pytest.raises(StoreError, match="changed on disk since they were written") as raised:
         list(epochs.of(0))
+    assert "the train loader's worker process failed:\nTraceback" in str(raised.value.__cause__)
     epochs.close()
 
 

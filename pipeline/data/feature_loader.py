@@ -203,8 +203,11 @@ class _SlotWorker:
             self._process.join(timeout=10)
             raise RuntimeError(f"the train loader's worker process ended (exit code {self._process.exitcode}) "
                                "before its last batch") from None  # fmt: skip
-        if isinstance(item, str):
-            raise RuntimeError(f"the train loader's worker process failed:\n{item}")
+        if isinstance(item, dict):  # the worker's exception, raised here as itself (a damaged store)
+            in_worker = RuntimeError(f"the train loader's worker process failed:\n{item['traceback']}")
+            if item["error"] is None:
+                raise in_worker
+            raise item["error"] from in_worker
         return item
 
     def stop(self) -> None:
@@ -239,9 +242,13 @@ def _fill_slots(start, store_path, stream_args: tuple, n_slots: int, filled, fre
         filled.send(None)
     except (EOFError, BrokenPipeError):  # the consumer stopped
         pass
-    except Exception:  # the consumer raises it
+    except Exception as e:  # the consumer raises it
+        failed = {"error": e, "traceback": traceback.format_exc()}
         with suppress(OSError):
-            filled.send(traceback.format_exc())
+            try:
+                filled.send(failed)
+            except Exception:  # an exception that does not pickle: its traceback alone
+                filled.send({**failed, "error": None})
 
 
 def _tagged(store: FeatureStore, batch_size: int, seed: int, epochs: range, buffer_images: int):
