@@ -142,7 +142,7 @@ def encode_rows(
     stage("warm-up", StoreOptions())  # worker start, page cache
     b, result = stage("float16", StoreOptions())
     load_s = result.seconds["model load"]
-    per_image_steps = ("model", "to host", "into buffers", "decode wait", "writer wait")
+    per_image_steps = ("model", "to host", "into buffers", "device wait", "decode wait", "writer wait")
     per_image_s = sum(result.seconds[step] for step in per_image_steps)
     variants = [  # the COCO config's precision, the smallest one, and the cheaper JPEG decode
         (f"(b) {name}", *stage(name, StoreOptions(precision=name)))

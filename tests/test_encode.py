@@ -57,6 +57,7 @@ def test_a_second_run_on_a_finished_store_returns_at_once_without_rewriting(make
         "model",
         "to host",
         "into buffers",
+        "device wait",
         "writer wait",
         "finish",
     }
@@ -455,23 +456,112 @@ def test_a_written_shards_buffer_is_reused_reset_as_a_new_one_where_the_shapes_m
     assert last["features"].shape[0] == 4 and last["features"] is not spent["features"]
 
 
+def test_a_stop_asked_for_mid_encode_lands_the_batch_in_flight_and_keeps_the_shard_it_completes(
+    make_job, monkeypatch
+):
+    import threading
+
+    from pipeline import stop
+    from pipeline.data import store_writer
+
+    monkeypatch.setattr(stop, "_requested", threading.Event())  # this process's stop, for this test only
+    monkeypatch.setattr(stop, "_stopped", threading.Event())
+    launched = []
+    queue_done = store_writer.Landing.queue_done
+
+    def and_stop_after_the_second(landing):  # the second batch of 4 completes shard 0 (8 images)
+        queue_done(landing)
+        launched.append(landing)
+        if len(launched) == 2:
+            stop.request()
+
+    monkeypatch.setattr(store_writer.Landing, "queue_done", and_stop_after_the_second)
+    job = make_job(split="val", options=EncodeOptions(batch_size=4, num_workers=0))
+    with pytest.raises(stop.Interrupted):
+        encode.run(job, progress=False)
+    store = open_store(encode.plan(job)[2], require_complete=False)
+    assert store.shard_done().tolist() == [True, False]  # the second batch was in flight: it landed first
+    monkeypatch.setattr(stop, "_requested", threading.Event())
+    assert encode.run(job, progress=False).n_encoded == 12
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("precision", ["float16", "bf16_bitround", "int8_per_token", "float32"])
-def test_a_shard_buffer_filled_from_the_gpu_through_pinned_memory_equals_one_filled_on_the_cpu(precision):
-    from pipeline.data.store_writer import add_batch, shard_buffer
+def test_a_pinned_shard_buffer_filled_from_the_gpu_by_queued_copies_equals_one_filled_on_the_cpu(precision):
+    from pipeline.data.store_writer import Landing, add_batch, shard_buffer
     from storage import StoreLayout
 
     layout = StoreLayout(n_images=8, grid_hw=(3, 4), hidden_dim=64, pixel_size=16, shard_images=8, precision=precision,
                          compressor="auto")  # fmt: skip
     features = torch.randn(8, 3, 4, 64) * 10
-    buffers = {device: shard_buffer(layout, 0, 8) for device in ("cpu", "cuda")}
-    for device, buffer in buffers.items():  # two batches of different sizes: the staging buffer is reused
-        add_batch(buffer, np.arange(5), features[:5].to(device))
-        add_batch(buffer, np.arange(5, 8), features[5:].to(device))
+    batches = [np.arange(5), np.array([5, 7])]  # the second around a failed image (6): copied at once
+    on_cpu = shard_buffer(layout, 0, 8)
+    for rows in batches:
+        add_batch(on_cpu, rows, features[rows])
+    on_gpu = shard_buffer(layout, 0, 8, pinned=True)
+    assert on_gpu["pinned"]["features"].is_pinned()
+    landing = Landing(torch.device("cuda"))  # both batches queued, then waited for once, as the stage does
+    for rows in batches:
+        add_batch(on_gpu, rows, features[rows].cuda(), landing=landing)
+    landing.queue_done()
+    landing.wait()
     for name in ("features", "features_scale"):
-        if name in buffers["cpu"]:
-            np.testing.assert_array_equal(buffers["cuda"][name], buffers["cpu"][name])
+        if name in on_cpu:
+            np.testing.assert_array_equal(on_gpu[name], on_cpu[name])
+    assert on_gpu["stats"].keys() == on_cpu["stats"].keys()
+    for name, value in on_cpu["stats"].items():
+        assert on_gpu["stats"][name] == pytest.approx(value, rel=1e-5), name
+    again = shard_buffer(layout, 1, 8, on_gpu, pinned=True)  # a written buffer, used again: still pinned
+    assert again["features"] is on_gpu["features"] and again["pinned"]["features"].is_pinned()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_shard_statistics_queued_on_the_gpu_equal_the_stores_numpy_definition():
+    from pipeline.data.store_writer import Landing, shard_buffer
+    from storage import StoreLayout
+    from storage.precision import value_stats
+
+    features = np.random.default_rng(0).standard_normal((3, 4, 4, 8)).astype(np.float32) * 100
+    features[0, 0, 0, :3] = [np.inf, np.nan, 7e4]
+    layout = StoreLayout(n_images=3, grid_hw=(4, 4), hidden_dim=8, pixel_size=4, shard_images=3)
+    buffer = shard_buffer(layout, 0, 3, pinned=True)
+    landing = Landing(torch.device("cuda"))
+    assert landing.add_stats(buffer, torch.from_numpy(features).cuda()) is False  # not known before the wait
+    landing.queue_done()
+    landing.wait()
+    expected, got = value_stats(features), buffer["stats"]
+    assert got.keys() == expected.keys() and (got["n_nonfinite"], got["n_over_float16_max"]) == (2, 1)
+    for name, value in expected.items():
+        assert got[name] == pytest.approx(value, rel=1e-6), name
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_the_stage_on_the_gpu_writes_the_store_the_cpu_writes(make_job, tmp_path):
+    """The whole pipelined loop on a GPU (pinned shard buffers, each batch landing while the next computes, the
+    rows around a bad image copied apart): the same pixels, ids and failures as on the CPU, and the features within
+    float32's GPU/CPU differences (TF32 convolutions)."""
+    _write_bad_images(tmp_path / "images")
+    dataset = DatasetSpec(
+        name="bad", kind="folder", splits={"all": SplitSpec(images_dir=tmp_path / "images")}
+    )
+    stores = {}
+    for device in ("cpu", "cuda"):
+        job = make_job(
+            dataset=dataset, split="all", store_root=tmp_path / device,
+            store=StoreOptions(shard_images=8, precision="float32"),
+            options=EncodeOptions(batch_size=4, num_workers=2, max_image_pixels=100_000, device=device,
+                                  compute_dtype="float32"),
+        )  # fmt: skip
+        stores[device] = open_store(encode.run(job, progress=False).store_path)
+    cpu, gpu = stores["cpu"], stores["cuda"]
+    assert gpu.attrs["failures"] == cpu.attrs["failures"] and cpu.attrs["failures"]
+    np.testing.assert_array_equal(gpu.image_ids(), cpu.image_ids())
+    np.testing.assert_array_equal(gpu.valid(), cpu.valid())
+    np.testing.assert_array_equal(gpu.pixels(slice(None)), cpu.pixels(slice(None)))
+    np.testing.assert_allclose(gpu.features(slice(None)), cpu.features(slice(None)), rtol=2e-2, atol=2e-2)
 
 
 _DECODE_MAIN = """

@@ -16,14 +16,19 @@ from storage import FeatureStore, StoreLayout
 from storage.precision import FLOAT16_MAX
 
 
-def shard_buffer(layout: StoreLayout, shard: int, n: int, spent: dict | None = None) -> dict:
+def shard_buffer(
+    layout: StoreLayout, shard: int, n: int, spent: dict | None = None, pinned: bool = False
+) -> dict:
     """One shard's rows before writing, held as the store keeps them: `add_batch` quantises on the device (NumPy
     costs per ViT-B@512 image: float16 cast 4.4 ms, bf16 rounding 7.3 ms, int8 codes 6.3 ms, on the writer
     thread; torch on a GPU: next to nothing).
 
     `spent`: a written shard's buffer (`BackgroundShardWriter.spent`), whose arrays are reset and used again when
     they have this shard's shape. New arrays cost a page fault per 4 KiB at the first write: copying a ViT-B@512
-    batch into them took 4.9 ms per image on this project's CPU, against ~0.5 ms into arrays written before."""
+    batch into them took 4.9 ms per image on this project's CPU, against ~0.5 ms into arrays written before.
+    `pinned`: the arrays of device results are page-locked (torch's pinned memory, under `buffer["pinned"]`), so
+    that a GPU copies features straight into them while the host goes on (an H200 machine copied 64 MB device -> host in 1.3 ms
+    into pinned memory, 58.7 ms into pageable memory: benchmarks/gpu.py's `host:` line)."""
     h, w = layout.grid_hw
     stored_dtype = {"float16": np.float16, "int8_per_token": np.int8}.get(layout.precision, np.float32)
     shapes = {
@@ -32,63 +37,120 @@ def shard_buffer(layout: StoreLayout, shard: int, n: int, spent: dict | None = N
         "pixels": ((n, layout.pixel_size, layout.pixel_size, 3), np.uint8, 0),
         **({"embeddings": ((n, layout.embedding_dim), np.float32, 0)} if layout.embedding_dim else {}),
     }
-    reuse = spent is not None and all(
-        name in spent and spent[name].shape == shape and spent[name].dtype == dtype
-        for name, (shape, dtype, _) in shapes.items()
+    reuse = (
+        spent is not None
+        and ("pinned" in spent) == pinned
+        and all(
+            name in spent and spent[name].shape == shape and spent[name].dtype == dtype
+            for name, (shape, dtype, _) in shapes.items()
+        )
     )
-    arrays = {}
+    arrays, page_locked = {}, {}
     for name, (shape, dtype, fill) in shapes.items():
         if reuse:
             arrays[name] = spent[name]
             arrays[name].fill(fill)  # an image that fails to decode keeps these values, as in a new buffer
+            if name in spent.get("pinned", {}):
+                page_locked[name] = spent["pinned"][name]
+        elif pinned and name != "pixels":  # the arrays a GPU copies into (pixels come from the host)
+            page_locked[name] = torch.empty(shape, dtype=_TORCH_DTYPES[dtype], pin_memory=True)
+            arrays[name] = page_locked[name].numpy()  # the same memory; the array keeps the tensor alive
+            arrays[name].fill(fill)
         else:
             arrays[name] = np.full(shape, fill, dtype) if fill else np.zeros(shape, dtype)
     return {
         "shard": shard,
         "precision": layout.precision,
         **arrays,
+        **({"pinned": page_locked} if pinned else {}),
         "stats": None,
         "failures": [],
         "n_filled": 0,
     }
 
 
+_TORCH_DTYPES = {np.float16: torch.float16, np.float32: torch.float32, np.int8: torch.int8}
+
+
+class Landing:
+    """One batch's results on their way from the device into shard buffers. On a GPU the statistics and copies are
+    queued behind the batch's forward and `wait` returns once they are on the host: the encode stage launches
+    the next batch before it waits for this one, so the GPU computes while the host handles the batch before
+    (without it the GPU idled through every batch's host work: GPU figures, run 3). On a CPU everything is done
+    when it is asked for and `wait` only merges the statistics."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.queued = device.type == "cuda"
+        self.event: torch.cuda.Event | None = None
+        self.stats: list[tuple[dict, dict | torch.Tensor, int]] = []  # (buffer, statistics, tokens)
+
+    def copy(self, buffer: dict, name: str, rows: np.ndarray, values: torch.Tensor) -> None:
+        """`values` into `buffer[name][rows]`."""
+        start, stop = int(rows[0]), int(rows[0]) + len(rows)
+        if not np.array_equal(rows, np.arange(start, stop)):
+            # rows around a failed image (rare): here and now
+            buffer[name][rows] = values.cpu().numpy()
+        elif self.queued and "pinned" in buffer:  # the usual batch on a GPU: straight into the buffer, queued
+            buffer["pinned"][name][start:stop].copy_(values, non_blocking=True)
+        else:
+            buffer[name][start:stop] = values.cpu().numpy()
+
+    def add_stats(self, buffer: dict, features_nhwd: torch.Tensor) -> bool:
+        """The batch's statistics for `buffer`'s shard; whether its values are known to be all finite."""
+        n_tokens = math.prod(features_nhwd.shape[:-1])
+        if not self.queued or not features_nhwd.numel():
+            stats = feature_stats(features_nhwd)
+            self.stats.append((buffer, stats, n_tokens))
+            return stats["n_nonfinite"] == 0
+        on_device = _stats_tensor(features_nhwd)
+        on_host = torch.empty(on_device.shape, dtype=on_device.dtype, pin_memory=True)
+        on_host.copy_(on_device, non_blocking=True)
+        self.stats.append((buffer, on_host, n_tokens))
+        return False  # not known without waiting for the device
+
+    def queue_done(self) -> None:
+        """Every copy of the batch is asked for."""
+        if self.queued:
+            self.event = torch.cuda.Event()
+            self.event.record(torch.cuda.current_stream(self.device))
+
+    def wait(self) -> None:
+        """Until the batch is on the host; its statistics then join its shards'."""
+        if self.event is not None:
+            self.event.synchronize()
+        for buffer, stats, n_tokens in self.stats:
+            if isinstance(stats, torch.Tensor):
+                max_abs, n_nonfinite, n_over, sum_token_norm = stats.tolist()
+                stats = {"max_abs": max_abs, "n_nonfinite": int(n_nonfinite), "n_over_float16_max": int(n_over),
+                         "sum_token_norm": sum_token_norm, "n_tokens": n_tokens}  # fmt: skip
+            buffer["stats"] = _add_stats(buffer["stats"], stats)
+        self.stats = []
+
+
 def add_batch(
-    buffer: dict, rows: np.ndarray, features_nhwd: torch.Tensor, seconds: dict | None = None
+    buffer: dict,
+    rows: np.ndarray,
+    features_nhwd: torch.Tensor,
+    seconds: dict | None = None,
+    landing: Landing | None = None,
 ) -> None:
     """Features of the buffer's `rows` in the store's precision; statistics taken in float32 before any cast.
-    `seconds` gets the time to the features' arrival on the host ("to host") and of the copy into the buffer
-    ("into buffers")."""
+    With a `landing`, the copies are queued on it (the caller waits); without, they are on the host at return.
+    `seconds["to host"]` gets the time spent here."""
     start = time.perf_counter()
-    stats = feature_stats(features_nhwd)
-    buffer["stats"] = _add_stats(buffer["stats"], stats)
-    stored, scale = quantize(features_nhwd, buffer["precision"], finite=stats["n_nonfinite"] == 0)
-    on_host = _on_host(stored)
-    copying = time.perf_counter()
-    buffer["features"][rows] = on_host
+    own = landing is None
+    landing = landing or Landing(features_nhwd.device)
+    finite = landing.add_stats(buffer, features_nhwd)
+    stored, scale = quantize(features_nhwd, buffer["precision"], finite=finite)
+    landing.copy(buffer, "features", rows, stored)
     if scale is not None:
-        buffer["features_scale"][rows] = _on_host(scale)
+        landing.copy(buffer, "features_scale", rows, scale)
+    if own:
+        landing.queue_done()
+        landing.wait()
     if seconds is not None:
-        seconds["to host"] += copying - start
-        seconds["into buffers"] += time.perf_counter() - copying
-
-
-def _on_host(x: torch.Tensor) -> np.ndarray:
-    """`x` as a host array; from a GPU through a reused pinned buffer: on an H200 machine a device-to-host copy
-    into pageable memory ran at 1.2 GB/s, into pinned memory at 50 GB/s (benchmarks/gpu.py's `host:` line), and
-    a batch of ViT-B@224 features is 19-39 MB. Valid until this thread's next call with the same dtype."""
-    if x.device.type != "cuda":
-        return x.numpy()
-    flat = getattr(_staging, str(x.dtype), None)
-    if flat is None or flat.numel() < x.numel():
-        flat = torch.empty(x.numel(), dtype=x.dtype, pin_memory=True)
-        setattr(_staging, str(x.dtype), flat)
-    staging = flat[: x.numel()].view(x.shape)
-    staging.copy_(x)  # synchronous: the values are on the host when it returns
-    return staging.numpy()
-
-
-_staging = threading.local()  # per thread: two stages in one process never share a buffer
+        seconds["to host"] += time.perf_counter() - start
 
 
 def quantize(
@@ -135,6 +197,27 @@ def feature_stats(features_nhwd: torch.Tensor) -> dict:
         "sum_token_norm": float(torch.linalg.vector_norm(clean, dim=-1).sum()),
         "n_tokens": n_tokens,
     }
+
+
+def _stats_tensor(features_nhwd: torch.Tensor) -> torch.Tensor:
+    """`feature_stats`' max_abs, n_nonfinite, n_over_float16_max and sum_token_norm as one float64 tensor where
+    the features are, asked for without waiting for them (the same numbers: the same float32 reductions, widened
+    exactly; the counts are exact below 2**53)."""
+    x = features_nhwd.float()
+    finite = torch.isfinite(x)
+    clean = torch.where(finite, x, torch.zeros((), device=x.device))
+    magnitude = clean.abs()
+    return torch.stack(
+        [
+            value.double()
+            for value in (
+                magnitude.amax(),
+                (~finite).sum(),
+                (magnitude > FLOAT16_MAX).sum(),
+                torch.linalg.vector_norm(clean, dim=-1).sum(),
+            )
+        ]
+    )
 
 
 def _add_stats(total: dict | None, batch: dict) -> dict:

@@ -6,6 +6,7 @@ where it stopped and a finished store returns at once. Bad images are skipped an
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import time
 from contextlib import ExitStack
@@ -21,7 +22,7 @@ from pipeline.artifacts import WriteLock
 from pipeline.config import Layer, config_hash
 from pipeline.data import decode_workers, worker_processes
 from pipeline.data.datasets import ImageRecord, image_list_sha256, list_images
-from pipeline.data.store_writer import BackgroundShardWriter, add_batch, shard_buffer
+from pipeline.data.store_writer import BackgroundShardWriter, Landing, add_batch, shard_buffer
 from pipeline.jobs import EncodeJob
 from pipeline.models import encoders
 from pipeline.models.weights import weights_key
@@ -41,8 +42,9 @@ class EncodeResult:
     already_complete: bool
     # where this run's time went (wall seconds, summing to the run's): setup, model load, workers start (the
     # decode workers), decode wait, model (the copy to the device and the forward), to host (statistics,
-    # quantisation, the copy back), into buffers (the copies into the shard buffers), writer wait, finish; empty
-    # for a store that was already complete
+    # quantisation, the copies back), into buffers (pixels and failures into the shard buffers), device wait (the
+    # host waiting for a batch's features: on a GPU, all of the above is queued, and this is the GPU's time that
+    # the host's work did not cover), writer wait, finish; empty for a store that was already complete
     seconds: dict[str, float] = field(default_factory=dict)
 
     def timing(self) -> str:
@@ -254,7 +256,9 @@ def _encode_pending(
     """Encode the targets' missing shards; their finalised summaries. Adds each step's wall seconds to `seconds`
     (the loader's decode workers, the model and the writer threads overlap: the largest is the bottleneck)."""
     seconds.update(
-        dict.fromkeys(("decode wait", "model", "to host", "into buffers", "writer wait", "finish"), 0.0)
+        dict.fromkeys(
+            ("decode wait", "model", "to host", "into buffers", "device wait", "writer wait", "finish"), 0.0
+        )
     )
     layout = targets[0].store.layout  # every target has the same rows and shards; grids and widths may differ
     pending_by_target = [set(np.flatnonzero(~t.store.shard_done()).tolist()) for t in targets]
@@ -272,62 +276,84 @@ def _encode_pending(
         desc=f"encode {targets[0].store.path.name[:60]}" + (f" +{len(targets) - 1} layers" if len(targets) > 1 else ""),
         smoothing=0.1,
     )  # fmt: skip
-    buffers: list[dict | None] = [None] * len(targets)
+    pinned = encoder.device.type == "cuda"
+    # per target, by shard: a batch in flight may hold the shard before the current one
+    buffers: list[dict[int, dict]] = [{} for _ in targets]
+    in_flight: _InFlight | None = None
+
+    def land() -> None:
+        """Wait for the batch in flight; the shard it completes goes to the writers."""
+        nonlocal in_flight
+        batch, in_flight = in_flight, None
+        if batch is None:
+            return
+        start = time.perf_counter()
+        batch.landing.wait()
+        seconds["device wait"] += time.perf_counter() - start
+        if batch.completes_shard:
+            start = time.perf_counter()
+            for k in batch.here:  # the first store compresses the pixels; the others link its file
+                leader = None if k == batch.here[0] else writers[batch.here[0]]
+                writers[k].put({**buffers[k].pop(batch.shard), "pixels_from": leader}, batch.shard_records)
+            seconds["writer wait"] += time.perf_counter() - start  # a full queue: writers behind
+
     try:
         start = time.perf_counter()
         batches = worker_processes.started(loader)
         seconds["workers start"] = time.perf_counter() - start
         for positions, pixels, reasons in _timed(batches, seconds, "decode wait"):
-            stop.check()  # between batches: the shards written so far are whole
+            if stop.requested():  # between batches: the shards written so far are whole
+                land()
+                stop.check()
             start = time.perf_counter()
             shard = int(positions[0]) // layout.shard_images
             rows = layout.shard_slice(shard)
             here = [k for k, todo in enumerate(pending_by_target) if shard in todo]
             for k in here:
-                if buffers[k] is None or buffers[k]["shard"] != shard:
-                    buffers[k] = shard_buffer(targets[k].store.layout, shard, rows.stop - rows.start,
-                                              writers[k].spent())  # fmt: skip
+                if shard not in buffers[k]:
+                    buffers[k][shard] = shard_buffer(targets[k].store.layout, shard, rows.stop - rows.start,
+                                                     writers[k].spent(), pinned)  # fmt: skip
             ok = torch.tensor([not r for r in reasons])
             local = (positions - rows.start).numpy()
+            landing = Landing(encoder.device)
             if ok.any():
                 # all decoded (the usual batch): the pinned batch itself, no pageable copy before the device copy
                 pixels_seen = encoder.normalize(encoder.seen(pixels if ok.all() else pixels[ok]))
                 grids = encoder.encode_layers(pixels_seen, [targets[k].layer for k in here])
                 pooled = None
-                if any("embeddings" in buffers[k] for k in here):
+                if any("embeddings" in buffers[k][shard] for k in here):
                     with torch.inference_mode():
                         pooled = encoder.embed(pixels_seen)
-                if encoder.device.type == "cuda":  # the forwards' own time (the statistics wait anyway)
-                    torch.cuda.synchronize(encoder.device)
-                seconds["model"] += time.perf_counter() - start
+                seconds["model"] += time.perf_counter() - start  # on a GPU: asked for, not waited for
                 for k, grid in zip(here, grids, strict=True):
-                    add_batch(buffers[k], local[ok.numpy()], grid, seconds)
-                start = time.perf_counter()
+                    add_batch(buffers[k][shard], local[ok.numpy()], grid, seconds, landing)
                 if pooled is not None:
-                    pooled = pooled.cpu().numpy()
-                    for k in [k for k in here if "embeddings" in buffers[k]]:
-                        buffers[k]["embeddings"][local[ok.numpy()]] = pooled
+                    for k in [k for k in here if "embeddings" in buffers[k][shard]]:
+                        landing.copy(buffers[k][shard], "embeddings", local[ok.numpy()], pooled)
+                landing.queue_done()
+            start = time.perf_counter()
             failures = [
                 {"image_id": records[pos].image_id, "path": str(records[pos].path), "reason": reason}
                 for pos, reason in zip(positions.tolist(), reasons, strict=True)
                 if reason
             ]
             for k in here:
-                buffers[k]["pixels"][local] = pixels.numpy()
-                buffers[k]["failures"] += failures
-                buffers[k]["n_filled"] += len(reasons)
+                buffers[k][shard]["pixels"][local] = pixels.numpy()
+                buffers[k][shard]["failures"] += failures
+                buffers[k][shard]["n_filled"] += len(reasons)
             seconds["into buffers"] += time.perf_counter() - start
-            if buffers[here[0]]["n_filled"] == rows.stop - rows.start:  # the shard is whole in every store
-                start = time.perf_counter()
-                for k in here:  # the first store compresses the pixels; the others link its file
-                    leader = None if k == here[0] else writers[here[0]]
-                    writers[k].put({**buffers[k], "pixels_from": leader}, records[rows])
-                    buffers[k] = None
-                seconds["writer wait"] += time.perf_counter() - start  # a full queue: writers behind
+            land()  # the batch before this one, while this one computes
+            whole = buffers[here[0]][shard]["n_filled"] == rows.stop - rows.start  # in every store
+            in_flight = _InFlight(landing, shard, here, records[rows], whole)
             bar.update(len(reasons))
+        land()
         start = time.perf_counter()
         for writer in writers:
             writer.close()
+    except BaseException:
+        with contextlib.suppress(Exception):  # finished work is kept: the shard the batch in flight completes
+            land()
+        raise
     finally:
         bar.close()
         for writer in writers:
@@ -335,6 +361,17 @@ def _encode_pending(
     summaries = [t.store.finalize() for t in targets]
     seconds["finish"] += time.perf_counter() - start
     return summaries
+
+
+@dataclass(frozen=True)
+class _InFlight:
+    """A batch whose features are still on their way to the host, and the shard its rows belong to."""
+
+    landing: Landing
+    shard: int
+    here: list[int]  # the targets still missing the shard
+    shard_records: list[ImageRecord]
+    completes_shard: bool  # the shard's last batch: once it lands, the shard goes to the writers
 
 
 def _timed(items, seconds: dict[str, float], step: str):
