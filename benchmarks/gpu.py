@@ -10,7 +10,8 @@ encode, a ViT-B/16 (random weights: throughput does not depend on them) at each 
       the store in /dev/shm (memory: the file system's share);
   (c) the paper's pattern: batch 2, one `torch.save` of bf16 features per image.
 train, the default reconstructor on the store (b) wrote: steps/s with batches streamed from the store through
-  the train loader vs the same batches already on the GPU, bf16 autocast with torch.compile on/off and float32;
+  the train loader vs the same batches already on the GPU, bf16 autocast with torch.compile off, on and in its
+  "reduce-overhead" mode (CUDA graphs; not in the train stage until measured), and float32;
   peak GPU memory of each; the largest batch that fits (doubling until out of memory).
 host: the cost of touching fresh memory, device-to-host copies into pageable vs pinned memory, and writing a file
   in many write calls vs one (the shard writer's one call per image until 2026-11-27 vs one per file now).
@@ -61,7 +62,8 @@ from encode_ceiling import coco_sized_jpegs  # noqa: E402
 SETTINGS = {  # the full run and the smoke test's toy sizes
     # train batches: the paper's per-device 10 (TrainConfig's default, configs/coco.yaml's) and 64
     "full": {"model": "vit_base_patch16_224", "resolutions": (224, 512), "images": 2048, "batch": 64,
-             "train_batches": (10, 64), "train_steps": 60, "compile": (False, True), "max_batch": 8192},
+             "train_batches": (10, 64), "train_steps": 60, "compile": (False, True, "reduce-overhead"),
+             "max_batch": 8192},
     "smoke": {"model": "vit_tiny_patch16_224", "resolutions": (64,), "images": 24, "batch": 8,
               "train_batches": (8,), "train_steps": 3, "compile": (False,), "max_batch": 16},
 }  # fmt: skip
@@ -233,10 +235,13 @@ def train_rows(store_path: Path, s: dict, device: torch.device) -> Iterator[str]
     for batch, compute_dtype, compiled in (
         settings if device.type == "cuda" else [(s["batch"], torch.float32, False)]
     ):
-        cfg = TrainConfig(batch_size=batch, shuffle_buffer_images=4 * batch, compile=compiled)
+        cfg = TrainConfig(batch_size=batch, shuffle_buffer_images=4 * batch, compile=bool(compiled))
         torch.manual_seed(0)
         model = train.build_model(cfg, store).to(device)
-        model = torch.compile(model) if compiled else model  # compiled once for both data paths
+        if (
+            compiled
+        ):  # once for every data path; "reduce-overhead": CUDA graphs, for steps bound by kernel launches
+            model = torch.compile(model, mode=compiled if isinstance(compiled, str) else None)
         times, first, name = {}, {}, str(compute_dtype).removeprefix("torch.")
         try:
             for path in ("resident", "worker", "thread"):
