@@ -60,6 +60,25 @@ def test_a_bad_value_names_the_field_and_the_allowed_values(tmp_path, write_run_
         load_run_config(_write(tmp_path, data))
 
 
+@pytest.mark.parametrize(
+    ("section", "field", "value", "expected"),
+    [
+        ("subset", "seed", -1, r"`subset\.seed`: Input should be greater than or equal to 0 \(got -1\)"),
+        ("train", "seed", -1, r"`train\.seed`: Input should be greater than or equal to 0"),
+        ("evaluate", "seed", -3, r"`evaluate\.seed`: Input should be greater than or equal to 0"),
+        ("train", "betas", [2, 0.9], r"`train\.betas\.0`: Input should be less than 1 \(got 2\)"),
+    ],
+)
+def test_seeds_and_adams_betas_out_of_range_fail_at_load_time(
+    tmp_path, write_run_config, section, field, value, expected
+):
+    """NumPy refuses a negative seed and Adam a beta outside [0, 1): found after the work had run."""
+    data = yaml.safe_load(write_run_config().read_text())
+    data.setdefault(section, {})[field] = value
+    with pytest.raises(ConfigError, match=expected):
+        load_run_config(_write(tmp_path, data))
+
+
 def test_an_unknown_encoder_fails_at_load_time_listing_known_ones(tmp_path, write_run_config):
     data = yaml.safe_load(write_run_config().read_text())
     data["encoders"] = ["tiny-vit-65"]

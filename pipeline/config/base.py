@@ -31,6 +31,8 @@ class Frozen(BaseModel):
 
 
 NegativeLayer = Annotated[int, Field(lt=0)]
+# NumPy's generators refuse negative seeds; torch keeps 64 bits
+Seed = Annotated[int, Field(ge=0, lt=2**63)]
 
 _NAME_CHARS = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,63}")
 

@@ -8,7 +8,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Discriminator, Field, Tag, model_validator
 
-from pipeline.config.base import Frozen, Name, NegativeLayer, Runtime
+from pipeline.config.base import Frozen, Name, NegativeLayer, Runtime, Seed
 
 Layer = Literal["last"] | NegativeLayer
 
@@ -44,7 +44,7 @@ class EncoderSpec(Frozen):
         "init, for demos and tests), or a local path: a timm checkpoint file or a save_pretrained directory.",
     )
     revision: str | None = Field(None, description="Hugging Face revision (commit, branch or tag) to load.")
-    seed: int = Field(0, description="Seed of the random init when weights == 'random'.")
+    seed: Seed = Field(0, description="Seed of the random init when weights == 'random'.")
     trust_remote_code: bool = Field(False, description="Needed by models with remote code (InternViT).")
     model_kwargs: dict[str, Any] = Field(
         default_factory=dict, description="Extra keyword args for the model."
@@ -106,7 +106,7 @@ class EncoderEntry(Frozen):
         None, description="Model by id: as EncoderSpec.weights (default: pretrained)."
     )
     revision: str | None = Field(None, description="Model by id: Hugging Face revision.")
-    seed: int | None = Field(None, description="Model by id: seed of a random init.")
+    seed: Seed | None = Field(None, description="Model by id: seed of a random init.")
     trust_remote_code: bool | None = Field(None, description="Model by id: needed by remote-code models.")
     model_kwargs: dict[str, Any] | None = Field(None, description="Model by id: extra model arguments.")
 
@@ -190,7 +190,7 @@ class DatasetSpec(Frozen):
 
 class SubsetSpec(Frozen):
     max_images: int | None = Field(None, gt=0, description="Keep at most this many images per split.")
-    seed: int | None = Field(
+    seed: Seed | None = Field(
         None, description="None: the first max_images by image id; an int: a seeded random subset."
     )
 

@@ -9,7 +9,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
-from pipeline.config.base import Frozen, Name, Runtime
+from pipeline.config.base import Frozen, Name, Runtime, Seed
 
 Variant = Literal["batchtopk", "topk", "jumprelu", "relu"]
 
@@ -62,7 +62,7 @@ class SaeConfig(Frozen):
     jumprelu_bandwidth: float = Field(
         0.05, gt=0, description="Width of JumpReLU's straight-through kernel (same units as the threshold)."
     )
-    seeds: list[int] = Field(
+    seeds: list[Seed] = Field(
         default_factory=lambda: [0, 1], min_length=1,
         description="Every setting trains with the first seed; the primary setting also with the others (stability).",
     )  # fmt: skip

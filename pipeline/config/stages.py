@@ -4,12 +4,14 @@ how Prefect orchestrates them."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, model_validator
 
-from pipeline.config.base import Frozen, Name, Runtime
+from pipeline.config.base import Frozen, Name, Runtime, Seed
 from pipeline.config.inputs import TransformSpec
+
+Beta = Annotated[float, Field(ge=0, lt=1)]  # Adam's decay rates
 
 
 class ReconstructorConfig(Frozen):
@@ -67,7 +69,7 @@ class TrainConfig(Frozen):
     batch_size: int = Field(10, gt=0, description="Per device (paper: 10; released code: 32).")
     epochs: int = Field(40, gt=0, description="Passes over the train store (paper: 40).")
     lr: float = Field(3e-4, gt=0, description="Peak learning rate (paper: 3e-4).")
-    betas: tuple[float, float] = Field((0.9, 0.999), description="Adam betas (paper: 0.9, 0.999).")
+    betas: tuple[Beta, Beta] = Field((0.9, 0.999), description="Adam betas (paper: 0.9, 0.999).")
     weight_decay: float = Field(0.0, ge=0, description="Adam weight decay (paper: none).")
     warmup_fraction: float = Field(
         0.05,
@@ -79,7 +81,7 @@ class TrainConfig(Frozen):
         None, gt=0, description="Clip the gradient norm to this (None: off)."
     )
     l1_weight: float = Field(0.0, ge=0, description="Extra pixel-space L1 loss weight (off by default).")
-    seed: int = Field(0, description="Seeds initialisation, data order and resampling.")
+    seed: Seed = Field(0, description="Seeds initialisation, data order and resampling.")
     select_checkpoint: Literal["last", "best_val"] = Field(
         "last",
         description="The checkpoint later stages use: 'last' (the paper's fixed schedule; val_split only monitors "
@@ -219,7 +221,7 @@ class EvaluateConfig(Frozen):
     alpha: float = Field(
         0.05, gt=0, lt=1, description="Significance level (after Holm) for the ranking's ties."
     )
-    seed: int = Field(0, description="Seeds initialisation, data order and resampling.")
+    seed: Seed = Field(0, description="Seeds initialisation, data order and resampling.")
     comparisons: list[ComparisonSpec] | None = Field(
         None,
         description="Encoder pairs to test, as [a, b] or {a, b, alternative} (default: every pair, two-sided); "

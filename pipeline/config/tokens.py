@@ -8,7 +8,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
-from pipeline.config.base import Frozen, Name, Runtime
+from pipeline.config.base import Frozen, Name, Runtime, Seed
 
 METHODS = ("learned", "random", "norm")
 
@@ -68,7 +68,7 @@ class TokensConfig(Frozen):
     epochs: int = Field(20, gt=0, description="Passes over the train store per network (reconlab's choice).")
     batch_size: int = Field(32, gt=0, description="Images per step (reconlab's choice).")
     lr: float = Field(3e-4, gt=0, description="Adam learning rate, constant (reconlab's choice).")
-    seed: int = Field(0, description="Seeds initialisation, data order, Gumbel noise and random masks.")
+    seed: Seed = Field(0, description="Seeds initialisation, data order, Gumbel noise and random masks.")
     shuffle_buffer_images: int = Field(512, gt=0, description="In-memory shuffle buffer (bounds memory).")
     n_eval_images: int | None = Field(
         256, gt=0, description="Evaluate on the first N held-out images (None: all)."
