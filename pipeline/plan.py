@@ -124,11 +124,27 @@ def encoder_specs(
 
     if names:
         unknown = sorted(n for n in set(names) if not any(selected(s, n) for s in specs))
+        if field == "--encoder":  # a filter: the config's encoders, or those only its later stages name
+            elsewhere = set(named_by_stages(cfg))
+            for name in unknown:
+                resolve_entry(name, config_path, field)  # a name no encoder has: the known ones listed
+                if name not in elsewhere:
+                    raise ConfigError(
+                        f"field `--encoder`: '{name}' is not an encoder of {config_path or 'the config'} (it has "
+                        f"{', '.join(s.name for s in specs)}); add it to `encoders:` there to encode it"
+                    )
+            unknown = []
         specs += [s for n in unknown for s in resolve_entry(n, config_path, field)]
         specs = [s for s in specs if any(selected(s, n) for n in names)]
     for spec in specs:
         model_ids.check_architecture(spec)
     return specs
+
+
+def named_by_stages(cfg: RunConfig) -> list[str]:
+    """Encoders that operators, evaluate and the studies name, in order, once each (some outside `encoders:`)."""
+    study_names = [n for stage in STUDIES if getattr(cfg, stage) for n in getattr(cfg, stage).encoders or []]
+    return list(dict.fromkeys((*(cfg.operators.encoders or []), *(cfg.evaluate.encoders or []), *study_names)))
 
 
 def jobs_from_config(cfg: RunConfig, config_path: Path | None, encoder_names: list[str] | None = None):
@@ -176,10 +192,7 @@ def build(
         return path
 
     # Operators and evaluation may name encoders outside `encoders:`; those get only the stores they need.
-    study_names = [n for stage in STUDIES if getattr(cfg, stage) for n in getattr(cfg, stage).encoders or []]
-    extra = [n for n in (*(cfg.operators.encoders or []), *(cfg.evaluate.encoders or []), *study_names)
-             if n not in base]  # fmt: skip
-    extra = [n for n in dict.fromkeys(extra) if encoder_names is None or n in encoder_names]
+    extra = [n for n in named_by_stages(cfg) if n not in base and (encoder_names is None or n in encoder_names)]
     for spec in (
         encoder_specs(cfg, config_path, extra, "operators / evaluate / tokens / sae .encoders")
         if extra
