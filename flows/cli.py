@@ -264,6 +264,22 @@ def plan_command(
             raise ConfigError(f"{e}{hint}") from None
         estimated = results_out.estimates(planned, rates, operators) if estimate else None
         _echo_plan(config, planned, operators, estimated)
+        if refusal := _refusal(planned, operators):
+            typer.echo(f"\nnote: `reconlab run` refuses this config as it is: {refusal}")
+
+
+def _refusal(planned, operators: bool) -> str | None:
+    """Why `reconlab run` would stop before any work (the checks every stage command makes), or None. The
+    stage commands that do not reach the failing stage still run."""
+    from pipeline import plan
+    from pipeline.models.weights import WeightsNotFoundError
+
+    stages = tuple(s for s in plan.STAGES if operators or s != "operators")
+    try:
+        plan.preflight(planned, stages, check_folders=False)
+    except (ConfigError, WeightsNotFoundError) as e:
+        return str(e)
+    return None
 
 
 def _image_counts(items: list[str]) -> dict[str, int]:

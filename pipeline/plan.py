@@ -11,6 +11,7 @@ from pathlib import Path
 
 from pipeline.config import ConfigError, EncoderSpec, OperatorPairSpec, RunConfig, TransformSpec
 from pipeline.config_files import resolve_encoder, resolve_entry
+from pipeline.data.datasets import list_images
 from pipeline.jobs import EncodeJob, EvalTarget, OperatorJob, SaeJob, TokensJob, TrainJob
 from pipeline.models import model_ids, text_towers, weights
 from pipeline.stages import captions, encode, evaluate, operators, sae, tokens, train
@@ -144,7 +145,9 @@ def encoder_specs(
 def named_by_stages(cfg: RunConfig) -> list[str]:
     """Encoders that operators, evaluate and the studies name, in order, once each (some outside `encoders:`)."""
     study_names = [n for stage in STUDIES if getattr(cfg, stage) for n in getattr(cfg, stage).encoders or []]
-    return list(dict.fromkeys((*(cfg.operators.encoders or []), *(cfg.evaluate.encoders or []), *study_names)))
+    return list(
+        dict.fromkeys((*(cfg.operators.encoders or []), *(cfg.evaluate.encoders or []), *study_names))
+    )
 
 
 def jobs_from_config(cfg: RunConfig, config_path: Path | None, encoder_names: list[str] | None = None):
@@ -192,7 +195,9 @@ def build(
         return path
 
     # Operators and evaluation may name encoders outside `encoders:`; those get only the stores they need.
-    extra = [n for n in named_by_stages(cfg) if n not in base and (encoder_names is None or n in encoder_names)]
+    extra = [
+        n for n in named_by_stages(cfg) if n not in base and (encoder_names is None or n in encoder_names)
+    ]
     for spec in (
         encoder_specs(cfg, config_path, extra, "operators / evaluate / tokens / sae .encoders")
         if extra
@@ -244,10 +249,11 @@ def caption_store(run: RunPlan, image_store: Path) -> Path:
     return path
 
 
-def preflight(run: RunPlan, stages: tuple[str, ...] = STAGES) -> None:
+def preflight(run: RunPlan, stages: tuple[str, ...] = STAGES, check_folders: bool = True) -> None:
     """Everything `stages` of this plan will need, checked before the first expensive step: weights of every
-    encoder and judge, writable output folders, enough held-out images for the operator fits, and evaluation and
-    operators on images no reconstructor trained on or was selected on. Raises ConfigError (or
+    encoder and judge, writable output folders (made if missing; not with `check_folders=False`), enough held-out
+    images for the operator fits, and evaluation, operators and studies on images no reconstructor or study
+    network trained on or was selected on (by split name and by image file). Raises ConfigError (or
     WeightsNotFoundError) naming the field and the fix."""
     cfg = run.cfg
     shaped = {cfg.train.train_split} | (
@@ -302,8 +308,41 @@ def preflight(run: RunPlan, stages: tuple[str, ...] = STAGES) -> None:
              "evaluate": ("evaluate.output_root", cfg.evaluate.output_root)}  # fmt: skip
     for stage in [s for s in STUDIES if getattr(cfg, s)]:
         roots[stage] = (f"{stage}.output_root", getattr(cfg, stage).output_root)
-    for stage in [s for s in stages if s in roots]:
+    _check_held_out_files(run, stages, shaped)
+    for stage in [s for s in stages if s in roots and check_folders]:
         _check_writable(*roots[stage])
+
+
+def _check_held_out_files(run: RunPlan, stages: tuple[str, ...], shaped: set[str]) -> None:
+    """No image file of a held-out split is also in a split that trains or selects what scores it: split names
+    differ, but two splits' annotations may list the same files (under other ids)."""
+    cfg = run.cfg
+    held_out = {}  # field -> (split, the splits that shape what scores it)
+    if "evaluate" in stages and run.evaluate:
+        held_out["evaluate.split"] = (cfg.evaluate.split, shaped)
+    if "operators" in stages and run.operators:
+        held_out["operators.split"] = (cfg.operators.split, shaped)
+    for stage in [s for s in STUDIES if s in stages and run.studies[s]]:
+        study = getattr(cfg, stage)
+        held_out[f"{stage}.split"] = (study.split, shaped | {study.train_split})
+    listed: dict[str, dict[str, str]] = {}
+
+    def files(split: str) -> dict[str, str]:
+        if split not in listed:
+            records = list_images(cfg.dataset, split, cfg.subset)
+            listed[split] = {str(r.path.resolve()): r.path.name for r in records}
+        return listed[split]
+
+    for field_name, (split, shaping) in held_out.items():
+        for other in sorted(shaping - {split}):
+            same = sorted(files(split).keys() & files(other).keys())
+            if same:
+                names = ", ".join(files(split)[f] for f in same[:3])
+                raise ConfigError(
+                    f"{field_name} '{split}': {len(same)} of its image files are also in split '{other}', whose "
+                    f"images train or select what scores them (e.g. {names}); scores must come from held-out "
+                    f"images: remove them from one split's annotations or choose another {field_name}"
+                )
 
 
 def _check_writable(field_name: str, root: Path) -> None:

@@ -180,6 +180,37 @@ def test_evaluate_refuses_to_score_images_that_trained_the_reconstructor(trained
         evaluate.score_encoder(evaluate.EvalTarget("tiny-vit-64", train_store, last.checkpoint), {}, cfg)
 
 
+def test_held_out_images_are_told_apart_by_file_not_by_id(make_job, tmp_path):
+    """A custom COCO-format set numbers each split's images from 1: equal ids are different images, and the
+    same file listed by two splits under other ids is the same image."""
+    import json
+
+    from pipeline.models.checkpoints import check_held_out
+    from storage import open_store
+
+    root = tmp_path / "custom"
+    listed = {"train": ("train", ["a", "b", "c"]), "val": ("val", ["d", "e"]), "leaky": ("train", ["f", "c"])}
+    for split, (folder, names) in listed.items():
+        (root / folder).mkdir(parents=True, exist_ok=True)
+        for i, name in enumerate(names):
+            Image.new("RGB", (48, 40), (40 * i, 100, 200)).save(root / folder / f"{name}.png")
+        images = [
+            {"id": i + 1 if split != "leaky" else i + 7, "file_name": f"{n}.png"} for i, n in enumerate(names)
+        ]
+        (root / f"{split}.json").write_text(json.dumps({"images": images}))
+    dataset = DatasetSpec(name="custom", kind="coco", root=root,
+                          splits={s: SplitSpec(images_dir=f, annotations=f"{s}.json") for s, (f, _) in listed.items()})  # fmt: skip
+    stores = {split: open_store(encode.run(make_job(dataset=dataset, split=split), progress=False).store_path)
+              for split in listed}  # fmt: skip
+    header = {"train_store": str(stores["train"].path), "_json_path": "epoch-1.json"}
+    assert set(stores["val"].image_ids()) <= set(stores["train"].image_ids())  # ids 1, 2 in both splits
+    check_held_out(stores["val"], np.arange(2), header, "evaluate split 'val'")  # other files: held out
+    with pytest.raises(
+        DisjointnessError, match=r"1 of its images trained the reconstructor .*files \['c\.png'\]"
+    ):
+        check_held_out(stores["leaky"], np.arange(2), header, "evaluate split 'leaky'")
+
+
 def test_evaluate_refuses_to_score_images_that_selected_the_reconstructor(trained):
     _, val_store, last, best, root = trained
     cfg = EvaluateConfig(output_root=root / "eval", judges=[], judge_modes=["grayscale"], device="cpu")

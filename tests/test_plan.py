@@ -57,6 +57,22 @@ def test_plan_command_prints_the_table_and_runs_nothing(write_run_config, tmp_pa
     assert not (tmp_path / "stores").exists()
 
 
+def test_plan_says_when_run_would_refuse_the_config_and_still_prints_the_table(write_run_config, tmp_path):
+    path = write_run_config(
+        encoders=["tiny-vit-64"], splits=["train", "val"]
+    )  # evaluation needs two encoders
+    out = CliRunner().invoke(app, ["plan", "--config", str(path)])
+    assert out.exit_code == 0 and "stage" in out.output.splitlines()[0], out.output
+    assert out.output.splitlines()[-1].startswith("note: `reconlab run` refuses this config as it is: evaluation "
+                                                  "compares encoders, this run evaluates 1 (tiny-vit-64)")  # fmt: skip
+    assert not (tmp_path / "stores").exists() and not (tmp_path / "train").exists()  # no folder made
+    fixed = write_run_config(encoders=["tiny-vit-64", "tiny-vit-112"], splits=["train", "val"],
+                             operators={"output_root": str(tmp_path / "ops"), "n_fit_images": 4},
+                             evaluate={"output_root": str(tmp_path / "eval"), "judges": ["tiny-judge"]})  # fmt: skip
+    out = CliRunner().invoke(app, ["plan", "--config", str(fixed)])
+    assert out.exit_code == 0 and "refuses" not in out.output, out.output
+
+
 def test_ls_lists_every_kind_of_artifact_with_its_status(write_run_config, tmp_path):
     path = _config(write_run_config, tmp_path)
     cfg = load_run_config(path)

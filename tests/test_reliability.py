@@ -369,6 +369,20 @@ def test_held_out_splits_and_sizes_are_checked_before_encoding(tmp_path, change,
     assert not (tmp_path / "stores").exists()
 
 
+def test_a_held_out_split_listing_a_training_file_under_another_id_is_refused_before_encoding(tmp_path):
+    data = _base(tmp_path, encoders=["tiny-vit-64", "tiny-vit-112"], splits=["train", "val"])
+    coco = Path(data["dataset"]["root"])
+    (coco / "val.json").write_text(json.dumps({"images": [{"id": 11, "file_name": "b.png"}]}))
+    (coco / "train.json").write_text(json.dumps({"images": [{"id": 1, "file_name": "a.png"},
+                                                            {"id": 2, "file_name": "b.png"}]}))  # fmt: skip
+    data["dataset"]["splits"] = {split: {"images_dir": "images", "annotations": f"{split}.json"}
+                                 for split in ("train", "val")}  # fmt: skip
+    config = _write_raw(tmp_path, data)
+    _assert_one_line_failure(runner.invoke(app, ["evaluate", "-c", str(config)]),
+                             "evaluate.split 'val': 1 of its image files are also in split 'train'", "b.png")  # fmt: skip
+    assert not (tmp_path / "stores").exists()
+
+
 # -- faults inside a stage: recorded or resumable, never lost ------------------------------------------------------
 
 

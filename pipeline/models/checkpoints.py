@@ -17,7 +17,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pipeline.artifacts import read_json, write_json_atomic
-from pipeline.config import ReconstructorConfig
+from pipeline.config import DatasetSpec, ReconstructorConfig, SubsetSpec
+from pipeline.data.datasets import image_list_sha256, list_images
 from pipeline.data.images import Preprocessing
 from pipeline.data.store_info import ENCODER_IDENTITY, StoreInfo, check_same_encoder
 from pipeline.models.reconstructor import Reconstructor
@@ -224,36 +225,66 @@ class DisjointnessError(ValueError):
     """Images that trained or selected a reconstructor would be scored by it (an evaluation leak)."""
 
 
-def images_that_shaped(header: dict) -> dict[str, np.ndarray]:
-    """Image ids that trained the checkpoint's reconstructor and, for a best-on-val checkpoint, selected it."""
+def image_files(store: FeatureStore) -> np.ndarray | None:
+    """The resolved path of each of the store's images (row order), listed again from the dataset the store
+    records; None where that dataset cannot be listed here or no longer lists the images the store encoded."""
+    info = StoreInfo.of(store)
+    if info.dataset_source is None:
+        return None
+    key = info.key
+    try:
+        records = list_images(
+            DatasetSpec.model_validate(info.dataset_source),
+            key["dataset"]["split"],
+            SubsetSpec.model_validate(key["subset"]),
+        )
+    except (
+        ValueError,
+        OSError,
+        KeyError,
+    ):  # the dataset moved or its files changed (ConfigError is a ValueError)
+        return None
+    if image_list_sha256(records) != key["image_list_sha256"]:
+        return None
+    return np.array([str(r.path.resolve()) for r in records])
+
+
+def _same_images(a: FeatureStore, a_rows: np.ndarray, b: FeatureStore) -> tuple[np.ndarray, str]:
+    """Which of `a`'s rows are images among `b`'s valid ones: the same file where both datasets can be listed
+    (custom datasets number each split's images from 1: equal ids are different images), else the same image id
+    (COCO's ids are unique across its splits)."""
+    a_files, b_files = image_files(a), image_files(b)
+    if a_files is not None and b_files is not None:
+        return np.intersect1d(a_files[a_rows], b_files[b.valid()]), "files"
+    return np.intersect1d(a.image_ids()[a_rows], b.image_ids()[b.valid()]), "ids"
+
+
+def _examples(same: np.ndarray, by: str) -> str:
+    shown = [Path(f).name for f in same[:5]] if by == "files" else same[:5].tolist()
+    return f"e.g. {'files' if by == 'files' else 'ids'} {shown}"
+
+
+def check_held_out(store: FeatureStore, rows: np.ndarray, header: dict, scored: str) -> None:
+    """Refuse to score images that trained or selected the reconstructor (the paper's validity condition)."""
     roles = {"trained": header["train_store"]}
     if header.get("selected_on_store"):
         roles["selected"] = header["selected_on_store"]
-    ids = {}
     for role, path in roles.items():
         try:
-            store = open_store(path, require_complete=False)
+            shaping = open_store(path, require_complete=False)
         except StoreError as e:
             raise DisjointnessError(
                 f"cannot check that the images are held out from checkpoint {header['_json_path']}: the store "
                 f"that {role} it is unreadable ({e})"
             ) from None
-        ids[role] = store.image_ids()[store.valid()]
-    return ids
-
-
-def check_held_out(image_ids: np.ndarray, header: dict, scored: str) -> None:
-    """Refuse to score images that trained or selected the reconstructor (the paper's validity condition)."""
-    for role, shaped in images_that_shaped(header).items():
-        overlap = np.intersect1d(image_ids, shaped)
-        if overlap.size:
-            source = header["train_store"] if role == "trained" else header["selected_on_store"]
+        same, by = _same_images(store, rows, shaping)
+        if same.size:
             fix = "score a split that R never saw (evaluate.split / operators.split)"
             if role == "selected":
                 fix += ", or train with train.select_checkpoint: last"
             raise DisjointnessError(
-                f"{scored}: {overlap.size} of its images {role} the reconstructor (store {Path(source).name}), "
-                f"e.g. ids {overlap[:5].tolist()}; {fix}"
+                f"{scored}: {same.size} of its images {role} the reconstructor (store {Path(path).name}), "
+                f"{_examples(same, by)}; {fix}"
             )
 
 
@@ -267,14 +298,13 @@ def study_rows(
     check_checkpoint_matches_store(header, held_out)
     rows = np.flatnonzero(held_out.valid())
     rows = rows[:n_images] if n_images else rows
-    ids = held_out.image_ids()[rows]
-    overlap = np.intersect1d(ids, train.image_ids()[train.valid()])
-    if overlap.size:
+    same, by = _same_images(held_out, rows, train)
+    if same.size:
         raise DisjointnessError(
-            f"{field}: {overlap.size} of its images are in the train store {train.path.name} (e.g. ids "
-            f"{overlap[:5].tolist()}); evaluate on a split the study's networks never saw"
+            f"{field}: {same.size} of its images are in the train store {train.path.name} ({_examples(same, by)}); "
+            "evaluate on a split the study's networks never saw"
         )
-    check_held_out(ids, header, field)
+    check_held_out(held_out, rows, header, field)
     return rows
 
 

@@ -78,7 +78,7 @@ def score_encoder(
     rows = np.flatnonzero(store.valid())
     rows = rows[: cfg.n_images] if cfg.n_images else rows
     image_ids = store.image_ids()[rows]
-    check_held_out(image_ids, header, f"evaluate split '{cfg.split}' of {target.encoder_name}")
+    check_held_out(store, rows, header, f"evaluate split '{cfg.split}' of {target.encoder_name}")
     key = score_key(store, header, judges, cfg)
     out = artifacts.folder(Path(cfg.output_root) / "scores", target.encoder_name, key, ".parquet")
     meta_path = out.with_suffix(".json")

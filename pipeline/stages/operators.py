@@ -143,7 +143,7 @@ def _run(job: OperatorJob, progress: bool) -> OperatorResult:
     if test_rows.size == 0:
         raise StoreError(f"{identity.path.name}: {rows.size} usable images leave none to test on after "
                          f"n_fit_images={job.cfg.n_fit_images}")  # fmt: skip
-    check_held_out(identity.image_ids()[rows], header, f"operator images of {identity.path.name}")
+    check_held_out(identity, rows, header, f"operator images of {identity.path.name}")
     key, out_dir = fit_key_and_dir(job, identity, transformed, header)
     finished = artifacts.finished(out_dir / artifacts.RESULT)
     if finished is not None:
