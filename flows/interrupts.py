@@ -5,7 +5,8 @@ Prefect runs stages on task-runner threads, so Python's KeyboardInterrupt reache
 waits on them: the stage went on training, and a SIGTERM'd run hung until the stage ended (the main thread ran
 its signal handler only once its wait returned). So the signals are read here by a thread of their own, from
 Python's wakeup fd: the first asks the stage to stop; once it has (or after GRACE_S, for a stage between safe
-points), the process ends. A second signal ends it at once. Ending without the stage's own shutdown is safe:
+points), the process ends. A second Ctrl-C ends it at once; a second SIGTERM does not (Prefect's flow engine
+catches the first and sends it to the process again: it ended runs at once, mid-batch). Ending without the stage's own shutdown is safe:
 every artifact survives a SIGKILL, and flows/reaper.py ends what the run started.
 """
 
@@ -43,6 +44,8 @@ def _end_after_stop() -> None:
 
 def _on_signal(signum: int) -> None:
     if stop.requested():
+        if signum == signal.SIGTERM:  # Prefect's engine sends a SIGTERM it caught to this process again
+            return
         _exit_now("stopped now: " + str(stop.Interrupted()).removeprefix("interrupted: "))
     stop.request()
     _say(f"{signal.Signals(signum).name}: stopping at the next safe point (a training step, an encode batch); "

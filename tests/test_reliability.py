@@ -97,6 +97,8 @@ def test_an_interrupted_training_stops_at_once_in_one_line_and_leaves_nothing_ru
         raise AssertionError(f"still running 15 s after {how}: {proc.communicate()[0]}") from e
     assert proc.returncode == 130, output
     assert "finished shards, epochs and fits are kept; run the same command to resume" in output
+    # at the safe point: Prefect's engine sends a SIGTERM it caught to the process again, which is no second signal
+    assert "stopping at the next safe point" in output and "stopped now" not in output, output
     assert "Traceback" not in output and "ERROR" not in output, output
     with sqlite3.connect(tmp_path / "home" / "prefect" / "prefect.db") as db:  # the temporary server's record
         # A Ctrl-C left it RUNNING (the server stopped first); Prefect's engine reads a SIGTERM as a crash.
