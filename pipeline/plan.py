@@ -139,6 +139,7 @@ def encoder_specs(
         specs = [s for s in specs if any(selected(s, n) for n in names)]
     for spec in specs:
         model_ids.check_architecture(spec)
+        model_ids.check_layer_and_width(spec)
     return specs
 
 

@@ -172,6 +172,23 @@ def test_spec_with_wrong_hidden_dim_fails_naming_the_field():
         encoders.load(timm_spec(hidden_dim=768), device="cpu")
 
 
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        ({"feature_layer": -50}, r"feature_layer -50 does not exist; the model has \d+ blocks"),
+        ({"hidden_dim": 768}, rf"hidden_dim 768, but layer -2 of '.*' is {TIMM_WIDTH} wide"),
+    ],
+)
+def test_a_specs_layer_and_width_are_checked_against_the_network_before_loading_it(overrides, expected):
+    from pipeline.config import ConfigError
+    from pipeline.models import model_ids
+
+    spec = timm_spec(**overrides, weights="/nowhere")  # no weights needed: built on the meta device
+    with pytest.raises(ConfigError, match=expected):
+        model_ids.check_layer_and_width(spec)
+    model_ids.check_layer_and_width(timm_spec(weights="/nowhere"))  # the right ones pass
+
+
 # --- transformers ----------------------------------------------------------------------------------------
 
 TINY_VIT = {

@@ -282,7 +282,7 @@ def _probe(encoder: Encoder) -> None:
         tokens = encoder._tokens(encoder.normalize(blank))
     h, w = spec.grid
     if tokens.ndim == 4 and encoder.is_cnn and tokens.shape[1:3] != (h, w):
-        raise ValueError(
+        raise ConfigError(  # the spec's YAML, found at load time
             f"encoder '{spec.name}': layer {spec.feature_layer} gives a {tokens.shape[1]}x{tokens.shape[2]} feature "
             f"map at resolution {spec.resolution}, not the {h}x{w} grid of patch_size {spec.patch_size}; set "
             f"patch_size to that stage's stride ({spec.resolution // tokens.shape[1]}) and a resolution it divides"
@@ -292,12 +292,12 @@ def _probe(encoder: Encoder) -> None:
         tokens.shape[-1] if tokens.ndim == 3 or tokens.shape[1:3] == (h, w) else tokens.shape[1]
     )
     if spec.n_prefix_tokens is not None and spec.n_prefix_tokens != encoder.n_prefix_tokens:
-        raise ValueError(
+        raise ConfigError(  # the spec's YAML, found at load time
             f"encoder '{spec.name}': spec says n_prefix_tokens={spec.n_prefix_tokens} but the model returns "
             f"{encoder.n_prefix_tokens} tokens before its {h}x{w} patch grid; fix n_prefix_tokens in its YAML"
         )
     if spec.hidden_dim is not None and spec.hidden_dim != encoder.hidden_dim:
-        raise ValueError(
+        raise ConfigError(  # the spec's YAML, found at load time
             f"encoder '{spec.name}': spec says hidden_dim={spec.hidden_dim} but the model's features have "
             f"D={encoder.hidden_dim}; fix hidden_dim in its YAML"
         )

@@ -182,6 +182,29 @@ def layer_specs(base: EncoderSpec, entry: EncoderEntry) -> list[EncoderSpec]:
 _ARCHITECTURE_KWARGS = {"act_layer", "norm_layer", "hidden_act", "layer_norm_eps", "norm_eps"}
 
 
+def check_layer_and_width(spec: EncoderSpec) -> None:
+    """A timm spec's feature_layer exists and its hidden_dim is that layer's width, read from the network built
+    on the meta device (no weights): a wrong one failed mid-encode, after the stores before it."""
+    if spec.backend != "timm" or spec.feature_layer == "last":
+        return
+    try:
+        arch = architecture(spec)
+    except ConfigError:  # a model timm does not know: the loader says where it looked
+        return
+    unit = "stages" if arch.family == "cnn" else "blocks"
+    if -spec.feature_layer > arch.n_layers:
+        raise ConfigError(
+            f"encoder '{spec.name}': feature_layer {spec.feature_layer} does not exist; the model has "
+            f"{arch.n_layers} {unit} (-1 .. -{arch.n_layers}); fix feature_layer in its YAML"
+        )
+    width = arch.widths[arch.layer_index(spec.feature_layer)]
+    if spec.hidden_dim is not None and spec.hidden_dim != width:
+        raise ConfigError(
+            f"encoder '{spec.name}': hidden_dim {spec.hidden_dim}, but layer {spec.feature_layer} of "
+            f"'{spec.model_id}' is {width} wide; fix hidden_dim in its YAML (or leave it out: it is measured)"
+        )
+
+
 def check_architecture(spec: EncoderSpec) -> None:
     """Refuse a spec whose network differs from the one its weights were trained with (before any download).
 
