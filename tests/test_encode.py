@@ -610,3 +610,20 @@ def test_decode_workers_never_import_the_program_that_started_them(tmp_path, sta
     assert done.returncode == 0, done.stderr
     assert done.stdout.split()[-1] == "4"  # every image decoded
     assert len(list(imported_by.iterdir())) == (0 if start == "started" else 2)
+
+
+def test_a_folder_named_pipeline_where_the_command_runs_does_not_replace_the_workers_code(tmp_path):
+    """The fork server is started with `python -c`, which put the working directory first on its path: a user's
+    folder named `pipeline` (an older checkout) was imported by every worker, and each died."""
+    here = tmp_path / "work"
+    for package in ("pipeline", "pipeline/data"):
+        (here / package).mkdir(parents=True)
+        (here / package / "__init__.py").write_text("")
+    script, imported_by = tmp_path / "program.py", tmp_path / "imported-by"
+    script.write_text(_DECODE_MAIN)
+    imported_by.mkdir()
+    env = {**os.environ, "IMPORTED_BY": str(imported_by), "PYTHONPATH": str(Path(__file__).parents[1])}
+    done = subprocess.run([sys.executable, str(script), str(tmp_path), "started"], cwd=here, env=env,
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split()[-1] == "4"

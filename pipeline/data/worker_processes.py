@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import multiprocessing
+import multiprocessing.forkserver
 import os
 import signal
 import sys
@@ -13,6 +14,7 @@ import time
 import types
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 
@@ -28,7 +30,32 @@ def context():
     that has already imported WORKER_MODULES, so a worker starts in milliseconds."""
     server = multiprocessing.get_context("forkserver")
     server.set_forkserver_preload(WORKER_MODULES)
+    _start_fork_server()
     return server
+
+
+def _start_fork_server() -> None:
+    """The fork server imports the workers' modules from where this process did. CPython (up to 3.13) starts it
+    with `-c`, which puts the working directory first on its sys.path (the sys.path it is handed is not used), so a
+    folder named `pipeline` where the command ran (an older checkout, a data folder) was imported instead, and
+    every worker died ("No module named 'pipeline.data.decode_workers'"). It starts with PYTHONSAFEPATH (no
+    working directory) and the folder holding this `pipeline` first on PYTHONPATH."""
+    with _environ_swap:
+        saved = {name: os.environ.get(name) for name in ("PYTHONSAFEPATH", "PYTHONPATH")}
+        os.environ["PYTHONSAFEPATH"] = "1"
+        os.environ["PYTHONPATH"] = os.pathsep.join([_HOME, *filter(None, [saved["PYTHONPATH"]])])
+        try:
+            multiprocessing.forkserver.ensure_running()
+        finally:
+            for name, value in saved.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
+
+
+_HOME = str(Path(__file__).resolve().parents[2])  # the folder that holds the `pipeline` package
+_environ_swap = threading.Lock()
 
 
 def init():
