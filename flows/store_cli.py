@@ -16,28 +16,45 @@ store_app = typer.Typer(cls=OneValueEach, no_args_is_help=True, help="Inspect ca
 
 
 @store_app.command("ls")
-def ls(root: Annotated[Path, typer.Argument(help="Store root folder.")] = Path("runs/demo/stores")) -> None:
-    """One line per store: encoder, dataset/split, N, grid, dtype, size on disk, complete or not."""
+def ls(
+    root: Annotated[Path, typer.Argument(help="Store root folder, or one store.")] = Path("runs/demo/stores"),
+) -> None:
+    """One line per store: encoder, dataset/split, transform, N, failures, grid, precision, size on disk, status,
+    and the key that tells stores of one encoder apart (the hash ending the store's folder name)."""
     from storage.inspect import find_stores, summary_row
 
     if not root.is_dir():
-        _fail(f"{root}: no such folder")
-    rows = [summary_row(p) for p in find_stores(root)]
+        _fail(f"{root}: no such folder" if not root.exists() else f"{root}: not a folder of stores (a file)")
+    stores = [root] if (root / "zarr.json").is_file() else find_stores(root)
+    rows = [summary_row(p) for p in stores]
     if not rows:
         typer.echo(f"no feature stores under {root}")
         return
-    header = f"{'encoder':<20} {'dataset/split':<18} {'transform':<12} {'N':>7} {'fail':>5} {'grid':<12} "
-    header += f"{'dtype':<15} {'size':>9}  status"
-    typer.echo(header)
-    for r in rows:
-        if "error" in r:
-            typer.echo(r["error"] if r["error"].startswith(r["path"]) else f"{r['path']}: {r['error']}")
-            continue
-        typer.echo(
-            f"{r['encoder']:<20} {r['dataset']:<18} {r['transform']:<12} {r['n_images']:>7} "
-            f"{r['n_failed'] if r['n_failed'] is not None else '-':>5} {r['grid']:<12} {r['dtype']:<15} "
-            f"{r['size_mb']:>7.1f}MB  {r['status']}"
-        )
+    table = [
+        {
+            "encoder": r["encoder"], "dataset/split": r["dataset"], "transform": r["transform"], "N": r["n_images"],
+            "fail": "-" if r["n_failed"] is None else r["n_failed"], "grid": r["grid"], "precision": r["dtype"],
+            "size": f"{r['size_mb']:.1f}MB", "status": r["status"], "key": Path(r["path"]).stem.rpartition("__")[2],
+        }
+        for r in rows
+        if "error" not in r
+    ]  # fmt: skip
+    if table:
+        widths = {name: max(len(name), *(len(str(row[name])) for row in table)) for name in table[0]}
+        numeric = {"N", "fail", "size"}
+
+        def line(values: dict) -> str:
+            cells = (
+                str(v).rjust(widths[k]) if k in numeric else str(v).ljust(widths[k])
+                for k, v in values.items()
+            )
+            return "  ".join(cells).rstrip()
+
+        typer.echo(line({name: name for name in widths}))
+        for row in table:
+            typer.echo(line(row))
+    for r in [r for r in rows if "error" in r]:
+        typer.echo(r["error"] if r["error"].startswith(r["path"]) else f"{r['path']}: {r['error']}")
 
 
 @store_app.command("inspect")

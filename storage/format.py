@@ -33,6 +33,11 @@ def open_store(path: str | Path, *, require_complete: bool = True, mode: str = "
     """Open and validate a store: format version, array shapes, and (by default) that every shard is done."""
     path = Path(path)
     if not (path / "zarr.json").is_file():
+        if not path.exists():
+            raise StoreError(f"{path}: no such store (the path does not exist)")
+        if path.is_dir() and any(path.iterdir()):  # a store's arrays without its group record
+            raise StoreError(f"{path}: not a readable feature store: its zarr.json is missing (deleted?); "
+                             "re-encode it (reconlab encode with the config that made it)")  # fmt: skip
         raise StoreError(f"{path}: not a feature store (no zarr.json)")
     try:
         group = zarr.open_group(str(path), mode=mode, zarr_format=3)

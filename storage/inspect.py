@@ -35,12 +35,11 @@ def transform_tag(image_transform: dict) -> str:
 
 
 def find_stores(root: Path) -> list[Path]:
-    """reconlab's stores under `root`, and folders named like one whose zarr.json is not JSON (listed as errors)."""
-    return sorted(
-        p.parent
-        for p in Path(root).glob("*/zarr.json")
-        if not p.parent.name.startswith(".") and _is_store_json(p)  # hidden: being created
-    )
+    """reconlab's stores under `root`, and folders named like one (`*.zarr`) whose zarr.json is not JSON or is
+    gone (listed as errors)."""
+    named = {p for p in Path(root).glob("*.zarr") if p.is_dir() and not (p / "zarr.json").exists()}
+    found = {p.parent for p in Path(root).glob("*/zarr.json") if _is_store_json(p)} | named
+    return sorted(p for p in found if not p.name.startswith("."))  # hidden: being created
 
 
 def _is_store_json(path: Path) -> bool:

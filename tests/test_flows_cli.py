@@ -42,6 +42,23 @@ def test_cli_encode_runs_the_flow_then_store_ls_and_inspect_describe_the_stores(
     assert any("7x7x192" in line for line in lines) and any("4x4x192" in line for line in lines)
 
     (store,) = (tmp_path / "stores").glob("tiny-vit-64__*.zarr")
+    one = runner.invoke(app, ["store", "ls", str(store)])  # a store itself: its own line
+    assert one.exit_code == 0 and len(one.output.splitlines()) == 2 and "4x4x192" in one.output, one.output
+    assert (
+        one.output.split()[-1] == store.name.rpartition("__")[2][: -len(".zarr")]
+    )  # the key tells stores apart
+    import shutil
+
+    headless = (
+        tmp_path / "copies" / "headless.zarr"
+    )  # a store whose zarr.json was deleted: an error, not omitted
+    shutil.copytree(store, headless)
+    (headless / "zarr.json").unlink()
+    copies = runner.invoke(app, ["store", "ls", str(headless.parent)])
+    assert (
+        copies.exit_code == 0
+        and "headless.zarr: not a readable feature store: its zarr.json is missing" in (copies.output)
+    ), copies.output
     preview = tmp_path / "preview.png"
     inspected = runner.invoke(app, ["store", "inspect", str(store), "--json", "--preview", str(preview)])
     assert inspected.exit_code == 0, inspected.output
