@@ -27,7 +27,12 @@ class RunConfig(Frozen):
         Path("runs/stores"), description="Folder holding content-addressed feature stores."
     )
     dataset: DatasetSpec
-    splits: list[Name] = Field(default_factory=lambda: ["train", "val"])
+    splits: list[Name] = Field(
+        default_factory=lambda: ["train", "val"],
+        description="Splits every encoder's stores cover; the later stages add the stores they read (train's "
+        "train_split and val_split, evaluate's and operators' split, the operators' transformed copies): "
+        "`reconlab plan` lists each.",
+    )
     subset: SubsetSpec = SubsetSpec()
     encoders: list[EncoderItem] = Field(
         min_length=1,
