@@ -174,7 +174,10 @@ def build(
 
     def locate(job: EncodeJob) -> tuple[Path, int]:
         if image_counts is None:
-            records, _, path = encode.plan(job)
+            try:
+                records, _, path = encode.plan(job)
+            except ConfigError as e:  # the dataset's files: named with the config that points at them
+                raise ConfigError(f"{config_path or 'the run config'}: {e}") from None
             return path, len(records)
         if job.split not in image_counts:
             raise ConfigError(f"no image count for split '{job.split}': pass --images {job.split}=N")

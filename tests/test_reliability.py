@@ -276,6 +276,10 @@ def test_plan_arguments_that_would_be_ignored_are_refused_in_one_line(tmp_path):
     missing_split = _write_raw(tmp_path, _base(tmp_path, splits=["val", "test"]))
     _assert_one_line_failure(runner.invoke(app, ["plan", "-c", str(missing_split)]), "no split 'test'",
                              "add it to dataset.splits")  # fmt: skip
+    no_root = _base(tmp_path)
+    no_root["dataset"]["root"] = str(tmp_path / "nowhere")
+    _assert_one_line_failure(runner.invoke(app, ["plan", "-c", str(_write_raw(tmp_path, no_root))]),
+                             "run.yaml: dataset.root", "nowhere (dataset 'mini') is not a folder here")  # fmt: skip
 
 
 CONFIG_CASES = {

@@ -45,7 +45,12 @@ def split_spec(dataset: DatasetSpec, split: str) -> SplitSpec:
         return spec
 
     def under_root(p: Path | None) -> Path | None:
-        return p if p is None or p.is_absolute() else dataset.root / p
+        if p is None or p.is_absolute():
+            return p
+        if not Path(dataset.root).is_dir():
+            raise ConfigError(f"dataset.root {dataset.root} (dataset '{dataset.name}') is not a folder here; point "
+                              f"it at the dataset (split '{split}' names {p} relative to it)")  # fmt: skip
+        return dataset.root / p
 
     return SplitSpec(images_dir=under_root(spec.images_dir), annotations=under_root(spec.annotations))
 
@@ -80,9 +85,9 @@ def _coco_records(spec: SplitSpec) -> list[ImageRecord]:
     from pycocotools.coco import COCO
 
     if not spec.annotations.is_file():
-        raise ConfigError(f"annotations file not found: {spec.annotations}")
+        raise ConfigError(f"annotations file not found: {spec.annotations} (dataset.splits: annotations)")
     if not spec.images_dir.is_dir():
-        raise ConfigError(f"images folder not found: {spec.images_dir}")
+        raise ConfigError(f"images folder not found: {spec.images_dir} (dataset.splits: images_dir)")
     coco = COCO()  # built from the checked dict: pycocotools trusts the file's shape and fails deep inside
     coco.dataset = read_coco_annotations(spec.annotations)
     # createIndex() prints progress; a flow with log_prints turns print() itself into log records, so shadow
