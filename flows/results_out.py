@@ -55,7 +55,8 @@ def echo_evaluation(result) -> None:
         if key in rankings:
             typer.echo(f"\nranking by {key[0]} / {key[1]}:")
             typer.echo(rankings[key].to_string(index=False))
-    typer.echo(f"\nreport: {result.report_md}\n        {result.report_html}")
+    state = " (cached: the same scores and settings made it before)" if result.already_complete else ""
+    typer.echo(f"\nreport{state}: {result.report_md}\n        {result.report_html}")
 
 
 def estimates(run, rates_path, with_operators: bool):

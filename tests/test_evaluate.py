@@ -129,6 +129,7 @@ def test_scores_are_reused_not_recomputed(result, targets):
     assert [f.stat().st_mtime_ns for f in again.score_files] == stamps
     # The report is an artifact too: same scores and statistics settings, nothing recomputed or rewritten.
     assert again.report_md == res.report_md and again.report_md.stat().st_mtime_ns == report_stamp
+    assert again.already_complete and not res.already_complete  # the command says it was read, not made
     assert again.analysis["primary"] == res.analysis["primary"]
     for key, ranking in res.analysis["rankings"].items():
         pd.testing.assert_frame_equal(again.analysis["rankings"][key], ranking, check_dtype=False)
@@ -143,6 +144,7 @@ def test_scores_are_reused_not_recomputed(result, targets):
     res.report_html.unlink()  # a report missing a file is written again, not reused
     rebuilt = evaluate.run(targets, cfg, evaluate.load_judges([resolve_encoder("tiny-judge")], "cpu"))
     assert rebuilt.report_html.is_file() and [f.stat().st_mtime_ns for f in rebuilt.score_files] == stamps
+    assert not rebuilt.already_complete
 
 
 def test_headline_pairs_pick_siglip_vs_siglip2_at_the_same_resolution():

@@ -282,6 +282,7 @@ class EvaluateResult:
     report_html: Path
     score_files: list[Path]
     analysis: dict
+    already_complete: bool = False  # the same scores and settings made this report before: it was read
 
 
 def run(
@@ -330,7 +331,7 @@ def _report(out_dir: Path, key: dict, stats_cfg: dict, frames, files, notes, inp
     whole = all((out_dir / name).is_file() for name in ("report.md", "report.html"))
     if done is not None and whole:  # same score files, same statistics settings: the report stands
         return EvaluateResult(
-            out_dir / "report.md", out_dir / "report.html", files, _cached_analysis(out_dir, done, cfg)
+            out_dir / "report.md", out_dir / "report.html", files, _cached_analysis(out_dir, done, cfg), True
         )
     scores = pd.concat(frames, ignore_index=True)
     analysis = analyse(scores, cfg)
