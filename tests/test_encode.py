@@ -86,6 +86,7 @@ def _write_bad_images(folder: Path) -> dict[str, str]:
     (folder / "truncated.jpg").write_bytes(full[: len(full) // 2])
     (folder / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0" + bytes(200))
     (folder / "notes.txt").write_text("not an image")
+    (folder / "empty.jpg").write_bytes(b"")
     rgb.convert("L").save(folder / "gray.jpg")
     rgb.convert("CMYK").save(folder / "cmyk.jpg")
     rgba = rgb.convert("RGBA")
@@ -97,7 +98,7 @@ def _write_bad_images(folder: Path) -> dict[str, str]:
     Image.new("RGB", (400, 300), (0, 128, 0)).save(folder / "huge.png")
     return {
         "good.jpg": "ok", "gray.jpg": "ok", "cmyk.jpg": "ok", "rgba.png": "ok", "palette.png": "ok",
-        "sixteen.png": "ok", "truncated.jpg": "corrupt", "corrupt.jpg": "", "notes.txt": "not an image",
+        "sixteen.png": "ok", "truncated.jpg": "corrupt", "corrupt.jpg": "", "notes.txt": "not an image", "empty.jpg": "empty file",
         "one_pixel.png": "too small", "huge.png": "too large",
     }  # fmt: skip
 

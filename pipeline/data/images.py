@@ -28,6 +28,8 @@ def _skipping_unusable(path: Path):
     """PIL's errors on an image file as the reasons it is skipped (ImageSkipped)."""
     if not path.is_file():
         raise ImageSkipped("missing file")
+    if path.stat().st_size == 0:
+        raise ImageSkipped("empty file (0 bytes)")
     try:
         with warnings.catch_warnings():
             # Our own max_pixels check decides (PIL's warning would fire at its fixed default instead);
