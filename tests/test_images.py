@@ -63,11 +63,11 @@ def test_text_file_with_an_image_suffix_is_skipped_as_not_an_image(tmp_path):
     assert "not an image" in skip_reason(path)
 
 
-def test_empty_file_is_skipped_as_not_an_image(tmp_path):
+def test_empty_file_is_skipped_as_empty(tmp_path):
     path = tmp_path / "empty.png"
     path.write_bytes(b"")
 
-    assert "not an image" in skip_reason(path)
+    assert skip_reason(path) == "empty file (0 bytes)"
 
 
 def test_missing_file_is_skipped_as_missing(tmp_path):
