@@ -6,8 +6,8 @@ waits on them: the stage went on training, and a SIGTERM'd run hung until the st
 its signal handler only once its wait returned). So the signals are read here by a thread of their own, from
 Python's wakeup fd: the first asks the stage to stop; once it has (or after GRACE_S, for a stage between safe
 points), the process ends. A second Ctrl-C ends it at once; a second SIGTERM does not (Prefect's flow engine
-catches the first and sends it to the process again: it ended runs at once, mid-batch). Ending without the stage's own shutdown is safe:
-every artifact survives a SIGKILL, and flows/reaper.py ends what the run started.
+catches the first and sends it to the process again: that ended runs at once, mid-batch). Ending without the
+stage's own shutdown is safe: every artifact survives a SIGKILL, and flows/reaper.py ends what the run started.
 """
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ RNG state; the optimiser's scalars and the scheduler state live in the JSON).
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from pathlib import Path
@@ -18,7 +19,8 @@ from safetensors.torch import load_file, save_file
 
 from pipeline.artifacts import read_json, write_json_atomic
 from pipeline.config import DatasetSpec, ReconstructorConfig, SubsetSpec
-from pipeline.data.datasets import image_list_sha256, list_images
+from pipeline.data.datasets import image_list_sha256 as image_list_sha256_of
+from pipeline.data.datasets import list_images
 from pipeline.data.images import Preprocessing
 from pipeline.data.store_info import ENCODER_IDENTITY, StoreInfo, check_same_encoder
 from pipeline.models.reconstructor import Reconstructor
@@ -232,19 +234,25 @@ def image_files(store: FeatureStore) -> np.ndarray | None:
     if info.dataset_source is None:
         return None
     key = info.key
+    return _listed_files(
+        json.dumps(info.dataset_source, sort_keys=True),
+        key["dataset"]["split"],
+        json.dumps(key["subset"], sort_keys=True),
+        key["image_list_sha256"],
+    )
+
+
+# every encoder's stores list the same splits: COCO's train is read once, not once per encoder
+@functools.lru_cache(maxsize=16)
+def _listed_files(source: str, split: str, subset: str, image_list_sha256: str) -> np.ndarray | None:
     try:
         records = list_images(
-            DatasetSpec.model_validate(info.dataset_source),
-            key["dataset"]["split"],
-            SubsetSpec.model_validate(key["subset"]),
+            DatasetSpec.model_validate_json(source), split, SubsetSpec.model_validate_json(subset)
         )
-    except (
-        ValueError,
-        OSError,
-        KeyError,
-    ):  # the dataset moved or its files changed (ConfigError is a ValueError)
+    # the dataset moved or its files changed (a ConfigError is a ValueError)
+    except (ValueError, OSError, KeyError):
         return None
-    if image_list_sha256(records) != key["image_list_sha256"]:
+    if image_list_sha256_of(records) != image_list_sha256:
         return None
     return np.array([str(r.path.resolve()) for r in records])
 
