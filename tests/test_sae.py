@@ -243,16 +243,16 @@ def test_a_finished_sae_study_is_found_and_listed_by_the_plan(sae_run):
     assert [r.state for r in rows] == ["cached", "cached"]
 
 
-def test_an_encoder_filter_that_matches_no_study_says_which_encoders_are_studied(sae_run):
+def test_an_encoder_filter_naming_an_encoder_the_config_lacks_says_which_it_has(sae_run):
     from typer.testing import CliRunner
 
     from flows.cli import app
 
     config, _, _ = sae_run
     result = CliRunner().invoke(app, ["sae", "--config", str(config), "-e", "tiny-vit-112"])
-    assert result.exit_code == 2 and "the config studies tiny-vit-64 (sae.encoders)" in result.output, (
-        result.output
-    )
+    # not even among the config's encoders: the filter says which it has
+    assert result.exit_code == 2 and "'tiny-vit-112' is not an encoder of" in result.output, result.output
+    assert "(it has tiny-vit-64)" in result.output
 
 
 def test_sparsity_energy_and_bridge_scores_on_hand_computed_values():

@@ -51,9 +51,9 @@ def missing_weights(spec: EncoderSpec, looked: str, cause: Exception | None) -> 
         f"  looked in: {looked}\n"
         f"  HF_HUB_OFFLINE={'1' if offline() else '0'}\n"
         f"  to provide them: on a machine with internet run `hf download {hub_id}` and copy the "
-        f"cache folder to {hf_cache_dir()} (or set HF_HOME / HF_HUB_CACHE), or set `weights:` in encoder "
-        f"'{spec.name}''s spec (its YAML file, or its entry under `encoders:` in the run config) to a local "
-        "checkpoint file or save_pretrained directory."
+        f"cache folder to {hf_cache_dir()} (or set HF_HOME / HF_HUB_CACHE), or set `weights:` in the encoder's "
+        f"spec (configs/encoders/{spec.name}.yaml, or the YAML file or run-config entry that defines it) to a "
+        "local checkpoint file or save_pretrained directory."
     )
     if cause is not None:
         msg += f"\n  cause: {type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}"
