@@ -253,6 +253,16 @@ def test_an_encoder_filter_naming_an_encoder_the_config_lacks_says_which_it_has(
     # not even among the config's encoders: the filter says which it has
     assert result.exit_code == 2 and "'tiny-vit-112' is not an encoder of" in result.output, result.output
     assert "(it has tiny-vit-64)" in result.output
+    from pipeline import plan
+    from pipeline.config import ConfigError
+    from pipeline.config_files import load_run_config
+
+    cfg = load_run_config(config)
+    both = cfg.model_copy(update={"encoders": [*cfg.encoders, "tiny-vit-112"]})  # in the config, not studied
+    with pytest.raises(
+        ConfigError, match=r"matches no sae study; the config studies tiny-vit-64 \(sae\.encoders\)"
+    ):
+        plan.build(both, config, ["tiny-vit-112"]).study_steps("sae", ["tiny-vit-112"])
 
 
 def test_sparsity_energy_and_bridge_scores_on_hand_computed_values():
