@@ -596,26 +596,9 @@ if __name__ == "__main__":
 @pytest.mark.parametrize("start", ["started", "plain iter"])
 def test_decode_workers_never_import_the_program_that_started_them(tmp_path, start):
     """A served Prefect run's program is prefect.engine: each worker importing it cost seconds, one after the
-    other. `plain iter` is the control: it shows this test sees such imports."""
-    script, imported_by = tmp_path / "program.py", tmp_path / "imported-by"
-    script.write_text(_DECODE_MAIN)
-    imported_by.mkdir()
-    env = {**os.environ, "IMPORTED_BY": str(imported_by), "PYTHONPATH": str(Path(__file__).parents[1])}
-    done = subprocess.run(
-        [sys.executable, str(script), str(tmp_path), start],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.split()[-1] == "4"  # every image decoded
-    assert len(list(imported_by.iterdir())) == (0 if start == "started" else 2)
-
-
-def test_a_folder_named_pipeline_where_the_command_runs_does_not_replace_the_workers_code(tmp_path):
-    """The fork server is started with `python -c`, which put the working directory first on its path: a user's
-    folder named `pipeline` (an older checkout) was imported by every worker, and each died."""
+    other. `plain iter` is the control: it shows this test sees such imports. Run where a folder named
+    `pipeline` is (an older checkout): the fork server, started with `python -c`, put the working directory first
+    on its path and every worker imported that folder's code and died."""
     here = tmp_path / "work"
     for package in ("pipeline", "pipeline/data"):
         (here / package).mkdir(parents=True)
@@ -624,7 +607,14 @@ def test_a_folder_named_pipeline_where_the_command_runs_does_not_replace_the_wor
     script.write_text(_DECODE_MAIN)
     imported_by.mkdir()
     env = {**os.environ, "IMPORTED_BY": str(imported_by), "PYTHONPATH": str(Path(__file__).parents[1])}
-    done = subprocess.run([sys.executable, str(script), str(tmp_path), "started"], cwd=here, env=env,
-                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, str(script), str(tmp_path), start],
+        cwd=here,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr
-    assert done.stdout.split()[-1] == "4"
+    assert done.stdout.split()[-1] == "4"  # every image decoded
+    assert len(list(imported_by.iterdir())) == (0 if start == "started" else 2)
