@@ -139,13 +139,12 @@ def _study_steps(run: RunPlan, step: StudyStep, states: dict, checkpoints: dict)
 
 
 def force(cfg: RunConfig, config_path: Path | None, stage: str) -> list[Path]:
-    """Remove the artifacts of `stage` and of every stage after it, so the next run redoes them; returns what was
-    removed. Each artifact's lock is taken first: one being written elsewhere is refused, not deleted."""
+    """Remove the artifacts of `stage` and of every stage that reads them, so the next run redoes them; returns
+    what was removed. Each artifact's lock is taken first: one being written elsewhere is refused, not deleted."""
     if stage not in STAGES:
         raise ConfigError(f"--force: unknown stage '{stage}'; stages: {', '.join(STAGES)}")
-    doomed = STAGES[STAGES.index(stage) :]
-    if stage in ("operators", "evaluate", "tokens"):  # the studies read none of these
-        doomed = tuple(s for s in doomed if s not in STUDIES or s == stage)
+    # encode and train feed every later stage; operators, evaluate and the studies read only those two
+    doomed = STAGES[STAGES.index(stage) :] if stage in ("encode", "train") else (stage,)
     folders = [Path(step.path) for step in plan(cfg, config_path)
                if step.stage in doomed and step.stage != "evaluate" and step.path and Path(step.path).exists()]  # fmt: skip
     scores, reports = [], []
