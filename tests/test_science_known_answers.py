@@ -404,10 +404,20 @@ def test_ranking_table_has_its_columns_in_order_and_a_reproducible_percentile_ci
                                           holm_p_wilcoxon=0.5) for a, b in [("y", "z"), ("y", "x")]]  # fmt: skip
     table = stats.ranking(scores, comparisons, n_boot=300, seed=5, alpha=0.05)
     assert list(table.columns) == ["rank", "encoder", "n_images", "mean", "ci_low", "ci_high",
-                                   "not_significantly_different_from"]  # fmt: skip
+                                   "not_significantly_different_from", "not_tested_two_sided_against"]  # fmt: skip
     assert list(table.index) == [0, 1, 2] and list(table["encoder"]) == ["y", "z", "x"]
     # y is tied with both others: names sorted and joined by ", "
     assert list(table["not_significantly_different_from"]) == ["x, z", "y", "y"]
+    assert list(table["not_tested_two_sided_against"]) == [
+        "-",
+        "x",
+        "z",
+    ]  # x vs z was not compared: no tie, no gap
+    one_sided = [stats.PairedComparison("x", "y", "greater", 20, 0, 0, 0, 0, 0, 0, 0, "BCa", 0, 0, 0, False, 0, 0,
+                                        holm_p_wilcoxon=1.0)]  # y far above x: "x greater" fails  # fmt: skip
+    pair = stats.ranking({k: scores[k] for k in ("x", "y")}, one_sided, n_boot=300, seed=5, alpha=0.05)
+    assert list(pair["not_significantly_different_from"]) == ["-", "-"]  # a failed one-sided test is no tie
+    assert list(pair["not_tested_two_sided_against"]) == ["x", "y"]
     # encoder i (in the scores' order) draws its percentile CI from seed + 1000 + i, so tables reproduce exactly
     table = table.set_index("encoder")
     for i, (name, values) in enumerate(scores.items()):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 from pathlib import Path
 
@@ -9,6 +11,7 @@ import numpy as np
 import pytest
 import zarr
 
+from pipeline.config import StoreOptions
 from pipeline.stages import encode
 from storage import FORMAT_VERSION, StoreError, open_store
 
@@ -29,13 +32,26 @@ def test_spec_has_examples_for_zarr_dask_and_xarray():
     assert "zarr.open_group" in joined and "da.from_zarr" in joined and "xr.open_zarr" in joined
 
 
-def test_every_spec_example_runs_against_a_real_store_without_reconlab(finished_store):
-    namespace = {"STORE": str(finished_store), "zarr": zarr}
+@pytest.mark.parametrize("precision", ["float16", "int8_per_token"])
+def test_every_spec_example_runs_against_a_real_store_without_reconlab_and_gets_its_values(
+    make_job, precision
+):
+    path = encode.run(make_job(split="val", store=StoreOptions(shard_images=8, precision=precision)),
+                      progress=False).store_path  # fmt: skip
+    namespace = {"STORE": str(path), "zarr": zarr}
     for example in spec_examples():
         exec(compile(example, str(SPEC), "exec"), namespace)  # noqa: S102 (the spec's own examples)
-    assert namespace["first"].shape == (4, 4, 192)
-    assert np.isfinite(float(namespace["token_norm"]))
+    store = open_store(path)
+    row = int(np.flatnonzero(store.valid())[0])
+    np.testing.assert_array_equal(
+        namespace["first"], store.features(slice(row, row + 1))[0]
+    )  # int8: times scale
+    expected_norm = np.linalg.norm(store.features(), axis=-1).mean()
+    assert float(namespace["token_norm"]) == pytest.approx(float(expected_norm), rel=1e-5)
     assert namespace["one"].shape == (4, 4, 192)
+    shards = zarr.open_group(str(path), mode="r").attrs["shards"]  # content_sha256 by the spec's recipe
+    recipe = json.dumps({k: r["files"] for k, r in shards.items()}, sort_keys=True)
+    assert hashlib.sha256(recipe.encode()).hexdigest() == store.attrs["content_sha256"]
 
 
 def test_store_arrays_match_the_spec_table(finished_store):

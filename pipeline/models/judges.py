@@ -22,7 +22,7 @@ def load(
             raise ConfigError(
                 f"{field}: '{spec.name}' must set keep_head: true (judges score pooled image embeddings)"
             )
-        # Judges see exactly the pixels the encoder saw: the stored square image, resized (short_side_crop
+        # Judges see the stored square image (the encoder's resolution and crop), resized (short_side_crop
         # of a square is a plain resize; a judge's own crop_pct margin would cut its border away).
         judges[spec.name] = encoders.load(spec, device=device, geometry="short_side_crop")
     return judges

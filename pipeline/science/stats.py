@@ -212,7 +212,9 @@ def ranking(
     scores: dict[str, pd.Series], comparisons: list[PairedComparison], n_boot: int, seed: int, alpha: float
 ) -> pd.DataFrame:
     """Encoders by mean score (higher is better) with bootstrap CIs and the encoders each is not
-    significantly different from (Holm-adjusted Wilcoxon p >= alpha)."""
+    significantly different from (two-sided Holm-adjusted Wilcoxon p >= alpha). A one-sided test that fails says
+    nothing of a tie (B far above A fails "A greater than B" too), and a pair not compared is not a difference: where
+    some pair has no two-sided test, `not_tested_two_sided_against` names them."""
     rows = []
     for i, (name, values) in enumerate(scores.items()):
         v = values.to_numpy(float)
@@ -221,9 +223,14 @@ def ranking(
     table = pd.DataFrame(rows).sort_values("mean", ascending=False).reset_index(drop=True)
     table.insert(0, "rank", np.arange(1, len(table) + 1))
     tied = {name: [] for name in scores}
-    for c in comparisons:
+    two_sided = [c for c in comparisons if c.alternative == "two-sided"]
+    for c in two_sided:
         if c.holm_p_wilcoxon >= alpha:
             tied[c.a].append(c.b)
             tied[c.b].append(c.a)
     table["not_significantly_different_from"] = [", ".join(sorted(tied[n])) or "-" for n in table["encoder"]]
+    tested = {frozenset((c.a, c.b)) for c in two_sided}
+    untested = {n: sorted(m for m in scores if m != n and frozenset((n, m)) not in tested) for n in scores}
+    if any(untested.values()):
+        table["not_tested_two_sided_against"] = [", ".join(untested[n]) or "-" for n in table["encoder"]]
     return table
