@@ -644,6 +644,8 @@ def test_prediction_holds_for_an_involution_and_fails_for_a_non_involution():
 def test_prediction_holds_for_a_contraction_and_fails_when_an_eigenvalue_leaves_the_band():
     assert of.prediction_holds("contraction", of.eigen_summary(np.diag([0.2, 0.9, 1.0, 1.05]), tol=0.1))
     assert not of.prediction_holds("contraction", of.eigen_summary(np.diag([0.2, 1.2]), tol=0.1))
+    rotation = np.array([[0.0, -1.0], [1.0, 0.0]])  # |λ| = 1 at ±i: orthogonal, no contraction
+    assert not of.prediction_holds("contraction", of.eigen_summary(rotation, tol=0.1))
     assert not of.prediction_holds("contraction", of.eigen_summary(_hand_spectrum_operator(), tol=0.1))
     assert set(of.PREDICTIONS) == {"involution", "contraction"}
     with pytest.raises(ValueError, match="unknown prediction 'rotation'; known: involution, contraction"):

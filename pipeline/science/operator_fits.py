@@ -112,7 +112,7 @@ def eigen_summary(op: np.ndarray, tol: float = 0.1) -> dict:
 # What the paper predicts for an operator's spectrum, by the kind of pixel transform it stands for.
 PREDICTIONS = {
     "involution": "T∘T = id, so A² ≈ I: every eigenvalue near +1 or −1",
-    "contraction": "T tends to a projection as α → 0: every eigenvalue ≈ 1 or inside the unit circle (|λ| ≤ 1 + tol)",
+    "contraction": "T tends to a projection as α → 0: every eigenvalue near +1 or inside the unit circle",
 }
 
 
@@ -120,8 +120,8 @@ def prediction_holds(kind: str, eig: dict) -> bool:
     """Whether the eigen summary agrees with the prediction of PREDICTIONS[kind]."""
     if kind == "involution":
         return eig["n_near_plus_one"] + eig["n_near_minus_one"] == len(eig["eigenvalues"])
-    if kind == "contraction":
-        return eig["n_outside_unit_circle"] == 0
+    if kind == "contraction":  # on the circle only at +1: a rotation (|λ| = 1 elsewhere) is no contraction
+        return eig["n_outside_unit_circle"] == 0 and eig["n_on_unit_circle"] == eig["n_near_plus_one"]
     raise ValueError(f"unknown prediction '{kind}'; known: {', '.join(PREDICTIONS)}")
 
 
