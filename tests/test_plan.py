@@ -55,6 +55,10 @@ def test_plan_command_prints_the_table_and_runs_nothing(write_run_config, tmp_pa
     assert out.output.splitlines()[0].split()[:3] == ["stage", "encoder", "split"]
     assert "to run" in out.output and "after encode" in out.output
     assert not (tmp_path / "stores").exists()
+    priced = CliRunner().invoke(app, ["plan", "--config", str(path), "--estimate"])
+    line = next(x for x in priced.output.splitlines() if x.startswith("still to run"))
+    left, total = line.split(": ", 1)[1].split(" of ")  # nothing is cached yet: all of it is still to run
+    assert priced.exit_code == 0 and left == total.removesuffix(" in all"), line
 
 
 def test_plan_says_when_run_would_refuse_the_config_and_still_prints_the_table(write_run_config, tmp_path):
