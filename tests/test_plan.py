@@ -153,6 +153,8 @@ def test_force_removes_a_stage_and_every_later_one_so_the_plan_runs_them_again(w
         report.mkdir()
         write_json_atomic(report / "result.json", {"key": {"scores": [used]}})
     assert force(cfg, path, "operators") == [] and scores.exists()  # evaluate reads no operator fit
+    with pytest.raises(ConfigError, match="--force sae: this run config has no sae: section"):
+        force(cfg, path, "sae")
     assert sorted(force(cfg, path, "evaluate")) == sorted([made_from_them, scores])
     assert not scores.exists() and not scores.with_suffix(".json").exists() and other.is_dir()
     try:
