@@ -144,7 +144,9 @@ def force(cfg: RunConfig, config_path: Path | None, stage: str) -> list[Path]:
     if stage not in STAGES:
         raise ConfigError(f"--force: unknown stage '{stage}'; stages: {', '.join(STAGES)}")
     if stage in STUDIES and getattr(cfg, stage) is None:
-        raise ConfigError(f"--force {stage}: this run config has no {stage}: section, so no {stage} artifacts")
+        raise ConfigError(
+            f"--force {stage}: this run config has no {stage}: section, so no {stage} artifacts"
+        )
     # encode and train feed every later stage; operators, evaluate and the studies read only those two
     doomed = STAGES[STAGES.index(stage) :] if stage in ("encode", "train") else (stage,)
     folders = [Path(step.path) for step in plan(cfg, config_path)
