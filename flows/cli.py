@@ -272,12 +272,12 @@ def _refusal(planned, operators: bool) -> str | None:
     """Why `reconlab run` would stop before any work (the checks every stage command makes), or None. The
     stage commands that do not reach the failing stage still run."""
     from pipeline import plan
-    from pipeline.models.weights import WeightsNotFoundError
+    from storage import StoreError
 
     stages = tuple(s for s in plan.STAGES if operators or s != "operators")
     try:
         plan.preflight(planned, stages, check_folders=False)
-    except (ConfigError, WeightsNotFoundError) as e:
+    except (ConfigError, StoreError, OSError) as e:  # missing weights are a FileNotFoundError
         return str(e)
     return None
 

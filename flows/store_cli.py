@@ -34,7 +34,7 @@ def ls(
         {
             "encoder": r["encoder"], "dataset/split": r["dataset"], "transform": r["transform"], "N": r["n_images"],
             "fail": "-" if r["n_failed"] is None else r["n_failed"], "grid": r["grid"], "precision": r["dtype"],
-            "size": f"{r['size_mb']:.1f}MB", "status": r["status"], "key": Path(r["path"]).stem.rpartition("__")[2],
+            "size": f"{r['size_mb']:.1f}MB", "status": r["status"], "key": Path(r["path"]).resolve().stem.rpartition("__")[2],
         }
         for r in rows
         if "error" not in r

@@ -113,8 +113,9 @@ class RunPlan:
 def encoder_specs(
     cfg: RunConfig, config_path: Path | None, names: list[str] | None = None, field: str = "--encoder"
 ) -> list[EncoderSpec]:
-    """The config's encoders (or only `names`, which may also name spec files outside the config); each checked
-    against its weights' architecture now, not after hours of other encoders."""
+    """The config's encoders, or those of them that `names` select (with field "--encoder", a filter: a name the
+    config does not have is an error; other callers may name encoders outside `encoders:`); each checked against
+    its weights' architecture, layer and width now, not after hours of other encoders."""
     specs = [spec for ref in cfg.encoders for spec in resolve_entry(ref, config_path)]
 
     def selected(spec: EncoderSpec, name: str) -> bool:

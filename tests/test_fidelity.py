@@ -189,15 +189,15 @@ def test_held_out_images_are_told_apart_by_file_not_by_id(make_job, tmp_path):
     from storage import open_store
 
     root = tmp_path / "custom"
-    listed = {"train": ("train", ["a", "b", "c"]), "val": ("val", ["d", "e"]), "leaky": ("train", ["f", "c"])}
-    for split, (folder, names) in listed.items():
+    # split: (folder, [(id, name)]); "copy" holds a copy of train's c.png, under its id, in another folder
+    listed = {"train": ("train", [(1, "a"), (2, "b"), (3, "c")]), "val": ("val", [(1, "d"), (2, "e")]),
+              "leaky": ("train", [(7, "f"), (8, "c")]), "copy": ("copy", [(3, "c"), (9, "g")])}  # fmt: skip
+    for split, (folder, images) in listed.items():
         (root / folder).mkdir(parents=True, exist_ok=True)
-        for i, name in enumerate(names):
-            Image.new("RGB", (48, 40), (40 * i, 100, 200)).save(root / folder / f"{name}.png")
-        images = [
-            {"id": i + 1 if split != "leaky" else i + 7, "file_name": f"{n}.png"} for i, n in enumerate(names)
-        ]
-        (root / f"{split}.json").write_text(json.dumps({"images": images}))
+        for image_id, name in images:
+            Image.new("RGB", (48, 40), (20 * image_id, 100, 200)).save(root / folder / f"{name}.png")
+        records = [{"id": image_id, "file_name": f"{name}.png"} for image_id, name in images]
+        (root / f"{split}.json").write_text(json.dumps({"images": records}))
     dataset = DatasetSpec(name="custom", kind="coco", root=root,
                           splits={s: SplitSpec(images_dir=f, annotations=f"{s}.json") for s, (f, _) in listed.items()})  # fmt: skip
     stores = {split: open_store(encode.run(make_job(dataset=dataset, split=split), progress=False).store_path)
@@ -209,6 +209,8 @@ def test_held_out_images_are_told_apart_by_file_not_by_id(make_job, tmp_path):
         DisjointnessError, match=r"1 of its images trained the reconstructor .*files \['c\.png'\]"
     ):
         check_held_out(stores["leaky"], np.arange(2), header, "evaluate split 'leaky'")
+    with pytest.raises(DisjointnessError, match=r"1 of its images trained .*files \['c\.png'\]"):
+        check_held_out(stores["copy"], np.arange(2), header, "evaluate split 'copy'")  # same id and name
 
 
 def test_evaluate_refuses_to_score_images_that_selected_the_reconstructor(trained):

@@ -8,7 +8,6 @@ RNG state; the optimiser's scalars and the scheduler state live in the JSON).
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 from pathlib import Path
@@ -242,34 +241,48 @@ def image_files(store: FeatureStore) -> np.ndarray | None:
     )
 
 
-# every encoder's stores list the same splits: COCO's train is read once, not once per encoder
-@functools.lru_cache(maxsize=16)
 def _listed_files(source: str, split: str, subset: str, image_list_sha256: str) -> np.ndarray | None:
+    key = (source, split, subset, image_list_sha256)
+    if (
+        key in _listings
+    ):  # every encoder's stores list the same splits: COCO's train is read once, not per encoder
+        return _listings[key]
     try:
         records = list_images(
             DatasetSpec.model_validate_json(source), split, SubsetSpec.model_validate_json(subset)
         )
-    # the dataset moved or its files changed (a ConfigError is a ValueError)
+    # the dataset moved or its files changed (a ConfigError is a ValueError): not kept, it may be back later
     except (ValueError, OSError, KeyError):
         return None
     if image_list_sha256_of(records) != image_list_sha256:
         return None
-    return np.array([str(r.path.resolve()) for r in records])
+    _listings[key] = np.array([str(r.path.resolve()) for r in records])
+    return _listings[key]
+
+
+_listings: dict[tuple, np.ndarray] = {}
 
 
 def _same_images(a: FeatureStore, a_rows: np.ndarray, b: FeatureStore) -> tuple[np.ndarray, str]:
-    """Which of `a`'s rows are images among `b`'s valid ones: the same file where both datasets can be listed
-    (custom datasets number each split's images from 1: equal ids are different images), else the same image id
-    (COCO's ids are unique across its splits)."""
+    """The names of `a`'s rows that are images among `b`'s valid ones. Where both datasets can be listed: the same
+    file, or the same id and file name (a copy of the dataset elsewhere: COCO's ids are unique across its splits),
+    not the same id alone (custom datasets number each split's images from 1: equal ids, other images). Else the
+    same image id, said to be by id."""
     a_files, b_files = image_files(a), image_files(b)
-    if a_files is not None and b_files is not None:
-        return np.intersect1d(a_files[a_rows], b_files[b.valid()]), "files"
-    return np.intersect1d(a.image_ids()[a_rows], b.image_ids()[b.valid()]), "ids"
+    b_valid = b.valid()
+    if a_files is None or b_files is None:
+        return np.intersect1d(a.image_ids()[a_rows], b.image_ids()[b_valid]), "ids"
+    same_file = np.intersect1d(a_files[a_rows], b_files[b_valid])
+    names = {Path(f).name for f in same_file}
+    a_keys = {(int(i), Path(f).name) for i, f in zip(a.image_ids()[a_rows], a_files[a_rows], strict=True)}
+    b_keys = {(int(i), Path(f).name) for i, f in zip(b.image_ids()[b_valid], b_files[b_valid], strict=True)}
+    return np.array(sorted(names | {name for _, name in a_keys & b_keys})), "files"
 
 
 def _examples(same: np.ndarray, by: str) -> str:
-    shown = [Path(f).name for f in same[:5]] if by == "files" else same[:5].tolist()
-    return f"e.g. {'files' if by == 'files' else 'ids'} {shown}"
+    if by == "files":
+        return f"e.g. files {same[:5].tolist()}"
+    return f"e.g. ids {same[:5].tolist()}; by id, as the datasets could not be listed here to compare their files"
 
 
 def check_held_out(store: FeatureStore, rows: np.ndarray, header: dict, scored: str) -> None:
