@@ -40,6 +40,9 @@ def _start_fork_server() -> None:
     folder named `pipeline` where the command ran (an older checkout, a data folder) was imported instead, and
     every worker died ("No module named 'pipeline.data.decode_workers'"). It starts with PYTHONSAFEPATH (no
     working directory) and the folder holding this `pipeline` first on PYTHONPATH."""
+    # the environment is the process's, other threads' subprocesses see it: changed only to start the server
+    if getattr(multiprocessing.forkserver._forkserver, "_forkserver_pid", None) is not None:
+        return
     with _environ_swap:
         saved = {name: os.environ.get(name) for name in ("PYTHONSAFEPATH", "PYTHONPATH")}
         os.environ["PYTHONSAFEPATH"] = "1"
