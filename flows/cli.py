@@ -11,6 +11,7 @@ import typer
 from flows import results_out
 from flows.errors import OneValueEach, reported_in_one_line
 from flows.errors import fail as _fail
+from flows.preflight import checked_plan, image_counts, refusal
 from flows.store_cli import ls, ls_artifacts, store_app
 from pipeline.config import ConfigError
 from pipeline.config_files import REPO_CONFIG_DIR
@@ -39,31 +40,6 @@ def _main(
     """Measure what vision encoders keep in their features by reconstructing images from them."""
 
 
-def _preflight(
-    config: Path,
-    stages: tuple[str, ...] = (),
-    encoders: list[str] | None = None,
-    transforms: list[str] | None = None,
-):
-    """Before Prefect starts: the config, every encoder spec (architecture vs weights), and all that `stages` will
-    need (weights of encoders and judges, writable folders, held-out images, filters that select something).
-    Returns the plan it checked."""
-    from pipeline import plan
-    from pipeline.config_files import load_run_config
-
-    run = plan.build(load_run_config(config), config, encoders)
-    if "operators" in stages:
-        run.operator_steps(transforms)
-    if len(stages) == 3 and stages[-1] in plan.STUDIES:  # `reconlab tokens|sae`: the study must exist
-        run.study_steps(stages[-1], encoders)
-    plan.preflight(run, stages)
-    from flows import prefect_env, reaper
-
-    prefect_env.quiet_user_errors()
-    reaper.start()  # what this run starts ends with it, even after a SIGKILL
-    return run
-
-
 @app.command()
 def encode(
     config: Annotated[Path, typer.Option("--config", "-c", help="Run config YAML.")],
@@ -77,7 +53,7 @@ def encode(
         from flows.encode_flow import encode_flow
         from flows.tasks import for_config
 
-        _preflight(config, ("encode",), encoder)
+        checked_plan(config, ("encode",), encoder)
         results = for_config(encode_flow, config)(str(config), encoder, progress)
     for r in results:
         state = "already complete" if r.already_complete else "encoded"
@@ -98,7 +74,7 @@ def train(
     """Train a reconstructor per encoder on its train store (encoding first if needed); resumes killed runs."""
 
     with reported_in_one_line(stoppable=True):
-        _preflight(config, ("encode", "train"), encoder)
+        checked_plan(config, ("encode", "train"), encoder)
         if prefect:
             from flows.tasks import for_config
             from flows.train_flow import train_flow
@@ -152,7 +128,7 @@ def operators_command(
         from flows.operators_flow import operators_flow
         from flows.tasks import for_config
 
-        _preflight(config, ("encode", "train", "operators"), transforms=transform)
+        checked_plan(config, ("encode", "train", "operators"), transforms=transform)
         results = for_config(operators_flow, config)(str(config), transform, progress)
     results_out.echo_operators(results)
 
@@ -168,7 +144,7 @@ def evaluate(
         from flows.evaluate_flow import evaluate_flow
         from flows.tasks import for_config
 
-        _preflight(config, ("encode", "train", "evaluate"))
+        checked_plan(config, ("encode", "train", "evaluate"))
         result = for_config(evaluate_flow, config)(str(config), progress)
     results_out.echo_evaluation(result)
 
@@ -186,7 +162,7 @@ def tokens_command(
         from flows.study_flows import tokens_flow
         from flows.tasks import for_config
 
-        _preflight(config, ("encode", "train", "tokens"), encoders=encoder)
+        checked_plan(config, ("encode", "train", "tokens"), encoders=encoder)
         results = for_config(tokens_flow, config)(str(config), encoder, progress)
     results_out.echo_studies("token utility", results)
 
@@ -204,19 +180,9 @@ def sae_command(
         from flows.study_flows import sae_flow
         from flows.tasks import for_config
 
-        _preflight(config, ("encode", "train", "sae"), encoders=encoder)
+        checked_plan(config, ("encode", "train", "sae"), encoders=encoder)
         results = for_config(sae_flow, config)(str(config), encoder, progress)
     results_out.echo_studies("SAE study", results)
-
-
-def _echo_plan(config: Path, run, with_operators: bool = True, estimated=None) -> list:
-    from pipeline.plan_table import plan
-
-    steps = plan(run.cfg, config, with_operators, run)
-    results_out.echo_plan(steps, estimated[0] if estimated else None)
-    if estimated:
-        results_out.echo_estimate_sources(*estimated)
-    return steps
 
 
 @app.command("plan")
@@ -237,7 +203,7 @@ def plan_command(
     """Print what a run would do, stage by stage: each store, training run and operator fit, where it lives and
     whether it is cached, partial or to run; with --estimate, what each costs. Runs nothing."""
     with reported_in_one_line():
-        counts = _image_counts(images) if images else None
+        counts = image_counts(images) if images else None
         if counts is not None and not estimate:
             raise typer.BadParameter(
                 "--images applies to --estimate only (the plan lists the dataset itself)"
@@ -256,42 +222,16 @@ def plan_command(
 
         load_run_config(config)  # a config's own mistakes get no dataset hint
         try:
-            planned = _preflight(config)
+            planned = checked_plan(config)
         except ConfigError as e:
             hint = (
                 "; to estimate without the dataset, pass --images SPLIT=N for each split" if estimate else ""
             )
             raise ConfigError(f"{e}{hint}") from None
         estimated = results_out.estimates(planned, rates, operators) if estimate else None
-        _echo_plan(config, planned, operators, estimated)
-        if refusal := _refusal(planned, operators):
-            typer.echo(f"\nnote: `reconlab run` refuses this config as it is: {refusal}")
-
-
-def _refusal(planned, operators: bool) -> str | None:
-    """Why `reconlab run` would stop before any work (the checks every stage command makes), or None. The
-    stage commands that do not reach the failing stage still run."""
-    from pipeline import plan
-    from storage import StoreError
-
-    stages = tuple(s for s in plan.STAGES if operators or s != "operators")
-    try:
-        plan.preflight(planned, stages, check_folders=False)
-    except (ConfigError, StoreError, OSError) as e:  # missing weights are a FileNotFoundError
-        return str(e)
-    return None
-
-
-def _image_counts(items: list[str]) -> dict[str, int]:
-    counts = {}
-    for item in items:
-        split, _, n = item.partition("=")
-        if not split or not n.isdigit() or int(n) == 0:
-            raise typer.BadParameter(f"--images expects split=N with N > 0, got '{item}'")
-        if split in counts:
-            raise typer.BadParameter(f"--images gives split '{split}' twice")
-        counts[split] = int(n)
-    return counts
+        results_out.echo_run_plan(config, planned, operators, estimated)
+        if why := refusal(planned, operators):
+            typer.echo(f"\nnote: `reconlab run` refuses this config as it is: {why}")
 
 
 @app.command()
@@ -314,7 +254,7 @@ def run(
         from flows.benchmark_flow import benchmark_flow
         from flows.tasks import for_config
 
-        planned = _preflight(
+        planned = checked_plan(
             config,
             ("encode", "train", "operators", "evaluate", "tokens", "sae")
             if operators
@@ -326,7 +266,7 @@ def run(
 
             for removed in force_stage(load_run_config(config), config, force):
                 typer.echo(f"--force {force}: removed {removed}")
-        steps = _echo_plan(config, planned, operators)
+        steps = results_out.echo_run_plan(config, planned, operators)
         if not os.environ.get("PREFECT_API_URL") and all(
             s.state == "cached" for s in steps if s.stage != "evaluate"
         ):
@@ -378,7 +318,7 @@ def serve(
             "server start --host 127.0.0.1 --port 4200`) or point PREFECT_API_URL at the one you run"
         )
     with reported_in_one_line():
-        _preflight(config)
+        checked_plan(config)
         from flows.deployments import deployments
         from flows.deployments import serve as serve_deployments
 

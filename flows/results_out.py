@@ -69,6 +69,17 @@ def estimates(run, rates_path, with_operators: bool):
     return estimate(run, rates, with_operators), rates
 
 
+def echo_run_plan(config, run, with_operators: bool = True, estimated=None) -> list:
+    """The plan table of a built plan (with estimate rows, their costs and sources); its steps."""
+    from pipeline.plan_table import plan
+
+    steps = plan(run.cfg, config, with_operators, run)
+    echo_plan(steps, estimated[0] if estimated else None)
+    if estimated:
+        echo_estimate_sources(*estimated)
+    return steps
+
+
 def echo_plan(steps, rows=None) -> None:
     """The plan table; with estimate rows, each step's GPU hours, what bounds them, and its disk."""
     import pandas as pd
