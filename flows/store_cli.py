@@ -40,19 +40,11 @@ def ls(
         if "error" not in r
     ]  # fmt: skip
     if table:
-        widths = {name: max(len(name), *(len(str(row[name])) for row in table)) for name in table[0]}
-        numeric = {"N", "fail", "size"}
+        from tabulate import tabulate
 
-        def line(values: dict) -> str:
-            cells = (
-                str(v).rjust(widths[k]) if k in numeric else str(v).ljust(widths[k])
-                for k, v in values.items()
-            )
-            return "  ".join(cells).rstrip()
-
-        typer.echo(line({name: name for name in widths}))
-        for row in table:
-            typer.echo(line(row))
+        right = {"N", "fail", "size"}  # keys stay text: a hash like 1234e567... is no number
+        aligned = tuple("right" if name in right else "left" for name in table[0])
+        typer.echo(tabulate(table, headers="keys", tablefmt="plain", colalign=aligned, disable_numparse=True))
     for r in [r for r in rows if "error" in r]:
         typer.echo(r["error"] if r["error"].startswith(r["path"]) else f"{r['path']}: {r['error']}")
 
