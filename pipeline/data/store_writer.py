@@ -121,9 +121,7 @@ class Landing:
             self.event.synchronize()
         for buffer, stats, n_tokens in self.stats:
             if isinstance(stats, torch.Tensor):
-                max_abs, n_nonfinite, n_over, sum_token_norm = stats.tolist()
-                stats = {"max_abs": max_abs, "n_nonfinite": int(n_nonfinite), "n_over_float16_max": int(n_over),
-                         "sum_token_norm": sum_token_norm, "n_tokens": n_tokens}  # fmt: skip
+                stats = _as_stats(stats.tolist(), n_tokens)
             buffer["stats"] = _add_stats(buffer["stats"], stats)
         self.stats = []
 
@@ -182,21 +180,23 @@ def feature_stats(features_nhwd: torch.Tensor) -> dict:
         return {"max_abs": 0.0, "n_nonfinite": 0, "n_over_float16_max": 0, "sum_token_norm": 0.0,
                 "n_tokens": n_tokens}  # fmt: skip
     low, high = (float(v) for v in torch.aminmax(x))  # NaN and inf show here (isfinite costs 10x more on CPU)
-    if math.isfinite(low) and math.isfinite(high):
-        clean, n_nonfinite, max_abs = x, 0, max(-low, high)
-    else:
-        finite = torch.isfinite(x)
-        clean = torch.where(finite, x, torch.zeros((), device=x.device))
-        n_nonfinite, max_abs = int((~finite).sum()), float(clean.abs().max())
+    if not (math.isfinite(low) and math.isfinite(high)):
+        return _as_stats(_stats_tensor(x).tolist(), n_tokens)
+    max_abs = max(-low, high)
     return {
         "max_abs": max_abs,
-        "n_nonfinite": n_nonfinite,
-        "n_over_float16_max": int(torch.count_nonzero(clean.abs() > FLOAT16_MAX))
-        if max_abs > FLOAT16_MAX
-        else 0,
-        "sum_token_norm": float(torch.linalg.vector_norm(clean, dim=-1).sum()),
+        "n_nonfinite": 0,
+        "n_over_float16_max": int(torch.count_nonzero(x.abs() > FLOAT16_MAX)) if max_abs > FLOAT16_MAX else 0,
+        "sum_token_norm": float(torch.linalg.vector_norm(x, dim=-1).sum()),
         "n_tokens": n_tokens,
     }
+
+
+def _as_stats(values: list[float], n_tokens: int) -> dict:
+    """`_stats_tensor`'s numbers, read back, as `feature_stats` returns them."""
+    max_abs, n_nonfinite, n_over, sum_token_norm = values
+    return {"max_abs": max_abs, "n_nonfinite": int(n_nonfinite), "n_over_float16_max": int(n_over),
+            "sum_token_norm": sum_token_norm, "n_tokens": n_tokens}  # fmt: skip
 
 
 def _stats_tensor(features_nhwd: torch.Tensor) -> torch.Tensor:
