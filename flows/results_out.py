@@ -96,7 +96,7 @@ def echo_plan(steps, rows=None) -> None:
     typer.echo(table.to_markdown(index=False, tablefmt="simple", floatfmt=".3g"))
     if rows is not None:  # the totals below price every artifact; what is cached costs nothing now
         left = table[table["state"] != "cached"]
-        typer.echo(f"\nstill to run (cached artifacts left out; the evaluation counted in full): "
+        typer.echo(f"\nstill to run (cached artifacts left out): "
                    f"{left['GPU h'].sum():.4g} GPU h, {left['disk GB'].sum():.4g} GB of "
                    f"{table['GPU h'].sum():.4g} GPU h, {table['disk GB'].sum():.4g} GB in all")  # fmt: skip
 

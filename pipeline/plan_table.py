@@ -14,7 +14,7 @@ from pipeline.artifacts import WriteLock, read_json
 from pipeline.config import ConfigError, RunConfig
 from pipeline.models.checkpoints import CheckpointError, read_header
 from pipeline.plan import STAGES, STUDIES, OperatorStep, RunPlan, StudyStep, build
-from pipeline.stages import operators, sae, tokens, train
+from pipeline.stages import evaluate, operators, sae, tokens, train
 from storage import StoreError, open_store
 
 
@@ -68,10 +68,8 @@ def plan(
         steps.append(Step("train", name, cfg.train.train_split, state, str(run_dir)))
     if with_operators:
         steps += [_operator_step(cfg, op, states, checkpoints) for op in run.operators]
-    for name, store in run.evaluate.items():
-        ready = name in checkpoints and states[store] == "cached"
-        steps.append(Step("evaluate", name, f"scores on {cfg.evaluate.split}",
-                          "runs (scores re-used when cached)" if ready else "after train", str(cfg.evaluate.output_root)))  # fmt: skip
+    if run.evaluate:
+        steps += _evaluate_steps(cfg, run, states, checkpoints)
     steps += [
         row
         for stage in STUDIES
@@ -79,6 +77,34 @@ def plan(
         for row in _study_steps(run, step, states, checkpoints)
     ]
     return steps
+
+
+def _evaluate_steps(cfg: RunConfig, run: RunPlan, states: dict, checkpoints: dict) -> list[Step]:
+    """A row per encoder's scores, and one for the report made from them all."""
+    steps, score_files = [], []
+    for name, store in run.evaluate.items():
+        what = f"scores on {cfg.evaluate.split}"
+        if states[store] != "cached" or name not in checkpoints:
+            waits_for = "encode" if states[store] != "cached" else "train"
+            steps.append(Step("evaluate", name, what, f"after {waits_for}", ""))
+            continue
+        try:
+            header = read_header(checkpoints[name])
+            found = evaluate.scores_found(name, open_store(store), header, cfg.evaluate)
+        except (CheckpointError, StoreError) as e:
+            found, state, path = None, f"to run (inputs: {e})", ""
+        else:
+            state, path = (
+                ("cached", found) if found else ("to run", Path(cfg.evaluate.output_root) / "scores")
+            )
+        score_files.append(found)
+        steps.append(Step("evaluate", name, what, state, str(path)))
+    what = f"report of {len(run.evaluate)} encoders"
+    if len(score_files) < len(run.evaluate) or None in score_files:
+        return [*steps, Step("evaluate", "", what, "after scores", "")]
+    _, report_dir = evaluate.report_dir(score_files, cfg.evaluate)
+    state = "cached" if evaluate.report_finished(report_dir) is not None else "to run"
+    return [*steps, Step("evaluate", "", what, state, str(report_dir))]
 
 
 def _operator_step(cfg: RunConfig, op: OperatorStep, states: dict, checkpoints: dict) -> Step:

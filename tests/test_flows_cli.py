@@ -125,6 +125,10 @@ def test_cli_run_chains_all_four_stages_through_prefect(write_run_config, tmp_pa
     # Everything cached and no server configured: answered from the artifacts, the same results.
     again = runner.invoke(app, ["run", "--config", str(config), "--no-progress"])
     assert again.exit_code == 0 and "Prefect not started" in again.output, again.output
+    # the plan it printed knew: each encoder's scores and the report made from them are cached, where they are
+    evaluate_rows = [line for line in again.output.splitlines() if line.startswith("evaluate ")]
+    assert len(evaluate_rows) == 3 and all(" cached " in line for line in evaluate_rows), again.output
+    assert str(report.parent) in evaluate_rows[-1] and "report of 2 encoders" in evaluate_rows[-1]
     ranking = result.output[result.output.index("ranking by") :]
     cached = " (cached: the same scores and settings made it before)"
     assert again.output[again.output.index("ranking by") :] == ranking.replace(

@@ -12,7 +12,7 @@ from flows.cli import app
 from pipeline.config_files import load_run_config
 from pipeline.plan import build
 from pipeline.plan_table import plan
-from pipeline.stages import encode, train
+from pipeline.stages import encode, evaluate, train
 
 
 def _config(write_run_config, tmp_path):
@@ -23,7 +23,7 @@ def _config(write_run_config, tmp_path):
                "n_sample_images": 2, "shuffle_buffer_images": 4},
         operators={"output_root": str(tmp_path / "ops"), "pairs": [{"transform": {"name": "swap_rb"}}],
                    "n_fit_images": 4},
-        evaluate={"output_root": str(tmp_path / "evaluate")},
+        evaluate={"output_root": str(tmp_path / "evaluate"), "judges": ["tiny-judge"]},
     )  # fmt: skip
 
 
@@ -36,7 +36,7 @@ def test_the_plan_follows_the_stages_from_nothing_to_cached(write_run_config, tm
         ("encode", "val identity", "to run"),
         ("encode", "val swap_rb", "to run"),  # f(T x) for the operators stage is planned too
     ]
-    assert {s.state for s in before if s.stage != "encode"} == {"after encode"} | {"after train"}
+    assert {s.state for s in before if s.stage != "encode"} == {"after encode", "after train", "after scores"}
     jobs = list(build(cfg, path).encode.values())
     stores = {(j.split, j.transform.tag): encode.run(j, progress=False).store_path for j in jobs}
     result = train.run(train.TrainJob(stores[("train", "identity")], stores[("val", "identity")], cfg.train),
@@ -46,6 +46,20 @@ def test_the_plan_follows_the_stages_from_nothing_to_cached(write_run_config, tm
     assert Path(after[("train", "train")].path) == result.run_dir  # the plan keys runs as the stage does
     assert after[("operators", "swap_rb forward")].state == "to run"
     assert Path(after[("encode", "val swap_rb")].path) == stores[("val", "swap_rb")]
+
+    # evaluate: the scores' key without loading the judges, then the report's from the score files
+    assert (after[("evaluate", "scores on val")].state, after[("evaluate", "report of 1 encoders")].state) == (
+        "to run", "after scores")  # fmt: skip
+    run = build(cfg, path)
+    (target,) = run.eval_targets({"tiny-vit-64": Path(result.checkpoint)})
+    _, scores, _ = evaluate.score_encoder(target, evaluate.load_judges(run.judges, "cpu"), cfg.evaluate)
+    after = {(s.stage, s.what): s for s in plan(cfg, path)}
+    assert (after[("evaluate", "scores on val")].state, after[("evaluate", "scores on val")].path) == (
+        "cached", str(scores))  # fmt: skip
+    report = after[("evaluate", "report of 1 encoders")]
+    assert (report.state, report.path) == ("to run", str(evaluate.report_dir([scores], cfg.evaluate)[1]))
+    other = cfg.model_copy(update={"evaluate": cfg.evaluate.model_copy(update={"pixel_resolution": 32})})
+    assert [s.state for s in plan(other, path) if s.stage == "evaluate"] == ["to run", "after scores"]
 
 
 def test_plan_command_prints_the_table_and_runs_nothing(write_run_config, tmp_path):

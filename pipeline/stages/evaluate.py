@@ -54,16 +54,44 @@ def _lpips_model():
 
 def score_key(store, header: dict, judges: dict, cfg: EvaluateConfig) -> dict:
     return {
+        **_key_without_judges(store, header, cfg),
+        "judges": {name: j.weights_id for name, j in judges.items()},
+        "judge_preprocessing": {name: j.preprocessing.to_dict() for name, j in judges.items()},
+    }
+
+
+def _key_without_judges(store, header: dict, cfg: EvaluateConfig) -> dict:
+    return {
         "store": StoreInfo.of(store).digest,
         "checkpoint": header["config_hash"],
         "checkpoint_weights_sha256": checkpoints.weights_sha256(header),
-        "judges": {name: j.weights_id for name, j in judges.items()},
-        "judge_preprocessing": {name: j.preprocessing.to_dict() for name, j in judges.items()},
         "judge_modes": cfg.judge_modes,
         "pixel_resolution": cfg.pixel_resolution,
         "n_images": cfg.n_images,
         "lpips": cfg.lpips,
     }
+
+
+def scores_found(encoder_name: str, store, header: dict, cfg: EvaluateConfig) -> Path | None:
+    """The finished scores a run would read, or None. For `reconlab plan`, which loads no model: judges match by
+    name (a run re-scores if their weights changed); of several matches, the newest."""
+    want = _key_without_judges(store, header, cfg)
+    found = []
+    for meta_path in (Path(cfg.output_root) / "scores").glob(f"{encoder_name}__*.json"):
+        key = (artifacts.finished(meta_path) or {}).get("key", {})
+        if (all(key.get(k) == v for k, v in want.items()) and set(key.get("judges", {})) == set(cfg.judges)
+                and meta_path.with_suffix(".parquet").is_file()):  # fmt: skip
+            found.append(meta_path.with_suffix(".parquet"))
+    return max(found, key=lambda path: path.stat().st_mtime, default=None)
+
+
+def report_dir(score_files: list[Path], cfg: EvaluateConfig) -> tuple[dict, Path]:
+    """The report's key (its score files and statistics settings) and the folder that key names."""
+    stats_cfg = cfg.model_dump(
+        mode="json", include={"n_boot", "n_permutations", "alternative", "alpha", "seed", "comparisons"}
+    )
+    key = {"scores": [f.stem for f in score_files], "stats": stats_cfg}
+    return key, artifacts.folder(cfg.output_root, "report", key)
 
 
 def score_encoder(
@@ -315,21 +343,22 @@ def _scores_and_report(
                        "store_content_sha256": store_digest["content_sha256"][:16],
                        "checkpoint": str(t.checkpoint), "checkpoint_config_hash": meta["key"]["checkpoint"],
                        "scores": str(path)})  # fmt: skip
-    stats_cfg = cfg.model_dump(
-        mode="json", include={"n_boot", "n_permutations", "alternative", "alpha", "seed", "comparisons"}
-    )
-    key = {"scores": [f.stem for f in files], "stats": stats_cfg}
-    out_dir = artifacts.folder(cfg.output_root, "report", key)
+    key, out_dir = report_dir(files, cfg)
     with WriteLock(out_dir):  # a second run waits, then finds this one's report
-        return _report(out_dir, key, stats_cfg, frames, files, notes, inputs, targets, cfg, judges)
+        return _report(out_dir, key, frames, files, notes, inputs, targets, cfg, judges)
 
 
-def _report(out_dir: Path, key: dict, stats_cfg: dict, frames, files, notes, inputs, targets, cfg, judges):
+def report_finished(out_dir: Path) -> dict | None:
+    """The report's result record when it and its two documents are written; else None."""
+    whole = all((out_dir / name).is_file() for name in ("report.md", "report.html"))
+    return artifacts.finished(out_dir / artifacts.RESULT) if whole else None
+
+
+def _report(out_dir: Path, key: dict, frames, files, notes, inputs, targets, cfg, judges):
     from pipeline.report import report
 
-    done = artifacts.finished(out_dir / artifacts.RESULT)
-    whole = all((out_dir / name).is_file() for name in ("report.md", "report.html"))
-    if done is not None and whole:  # same score files, same statistics settings: the report stands
+    done = report_finished(out_dir)
+    if done is not None:  # same score files, same statistics settings: the report stands
         return EvaluateResult(
             out_dir / "report.md", out_dir / "report.html", files, _cached_analysis(out_dir, done, cfg), True
         )
@@ -345,7 +374,7 @@ def _report(out_dir: Path, key: dict, stats_cfg: dict, frames, files, notes, inp
                          "compared on the common images")  # fmt: skip
     notes = list(dict.fromkeys(notes))
     prov = provenance()
-    header = {"report_hash": config_hash(key), **stats_cfg,
+    header = {"report_hash": config_hash(key), **key["stats"],
               "judges": ", ".join(f"{n} ({j.weights_id[:40]})" for n, j in judges.items()),
               "judge_modes": ", ".join(cfg.judge_modes), "pixel_resolution": cfg.pixel_resolution,
               "git_commit": prov["git_commit"], "reconlab_version": prov["reconlab_version"]}  # fmt: skip
