@@ -45,6 +45,12 @@ def ls(
         right = {"N", "fail", "size"}  # keys stay text: a hash like 1234e567... is no number
         aligned = tuple("right" if name in right else "left" for name in table[0])
         typer.echo(tabulate(table, headers="keys", tablefmt="plain", colalign=aligned, disable_numparse=True))
+        if len(table) > 1:
+            from storage.inspect import disk_bytes
+
+            listed = [r["path"] for r in rows if "error" not in r]
+            typer.echo(f"{len(table)} stores, {disk_bytes(*listed) / 1e6:.1f}MB on disk "
+                       "(a file hard-linked into several stores counted once)")  # fmt: skip
     for r in [r for r in rows if "error" in r]:
         typer.echo(r["error"] if r["error"].startswith(r["path"]) else f"{r['path']}: {r['error']}")
 

@@ -11,8 +11,12 @@ from storage.format import FORMAT_KEY, decoding, open_store
 from storage.layout import StoreError
 
 
-def disk_bytes(path: Path) -> int:
-    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+def disk_bytes(*paths: Path) -> int:
+    """Bytes of the files under `paths`, each file once: stores of one encoder's layers hard-link the first
+    one's pixel shards."""
+    files = {(st.st_dev, st.st_ino): st.st_size
+             for path in paths for p in Path(path).rglob("*") if p.is_file() and (st := p.stat())}  # fmt: skip
+    return sum(files.values())
 
 
 def codec_text(codec) -> str:

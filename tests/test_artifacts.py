@@ -325,7 +325,9 @@ def test_readers_share_an_artifact_and_keep_writers_force_and_repair_off_it(tmp_
     assert not missing.with_name("missing.zarr.lock").exists()
 
 
-@pytest.mark.parametrize("stage", ["train", "operators", "evaluate", "tokens", "sae", "reconstruct"])
+@pytest.mark.parametrize(
+    "stage", ["train", "operators", "evaluate", "tokens", "sae", "reconstruct", "reconstruct RUN_DIR"]
+)
 def test_every_stage_holds_its_inputs_read_locked_while_it_runs(stage, tmp_path, monkeypatch):
     """What `--force` and `store verify --repair` rely on: each input is locked for the whole stage (the stage's
     work is replaced by a probe that tries to take each input's write lock)."""
@@ -351,6 +353,8 @@ def test_every_stage_holds_its_inputs_read_locked_while_it_runs(stage, tmp_path,
         "sae": (sae, "_run", [a, b, run_dir, text], lambda: sae.run(jobs.SaeJob(a, b, checkpoint, None, text))),
         "reconstruct": (reconstruct, "_write", [a, run_dir],
                         lambda: reconstruct.write_side_by_side(a, checkpoint, tmp_path / "out")),
+        "reconstruct RUN_DIR": (reconstruct, "_write", [a, run_dir],  # `--checkpoint` takes the run's folder too
+                                lambda: reconstruct.write_side_by_side(a, run_dir, tmp_path / "out")),
     }[stage]  # fmt: skip
     refused = []
 

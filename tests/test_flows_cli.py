@@ -40,6 +40,7 @@ def test_cli_encode_runs_the_flow_then_store_ls_and_inspect_describe_the_stores(
     lines = [line for line in listing.output.splitlines() if "demo/val" in line]
     assert len(lines) == 2 and all("complete" in line and "float16" in line for line in lines)
     assert any("7x7x192" in line for line in lines) and any("4x4x192" in line for line in lines)
+    assert listing.output.splitlines()[-1].startswith("2 stores, "), listing.output
 
     (store,) = (tmp_path / "stores").glob("tiny-vit-64__*.zarr")
     one = runner.invoke(app, ["store", "ls", str(store)])  # a store itself: its own line

@@ -15,6 +15,7 @@ from pipeline.config_files import load_run_config, resolve_entry
 from pipeline.models import _torchvision_shim, encoders
 from pipeline.stages import encode
 from storage import open_store
+from storage.inspect import disk_bytes
 
 
 def _jobs(make_job, specs, root: Path, n_images: int = 10):
@@ -43,6 +44,9 @@ def test_one_pass_writes_the_stores_of_separate_passes(make_job, tmp_path, entry
     pixel_files = [r.store_path / "pixels" / "c" / "0" / "0" / "0" / "0" for r in together]
     assert len({f.stat().st_ino for f in pixel_files}) == 1
     assert all(not open_store(r.store_path).damaged_shards(full=True) for r in together)
+    paths = [r.store_path for r in together]  # the disk they take together counts the linked shards once
+    linked = disk_bytes(paths[0] / "pixels" / "c")
+    assert disk_bytes(*paths) == sum(map(disk_bytes, paths)) - (len(paths) - 1) * linked
     grids = [open_store(r.store_path).features(0).shape for r in together]
     if entry.encoder.startswith("tiny-cnn"):  # a CNN's stages: the grid and width follow the stride
         assert grids == [(2, 2, 64), (4, 4, 48), (8, 8, 32)]

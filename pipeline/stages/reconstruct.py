@@ -19,8 +19,10 @@ from storage import open_store
 
 
 def write_side_by_side(store_path: Path, checkpoint: Path, out_dir: Path, n_images: int = 8) -> list[Path]:
-    """PNGs of original | reconstruction for the store's first n valid images."""
-    with reading(store_path, training_run_of(checkpoint)):
+    """PNGs of original | reconstruction for the store's first n valid images; `checkpoint`: a checkpoint's .json
+    or a training run's folder (its chosen checkpoint)."""
+    run_dir = checkpoint if Path(checkpoint).is_dir() else training_run_of(checkpoint)
+    with reading(store_path, run_dir):
         return _write(store_path, checkpoint, out_dir, n_images)
 
 
