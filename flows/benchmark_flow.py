@@ -18,14 +18,13 @@ from flows.operators_flow import fit_all  # noqa: E402
 from flows.study_flows import study_all  # noqa: E402
 from flows.train_flow import train_all  # noqa: E402
 from pipeline import plan, plan_table  # noqa: E402
-from pipeline.config_files import load_run_config  # noqa: E402
 
 
 @flow(name="reconlab-benchmark", flow_run_name=tasks.run_name("benchmark"), log_prints=True)
 def benchmark_flow(
     config_path: str, progress: bool = True, operators: bool = True, force: str | None = None
 ) -> dict:
-    cfg = load_run_config(config_path)
+    cfg = tasks.run_config(config_path)
     tasks.configure(cfg)
     if force:  # the stage and every later one
         for removed in plan_table.force(cfg, Path(config_path), force):

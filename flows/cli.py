@@ -323,10 +323,11 @@ def serve(
         from flows.deployments import serve as serve_deployments
 
         served = deployments(config, cron)
+    kept = ("stopping pauses it." if pause_on_stop else "it stays active when this process stops: its runs wait "
+            "(Late) until a server serves them again.")  # fmt: skip
     typer.echo(f"serving {len(served)} deployments of {config.resolve()}; stop with Ctrl-C or SIGTERM. "
-               + ("Stopping pauses the schedule." if pause_on_stop else
-                  "The schedule stays active when this process stops: its runs wait (Late) until a server serves "
-                  "them again."))  # fmt: skip
+               + (f"The benchmark runs on the schedule '{cron}' (cron, UTC); {kept}" if cron else
+                  "No schedule (--cron adds one to the benchmark)."))  # fmt: skip
     serve_deployments(served, pause_on_stop)
 
 

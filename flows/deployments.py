@@ -39,7 +39,7 @@ def deployments(config: Path, cron: str | None = None) -> list:
     return [
         tasks.for_config(flow, config).to_deployment(
             name=f"{config.stem}-{stage}",
-            parameters={"config_path": str(config), "progress": False},
+            parameters={"config_path": str(config), "progress": True},  # a log line every 30 s
             cron=cron if stage == "benchmark" else None,
             concurrency_limit=one_at_a_time,
             tags=["reconlab", f"config:{config.stem}", f"stage:{stage}"],

@@ -13,7 +13,6 @@ from prefect import flow  # noqa: E402
 
 from flows import tasks  # noqa: E402
 from pipeline import plan, plan_table  # noqa: E402
-from pipeline.config_files import load_run_config  # noqa: E402
 from pipeline.jobs import EncodeJob  # noqa: E402
 from pipeline.stages import encode  # noqa: E402
 
@@ -61,7 +60,7 @@ def encode_all(run: plan.RunPlan, paths, progress: bool) -> list[encode.EncodeRe
 def encode_flow(
     config_path: str, encoder_names: list[str] | None = None, progress: bool = True, force: bool = False
 ) -> list[encode.EncodeResult]:
-    cfg = load_run_config(config_path)
+    cfg = tasks.run_config(config_path)
     tasks.configure(cfg)
     if force:
         plan_table.force(cfg, Path(config_path), "encode")

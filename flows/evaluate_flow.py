@@ -16,12 +16,11 @@ from flows.encode_flow import encode_all  # noqa: E402
 from flows.train_flow import train_all  # noqa: E402
 from pipeline import plan, plan_table  # noqa: E402
 from pipeline.config import EncoderSpec, EvaluateConfig  # noqa: E402
-from pipeline.config_files import load_run_config  # noqa: E402
 from pipeline.jobs import EvalTarget  # noqa: E402
 from pipeline.stages import evaluate  # noqa: E402
 
 
-@tasks.stage_task("evaluate", name="evaluate")
+@tasks.stage_task("evaluate", name="evaluate", task_run_name="evaluate and report")
 def evaluate_task(
     targets: list[EvalTarget], cfg: EvaluateConfig, judges: list[EncoderSpec], progress: bool = True
 ):
@@ -30,7 +29,8 @@ def evaluate_task(
     tasks.publish("evaluation-report", f"Report: `{result.report_html.resolve()}`\n\nRanking by "
                   f"{' / '.join(result.analysis['primary'])}:\n\n{primary.to_markdown(index=False)}",
                   "encoder ranking and the report")  # fmt: skip
-    return tasks.finished(result, False, f"report at {result.report_html}")
+    state = "found" if result.already_complete else "written"
+    return tasks.finished(result, result.already_complete, f"report {state} at {result.report_html}")
 
 
 def evaluate_all(run: plan.RunPlan, trained: dict, progress: bool) -> evaluate.EvaluateResult:
@@ -42,7 +42,7 @@ def evaluate_all(run: plan.RunPlan, trained: dict, progress: bool) -> evaluate.E
 
 @flow(name="reconlab-evaluate", flow_run_name=tasks.run_name("evaluate"), log_prints=True)
 def evaluate_flow(config_path: str, progress: bool = True, force: bool = False) -> evaluate.EvaluateResult:
-    cfg = load_run_config(config_path)
+    cfg = tasks.run_config(config_path)
     tasks.configure(cfg)
     if force:
         plan_table.force(cfg, Path(config_path), "evaluate")

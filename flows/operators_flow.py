@@ -16,7 +16,6 @@ from flows import tasks  # noqa: E402
 from flows.encode_flow import encode_all  # noqa: E402
 from flows.train_flow import train_all  # noqa: E402
 from pipeline import plan, plan_table  # noqa: E402
-from pipeline.config_files import load_run_config  # noqa: E402
 from pipeline.jobs import OperatorJob  # noqa: E402
 from pipeline.stages import operators  # noqa: E402
 
@@ -45,7 +44,7 @@ def fit_all(run: plan.RunPlan, steps: list[plan.OperatorStep], trained: dict, pr
 def operators_flow(
     config_path: str, transform_names: list[str] | None = None, progress: bool = True, force: bool = False
 ) -> list[operators.OperatorResult]:
-    cfg = load_run_config(config_path)
+    cfg = tasks.run_config(config_path)
     tasks.configure(cfg)
     if force:
         plan_table.force(cfg, Path(config_path), "operators")

@@ -67,6 +67,43 @@ def quiet_user_errors() -> None:
             logger.addFilter(_UserErrorFilter())
 
 
+class _OneLineInServedRuns(logging.Filter):
+    """In a flow run that a runner or worker started, no terminal shows the CLI's one line: the run's own records
+    are its report. Records of a user error or a stop keep their one-line text without the traceback, and the
+    engine's closing repeat of the same exception (under the run's random name) is dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from flows.errors import is_reported
+
+        error = record.exc_info[1] if record.exc_info else None
+        if error is None or not is_reported(error):
+            return True
+        if record.getMessage().startswith("Engine execution exited with unexpected exception"):
+            return False
+        record.exc_info, record.exc_text = None, None
+        return True
+
+
+def served_run_logging() -> None:
+    """In a flow run process started by `reconlab serve` or a worker (PREFECT__FLOW_RUN_ID set): user errors in
+    one line, and reconlab's own records (`reconlab.*`: stage progress, epochs) sent to the run's logs through
+    the handlers Prefect gives its `prefect.extra` logger (the console's is the root logger's) (what PREFECT_LOGGING_EXTRA_LOGGERS does, here
+    without depending on the worker's environment). Progress bars become a log line every 30 s
+    (RECONLAB_PROGRESS_LOG_S)."""
+    if not os.environ.get("PREFECT__FLOW_RUN_ID"):
+        return
+    for name in ("prefect.flow_runs", "prefect.task_runs"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _OneLineInServedRuns) for f in logger.filters):
+            logger.addFilter(_OneLineInServedRuns())
+    ours = logging.getLogger("reconlab")
+    ours.setLevel(logging.INFO)
+    for handler in logging.getLogger("prefect.extra").handlers:
+        if handler not in ours.handlers:
+            ours.addHandler(handler)
+    os.environ.setdefault("RECONLAB_PROGRESS_LOG_S", "30")
+
+
 class _SubprocessInOwnSession:
     """The `subprocess` module as Prefect's server module sees it: every Popen starts a session of its own."""
 

@@ -17,7 +17,6 @@ from flows import tasks  # noqa: E402
 from flows.encode_flow import encode_all  # noqa: E402
 from flows.train_flow import train_all  # noqa: E402
 from pipeline import plan, plan_table  # noqa: E402
-from pipeline.config_files import load_run_config  # noqa: E402
 from pipeline.stages import captions, sae, tokens  # noqa: E402
 
 
@@ -69,7 +68,7 @@ def study_all(run: plan.RunPlan, steps: list[plan.StudyStep], trained: dict, pro
 def _study(
     stage: str, config_path: str, encoder_names: list[str] | None, progress: bool, force: bool
 ) -> list:
-    cfg = load_run_config(config_path)
+    cfg = tasks.run_config(config_path)
     tasks.configure(cfg)
     if force:
         plan_table.force(cfg, Path(config_path), stage)

@@ -13,6 +13,7 @@ from flows import interrupts, prefect_env
 
 prefect_env.configure()
 prefect_env.temporary_server_in_own_session()
+prefect_env.served_run_logging()  # before a flow's first line: its config may already be wrong
 
 from prefect import tags, task  # noqa: E402
 from prefect.artifacts import create_markdown_artifact  # noqa: E402
@@ -48,6 +49,21 @@ def configure(cfg: RunConfig) -> None:
     stops at a safe point on Ctrl-C (flows/interrupts.py)."""
     os.environ["RECONLAB_LOCK_WAIT_S"] = str(cfg.orchestration.lock_wait_s)
     interrupts.in_a_served_run()
+    prefect_env.served_run_logging()
+
+
+def run_config(config_path: str) -> RunConfig:
+    """The flow's config; a path that `prefect deploy` built without RECONLAB_DIR says so."""
+    from pipeline.config import ConfigError
+    from pipeline.config_files import load_run_config
+
+    try:
+        return load_run_config(config_path)
+    except ConfigError as e:
+        if str(config_path).startswith("/configs/") and not Path(config_path).exists():
+            raise ConfigError(f"{e} (a deployment from prefect.yaml names configs under $RECONLAB_DIR, which was "
+                              "not set when `prefect deploy` ran: set it to the checkout and deploy again)") from None  # fmt: skip
+        raise
 
 
 def task_runner(cfg: RunConfig):
@@ -91,7 +107,15 @@ def finished(result, cached: bool, message: str) -> State:
 
 
 def publish(key: str, markdown: str, description: str) -> None:
-    """A Prefect artifact (markdown) under a stable key, so the UI shows the latest result of each artifact."""
+    """A Prefect artifact (markdown) under a stable key, so the UI shows the latest result of each artifact: the
+    config's name first (as in the deployments' names), so two configs on one server keep theirs apart."""
+    from prefect.runtime import flow_run
+
+    try:
+        config_path = flow_run.parameters.get("config_path")
+    except Exception:  # a task on a Dask worker with no way to the API: the key without it
+        config_path = None
+    key = f"{Path(config_path).stem}-{key}" if config_path else key
     key = re.sub(r"[^a-z0-9-]+", "-", key.lower()).strip("-")[:200]
     create_markdown_artifact(markdown=markdown, key=key, description=description)
 

@@ -14,7 +14,6 @@ from prefect import flow, tags  # noqa: E402
 from flows import tasks  # noqa: E402
 from flows.encode_flow import encode_all  # noqa: E402
 from pipeline import plan, plan_table  # noqa: E402
-from pipeline.config_files import load_run_config  # noqa: E402
 from pipeline.jobs import TrainJob  # noqa: E402
 from pipeline.stages import train  # noqa: E402
 
@@ -31,7 +30,8 @@ def train_reconstructor(job: TrainJob, encoder_name: str, progress: bool = True)
         f"reconstructor of {encoder_name}",
     )
     state = "found" if result.already_complete else "trained"
-    return tasks.finished(result, result.already_complete, f"reconstructor {state} at {result.run_dir}")
+    return tasks.finished(result, result.already_complete, f"reconstructor {state} at {result.run_dir}: val PSNR "
+                          f"{m['val_psnr_db']:.2f} dB, SSIM {m['val_ssim']:.3f}")  # fmt: skip
 
 
 def train_all(run: plan.RunPlan, progress: bool) -> dict[str, train.TrainResult]:
@@ -48,7 +48,7 @@ def train_all(run: plan.RunPlan, progress: bool) -> dict[str, train.TrainResult]
 def train_flow(
     config_path: str, encoder_names: list[str] | None = None, progress: bool = True, force: bool = False
 ) -> dict[str, train.TrainResult]:
-    cfg = load_run_config(config_path)
+    cfg = tasks.run_config(config_path)
     tasks.configure(cfg)
     if force:
         plan_table.force(cfg, Path(config_path), "train")

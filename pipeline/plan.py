@@ -16,6 +16,8 @@ from pipeline.jobs import EncodeJob, EvalTarget, OperatorJob, SaeJob, TokensJob,
 from pipeline.models import model_ids, text_towers, weights
 from pipeline.stages import captions, encode, evaluate, operators, sae, tokens, train
 
+# the encoder filter: the commands' option and the deployments' parameter, as errors name it
+ENCODER_FILTER = "--encoder / encoder_names"
 STAGES = ("encode", "train", "operators", "evaluate", "tokens", "sae")
 STUDIES = ("tokens", "sae")  # stages that study one encoder's stores through its reconstructor
 
@@ -93,7 +95,7 @@ class RunPlan:
             studied = getattr(self.cfg, stage).encoders or [
                 getattr(first, "name", getattr(first, "encoder", first))
             ]
-            raise ConfigError(f"--encoder {', '.join(encoder_names or [])} matches no {stage} study; the config "
+            raise ConfigError(f"{ENCODER_FILTER} {', '.join(encoder_names or [])} matches no {stage} study; the config "
                               f"studies {', '.join(studied)} ({stage}.encoders)")  # fmt: skip
         return steps
 
@@ -111,9 +113,9 @@ class RunPlan:
 
 
 def encoder_specs(
-    cfg: RunConfig, config_path: Path | None, names: list[str] | None = None, field: str = "--encoder"
+    cfg: RunConfig, config_path: Path | None, names: list[str] | None = None, field: str = ENCODER_FILTER
 ) -> list[EncoderSpec]:
-    """The config's encoders, or those of them that `names` select (with field "--encoder", a filter: a name the
+    """The config's encoders, or those of them that `names` select (with field ENCODER_FILTER, a filter: a name the
     config does not have is an error; other callers may name encoders outside `encoders:`); each checked against
     its weights' architecture, layer and width now, not after hours of other encoders."""
     specs = [spec for ref in cfg.encoders for spec in resolve_entry(ref, config_path)]
@@ -126,13 +128,13 @@ def encoder_specs(
 
     if names:
         unknown = sorted(n for n in set(names) if not any(selected(s, n) for s in specs))
-        if field == "--encoder":  # a filter: the config's encoders, or those only its later stages name
+        if field == ENCODER_FILTER:  # a filter: the config's encoders, or those only its later stages name
             elsewhere = set(named_by_stages(cfg))
             for name in unknown:
                 resolve_entry(name, config_path, field)  # a name no encoder has: the known ones listed
                 if name not in elsewhere:
                     raise ConfigError(
-                        f"field `--encoder`: '{name}' is not an encoder of {config_path or 'the config'} (it has "
+                        f"field `{field}`: '{name}' is not an encoder of {config_path or 'the config'} (it has "
                         f"{', '.join(s.name for s in specs)}); add it to `encoders:` there to encode it"
                     )
             unknown = []

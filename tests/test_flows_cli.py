@@ -186,6 +186,55 @@ def test_prefect_failure_logs_of_user_errors_are_dropped_and_others_kept():
     ]
 
 
+def test_in_a_served_run_a_user_error_is_one_line_and_progress_bars_are_log_lines(monkeypatch, caplog):
+    import io
+    import logging
+
+    from flows import prefect_env
+    from pipeline import bars
+    from pipeline.config import ConfigError
+
+    def record(message, error):
+        return logging.LogRecord(
+            "prefect.flow_runs", logging.ERROR, __file__, 1, message, (), (type(error), error, None)
+        )
+
+    one_line = prefect_env._OneLineInServedRuns()
+    user, engine, bug = (record("Encountered exception during execution", ConfigError("field `x`: wrong")),
+                         record("Engine execution exited with unexpected exception", ConfigError("field `x`")),
+                         record("Encountered exception during execution", RuntimeError("a bug")))  # fmt: skip
+    assert one_line.filter(user) and user.exc_info is None  # its text, not its traceback
+    assert not one_line.filter(engine)  # the engine's repeat of the same error is dropped
+    assert one_line.filter(bug) and bug.exc_info is not None  # reconlab's own faults keep their traceback
+
+    monkeypatch.setenv("RECONLAB_PROGRESS_LOG_S", "30")
+    with caplog.at_level(logging.INFO, logger="reconlab.progress"):
+        with bars.bar(total=3, desc="encode x", unit="img") as bar:
+            bar.update(3)
+        with bars.bar(total=3, desc="silent", disable=True) as bar:
+            bar.update(3)
+    lines = [r.getMessage() for r in caplog.records if r.name == "reconlab.progress"]
+    assert lines and lines[-1].startswith("encode x: 100%") and "3/3" in lines[-1], lines
+    assert not any("silent" in line for line in lines)
+    monkeypatch.delenv("RECONLAB_PROGRESS_LOG_S")  # a terminal's bar otherwise, no log records
+    caplog.clear()
+    terminal = io.StringIO()
+    with (
+        caplog.at_level(logging.INFO, logger="reconlab.progress"),
+        bars.bar(total=1, desc="on a terminal", file=terminal) as bar,
+    ):
+        bar.update(1)
+    assert not caplog.records and "on a terminal: 100%" in terminal.getvalue()
+
+
+def test_a_deployment_made_without_reconlab_dir_says_so():
+    from flows import tasks
+    from pipeline.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"config file not found .*RECONLAB_DIR, which was not set"):
+        tasks.run_config("/configs/demo.yaml")  # prefect.yaml's "{{ $RECONLAB_DIR }}/configs/demo.yaml", unset
+
+
 def test_version_prints_the_installed_version():
     from importlib.metadata import version
 

@@ -174,8 +174,19 @@ def test_served_stages_run_log_publish_cache_queue_and_resume(server, api, confi
         assert "Completed" in _task_states(client, first.id)
         logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[first.id])))
         assert logs, "no logs reached the server"
-        artifacts = client.read_artifacts()
-        assert any(a.key and a.key.startswith("store-tiny-vit-64-") for a in artifacts)
+        assert any(log.name == "reconlab.progress" and "encode tiny-vit-64" in log.message for log in logs), [
+            (log.name, log.message) for log in logs]  # fmt: skip
+        artifacts = client.read_artifacts()  # keyed by the config's name first, as the deployments
+        assert any(a.key and a.key.startswith("served-store-tiny-vit-64-") for a in artifacts)
+
+        # A user error through a deployment's parameter: the run fails with the one line, no traceback in its logs.
+        wrong = _run(server, "reconlab-encode/served-encode", {"encoder_names": ["tiny-vit-999"]})
+        assert (
+            wrong.state.is_failed()
+            and "encoder_names`: unknown encoder 'tiny-vit-999'" in wrong.state.message
+        )
+        logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[wrong.id])))
+        assert logs and not any("Traceback" in log.message for log in logs), [log.message for log in logs]
 
         # The same stage again: every task says it found its store.
         again = _run(server, "reconlab-encode/served-encode", {"encoder_names": ["tiny-vit-64"]})
@@ -188,6 +199,11 @@ def test_served_stages_run_log_publish_cache_queue_and_resume(server, api, confi
                                   timeout=0) for _ in range(2)]  # fmt: skip
         done = [_wait(lambda r=r: _final(client, r.id), 600, "both training runs") for r in pending]
         assert all(s.is_completed() for s in done), done
+        logs = client.read_logs(
+            log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[r.id for r in pending]))
+        )
+        assert any(log.name == "reconlab.train" and "epoch 1 of 1" in log.message for log in logs), [
+            (log.name, log.message) for log in logs]  # fmt: skip
     finally:
         _stop(serving, home)
 

@@ -309,7 +309,7 @@ def test_filters_that_select_nothing_are_errors(tmp_path):
     _assert_one_line_failure(runner.invoke(app, ["operators", "-c", str(config), "-t", "swap_gb"]),
                              "swap_gb matches no operator pair", "swap_rb")  # fmt: skip
     _assert_one_line_failure(runner.invoke(app, ["encode", "-c", str(config), "-e", "tiny-vit-65"]),
-                             "field `--encoder`: unknown encoder 'tiny-vit-65'")  # fmt: skip
+                             "field `--encoder / encoder_names`: unknown encoder 'tiny-vit-65'")  # fmt: skip
     # a known encoder the config does not have: a filter, not an addition
     _assert_one_line_failure(runner.invoke(app, ["encode", "-c", str(config), "-e", "tiny-vit-112"]),
                              "'tiny-vit-112' is not an encoder of", "(it has tiny-vit-64)")  # fmt: skip

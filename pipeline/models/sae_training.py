@@ -9,9 +9,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
-from pipeline import stop
+from pipeline import bars, stop
 from pipeline.config import SaeConfig
 from pipeline.data.feature_loader import Prefetcher, batch_stream, widen
 from pipeline.models import checkpoints, resumable
@@ -183,7 +182,7 @@ def train_sae(source: TokenSource | EmbeddingSource, spec: SaeSpec, cfg: SaeConf
                             "model": {"dim": dim, "n_latents": sae.n_latents, "kind": spec.kind, "k": sae.k,
                                       "center": cfg.center, "unit_norm_inputs": cfg.unit_norm_inputs}}  # fmt: skip
     start_epoch, step = resumable.resume(out_dir, sae, optimizer, header["config_hash"])
-    bar = tqdm(
+    bar = bars.bar(
         total=cfg.epochs, initial=start_epoch, unit="epoch", disable=not progress, desc=f"sae {spec.name}"
     )
     try:

@@ -13,9 +13,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
-from pipeline import stop
+from pipeline import bars, stop
 from pipeline.config import TokensConfig
 from pipeline.data.feature_loader import Prefetcher, batch_stream, n_batches_per_epoch, widen
 from pipeline.models import checkpoints, resumable
@@ -156,7 +155,7 @@ def train_network(
                             "model": geometry(model)}  # fmt: skip
     start_epoch, step = resumable.resume(out_dir, model, optimizer, header["config_hash"])
     per_epoch = n_batches_per_epoch(store, cfg.batch_size)
-    bar = tqdm(total=per_epoch * cfg.epochs, initial=step, unit="step", disable=not progress,
+    bar = bars.bar(total=per_epoch * cfg.epochs, initial=step, unit="step", disable=not progress,
                desc=f"tokens {spec.name}")  # fmt: skip
     model.train()
     metrics: dict = {}

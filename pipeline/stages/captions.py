@@ -17,9 +17,8 @@ from pathlib import Path
 
 import numpy as np
 import zarr
-from tqdm.auto import tqdm
 
-from pipeline import artifacts
+from pipeline import artifacts, bars
 from pipeline.artifacts import WriteLock
 from pipeline.config import DatasetSpec, EncoderSpec, SubsetSpec
 from pipeline.data.datasets import image_list_sha256, list_images
@@ -71,7 +70,7 @@ def run(job: CaptionJob, *, progress: bool = False) -> CaptionResult:
     with WriteLock(path):
         group = _open_or_create(path, pairs, tower)
         done = group["chunk_done"][:]
-        bar = tqdm(total=len(pairs), initial=int(done.sum()) * CHUNK, disable=not progress, unit="caption",
+        bar = bars.bar(total=len(pairs), initial=int(done.sum()) * CHUNK, disable=not progress, unit="caption",
                    desc=f"captions {path.name[:50]}")  # fmt: skip
         for chunk in np.flatnonzero(~done):
             rows = slice(chunk * CHUNK, min((chunk + 1) * CHUNK, len(pairs)))

@@ -15,9 +15,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
-from pipeline import artifacts, cpus, stop
+from pipeline import artifacts, bars, cpus, stop
 from pipeline.artifacts import WriteLock
 from pipeline.config import Layer, config_hash
 from pipeline.data import decode_workers, worker_processes
@@ -271,7 +270,7 @@ def _encode_pending(
     )
     writers = [BackgroundShardWriter(t.store, job.options.writer_threads) for t in targets]
     n_pending_images = sum(len(range(layout.n_images)[layout.shard_slice(i)]) for i in pending)
-    bar = tqdm(
+    bar = bars.bar(
         total=layout.n_images, initial=layout.n_images - n_pending_images, unit="img", disable=not progress,
         desc=f"encode {targets[0].store.path.name[:60]}" + (f" +{len(targets) - 1} layers" if len(targets) > 1 else ""),
         smoothing=0.1,

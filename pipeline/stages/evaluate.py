@@ -16,9 +16,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
 
-from pipeline import artifacts, stop
+from pipeline import artifacts, bars, stop
 from pipeline.artifacts import WriteLock
 from pipeline.config import ConfigError, EvaluateConfig, canonical_json, config_hash
 from pipeline.data.store_info import StoreInfo
@@ -122,7 +121,7 @@ def _score(target, judges, cfg, store, model, rows, image_ids, key, out, meta_pa
     pre = StoreInfo.of(store).preprocessing
     lpips_model, lpips_note = _lpips_model() if cfg.lpips else (None, "")
     records: list[pd.DataFrame] = []
-    bar = tqdm(total=len(rows), unit="img", desc=f"score {target.encoder_name}", disable=not progress)
+    bar = bars.bar(total=len(rows), unit="img", desc=f"score {target.encoder_name}", disable=not progress)
     for start in range(0, len(rows), cfg.batch_size):
         stop.check()  # scores are written once, whole: a rerun scores again
         idx, ids = rows[start : start + cfg.batch_size], image_ids[start : start + cfg.batch_size]

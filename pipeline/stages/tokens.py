@@ -22,9 +22,8 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
-from pipeline import artifacts
+from pipeline import artifacts, bars
 from pipeline.artifacts import WriteLock
 from pipeline.config import TokensConfig, config_hash
 from pipeline.data.store_info import StoreInfo, open_encoded
@@ -166,7 +165,9 @@ def score(job: TokensJob, store: FeatureStore, rows: np.ndarray, networks: dict,
     (h, w), dim = store.layout.grid_hw, store.layout.hidden_dim
     grid_p = cfg.grid_fraction or min(cfg.fractions, key=lambda p: abs(p - 0.3))
     records, grid = [], {}
-    bar = tqdm(total=len(rows), unit="img", desc=f"tokens score {store.path.name[:40]}", disable=not progress)
+    bar = bars.bar(
+        total=len(rows), unit="img", desc=f"tokens score {store.path.name[:40]}", disable=not progress
+    )
     for start in range(0, len(rows), cfg.batch_size_eval):
         idx = rows[start : start + cfg.batch_size_eval]
         ids, images = store.image_ids()[idx], store.pixels(idx)

@@ -8,6 +8,7 @@ a killed run resumes from the last one and, on CPU with a fixed seed, ends bit-i
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import time
 from dataclasses import dataclass
@@ -16,9 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
-from pipeline import artifacts, stop
+from pipeline import artifacts, bars, stop
 from pipeline.artifacts import WriteLock
 from pipeline.config import TrainConfig, config_hash
 from pipeline.data.feature_loader import EpochBatches, n_batches_per_epoch, widen
@@ -35,6 +35,7 @@ from pipeline.report.figures import write_grid
 from pipeline.science import metrics
 from storage import FeatureStore, StoreError, open_store
 
+LOG = logging.getLogger("reconlab.train")  # silent in a terminal; a served run's log (flows/prefect_env.py)
 # How often the host reads the losses it logs (each read waits for the device; see StepScalars)
 LOSS_READ_SECONDS = 1.0
 
@@ -259,6 +260,7 @@ def _train(cfg: TrainConfig, key: dict, run_dir: Path, train_store, val_store, p
         checkpoints.load_train_state(header, optimizer, scheduler)
         start_epoch, step = header["epoch"] + 1, header["step"]
         best_psnr = header.get("best_val_psnr_db", best_psnr)
+        LOG.info("%s: resumed after epoch %d of %d", run_dir.name, start_epoch, cfg.epochs)
     train_model = model
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
@@ -270,7 +272,7 @@ def _train(cfg: TrainConfig, key: dict, run_dir: Path, train_store, val_store, p
     pre = info.preprocessing
     lead = rank == 0
     writer = SummaryWriter(str(run_dir / "tensorboard")) if lead else None
-    bar = tqdm(
+    bar = bars.bar(
         total=total_steps,
         initial=step,
         unit="step",
@@ -314,6 +316,8 @@ def _train(cfg: TrainConfig, key: dict, run_dir: Path, train_store, val_store, p
             grid = epoch == cfg.epochs - 1 or step % cfg.val_every_steps == 0
             val_metrics = _validate_and_log(model, val_store, cfg, device, compute_dtype, writer,
                                             run_dir, step, epoch, loss_value, grid=grid)  # fmt: skip
+            LOG.info("%s: epoch %d of %d, train loss %.4f, val PSNR %.2f dB, SSIM %.3f", run_dir.name, epoch + 1,
+                     cfg.epochs, loss_value, val_metrics["val_psnr_db"], val_metrics["val_ssim"])  # fmt: skip
             is_best = val_metrics["val_psnr_db"] > best_psnr
             best_psnr = max(best_psnr, val_metrics["val_psnr_db"])
             header = {**header_base, "epoch": epoch, "step": step, "total_steps": total_steps,

@@ -1,0 +1,32 @@
+"""Progress bars: tqdm's on a terminal; where no terminal watches (a flow run that `reconlab serve` or a worker
+started, whose logs go to the Prefect server), the same bar as one log line on the `reconlab.progress` logger
+every RECONLAB_PROGRESS_LOG_S seconds, and once at the end."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from tqdm.auto import tqdm
+
+LOGGER = logging.getLogger("reconlab.progress")
+
+
+class _LogLines:
+    """tqdm's output stream: each refresh of the bar, one log record."""
+
+    def write(self, text: str) -> None:
+        if text := text.strip("\r\n "):
+            LOGGER.info(text)
+
+    def flush(self) -> None:
+        pass
+
+
+def bar(**kwargs) -> tqdm:
+    """A tqdm bar (its keyword arguments); a log line every RECONLAB_PROGRESS_LOG_S seconds when that is set."""
+    every_s = os.environ.get("RECONLAB_PROGRESS_LOG_S")
+    if every_s and not kwargs.get("disable"):
+        return tqdm(file=_LogLines(), mininterval=float(every_s), maxinterval=float(every_s), ascii=True,
+                    ncols=100, **{k: v for k, v in kwargs.items() if k not in ("file", "mininterval")})  # fmt: skip
+    return tqdm(**kwargs)
