@@ -86,10 +86,10 @@ class _OneLineInServedRuns(logging.Filter):
 
 def served_run_logging() -> None:
     """In a flow run process started by `reconlab serve` or a worker (PREFECT__FLOW_RUN_ID set): user errors in
-    one line, and reconlab's own records (`reconlab.*`: stage progress, epochs) sent to the run's logs through
-    the handlers Prefect gives its `prefect.extra` logger (the console's is the root logger's) (what PREFECT_LOGGING_EXTRA_LOGGERS does, here
-    without depending on the worker's environment). Progress bars become a log line every 30 s
-    (RECONLAB_PROGRESS_LOG_S)."""
+    one line; reconlab's own records (`reconlab.*`: progress, epochs) at INFO, to the console through the root
+    logger and to the run's logs through the handlers Prefect gives its `prefect.extra` logger (what
+    PREFECT_LOGGING_EXTRA_LOGGERS does, without depending on the worker's environment); progress bars as a log
+    line every 30 s (RECONLAB_PROGRESS_LOG_S)."""
     if not os.environ.get("PREFECT__FLOW_RUN_ID"):
         return
     for name in ("prefect.flow_runs", "prefect.task_runs"):
