@@ -6,6 +6,7 @@ waiting for the stage to end. The CLI turns signals into requests (flows/interru
 
 from __future__ import annotations
 
+import os
 import threading
 
 _requested = threading.Event()
@@ -14,9 +15,9 @@ _stopped = threading.Event()
 
 class Interrupted(Exception):
     def __init__(self):
-        super().__init__(
-            "interrupted: finished shards, epochs and fits are kept; run the same command to resume"
-        )
+        # a flow run that Prefect's runner or a worker started has no command to repeat
+        again = "trigger the run again" if os.environ.get("PREFECT__FLOW_RUN_ID") else "run the same command"
+        super().__init__(f"interrupted: finished shards, epochs and fits are kept; {again} to resume")
 
 
 def request() -> None:

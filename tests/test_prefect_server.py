@@ -241,7 +241,8 @@ def test_served_stages_run_log_publish_cache_queue_and_resume(server, api, confi
         stopped = _encode_under_way(client, stores, "tiny-vit-64-gray")
         serving.send_signal(signal.SIGTERM)
         serving.wait(timeout=90)
-        assert _wait(lambda: _final(client, stopped.id), 30, "the stopped run's final state").is_failed()
+        ended = _wait(lambda: _final(client, stopped.id), 30, "the stopped run's final state")
+        assert ended.is_failed() and "kept; trigger the run again to resume" in ended.message, ended
     finally:
         if serving.poll() is None:
             serving.kill()
