@@ -324,7 +324,7 @@ def serve(
 
         served = deployments(config, cron)
     kept = ("stopping pauses it." if pause_on_stop else "it stays active when this process stops: its runs wait "
-            "(Late) until a server serves them again.")  # fmt: skip
+            "(Late) until `reconlab serve` serves them again.")  # fmt: skip
     typer.echo(f"serving {len(served)} deployments of {config.resolve()}; stop with Ctrl-C or SIGTERM. "
                + (f"The benchmark runs on the schedule '{cron}' (cron, UTC); {kept}" if cron else
                   "No schedule (--cron adds one to the benchmark)."))  # fmt: skip

@@ -27,6 +27,7 @@ def bar(**kwargs) -> tqdm:
     """A tqdm bar (its keyword arguments); a log line every RECONLAB_PROGRESS_LOG_S seconds when that is set."""
     every_s = os.environ.get("RECONLAB_PROGRESS_LOG_S")
     if every_s and not kwargs.get("disable"):
+        # no ncols: a stream without a terminal gets a 10-character meter and every statistic in full
         return tqdm(file=_LogLines(), mininterval=float(every_s), maxinterval=float(every_s), ascii=True,
-                    ncols=100, **{k: v for k, v in kwargs.items() if k not in ("file", "mininterval")})  # fmt: skip
+                    **{k: v for k, v in kwargs.items() if k not in ("file", "mininterval")})  # fmt: skip
     return tqdm(**kwargs)

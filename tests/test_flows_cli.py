@@ -232,7 +232,9 @@ def test_a_deployment_made_without_reconlab_dir_says_so():
     from pipeline.config import ConfigError
 
     with pytest.raises(ConfigError, match=r"config file not found .*RECONLAB_DIR, which was not set"):
-        tasks.run_config("/configs/demo.yaml")  # prefect.yaml's "{{ $RECONLAB_DIR }}/configs/demo.yaml", unset
+        tasks.run_config(
+            "/configs/demo.yaml"
+        )  # prefect.yaml's "{{ $RECONLAB_DIR }}/configs/demo.yaml", unset
 
 
 def test_version_prints_the_installed_version():

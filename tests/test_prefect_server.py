@@ -313,3 +313,26 @@ def test_prefect_deploy_puts_every_flow_on_its_work_pool(server, api):
         assert deployment.parameters["config_path"] == str(ROOT / "configs" / "demo.yaml")
     assert pools == {"encode": "reconlab-gpu", "train": "reconlab-gpu", "operators": "reconlab-cpu",
                      "evaluate": "reconlab-cpu", "benchmark": "reconlab-cpu"}  # fmt: skip
+
+    # What a worker runs before the flow: its pull steps, as `prefect deploy` filled them in
+    import asyncio
+
+    from prefect.deployments.steps.core import StepExecutionError, run_steps
+
+    def pull() -> None:
+        steps = client.read_deployment_by_name("reconlab-encode/demo-encode").pull_steps
+        here = os.getcwd()
+        try:
+            asyncio.run(run_steps(steps, print_function=lambda *a: None))
+            assert Path.cwd() == ROOT  # the checkout, where the entrypoints are
+        finally:
+            os.chdir(here)
+
+    pull()
+    unset = {k: v for k, v in env.items() if k != "RECONLAB_DIR"}
+    done = subprocess.run([sys.executable, "-m", "prefect", "--no-prompt", "deploy", "--all"], cwd=ROOT, env=unset,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0  # Prefect only warns; the run then says why it cannot start
+    with pytest.raises(StepExecutionError) as failed:
+        pull()
+    assert "made without RECONLAB_DIR" in str(failed.value.__cause__ or failed.value)

@@ -180,7 +180,9 @@ def train_network(
             n = max(1, per_epoch)
             metrics = {"epoch": epoch, "step": step, "loss": sums[0] / n, "reconstruction": sums[1] / n,
                        "kept_fraction": sums[2] / n}  # fmt: skip
-            bar.set_postfix(loss=f"{metrics['loss']:.4g}", kept=f"{metrics['kept_fraction']:.3f}")
+            bar.set_postfix(
+                loss=f"{metrics['loss']:.4g}", kept=f"{metrics['kept_fraction']:.3f}", refresh=False
+            )
             resumable.save_epoch(out_dir, model, optimizer, header, metrics)
     finally:
         bar.close()

@@ -158,7 +158,7 @@ def _log_losses(losses: StepScalars, lrs: dict[int, float], writer, bar, epoch: 
     for step, (loss_value,) in losses.read():
         writer.add_scalar("train/loss", loss_value, step)
         writer.add_scalar("train/lr", lrs.pop(step), step)
-    bar.set_postfix(loss=f"{loss_value:.4f}", epoch=epoch)
+    bar.set_postfix(loss=f"{loss_value:.4f}", epoch=epoch, refresh=False)  # shown at the bar's own pace
     return loss_value
 
 
