@@ -78,8 +78,11 @@ class _OneLineInServedRuns(logging.Filter):
         error = record.exc_info[1] if record.exc_info else None
         if error is None or not is_reported(error):
             return True
-        if record.getMessage().startswith("Engine execution exited with unexpected exception"):
+        message = record.getMessage()
+        if message.startswith("Engine execution exited with unexpected exception"):
             return False
+        # Prefect names the error by its repr: a multi-line message would show as one line of literal "\n"
+        record.msg, record.args = message.replace(repr(error), f"{type(error).__name__}: {error}"), ()
         record.exc_info, record.exc_text = None, None
         return True
 

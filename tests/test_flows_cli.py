@@ -200,10 +200,18 @@ def test_in_a_served_run_a_user_error_is_one_line_and_progress_bars_are_log_line
         )
 
     one_line = prefect_env._OneLineInServedRuns()
-    user, engine, bug = (record("Encountered exception during execution", ConfigError("field `x`: wrong")),
+    wrong = ConfigError("field `x`: wrong")
+    user, engine, bug = (record(f"Encountered exception during execution: {wrong!r}", wrong),
                          record("Engine execution exited with unexpected exception", ConfigError("field `x`")),
                          record("Encountered exception during execution", RuntimeError("a bug")))  # fmt: skip
     assert one_line.filter(user) and user.exc_info is None  # its text, not its traceback
+    assert user.getMessage() == "Encountered exception during execution: ConfigError: field `x`: wrong"
+    task = logging.LogRecord("prefect.task_runs", logging.ERROR, __file__, 1, "Task run failed with %s: %r",
+                             ("exception", wrong), (ConfigError, wrong, None))  # fmt: skip
+    assert (
+        one_line.filter(task)
+        and task.getMessage() == "Task run failed with exception: ConfigError: field `x`: wrong"
+    )
     assert not one_line.filter(engine)  # the engine's repeat of the same error is dropped
     assert one_line.filter(bug) and bug.exc_info is not None  # reconlab's own faults keep their traceback
 
