@@ -119,6 +119,22 @@ def coco_image(image_id: int) -> dict:
     return {"id": image_id, "file_name": f"img_{image_id:04d}.png", "width": 20, "height": 20}
 
 
+def test_a_coco_annotations_file_is_parsed_once_while_it_is_unchanged(tmp_path, monkeypatch):
+    from pipeline.data import datasets
+
+    parsed = []
+    parse = datasets._parse_coco
+    monkeypatch.setattr(datasets, "_parse_coco", lambda spec: parsed.append(spec) or parse(spec))
+    payload = {"images": [coco_image(i) for i in (3, 1, 2)], "annotations": [], "categories": []}
+    dataset = write_coco(tmp_path, "instances.json", payload)
+    first = list_images(dataset, "train")
+    assert [r.image_id for r in list_images(dataset, "train", SubsetSpec(max_images=2))] == [1, 2]
+    first.clear()  # a caller's list is its own
+    assert [r.image_id for r in list_images(dataset, "train")] == [1, 2, 3] and len(parsed) == 1
+    write_coco(tmp_path, "instances.json", {**payload, "images": payload["images"][:2]})  # the file changed
+    assert [r.image_id for r in list_images(dataset, "train")] == [1, 3] and len(parsed) == 2
+
+
 def test_coco_instances_file_lists_images_sorted_by_id_without_captions(tmp_path):
     instances = {
         "images": [coco_image(30), coco_image(10), coco_image(20)],

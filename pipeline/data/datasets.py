@@ -81,13 +81,32 @@ def select_subset(records: list[ImageRecord], subset: SubsetSpec) -> list[ImageR
 
 
 def _coco_records(spec: SplitSpec) -> list[ImageRecord]:
-    import pycocotools.coco as coco_module
-    from pycocotools.coco import COCO
-
     if not spec.annotations.is_file():
         raise ConfigError(f"annotations file not found: {spec.annotations} (dataset.splits: annotations)")
     if not spec.images_dir.is_dir():
         raise ConfigError(f"images folder not found: {spec.images_dir} (dataset.splits: images_dir)")
+    # A plan lists each split once per encoder and the held-out checks list it again: COCO's train annotations
+    # take seconds to parse, so a file is parsed once while it is unchanged.
+    st = spec.annotations.stat()
+    key = (
+        str(spec.annotations.resolve()),
+        str(spec.images_dir.resolve()),
+        st.st_ino,
+        st.st_size,
+        st.st_mtime_ns,
+    )
+    if key not in _coco_listings:
+        _coco_listings[key] = _parse_coco(spec)
+    return list(_coco_listings[key])
+
+
+_coco_listings: dict[tuple, list[ImageRecord]] = {}
+
+
+def _parse_coco(spec: SplitSpec) -> list[ImageRecord]:
+    import pycocotools.coco as coco_module
+    from pycocotools.coco import COCO
+
     coco = COCO()  # built from the checked dict: pycocotools trusts the file's shape and fails deep inside
     coco.dataset = read_coco_annotations(spec.annotations)
     # createIndex() prints progress; a flow with log_prints turns print() itself into log records, so shadow

@@ -242,10 +242,9 @@ def image_files(store: FeatureStore) -> np.ndarray | None:
 
 
 def _listed_files(source: str, split: str, subset: str, image_list_sha256: str) -> np.ndarray | None:
+    # every encoder's stores list the same splits: their files are resolved once, not per encoder
     key = (source, split, subset, image_list_sha256)
-    if (
-        key in _listings
-    ):  # every encoder's stores list the same splits: COCO's train is read once, not per encoder
+    if key in _listings:
         return _listings[key]
     try:
         records = list_images(
