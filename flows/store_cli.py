@@ -30,14 +30,14 @@ def ls(
     if not rows:
         typer.echo(f"no feature stores under {root}")
         return
+    readable = [r for r in rows if "error" not in r]
     table = [
         {
             "encoder": r["encoder"], "dataset/split": r["dataset"], "transform": r["transform"], "N": r["n_images"],
             "fail": "-" if r["n_failed"] is None else r["n_failed"], "grid": r["grid"], "precision": r["dtype"],
             "size": f"{r['size_mb']:.1f}MB", "status": r["status"], "key": Path(r["path"]).resolve().stem.rpartition("__")[2],
         }
-        for r in rows
-        if "error" not in r
+        for r in readable
     ]  # fmt: skip
     if table:
         from tabulate import tabulate
@@ -48,10 +48,9 @@ def ls(
         if len(table) > 1:
             from storage.inspect import disk_bytes
 
-            listed = [r["path"] for r in rows if "error" not in r]
-            typer.echo(f"{len(table)} stores, {disk_bytes(*listed) / 1e6:.1f}MB on disk "
+            typer.echo(f"{len(table)} stores, {disk_bytes(*(r['path'] for r in readable)) / 1e6:.1f}MB on disk "
                        "(a file hard-linked into several stores counted once)")  # fmt: skip
-    for r in [r for r in rows if "error" in r]:
+    for r in [r for r in rows if r not in readable]:
         typer.echo(r["error"] if r["error"].startswith(r["path"]) else f"{r['path']}: {r['error']}")
 
 
