@@ -532,6 +532,35 @@ def test_least_squares_with_fewer_pairs_than_dimensions_is_lstsqs_minimum_norm_s
     assert np.allclose(of.least_squares(of.PairStats.of(a, b)), expected, atol=1e-5)
 
 
+def test_least_squares_keeps_the_weak_directions_of_anisotropic_tokens_and_recovers_a_planted_involution():
+    # Unit tokens with one dominant direction: the Gram matrix's eigenvalues span ~1e6. A planted involution S
+    # (40 eigenvalues +1, 24 at -1) maps them exactly; lstsq recovers it. A float32 cut-off (D x eps32) dropped 11
+    # real directions: A was 0.22 off S with 22 eigenvalues inside the unit circle, "involution: FAILS".
+    rng = np.random.default_rng(0)
+    d, n = 64, 20_000
+    u = sps.ortho_group.rvs(d, random_state=3)
+    a = (rng.normal(size=(n, d)) * np.r_[5.0, np.logspace(0, -2.5, d - 1)]) @ u.T + 3 * u[:, 0]
+    a /= np.linalg.norm(a, axis=1, keepdims=True)
+    v = sps.ortho_group.rvs(d, random_state=2)
+    planted = (v * np.r_[[1.0] * 40, [-1.0] * 24]) @ v.T
+    op = of.least_squares(of.PairStats.of(a, a @ planted.T))
+    assert np.abs(op - planted).max() < 1e-5  # the tokens are rounded to float32, nothing else is lost
+    spectrum = of.eigen_summary(op)
+    assert (spectrum["n_near_plus_one"], spectrum["n_near_minus_one"]) == (40, 24)
+    assert of.prediction_holds("involution", spectrum)
+
+
+def test_pair_statistics_are_float64_sums_of_float32_tokens_in_blocks(monkeypatch):
+    rng = np.random.default_rng(68)
+    a, b = rng.normal(size=(50, 4)).astype(np.float32), rng.normal(size=(50, 4)).astype(np.float32)
+    monkeypatch.setattr(of, "BLOCK_ROWS", 7)  # blocks that do not divide the rows
+    s = of.PairStats.of(a, b)
+    a64, b64 = a.astype(np.float64), b.astype(np.float64)
+    np.testing.assert_allclose(s.gram_aa, a64.T @ a64, rtol=1e-13)
+    np.testing.assert_allclose(s.cross_ba, b64.T @ a64, rtol=1e-13)
+    assert s.sum_sq_b == pytest.approx(float(np.sum(b64**2)), rel=1e-13) and s.n_pairs == 50
+
+
 def test_ridge_shrinks_the_least_squares_operator_toward_zero_as_in_the_closed_form():
     # A = C (G + λ I)^-1; in 1-D with a = (1, 2), b = (2, 4): C = 10, G = 5 -> A = 10 / (5 + λ)
     a, b = np.array([[1.0], [2.0]]), np.array([[2.0], [4.0]])

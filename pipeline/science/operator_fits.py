@@ -13,6 +13,9 @@ import numpy as np
 import scipy.linalg
 
 FIT_TYPES = ("procrustes", "involution", "least_squares")
+# How the statistics are summed, in each fit's cache key. Until 2026-11-28: float32 products, and least squares
+# cut off directions below D x eps32 of the largest Gram eigenvalue (real ones, on anisotropic features).
+STATISTICS = "float64 products of float32 tokens"
 
 
 @dataclass
@@ -34,14 +37,22 @@ class PairStats:
 
     @staticmethod
     def of(a_nd: np.ndarray, b_nd: np.ndarray) -> PairStats:
+        """The tokens as float32 (as stored features are read), their products in float64, a block of rows at a
+        time: float32 products put rounding noise of ~1e-7 of the largest eigenvalue into the Gram matrix, and
+        cutting it off removed real directions of anisotropic features (least_squares)."""
         a, b = a_nd.astype(np.float32, copy=False), b_nd.astype(np.float32, copy=False)
-        # float32 matmuls (BLAS) accumulated into float64: never matmul float16 in NumPy (slow, imprecise).
-        return PairStats(
-            (b.T @ a).astype(np.float64),
-            (a.T @ a).astype(np.float64),
-            float(np.sum(b.astype(np.float64) ** 2)),
-            len(a),
-        )
+        d = a.shape[1]
+        stats = PairStats(np.zeros((d, d)), np.zeros((d, d)), 0.0, len(a))
+        for start in range(0, len(a), BLOCK_ROWS):
+            a64 = a[start : start + BLOCK_ROWS].astype(np.float64)
+            b64 = b[start : start + BLOCK_ROWS].astype(np.float64)
+            stats.cross_ba += b64.T @ a64
+            stats.gram_aa += a64.T @ a64
+            stats.sum_sq_b += float(np.sum(b64**2))
+        return stats
+
+
+BLOCK_ROWS = 8192  # tokens widened to float64 at a time: 50 MB per array at D = 768
 
 
 def procrustes(stats: PairStats) -> np.ndarray:
@@ -64,12 +75,9 @@ def least_squares(stats: PairStats, ridge: float = 0.0) -> np.ndarray:
     The pseudo-inverse gives the minimum-norm solution (as numpy.linalg.lstsq) when there are fewer pairs than
     dimensions or the features span a subspace, which singular-matrix solves would refuse.
     """
-    d = stats.gram_aa.shape[0]
-    # The Gram matrix sums float32 products: its null-space eigenvalues are float32 rounding (~1e-7 relative),
-    # not zero, so the cut-off must be float32's, not pinvh's float64 default, or the noise gets inverted.
-    return stats.cross_ba @ scipy.linalg.pinvh(
-        stats.gram_aa + ridge * np.eye(d), rtol=d * np.finfo(np.float32).eps
-    )
+    # pinvh's float64 cut-off (D x eps x the largest eigenvalue): the Gram matrix sums float64 products, so every
+    # direction above it is in the data (float16 rounding of stored features included), as lstsq keeps them.
+    return stats.cross_ba @ scipy.linalg.pinvh(stats.gram_aa + ridge * np.eye(stats.gram_aa.shape[0]))
 
 
 def fit(stats: PairStats, fit_type: str, ridge: float = 0.0) -> tuple[np.ndarray, dict]:

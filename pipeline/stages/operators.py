@@ -117,6 +117,7 @@ def fit_key_and_dir(job: OperatorJob, identity: FeatureStore, transformed: Featu
         "source_store": StoreInfo.of(source).digest, "target_store": StoreInfo.of(target).digest, "checkpoint": header["config_hash"],
         "checkpoint_weights_sha256": checkpoints.weights_sha256(header),
         "pair": artifacts.identity(job.pair), "cfg": artifacts.identity(job.cfg),
+        "statistics": operator_fits.STATISTICS,  # fits made by an earlier method are not re-used
     }  # fmt: skip
     label = f"{StoreInfo.of(identity).encoder_name}__{job.pair.transform.tag}-{job.pair.direction}"
     return key, artifacts.folder(job.cfg.output_root, label, key)
