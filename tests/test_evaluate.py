@@ -208,3 +208,14 @@ def test_encoders_scored_on_different_images_are_ranked_on_the_common_ones():
     )
     with pytest.raises(ValueError, match="no image was scored for every encoder"):
         evaluate.analyse(disjoint, cfg)
+
+
+def test_an_image_with_a_nan_score_is_left_out_for_every_encoder_and_said_so():
+    rows = [{"image_id": i, "encoder": e, "judge": "pixels", "metric": m, "value": v + i}
+            for i in range(6) for e, v in (("a", 20.0), ("b", 10.0)) for m in ("psnr_db", "ssim")]  # fmt: skip
+    rows[0]["value"] = np.nan  # image 0, encoder a, psnr_db: its ssim and encoder b's scores are finite
+    analysis = evaluate.analyse(pd.DataFrame(rows), EvaluateConfig(judges=[], n_boot=200, n_permutations=200))
+    for metric in ("psnr_db", "ssim"):
+        ranking = analysis["rankings"][("pixels", metric)].set_index("encoder")
+        assert ranking["n_images"].tolist() == [5, 5] and ranking.loc["a", "mean"] == pytest.approx(23.0)
+    assert "a 5, b 6; a NaN or inf score counts as unscored" in analysis["notes"][0]

@@ -105,6 +105,21 @@ def test_r2_is_accumulated_over_the_whole_set_not_averaged_over_batches():
     assert abs(np.mean(per_batch) - whole) > 0.05  # the mistake the definition rules out
 
 
+def test_r2_of_vectors_that_do_not_vary_is_nan_and_a_single_held_out_image_is_refused():
+    fidelity = science.Fidelity()
+    fidelity.update(np.ones((4, 3)), np.full((4, 3), 0.9))  # Σ‖x − μ‖² = 0: R² is undefined (it divided by 0)
+    assert np.isnan(fidelity.r2)
+    with pytest.raises(ValueError, match="n_eval_images"):
+        SaeConfig(n_eval_images=1)
+
+
+def test_atoms_left_unmatched_by_a_smaller_dictionary_get_nan_and_index_minus_one():
+    # 4 atoms against 3: the Hungarian matching pairs 3; the 4th got uninitialised memory (cosine 1.0 or 1.63)
+    matched, match = science.match_dictionaries(np.eye(3)[[0, 1, 2, 0]], np.eye(3))
+    assert np.isnan(matched).sum() == 1 and (match == -1).sum() == 1
+    assert np.nansum(matched) == pytest.approx(3.0) and sorted(match[match >= 0]) == [0, 1, 2]
+
+
 def test_the_bridge_score_ranks_a_planted_cross_modal_pair_first():
     rng = np.random.default_rng(3)
     n_latents, dim, n_pairs = 12, 32, 400

@@ -733,3 +733,22 @@ def test_tokens_scaled_by_different_positive_factors_give_the_same_pair_stats():
     assert np.allclose(plain.gram_aa, scaled.gram_aa, atol=1e-5)
     # unit targets: Σ‖b‖² is the number of tokens, 3 images x 2 x 2
     assert scaled.n_pairs == 12 and scaled.sum_sq_b == pytest.approx(12.0, rel=1e-6)
+
+
+def test_a_nan_score_is_refused_by_the_tests_and_the_ranking_not_read_as_significant():
+    # NaN compared as "no difference" in the permutation and bootstrap nulls: p came out 0.0 and 1/(n_boot + 1)
+    x, y = pd.Series([1.0, 2.0, np.nan, 4.0, 5.0]), pd.Series([0.0, 1.0, 2.0, 3.0, 3.0])
+    with pytest.raises(ValueError, match="a vs b: 1 of 10 values are not finite"):
+        stats.compare("a", x, "b", y, n_boot=200, seed=0)
+    with pytest.raises(ValueError, match="Holm's p-values: 1 of 3"):
+        stats.holm([0.01, np.nan, 0.02])
+    with pytest.raises(ValueError, match="scores of a: 1 of 5"):
+        stats.ranking({"a": x, "b": y}, [], n_boot=200, seed=0, alpha=0.05)
+
+
+def test_encoders_with_equal_means_share_a_rank():
+    # means 2, 2, 2 and 1: competition ranking 1, 1, 1, 4 (they were ranked 1, 2, 3 in sort order)
+    scores = {"x": pd.Series([1.0, 2.0, 3.0]), "y": pd.Series([3.0, 2.0, 1.0]), "z": pd.Series([2.0, 2.0, 2.0]),
+              "w": pd.Series([1.0, 1.0, 1.0])}  # fmt: skip
+    table = stats.ranking(scores, [], n_boot=200, seed=0, alpha=0.05)
+    assert table["rank"].tolist() == [1, 1, 1, 4] and table["encoder"].tolist() == ["x", "y", "z", "w"]

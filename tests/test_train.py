@@ -49,7 +49,7 @@ def test_overfitting_a_handful_of_images_beats_the_mean_image_baseline_by_far(ti
         train.TrainJob(tiny_store, tiny_store, _cfg(tmp_path, epochs=150, batch_size=8, lr=1e-3)),
         progress=False,
     )
-    store = train.open_store(tiny_store)
+    store = open_store(tiny_store)
     pixels01 = store.pixels()[store.valid()].astype(np.float32) / 255
     mean_image = np.broadcast_to(pixels01.mean(axis=0), pixels01.shape)
     baseline_db = float(metrics.psnr_db(pixels01, mean_image).mean())
@@ -292,7 +292,7 @@ def test_reconstruct_cli_writes_side_by_side_pngs(tiny_store, tmp_path):
 
     assert Image.open(pngs[0]).size == (128, 64)
     model, header = load_reconstructor(result.checkpoint)
-    store = train.open_store(tiny_store)
+    store = open_store(tiny_store)
     images = reconstruct(model, store.features(slice(0, 2)), StoreInfo.of(store).preprocessing)
     assert images.shape == (2, 64, 64, 3) and images.dtype == np.uint8
 
@@ -335,11 +335,29 @@ def test_training_under_torchrun_with_two_cpu_processes_completes_with_one_write
     assert (run_dir / "metrics.csv").read_text().count("\n") == 3  # only rank 0 logs
 
 
-def test_a_store_with_non_finite_features_is_refused_before_training(tiny_store, tmp_path):
-    group = zarr.open_group(str(tiny_store), mode="r+")
-    group.attrs["feature_stats"] = {**group.attrs["feature_stats"], "n_over_float16_max": 3}
-    with pytest.raises(StoreError, match="above float16's range.*float32 or bf16_bitround"):
-        train.run(train.TrainJob(tiny_store, tiny_store, _cfg(tmp_path)), progress=False)
+@pytest.mark.parametrize(
+    "stat, refusal",
+    [("n_over_float16_max", "3 feature values are above float16's range.*float32 or bf16_bitround"),
+     ("n_nonfinite", "the encoder gave 3 non-finite feature values.*encode.dtype")],
+)  # fmt: skip
+def test_a_store_with_non_finite_features_is_refused_by_every_stage_that_reads_it(tiny_store, tmp_path, stat,
+                                                                                    refusal):  # fmt: skip
+    import shutil
+
+    from pipeline.config import EvaluateConfig
+    from pipeline.jobs import EvalTarget
+    from pipeline.stages import evaluate
+
+    store = shutil.copytree(tiny_store, tmp_path / tiny_store.name)
+    group = zarr.open_group(str(store), mode="r+")
+    group.attrs["feature_stats"] = {**group.attrs["feature_stats"], stat: 3}
+    with pytest.raises(StoreError, match=refusal):
+        train.run(train.TrainJob(store, store, _cfg(tmp_path)), progress=False)
+    # a reconstructor's held-out store: a NaN token made its reconstruction NaN, scored as a black image
+    with pytest.raises(StoreError, match=refusal):
+        evaluate.score_encoder(
+            EvalTarget("tiny", store, tmp_path / "none.json"), {}, EvaluateConfig(judges=[])
+        )
 
 
 def test_the_lr_schedule_has_the_released_cycle_schedulers_shape():

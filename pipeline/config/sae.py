@@ -83,7 +83,9 @@ class SaeConfig(Frozen):
     batch_images: int = Field(16, gt=0, description="Images per step (all their tokens).")
     lr: float = Field(1e-3, gt=0, description="Adam learning rate, constant.")
     shuffle_buffer_images: int = Field(512, gt=0, description="In-memory shuffle buffer (bounds memory).")
-    n_eval_images: int | None = Field(256, gt=0, description="Held-out images of every metric (None: all).")
+    n_eval_images: int | None = Field(
+        256, ge=2, description="Held-out images of every metric (None: all; R² needs at least 2 to vary)."
+    )
     n_edit_latents: int = Field(3, ge=0, description="Latents of the primary SAE edited and reconstructed.")
     edit_scale: float = Field(
         0.0, ge=0, description="An edited latent's activation is multiplied by this (0: removed)."

@@ -36,8 +36,9 @@ class Fidelity:
 
     @property
     def r2(self) -> float:
+        """NaN where the vectors do not vary (one vector, or all equal): R² is undefined there."""
         sst = self.total_sq - float((self.total**2).sum()) / self.n
-        return 1.0 - self.sse / sst
+        return 1.0 - self.sse / sst if sst > 1e-12 * self.total_sq else float("nan")
 
     @property
     def l0(self) -> float:
@@ -49,13 +50,14 @@ class Fidelity:
 
 def match_dictionaries(decoder_a: np.ndarray, decoder_b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """One-to-one matching of two dictionaries' atoms (rows) maximising total cosine (Hungarian algorithm on
-    −cosine of the unit rows); returns (matched cosine per atom of a, index of its match in b)."""
+    −cosine of the unit rows); returns (matched cosine per atom of a, index of its match in b). Where a has more
+    atoms than b, those left unmatched get NaN and index −1."""
     a = decoder_a / np.linalg.norm(decoder_a, axis=1, keepdims=True)
     b = decoder_b / np.linalg.norm(decoder_b, axis=1, keepdims=True)
     cosine = a @ b.T
     rows, cols = linear_sum_assignment(-cosine)
-    matched = np.empty(len(a))
-    match = np.empty(len(a), int)
+    matched = np.full(len(a), np.nan)
+    match = np.full(len(a), -1)
     matched[rows], match[rows] = cosine[rows, cols], cols
     return matched, match
 

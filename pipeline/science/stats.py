@@ -149,6 +149,7 @@ def compare(
     x, y, only_a, only_b = match_by_id(a, b)
     if x.size < 2:
         raise ValueError(f"{a_name} vs {b_name}: only {x.size} images in common; cannot compare")
+    _check_finite(f"{a_name} vs {b_name}", np.concatenate([x, y]))
     diff = x - y
     if np.all(diff == 0):
         w_stat, w_p, perm_p, exact = 0.0, 1.0, 1.0, True
@@ -163,9 +164,18 @@ def compare(
     )  # fmt: skip
 
 
+def _check_finite(what: str, values: np.ndarray) -> None:
+    """NaN compares as no difference and sorts last: a test or a ranking over it would look significant."""
+    bad = int(np.sum(~np.isfinite(values)))
+    if bad:
+        raise ValueError(f"{what}: {bad} of {values.size} values are not finite (NaN or inf); leave those images "
+                         "out first")  # fmt: skip
+
+
 def holm(p_values: list[float] | np.ndarray) -> np.ndarray:
     """Holm–Bonferroni adjusted p-values (step-down, monotone, capped at 1), in the input order."""
     p = np.asarray(p_values, float)
+    _check_finite("Holm's p-values", p)
     order = np.argsort(p)
     m = p.size
     adjusted_sorted = np.maximum.accumulate((m - np.arange(m)) * p[order])
@@ -218,10 +228,13 @@ def ranking(
     rows = []
     for i, (name, values) in enumerate(scores.items()):
         v = values.to_numpy(float)
+        _check_finite(f"scores of {name}", v)
         mean, low, high = mean_ci(v, n_boot, seed + 1000 + i)
         rows.append({"encoder": name, "n_images": v.size, "mean": mean, "ci_low": low, "ci_high": high})
-    table = pd.DataFrame(rows).sort_values("mean", ascending=False).reset_index(drop=True)
-    table.insert(0, "rank", np.arange(1, len(table) + 1))
+    table = pd.DataFrame(rows).sort_values("mean", ascending=False, kind="stable").reset_index(drop=True)
+    table.insert(
+        0, "rank", table["mean"].rank(method="min", ascending=False).astype(int)
+    )  # equal means: one rank
     tied = {name: [] for name in scores}
     two_sided = [c for c in comparisons if c.alternative == "two-sided"]
     for c in two_sided:

@@ -20,7 +20,7 @@ import torch
 from pipeline import artifacts, bars, stop
 from pipeline.artifacts import WriteLock
 from pipeline.config import ConfigError, EvaluateConfig, canonical_json, config_hash
-from pipeline.data.store_info import StoreInfo
+from pipeline.data.store_info import StoreInfo, open_encoded
 from pipeline.jobs import EvalTarget
 from pipeline.models import checkpoints, encoders
 from pipeline.models import judges as judges_mod
@@ -99,7 +99,7 @@ def score_encoder(
     """Per-image scores of one encoder's reconstructions (cached parquet); returns (scores, parquet path, meta).
 
     meta holds the score key (store and checkpoint hashes, judges, settings), notes and provenance."""
-    store = open_store(target.store)
+    store = open_encoded(target.store)
     model, header = load_reconstructor(target.checkpoint, device=encoders.resolve_device(cfg.device))
     check_checkpoint_matches_store(header, store)
     rows = np.flatnonzero(store.valid())
@@ -244,23 +244,26 @@ def layerwise(scores: pd.DataFrame, groups: dict[str, list[tuple[str, int]]], ra
     return pd.DataFrame(means), pd.DataFrame(tests)
 
 
-def _common_ids(scores: pd.DataFrame) -> set:
-    return set.intersection(*(set(group) for _, group in scores.groupby("encoder")["image_id"]))
+def _scored_ids(scores: pd.DataFrame) -> dict[str, set]:
+    """Per encoder, its images with a finite value in every judge and metric (NaN or inf counts as unscored)."""
+    unscored = scores[~np.isfinite(scores["value"].to_numpy(float))]
+    return {n: set(group) - set(unscored.image_id[unscored.encoder == n])
+            for n, group in scores.groupby("encoder", sort=False)["image_id"]}  # fmt: skip
 
 
 def _on_common_images(scores: pd.DataFrame, names: list[str]) -> tuple[pd.DataFrame, str]:
-    ids = {n: set(scores.loc[scores.encoder == n, "image_id"]) for n in names}
+    ids = _scored_ids(scores)
     common = set.intersection(*ids.values())
     if not common:
         raise ConfigError(
             f"no image was scored for every encoder ({', '.join(names)}): they cannot be ranked"
         )
-    if all(len(v) == len(common) for v in ids.values()):
+    if all(len(v) == len(common) for v in ids.values()) and len(common) == scores.image_id.nunique():
         return scores, ""
-    counts = ", ".join(f"{n} {len(v)}" for n, v in ids.items())
+    counts = ", ".join(f"{n} {len(ids[n])}" for n in names)
     return scores[scores.image_id.isin(common)], (
-        f"encoders were scored on different images ({counts}): rankings and comparisons use the {len(common)} "
-        "images scored for every encoder"
+        f"encoders were scored on different images ({counts}; a NaN or inf score counts as unscored): rankings "
+        f"and comparisons use the {len(common)} images scored for every encoder"
     )
 
 
@@ -364,7 +367,10 @@ def _report(out_dir: Path, key: dict, frames, files, notes, inputs, targets, cfg
     scores = pd.concat(frames, ignore_index=True)
     analysis = analyse(scores, cfg)
     analysis["layer_means"], analysis["layer_tests"] = layerwise(
-        scores[scores.image_id.isin(_common_ids(scores))], layer_groups(targets), analysis["rankings"], cfg
+        scores[scores.image_id.isin(set.intersection(*_scored_ids(scores).values()))],
+        layer_groups(targets),
+        analysis["rankings"],
+        cfg,
     )
     notes += analysis["notes"]
     for c in (c for family in analysis["comparisons"].values() for c in family):

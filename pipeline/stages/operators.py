@@ -18,7 +18,7 @@ from safetensors.numpy import save_file
 from pipeline import artifacts, stop
 from pipeline.artifacts import WriteLock, write_json_atomic
 from pipeline.config import OperatorPairSpec, config_hash
-from pipeline.data.store_info import StoreInfo, check_same_encoder
+from pipeline.data.store_info import StoreInfo, check_same_encoder, open_encoded
 from pipeline.data.transforms import REGISTRY, expected_spectrum
 from pipeline.jobs import OperatorJob
 from pipeline.models import checkpoints
@@ -130,7 +130,7 @@ def run(job: OperatorJob, *, progress: bool = False) -> OperatorResult:
 
 
 def _run(job: OperatorJob, progress: bool) -> OperatorResult:
-    identity, transformed = open_store(job.identity_store), open_store(job.transform_store)
+    identity, transformed = open_encoded(job.identity_store), open_encoded(job.transform_store)
     check_same_encoder(StoreInfo.of(identity), StoreInfo.of(transformed))
     if not np.array_equal(identity.image_ids(), transformed.image_ids()):
         raise StoreError(

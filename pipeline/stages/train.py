@@ -23,7 +23,7 @@ from pipeline.artifacts import WriteLock
 from pipeline.config import TrainConfig, config_hash
 from pipeline.data.feature_loader import EpochBatches, n_batches_per_epoch, widen
 from pipeline.data.images import Preprocessing
-from pipeline.data.store_info import StoreInfo, check_same_encoder
+from pipeline.data.store_info import StoreInfo, check_same_encoder, open_encoded
 from pipeline.jobs import TrainJob
 from pipeline.models import checkpoints
 from pipeline.models.encoders import resolve_compute_dtype, resolve_device
@@ -33,7 +33,7 @@ from pipeline.models.step_scalars import StepScalars
 from pipeline.provenance import provenance
 from pipeline.report.figures import write_grid
 from pipeline.science import metrics
-from storage import FeatureStore, StoreError, open_store
+from storage import FeatureStore
 
 LOG = logging.getLogger("reconlab.train")  # silent in a terminal; a served run's log (flows/prefect_env.py)
 # How often the host reads the losses it logs (each read waits for the device; see StepScalars)
@@ -47,21 +47,6 @@ class TrainResult:
     last_checkpoint: Path
     val_metrics: dict
     already_complete: bool
-
-
-def open_training_store(path: Path) -> FeatureStore:
-    store = open_store(path)  # raises on incomplete / wrong format / damaged
-    info = StoreInfo.of(store)
-    if not info.n_encoded:
-        raise StoreError(f"{path}: store has no encoded images; nothing to train on")
-    stats = info.feature_stats
-    if stats.get("n_nonfinite") or stats.get("n_over_float16_max"):
-        raise StoreError(
-            f"{path}: features hold {stats.get('n_nonfinite')} non-finite values and "
-            f"{stats.get('n_over_float16_max')} above float16's range; training would produce NaN. Re-encode with "
-            "store.precision float32 or bf16_bitround"
-        )
-    return store
 
 
 def build_model(cfg: TrainConfig, store: FeatureStore) -> Reconstructor:
@@ -170,7 +155,7 @@ def run(job: TrainJob, *, progress: bool = True) -> TrainResult:
 
 def _run(job: TrainJob, progress: bool) -> TrainResult:
     cfg = job.cfg
-    train_store, val_store = open_training_store(job.train_store), open_training_store(job.val_store)
+    train_store, val_store = open_encoded(job.train_store), open_encoded(job.val_store)
     check_same_encoder(StoreInfo.of(train_store), StoreInfo.of(val_store))
     key, run_dir = key_and_run_dir(job, train_store, val_store)
     if artifacts.finished(run_dir / artifacts.RESULT) is not None:
