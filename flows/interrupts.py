@@ -18,7 +18,6 @@ import signal
 import socket
 import threading
 import time
-from pathlib import Path
 
 from pipeline import stop
 
@@ -61,20 +60,22 @@ def _read_signals(reader: socket.socket, signals: tuple[int, ...]) -> None:
 
 
 @contextlib.contextmanager
-def stopping_on_signals(signals: tuple[int, ...] = SIGNALS):
-    """While inside: SIGINT and SIGTERM ask the running stage to stop (main thread only; elsewhere a no-op)."""
+def stopping_on_signals(signals: tuple[int, ...] = SIGNALS, also_seen: tuple[int, ...] = ()):
+    """While inside: SIGINT and SIGTERM ask the running stage to stop (main thread only; elsewhere a no-op).
+    `also_seen`: signals whose handler stays someone else's, acted on too whenever that handler catches them."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     reader, writer = socket.socketpair()
     writer.setblocking(False)
+    # Python writes every signal a Python handler catches to this fd, whoever's handler it is.
     previous_fd = signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
     # The handlers only keep the default actions away (KeyboardInterrupt, termination); the thread acts.
     previous = {s: signal.signal(s, lambda signum, frame: None) for s in signals}
     global _open
     _open += 1
     threading.Thread(
-        target=_read_signals, args=(reader, signals), daemon=True, name="reconlab-signals"
+        target=_read_signals, args=(reader, signals + also_seen), daemon=True, name="reconlab-signals"
     ).start()
     try:
         yield
@@ -92,8 +93,11 @@ _open = 0  # stopping_on_signals contexts open in this process (the CLI's, a ser
 def in_a_served_run() -> None:
     """In a flow run process that Prefect's runner (`reconlab serve`) or a worker started: a Ctrl-C (the terminal's
     SIGINT reaches the serving process's whole group) stops the stage as in a CLI command, so the run ends Failed
-    on the server; before, the process died at once and the run stayed Running. SIGTERM stays Prefect's: its
-    runner sends it to cancel a run from the UI. For the rest of the process (it runs this one flow)."""
+    on the server; before, the process died at once and the run stayed Running. SIGTERM stays Prefect's (its
+    runner sends it to cancel a run from the UI; its flow engine records the run Crashed), but the stage stops at
+    its next safe point on it too: Prefect's engine waits for the running task before it records anything, and the
+    stage went on to its end (a SIGKILL a few seconds later, from the reaper of a killed `reconlab serve` or from
+    `docker stop`, then left the run Running for good). For the rest of the process (it runs this one flow)."""
     if (
         _open
         or not os.environ.get("PREFECT__FLOW_RUN_ID")
@@ -101,7 +105,8 @@ def in_a_served_run() -> None:
     ):
         return
     if threading.current_thread() is threading.main_thread():
-        _kept.append(stopping_on_signals((signal.SIGINT,)))  # kept: a collected context would close itself
+        # kept: a collected context would close itself
+        _kept.append(stopping_on_signals((signal.SIGINT,), also_seen=(signal.SIGTERM,)))
         _kept[-1].__enter__()
 
 
@@ -157,14 +162,6 @@ def _interrupt_when_runs_ended() -> None:
 
 def _flow_run_children() -> list[int]:
     """This process's children that run a flow (Prefect's runner gives each PREFECT__FLOW_RUN_ID); Linux only."""
-    from flows.reaper import processes
+    from flows.reaper import processes, runs_a_flow
 
-    children = [pid for pid, (parent, _) in processes().items() if parent == os.getpid()]
-    return [pid for pid in children if b"PREFECT__FLOW_RUN_ID=" in _environ(pid)]
-
-
-def _environ(pid: int) -> bytes:
-    try:
-        return Path(f"/proc/{pid}/environ").read_bytes()
-    except OSError:  # ended meanwhile
-        return b""
+    return [pid for pid, (parent, _) in processes().items() if parent == os.getpid() and runs_a_flow(pid)]

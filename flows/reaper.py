@@ -2,7 +2,8 @@
 temporary server, the DataLoader fork server and its workers, multiprocessing's resource tracker) is re-parented
 and lives on for minutes, holding memory and ports. `start(pid)` launches this module as a small watcher in its
 own session: it notes the run's descendants every half second and, once the run is gone, ends them (SIGTERM,
-then SIGKILL). Linux only (/proc); elsewhere it does nothing.
+then SIGKILL; a flow run of a killed `reconlab serve` gets the time to stop and record it first). Linux only
+(/proc); elsewhere it does nothing.
 """
 
 from __future__ import annotations
@@ -17,6 +18,9 @@ from pathlib import Path
 
 POLL_S = 0.5
 GRACE_S = 3.0
+# A flow run left by a killed `reconlab serve` stops at its stage's next safe point and records its state on the
+# server; killed before that, it stays Running there for good. flows/interrupts.py gives a stage 30 s + 3 s.
+FLOW_RUN_GRACE_S = 40.0
 
 
 _watching: set[int] = set()
@@ -68,6 +72,18 @@ def _descendants(root: int, table: dict[int, tuple[int, str]]) -> dict[int, str]
     return found
 
 
+def environ(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:  # ended meanwhile, or not ours to read
+        return b""
+
+
+def runs_a_flow(pid: int) -> bool:
+    """Prefect's runner and workers give each flow-run process its PREFECT__FLOW_RUN_ID."""
+    return b"PREFECT__FLOW_RUN_ID=" in environ(pid)
+
+
 def _signal_all(known: dict[int, str], sig: int) -> dict[int, str]:
     """Send `sig` to each known process still running (same start time: not a recycled pid); return those."""
     table = processes()
@@ -91,13 +107,21 @@ def main(watched: int) -> None:
         known = {pid: s for pid, s in _descendants(watched, table).items() if pid != me}
         time.sleep(POLL_S)
         table = processes()
-    # The run is gone: whatever it left must go too, including what its children started meanwhile.
+    # The run is gone: whatever it left must go too, including what its children started meanwhile. Flow runs
+    # first, alone: each stops its own stage and workers and records how it ended.
     known |= {pid: s for root in list(known) for pid, s in _descendants(root, table).items()}
+    flow_runs = {pid: s for pid, s in known.items() if runs_a_flow(pid)}
+    if _signal_all(flow_runs, signal.SIGTERM):
+        _wait_ended(flow_runs, FLOW_RUN_GRACE_S)
     if _signal_all(known, signal.SIGTERM):
-        deadline = time.time() + GRACE_S
-        while time.time() < deadline and _signal_all(known, 0):
-            time.sleep(0.1)
+        _wait_ended(known, GRACE_S)
         _signal_all(known, signal.SIGKILL)
+
+
+def _wait_ended(known: dict[int, str], timeout_s: float) -> None:
+    deadline = time.time() + timeout_s
+    while time.time() < deadline and _signal_all(known, 0):
+        time.sleep(0.1)
 
 
 if __name__ == "__main__":

@@ -110,16 +110,58 @@ def test_an_interrupted_training_stops_at_once_in_one_line_and_leaves_nothing_ru
     assert not _live_started_by(tmp_path / "home")
 
 
+WATCHED = """
+import os, subprocess, sys, time
+from flows import reaper
+reaper.start()
+takes_its_time = "import signal, sys, time; signal.signal(signal.SIGTERM, lambda *a: (time.sleep(4), open(sys.argv[1], 'w').close(), sys.exit(0))); time.sleep(60)"
+subprocess.Popen([sys.executable, "-c", takes_its_time, sys.argv[1] + "/flow-run-recorded"],
+                 env={**os.environ, "PREFECT__FLOW_RUN_ID": "x"})
+subprocess.Popen([sys.executable, "-c", takes_its_time, sys.argv[1] + "/helper-recorded"])
+time.sleep(1.5)  # the reaper has noted both
+print("ready", flush=True)
+time.sleep(60)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc")
+def test_the_reaper_lets_a_flow_run_of_a_killed_serve_record_its_end_and_kills_the_rest(tmp_path):
+    """A flow run needs seconds to stop at its safe point and record it; killed after the 3 s every other process
+    gets, it stayed Running on the server for good."""
+    env = {**os.environ, "RECONLAB_HOME": str(tmp_path / "home")}
+    watched = subprocess.Popen([sys.executable, "-c", WATCHED, str(tmp_path)], cwd=ROOT, env=env,
+                               stdout=subprocess.PIPE, text=True)  # fmt: skip
+    assert watched.stdout.readline() == "ready\n"
+    watched.kill()
+    watched.wait()
+    deadline = time.time() + 20
+    while time.time() < deadline and _live_started_by(tmp_path / "home"):
+        time.sleep(0.2)
+    assert not _live_started_by(tmp_path / "home")
+    assert (tmp_path / "flow-run-recorded").exists() and not (tmp_path / "helper-recorded").exists()
+
+
 SERVED_RUN = """
 import os, signal, sys, time
 signal.signal(signal.SIGINT, signal.default_int_handler)  # as Prefect's runner starts it (pytest's may be ignored)
 from flows import interrupts
 from pipeline import stop
 interrupts.in_a_served_run()
+class TerminationSignal(BaseException):
+    pass
+if len(sys.argv) > 2:  # as Prefect's flow engine does during a run: SIGTERM raises in the main thread
+    def prefects(signum, frame):
+        raise TerminationSignal
+    signal.signal(signal.SIGTERM, prefects)
 print("ready", flush=True)
 deadline = time.time() + 20
-while not stop.requested() and time.time() < deadline:
-    time.sleep(0.05)
+try:
+    while not stop.requested() and time.time() < deadline:
+        time.sleep(0.05)
+except TerminationSignal:  # the engine then waits for the running task: the stage must stop too
+    print("Prefect's handler ran", flush=True)
+    while not stop.requested() and time.time() < deadline:
+        time.sleep(0.05)
 print("stop requested" if stop.requested() else "not stopped", flush=True)
 time.sleep(float(sys.argv[1]))  # the stage reaching its safe point and the run recording Failed
 os._exit(130)
@@ -162,9 +204,10 @@ def test_stopping_reconlab_serve_lets_its_flow_runs_stop_and_record_it_before_se
 
 
 def test_only_a_flow_run_started_by_prefect_takes_over_sigint_and_leaves_sigterm_to_prefect():
-    def run(env: dict, sig: int) -> tuple[int, str]:
-        proc = subprocess.Popen([sys.executable, "-c", SERVED_RUN, "0.5"], cwd=ROOT, env={**os.environ, **env},
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    def run(env: dict, sig: int, *prefect_handler: str) -> tuple[int, str]:
+        proc = subprocess.Popen([sys.executable, "-c", SERVED_RUN, "0.5", *prefect_handler], cwd=ROOT,
+                                env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True)  # fmt: skip
         assert proc.stdout.readline() == "ready\n"
         proc.send_signal(sig)
         output, _ = proc.communicate(timeout=30)
@@ -177,6 +220,11 @@ def test_only_a_flow_run_started_by_prefect_takes_over_sigint_and_leaves_sigterm
     code, output = run({}, signal.SIGINT)  # not a served run: Python's own KeyboardInterrupt
     assert code == -signal.SIGINT and "KeyboardInterrupt" in output
     assert run({"PREFECT__FLOW_RUN_ID": "x"}, signal.SIGTERM)[0] == -signal.SIGTERM  # Prefect's to handle
+    # With Prefect's handler in place (a flow run under way), its handler runs and the stage is asked to stop:
+    # Prefect records the run only once the running task returns, and the stage went on to its end.
+    code, output = run({"PREFECT__FLOW_RUN_ID": "x"}, signal.SIGTERM, "prefect's handler")
+    assert "Prefect's handler ran\n" in output and "stop requested\n" in output, output
+    assert "SIGTERM: stopping at the next safe point" in output
 
 
 # -- the bad-input matrix: one line, exit 2, no traceback, nothing written ----------------------------------------
