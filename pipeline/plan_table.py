@@ -147,17 +147,18 @@ def _study_steps(run: RunPlan, step: StudyStep, states: dict, checkpoints: dict)
         header = read_header(job.checkpoint)
         if step.stage == "tokens":
             _, nets_dir, _, out_dir = tokens.keys_and_dirs(job, *stores, header, tokens.judge_id(job))
-            n_networks = len(tokens.token_training.network_specs(study))
+            names = [s.name for s in tokens.token_training.network_specs(study)]
         else:
             _, nets_dir, _, out_dir = sae.keys_and_dirs(job, *stores, header)
-            n_networks = len(sae.sae_training.sae_specs(study))
+            names = [s.name for s in sae.sae_training.sae_specs(study)]
     except (CheckpointError, StoreError) as e:
         return [Step(step.stage, step.encoder, eval_what, f"to run (inputs: {e})", "")]
-    done = len(list(nets_dir.glob("*/final.json")))
+    # The networks this config asks for: one folder holds those of every config with the same networks key.
+    done = sum((nets_dir / name / "final.json").is_file() for name in names)
     # a network killed mid-training has epoch checkpoints and resumes from them
-    started = done or any(nets_dir.glob("*/epoch-*.json"))
+    started = done or any(any((nets_dir / name).glob("epoch-*.json")) for name in names)
     nets_state = (
-        "cached" if done >= n_networks else f"partial ({done}/{n_networks} networks)" if started else "to run"
+        "cached" if done == len(names) else f"partial ({done}/{len(names)} networks)" if started else "to run"
     )
     eval_state = "cached" if read_json(out_dir / "result.json") is not None else "to run"
     return [*text_rows, Step(step.stage, step.encoder, train_what, nets_state, str(nets_dir)),

@@ -241,6 +241,11 @@ def test_the_plan_lists_the_study_and_refuses_what_cannot_work(tokens_run, tmp_p
         for final, moved in zip(finals, hidden, strict=True):
             moved.rename(final)
     data = yaml.safe_load(config.read_text())
+    # as many networks as trained, not the same ones: the plan said cached (it counted the folder's networks)
+    other = tmp_path / "other-fractions.yaml"
+    other.write_text(yaml.safe_dump({**data, "tokens": {**data["tokens"], "fractions": [0.5, 1.0]}}))
+    rows = [s for s in plan_table.plan(load_run_config(other), other) if s.stage == "tokens"]
+    assert rows[0].state == f"partial ({len(finals) // 2}/{len(finals)} networks)", rows[0]
     data["tokens"] |= {"split": "train", "train_split": "val"}  # scored on the images that trained R
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump(data))
