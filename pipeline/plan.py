@@ -293,6 +293,12 @@ def preflight(run: RunPlan, stages: tuple[str, ...] = STAGES, check_folders: boo
         if split in shaped:
             raise ConfigError(f"{stage}.split '{split}' is a split that trains or selects the reconstructor; "
                               f"set {stage}.split to a held-out split")  # fmt: skip
+    if "sae" in stages and cfg.sae and cfg.sae.inputs == "tokens":  # the embeddings' width: at the stage
+        for step in run.studies["sae"]:
+            spec = run.encode[step.train_store].encoder
+            width = model_ids.feature_width(spec)
+            if width:
+                sae.sae_training.check_dictionary(cfg.sae, width, f"encoder '{spec.name}'")
     if (
         "sae" in stages
         and run.studies["sae"]

@@ -113,6 +113,20 @@ def test_r2_of_vectors_that_do_not_vary_is_nan_and_a_single_held_out_image_is_re
         SaeConfig(n_eval_images=1)
 
 
+def test_a_k_the_dictionary_cannot_hold_and_an_empty_encoder_list_are_config_errors():
+    from pipeline.config import ConfigError
+
+    # 4 x 8 = 32 latents: topk's k = 40 failed mid-training ("selected index k out of range")
+    st.check_dictionary(SaeConfig(variants=["topk"], k=[4, 31], expansion=4), 8, "the store")
+    with pytest.raises(
+        ConfigError, match="sae.k 40 is not below the dictionary's 32 latents .*4 x 8, the width"
+    ):
+        st.check_dictionary(SaeConfig(variants=["batchtopk"], k=[4, 40], expansion=4), 8, "the store")
+    st.check_dictionary(SaeConfig(variants=["relu"], k=[40], expansion=4), 8, "the store")  # k unused
+    with pytest.raises(ValueError, match="at least 1 item"):  # [] named no encoder and ran the default one
+        SaeConfig(encoders=[])
+
+
 def test_atoms_left_unmatched_by_a_smaller_dictionary_get_nan_and_index_minus_one():
     # 4 atoms against 3: the Hungarian matching pairs 3; the 4th got uninitialised memory (cosine 1.0 or 1.63)
     matched, match = science.match_dictionaries(np.eye(3)[[0, 1, 2, 0]], np.eye(3))
@@ -256,6 +270,14 @@ def test_a_finished_sae_study_is_found_and_listed_by_the_plan(sae_run):
     assert sae.run(job).already_complete
     rows = [s for s in plan_table.plan(load_run_config(config), config) if s.stage == "sae"]
     assert [r.state for r in rows] == ["cached", "cached"]
+    # refused before any work: the encoder's width from its network, built on the meta device
+    from pipeline import plan
+    from pipeline.config import ConfigError
+
+    cfg = load_run_config(config)
+    huge_k = cfg.model_copy(update={"sae": cfg.sae.model_copy(update={"k": [4, 100_000]})})
+    with pytest.raises(ConfigError, match=r"sae.k 100000 is not below .* the width of encoder 'tiny-vit-64'"):
+        plan.preflight(plan.build(huge_k, config), ("encode", "train", "sae"), check_folders=False)
 
 
 def test_an_encoder_filter_naming_an_encoder_the_config_lacks_says_which_it_has(sae_run):

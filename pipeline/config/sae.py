@@ -21,7 +21,9 @@ class SaeConfig(Frozen):
 
     output_root: Path = Runtime(Path("runs/sae"), description="Folder of content-addressed SAE runs.")
     encoders: list[str] | None = Runtime(
-        None, description="Encoders whose tokens are studied (default: the first)."
+        None,
+        min_length=1,
+        description="Encoders whose tokens are studied (default: the first; [] is an error).",
     )
     train_split: Name = Field("train", description="Split whose store trains the SAEs.")
     split: Name = Field("val", description="Held-out split of every metric (disjoint from train_split).")

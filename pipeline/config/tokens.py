@@ -28,7 +28,11 @@ class TokensConfig(Frozen):
     encoder's trained reconstructor, in pixels. Absent from a run config: the run has no tokens stage."""
 
     output_root: Path = Runtime(Path("runs/tokens"), description="Folder of content-addressed token runs.")
-    encoders: list[str] | None = Runtime(None, description="Encoders to study (default: the run's first).")
+    encoders: list[str] | None = Runtime(
+        None,
+        min_length=1,
+        description="Encoders to study (default: the run's first; [] names none: an error).",
+    )
     train_split: Name = Field("train", description="Split whose store trains the selectors and completions.")
     split: Name = Field(
         "val", description="Held-out split the selections are evaluated on (disjoint from train_split)."

@@ -205,6 +205,18 @@ def check_layer_and_width(spec: EncoderSpec) -> None:
         )
 
 
+def feature_width(spec: EncoderSpec) -> int | None:
+    """The stored features' width D: the spec's, or its timm network's at the layer (None where not known
+    without loading more)."""
+    if spec.hidden_dim is not None or spec.backend != "timm":
+        return spec.hidden_dim
+    try:
+        arch = architecture(spec)
+    except ConfigError:
+        return None
+    return arch.widths[arch.layer_index(spec.feature_layer)]
+
+
 def check_architecture(spec: EncoderSpec) -> None:
     """Refuse a spec whose network differs from the one its weights were trained with (before any download).
 

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from pipeline import bars, stop
-from pipeline.config import SaeConfig
+from pipeline.config import ConfigError, SaeConfig
 from pipeline.data.feature_loader import Prefetcher, batch_stream, widen
 from pipeline.models import checkpoints, resumable
 from pipeline.models.sae import SparseAutoencoder, training_loss
@@ -47,6 +47,16 @@ def primary(cfg: SaeConfig) -> SaeSpec:
     values = sweep(cfg, cfg.variants[0])
     share = cfg.text_shares[0] if cfg.inputs == "embeddings" else None
     return SaeSpec(cfg.variants[0], values[len(values) // 2], cfg.seeds[0], share)
+
+
+def check_dictionary(cfg: SaeConfig, dim: int, what: str) -> None:
+    """Top-k keeps k of the dictionary's expansion x dim latents: a larger k failed mid-training (topk) or trained a
+    dense code (batchtopk)."""
+    n_latents = cfg.expansion * dim
+    k = max(cfg.k) if {"topk", "batchtopk"} & set(cfg.variants) else 0
+    if k >= n_latents:
+        raise ConfigError(f"sae.k {k} is not below the dictionary's {n_latents} latents (sae.expansion "
+                          f"{cfg.expansion} x {dim}, the width of {what}); set every k below {n_latents}")  # fmt: skip
 
 
 def sae_specs(cfg: SaeConfig) -> list[SaeSpec]:

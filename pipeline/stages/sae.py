@@ -113,6 +113,7 @@ def train_all(job: SaeJob, train: FeatureStore, key: dict, models_dir: Path, pro
     cfg = job.cfg
     device = resolve_device(cfg.device)
     specs = sae_training.sae_specs(cfg)
+    sae_training.check_dictionary(cfg, source_for(job, train, specs[0]).dim, f"{train.path.name}'s vectors")
     found = {s: models_dir / s.name / "final.json" for s in specs}
     marker = models_dir / MODELS_MARKER
     if marker.is_file() and all(p.is_file() for p in found.values()):
