@@ -129,8 +129,15 @@ def resolve_encoder(
     if isinstance(ref, EncoderSpec):
         return ref
     as_path = Path(ref)
-    if as_path.suffix in (".yaml", ".yml") and as_path.is_file():
-        return load_model(as_path, EncoderSpec)
+    where = config_path or "the command line"
+    if as_path.suffix in (".yaml", ".yml"):  # a file: its stem is the encoder's name, as in configs/encoders/
+        if not as_path.is_file():
+            raise ConfigError(f"{where}: field `{field}`: encoder file {as_path} not found")
+        spec = load_model(as_path, EncoderSpec)
+        if spec.name != as_path.stem:  # stores are named by it: two names for one spec encoded it twice
+            raise ConfigError(f"{as_path}: field `name` is '{spec.name}' but the file is named '{as_path.stem}'; "
+                              "an encoder's name is its file's name")  # fmt: skip
+        return spec
     tried = []
     for d in encoder_search_dirs(config_path):
         candidate = d / f"{ref}.yaml"
@@ -141,7 +148,6 @@ def resolve_encoder(
                 raise ConfigError(f"{candidate}: field `name` is '{spec.name}' but the file is named '{ref}'")
             return spec
     known = sorted({p.stem for d in encoder_search_dirs(config_path) if d.is_dir() for p in d.glob("*.yaml")})
-    where = config_path or "the command line"
     raise ConfigError(
         f"{where}: field `{field}`: unknown encoder '{ref}' (looked for {', '.join(tried)}); "
         f"known: {', '.join(known)}"

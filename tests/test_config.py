@@ -122,6 +122,25 @@ def test_a_positive_feature_layer_is_refused(tmp_path):
         load_model(_write(tmp_path, spec), EncoderSpec)
 
 
+def test_an_encoder_file_is_named_after_its_encoder_and_a_missing_one_is_named_as_given(tmp_path):
+    from pipeline.config_files import resolve_encoder
+
+    spec = yaml.safe_load((REPO_CONFIG_DIR / "encoders" / "tiny-vit-64.yaml").read_text())
+    other = tmp_path / "my-vit.yaml"
+    other.write_text(
+        yaml.safe_dump(spec)
+    )  # name: tiny-vit-64, in my-vit.yaml: two store folders for one spec
+    with pytest.raises(ConfigError, match="field `name` is 'tiny-vit-64' but the file is named 'my-vit'"):
+        resolve_encoder(str(other), tmp_path / "run.yaml")
+    (tmp_path / "tiny-vit-64.yaml").write_text(yaml.safe_dump(spec))
+    assert resolve_encoder(str(tmp_path / "tiny-vit-64.yaml")).name == "tiny-vit-64"
+    # it looked for "nonexistent.yaml.yaml" in the encoder folders
+    with pytest.raises(
+        ConfigError, match=r"run.yaml: field `encoders`: encoder file .*/nonexistent.yaml not found$"
+    ):
+        resolve_encoder(str(tmp_path / "nonexistent.yaml"), tmp_path / "run.yaml")
+
+
 def test_yaml_syntax_errors_and_missing_files_name_the_file(tmp_path):
     path = tmp_path / "broken.yaml"
     path.write_text("store_root: [unclosed\n")
