@@ -42,9 +42,25 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+def _union_members_merged(errors: list[dict], model: type[BaseModel]) -> list[dict]:
+    """A value no member of a plain union accepts gives one error per member, under a tag such as
+    `literal['last']` or `constrained-int`: one error per field, its messages joined ("'last' or less than 0")."""
+    merged: dict[tuple, dict] = {}
+    for e in errors:
+        loc, last = e["loc"], e["loc"][-1] if e["loc"] else None
+        is_member = len(loc) > 1 and isinstance(last, str) and _model_at(model, loc[:-1]) is None
+        key = loc[:-1] if is_member else loc
+        if key in merged and is_member:
+            merged[key]["msg"] += " or " + e["msg"].removeprefix("Input should be ")
+        else:
+            merged[key] = {**e, "loc": key}
+    return list(merged.values())
+
+
 def _format_validation_error(path: Path, err: ValidationError, model: type[BaseModel]) -> str:
-    lines = [f"{path}: invalid {model.__name__} ({err.error_count()} problem(s)):"]
-    for e in err.errors()[:_MAX_PROBLEMS]:
+    errors = _union_members_merged(err.errors(), model)
+    lines = [f"{path}: invalid {model.__name__} ({len(errors)} problem(s)):"]
+    for e in errors[:_MAX_PROBLEMS]:
         field = ".".join(str(p) for p in e["loc"] if not _is_union_tag(p)) or "<top level>"
         detail = e["msg"]
         if e["type"] == "extra_forbidden":
@@ -54,8 +70,8 @@ def _format_validation_error(path: Path, err: ValidationError, model: type[BaseM
         given = e.get("input")
         shown = "" if isinstance(given, dict) or e["type"] == "missing" else f" (got {_SHORT.repr(given)})"
         lines.append(f"  - field `{field}`: {detail}{shown}")
-    if err.error_count() > _MAX_PROBLEMS:
-        lines.append(f"  ... and {err.error_count() - _MAX_PROBLEMS} more")
+    if len(errors) > _MAX_PROBLEMS:
+        lines.append(f"  ... and {len(errors) - _MAX_PROBLEMS} more")
     return "\n".join(lines)
 
 
