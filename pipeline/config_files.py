@@ -170,6 +170,16 @@ def resolve_encoder(
     )
 
 
+def spec_file(name: str, config_path: Path | None) -> str:
+    """Where the spec of encoder `name` (a layer's: NAME.L-2) is written: its YAML file, or the run config."""
+    for candidate in [
+        d / f"{n}.yaml" for n in (name, name.split(".")[0]) for d in encoder_search_dirs(config_path)
+    ]:
+        if candidate.is_file():
+            return str(candidate)
+    return str(config_path or "the command line")
+
+
 def resolve_entry(
     ref: str | EncoderSpec | EncoderEntry, config_path: Path | None = None, field: str = "encoders"
 ) -> list[EncoderSpec]:

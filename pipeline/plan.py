@@ -10,7 +10,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from pipeline.config import ConfigError, EncoderSpec, OperatorPairSpec, RunConfig, TransformSpec
-from pipeline.config_files import resolve_encoder, resolve_entry
+from pipeline.config_files import resolve_encoder, resolve_entry, spec_file
 from pipeline.data.datasets import list_images
 from pipeline.jobs import EncodeJob, EvalTarget, OperatorJob, SaeJob, TokensJob, TrainJob
 from pipeline.models import model_ids, text_towers, weights
@@ -141,8 +141,11 @@ def encoder_specs(
         specs += [s for n in unknown for s in resolve_entry(n, config_path, field)]
         specs = [s for s in specs if any(selected(s, n) for n in names)]
     for spec in specs:
-        model_ids.check_architecture(spec)
-        model_ids.check_layer_and_width(spec)
+        try:
+            model_ids.check_architecture(spec)
+            model_ids.check_layer_and_width(spec)
+        except ConfigError as e:  # "fix X in its YAML": which one
+            raise type(e)(f"{spec_file(spec.name, config_path)}: {e}") from None
     return specs
 
 

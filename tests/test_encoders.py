@@ -177,8 +177,13 @@ def test_spec_with_wrong_hidden_dim_fails_naming_the_field():
     [
         ({"feature_layer": -50}, r"feature_layer -50 does not exist; the model has \d+ blocks"),
         ({"hidden_dim": 768}, rf"hidden_dim 768, but layer -2 of '.*' is {TIMM_WIDTH} wide"),
+        # it failed at encode as "the model returns -47 tokens before its 8x8 patch grid; fix n_prefix_tokens"
+        ({"patch_size": TIMM_PATCH // 2, "resolution": TIMM_RESOLUTION},
+         rf"patch_size {TIMM_PATCH // 2}, but layer -2 of '.*' has patches of {TIMM_PATCH} px; fix patch_size"),
+        ({"feature_layer": "last", "patch_size": TIMM_PATCH * 2, "resolution": TIMM_PATCH * 4}, "fix patch_size"),
+        ({"n_prefix_tokens": 0}, r"n_prefix_tokens 0, but '.*' puts 1 before its patch tokens"),
     ],
-)
+)  # fmt: skip
 def test_a_specs_layer_and_width_are_checked_against_the_network_before_loading_it(overrides, expected):
     from pipeline.config import ConfigError
     from pipeline.models import model_ids

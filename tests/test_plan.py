@@ -177,3 +177,20 @@ def test_force_removes_a_stage_and_every_later_one_so_the_plan_runs_them_again(w
         assert "unknown stage 'trian'; stages: encode, train, operators, evaluate" in str(e)
     else:
         raise AssertionError("a misspelled stage must be refused")
+
+
+def test_a_wrong_encoder_spec_is_refused_by_the_plan_naming_its_yaml_file(write_run_config, tmp_path):
+    import yaml
+
+    from pipeline.config import ConfigError
+    from pipeline.config_files import REPO_CONFIG_DIR
+
+    spec = yaml.safe_load((REPO_CONFIG_DIR / "encoders" / "tiny-vit-64.yaml").read_text())
+    config = write_run_config(encoders=["my-vit"])
+    (config.parent / "encoders").mkdir(exist_ok=True)
+    mine = config.parent / "encoders" / "my-vit.yaml"
+    mine.write_text(yaml.safe_dump({**spec, "name": "my-vit", "patch_size": 8}))  # encoded before it failed
+    with pytest.raises(
+        ConfigError, match=rf"^{mine}: encoder 'my-vit': patch_size 8, but .* patches of 16 px"
+    ):
+        build(load_run_config(config), config, image_counts={"train": 8, "val": 8})

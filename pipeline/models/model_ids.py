@@ -27,6 +27,7 @@ class Architecture:
     strides: tuple[int, ...]  # per layer: the patch size (ViT, all equal) or the stage's stride (CNN)
     widths: tuple[int, ...]  # per layer: the feature width D
     resolution: int  # the model's default input side
+    n_prefix_tokens: int | None = None  # a ViT's CLS/register tokens before the patch tokens
 
     def layer_index(self, layer: Layer) -> int:
         return self.n_layers - 1 if layer == "last" else self.n_layers + layer
@@ -51,7 +52,10 @@ def timm_architecture(model_id: str, model_kwargs: tuple = ()) -> Architecture:
         patch = int(patch[0] if isinstance(patch, (tuple, list)) else patch)
         n = len(model.blocks)
         width = int(getattr(model, "embed_dim", model.num_features))
-        return Architecture("vit", n, (patch,) * n, (width,) * n, resolution)
+        prefix = getattr(model, "num_prefix_tokens", None)
+        return Architecture(
+            "vit", n, (patch,) * n, (width,) * n, resolution, prefix if isinstance(prefix, int) else None
+        )
     info = getattr(model, "feature_info", None)
     if info and hasattr(model, "forward_intermediates"):
         return Architecture(
@@ -183,20 +187,39 @@ _ARCHITECTURE_KWARGS = {"act_layer", "norm_layer", "hidden_act", "layer_norm_eps
 
 
 def check_layer_and_width(spec: EncoderSpec) -> None:
-    """A timm spec's feature_layer exists and its hidden_dim is that layer's width, read from the network built
-    on the meta device (no weights): a wrong one failed mid-encode, after the stores before it."""
-    if spec.backend != "timm" or spec.feature_layer == "last":
+    """A timm spec's feature_layer exists, its patch_size is that layer's patch or stride, its hidden_dim that
+    layer's width and its n_prefix_tokens the model's, read from the network built on the meta device (no
+    weights): a wrong one failed mid-encode, after the stores before it (a wrong patch_size as "the model returns
+    -47 prefix tokens")."""
+    if spec.backend != "timm":
         return
     try:
         arch = architecture(spec)
     except ConfigError:  # a model timm does not know: the loader says where it looked
         return
     unit = "stages" if arch.family == "cnn" else "blocks"
-    if -spec.feature_layer > arch.n_layers:
+    if spec.feature_layer != "last" and -spec.feature_layer > arch.n_layers:
         raise ConfigError(
             f"encoder '{spec.name}': feature_layer {spec.feature_layer} does not exist; the model has "
             f"{arch.n_layers} {unit} (-1 .. -{arch.n_layers}); fix feature_layer in its YAML"
         )
+    stride = arch.strides[arch.layer_index(spec.feature_layer)]
+    if spec.patch_size != stride:
+        raise ConfigError(
+            f"encoder '{spec.name}': patch_size {spec.patch_size}, but layer {spec.feature_layer} of "
+            f"'{spec.model_id}' has {'a stride' if arch.family == 'cnn' else 'patches'} of {stride} px; fix "
+            "patch_size in its YAML"
+        )
+    if (
+        None not in (spec.n_prefix_tokens, arch.n_prefix_tokens)
+        and spec.n_prefix_tokens != arch.n_prefix_tokens
+    ):
+        raise ConfigError(
+            f"encoder '{spec.name}': n_prefix_tokens {spec.n_prefix_tokens}, but '{spec.model_id}' puts "
+            f"{arch.n_prefix_tokens} before its patch tokens; fix n_prefix_tokens in its YAML (or leave it out)"
+        )
+    if spec.feature_layer == "last":
+        return
     width = arch.widths[arch.layer_index(spec.feature_layer)]
     if spec.hidden_dim is not None and spec.hidden_dim != width:
         raise ConfigError(
