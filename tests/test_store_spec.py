@@ -34,9 +34,17 @@ def test_spec_has_examples_for_zarr_dask_and_xarray():
 
 @pytest.mark.parametrize("precision", ["float16", "int8_per_token"])
 def test_every_spec_example_runs_against_a_real_store_without_reconlab_and_gets_its_values(
-    make_job, precision
+    make_job, demo_root, tmp_path, precision
 ):
-    path = encode.run(make_job(split="val", store=StoreOptions(shard_images=8, precision=precision)),
+    import shutil
+
+    from pipeline.config import DatasetSpec, SplitSpec
+
+    images = tmp_path / "images"  # the demo's val photos and a broken file: a failed image's zero row
+    shutil.copytree(demo_root / "val", images)
+    (images / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0" + bytes(200))
+    dataset = DatasetSpec(name="spec", kind="folder", splits={"val": SplitSpec(images_dir=images)})
+    path = encode.run(make_job(dataset=dataset, split="val", store=StoreOptions(shard_images=8, precision=precision)),
                       progress=False).store_path  # fmt: skip
     namespace = {"STORE": str(path), "zarr": zarr}
     for example in spec_examples():
@@ -46,7 +54,8 @@ def test_every_spec_example_runs_against_a_real_store_without_reconlab_and_gets_
     np.testing.assert_array_equal(
         namespace["first"], store.features(slice(row, row + 1))[0]
     )  # int8: times scale
-    expected_norm = np.linalg.norm(store.features(), axis=-1).mean()
+    assert not store.valid().all()  # the examples must skip the zero row
+    expected_norm = np.linalg.norm(store.features(np.flatnonzero(store.valid())), axis=-1).mean()
     assert float(namespace["token_norm"]) == pytest.approx(float(expected_norm), rel=1e-5)
     assert namespace["one"].shape == (4, 4, 192)
     shards = zarr.open_group(str(path), mode="r").attrs["shards"]  # content_sha256 by the spec's recipe
