@@ -78,7 +78,9 @@ def inspect(
     else:
         enc, prov = info["encoder"], info["provenance"]
         typer.echo(f"store      {info['path']}")
-        typer.echo(f"format     v{info['format_version']}  config {info['config_hash']}")
+        typer.echo(
+            f"format     v{info['format_version']}  config {info['config_hash']}  precision {info['precision']}"
+        )
         typer.echo(f"status     {info['status']} ({info['shards_done']} shards done)")
         for shard, problem in info["damaged_shards"].items():
             typer.echo(f"damaged    shard {shard}: {problem}")

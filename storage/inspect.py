@@ -125,6 +125,10 @@ def inspect_store(path: Path, n_stat_images: int = 64) -> dict:
         "path": str(path),
         "format_version": attrs.get(FORMAT_KEY),
         "config_hash": attrs["config_hash"],
+        "config": attrs.get("config"),
+        "content_sha256": attrs.get("content_sha256"),  # the identity later stages key on (when complete)
+        "precision": store.layout.precision,
+        "layout": attrs["layout"],
         "complete": store.complete,
         "status": status_text(store),
         "damaged_shards": {str(k): v for k, v in damaged.items()},
@@ -137,6 +141,7 @@ def inspect_store(path: Path, n_stat_images: int = 64) -> dict:
         "bytes_on_disk": disk_bytes(path),
         "encoder": attrs["encoder"],
         "dataset": attrs["dataset"],
+        "dataset_source": attrs.get("dataset_source"),
         "image_transform": attrs["image_transform"],
         "decoding": decoding(attrs.get("config", {})),
         "provenance": attrs["provenance"],

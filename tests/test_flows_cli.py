@@ -7,6 +7,7 @@ import socket
 from pathlib import Path
 
 import pytest
+import zarr
 from typer.testing import CliRunner
 
 from flows.cli import app
@@ -69,6 +70,10 @@ def test_cli_encode_runs_the_flow_then_store_ls_and_inspect_describe_the_stores(
     assert 0.9 < info["arrays"]["features"]["compression_ratio"] < 1.2
     assert info["feature_stats_sampled"]["fraction_nonfinite"] == 0
     assert info["decoding"] == {"resize": "torch", "jpeg_draft": "2x"}
+    # everything: what tells a bf16_bitround store from a float32 one (both float32 arrays), and the identity
+    attrs = zarr.open_group(str(store), mode="r").attrs
+    for key in ("precision", "layout", "config", "dataset_source", "content_sha256"):
+        assert info[key] == attrs[key], key
     assert preview.stat().st_size > 1000
     for given, written in (
         (tmp_path / "pca", tmp_path / "pca.png"),
