@@ -310,6 +310,9 @@ def preflight(run: RunPlan, stages: tuple[str, ...] = STAGES, check_folders: boo
     ):
         raise ConfigError("sae.inputs: embeddings trains on the stores' image embeddings: set encode.embeddings: "
                           "true")  # fmt: skip
+    for step in run.studies["tokens"] if "tokens" in stages else []:
+        spec = run.encode[step.train_store].encoder
+        tokens.check_fractions(cfg.tokens, spec.name, spec.grid)
     judge = run.tokens_judge
     if "tokens" in stages and run.studies["tokens"] and judge is not None and not judge.keep_head:
         raise ConfigError(f"tokens.judge: '{judge.name}' must set keep_head: true (judges score pooled image "

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from pipeline import artifacts, bars
 from pipeline.artifacts import WriteLock
-from pipeline.config import TokensConfig, config_hash
+from pipeline.config import ConfigError, TokensConfig, config_hash
 from pipeline.data.store_info import StoreInfo, open_encoded
 from pipeline.jobs import TokensJob
 from pipeline.models import checkpoints, judges, token_training, weights
@@ -70,6 +70,22 @@ def keys_and_dirs(job: TokensJob, train: FeatureStore, held_out: FeatureStore, h
                 "held_out_store": StoreInfo.of(held_out).digest, "reconstructor": header["config_hash"],
                 "reconstructor_weights_sha256": checkpoints.weights_sha256(header), "judge": judge_id}  # fmt: skip
     return nets_key, nets_dir, eval_key, artifacts.folder(job.cfg.output_root, name, eval_key)
+
+
+def check_fractions(cfg: TokensConfig, encoder: str, grid_hw: tuple[int, int]) -> None:
+    """Every fraction keeps a token count of its own: one under half a token was evaluated as one token under its
+    own label, and two fractions that round alike were one experiment twice."""
+    n = grid_hw[0] * grid_hw[1]
+    kept: dict[int, float] = {}
+    for p in cfg.fractions:
+        if round(p * n) == 0:
+            raise ConfigError(f"tokens.fractions: {p:g} keeps no token of encoder '{encoder}''s {n} (round({p:g} x "
+                              f"{n}) = 0); the smallest fraction that keeps one is {1 / n:.4g}")  # fmt: skip
+        k = n_kept(p, n)
+        if k in kept:
+            raise ConfigError(f"tokens.fractions: {kept[k]:g} and {p:g} both keep {k} of encoder '{encoder}''s {n} "
+                              "tokens (one experiment twice); drop one")  # fmt: skip
+        kept[k] = p
 
 
 def judge_id(job: TokensJob) -> str | None:
