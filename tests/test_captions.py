@@ -121,6 +121,9 @@ def test_an_embedding_sae_study_runs_through_the_plan_with_bridges_modality_and_
     assert len(bridges) == 3 and (bridges["image concept"] != bridges["text concept"]).all()
     stability = pd.read_csv(result.out_dir / "pareto.csv")
     assert {"batchtopk-k4-s0-t0.5", "batchtopk-k4-s1-t0.5", "batchtopk-k4-s0-t0.25"} <= set(stability.model)
+    across = pd.read_csv(result.out_dir / "stability.csv").set_index("b")["across"].to_dict()
+    assert across == {"batchtopk-k4-s1-t0.5": "seeds", "batchtopk-k4-s0-t0.25": "image:text mixes"}
+    assert (result.out_dir / "per_modality.csv").is_file()
     for name in ("modality.png", "bridges.png", "pareto.png", "report.html"):
         assert (result.out_dir / name).is_file(), name
     rows = [s for s in plan_table.plan(load_run_config(config), config) if s.stage == "sae"]

@@ -254,6 +254,11 @@ def test_the_stage_writes_the_pareto_table_stability_pixel_cost_and_concept_figu
     assert float(topk_rows.l0.iloc[0]) <= 4 * 1.5  # the global threshold keeps about k per token
     report = result.report.read_text()
     assert "Stability of the primary setting" in report and "Recorded choices" in report
+    # the report's numbers in files: the seeds' matched cosine was only in report.md
+    stability = pd.read_csv(result.out_dir / "stability.csv")
+    assert stability[["a", "b"]].values.tolist() == [["batchtopk-k8-s0", "batchtopk-k8-s1"]]
+    assert f"{stability['mean matched cosine'].iloc[0]:.4g}" in report
+    assert len(pd.read_csv(result.out_dir / "stability_by_energy.csv")) >= 1
     pixel = pd.read_csv(result.out_dir / "pixel_cost.csv")
     assert set(pixel.comparison) == {"R(f) vs image", "R(SAE(f)) vs image", "R(SAE(f)) vs R(f)"}
     for name in ("pareto.png", "energy.png", "sheets.png", "report.html"):

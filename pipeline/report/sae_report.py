@@ -170,9 +170,7 @@ def write(out_dir: Path, analysis: dict, screening: dict, cfg: SaeConfig, traini
         ("Input screen (training tokens)", _screen_table(screening, cfg)),
         ("Pareto table: fidelity vs sparsity on held-out tokens", pareto),
         ("figure:pareto.png", None),
-        (f"Stability of the primary setting ({analysis['primary']}) across seeds", analysis["stability"]["pairs"]),
-        ("Stability by concept energy (energy of the first seed's latents on held-out tokens)",
-         analysis["stability"]["by_energy"]),
+        *_stability(out_dir, analysis, cfg, "across seeds", "energy of the first seed's latents on held-out tokens"),
         ("figure:energy.png", None),
         ("The SAE's cost in pixels (primary SAE; means with 95% bootstrap CIs)", analysis["pixels"]),
     ]  # fmt: skip
@@ -188,6 +186,20 @@ def write(out_dir: Path, analysis: dict, screening: dict, cfg: SaeConfig, traini
         ("Run", pd.DataFrame([{"key hash": config_hash(key)}])),
     ]
     return write_document(out_dir, "reconlab SAE report", sections)
+
+
+def _stability(out_dir: Path, analysis: dict, cfg: SaeConfig, across: str, energy: str) -> list[tuple]:
+    """The stability sections, their numbers in stability.csv and stability_by_energy.csv (or why there are none)."""
+    pairs, by_energy = analysis["stability"]["pairs"], analysis["stability"]["by_energy"]
+    pairs.to_csv(out_dir / "stability.csv", index=False)
+    by_energy.to_csv(out_dir / "stability_by_energy.csv", index=False)
+    title = f"Stability of the primary setting ({analysis['primary']}) {across}"
+    if pairs.empty:
+        return [
+            (title, f"Not measured: the primary setting trained once (sae.seeds {cfg.seeds}); add a seed.")
+        ]
+    return [(title + " (stability.csv)", pairs), (f"Stability by concept energy ({energy}; stability_by_energy.csv)",
+                                                  by_energy)]  # fmt: skip
 
 
 def _screen_table(screening: dict, cfg: SaeConfig) -> pd.DataFrame:
@@ -207,6 +219,7 @@ def _write_embeddings(out_dir: Path, analysis: dict, screening: dict, cfg: SaeCo
         [{k: v for k, v in b.items() if not k.startswith("_")} for b in analysis["bridges"]]
     )
     bridges.to_csv(out_dir / "bridges.csv", index=False)
+    analysis["per_modality"].to_csv(out_dir / "per_modality.csv", index=False)
     figure_pareto(pareto, out_dir / "pareto.png")
     figure_modality(analysis["modality"], out_dir / "modality.png")
     figure_energy(analysis["energy"], analysis["firing"], out_dir / "energy.png")
@@ -222,8 +235,7 @@ def _write_embeddings(out_dir: Path, analysis: dict, screening: dict, cfg: SaeCo
         ("Pareto table: fidelity vs sparsity on held-out images and captions", pareto),
         ("figure:pareto.png", None),
         ("Fidelity per modality", analysis["per_modality"]),
-        (f"Stability of the primary setting ({analysis['primary']}) across seeds and mixes", analysis["stability"]["pairs"]),
-        ("Stability by concept energy", analysis["stability"]["by_energy"]),
+        *_stability(out_dir, analysis, cfg, "across seeds and mixes", "energy of the first run's latents"),
         ("figure:energy.png", None),
         ("Modality scores", f"{analysis['unimodal_share']:.1%} of the concepts that fired have a modality score below 0.1 "
          "or above 0.9 (strongly unimodal)."),
