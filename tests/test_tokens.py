@@ -199,6 +199,15 @@ def test_the_stage_scores_every_method_and_fraction_and_writes_its_report(tokens
     assert scores.image_id.nunique() == 12  # every held-out image of the demo fixture
     report = result.report.read_text()
     assert "Recorded choices" in report and "does not claim to reproduce" in report
+    assert "Mean scores with no completion" in report  # they were only in means.csv and dotted lines
+    assert (
+        "32 / 2 (width // 16, at least 1)" in report
+        and "width set in the config; heads: reconlab's" in report
+    )
+    from pipeline.report.tokens_report import choices_table
+
+    row = choices_table(TokensConfig(), 192).set_index("setting").loc["width / heads"]  # not "width // 64"
+    assert row.value == "192 / 3 (width // 64, at least 1)" and row.source.startswith("the encoder's width")
     for name in ("curves.png", "grid.png", "tests.csv", "means.csv", "report.html"):
         assert (result.out_dir / name).is_file(), name
     tests = pd.read_csv(result.out_dir / "tests.csv")

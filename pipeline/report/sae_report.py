@@ -132,16 +132,20 @@ def choices_table(cfg: SaeConfig) -> pd.DataFrame:
          if cfg.center else ""), "the papers' normalised embeddings" if cfg.unit_norm_inputs and not cfg.center else OURS),
         ("variants", ", ".join(cfg.variants), "BatchTopK first (best trade-off in 2504.11695); the others: " + OURS),
         ("dictionary", f"{cfg.expansion} x feature width, decoder rows at unit norm", OURS + " for the size"),
-        ("sparsity sweep", f"k {cfg.k}; JumpReLU L0 {cfg.l0_coefficients}; ReLU L1 {cfg.l1_coefficients}", OURS),
-        ("BatchTopK inference", "one global threshold: EMA (0.99) of the smallest surviving training activation", OURS),
-        ("JumpReLU", f"learned threshold per latent (initial {cfg.jumprelu_threshold:g}), rectangle-kernel "
-         f"straight-through of width {cfg.jumprelu_bandwidth:g}: sized for unit-norm inputs, whose pre-activations "
-         "are cosines (the JumpReLU paper's 1e-3 assumes inputs of norm ~sqrt(width))", OURS + " (values)"),
+        ("sparsity sweep", "; ".join(f"{name} {values}" for kinds, name, values in (
+            ({"topk", "batchtopk"}, "k", cfg.k), ({"jumprelu"}, "JumpReLU L0", cfg.l0_coefficients),
+            ({"relu"}, "ReLU L1", cfg.l1_coefficients)) if kinds & set(cfg.variants)), OURS),
+        *([("BatchTopK inference", "one global threshold: EMA (0.99) of the smallest surviving training activation",
+            OURS)] if "batchtopk" in cfg.variants else []),
+        *([("JumpReLU", f"learned threshold per latent (initial {cfg.jumprelu_threshold:g}), rectangle-kernel "
+            f"straight-through of width {cfg.jumprelu_bandwidth:g}: sized for unit-norm inputs, whose pre-activations "
+            "are cosines (the JumpReLU paper's 1e-3 assumes inputs of norm ~sqrt(width))", OURS + " (values)")]
+          if "jumprelu" in cfg.variants else []),
         ("dead latents", f"AuxK (weight {cfg.aux_coefficient:g}, k_aux = width / 2) after {cfg.dead_window} silent "
          "training vectors; no resampling", OURS),
         ("optimiser", f"Adam, lr {cfg.lr:g} constant, {cfg.epochs} epochs, {cfg.batch_images} images per step", OURS),
         ("R²", "1 − Σ‖x − x̂‖² / Σ‖x − μ‖² over all held-out tokens, one global μ, float64, in the SAE's input space",
-         "the issue's definition"),
+         OURS + " (the usual fraction of variance explained, taken over the whole held-out set)"),
         ("dead / dense on held-out", f"never fired on the held-out tokens / fired on more than {cfg.dense_frequency:.0%}",
          OURS + " (thresholds)"),
         ("linear baseline", "PCA fitted on training tokens, k = each SAE's rounded L0", OURS),

@@ -91,7 +91,7 @@ def figure_grid(grid: dict, n_rows: int, path: Path) -> None:
     operator_grid(columns, n_rows, path, f"held-out images at keep fraction {grid['fraction']:g}")
 
 
-def choices_table(cfg: TokensConfig) -> pd.DataFrame:
+def choices_table(cfg: TokensConfig, feature_width: int) -> pd.DataFrame:
     paper, ours, departure = (
         "paper",
         "reconlab's choice (the paper does not state it)",
@@ -102,7 +102,9 @@ def choices_table(cfg: TokensConfig) -> pd.DataFrame:
         ("selector", f"{net.depth} transformer layers + linear head, one keep logit per token",
          paper if net.depth == 3 else departure),
         ("completion network", f"{net.depth} transformer layers rebuilding every token", paper if net.depth == 3 else departure),
-        ("width / heads", f"{net.width or 'encoder width'} / width // {net.head_dim}", ours),
+        ("width / heads", f"{net.width or feature_width} / {max(1, (net.width or feature_width) // net.head_dim)} "
+         f"(width // {net.head_dim}, at least 1)", ("width set in the config; heads: " if net.width else
+         "the encoder's width; heads: ") + ours),
         ("positions", "learned, added in both networks", ours + ": a shared mask token cannot be placed without them"),
         ("input standardisation", "per channel, mean/std of the train store, inside the model", ours),
         ("masked input", "M*F + (1-M)*E_mask, one shared learned E_mask", paper),
@@ -127,13 +129,16 @@ def choices_table(cfg: TokensConfig) -> pd.DataFrame:
 
 
 def write(out_dir: Path, scores: pd.DataFrame, tests: pd.DataFrame, grid: dict, cfg: TokensConfig,
-          training: pd.DataFrame, inputs: list[dict], key: dict, judge: str | None) -> tuple[Path, Path]:  # fmt: skip
+          training: pd.DataFrame, inputs: list[dict], key: dict, judge: str | None,
+          feature_width: int) -> tuple[Path, Path]:  # fmt: skip
     means = mean_table(scores, cfg)
     means.to_csv(out_dir / "means.csv", index=False)
     figure_curves(means, out_dir / "curves.png")
     figure_grid(grid, cfg.n_grid_images, out_dir / "grid.png")
     completed = means[means.completion.isin(["completed", "none"])]
     pivot = completed.pivot_table(index=["fraction", "method"], columns="metric", values="mean").reset_index()
+    zeroed = means[means.completion == "zeroed"]
+    zeroed = zeroed.pivot_table(index=["fraction", "method"], columns="metric", values="mean").reset_index()
     cols = ["metric", "baseline", "fraction", "n_pairs", "mean_a", "mean_b", "mean_diff", "diff_ci_low",
             "diff_ci_high", "wilcoxon_p", "holm_p_wilcoxon", "permutation_p", "holm_p_permutation", "rank_biserial"]  # fmt: skip
     sections = [
@@ -143,9 +148,11 @@ def write(out_dir: Path, scores: pd.DataFrame, tests: pd.DataFrame, grid: dict, 
          "about VLM answers: these feature and pixel measures are a different lens, and this report does not claim to "
          "reproduce it. 'completed': dropped tokens rebuilt by the method's own completion network; 'no completion': "
          "R applied to the kept tokens with dropped positions zeroed."),
-        ("Recorded choices", choices_table(cfg)),
+        ("Recorded choices", choices_table(cfg, feature_width)),
         ("Mean scores (completed sets; 'all tokens' is R(f(x)), the ceiling)", pivot),
         ("figure:curves.png", None),
+        ("Mean scores with no completion (R of the kept tokens, dropped positions zeroed; dotted in the figure)",
+         zeroed),
         ("Learned vs baselines: two-sided paired tests per fraction (Holm across fractions, per metric and baseline)",
          tests[cols] if len(tests) else tests),
         ("figure:grid.png", None),

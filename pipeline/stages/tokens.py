@@ -125,7 +125,7 @@ def _run(job: TokensJob, progress: bool) -> TokensResult:
                 {"input": "trained networks", "path": str(nets_dir), "sha256": config_hash(nets_key)},
             ]  # fmt: skip
             tokens_report.write(out_dir, scores, tests, grid, cfg, _training_table(networks), inputs,
-                                eval_key, judge.spec.name if judge else None)  # fmt: skip
+                                eval_key, judge.spec.name if judge else None, train.layout.hidden_dim)  # fmt: skip
             artifacts.finish(out_dir / artifacts.RESULT, eval_key,
                              {"networks": str(nets_dir), "report": str(out_dir / "report.md")})  # fmt: skip
     return TokensResult(out_dir, nets_dir, out_dir / "report.md", already_complete=False)
