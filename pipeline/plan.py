@@ -130,13 +130,13 @@ def encoder_specs(
         unknown = sorted(n for n in set(names) if not any(selected(s, n) for s in specs))
         if field == ENCODER_FILTER:  # a filter: the config's encoders, or those only its later stages name
             elsewhere = set(named_by_stages(cfg))
-            for name in unknown:
-                resolve_entry(name, config_path, field)  # a name no encoder has: the known ones listed
+            for name in unknown:  # the config's encoders listed, not every spec reconlab ships
                 if name not in elsewhere:
                     raise ConfigError(
                         f"field `{field}`: '{name}' is not an encoder of {config_path or 'the config'} (it has "
                         f"{', '.join(s.name for s in specs)}); add it to `encoders:` there to encode it"
                     )
+                resolve_entry(name, config_path, field)
             unknown = []
         specs += [s for n in unknown for s in resolve_entry(n, config_path, field)]
         specs = [s for s in specs if any(selected(s, n) for n in names)]

@@ -183,7 +183,7 @@ def test_served_stages_run_log_publish_cache_queue_and_resume(server, api, confi
         wrong = _run(server, "reconlab-encode/served-encode", {"encoder_names": ["tiny-vit-999"]})
         assert (
             wrong.state.is_failed()
-            and "encoder_names`: unknown encoder 'tiny-vit-999'" in wrong.state.message
+            and "encoder_names`: 'tiny-vit-999' is not an encoder of" in wrong.state.message
         )
         logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[wrong.id])))
         assert logs and not any("Traceback" in log.message for log in logs), [log.message for log in logs]
