@@ -49,7 +49,7 @@ from pipeline.config import (
 from pipeline.data import decode_workers
 from pipeline.data.datasets import list_images
 from pipeline.data.feature_loader import EpochBatches, batch_stream
-from pipeline.data.store_info import StoreInfo
+from pipeline.data.store_info import StoreInfo, open_encoded
 from pipeline.jobs import EncodeJob
 from pipeline.models import encoders
 from pipeline.models.step_scalars import StepScalars
@@ -226,7 +226,7 @@ def train_rows(store_path: Path, s: dict, device: torch.device) -> Iterator[str]
     """Steps/s streamed vs resident on the device, per compute dtype and compile setting, with peak memory; each
     table row as soon as it is measured (a run cut short keeps what it printed). A setting that does not fit in
     the device's memory is a row that says so."""
-    store = train.open_training_store(store_path)
+    store = open_encoded(store_path)
     pre = StoreInfo.of(store).preprocessing
     # bf16 at every batch; float32 eager at the largest only (the slowest setting, and one nobody would train
     # with on a GPU)
@@ -307,7 +307,7 @@ def _train_steps(
 
 def largest_batch(store_path: Path, s: dict, device: torch.device) -> int:
     """The largest power-of-two batch whose bf16 training step fits on the device (0: not searched)."""
-    store = train.open_training_store(store_path)
+    store = open_encoded(store_path)
     pre = StoreInfo.of(store).preprocessing
     features, pixels = (torch.as_tensor(a) for a in next(batch_stream(store, 1, 0, 0, 1)))
     fits, size = 0, s["batch"]

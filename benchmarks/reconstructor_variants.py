@@ -25,6 +25,7 @@ from pipeline.config import (
 )
 from pipeline.config_files import resolve_encoder
 from pipeline.data import demo
+from pipeline.data.store_info import open_encoded
 from pipeline.models.reconstructor import Reconstructor
 from pipeline.stages import encode, train
 
@@ -81,7 +82,7 @@ def main() -> None:
             start = time.perf_counter()
             result = train.run(train.TrainJob(stores["train"], stores["val"], cfg), progress=False)
             seconds = time.perf_counter() - start
-            model = train.build_model(cfg, train.open_training_store(stores["train"]))
+            model = train.build_model(cfg, open_encoded(stores["train"]))
             m = result.val_metrics
             print(f"| {encoder} | {name} | {matrix_weights(model):,} | {seconds:.1f} | {m['val_psnr_db']:.2f} | "
                   f"{m['val_ssim']:.4f} |")  # fmt: skip

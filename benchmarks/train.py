@@ -24,7 +24,7 @@ from pipeline.config import DatasetSpec, EncodeOptions, StoreOptions, SubsetSpec
 from pipeline.config_files import resolve_encoder
 from pipeline.data import demo
 from pipeline.data.feature_loader import EpochBatches, batch_stream
-from pipeline.data.store_info import StoreInfo
+from pipeline.data.store_info import StoreInfo, open_encoded
 from pipeline.stages import encode, train
 from storage.inspect import disk_bytes
 
@@ -40,7 +40,7 @@ def make_store(work: Path, encoder: str, n_images: int) -> Path:
 
 def steps(store_path: Path, cfg: TrainConfig, n_steps: int, in_memory: bool) -> float:
     """Seconds for n_steps optimisation steps, batches streamed from the store or pre-loaded."""
-    store = train.open_training_store(store_path)
+    store = open_encoded(store_path)
     torch.manual_seed(0)
     model = train.build_model(cfg, store)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
@@ -73,7 +73,7 @@ def steps(store_path: Path, cfg: TrainConfig, n_steps: int, in_memory: bool) -> 
 
 def loader_only(store_path: Path, cfg: TrainConfig, n_steps: int) -> float:
     """Seconds to produce n_steps batches from the store with no model: the loader's own ceiling."""
-    store = train.open_training_store(store_path)
+    store = open_encoded(store_path)
     start = time.perf_counter()
     produced = 0
     while produced < n_steps:
