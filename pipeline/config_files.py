@@ -4,6 +4,7 @@ encoder specs found by name under configs/encoders/."""
 from __future__ import annotations
 
 import reprlib
+import types
 import typing
 from pathlib import Path
 from typing import Any, TypeVar
@@ -47,14 +48,24 @@ def _union_members_merged(errors: list[dict], model: type[BaseModel]) -> list[di
     `literal['last']` or `constrained-int`: one error per field, its messages joined ("'last' or less than 0")."""
     merged: dict[tuple, dict] = {}
     for e in errors:
-        loc, last = e["loc"], e["loc"][-1] if e["loc"] else None
-        is_member = len(loc) > 1 and isinstance(last, str) and _model_at(model, loc[:-1]) is None
+        loc = e["loc"]
+        is_member = len(loc) > 1 and isinstance(loc[-1], str) and _is_union_field(model, loc[:-1])
         key = loc[:-1] if is_member else loc
         if key in merged and is_member:
             merged[key]["msg"] += " or " + e["msg"].removeprefix("Input should be ")
         else:
             merged[key] = {**e, "loc": key}
     return list(merged.values())
+
+
+def _is_union_field(model: type[BaseModel], loc: tuple) -> bool:
+    """Whether the field at `loc` is typed as a plain union (its errors come one per member), not a dict or list."""
+    parent = _model_at(model, loc[:-1])
+    field = parent.model_fields.get(loc[-1]) if parent is not None and isinstance(loc[-1], str) else None
+    annotation = field.annotation if field is not None else None
+    while typing.get_origin(annotation) is typing.Annotated:
+        annotation = typing.get_args(annotation)[0]
+    return typing.get_origin(annotation) in (typing.Union, types.UnionType)
 
 
 def _format_validation_error(path: Path, err: ValidationError, model: type[BaseModel]) -> str:
