@@ -314,3 +314,7 @@ def test_fractions_that_keep_no_token_or_the_same_tokens_are_config_errors():
         check_fractions(TokensConfig(fractions=[0.01, 0.5]), "enc", (4, 4))
     with pytest.raises(ConfigError, match=r"0.25 and 0.27 both keep 4 of encoder 'enc''s 16 tokens"):
         check_fractions(TokensConfig(fractions=[0.25, 0.27]), "enc", (4, 4))
+    with pytest.raises(
+        ConfigError, match=r"0.99 keeps all 16 tokens of encoder 'enc'; use 1.0 .* below 0.9688"
+    ):
+        check_fractions(TokensConfig(fractions=[0.5, 0.99]), "enc", (4, 4))

@@ -74,7 +74,8 @@ def keys_and_dirs(job: TokensJob, train: FeatureStore, held_out: FeatureStore, h
 
 def check_fractions(cfg: TokensConfig, encoder: str, grid_hw: tuple[int, int]) -> None:
     """Every fraction keeps a token count of its own: one under half a token was evaluated as one token under its
-    own label, and two fractions that round alike were one experiment twice."""
+    own label, one that rounds to every token left nothing to score as dropped, and two fractions that round alike
+    were one experiment twice."""
     n = grid_hw[0] * grid_hw[1]
     kept: dict[int, float] = {}
     for p in cfg.fractions:
@@ -82,6 +83,11 @@ def check_fractions(cfg: TokensConfig, encoder: str, grid_hw: tuple[int, int]) -
             raise ConfigError(f"tokens.fractions: {p:g} keeps no token of encoder '{encoder}''s {n} (round({p:g} x "
                               f"{n}) = 0); the smallest fraction that keeps one is {1 / n:.4g}")  # fmt: skip
         k = n_kept(p, n)
+        if (
+            k == n and p < 1
+        ):  # nothing dropped: the dropped tokens' scores are NaN, and it is 1.0 by another name
+            raise ConfigError(f"tokens.fractions: {p:g} keeps all {n} tokens of encoder '{encoder}'; use 1.0 for "
+                              f"that, or a fraction below {(n - 0.5) / n:.4g}")  # fmt: skip
         if k in kept:
             raise ConfigError(f"tokens.fractions: {kept[k]:g} and {p:g} both keep {k} of encoder '{encoder}''s {n} "
                               "tokens (one experiment twice); drop one")  # fmt: skip
