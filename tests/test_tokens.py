@@ -310,7 +310,9 @@ def test_fractions_that_keep_no_token_or_the_same_tokens_are_config_errors():
 
     check_fractions(TokensConfig(fractions=[0.0625, 0.25, 1.0]), "enc", (4, 4))  # 1, 4 and 16 of 16 tokens
     # 0.01 of 16 tokens: evaluated as 1 token (6.25 %) under the label 0.01
-    with pytest.raises(ConfigError, match=r"0.01 keeps no token of encoder 'enc''s 16 .* one is 0.0625"):
+    with pytest.raises(
+        ConfigError, match=r"0.01 keeps no token of encoder 'enc''s 16 .* of 1/16 = 0.0625 keeps one"
+    ):
         check_fractions(TokensConfig(fractions=[0.01, 0.5]), "enc", (4, 4))
     with pytest.raises(ConfigError, match=r"0.25 and 0.27 both keep 4 of encoder 'enc''s 16 tokens"):
         check_fractions(TokensConfig(fractions=[0.25, 0.27]), "enc", (4, 4))

@@ -81,11 +81,10 @@ def check_fractions(cfg: TokensConfig, encoder: str, grid_hw: tuple[int, int]) -
     for p in cfg.fractions:
         if round(p * n) == 0:
             raise ConfigError(f"tokens.fractions: {p:g} keeps no token of encoder '{encoder}''s {n} (round({p:g} x "
-                              f"{n}) = 0); the smallest fraction that keeps one is {1 / n:.4g}")  # fmt: skip
+                              f"{n}) = 0); a fraction of 1/{n} = {1 / n:.4g} keeps one")  # fmt: skip
         k = n_kept(p, n)
-        if (
-            k == n and p < 1
-        ):  # nothing dropped: the dropped tokens' scores are NaN, and it is 1.0 by another name
+        # nothing dropped: the dropped tokens' scores are NaN, and it is 1.0 by another name
+        if k == n and p < 1:
             raise ConfigError(f"tokens.fractions: {p:g} keeps all {n} tokens of encoder '{encoder}'; use 1.0 for "
                               f"that, or a fraction below {(n - 0.5) / n:.4g}")  # fmt: skip
         if k in kept:
