@@ -119,8 +119,9 @@ def main(watched: int) -> None:
 
 
 def _wait_ended(known: dict[int, str], timeout_s: float) -> None:
+    """Until every known process has ended (a zombie has: where nothing reaps it, it would count for ever)."""
     deadline = time.time() + timeout_s
-    while time.time() < deadline and _signal_all(known, 0):
+    while time.time() < deadline and any(not _is_zombie(pid) for pid in _signal_all(known, 0)):
         time.sleep(0.1)
 
 
