@@ -13,11 +13,13 @@ stage's own shutdown is safe: every artifact survives a SIGKILL, and flows/reape
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
 import socket
 import threading
 import time
+from datetime import UTC
 
 from pipeline import stop
 
@@ -27,7 +29,37 @@ AFTER_STOP_S = 3.0  # for Prefect to record the failed run (the CLI's own path u
 
 
 def _say(message: str) -> None:
-    os.write(2, (message + "\n").encode())  # not print: a flow with log_prints sends prints to its logger
+    if _served_by is not None and os.getppid() != _served_by:
+        _output_to_devnull()
+    with contextlib.suppress(OSError):  # not print: a flow with log_prints sends prints to its logger
+        os.write(2, (message + "\n").encode())
+    if _served_by is not None:
+        _post_to_run_logs(message)
+
+
+def _output_to_devnull() -> None:
+    """The serving process (or worker) is gone and nothing reads this process's stdout and stderr: a write there
+    raised (EPIPE), and Prefect's console handler then ended the task with SystemExit."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    for fd in (1, 2):
+        os.dup2(devnull, fd)
+
+
+def _post_to_run_logs(message: str) -> None:
+    """The reason a served run stops, in its logs on the server at once and by a client of its own: after a
+    SIGTERM, Prefect's engine records the run and ends the process before its log worker sends what it queued,
+    and this thread has no run context for Prefect's log handler."""
+    from datetime import datetime
+
+    from prefect.client.orchestration import get_client
+
+    log = {"name": "reconlab.stop", "level": logging.WARNING, "message": message,
+           "timestamp": datetime.now(UTC).isoformat(), "flow_run_id": os.environ["PREFECT__FLOW_RUN_ID"]}  # fmt: skip
+    with (
+        contextlib.suppress(Exception),
+        get_client(sync_client=True) as client,
+    ):  # best effort: the stop goes on
+        client.create_logs([log])
 
 
 def _exit_now(message: str) -> None:
@@ -47,8 +79,12 @@ def _on_signal(signum: int) -> None:
             return
         _exit_now("stopped now: " + str(stop.Interrupted()).removeprefix("interrupted: "))
     stop.request()
+    # a served run has no terminal to press Ctrl-C in
+    again = "press Ctrl-C again to stop now. Finished" if _served_by is None else "finished"
     _say(f"{signal.Signals(signum).name}: stopping at the next safe point (a training step, an encode batch); "
-         "press Ctrl-C again to stop now. Finished work is kept either way.")  # fmt: skip
+         f"{again} work is kept either way.")  # fmt: skip
+    if signum == signal.SIGTERM and _served_by is not None:
+        return  # Prefect's engine ends the process once it has recorded the run: an exit of ours raced it
     threading.Thread(target=_end_after_stop, daemon=True).start()
 
 
@@ -105,12 +141,15 @@ def in_a_served_run() -> None:
     ):
         return
     if threading.current_thread() is threading.main_thread():
+        global _served_by
+        _served_by = os.getppid()
         # kept: a collected context would close itself
         _kept.append(stopping_on_signals((signal.SIGINT,), also_seen=(signal.SIGTERM,)))
         _kept[-1].__enter__()
 
 
 _kept: list = []
+_served_by: int | None = None  # in a served run: the serving process or worker that started it
 
 
 @contextlib.contextmanager

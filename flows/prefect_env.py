@@ -82,7 +82,11 @@ class _OneLineInServedRuns(logging.Filter):
         if message.startswith("Engine execution exited with unexpected exception"):
             return False
         # Prefect names the error by its repr: a multi-line message would show as one line of literal "\n"
-        record.msg, record.args = message.replace(repr(error), f"{type(error).__name__}: {error}"), ()
+        text, name = str(error), type(error).__name__
+        named = (
+            text[:1].upper() + text[1:] if text.lower().startswith(f"{name.lower()}:") else f"{name}: {text}"
+        )
+        record.msg, record.args = message.replace(repr(error), named), ()
         record.exc_info, record.exc_text = None, None
         return True
 

@@ -110,7 +110,10 @@ def main(watched: int) -> None:
     # The run is gone: whatever it left must go too, including what its children started meanwhile. Flow runs
     # first, alone: each stops its own stage and workers and records how it ended.
     known |= {pid: s for root in list(known) for pid, s in _descendants(root, table).items()}
-    flow_runs = {pid: s for pid, s in known.items() if runs_a_flow(pid)}
+    # the flow-run process, not the fork server or resource tracker it started (they inherit its environment)
+    flow_runs = {
+        pid: s for pid, s in known.items() if runs_a_flow(pid) and not runs_a_flow(table.get(pid, (0, ""))[0])
+    }
     if _signal_all(flow_runs, signal.SIGTERM):
         _wait_ended(flow_runs, FLOW_RUN_GRACE_S)
     if _signal_all(known, signal.SIGTERM):

@@ -218,6 +218,14 @@ def test_in_a_served_run_a_user_error_is_one_line_and_progress_bars_are_log_line
         and task.getMessage() == "Task run failed with exception: ConfigError: field `x`: wrong"
     )
     assert not one_line.filter(engine)  # the engine's repeat of the same error is dropped
+    from pipeline.stop import Interrupted
+
+    stopped = Interrupted()  # its message starts with its name: not "Interrupted: interrupted: ..."
+    task = logging.LogRecord("prefect.task_runs", logging.ERROR, __file__, 1, "Task run failed with exception: %r",
+                             (stopped,), (Interrupted, stopped, None))  # fmt: skip
+    assert one_line.filter(task) and task.getMessage().startswith(
+        "Task run failed with exception: Interrupted: finished shards"
+    )
     assert one_line.filter(bug) and bug.exc_info is not None  # reconlab's own faults keep their traceback
 
     monkeypatch.setenv("RECONLAB_PROGRESS_LOG_S", "30")
