@@ -59,13 +59,33 @@ def _union_members_merged(errors: list[dict], model: type[BaseModel]) -> list[di
 
 
 def _is_union_field(model: type[BaseModel], loc: tuple) -> bool:
-    """Whether the field at `loc` is typed as a plain union (its errors come one per member), not a dict or list."""
-    parent = _model_at(model, loc[:-1])
-    field = parent.model_fields.get(loc[-1]) if parent is not None and isinstance(loc[-1], str) else None
-    annotation = field.annotation if field is not None else None
-    while typing.get_origin(annotation) is typing.Annotated:
-        annotation = typing.get_args(annotation)[0]
+    """Whether the value at `loc` (a field, or an item of a list field) is typed as a union of two or more types,
+    whose errors come one per member under the member's tag, not an optional model (`sae: SaeConfig | None`, whose
+    errors name its own fields) nor a dict."""
+    *path, name = loc
+    items = 0
+    while isinstance(name, int) and path:  # an item of a list field
+        *path, name = path
+        items += 1
+    parent = _model_at(model, tuple(path))
+    field = parent.model_fields.get(name) if parent is not None and isinstance(name, str) else None
+    annotation = _plain(field.annotation if field is not None else None)
+    for _ in range(items):  # list[X] -> X
+        annotation = _plain((typing.get_args(annotation) or (None,))[0])
     return typing.get_origin(annotation) in (typing.Union, types.UnionType)
+
+
+def _plain(annotation):
+    """An annotation without Annotated[...] and without `| None` (a union only where two types remain)."""
+    while True:
+        if typing.get_origin(annotation) is typing.Annotated:
+            annotation = typing.get_args(annotation)[0]
+            continue
+        members = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if typing.get_origin(annotation) in (typing.Union, types.UnionType) and len(members) == 1:
+            annotation = members[0]
+            continue
+        return annotation
 
 
 def _format_validation_error(path: Path, err: ValidationError, model: type[BaseModel]) -> str:

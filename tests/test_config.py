@@ -158,3 +158,22 @@ def test_configs_are_frozen():
     spec = load_model(REPO_CONFIG_DIR / "encoders" / "tiny-vit-64.yaml", EncoderSpec)
     with pytest.raises(Exception, match="frozen"):
         spec.resolution = 32
+
+
+def test_errors_inside_an_optional_section_keep_their_fields_and_a_list_items_union_is_one_line(tmp_path):
+    data = yaml.safe_load((REPO_CONFIG_DIR / "demo.yaml").read_text())
+    data["sae"] |= {
+        "expansion": 0,
+        "dead_window": 0,
+        "encoders": [],
+    }  # `sae: SaeConfig | None`: no union tags
+    data["encoders"].append({"encoder": "tiny-vit-64", "layers": [-1, 3]})  # list[Layer], Layer a union
+    with pytest.raises(ConfigError) as err:
+        load_run_config(_write(tmp_path, data))
+    lines = str(err.value).splitlines()[1:]
+    assert lines == [
+        f"  - field `encoders.{len(data['encoders']) - 1}.layers.1`: Input should be 'last' or less than 0 (got 3)",
+        "  - field `sae.encoders`: List should have at least 1 item after validation, not 0 (got [])",
+        "  - field `sae.expansion`: Input should be greater than or equal to 1 (got 0)",
+        "  - field `sae.dead_window`: Input should be greater than 0 (got 0)",
+    ], lines
