@@ -113,6 +113,19 @@ def test_r2_of_vectors_that_do_not_vary_is_nan_and_a_single_held_out_image_is_re
         SaeConfig(n_eval_images=1)
 
 
+def test_the_recorded_choices_describe_only_what_was_trained():
+    from pipeline.report.sae_report import choices_table
+
+    relu_once = choices_table(SaeConfig(variants=["relu"], seeds=[0])).set_index("setting")
+    assert (
+        "no auxiliary loss" in relu_once.loc["dead latents", "value"]
+    )  # AuxK acts on the top-k variants only
+    assert not relu_once.loc["variants", "source"].startswith("BatchTopK first")
+    assert relu_once.loc["stability", "value"].startswith("not measured")
+    assert "JumpReLU" not in relu_once.index and "BatchTopK inference" not in relu_once.index
+    assert relu_once.loc["sparsity sweep", "value"] == "ReLU L1 [0.03, 0.1, 0.3]"
+
+
 def test_a_k_the_dictionary_cannot_hold_and_an_empty_encoder_list_are_config_errors():
     from pipeline.config import ConfigError
 

@@ -64,7 +64,12 @@ def stability(models: dict, main, energy: np.ndarray) -> dict:
             rows.append({"a": main.name, "b": spec.name, "across": across, "mean matched cosine": float(matched.mean()),
                          "share above 0.9": float((matched > 0.9).mean())})  # fmt: skip
             by_energy += [{"b": spec.name, **r} for r in science.stability_by_energy(matched, energy)]
-    return {"pairs": pd.DataFrame(rows), "by_energy": pd.DataFrame(by_energy)}
+    columns = ["a", "b", "across", "mean matched cosine", "share above 0.9"]  # header-only CSVs when one run
+    by_energy_columns = ["b", "energy bin", "n_concepts", "mean matched cosine"]
+    return {
+        "pairs": pd.DataFrame(rows, columns=columns),
+        "by_energy": pd.DataFrame(by_energy, columns=by_energy_columns),
+    }
 
 
 @torch.no_grad()

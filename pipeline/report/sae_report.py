@@ -130,7 +130,8 @@ def choices_table(cfg: SaeConfig) -> pd.DataFrame:
          f"batch ({cfg.batch_vectors} vectors)", "2504.11695 (the mix: a setting it varies; the values: " + OURS + ")"),
         ("normalisation", ("unit L2 per vector" if cfg.unit_norm_inputs else "none") + (", centred on the training mean"
          if cfg.center else ""), "the papers' normalised embeddings" if cfg.unit_norm_inputs and not cfg.center else OURS),
-        ("variants", ", ".join(cfg.variants), "BatchTopK first (best trade-off in 2504.11695); the others: " + OURS),
+        ("variants", ", ".join(cfg.variants), "BatchTopK first (best trade-off in 2504.11695); the others: " + OURS
+         if cfg.variants[0] == "batchtopk" else OURS + " (2504.11695 found BatchTopK the best trade-off)"),
         ("dictionary", f"{cfg.expansion} x feature width, decoder rows at unit norm", OURS + " for the size"),
         ("sparsity sweep", "; ".join(f"{name} {values}" for kinds, name, values in (
             ({"topk", "batchtopk"}, "k", cfg.k), ({"jumprelu"}, "JumpReLU L0", cfg.l0_coefficients),
@@ -142,14 +143,17 @@ def choices_table(cfg: SaeConfig) -> pd.DataFrame:
             "are cosines (the JumpReLU paper's 1e-3 assumes inputs of norm ~sqrt(width))", OURS + " (values)")]
           if "jumprelu" in cfg.variants else []),
         ("dead latents", f"AuxK (weight {cfg.aux_coefficient:g}, k_aux = width / 2) after {cfg.dead_window} silent "
-         "training vectors; no resampling", OURS),
+         "training vectors, for the top-k variants; no resampling" if {"topk", "batchtopk"} & set(cfg.variants)
+         else "no auxiliary loss (AuxK is for the top-k variants) and no resampling", OURS),
         ("optimiser", f"Adam, lr {cfg.lr:g} constant, {cfg.epochs} epochs, {cfg.batch_images} images per step", OURS),
         ("R²", "1 − Σ‖x − x̂‖² / Σ‖x − μ‖² over all held-out tokens, one global μ, float64, in the SAE's input space",
          OURS + " (the usual fraction of variance explained, taken over the whole held-out set)"),
         ("dead / dense on held-out", f"never fired on the held-out tokens / fired on more than {cfg.dense_frequency:.0%}",
          OURS + " (thresholds)"),
         ("linear baseline", "PCA fitted on training tokens, k = each SAE's rounded L0", OURS),
-        ("stability", f"primary setting, seeds {cfg.seeds}: Hungarian matching of unit decoder rows (scipy)",
+        ("stability", f"primary setting, seeds {cfg.seeds}: Hungarian matching of unit decoder rows (scipy)"
+         if len(cfg.seeds) > 1 or len(cfg.text_shares) > 1 and cfg.inputs == "embeddings"
+         else "not measured: the primary setting trains once (one seed)",
          "2504.11695"),
         ("concept edits", f"latent x {cfg.edit_scale:g} where it fires, SAE residual added back, R reconstructs", OURS),
     ]  # fmt: skip
