@@ -12,9 +12,11 @@ from pathlib import Path
 from pipeline.config import ConfigError, EncoderSpec, OperatorPairSpec, RunConfig, TransformSpec
 from pipeline.config_files import resolve_encoder, resolve_entry, spec_file
 from pipeline.data.datasets import list_images
+from pipeline.data.store_info import check_finite
 from pipeline.jobs import EncodeJob, EvalTarget, OperatorJob, SaeJob, TokensJob, TrainJob
 from pipeline.models import model_ids, text_towers, weights
 from pipeline.stages import captions, encode, evaluate, operators, sae, tokens, train
+from storage import StoreError, open_store
 
 # the encoder filter: the commands' option and the deployments' parameter, as errors name it
 ENCODER_FILTER = "--encoder / encoder_names"
@@ -328,6 +330,14 @@ def preflight(run: RunPlan, stages: tuple[str, ...] = STAGES, check_folders: boo
     for stage in [s for s in STUDIES if getattr(cfg, s)]:
         roots[stage] = (f"{stage}.output_root", getattr(cfg, stage).output_root)
     _check_held_out_files(run, stages, shaped)
+    # a finished store the later stages would refuse: refused before the stages before them
+    for path in run.encode:
+        try:
+            store = open_store(path, require_complete=False)
+        except StoreError:  # not written yet, or damaged: the encode stage says which
+            continue
+        if store.complete:
+            check_finite(store)
     for stage in [s for s in stages if s in roots and check_folders]:
         _check_writable(*roots[stage])
 

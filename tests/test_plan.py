@@ -194,3 +194,20 @@ def test_a_wrong_encoder_spec_is_refused_by_the_plan_naming_its_yaml_file(write_
         ConfigError, match=rf"^{mine}: encoder 'my-vit': patch_size 8, but .* patches of 16 px"
     ):
         build(load_run_config(config), config, image_counts={"train": 8, "val": 8})
+
+
+def test_a_finished_store_with_non_finite_features_is_refused_before_any_stage(write_run_config, tmp_path):
+    import zarr
+
+    from pipeline.plan import preflight
+    from storage import StoreError
+
+    path = _config(write_run_config, tmp_path)
+    run = build(load_run_config(path), path)
+    store = next(encode.run(j, progress=False).store_path for j in run.encode.values() if j.split == "train")
+    preflight(run, ("encode", "train"), check_folders=False)
+    group = zarr.open_group(str(store), mode="r+")
+    group.attrs["feature_stats"] = {**group.attrs["feature_stats"], "n_nonfinite": 3}
+    # the plan listed it cached, and `run` refused it only when train opened it
+    with pytest.raises(StoreError, match="the encoder gave 3 non-finite .*`reconlab run --force encode`"):
+        preflight(run, ("encode", "train"), check_folders=False)

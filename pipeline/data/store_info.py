@@ -97,15 +97,21 @@ def open_encoded(path: Path) -> FeatureStore:
     """A complete store with at least one encoded image and finite features (what every stage after encode
     reads), or a StoreError saying which: a NaN token makes a reconstruction, a fit or a score NaN."""
     store = open_store(path)
-    info = StoreInfo.of(store)
-    if not info.n_encoded:
+    if not StoreInfo.of(store).n_encoded:
         raise StoreError(f"{path}: store has no encoded images")
+    check_finite(store)
+    return store
+
+
+def check_finite(store: FeatureStore) -> None:
+    """A StoreError if a complete store's recorded statistics count NaN or inf features."""
+    path, info = store.path, StoreInfo.of(store)
     n_nonfinite = info.feature_stats.get("n_nonfinite", 0)
     n_inf = info.feature_stats.get("n_over_float16_max", 0) if store.layout.precision == "float16" else 0
     if n_nonfinite:
         raise StoreError(f"{path}: the encoder gave {n_nonfinite} non-finite feature values (NaN or inf, before "
-                         "storing); check its weights and encode.dtype, then encode again")  # fmt: skip
+                         "storing); check its weights and encode.dtype, then encode again (`reconlab run --force "
+                         "encode`, or delete this store)")  # fmt: skip
     if n_inf:
         raise StoreError(f"{path}: {n_inf} feature values are above float16's range (inf in this store); encode "
                          "again with store.precision float32 or bf16_bitround")  # fmt: skip
-    return store
