@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -181,6 +182,11 @@ def test_the_operators_stage_writes_operators_plots_grid_and_table_and_caches(op
     assert fits["involution"]["involution_error"] < 1e-3
     assert fits["least_squares"]["residual_train"] <= fits["procrustes"]["residual_train"] + 1e-9
     assert operators.run(job).already_complete
+    # another pair added to the config: this pair's fits are still found (the key held the whole pair list)
+    more = cfg.model_copy(
+        update={"pairs": [*cfg.pairs, OperatorPairSpec(transform=TransformSpec(name="grayscale"))]}
+    )
+    assert operators.run(dataclasses.replace(job, cfg=more)).already_complete
     assert isinstance(fits["involution"]["prediction_holds"], bool)
     assert "Paper's prediction: T∘T = id" in (result.out_dir / "fits.md").read_text()
 

@@ -116,7 +116,8 @@ def fit_key_and_dir(job: OperatorJob, identity: FeatureStore, transformed: Featu
     key = {
         "source_store": StoreInfo.of(source).digest, "target_store": StoreInfo.of(target).digest, "checkpoint": header["config_hash"],
         "checkpoint_weights_sha256": checkpoints.weights_sha256(header),
-        "pair": artifacts.identity(job.pair), "cfg": artifacts.identity(job.cfg),
+        # the config without its pair list: this fit's pair is above, and the others' are not this fit's inputs
+        "pair": artifacts.identity(job.pair), "cfg": {k: v for k, v in artifacts.identity(job.cfg).items() if k != "pairs"},
         "statistics": operator_fits.STATISTICS,  # fits made by an earlier method are not re-used
     }  # fmt: skip
     label = f"{StoreInfo.of(identity).encoder_name}__{job.pair.transform.tag}-{job.pair.direction}"
