@@ -28,12 +28,12 @@ GRACE_S = 30.0  # a stage between safe points (e.g. an evaluation pass) gets thi
 AFTER_STOP_S = 3.0  # for Prefect to record the failed run (the CLI's own path usually ends the process first)
 
 
-def _say(message: str) -> None:
+def _say(message: str, to_the_run: bool = True) -> None:
     if _served_by is not None and os.getppid() != _served_by:
         _output_to_devnull()
     with contextlib.suppress(OSError):  # not print: a flow with log_prints sends prints to its logger
         os.write(2, (message + "\n").encode())
-    if _served_by is not None:
+    if _served_by is not None and to_the_run:
         _post_to_run_logs(message)
 
 
@@ -63,7 +63,7 @@ def _post_to_run_logs(message: str) -> None:
 
 
 def _exit_now(message: str) -> None:
-    _say(message)
+    _say(message, to_the_run=False)  # at once: not after a request to a server that may not answer
     os._exit(130)
 
 
