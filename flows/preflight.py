@@ -18,7 +18,7 @@ def checked_plan(
     """Before Prefect starts: the config, every encoder spec (architecture vs weights), and all that `stages` will
     need (weights of encoders and judges, writable folders, held-out images, filters that select something).
     Returns the plan it checked."""
-    from pipeline import plan
+    from pipeline import checks, plan
     from pipeline.config_files import load_run_config
 
     run = plan.build(load_run_config(config), config, encoders)
@@ -26,7 +26,7 @@ def checked_plan(
         run.operator_steps(transforms)
     if len(stages) == 3 and stages[-1] in plan.STUDIES:  # `reconlab tokens|sae`: the study must exist
         run.study_steps(stages[-1], encoders)
-    plan.preflight(run, stages)
+    checks.preflight(run, stages)
     from flows import prefect_env, reaper
 
     prefect_env.quiet_user_errors()
@@ -37,12 +37,12 @@ def checked_plan(
 def refusal(planned, operators: bool) -> str | None:
     """Why `reconlab run` would stop before any work (the checks every stage command makes), or None. The
     stage commands that do not reach the failing stage still run."""
-    from pipeline import plan
+    from pipeline import checks, plan
     from storage import StoreError
 
     stages = tuple(s for s in plan.STAGES if operators or s != "operators")
     try:
-        plan.preflight(planned, stages, check_folders=False)
+        checks.preflight(planned, stages, check_folders=False)
     except (ConfigError, StoreError, OSError) as e:  # missing weights are a FileNotFoundError
         return str(e)
     return None

@@ -42,14 +42,14 @@ def study_root(tmp_path_factory) -> Path:
 def encode_and_train():
     """A study's inputs from a run config: write `data` to `config`, plan and preflight the stages up to `study`,
     encode every store and train the config's one encoder; returns (plan, its reconstructor checkpoint)."""
-    from pipeline import plan
+    from pipeline import checks, plan
     from pipeline.config_files import load_run_config
     from pipeline.stages import encode, train
 
     def _run(data: dict, config: Path, study: str):
         config.write_text(yaml.safe_dump(data))
         run = plan.build(load_run_config(config), config)
-        plan.preflight(run, ("encode", "train", study))
+        checks.preflight(run, ("encode", "train", study))
         for group in run.one_pass_groups(run.encode):
             encode.run_layers([run.encode[p] for p in group], progress=False)
         (train_job,) = run.train.values()

@@ -98,7 +98,7 @@ def test_an_embedding_sae_study_runs_through_the_plan_with_bridges_modality_and_
     import pandas as pd
     import yaml
 
-    from pipeline import plan, plan_table
+    from pipeline import checks, plan, plan_table
     from pipeline.config import ConfigError
     from pipeline.config_files import load_run_config
     from pipeline.stages import captions, sae
@@ -131,4 +131,4 @@ def test_an_embedding_sae_study_runs_through_the_plan_with_bridges_modality_and_
     data["encode"]["embeddings"] = False
     config.write_text(yaml.safe_dump(data))
     with pytest.raises(ConfigError, match="encode.embeddings"):
-        plan.preflight(plan.build(load_run_config(config), config), ("encode", "train", "sae"))
+        checks.preflight(plan.build(load_run_config(config), config), ("encode", "train", "sae"))

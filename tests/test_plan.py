@@ -199,7 +199,7 @@ def test_a_wrong_encoder_spec_is_refused_by_the_plan_naming_its_yaml_file(write_
 def test_a_finished_store_with_non_finite_features_is_refused_before_any_stage(write_run_config, tmp_path):
     import zarr
 
-    from pipeline.plan import preflight
+    from pipeline.checks import preflight
     from storage import StoreError
 
     path = _config(write_run_config, tmp_path)

@@ -289,13 +289,13 @@ def test_a_finished_sae_study_is_found_and_listed_by_the_plan(sae_run):
     rows = [s for s in plan_table.plan(load_run_config(config), config) if s.stage == "sae"]
     assert [r.state for r in rows] == ["cached", "cached"]
     # refused before any work: the encoder's width from its network, built on the meta device
-    from pipeline import plan
+    from pipeline import checks, plan
     from pipeline.config import ConfigError
 
     cfg = load_run_config(config)
     huge_k = cfg.model_copy(update={"sae": cfg.sae.model_copy(update={"k": [4, 100_000]})})
     with pytest.raises(ConfigError, match=r"sae.k 100000 is not below .* the width of encoder 'tiny-vit-64'"):
-        plan.preflight(plan.build(huge_k, config), ("encode", "train", "sae"), check_folders=False)
+        checks.preflight(plan.build(huge_k, config), ("encode", "train", "sae"), check_folders=False)
 
 
 def test_an_encoder_filter_naming_an_encoder_the_config_lacks_says_which_it_has(sae_run):

@@ -232,7 +232,7 @@ def test_a_finished_study_is_found_and_eval_settings_reuse_the_trained_networks(
 def test_the_plan_lists_the_study_and_refuses_what_cannot_work(tokens_run, tmp_path):
     import yaml
 
-    from pipeline import plan, plan_table
+    from pipeline import checks, plan, plan_table
     from pipeline.config import ConfigError
     from pipeline.config_files import load_run_config
 
@@ -259,7 +259,7 @@ def test_the_plan_lists_the_study_and_refuses_what_cannot_work(tokens_run, tmp_p
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump(data))
     with pytest.raises(ConfigError, match="tokens.split 'train'"):
-        plan.preflight(plan.build(load_run_config(bad), bad), ("encode", "train", "tokens"))
+        checks.preflight(plan.build(load_run_config(bad), bad), ("encode", "train", "tokens"))
     del data["tokens"]
     bad.write_text(yaml.safe_dump(data))
     with pytest.raises(ConfigError, match="no tokens: section"):

@@ -33,6 +33,7 @@ from pipeline.models.checkpoints import (
 )
 from pipeline.models.judges import load as load_judges  # noqa: F401 (the stage's entry point for its judges)
 from pipeline.provenance import provenance
+from pipeline.report.layerwise import layerwise
 from pipeline.science import metrics, stats
 from storage import open_store
 
@@ -222,26 +223,6 @@ def layer_groups(targets: list[EvalTarget]) -> dict[str, list[tuple[str, int]]]:
         bases = {re.sub(r"\.(L-\d+|last)$", "", name) for name, _ in members}
         out[bases.pop() if len(bases) == 1 else " / ".join(name for name, _ in members)] = members
     return out
-
-
-def layerwise(scores: pd.DataFrame, groups: dict[str, list[tuple[str, int]]], rankings: dict,
-              cfg: EvaluateConfig) -> tuple[pd.DataFrame, pd.DataFrame]:  # fmt: skip
-    """Informativeness vs depth: each layer's mean score with its bootstrap CI (from the ranking, so on the common
-    images), and two-sided paired tests between adjacent layers, Holm-corrected within each network and score."""
-    means, tests = [], []
-    for label, members in groups.items():
-        depth = dict(members)
-        for (judge, metric), ranking in rankings.items():
-            rows = ranking.set_index("encoder").loc[list(depth)]
-            means += [{"network": label, "encoder": name, "depth": depth[name], "judge": judge, "metric": metric,
-                       **rows.loc[name, ["n_images", "mean", "ci_low", "ci_high"]].to_dict()} for name in depth]  # fmt: skip
-            subset = scores[(scores.judge == judge) & (scores.metric == metric)]
-            per_layer = {n: subset[subset.encoder == n].set_index("image_id")["value"] for n in depth}
-            pairs = [(a, b, "two-sided") for (a, _), (b, _) in zip(members, members[1:], strict=False)]
-            for c in stats.compare_family(per_layer, pairs, cfg.n_boot, cfg.seed, cfg.n_permutations):
-                tests.append({"network": label, "judge": judge, "metric": metric, "depth_a": depth[c.a],
-                              "depth_b": depth[c.b], **c.to_dict()})  # fmt: skip
-    return pd.DataFrame(means), pd.DataFrame(tests)
 
 
 def _scored_ids(scores: pd.DataFrame) -> dict[str, set]:
