@@ -27,7 +27,7 @@ def user_errors() -> tuple[type[Exception], ...]:
     """Errors whose message tells the user what to fix: shown without a traceback, exit code 2."""
     from pipeline.models.checkpoints import CheckpointError, DisjointnessError
     from pipeline.models.model_ids import ArchitectureMismatchError
-    from pipeline.models.weights import WeightsNotFoundError
+    from pipeline.models.weights import WeightsMismatchError, WeightsNotFoundError
     from pipeline.stop import Interrupted
     from storage import StoreError
 
@@ -35,6 +35,7 @@ def user_errors() -> tuple[type[Exception], ...]:
         ConfigError,
         Interrupted,
         WeightsNotFoundError,
+        WeightsMismatchError,
         StoreError,
         CheckpointError,
         DisjointnessError,

@@ -42,7 +42,7 @@ def refusal(planned, operators: bool) -> str | None:
 
     stages = tuple(s for s in plan.STAGES if operators or s != "operators")
     try:
-        checks.preflight(planned, stages, check_folders=False)
+        checks.preflight(planned, stages, check_folders=False, load_weights=False)
     except (ConfigError, StoreError, OSError) as e:  # missing weights are a FileNotFoundError
         return str(e)
     return None

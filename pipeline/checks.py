@@ -1,13 +1,13 @@
 """A plan's checks before its first expensive step: splits held out from what they score (by name and by image
 file), weights present, study settings the encoders can hold, finished stores the later stages can read, output
-folders writable. Each refusal is a ConfigError (or WeightsNotFoundError, StoreError) naming the field and the fix."""
+folders writable. Each refusal is a ConfigError (or a weights error, StoreError) naming the field and the fix."""
 
 from __future__ import annotations
 
 import tempfile
 from pathlib import Path
 
-from pipeline.config import ConfigError
+from pipeline.config import ConfigError, EncoderSpec
 from pipeline.data.datasets import list_images
 from pipeline.data.store_info import check_finite
 from pipeline.models import model_ids, weights
@@ -16,12 +16,15 @@ from pipeline.stages import sae, tokens
 from storage import StoreError, open_store
 
 
-def preflight(run: RunPlan, stages: tuple[str, ...] = STAGES, check_folders: bool = True) -> None:
+def preflight(
+    run: RunPlan, stages: tuple[str, ...] = STAGES, check_folders: bool = True, load_weights: bool = True
+) -> None:
     """Everything `stages` of this plan will need, checked before the first expensive step: weights of every
-    encoder and judge, writable output folders (made if missing; not with `check_folders=False`), enough held-out
+    encoder and judge (present; and, with `load_weights`, loadable into their models where they will run: seconds
+    per model), writable output folders (made if missing; not with `check_folders=False`), enough held-out
     images for the operator fits, and evaluation, operators and studies on images no reconstructor or study
     network trained on or was selected on (by split name and by image file). Raises ConfigError (or
-    WeightsNotFoundError) naming the field and the fix."""
+    a weights error) naming the field and the fix."""
     cfg = run.cfg
     shaped = {cfg.train.train_split} | (
         {cfg.train.val_split} if cfg.train.select_checkpoint == "best_val" else set()
@@ -85,16 +88,32 @@ def preflight(run: RunPlan, stages: tuple[str, ...] = STAGES, check_folders: boo
     for stage in [s for s in STUDIES if getattr(cfg, s)]:
         roots[stage] = (f"{stage}.output_root", getattr(cfg, stage).output_root)
     _check_held_out_files(run, stages, shaped)
+    to_encode = {}
     # a finished store the later stages would refuse: refused before the stages before them
-    for path in run.encode:
+    for path, job in run.encode.items():
         try:
             store = open_store(path, require_complete=False)
         except StoreError:  # not written yet, or damaged: the encode stage says which
+            to_encode[job.encoder.name] = job.encoder
             continue
         if store.complete:
             check_finite(store)
+        else:
+            to_encode[job.encoder.name] = job.encoder
     for stage in [s for s in stages if s in roots and check_folders]:
         _check_writable(*roots[stage])
+    if load_weights:
+        _check_weights_load([*to_encode.values(), *judges])
+
+
+def _check_weights_load(specs: list[EncoderSpec]) -> None:
+    """Load the weights of every encoder that will run (one at a time, on the CPU, then dropped): a damaged file or
+    a checkpoint of another model fails here, not after hours of encoding other encoders. Seeded random inits
+    cannot fail this way and are skipped."""
+    from pipeline.models import encoders
+
+    for spec in {s.name: s for s in specs if s.weights != "random"}.values():
+        encoders.load(spec, device="cpu")
 
 
 def _check_held_out_files(run: RunPlan, stages: tuple[str, ...], shaped: set[str]) -> None:

@@ -231,12 +231,12 @@ def resolve_entry(
 
 def load_run_config(path: str | Path) -> RunConfig:
     cfg = load_model(path, RunConfig)
-    names: dict[str, object] = {}
+    names: dict[str, EncoderSpec] = {}
     for ref in cfg.encoders:  # fail at load time, not when the stage reaches this encoder
         for spec in resolve_entry(ref, Path(path)):
-            if spec.name in names:
+            # the same encoder twice (listed again, or as the layer another entry reads) is one encoder
+            if names.setdefault(spec.name, spec) != spec:
                 raise ConfigError(
                     f"{path}: field `encoders`: two entries are named '{spec.name}'; give one a `name:`"
                 )
-            names[spec.name] = ref
     return cfg

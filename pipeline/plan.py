@@ -117,13 +117,12 @@ def encoder_specs(
     """The config's encoders, or those of them that `names` select (with field ENCODER_FILTER, a filter: a name the
     config does not have is an error; other callers may name encoders outside `encoders:`); each checked against
     its weights' architecture, layer and width now, not after hours of other encoders."""
-    specs = [spec for ref in cfg.encoders for spec in resolve_entry(ref, config_path)]
+    # an encoder listed twice, or as the layer another entry reads, is one encoder (load_run_config: same spec)
+    specs = list({s.name: s for ref in cfg.encoders for s in resolve_entry(ref, config_path)}.values())
 
     def selected(spec: EncoderSpec, name: str) -> bool:
-        """An exact name, or else every layer of that name (NAME.L-2, NAME.last)."""
-        if any(s.name == name for s in specs):
-            return spec.name == name
-        return spec.name.startswith(f"{name}.")
+        """The encoder of that name and its layers (NAME.L-1, NAME.last); a layer's own name, that layer."""
+        return spec.name == name or spec.name.startswith(f"{name}.")
 
     if names:
         unknown = sorted(n for n in set(names) if not any(selected(s, n) for s in specs))

@@ -139,7 +139,7 @@ def test_plan_estimate_adds_columns_to_the_plan_table(write_run_config):
     header = next(line for line in result.output.splitlines() if line.startswith("stage"))
     assert "GPU h" in header and "disk GB" in header and "state" in header
     encode_rows = [line.split() for line in result.output.splitlines() if line.startswith("encode ")]
-    layer_rows = [row for row in encode_rows if row[1] == "tiny-vit-112.L-2"]
+    layer_rows = [row for row in encode_rows if row[1] == "tiny-vit-112"]  # -2: the spec's own layer
     assert encode_rows and all(row[-1].replace(".", "").replace("e-", "").isdigit() for row in encode_rows)
     assert layer_rows and all(row[-2] == "0" for row in layer_rows)  # one pass with L-1: its time is there
     assert "per stage" in result.output and "total" in result.output

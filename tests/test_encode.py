@@ -314,6 +314,24 @@ def test_a_decoding_option_is_in_the_key_and_the_value_stores_had_before_it_keep
     assert option not in key(older) and key(value) == {**key(older), option: value}
 
 
+def test_native_hf_stores_get_a_new_key_for_the_floored_crop_and_every_other_store_keeps_its_key(make_job):
+    import dataclasses
+
+    job = make_job(split="val")
+    records = encode.list_images(job.dataset, job.split, job.subset)
+
+    def key(geometry, backend):
+        encoder = job.encoder.model_copy(update={"backend": backend})
+        options = job.options.model_copy(update={"geometry": geometry})
+        return encode.store_key(
+            dataclasses.replace(job, encoder=encoder, options=options), records, torch.float32
+        )
+
+    assert "crop_offset" not in key("short_side_crop", "transformers")
+    assert "crop_offset" not in key("native", "timm")
+    assert key("native", "transformers")["crop_offset"] == "floor"
+
+
 def test_shard_statistics_taken_on_the_device_equal_the_stores_numpy_definition():
     from pipeline.data.store_writer import feature_stats
     from storage.precision import value_stats

@@ -314,6 +314,35 @@ def test_transformers_preprocess_is_close_to_the_hf_image_processors_own_output(
         assert (ours - theirs).abs().mean().item() < 0.02
 
 
+@pytest.mark.parametrize("name", list(HF_MODELS))
+def test_native_geometry_equals_the_hf_pil_processor_exactly_on_an_odd_crop_margin(name, hf_saved, offline):
+    from transformers import AutoImageProcessor
+
+    folder = hf_saved[name][0]
+    encoder = encoders.load(hf_spec(name, str(folder)), device="cpu", geometry="native")
+    # 330x300: the long side resizes to 35 (CLIP) / 39 (DINOv2) for a 32 crop, a margin of 3 or 7 that
+    # transformers splits 1+2 / 3+4 (floor) and torchvision's CenterCrop 2+1 / 4+3 (round half to even)
+    photo = Image.fromarray(skimage.data.chelsea()).crop((0, 0, 330, 300))
+    theirs = AutoImageProcessor.from_pretrained(folder, backend="pil")(images=photo, return_tensors="pt")
+
+    torch.testing.assert_close(encoder.preprocess(photo), theirs.pixel_values[0], rtol=0, atol=1e-6)
+
+
+def test_hub_weights_from_the_cache_record_the_commit_they_are_keyed_by(hf_saved, offline, empty_hf_cache):
+    from pipeline.models.weights import weights_key
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo_dir = empty_hf_cache / "models--tiny-org--tiny-clip"
+    shutil.copytree(hf_saved["clip"][0], repo_dir / "snapshots" / commit)  # as huggingface_hub lays it out
+    (repo_dir / "refs").mkdir()
+    (repo_dir / "refs" / "main").write_text(commit)
+    spec = hf_spec("clip", "pretrained", model_id="tiny-org/tiny-clip")
+
+    encoder = encoders.load(spec, device="cpu")
+
+    assert encoder.weights_id == weights_key(spec) == f"hf:tiny-org/tiny-clip@{commit}"
+
+
 def test_transformers_spec_with_wrong_n_prefix_tokens_fails_naming_the_field(hf_saved, offline):
     folder = hf_saved["siglip"][0]
 
@@ -368,7 +397,7 @@ def test_offline_pretrained_weights_not_in_the_cache_fail_fast_saying_where_we_l
     assert hub_repo in message
     assert "HF_HUB_OFFLINE=1" in message
     assert "to provide them:" in message
-    assert "configs/encoders/siglip-missing.yaml" in message
+    assert "`weights:` in the spec of 'siglip-missing'" in message
 
 
 @pytest.mark.parametrize(

@@ -27,12 +27,12 @@ def _jobs(make_job, specs, root: Path, n_images: int = 10):
     ("entry", "names"),
     [
         (EncoderEntry(encoder="tiny-vit-64", layers=[-1, -4, "last"]), ["L-1", "L-4", "last"]),
-        (EncoderEntry(encoder="tiny-cnn-64", layers=[-1, -2, -3]), ["L-1", "L-2", "L-3"]),
+        (EncoderEntry(encoder="tiny-cnn-64", layers=[-1, -2, -3]), ["L-1", "", "L-3"]),  # -2: its own layer
     ],
 )
 def test_one_pass_writes_the_stores_of_separate_passes(make_job, tmp_path, entry, names):
     specs = resolve_entry(entry)
-    assert [s.name for s in specs] == [f"{entry.encoder}.{n}" for n in names]
+    assert [s.name for s in specs] == [f"{entry.encoder}.{n}".rstrip(".") for n in names]
     together = encode.run_layers(_jobs(make_job, specs, tmp_path / "one"), progress=False)
     apart = [encode.run(job, progress=False) for job in _jobs(make_job, specs, tmp_path / "apart")]
     for a, b in zip(together, apart, strict=True):
@@ -111,13 +111,13 @@ def test_plan_runs_each_encoders_layers_in_one_pass(write_run_config):
     run = plan.build(load_run_config(path), path)
     val = [p for p, job in run.encode.items() if job.split == "val" and job.transform.name == "identity"]
     groups = [[run.encode[p].encoder.name for p in g] for g in run.one_pass_groups(val)]
-    assert groups == [["tiny-vit-64.L-1", "tiny-vit-64.L-2", "tiny-vit-64"], ["tiny-vit-112"]]
-    # A name selects that encoder, or else all its layers.
+    # -2 is the layer tiny-vit-64 reads: one encoder, listed twice
+    assert groups == [["tiny-vit-64.L-1", "tiny-vit-64"], ["tiny-vit-112"]]
+    # A name selects that encoder and its layers; a layer's name, that layer.
     only = plan.build(load_run_config(path), path, ["tiny-vit-64"])
-    assert {j.encoder.name for j in only.encode.values()} == {"tiny-vit-64"}
-    path = write_run_config(encoders=[{"encoder": "tiny-vit-64", "layers": [-1, -2]}, "tiny-vit-112"])
-    only = plan.build(load_run_config(path), path, ["tiny-vit-64"])
-    assert {j.encoder.name for j in only.encode.values()} == {"tiny-vit-64.L-1", "tiny-vit-64.L-2"}
+    assert {j.encoder.name for j in only.encode.values()} == {"tiny-vit-64", "tiny-vit-64.L-1"}
+    only = plan.build(load_run_config(path), path, ["tiny-vit-64.L-1"])
+    assert {j.encoder.name for j in only.encode.values()} == {"tiny-vit-64.L-1"}
 
 
 def _saved_timm_vit_with_registers(folder: Path) -> Path:
@@ -192,7 +192,7 @@ def test_unsupported_models_say_what_was_found_and_what_is_supported(tmp_path):
     ResNetModel(ResNetConfig(embedding_size=8, hidden_sizes=[8, 8], depths=[1, 1])).save_pretrained(tmp_path)
     with pytest.raises(ConfigError, match="a 'resnet' model .* take CNNs from timm"):
         resolve_entry(EncoderEntry(encoder="hf:microsoft/resnet-50", weights=str(tmp_path)))
-    with pytest.raises(ConfigError, match="no config.json found in .*huggingface-cli download"):
+    with pytest.raises(ConfigError, match="no config.json found in .*hf download"):
         resolve_entry("hf:nobody/absent-model")
 
 
@@ -207,7 +207,7 @@ def test_a_tiny_cnn_and_its_layers_through_encode_train_evaluate(write_run_confi
         evaluate={"output_root": str(tmp_path / "evaluate"), "judges": [], "n_boot": 200, "n_permutations": 200},
     )  # fmt: skip
     out = plan.execute(plan.build(load_run_config(path), path), with_operators=False)
-    assert set(out["trained"]) == {"tiny-cnn-64.L-1", "tiny-cnn-64.L-2", "tiny-vit-64"}
+    assert set(out["trained"]) == {"tiny-cnn-64.L-1", "tiny-cnn-64", "tiny-vit-64"}
     report = out["evaluation"]
     means = pd.read_csv(report.report_md.parent / "layerwise_means.csv")
     tests = pd.read_csv(report.report_md.parent / "layerwise_tests.csv")
@@ -215,7 +215,7 @@ def test_a_tiny_cnn_and_its_layers_through_encode_train_evaluate(write_run_confi
     assert sorted(means.drop_duplicates("encoder")["depth"]) == [3, 4]  # stages 3 and 4 of 4
     psnr = tests[(tests.judge == "pixels") & (tests.metric == "psnr_db")].iloc[0]
     assert (psnr["a"], psnr["b"], psnr["depth_a"], psnr["depth_b"]) == (
-        "tiny-cnn-64.L-2",
+        "tiny-cnn-64",
         "tiny-cnn-64.L-1",
         3,
         4,

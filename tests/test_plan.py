@@ -211,3 +211,66 @@ def test_a_finished_store_with_non_finite_features_is_refused_before_any_stage(w
     # the plan listed it cached, and `run` refused it only when train opened it
     with pytest.raises(StoreError, match="the encoder gave 3 non-finite .*`reconlab run --force encode`"):
         preflight(run, ("encode", "train"), check_folders=False)
+
+
+def test_list_valued_model_kwargs_are_planned_and_loaded(write_run_config, tmp_path):
+    import yaml
+
+    spec = yaml.safe_load((Path(__file__).parents[1] / "configs/encoders/tiny-cnn-64.yaml").read_text())
+    config = write_run_config(encoders=["my-cnn"])
+    (config.parent / "encoders").mkdir(exist_ok=True)
+    # YAML lists (ConvNeXt depths/dims, SAM global_attn_indexes) once failed as "unhashable type: 'list'"
+    kwargs = {"depths": [1, 1, 1, 1], "dims": [8, 16, 24, 32]}
+    spec |= {"name": "my-cnn", "model_kwargs": kwargs, "hidden_dim": 24}
+    (config.parent / "encoders" / "my-cnn.yaml").write_text(yaml.safe_dump(spec))
+
+    run = build(load_run_config(config), config, image_counts={"train": 8, "val": 8})
+
+    job = next(job for job in run.encode.values() if job.split == "val")
+    assert job.encoder.model_kwargs == kwargs
+    from storage import open_store
+
+    assert open_store(encode.run(job, progress=False).store_path).features().shape[1:] == (4, 4, 24)
+
+
+def test_the_layer_an_encoder_reads_is_that_encoder_once_not_a_second_store(write_run_config):
+    config = write_run_config(encoders=["tiny-vit-64", {"encoder": "tiny-vit-64", "layers": [-1, -2]}])
+
+    run = build(load_run_config(config), config, image_counts={"train": 8, "val": 8})
+
+    paths = [p for p, job in run.encode.items() if job.split == "val" and job.transform.name == "identity"]
+    names = [run.encode[p].encoder.name for p in paths]
+    assert sorted(names) == ["tiny-vit-64", "tiny-vit-64.L-1"]
+    assert len(run.one_pass_groups(paths)) == 1  # both still from one forward pass
+
+
+def test_weights_of_another_model_are_refused_before_any_encoder_runs(write_run_config, tmp_path):
+    import yaml
+    from safetensors.torch import save_file
+
+    from flows.cli import app as cli
+    from pipeline.models import _torchvision_shim
+
+    _torchvision_shim.install()  # before timm (platform notes)
+    import timm
+
+    spec = yaml.safe_load((Path(__file__).parents[1] / "configs/encoders/tiny-vit-64.yaml").read_text())
+    convnext = timm.create_model("test_convnext", num_classes=0)
+    save_file(convnext.state_dict(), str(tmp_path / "convnext.safetensors"))
+    (tmp_path / "truncated.safetensors").write_bytes((tmp_path / "convnext.safetensors").read_bytes()[:5000])
+    (tmp_path / "encoders").mkdir()
+    for name, weights in [("other-model", "convnext.safetensors"), ("cut-short", "truncated.safetensors")]:
+        (tmp_path / "encoders" / f"{name}.yaml").write_text(
+            yaml.safe_dump({**spec, "name": name, "weights": str(tmp_path / weights)})
+        )
+        config = write_run_config(encoders=["tiny-vit-64", name])  # the good encoder first
+
+        result = CliRunner().invoke(cli, ["encode", "--config", str(config)])
+
+        assert result.exit_code == 2, result.output
+        message = result.output.strip()
+        assert "\n" not in message and message.startswith(
+            f"encoder '{name}': the weights in '{tmp_path / weights}'"
+        )
+        assert "do not load into timm model 'vit_tiny_patch16_224'" in message
+        assert not list((tmp_path / "stores").glob("*.zarr"))  # refused before tiny-vit-64 was encoded

@@ -94,7 +94,7 @@ class EncoderEntry(Frozen):
     layers: list[Layer] | None = Field(
         None,
         min_length=1,
-        description="Several feature layers, one store each from one forward pass; named NAME.L-1, NAME.L-2, ...",
+        description="Several feature layers, one store each from one forward pass; named NAME.L-1, NAME.L-4, ... (the spec's own feature_layer keeps NAME)",
     )
     every: int | None = Field(
         None,
@@ -287,7 +287,7 @@ class EncodeOptions(Frozen):
     resize: Literal["torch", "pil"] = Field(
         "torch",
         description="Resampler of the resize to the encoder's input. torch: torch's antialiased uint8 resize "
-        "(the encoder's own filter, within 1 level of PIL's, ~5x faster: the decode workers' main cost); pil: "
+        "(the encoder's own filter, within 2 levels of PIL's, ~5x faster: the decode workers' main cost); pil: "
         "PIL's, as timm/transformers eval transforms (stores encoded before 2026-11-27 used it). Filters other "
         "than bilinear/bicubic always use PIL.",
     )

@@ -139,6 +139,8 @@ class Preprocessing:
     resize_mode 'squash': both sides -> resize_size (aspect lost), then a centre crop of crop_size.
     geometry 'native' is the model's own eval transform; 'short_side_crop' keeps its interpolation, mean and std
     but resizes the short side straight to crop_size, so every encoder sees the same field of view.
+    crop_offset: how an odd margin is split, 'round' as torchvision's CenterCrop (timm's eval transform, and
+    short_side_crop for every encoder) or 'floor' as transformers' image processors (native geometry only).
     """
 
     resize_mode: str
@@ -149,9 +151,13 @@ class Preprocessing:
     std: tuple[float, float, float]
     source: str
     geometry: str = "native"
+    crop_offset: str = "round"
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        record = asdict(self)
+        if record["crop_offset"] == "round":  # absent, as in the records made before it was a field
+            del record["crop_offset"]
+        return record
 
     @classmethod
     def from_dict(cls, record: dict) -> Preprocessing:
@@ -183,15 +189,17 @@ class Preprocessing:
             return replace(self, geometry="native")
         if geometry != "short_side_crop":
             raise ValueError(f"unknown geometry '{geometry}'; known: short_side_crop, native")
-        return replace(self, geometry=geometry, resize_mode="shortest", resize_size=self.crop_size)
+        return replace(
+            self, geometry=geometry, resize_mode="shortest", resize_size=self.crop_size, crop_offset="round"
+        )
 
     def to_pixels(self, img: Image.Image | np.ndarray, resize: str = "pil") -> np.ndarray:
         """Resize + crop an RGB image to the encoder's input: uint8 [S, S, 3]. Normalisation happens on device.
 
         resize 'pil': PIL's resampling, what timm's and transformers' eval transforms do. 'torch': torch's
         antialiased uint8 resize, the same filters (torchvision's tensor transforms and transformers' fast image
-        processors use it) at ~5x the speed; it gives values within 1 level of PIL's (0.4 % of values differ on
-        a photo, docs/benchmarks.md). Only bilinear and bicubic have it; other filters always use PIL."""
+        processors use it) at ~5x the speed; it gives values within 2 levels of PIL's (0.4 % of values differ on
+        a photo, a few in a million by 2 when upsampling; docs/benchmarks.md). Only bilinear and bicubic have it; other filters always use PIL."""
         h, w = img.shape[:2] if isinstance(img, np.ndarray) else img.size[::-1]
         if self.resize_mode == "squash":
             new_w = new_h = self.resize_size
@@ -200,8 +208,10 @@ class Preprocessing:
             new_short, new_long = self.resize_size, int(self.resize_size * long / short)
             new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
         s = self.crop_size
-        # Same rounding as torchvision's CenterCrop, which timm's eval transform uses.
-        top, left = int(round((new_h - s) / 2.0)), int(round((new_w - s) / 2.0))
+        if self.crop_offset == "floor":
+            top, left = (new_h - s) // 2, (new_w - s) // 2
+        else:
+            top, left = int(round((new_h - s) / 2.0)), int(round((new_w - s) / 2.0))
         if resize == "torch" and self.interpolation in ("bilinear", "bicubic") and (new_w, new_h) != (w, h):
             # HWC uint8 viewed as NCHW is channels-last: the layout torch's vectorised uint8 kernel takes
             image = torch.from_numpy(np.require(img, np.uint8, ["C", "W"])).permute(2, 0, 1)[None]

@@ -20,11 +20,16 @@ from pipeline.models.model_ids import check_architecture
 from pipeline.models.preprocessing_sources import from_hf_processor, from_timm_config
 from pipeline.models.weights import (
     TIMM_WEIGHT_FILES,
+    WeightsMismatchError,
+    WeightsNotFoundError,
     cached_revision,
     hf_cache_dir,
     missing_weights,
     offline,
+    refuse_partial_load,
     state_dict_sha256,
+    timm_missing_keys,
+    weights_mismatch,
 )
 from pipeline.provenance import file_sha256
 
@@ -257,10 +262,17 @@ def load(
     _torchvision_shim.install()
     torch_device = resolve_device(device)
     check_architecture(spec)
-    if spec.backend == "timm":
-        model, preprocessing, weights_id = _load_timm(spec)
-    else:
-        model, preprocessing, weights_id = _load_transformers(spec)
+    try:
+        if spec.backend == "timm":
+            model, preprocessing, weights_id = _load_timm(spec)
+        else:
+            model, preprocessing, weights_id = _load_transformers(spec)
+    except Exception as e:  # timm, transformers and safetensors fail in many ways on a file of another model
+        if spec.weights == "random" or isinstance(
+            e, (WeightsNotFoundError, WeightsMismatchError, ConfigError)
+        ):
+            raise
+        raise weights_mismatch(spec, e) from e
     model.eval().requires_grad_(False).to(torch_device)
     encoder = Encoder(
         spec=spec,
@@ -309,7 +321,7 @@ def _load_timm(spec: EncoderSpec) -> tuple[torch.nn.Module, Preprocessing, str]:
     kwargs = {"img_size": spec.resolution, "num_classes": 0, **spec.model_kwargs}
     if spec.model_id.startswith("samvit") or spec.keep_head:
         kwargs.pop("num_classes")
-    if model_ids.timm_architecture(spec.model_id, tuple(sorted(spec.model_kwargs.items()))).family == "cnn":
+    if model_ids.timm_architecture(spec.model_id, spec.model_kwargs).family == "cnn":
         kwargs.pop("img_size")  # a CNN takes any input size
     if spec.weights == "random":
         torch.manual_seed(spec.seed)
@@ -324,9 +336,11 @@ def _load_timm(spec: EncoderSpec) -> tuple[torch.nn.Module, Preprocessing, str]:
         if revision is None and offline():
             raise missing_weights(spec, looked, None)
         try:
-            model = timm.create_model(spec.model_id, pretrained=True, **kwargs)
+            with timm_missing_keys() as missing:
+                model = timm.create_model(spec.model_id, pretrained=True, **kwargs)
         except Exception as e:  # timm surfaces hub misses as several error types
             raise missing_weights(spec, looked, e) from e
+        refuse_partial_load(spec, missing)
         revision = revision or cached_revision(hf_hub_id, TIMM_WEIGHT_FILES, None)
         weights_id = f"hf:{hf_hub_id}@{revision or 'unknown'}"
     else:
@@ -336,9 +350,11 @@ def _load_timm(spec: EncoderSpec) -> tuple[torch.nn.Module, Preprocessing, str]:
             weight_file = next((path / f for f in TIMM_WEIGHT_FILES if (path / f).is_file()), path / "?")
         if not weight_file.is_file():
             raise missing_weights(spec, f"{path} (a file, or a folder with one of {TIMM_WEIGHT_FILES})", None)
-        model = timm.create_model(
-            spec.model_id, pretrained=True, pretrained_cfg_overlay={"file": str(weight_file)}, **kwargs
-        )
+        with timm_missing_keys() as missing:
+            model = timm.create_model(
+                spec.model_id, pretrained=True, pretrained_cfg_overlay={"file": str(weight_file)}, **kwargs
+            )
+        refuse_partial_load(spec, missing)
         weights_id = f"file:{weight_file.name} sha256={file_sha256(weight_file)}"
     preprocessing = from_timm_config(spec, timm.data.resolve_model_data_config(model))
     return model, preprocessing, weights_id
@@ -366,7 +382,8 @@ def _load_transformers(spec: EncoderSpec) -> tuple[torch.nn.Module, Preprocessin
             torch.manual_seed(spec.seed)
             model = AutoModel.from_config(config, trust_remote_code=spec.trust_remote_code)
         else:
-            model = AutoModel.from_pretrained(source, **common)
+            model, loading = AutoModel.from_pretrained(source, output_loading_info=True, **common)
+            refuse_partial_load(spec, [*loading["missing_keys"], *loading.get("mismatched_keys", [])])
         processor = AutoImageProcessor.from_pretrained(source, **common)
     except OSError as e:
         looked = source if local else f"Hugging Face cache {hf_cache_dir()} (repo {source})"
@@ -379,7 +396,7 @@ def _load_transformers(spec: EncoderSpec) -> tuple[torch.nn.Module, Preprocessin
         files = sorted(Path(source).glob("*.safetensors")) or sorted(Path(source).glob("*.bin"))
         weights_id = "dir:" + ",".join(f"{f.name} sha256={file_sha256(f)}" for f in files)
     else:
-        weights_id = (
-            f"hf:{source}@{getattr(model.config, '_commit_hash', None) or spec.revision or 'unknown'}"
-        )
+        # The snapshot folder's name: transformers 5 no longer sets config._commit_hash.
+        revision = cached_revision(source, ("config.json",), spec.revision)
+        weights_id = f"hf:{source}@{revision or spec.revision or 'unknown'}"
     return model, from_hf_processor(spec, processor), weights_id

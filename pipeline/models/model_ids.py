@@ -7,6 +7,7 @@ differs from the one its weights were trained with is refused before any downloa
 from __future__ import annotations
 
 import functools
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,16 +34,23 @@ class Architecture:
         return self.n_layers - 1 if layer == "last" else self.n_layers + layer
 
 
-@functools.lru_cache(maxsize=64)
-def timm_architecture(model_id: str, model_kwargs: tuple = ()) -> Architecture:
+def timm_architecture(model_id: str, model_kwargs: dict | None = None) -> Architecture:
     """A timm model built on the meta device (no memory, no weights): ViTs by their blocks and patch embedding,
     CNNs by the stages timm's `feature_info` lists."""
+    # Cached by the kwargs' JSON: YAML gives lists (ConvNeXt `depths`, SAM `global_attn_indexes`), not hashable.
+    return _timm_architecture(model_id, json.dumps(model_kwargs or {}, sort_keys=True))
+
+
+@functools.lru_cache(maxsize=64)
+def _timm_architecture(model_id: str, model_kwargs_json: str) -> Architecture:
     _torchvision_shim.install()
     import timm
 
     try:
         with torch.device("meta"):
-            model = timm.create_model(model_id, pretrained=False, num_classes=0, **dict(model_kwargs))
+            model = timm.create_model(
+                model_id, pretrained=False, num_classes=0, **json.loads(model_kwargs_json)
+            )
     except RuntimeError as e:  # timm: "Unknown model (...)"
         raise ConfigError(f"timm does not know model '{model_id}' ({e}); see timm.list_models()") from None
     cfg = timm.models.get_pretrained_cfg(model_id)
@@ -80,13 +88,19 @@ def hf_architecture(
     kwargs = {"revision": revision, "trust_remote_code": trust_remote_code}
     if local or offline():
         kwargs["local_files_only"] = True
+    if local and not (Path(source) / "config.json").is_file():
+        what = "is not a folder" if not Path(source).is_dir() else "has no config.json"
+        raise ConfigError(
+            f"encoder 'hf:{repo}': weights: {source} {what}; set weights: to a save_pretrained folder of "
+            f"{repo} (config.json and the weights), or to pretrained to read the Hugging Face cache"
+        )
     try:
         config = AutoConfig.from_pretrained(source, **kwargs)
     except OSError as e:
         where = source if local else f"the Hugging Face cache {hf_cache_dir()} (repo {repo})"
         raise ConfigError(
             f"encoder 'hf:{repo}': no config.json found in {where} ({str(e).splitlines()[0][:160]}); download it "
-            f"with `huggingface-cli download {repo}` on a machine with internet, or set weights: to a "
+            f"with `hf download {repo}` on a machine with internet, or set weights: to a "
             "save_pretrained folder"
         ) from None
     vision = getattr(config, "vision_config", None) or config
@@ -105,7 +119,7 @@ def hf_architecture(
 
 def architecture(spec: EncoderSpec) -> Architecture:
     if spec.backend == "timm":
-        return timm_architecture(spec.model_id, tuple(sorted(spec.model_kwargs.items())))
+        return timm_architecture(spec.model_id, spec.model_kwargs)
     return hf_architecture(spec.model_id, spec.weights, spec.revision, spec.trust_remote_code)
 
 
@@ -121,7 +135,7 @@ def spec_from_id(entry: EncoderEntry) -> EncoderSpec:
         raise ConfigError(f"encoder '{entry.encoder}': give a model id after '{backend}:'")
     backend = {"timm": "timm", "hf": "transformers"}[backend]
     if backend == "timm":
-        arch = timm_architecture(model_id, tuple(sorted((entry.model_kwargs or {}).items())))
+        arch = timm_architecture(model_id, entry.model_kwargs)
     else:
         arch = hf_architecture(model_id, entry.weights, entry.revision, bool(entry.trust_remote_code))
     layer = entry.layer if entry.layer is not None else -1 if arch.family == "cnn" else -2
@@ -153,7 +167,8 @@ def _checked(model, fields: dict, what: str):
 
 def layer_specs(base: EncoderSpec, entry: EncoderEntry) -> list[EncoderSpec]:
     """One spec per requested layer of `base`, named NAME.L-1, NAME.L-2, ... (NAME.last); the patch size (a
-    CNN's stride) and width follow the layer."""
+    CNN's stride) and width follow the layer. The layer `base` itself reads is `base`, under its own name: the
+    same store, encoded and trained once."""
     if entry.layers is None and entry.every is None and (entry.layer is None or entry.by_id):
         return [base]
     needs_arch = entry.every is not None or base.backend == "timm"  # a timm model may be a CNN
@@ -164,6 +179,9 @@ def layer_specs(base: EncoderSpec, entry: EncoderEntry) -> list[EncoderSpec]:
         layers = entry.layers or [entry.layer]
     specs = []
     for layer in layers:
+        if layer == base.feature_layer:
+            specs.append(base)
+            continue
         suffix = "last" if layer == "last" else f"L{layer}"
         fields = {**base.model_dump(), "feature_layer": layer, "name": f"{base.name}.{suffix}"[:64]}
         if arch is not None:

@@ -51,6 +51,7 @@ def from_hf_processor(spec: EncoderSpec, processor) -> Preprocessing:
         interpolation=interpolation,
         mean=tuple(float(v) for v in processor.image_mean),
         std=tuple(float(v) for v in processor.image_std),
+        crop_offset="floor",  # transformers' center_crop: (side - crop) // 2, in its PIL and torchvision backends
         source=f"HF image processor {type(processor).__name__} of {spec.model_id} "
         f"(size={size}, crop={crop if do_crop else None}); scaled to spec resolution {spec.resolution}",
     )

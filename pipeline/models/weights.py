@@ -3,8 +3,10 @@ random init. Missing weights fail before any work, with where we looked and how 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
+import logging
 import os
 from pathlib import Path
 
@@ -24,6 +26,22 @@ TIMM_WEIGHT_FILES = (
 
 class WeightsNotFoundError(FileNotFoundError):
     """The encoder's weights are not on this machine; the message says where we looked and how to fix it."""
+
+
+class WeightsMismatchError(Exception):
+    """The weights are there but do not load into the spec's model: a damaged file, another architecture, other
+    sizes. The message names the weights, the model and the first thing that failed."""
+
+
+def weights_mismatch(spec: EncoderSpec, error: Exception) -> WeightsMismatchError:
+    where = "the Hugging Face cache" if spec.weights == "pretrained" else f"'{spec.weights}'"
+    detail = " ".join(str(error).split())  # state-dict errors run over many lines
+    detail = detail if len(detail) <= 300 else detail[:297] + "..."
+    return WeightsMismatchError(
+        f"encoder '{spec.name}': the weights in {where} do not load into {spec.backend} model '{spec.model_id}' "
+        f"({type(error).__name__}: {detail}); point `weights:` at an intact checkpoint of this model, or set "
+        "model_id / model_kwargs to the model the checkpoint is for"
+    )
 
 
 def hf_cache_dir() -> str:
@@ -51,13 +69,50 @@ def missing_weights(spec: EncoderSpec, looked: str, cause: Exception | None) -> 
         f"  looked in: {looked}\n"
         f"  HF_HUB_OFFLINE={'1' if offline() else '0'}\n"
         f"  to provide them: on a machine with internet run `hf download {hub_id}` and copy the "
-        f"cache folder to {hf_cache_dir()} (or set HF_HOME / HF_HUB_CACHE), or set `weights:` in the encoder's "
-        f"spec (configs/encoders/{spec.name}.yaml, or the YAML file or run-config entry that defines it) to a "
-        "local checkpoint file or save_pretrained directory."
+        f"cache folder to {hf_cache_dir()} (or set HF_HOME / HF_HUB_CACHE), or set `weights:` in the spec of "
+        f"'{spec.name}' (its YAML file, or its entry in the run config) to a local checkpoint file or "
+        "save_pretrained folder."
     )
     if cause is not None:
         msg += f"\n  cause: {type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}"
     return WeightsNotFoundError(msg)
+
+
+@contextlib.contextmanager
+def timm_missing_keys():
+    """The weights a checkpoint lacked. timm loads non-strictly whenever it drops the classifier (num_classes=0,
+    as here) and only logs, at INFO, the model's keys the checkpoint did not have: those layers keep their random
+    init, so a checkpoint of another model would load "successfully". Records below the level the logger had
+    are dropped here as before."""
+    logger = logging.getLogger("timm.models._builder")
+    level, shown_from = logger.level, logger.getEffectiveLevel()
+    missing: list[str] = []
+
+    def catch(record: logging.LogRecord) -> bool:
+        if record.getMessage().startswith("Missing keys ("):
+            missing.extend(record.getMessage().removeprefix("Missing keys (").split(")", 1)[0].split(", "))
+        if missing and record.getMessage().startswith("Unexpected keys ("):
+            return False  # the refusal says it in one line
+        return record.levelno >= shown_from
+
+    logger.addFilter(catch)
+    logger.setLevel(min(shown_from, logging.INFO))
+    try:
+        yield missing
+    finally:
+        logger.removeFilter(catch)
+        logger.setLevel(level)
+
+
+def refuse_partial_load(spec: EncoderSpec, missing: list[str]) -> None:
+    if missing:
+        raise weights_mismatch(
+            spec,
+            LookupError(
+                f"the checkpoint lacks {len(missing)} of the model's weights ({', '.join(missing[:3])}, ...), "
+                "which would keep their random init"
+            ),
+        )
 
 
 @functools.lru_cache(maxsize=64)

@@ -66,6 +66,12 @@ def store_key(job: EncodeJob, records: list[ImageRecord], compute_dtype: torch.d
         "compute_dtype": str(compute_dtype).removeprefix("torch."),
         "image_limits": {"min_side": job.options.min_image_side, "max_pixels": job.options.max_image_pixels},
         "geometry": job.options.geometry,
+        # transformers' processors split an odd crop margin by floor; such stores made before were rounded
+        **(
+            {"crop_offset": "floor"}
+            if job.options.geometry == "native" and job.encoder.backend == "transformers"
+            else {}
+        ),
         **{
             option: getattr(job.options, option)
             for option, older in DECODING_DEFAULTS.items()
