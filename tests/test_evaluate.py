@@ -9,7 +9,8 @@ import pandas as pd
 import pytest
 
 from pipeline.config import EvaluateConfig, StoreOptions, SubsetSpec, TrainConfig
-from pipeline.config_files import resolve_encoder
+from pipeline.config_files import REPO_CONFIG_DIR, resolve_encoder
+from pipeline.models.checkpoints import read_header
 from pipeline.stages import encode, evaluate, train
 
 
@@ -184,6 +185,33 @@ def test_runtime_fields_reuse_scores_and_report_statistics_fields_only_the_repor
     assert new_stats.report_md != res.report_md
     rescored = evaluate.run(targets, cfg.model_copy(update={"pixel_resolution": 32}), judges, progress=False)
     assert not set(rescored.score_files) & set(res.score_files)
+
+
+def test_the_judges_order_picks_the_ranking_the_report_leads_with_and_a_judge_path_is_its_name(
+    result, targets, tmp_path
+):
+    import yaml
+
+    from storage import open_store
+
+    res, cfg = result
+    spec = yaml.safe_load((REPO_CONFIG_DIR / "encoders" / "tiny-judge.yaml").read_text())
+    other = tmp_path / "tiny-judge-2.yaml"
+    other.write_text(yaml.safe_dump({**spec, "name": "tiny-judge-2", "seed": 2}))
+    specs = {"tiny-judge": resolve_encoder("tiny-judge"), str(other): resolve_encoder(str(other))}
+    reports = {}
+    for order in (["tiny-judge", str(other)], [str(other), "tiny-judge"]):
+        two = cfg.model_copy(update={"judges": order, "n_boot": 200})
+        judges = evaluate.load_judges([specs[j] for j in order], "cpu")
+        reports[order[0]] = evaluate.run(targets, two, judges, progress=False)
+        assert reports[order[0]].analysis["primary"] == (two.judge_names()[0], "cosine_grayscale")
+        header = read_header(targets[0].checkpoint)  # what `plan` finds, naming the judge by its file
+        found = evaluate.scores_found(targets[0].encoder_name, open_store(targets[0].store), header, two)
+        assert found in reports[order[0]].score_files
+    first, second = reports.values()
+    assert first.score_files == second.score_files  # every judge's scores, whichever leads
+    assert first.report_md != second.report_md  # a cached report led by the other judge was returned
+    assert "Ranking by tiny-judge-2 / cosine_grayscale" in second.report_md.read_text()
 
 
 def test_encoders_scored_on_different_images_are_ranked_on_the_common_ones():

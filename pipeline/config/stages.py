@@ -198,6 +198,11 @@ class EvaluateConfig(Frozen):
         default_factory=lambda: ["grayscale", "color"],
         description="The released code converts both images to grayscale before judging (first = primary).",
     )
+
+    def judge_names(self) -> list[str]:
+        """The judges by name: one given as a YAML path is named by its file (its spec's `name`)."""
+        return [Path(j).stem if j.endswith((".yaml", ".yml")) else j for j in self.judges]
+
     pixel_resolution: int = Field(
         224, gt=0, description="Common resolution of the pixel metrics (released code: 224)."
     )

@@ -157,7 +157,7 @@ def setup_table(targets, cfg) -> pd.DataFrame:
         ("epochs", _values(train, "epochs"), "40", "40", "run setting"),
         ("checkpoint used", _values(train, "select_checkpoint"), "fixed 40-epoch schedule", "saved every epoch",
          "reconlab: 'last' selects nothing on held-out images"),
-        ("judges", ", ".join(cfg.judges) + " (" + ", ".join(cfg.judge_modes) + ")",
+        ("judges", ", ".join(cfg.judge_names()) + " (" + ", ".join(cfg.judge_modes) + ")",
          "CLIP ViT-L/14, SigLIP2", "clip-vit-large-patch14, siglip2-large-patch16-256, both grayscale", "as released"),
         ("tests", "Wilcoxon signed-rank, paired bootstrap (BCa CI, re-centred p), sign-flip permutation",
          "Wilcoxon, bootstrap", "-", "permutation test added by reconlab (exact at small n)"),

@@ -79,7 +79,7 @@ def scores_found(encoder_name: str, store, header: dict, cfg: EvaluateConfig) ->
     found = []
     for meta_path in (Path(cfg.output_root) / "scores").glob(f"{encoder_name}__*.json"):
         key = (artifacts.finished(meta_path) or {}).get("key", {})
-        if (all(key.get(k) == v for k, v in want.items()) and set(key.get("judges", {})) == set(cfg.judges)
+        if (all(key.get(k) == v for k, v in want.items()) and set(key.get("judges", {})) == set(cfg.judge_names())
                 and meta_path.with_suffix(".parquet").is_file()):  # fmt: skip
             found.append(meta_path.with_suffix(".parquet"))
     return max(found, key=lambda path: path.stat().st_mtime, default=None)
@@ -91,6 +91,10 @@ def report_dir(score_files: list[Path], cfg: EvaluateConfig) -> tuple[dict, Path
         mode="json", include={"n_boot", "n_permutations", "alternative", "alpha", "seed", "comparisons"}
     )
     key = {"scores": [f.stem for f in score_files], "stats": stats_cfg}
+    if (
+        cfg.judges
+    ):  # the ranking it leads with: the first judge's first mode (scores hold every judge and mode)
+        key["primary"] = [cfg.judge_names()[0], cfg.judge_modes[0]]
     return key, artifacts.folder(cfg.output_root, "report", key)
 
 
@@ -256,7 +260,7 @@ def _analysis(names, pairs, comparisons: dict, rankings: dict, cfg: EvaluateConf
         for c in family
         if {c.a, c.b} in [set(p) for p in headline_pairs(names)]
     ]
-    primary = (cfg.judges[0], f"cosine_{cfg.judge_modes[0]}") if cfg.judges else None
+    primary = (cfg.judge_names()[0], f"cosine_{cfg.judge_modes[0]}") if cfg.judges else None
     if primary not in rankings:  # no judge scores: fall back to the first pixel score
         primary = next(iter(rankings))
     return {"names": names, "pairs": pairs, "comparisons": comparisons, "rankings": rankings, "headline": headline,
