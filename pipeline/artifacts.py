@@ -216,7 +216,12 @@ def _kind_and_status(here: Path, filenames: list[str]) -> tuple[str | None, str]
     if (here / "checkpoints").is_dir():
         kept = sorted((here / "checkpoints").glob("epoch-*.json"))  # the last `keep_last` only: count by name
         epochs = int(kept[-1].stem.removeprefix("epoch-")) + 1 if kept else 0
-        return "training run", "complete" if finished else f"partial ({epochs} epoch(s) done)"
+        if finished:
+            from pipeline.stages.train import damaged  # the stage's own test; it imports this module
+
+            why = damaged(read_json(here / "result.json"))
+            return "training run", f"damaged ({why}; `reconlab train` trains it again)" if why else "complete"
+        return "training run", f"partial ({epochs} epoch(s) done)"
     if "fits.md" in filenames or any(f.endswith("_eigenvalues.png") for f in filenames):
         return "operator fit", "complete" if finished else "partial"
     if "networks.json" in filenames:

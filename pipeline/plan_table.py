@@ -58,9 +58,11 @@ def plan(
             continue
         _, run_dir = train.key_and_run_dir(job, open_store(job.train_store), open_store(job.val_store))
         result = read_json(run_dir / "result.json")
-        if result is not None:
+        if result is not None and train.damaged(result) is None:
             checkpoints[name] = Path(result["checkpoint"])
             state = "cached"
+        elif result is not None:
+            state = "partial (a checkpoint is damaged: trains again)"
         else:
             epochs = sorted((run_dir / "checkpoints").glob("epoch-*.json"))
             last = int(epochs[-1].stem.removeprefix("epoch-")) + 1 if epochs else 0

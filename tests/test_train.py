@@ -379,3 +379,27 @@ def test_the_lr_schedule_has_the_released_cycle_schedulers_shape():
     ]
     np.testing.assert_allclose(seen, expected, rtol=1e-9)
     assert seen[warmup] == pytest.approx(lr) and seen[-1] < lr / 1000
+
+
+@pytest.mark.parametrize("select", ["last", "best_val"])
+def test_a_finished_run_whose_checkpoint_was_lost_is_said_damaged_and_trains_again_to_the_same_weights(
+    tiny_store, tmp_path, one_thread, select
+):
+    from pipeline.artifacts import list_artifacts
+
+    cfg = _cfg(tmp_path, epochs=3, keep_last=2, select_checkpoint=select)
+    first = train.run(train.TrainJob(tiny_store, tiny_store, cfg), progress=False)
+    weights = first.checkpoint.with_suffix(".safetensors")
+    expected = load_file(str(weights))
+    weights.rename(tmp_path / "moved.safetensors")  # moved away by hand
+
+    (row,) = [r for r in list_artifacts(tmp_path / "train") if r["kind"] == "training run"]
+    assert row["status"].startswith(f"damaged ({weights}: weights file missing;")
+    again = train.run(train.TrainJob(tiny_store, tiny_store, cfg), progress=False)
+
+    assert not again.already_complete and again.checkpoint == first.checkpoint
+    got = load_file(str(weights))
+    assert all(
+        torch.equal(got[k], expected[k]) for k in expected
+    )  # resumed (or retrained) bit-identical on CPU
+    assert train.run(train.TrainJob(tiny_store, tiny_store, cfg), progress=False).already_complete

@@ -115,6 +115,24 @@ def weights_sha256(header: dict) -> str:
     return header["weights_sha256"]
 
 
+def damage(checkpoint: Path) -> str | None:
+    """Why `checkpoint` cannot be loaded (its header or weights file missing, or weights other than the ones its
+    header names), or None. The weights' SHA-256 is cached per file size and mtime."""
+    from pipeline.models.weights import file_sha256_cached
+
+    try:
+        header = read_header(checkpoint)
+        weights = Path(header["_json_path"]).with_suffix(".safetensors")
+        stat = weights.stat()
+    except CheckpointError as e:
+        return str(e)
+    except FileNotFoundError:
+        return f"{weights}: weights file missing"
+    if file_sha256_cached(str(weights), stat.st_size, stat.st_mtime_ns) != header.get("weights_sha256"):
+        return f"{weights}: SHA-256 differs from the one its header names"
+    return None
+
+
 def load_weights(header: dict, model: torch.nn.Module) -> None:
     """Load the checkpoint's weights into `model` after checking the file is the one its header names."""
     path = Path(header["_json_path"]).with_suffix(".safetensors")

@@ -158,15 +158,40 @@ def _run(job: TrainJob, progress: bool) -> TrainResult:
     train_store, val_store = open_encoded(job.train_store), open_encoded(job.val_store)
     check_same_encoder(StoreInfo.of(train_store), StoreInfo.of(val_store))
     key, run_dir = key_and_run_dir(job, train_store, val_store)
-    if artifacts.finished(run_dir / artifacts.RESULT) is not None:
+    done = artifacts.finished(run_dir / artifacts.RESULT)
+    if done is not None and damaged(done) is None:
         return _result(run_dir, already_complete=True)
     # Under torchrun only rank 0 writes (checkpoints, logs), so only it holds the run's lock.
     with WriteLock(run_dir) if int(os.environ.get("RANK", "0")) == 0 else contextlib.nullcontext():
-        if (
-            artifacts.finished(run_dir / artifacts.RESULT) is not None
-        ):  # another run finished it while we waited
-            return _result(run_dir, already_complete=True)
+        done = artifacts.finished(
+            run_dir / artifacts.RESULT
+        )  # another run may have finished it while we waited
+        if done is not None:
+            if (why := damaged(done)) is None:
+                return _result(run_dir, already_complete=True)
+            _reopen(run_dir, done, why)
         return _train(cfg, key, run_dir, train_store, val_store, progress)
+
+
+def damaged(result: dict) -> str | None:
+    """Why a finished training run must train again (a checkpoint its result names cannot be loaded), or None."""
+    return next(
+        filter(None, (checkpoints.damage(Path(result[k])) for k in ("checkpoint", "last_checkpoint"))), None
+    )
+
+
+def _reopen(run_dir: Path, result: dict, why: str) -> None:
+    """A finished run whose checkpoint is damaged trains again: from its last intact epoch if the last epoch is
+    the damaged one, from the start if the selected (best) one is, since selecting it took the whole run."""
+    LOG.warning("%s: %s; training it again", run_dir.name, why)
+    chosen, last = Path(result["checkpoint"]), Path(result["last_checkpoint"])
+    gone = [p for p in (last, chosen) if checkpoints.damage(p)]
+    if chosen != last and chosen in gone:
+        gone += sorted((run_dir / "checkpoints").glob("epoch-*.json"))
+    (run_dir / artifacts.RESULT).unlink()
+    for header in gone:
+        for f in header.parent.glob(f"{header.stem}.*"):
+            f.unlink()
 
 
 def _init_distributed(device: torch.device) -> tuple[int, int, torch.device]:
