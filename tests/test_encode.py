@@ -636,3 +636,31 @@ def test_decode_workers_never_import_the_program_that_started_them(tmp_path, sta
     assert done.returncode == 0, done.stderr
     assert done.stdout.split()[-1] == "4"  # every image decoded
     assert len(list(imported_by.iterdir())) == (0 if start == "started" else 2)
+
+
+def test_a_dataset_root_with_other_files_under_the_same_names_is_refused_not_read_from_the_cache(
+    make_job, demo_dataset, tmp_path
+):
+    import shutil
+
+    from PIL import Image
+
+    from storage import StoreError
+
+    first = encode.run(make_job(split="val"), progress=False)
+    copy = tmp_path / "mirrored"
+    shutil.copytree(demo_dataset.root, copy)
+    assert encode.plan(make_job(split="val", dataset=demo_dataset.model_copy(update={"root": copy})))[2] == (
+        first.store_path
+    )  # the same files elsewhere: the same store
+    for path in (copy / "val").iterdir():  # a mirrored copy: the same names, other pixels
+        Image.open(path).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(path)
+    mirrored = make_job(split="val", dataset=demo_dataset.model_copy(update={"root": copy}))
+
+    with pytest.raises(StoreError, match=rf"made from other image files than {copy} .*another `name:`"):
+        encode.run(mirrored, progress=False)
+
+    renamed = make_job(
+        split="val", dataset=demo_dataset.model_copy(update={"root": copy, "name": "mirrored"})
+    )
+    assert encode.run(renamed, progress=False).store_path != first.store_path

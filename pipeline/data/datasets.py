@@ -202,3 +202,30 @@ def image_list_sha256(records: list[ImageRecord]) -> str:
     for r in records:
         digest.update(f"{r.image_id}\t{r.path.name}\n".encode())
     return digest.hexdigest()[:16]
+
+
+def files_sample(records: list[ImageRecord], n: int = 16) -> list[dict]:
+    """A fingerprint of the images' content, which the store key (ids and file names) does not hold: the SHA-256
+    of `n` files spread over the list. Recorded in each store; a dataset root pointed at other files under the
+    same names (a re-encoded, resized or edited copy) no longer matches it."""
+    picks = sorted(set(np.linspace(0, len(records) - 1, min(n, len(records))).astype(int).tolist()))
+    sample = [{"image_id": records[i].image_id, "file": records[i].path.name, "sha256": _sha256(records[i])}
+              for i in picks]  # fmt: skip
+    return [d for d in sample if d["sha256"]]  # a missing file is recorded as a failure, not fingerprinted
+
+
+def sample_mismatches(recorded: list[dict], records: list[ImageRecord]) -> list[str]:
+    """The files of a recorded sample whose content differs now (files missing now are not counted)."""
+    by_id = {r.image_id: r for r in records}
+    now = {d["image_id"]: _sha256(by_id[d["image_id"]]) for d in recorded if d["image_id"] in by_id}
+    return [d["file"] for d in recorded if now.get(d["image_id"]) not in (None, "", d["sha256"])]
+
+
+def _sha256(record: ImageRecord) -> str:
+    from pipeline.models.weights import file_sha256_cached
+
+    try:
+        stat = record.path.stat()
+    except OSError:
+        return ""
+    return file_sha256_cached(str(record.path), stat.st_size, stat.st_mtime_ns)

@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.data.datasets import sample_mismatches
 from pipeline.data.images import Preprocessing
 from storage import FeatureStore, StoreError, open_store
 from storage.inspect import transform_tag
@@ -115,3 +116,16 @@ def check_finite(store: FeatureStore) -> None:
     if n_inf:
         raise StoreError(f"{path}: {n_inf} feature values are above float16's range (inf in this store); encode "
                          "again with store.precision float32 or bf16_bitround")  # fmt: skip
+
+
+def check_same_image_files(store: FeatureStore, records: list, root) -> None:
+    """The store was made from the files `records` list now: its recorded content fingerprint still matches
+    (stores made before it was recorded are not checked)."""
+    recorded = store.attrs.get("image_files_sample", [])
+    if changed := sample_mismatches(recorded, records):
+        raise StoreError(
+            f"{store.path}: made from other image files than {root} holds now under the same names ({len(changed)} "
+            f"of {len(recorded)} fingerprinted files differ, e.g. {changed[0]}); to encode these images, give the "
+            "dataset another `name:` (new stores beside these), or remove these stores (`reconlab run --force "
+            "encode`)"
+        )

@@ -20,7 +20,8 @@ from pipeline import artifacts, bars, cpus, stop
 from pipeline.artifacts import WriteLock
 from pipeline.config import Layer, config_hash
 from pipeline.data import decode_workers, worker_processes
-from pipeline.data.datasets import ImageRecord, image_list_sha256, list_images
+from pipeline.data.datasets import ImageRecord, files_sample, image_list_sha256, list_images
+from pipeline.data.store_info import check_same_image_files
 from pipeline.data.store_writer import BackgroundShardWriter, Landing, add_batch, shard_buffer
 from pipeline.jobs import EncodeJob
 from pipeline.models import encoders
@@ -112,7 +113,10 @@ def plan(job: EncodeJob) -> tuple[list[ImageRecord], dict, Path]:
     records = list_images(job.dataset, job.split, job.subset)
     device = encoders.resolve_device(job.options.device)
     key = store_key(job, records, encoders.resolve_compute_dtype(job.options.compute_dtype, device))
-    return records, key, store_path_for(job, key)
+    path = store_path_for(job, key)
+    if (path / "zarr.json").is_file():
+        check_same_image_files(open_store(path, require_complete=False), records, job.dataset.root)
+    return records, key, path
 
 
 def run(job: EncodeJob, *, progress: bool = True) -> EncodeResult:
@@ -239,6 +243,7 @@ def _open_or_create(
         "precision": job.store.precision,
         "provenance": provenance(),
         "n_images": len(records),
+        "image_files_sample": files_sample(records),  # content the key does not hold: checked by `plan`
     }
     return create(path, layout, attrs)
 
