@@ -30,6 +30,7 @@ def benchmark_flow(
         for removed in plan_table.force(cfg, Path(config_path), force):
             print(f"force {force}: removed {removed}")
     run = plan.build(cfg, Path(config_path))
+    run = run if operators else run.without_operators()
     stores = encode_all(run, list(run.encode), progress)
     trained = train_all(run, progress)
     fitted = fit_all(run, run.operators, trained, progress) if operators else []

@@ -213,6 +213,7 @@ def plan_command(
             from pipeline.config_files import load_run_config
 
             unlisted = plan.build(load_run_config(config), config, image_counts=counts)
+            unlisted = unlisted if operators else unlisted.without_operators()
             if unused := sorted(set(counts) - {job.split for job in unlisted.encode.values()}):
                 raise typer.BadParameter(f"--images gives split(s) {unused} that this run does not use; it uses "
                                          f"{sorted({job.split for job in unlisted.encode.values()})}")  # fmt: skip
@@ -222,7 +223,7 @@ def plan_command(
 
         load_run_config(config)  # a config's own mistakes get no dataset hint
         try:
-            planned = checked_plan(config)
+            planned = checked_plan(config, operators=operators)
         except ConfigError as e:
             hint = (
                 "; to estimate without the dataset, pass --images SPLIT=N for each split" if estimate else ""
@@ -259,6 +260,7 @@ def run(
             ("encode", "train", "operators", "evaluate", "tokens", "sae")
             if operators
             else ("encode", "train", "evaluate", "tokens", "sae"),
+            operators=operators,
         )
         if force is not None:  # --force "" is a mistake, not no --force
             from pipeline.config_files import load_run_config

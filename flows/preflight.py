@@ -14,14 +14,16 @@ def checked_plan(
     stages: tuple[str, ...] = (),
     encoders: list[str] | None = None,
     transforms: list[str] | None = None,
+    operators: bool = True,
 ):
     """Before Prefect starts: the config, every encoder spec (architecture vs weights), and all that `stages` will
     need (weights of encoders and judges, writable folders, held-out images, filters that select something).
-    Returns the plan it checked."""
+    Returns the plan it checked (without `operators`: less the operators stage and the stores only it reads)."""
     from pipeline import checks, plan
     from pipeline.config_files import load_run_config
 
     run = plan.build(load_run_config(config), config, encoders)
+    run = run if operators else run.without_operators()
     if "operators" in stages:
         run.operator_steps(transforms)
     if len(stages) == 3 and stages[-1] in plan.STUDIES:  # `reconlab tokens|sae`: the study must exist

@@ -74,6 +74,16 @@ class RunPlan:
             )
         return steps
 
+    def without_operators(self) -> RunPlan:
+        """This plan less the operators stage and the stores only its fits would read (`--no-operators`)."""
+        cfg = self.cfg
+        used = {p for job in self.train.values() for p in (job.train_store, job.val_store)}
+        used |= {*self.evaluate.values(), *(p for steps in self.studies.values() for s in steps
+                                            for p in (s.train_store, s.eval_store))}  # fmt: skip
+        kept = {p: j for p, j in self.encode.items()
+                if p in used or (j.split in cfg.splits and j.transform in cfg.transforms)}  # fmt: skip
+        return replace(self, encode=kept, operators=[], n_images={p: self.n_images[p] for p in kept})
+
     def one_pass_groups(self, paths) -> list[list[Path]]:
         """`paths` grouped into the stores that one forward pass fills (the feature layers of one encoder on one
         split and transform), in plan order."""

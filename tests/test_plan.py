@@ -274,3 +274,15 @@ def test_weights_of_another_model_are_refused_before_any_encoder_runs(write_run_
         )
         assert "do not load into timm model 'vit_tiny_patch16_224'" in message
         assert not list((tmp_path / "stores").glob("*.zarr"))  # refused before tiny-vit-64 was encoded
+
+
+def test_no_operators_plans_and_encodes_none_of_the_stores_only_the_operators_read(write_run_config, tmp_path):
+    config = _config(write_run_config, tmp_path)  # operators fit swap_rb on val
+    full = build(load_run_config(config), config)
+    lean = full.without_operators()
+    swapped = [p for p, job in full.encode.items() if job.transform.name == "swap_rb"]
+    assert swapped and not set(swapped) & set(lean.encode) and not lean.operators
+    assert set(lean.encode) == set(full.encode) - set(swapped)  # train, val (evaluated) and the rest stay
+    listed = CliRunner().invoke(app, ["plan", "--config", str(config), "--no-operators"])
+    assert listed.exit_code == 0 and "swap_rb" not in listed.output, listed.output
+    assert "swap_rb" in CliRunner().invoke(app, ["plan", "--config", str(config)]).output
