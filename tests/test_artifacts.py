@@ -296,6 +296,22 @@ def test_a_store_re_encoded_with_other_bytes_gives_its_readers_a_new_key(make_jo
     assert key_after["train_store"]["content_sha256"] != key_before["train_store"]["content_sha256"]
 
 
+def test_verify_names_every_damaged_shard_at_once_a_truncated_and_a_changed_one(make_job):
+    from pipeline.stages.verify import verify
+    from storage import StoreError
+
+    job = make_job(subset=SubsetSpec(max_images=8), store=StoreOptions(shard_images=4))
+    path = encode.run(job, progress=False).store_path
+    changed, truncated = (path / "features" / "c" / str(i) / "0" / "0" / "0" for i in (0, 1))
+    data = bytearray(changed.read_bytes())
+    data[-40] ^= 0xFF
+    changed.write_bytes(bytes(data))
+    truncated.write_bytes(truncated.read_bytes()[:-10])
+
+    with pytest.raises(StoreError, match=r"2 finished shard\(s\) changed on disk"):  # was: 1, the truncated
+        verify(path, 2, device="cpu")
+
+
 def test_readers_share_an_artifact_and_keep_writers_force_and_repair_off_it(tmp_path):
     import os
 

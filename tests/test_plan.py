@@ -276,7 +276,9 @@ def test_weights_of_another_model_are_refused_before_any_encoder_runs(write_run_
         assert not list((tmp_path / "stores").glob("*.zarr"))  # refused before tiny-vit-64 was encoded
 
 
-def test_no_operators_plans_and_encodes_none_of_the_stores_only_the_operators_read(write_run_config, tmp_path):
+def test_no_operators_plans_and_encodes_none_of_the_stores_only_the_operators_read(
+    write_run_config, tmp_path
+):
     config = _config(write_run_config, tmp_path)  # operators fit swap_rb on val
     full = build(load_run_config(config), config)
     lean = full.without_operators()
