@@ -94,7 +94,8 @@ class EncoderEntry(Frozen):
     layers: list[Layer] | None = Field(
         None,
         min_length=1,
-        description="Several feature layers, one store each from one forward pass; named NAME.L-1, NAME.L-4, ... (the spec's own feature_layer keeps NAME)",
+        description="Several feature layers, one store each from one forward pass; named NAME.L-1, NAME.L-4, "
+        "... (the spec's own feature_layer keeps NAME)",
     )
     every: int | None = Field(
         None,

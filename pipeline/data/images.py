@@ -199,7 +199,8 @@ class Preprocessing:
         resize 'pil': PIL's resampling, what timm's and transformers' eval transforms do. 'torch': torch's
         antialiased uint8 resize, the same filters (torchvision's tensor transforms and transformers' fast image
         processors use it) at ~5x the speed; it gives values within 2 levels of PIL's (0.4 % of values differ on
-        a photo, a few in a million by 2 when upsampling; docs/benchmarks.md). Only bilinear and bicubic have it; other filters always use PIL."""
+        a photo, a few in a million by 2 when upsampling; docs/benchmarks.md). Only bilinear and bicubic have it;
+        other filters always use PIL."""
         h, w = img.shape[:2] if isinstance(img, np.ndarray) else img.size[::-1]
         if self.resize_mode == "squash":
             new_w = new_h = self.resize_size

@@ -104,15 +104,11 @@ def timm_missing_keys():
         logger.setLevel(level)
 
 
-def refuse_partial_load(spec: EncoderSpec, missing: list[str]) -> None:
+def refuse_partial_load(spec: EncoderSpec, missing: list) -> None:
     if missing:
-        raise weights_mismatch(
-            spec,
-            LookupError(
-                f"the checkpoint lacks {len(missing)} of the model's weights ({', '.join(missing[:3])}, ...), "
-                "which would keep their random init"
-            ),
-        )
+        first = ", ".join(map(str, missing[:3]))
+        raise weights_mismatch(spec, LookupError(f"the checkpoint lacks {len(missing)} of the model's weights "
+                                                 f"({first}, ...), which would keep their random init"))  # fmt: skip
 
 
 @functools.lru_cache(maxsize=64)

@@ -91,9 +91,8 @@ def report_dir(score_files: list[Path], cfg: EvaluateConfig) -> tuple[dict, Path
         mode="json", include={"n_boot", "n_permutations", "alternative", "alpha", "seed", "comparisons"}
     )
     key = {"scores": [f.stem for f in score_files], "stats": stats_cfg}
-    if (
-        cfg.judges
-    ):  # the ranking it leads with: the first judge's first mode (scores hold every judge and mode)
+    # the ranking it leads with: the first judge's first mode (the scores hold every judge and mode)
+    if cfg.judges:
         key["primary"] = [cfg.judge_names()[0], cfg.judge_modes[0]]
     return key, artifacts.folder(cfg.output_root, "report", key)
 

@@ -163,9 +163,8 @@ def _run(job: TrainJob, progress: bool) -> TrainResult:
         return _result(run_dir, already_complete=True)
     # Under torchrun only rank 0 writes (checkpoints, logs), so only it holds the run's lock.
     with WriteLock(run_dir) if int(os.environ.get("RANK", "0")) == 0 else contextlib.nullcontext():
-        done = artifacts.finished(
-            run_dir / artifacts.RESULT
-        )  # another run may have finished it while we waited
+        # another run may have finished it while we waited
+        done = artifacts.finished(run_dir / artifacts.RESULT)
         if done is not None:
             if (why := damaged(done)) is None:
                 return _result(run_dir, already_complete=True)
@@ -183,7 +182,7 @@ def damaged(result: dict) -> str | None:
 def _reopen(run_dir: Path, result: dict, why: str) -> None:
     """A finished run whose checkpoint is damaged trains again: from its last intact epoch if the last epoch is
     the damaged one, from the start if the selected (best) one is, since selecting it took the whole run."""
-    LOG.warning("%s: %s; training it again", run_dir.name, why)
+    print(f"{run_dir.name}: {why}; training it again")
     chosen, last = Path(result["checkpoint"]), Path(result["last_checkpoint"])
     gone = [p for p in (last, chosen) if checkpoints.damage(p)]
     if chosen != last and chosen in gone:

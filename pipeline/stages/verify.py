@@ -71,9 +71,8 @@ def repair(path: Path) -> dict[int, str]:
 def verify(
     path: Path, n_images: int, seed: int = 0, device: str = "auto", batch_size: int = 16
 ) -> VerifyReport:
-    store = open_store(
-        path, require_complete=False
-    )  # all damaged shards at once, not the first one a size shows
+    # every damaged shard at once, not only the first one its size gives away
+    store = open_store(path, require_complete=False)
     if damaged := store.damaged_shards(full=True):  # every byte against its shard's SHA-256 first
         raise StoreError(damaged_message(store, damaged))
     store = open_store(path)  # and complete
