@@ -16,6 +16,10 @@ from flows.store_cli import ls, ls_artifacts, store_app
 from pipeline.config import ConfigError
 from pipeline.config_files import REPO_CONFIG_DIR
 
+EncoderFilter = Annotated[
+    list[str] | None, typer.Option("--encoder", "-e", help="Only these encoders (NAME: it and its layers).")
+]
+
 app = typer.Typer(cls=OneValueEach, no_args_is_help=True, add_completion=False, help=__doc__)
 app.add_typer(store_app, name="store")
 
@@ -43,7 +47,7 @@ def _main(
 @app.command()
 def encode(
     config: Annotated[Path, typer.Option("--config", "-c", help="Run config YAML.")],
-    encoder: Annotated[list[str] | None, typer.Option("--encoder", "-e", help="Only these encoders.")] = None,
+    encoder: EncoderFilter = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
     """Encode every store the run needs (the plan's encode rows: splits x transforms per encoder, and the transformed
@@ -65,7 +69,7 @@ def encode(
 @app.command()
 def train(
     config: Annotated[Path, typer.Option("--config", "-c", help="Run config YAML.")],
-    encoder: Annotated[list[str] | None, typer.Option("--encoder", "-e", help="Only these encoders.")] = None,
+    encoder: EncoderFilter = None,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
     prefect: Annotated[
         bool, typer.Option(help="Run as a Prefect flow; --no-prefect under torchrun (stores must exist).")
@@ -152,7 +156,7 @@ def evaluate(
 @app.command("tokens")
 def tokens_command(
     config: Annotated[Path, typer.Option("--config", "-c", help="Run config YAML (with a tokens: section).")],
-    encoder: Annotated[list[str] | None, typer.Option("--encoder", "-e", help="Only these encoders.")] = None,
+    encoder: EncoderFilter = None,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
 ) -> None:
     """Token utility: train the learned token selector and the baselines' completions, compare them on held-out
@@ -170,7 +174,7 @@ def tokens_command(
 @app.command("sae")
 def sae_command(
     config: Annotated[Path, typer.Option("--config", "-c", help="Run config YAML (with an sae: section).")],
-    encoder: Annotated[list[str] | None, typer.Option("--encoder", "-e", help="Only these encoders.")] = None,
+    encoder: EncoderFilter = None,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
 ) -> None:
     """Sparse autoencoders on an encoder's patch tokens: a sparsity sweep per variant, held-out fidelity and the
