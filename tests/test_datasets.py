@@ -296,3 +296,21 @@ def test_folder_ids_differ_between_split_folders_holding_the_same_file_names(tmp
     (train_record,) = list_images(dataset, "train")
     (val_record,) = list_images(dataset, "val")
     assert train_record.image_id != val_record.image_id
+
+
+def test_a_folder_split_lists_image_files_only_none_hidden_and_a_broken_link_as_failed(tmp_path):
+    from pipeline.data.datasets import list_images
+
+    pics = tmp_path / "pics"
+    for rel in ("a.png", "sub/b.PNG", ".hidden.png", ".ipynb_checkpoints/c.png"):
+        write_png(pics / rel)
+    for rel in ("notes.txt", "Thumbs.db"):
+        (pics / rel).write_text("not an image")
+    (pics / "gone.jpg").symlink_to(tmp_path / "nowhere.jpg")
+    spec = DatasetSpec(
+        name="plain", kind="folder", root=tmp_path, splits={"train": SplitSpec(images_dir=Path("pics"))}
+    )
+
+    listed = sorted(r.path.relative_to(pics).as_posix() for r in list_images(spec, "train"))
+
+    assert listed == ["a.png", "gone.jpg", "sub/b.PNG"]  # the broken link: listed, then recorded as missing

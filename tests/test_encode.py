@@ -664,3 +664,20 @@ def test_a_dataset_root_with_other_files_under_the_same_names_is_refused_not_rea
         split="val", dataset=demo_dataset.model_copy(update={"root": copy, "name": "mirrored"})
     )
     assert encode.run(renamed, progress=False).store_path != first.store_path
+
+
+def test_a_split_of_which_no_image_can_be_used_is_an_error_not_an_empty_store(make_job, tmp_path):
+    from pipeline.config import DatasetSpec, SplitSpec
+    from storage import StoreError
+
+    (tmp_path / "pics").mkdir()
+    for name in ("a.jpg", "b.png", "notes.txt"):  # the .txt is not even listed
+        (tmp_path / "pics" / name).write_text("not an image")
+    folder = DatasetSpec(
+        name="plain", kind="folder", root=tmp_path, splits={"val": SplitSpec(images_dir="pics")}
+    )
+    job = make_job(split="val", dataset=folder)
+
+    with pytest.raises(StoreError, match=r"none of its 2 images could be used \(2 not an image .*images_dir"):
+        encode.run(job, progress=False)
+    assert not list((tmp_path / "stores").glob("*.zarr"))  # nothing left that a rerun would call finished

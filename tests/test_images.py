@@ -56,6 +56,25 @@ def test_truncated_jpeg_is_skipped_as_corrupt_and_says_truncated(tmp_path, photo
     assert "truncated" in reason
 
 
+def test_a_jpeg_with_garbled_image_data_is_skipped_and_extra_bytes_after_it_are_not(tmp_path):
+    astronaut = skimage.data.astronaut()
+    path = tmp_path / "garbled.jpg"
+    Image.fromarray(astronaut).save(path, quality=90)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2 : len(data) // 2 + 2000] = np.random.default_rng(1).bytes(2000)
+    path.write_bytes(bytes(data))  # PIL decodes it quietly, half the photo flat grey
+    limits = {"min_side": MIN_SIDE, "max_pixels": MAX_PIXELS}
+
+    with pytest.raises(ImageSkipped, match="^corrupt image: Corrupt JPEG data"):
+        load_rgb_array(path, **limits)  # the encode stage's decoder
+
+    padded = tmp_path / "padded.jpg"  # bytes after the image data: a common, harmless libjpeg warning
+    Image.fromarray(astronaut).save(padded, quality=90)
+    body = padded.read_bytes()
+    padded.write_bytes(body[:-2] + b"\x00" * 64 + body[-2:])
+    assert np.array_equal(load_rgb_array(padded, **limits), np.asarray(Image.open(padded).convert("RGB")))
+
+
 def test_text_file_with_an_image_suffix_is_skipped_as_not_an_image(tmp_path):
     path = tmp_path / "notes.jpg"
     path.write_text("these are not pixels\n")

@@ -287,6 +287,7 @@ COCO_CASES = {
     "image without file_name": ({"images": [{"id": 1}]}, "images[0] has no file_name"),
     "image without id": ({"images": [{"file_name": "a.png"}]}, "images[0] has no id"),
     "non-integer id": ({"images": [{"id": "7", "file_name": "a.png"}]}, "is not an integer"),
+    "id beyond int64": ({"images": [{"id": 2**63 + 5, "file_name": "a.png"}]}, "outside the 64-bit integer range"),
     "duplicate ids": ({"images": [{"id": 3, "file_name": "a.png"}, {"id": 3, "file_name": "b.png"}]},
                       "duplicate image ids [3]"),
     "empty split": ({"images": []}, "has no images"),
@@ -299,6 +300,23 @@ def test_broken_coco_annotations_end_in_one_line_naming_the_file(tmp_path, case)
     config = _write_raw(tmp_path, _base(tmp_path, dataset=_coco(tmp_path, annotations)))
     _assert_one_line_failure(runner.invoke(app, ["plan", "-c", str(config)]), "captions.json", fragment)
     assert not (tmp_path / "stores").exists()
+
+
+def test_a_file_name_that_names_a_folder_is_a_failed_image_not_a_failed_run(tmp_path):
+    from storage import open_store
+
+    annotations = {"images": [*GOOD_IMAGES, {"id": 3, "file_name": "sub"}]}
+    config = _write_raw(tmp_path, _base(tmp_path, dataset=_coco(tmp_path, annotations)))
+    (tmp_path / "coco" / "images" / "sub").mkdir()
+
+    from pipeline import plan
+    from pipeline.config_files import load_run_config
+    from pipeline.stages import encode
+
+    run = plan.build(load_run_config(config), config)
+    (job,) = [j for j in run.encode.values() if j.split == "val" and j.transform.name == "identity"]
+    store = open_store(encode.run(job, progress=False).store_path)  # listing and fingerprinting it: no crash
+    assert [(f["image_id"], f["reason"]) for f in store.attrs["failures"]] == [(3, "not a file (a folder)")]
 
 
 def test_a_captions_file_with_categories_and_annotations_without_category_id_is_read(tmp_path):

@@ -157,6 +157,8 @@ def read_coco_annotations(path: Path) -> dict:
             raise ConfigError(f"{path}: images[{i}] has no {' or '.join(missing)}")
         if isinstance(image["id"], bool) or not isinstance(image["id"], int):
             raise ConfigError(f"{path}: images[{i}] id {image['id']!r:.60} is not an integer")
+        if not -(2**63) <= image["id"] < 2**63:  # stores hold ids as int64
+            raise ConfigError(f"{path}: images[{i}] id {image['id']} is outside the 64-bit integer range")
         if not isinstance(image["file_name"], str) or not image["file_name"]:
             raise ConfigError(f"{path}: images[{i}] file_name {image['file_name']!r:.60} is not a file name")
     ids = [image["id"] for image in images]
@@ -183,9 +185,17 @@ def _duplicates(ids: list[int]) -> set[int]:
 def _folder_records(images_dir: Path) -> list[ImageRecord]:
     if not images_dir.is_dir():
         raise ConfigError(f"images folder not found: {images_dir}")
+    from PIL import Image
+
+    image_suffixes = {suffix.lower() for suffix in Image.registered_extensions()}
     records = []
-    for path in sorted(p for p in images_dir.rglob("*") if p.is_file() and not p.name.startswith(".")):
-        rel = f"{images_dir.name}/{path.relative_to(images_dir).as_posix()}"
+    for path in sorted(images_dir.rglob("*")):
+        inside = path.relative_to(images_dir)
+        # image files by their suffix (notes, labels and Thumbs.db are not failed images), none hidden or in a
+        # hidden folder (.ipynb_checkpoints, .thumbnails)
+        if path.suffix.lower() not in image_suffixes or any(part.startswith(".") for part in inside.parts):
+            continue  # (a broken link or a folder named like an image is listed, and recorded as failed)
+        rel = f"{images_dir.name}/{inside.as_posix()}"
         # A stable id from the split folder's name and the relative path: the same file keeps its id across
         # runs and subsets, and train/0001.jpg and val/0001.jpg do not collide.
         image_id = int(hashlib.sha1(rel.encode()).hexdigest()[:15], 16)
@@ -208,8 +218,11 @@ def files_sample(records: list[ImageRecord], n: int = 16) -> list[dict]:
     """A fingerprint of the images' content, which the store key (ids and file names) does not hold: the SHA-256
     of `n` files spread over the list. Recorded in each store; a dataset root pointed at other files under the
     same names (a re-encoded, resized or edited copy) no longer matches it."""
-    picks = sorted(set(np.linspace(0, len(records) - 1, min(n, len(records))).astype(int).tolist()))
-    sample = [{"image_id": records[i].image_id, "file": records[i].path.name, "sha256": _sha256(records[i])}
+    readable = [
+        r for r in records if not r.refused
+    ]  # never read a file the listing refused (outside the root)
+    picks = sorted(set(np.linspace(0, len(readable) - 1, min(n, len(readable))).astype(int).tolist()))
+    sample = [{"image_id": readable[i].image_id, "file": readable[i].path.name, "sha256": _sha256(readable[i])}
               for i in picks]  # fmt: skip
     return [d for d in sample if d["sha256"]]  # a missing file is recorded as a failure, not fingerprinted
 
@@ -226,6 +239,10 @@ def _sha256(record: ImageRecord) -> str:
 
     try:
         stat = record.path.stat()
-    except OSError:
+        return (
+            file_sha256_cached(str(record.path), stat.st_size, stat.st_mtime_ns)
+            if record.path.is_file()
+            else ""
+        )
+    except OSError:  # missing, a folder, unreadable: the encode stage records why
         return ""
-    return file_sha256_cached(str(record.path), stat.st_size, stat.st_mtime_ns)

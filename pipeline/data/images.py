@@ -27,7 +27,7 @@ class ImageSkipped(Exception):
 def _skipping_unusable(path: Path):
     """PIL's errors on an image file as the reasons it is skipped (ImageSkipped)."""
     if not path.is_file():
-        raise ImageSkipped("missing file")
+        raise ImageSkipped("not a file (a folder)" if path.is_dir() else "missing file")
     if path.stat().st_size == 0:
         raise ImageSkipped("empty file (0 bytes)")
     try:
@@ -86,12 +86,20 @@ def load_rgb_array(path: Path, *, min_side: int, max_pixels: int, draft_to: int 
     return np.asarray(_to_rgb(img))
 
 
+# libjpeg warnings that mean lost image data (it fills the rest grey) rather than harmless extra bytes; PIL
+# decodes such files without a word. (A file cut short PIL refuses itself, saying "truncated".)
+_LOST_DATA = ("premature end of data segment", "bad huffman code")
+
+
 def _decoded_as_pil_would(jpeg: bytes, width: int, height: int) -> np.ndarray | None:
     """simplejpeg's decode at PIL's draft size: libjpeg-turbo's smallest scale that keeps it is PIL's. None where
-    simplejpeg refuses what libjpeg only warns of (PIL then decides) or lands on another size."""
+    simplejpeg refuses what libjpeg only warns of (PIL then decides) or lands on another size; a file whose image
+    data is damaged is skipped."""
     try:
         pixels = simplejpeg.decode_jpeg(jpeg, "RGB", min_width=width, min_height=height)
-    except ValueError:
+    except ValueError as e:
+        if any(warning in str(e).lower() for warning in _LOST_DATA):
+            raise ImageSkipped(f"corrupt image: {e}") from None
         return None
     return pixels if pixels.shape[:2] == (height, width) else None
 

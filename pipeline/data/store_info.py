@@ -5,6 +5,8 @@ Every stage reads store attributes through `StoreInfo.of(store)`, never by strin
 
 from __future__ import annotations
 
+import shutil
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -129,3 +131,18 @@ def check_same_image_files(store: FeatureStore, records: list, root) -> None:
             "dataset another `name:` (new stores beside these), or remove these stores (`reconlab run --force "
             "encode`)"
         )
+
+
+def check_some_encoded(path: Path) -> None:
+    """A finished store holds at least one image. One that holds none was read from a wrong images folder or a
+    split of unusable files: it is removed (there is nothing in it to keep), so the corrected config encodes."""
+    store = open_store(path)
+    if store.attrs.get("n_encoded", 1):
+        return
+    reasons = Counter(f["reason"].split(":")[0] for f in store.attrs.get("failures", []))
+    shutil.rmtree(path)
+    raise StoreError(
+        f"{path}: none of its {store.n_images} images could be used "
+        f"({', '.join(f'{n} {reason}' for reason, n in reasons.most_common(3))}): check dataset.root and the "
+        "split's images_dir / annotations; the empty store was removed"
+    )

@@ -21,7 +21,7 @@ from pipeline.artifacts import WriteLock
 from pipeline.config import Layer, config_hash
 from pipeline.data import decode_workers, worker_processes
 from pipeline.data.datasets import ImageRecord, files_sample, image_list_sha256, list_images
-from pipeline.data.store_info import check_same_image_files
+from pipeline.data.store_info import check_same_image_files, check_some_encoded
 from pipeline.data.store_writer import BackgroundShardWriter, Landing, add_batch, shard_buffer
 from pipeline.jobs import EncodeJob
 from pipeline.models import encoders
@@ -179,6 +179,8 @@ def run_layers(jobs: list[EncodeJob], *, progress: bool = True) -> list[EncodeRe
     for i, summary in zip(todo, summaries, strict=True):
         path, n = planned[i][2], len(planned[i][0])
         results[i] = EncodeResult(path, n, summary["n_encoded"], summary["n_failed"], False, seconds)
+    for result in results:
+        check_some_encoded(result.store_path)
     return results
 
 
