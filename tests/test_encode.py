@@ -85,7 +85,8 @@ def _write_bad_images(folder: Path) -> dict[str, str]:
     full = (folder / "good.jpg").read_bytes()
     (folder / "truncated.jpg").write_bytes(full[: len(full) // 2])
     (folder / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0" + bytes(200))
-    (folder / "notes.txt").write_text("not an image")
+    (folder / "notes.jpg").write_text("not an image")
+    (folder / "readme.txt").write_text("not listed: a folder split lists image suffixes only")
     (folder / "empty.jpg").write_bytes(b"")
     rgb.convert("L").save(folder / "gray.jpg")
     rgb.convert("CMYK").save(folder / "cmyk.jpg")
@@ -98,7 +99,7 @@ def _write_bad_images(folder: Path) -> dict[str, str]:
     Image.new("RGB", (400, 300), (0, 128, 0)).save(folder / "huge.png")
     return {
         "good.jpg": "ok", "gray.jpg": "ok", "cmyk.jpg": "ok", "rgba.png": "ok", "palette.png": "ok",
-        "sixteen.png": "ok", "truncated.jpg": "corrupt", "corrupt.jpg": "", "notes.txt": "not an image", "empty.jpg": "empty file",
+        "sixteen.png": "ok", "truncated.jpg": "corrupt", "corrupt.jpg": "", "notes.jpg": "not an image", "empty.jpg": "empty file",
         "one_pixel.png": "too small", "huge.png": "too large",
     }  # fmt: skip
 
