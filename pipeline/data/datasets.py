@@ -218,9 +218,8 @@ def files_sample(records: list[ImageRecord], n: int = 16) -> list[dict]:
     """A fingerprint of the images' content, which the store key (ids and file names) does not hold: the SHA-256
     of `n` files spread over the list. Recorded in each store; a dataset root pointed at other files under the
     same names (a re-encoded, resized or edited copy) no longer matches it."""
-    readable = [
-        r for r in records if not r.refused
-    ]  # never read a file the listing refused (outside the root)
+    # never a file the listing refused (a link out of the images folder)
+    readable = [r for r in records if not r.refused]
     picks = sorted(set(np.linspace(0, len(readable) - 1, min(n, len(readable))).astype(int).tolist()))
     sample = [{"image_id": readable[i].image_id, "file": readable[i].path.name, "sha256": _sha256(readable[i])}
               for i in picks]  # fmt: skip
@@ -239,10 +238,8 @@ def _sha256(record: ImageRecord) -> str:
 
     try:
         stat = record.path.stat()
-        return (
-            file_sha256_cached(str(record.path), stat.st_size, stat.st_mtime_ns)
-            if record.path.is_file()
-            else ""
-        )
-    except OSError:  # missing, a folder, unreadable: the encode stage records why
-        return ""
+        if record.path.is_file():
+            return file_sha256_cached(str(record.path), stat.st_size, stat.st_mtime_ns)
+    except OSError:
+        pass
+    return ""  # missing, a folder, unreadable: the encode stage records why
