@@ -153,9 +153,9 @@ if len(sys.argv) > 2:  # as Prefect's flow engine does during a run: SIGTERM rai
     def prefects(signum, frame):
         raise TerminationSignal
     signal.signal(signal.SIGTERM, prefects)
-print("ready", flush=True)
 deadline = time.time() + 20
 try:
+    print("ready", flush=True)  # inside the try: a signal sent at once must land in it
     while not stop.requested() and time.time() < deadline:
         time.sleep(0.05)
 except TerminationSignal:  # the engine then waits for the running task: the stage must stop too
