@@ -185,6 +185,13 @@ def test_runtime_fields_reuse_scores_and_report_statistics_fields_only_the_repor
     assert new_stats.report_md != res.report_md
     rescored = evaluate.run(targets, cfg.model_copy(update={"pixel_resolution": 32}), judges, progress=False)
     assert not set(rescored.score_files) & set(res.score_files)
+    native = evaluate.run(
+        targets, cfg.model_copy(update={"judge_input_resolution": None}), judges, progress=False
+    )
+    assert not set(native.score_files) & set(res.score_files)
+    cosine = [pd.read_parquet(f).query("metric == 'cosine_grayscale'").value.to_numpy() for f in
+              (res.score_files[0], native.score_files[0])]  # fmt: skip
+    assert not np.allclose(*cosine)  # the judge saw other pixels
 
 
 def test_the_judges_order_picks_the_ranking_the_report_leads_with_and_a_judge_path_is_its_name(

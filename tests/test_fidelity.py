@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 import zarr
 from PIL import Image
@@ -98,6 +99,46 @@ def test_judges_see_the_stored_square_image_resized_without_a_crop():
     judge = evaluate.load_judges([resolve_encoder("tiny-judge")], "cpu")["tiny-judge"]
     assert judge.preprocessing.geometry == "short_side_crop"
     assert judge.preprocessing.resize_size == judge.preprocessing.crop_size
+
+
+def test_judges_get_the_released_codes_224_px_input_bilinear_without_antialiasing_and_truncated():
+    from pipeline.models.judges import released_judge_input
+
+    # Halving with bilinear interpolation (align_corners=False, no antialiasing) averages each 2x2 block; the
+    # released code then truncates: blocks of mean 10.5 and 200.75 give 10 and 200 (rounding: 11 and 201;
+    # antialiasing would mix in the neighbouring blocks).
+    images = np.zeros((1, 448, 448, 3), np.uint8)
+    images[0, ::2, :, 0], images[0, 1::2, :, 0] = 10, 11
+    images[0, :, :, 1] = np.where(np.arange(448) % 4 < 2, 0, 255).astype(np.uint8)[None, :]
+    images[0, ::2, ::2, 2], images[0, ::2, 1::2, 2], images[0, 1::2, :, 2] = 200, 201, 201
+    out = released_judge_input(images, 224)
+    assert out.shape == (1, 224, 224, 3) and out.dtype == np.uint8
+    assert (out[..., 0] == 10).all() and (out[..., 2] == 200).all()
+    assert set(np.unique(out[..., 1])) == {0, 255}  # no antialiasing: blocks do not mix
+
+
+def test_judges_judge_grayscale_as_pil_converts_it_after_the_released_resize():
+    from pipeline.models import judges
+
+    seen = []
+
+    class Judge:  # records what a judge's processor receives
+        def preprocess(self, image):
+            seen.append(np.asarray(image))
+            return torch.zeros(3, 4, 4)
+
+        def embed(self, batch):
+            return torch.ones(len(batch), 2)
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+    judges.cosines(Judge(), images, images, True, 24)
+    expected = [np.asarray(Image.fromarray(im).convert("L").convert("RGB")) for im in
+                judges.released_judge_input(images, 24)]  # fmt: skip
+    assert all(np.array_equal(a, b) for a, b in zip(seen[:2], expected, strict=True))
+    seen.clear()
+    judges.cosines(Judge(), images, images, False, None)
+    assert np.array_equal(seen[0], images[0])
 
 
 def test_store_verify_passes_on_an_honest_store(make_job):

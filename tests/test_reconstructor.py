@@ -60,7 +60,7 @@ def test_transformer_layer_equals_transformers_clip_encoder_layer_with_quick_gel
     model = Reconstructor(ReconstructorConfig(depth=1), width, (3, 3), 2, 6).eval()
     ours = model.blocks[0]
     config = CLIPVisionConfig(hidden_size=width, intermediate_size=4 * width, num_attention_heads=2,
-                              hidden_act="quick_gelu", attention_dropout=0.0)  # fmt: skip
+                              hidden_act="quick_gelu", attention_dropout=0.0, layer_norm_eps=1e-6)  # fmt: skip
     config._attn_implementation = "eager"
     reference = clip.CLIPEncoderLayer(config).eval()
     missing = reference.load_state_dict(
@@ -72,6 +72,18 @@ def test_transformer_layer_equals_transformers_clip_encoder_layer_with_quick_gel
         ref_out = reference(x, None)
         ref_out = ref_out[0] if isinstance(ref_out, tuple) else ref_out
         torch.testing.assert_close(ours(x), ref_out, atol=1e-5, rtol=1e-5)
+
+
+def test_layer_norms_use_the_released_eps_and_older_checkpoints_keep_the_one_they_were_trained_with():
+    from pipeline.models.checkpoints import _meta_model
+
+    model = Reconstructor(ReconstructorConfig(depth=1), 64, (2, 2), 2, 4)
+    assert {m.eps for m in model.modules() if isinstance(m, nn.LayerNorm)} == {1e-6}  # SiglipVisionConfig's
+    geometry = {**ReconstructorConfig(depth=1).model_dump(mode="json"), "in_dim": 64, "grid_hw": [2, 2],
+                "patch_size": 2, "out_size": 4}  # fmt: skip
+    del geometry["layer_norm_eps"]
+    old = _meta_model({"_json_path": "old.json", "model": geometry})
+    assert {m.eps for m in old.modules() if isinstance(m, nn.LayerNorm)} == {1e-5}
 
 
 def test_patch_tokens_leave_the_last_layer_without_a_final_layer_norm():

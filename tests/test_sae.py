@@ -88,6 +88,27 @@ def test_an_sae_recovers_a_planted_dictionary_and_two_seeds_agree_on_it(tmp_path
     assert np.median(agreement) > 0.95, agreement
 
 
+def test_without_a_decoder_bias_the_sae_is_x_hat_equals_d_z_as_the_bridge_score_paper(tmp_path):
+    from pipeline.report.sae_report import choices_table
+
+    assert SaeConfig(inputs="embeddings").uses_decoder_bias() is False  # arXiv:2504.11695's form
+    assert (
+        SaeConfig().uses_decoder_bias() is True and SaeConfig(decoder_bias=False).uses_decoder_bias() is False
+    )
+    store = planted_store(tmp_path / "train.zarr", 32, 1, unit_atoms(8, 16))
+    cfg = SaeConfig(variants=["topk"], epochs=2, decoder_bias=False, **PLANTED)
+    sae, header = st.load(train(store, st.SaeSpec("topk", 3, 0), cfg, tmp_path / "nobias"))
+    assert header["model"]["decoder_bias"] is False and not sae.pre_bias.any()
+    x = torch.from_numpy(store.features(slice(0, 4))).flatten(0, 2)
+    codes = sae.encode(x)
+    torch.testing.assert_close(sae.decode(codes), codes @ sae.decoder)
+    biased, _ = st.load(train(store, st.SaeSpec("topk", 3, 0), cfg.model_copy(update={"decoder_bias": True}),
+                              tmp_path / "bias"))  # fmt: skip
+    assert biased.pre_bias.abs().sum() > 0  # the same training moves a bias when there is one
+    table = choices_table(cfg).set_index("setting")
+    assert table.loc["decoder bias", "value"] == "none: x̂ = D z"
+
+
 def test_r2_is_accumulated_over_the_whole_set_not_averaged_over_batches():
     rng = np.random.default_rng(2)
     x = (

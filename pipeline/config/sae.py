@@ -72,6 +72,15 @@ class SaeConfig(Frozen):
         True, description="Unit L2 per vector before the SAE (the papers' normalisation)."
     )
     center: bool = Field(False, description="Subtract the training mean first (before the unit norm).")
+    decoder_bias: bool | None = Field(
+        None,
+        description="x̂ = W_dec z + b, b also subtracted before encoding (arXiv:2406.04093), or x̂ = D z without one "
+        "(arXiv:2504.11695 and overcomplete). None: without in `embeddings` mode (the paper's), with in `tokens` mode.",
+    )
+
+    def uses_decoder_bias(self) -> bool:
+        return self.inputs == "tokens" if self.decoder_bias is None else self.decoder_bias
+
     aux_coefficient: float = Field(
         1 / 32, ge=0, description="AuxK weight for dead latents (arXiv:2406.04093)."
     )

@@ -45,6 +45,9 @@ class ReconstructorConfig(Frozen):
         le=16,
         description="Residual conv blocks at the last upsampling stage (released: 3; others have 1).",
     )
+    layer_norm_eps: float = Field(
+        1e-6, gt=0, le=1e-2, description="LayerNorm epsilon (released: its SigLIP vision config's 1e-6)."
+    )
     min_channels: int = Field(
         8,
         gt=0,
@@ -203,6 +206,12 @@ class EvaluateConfig(Frozen):
         """The judges by name: one given as a YAML path is named by its file (its spec's `name`)."""
         return [Path(j).stem if j.endswith((".yaml", ".yml")) else j for j in self.judges]
 
+    judge_input_resolution: int | None = Field(
+        224,
+        gt=0,
+        description="Judges see both images resized to this first (bilinear, no antialiasing, truncated to "
+        "uint8), as the released code does; None: at the encoder's resolution (reconlab's alternative).",
+    )
     pixel_resolution: int = Field(
         224, gt=0, description="Common resolution of the pixel metrics (released code: 224)."
     )

@@ -80,6 +80,9 @@ class TokensConfig(Frozen):
     judge: str | None = Field(
         None, description="Judge encoder of the image-space cosine; None: evaluate.judges' first."
     )
+    judge_input_resolution: int | None = Field(
+        224, gt=0, description="As evaluate.judge_input_resolution (the released code's 224)."
+    )
     n_boot: int = Field(2000, ge=100, description="Bootstrap resamples of CIs and paired tests.")
     grid_fraction: float | None = Field(
         None, gt=0, le=1, description="Keep fraction shown in the grids; None: the one nearest 0.3."

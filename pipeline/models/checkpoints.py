@@ -187,8 +187,10 @@ def _meta_model(header: dict) -> Reconstructor:
     if not isinstance(geometry, dict):
         raise CheckpointError(f"{where}: header has no 'model' geometry")
     try:
+        # checkpoints made before layer_norm_eps was recorded were trained with 1e-5
         cfg = ReconstructorConfig.model_validate(
-            {k: v for k, v in geometry.items() if k in ReconstructorConfig.model_fields}
+            {"layer_norm_eps": 1e-5}
+            | {k: v for k, v in geometry.items() if k in ReconstructorConfig.model_fields}
         )
     except ValueError as e:
         raise CheckpointError(

@@ -48,11 +48,11 @@ class Attention(nn.Module):
 class EncoderLayer(nn.Module):
     """Pre-norm transformer layer: x + attn(LN(x)), then x + MLP(LN(x)) with a QuickGELU MLP (CLIP)."""
 
-    def __init__(self, width: int, heads: int, mlp_width: int):
+    def __init__(self, width: int, heads: int, mlp_width: int, eps: float):
         super().__init__()
-        self.layer_norm1 = nn.LayerNorm(width, eps=1e-5)
+        self.layer_norm1 = nn.LayerNorm(width, eps=eps)
         self.self_attn = Attention(width, heads)
-        self.layer_norm2 = nn.LayerNorm(width, eps=1e-5)
+        self.layer_norm2 = nn.LayerNorm(width, eps=eps)
         self.fc1, self.act, self.fc2 = nn.Linear(width, mlp_width), QuickGELU(), nn.Linear(mlp_width, width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -101,9 +101,10 @@ class Reconstructor(nn.Module):
         )
         if self.pos is not None:
             nn.init.trunc_normal_(self.pos, std=0.02)
-        self.pre_norm = nn.LayerNorm(width, eps=1e-5)
+        self.pre_norm = nn.LayerNorm(width, eps=cfg.layer_norm_eps)
         self.blocks = nn.ModuleList(
-            EncoderLayer(width, heads, int(width * cfg.mlp_ratio)) for _ in range(cfg.depth)
+            EncoderLayer(width, heads, int(width * cfg.mlp_ratio), cfg.layer_norm_eps)
+            for _ in range(cfg.depth)
         )
         n_up = max(0, math.ceil(math.log2(patch_size)))
         stages, channels = [], width

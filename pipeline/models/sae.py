@@ -1,5 +1,6 @@
 """Sparse autoencoders over feature vectors (patch tokens or pooled embeddings): x̂ = W_dec z + b_pre,
-z = σ(W_enc (x − b_pre) + b_enc), with decoder rows kept at unit norm. Variants (`kind`):
+z = σ(W_enc (x − b_pre) + b_enc), with decoder rows kept at unit norm; without the decoder bias (b_pre = 0, as
+arXiv:2504.11695), x̂ = W_dec z. Variants (`kind`):
 
 - batchtopk (default; arXiv:2412.06410): in training the k·B largest activations of the whole batch survive; at
   inference one global threshold θ (an exponential moving average of the smallest surviving activation in
@@ -62,12 +63,13 @@ class _Step(torch.autograd.Function):
 
 class SparseAutoencoder(nn.Module):
     def __init__(self, dim: int, n_latents: int, kind: str, k: int = 0, center: bool = False,
-                 unit_norm_inputs: bool = True, bandwidth: float = 1e-3, initial_threshold: float = 1e-3):  # fmt: skip
+                 unit_norm_inputs: bool = True, bandwidth: float = 1e-3, initial_threshold: float = 1e-3,
+                 decoder_bias: bool = True):  # fmt: skip
         super().__init__()
         self.kind, self.k, self.bandwidth = kind, k, bandwidth
         self.unit_norm_inputs, self.center = unit_norm_inputs, center
         self.register_buffer("input_mean", torch.zeros(dim))
-        self.pre_bias = nn.Parameter(torch.zeros(dim))
+        self.pre_bias = nn.Parameter(torch.zeros(dim), requires_grad=decoder_bias)  # stays 0 without a bias
         self.decoder = nn.Parameter(F.normalize(torch.randn(n_latents, dim), dim=1))
         self.encoder = nn.Linear(dim, n_latents)
         with torch.no_grad():  # tied initialisation, zero encoder bias (arXiv:2406.04093)

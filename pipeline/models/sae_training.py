@@ -163,14 +163,22 @@ class EmbeddingSource:
 def build(spec: SaeSpec, cfg: SaeConfig, dim: int) -> SparseAutoencoder:
     k = int(spec.sparsity) if spec.kind in ("topk", "batchtopk") else 0
     return SparseAutoencoder(dim, cfg.expansion * dim, spec.kind, k, cfg.center, cfg.unit_norm_inputs,
-                             cfg.jumprelu_bandwidth, cfg.jumprelu_threshold)  # fmt: skip
+                             cfg.jumprelu_bandwidth, cfg.jumprelu_threshold, cfg.uses_decoder_bias())  # fmt: skip
 
 
 def load(path: Path, device: str | torch.device = "cpu") -> tuple[SparseAutoencoder, dict]:
     """An SAE checkpoint on its own (normalisation included) in eval mode, and its header."""
     header = checkpoints.read_header(path)
     g = header["model"]
-    sae = SparseAutoencoder(g["dim"], g["n_latents"], g["kind"], g["k"], g["center"], g["unit_norm_inputs"])
+    sae = SparseAutoencoder(
+        g["dim"],
+        g["n_latents"],
+        g["kind"],
+        g["k"],
+        g["center"],
+        g["unit_norm_inputs"],
+        decoder_bias=g.get("decoder_bias", True),
+    )
     checkpoints.load_weights(header, sae)
     return sae.to(device).eval(), header
 
@@ -190,7 +198,8 @@ def train_sae(source: TokenSource | EmbeddingSource, spec: SaeSpec, cfg: SaeConf
     header = header_base | {"sae": {"kind": spec.kind, "sparsity": spec.sparsity, "seed": spec.seed,
                                     "text_share": spec.text_share, "name": spec.name},
                             "model": {"dim": dim, "n_latents": sae.n_latents, "kind": spec.kind, "k": sae.k,
-                                      "center": cfg.center, "unit_norm_inputs": cfg.unit_norm_inputs}}  # fmt: skip
+                                      "center": cfg.center, "unit_norm_inputs": cfg.unit_norm_inputs,
+                                      "decoder_bias": cfg.uses_decoder_bias()}}  # fmt: skip
     start_epoch, step = resumable.resume(out_dir, sae, optimizer, header["config_hash"])
     bar = bars.bar(
         total=cfg.epochs, initial=start_epoch, unit="epoch", disable=not progress, desc=f"sae {spec.name}"

@@ -131,7 +131,8 @@ def setup_table(targets, cfg) -> pd.DataFrame:
     """What this run did beside what the paper's text and its released code do, with the source of each choice.
 
     Values come from the stores and checkpoints themselves, not from the config that asked for them."""
-    encoders = [StoreInfo.of(open_store(t.store)).encoder for t in targets]
+    infos = [StoreInfo.of(open_store(t.store)) for t in targets]
+    encoders, store_keys = [i.encoder for i in infos], [i.key for i in infos]
     headers = [read_header(t.checkpoint) for t in targets]
     train = [h["config"]["train"] for h in headers]
     model = [h["model"] for h in headers]
@@ -142,6 +143,10 @@ def setup_table(targets, cfg) -> pd.DataFrame:
          "encode: SigLIP processor (squash); judge: short side + centre crop",
          "reconlab: short_side_crop gives every encoder the same field of view; native is an option"),
         ("per-token L2 normalisation", "yes", "yes", "yes (training loop)", "as published"),
+        ("compute precision", "encode " + _values(store_keys, "compute_dtype") + ", train "
+         + _values([h["config"] for h in headers], "compute_dtype") + ", judges float32", "not stated",
+         "float32 throughout (features rounded to bf16 when saved)",
+         "reconlab: bfloat16 autocast on CUDA for encode and train (compute_dtype: auto), float32 on CPU"),
         ("reconstructor", "upsample kernel " + _values(model, "upsample_kernel") + ", last-stage res blocks "
          + _values(model, "last_stage_res_blocks") + ", depth " + _values(model, "depth"),
          "4 transformer blocks + x2 conv upsampling", "CLIP layers (QuickGELU) + ConvTranspose2d(4, 2, 1), 3 res blocks",
@@ -158,7 +163,12 @@ def setup_table(targets, cfg) -> pd.DataFrame:
         ("checkpoint used", _values(train, "select_checkpoint"), "fixed 40-epoch schedule", "saved every epoch",
          "reconlab: 'last' selects nothing on held-out images"),
         ("judges", ", ".join(cfg.judge_names()) + " (" + ", ".join(cfg.judge_modes) + ")",
-         "CLIP ViT-L/14, SigLIP2", "clip-vit-large-patch14, siglip2-large-patch16-256, both grayscale", "as released"),
+         "CLIP ViT-L/14, SigLIP2", "clip-vit-large-patch14, siglip2-large-patch16-256, both grayscale (PIL 'L')",
+         "as released"),
+        ("judge input", f"bilinear, no antialiasing, to {cfg.judge_input_resolution} px, truncated to uint8"
+         if cfg.judge_input_resolution else "the stored image at the encoder's resolution", "not stated",
+         "F.interpolate bilinear to 224 px, truncated to uint8, then the judge's processor",
+         "as released" if cfg.judge_input_resolution == 224 else "run setting (judge_input_resolution)"),
         ("tests", "Wilcoxon signed-rank, paired bootstrap (BCa CI, re-centred p), sign-flip permutation",
          "Wilcoxon, bootstrap", "-", "permutation test added by reconlab (exact at small n)"),
         ("alternative", cfg.alternative + " unless a comparison states its own", "not stated", "-", "reconlab's choice"),

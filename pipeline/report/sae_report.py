@@ -133,6 +133,9 @@ def choices_table(cfg: SaeConfig) -> pd.DataFrame:
         ("variants", ", ".join(cfg.variants), "BatchTopK first (best trade-off in 2504.11695); the others: " + OURS
          if cfg.variants[0] == "batchtopk" else OURS + " (2504.11695 found BatchTopK the best trade-off)"),
         ("dictionary", f"{cfg.expansion} x feature width, decoder rows at unit norm", OURS + " for the size"),
+        ("decoder bias", "x̂ = W_dec z + b, b subtracted before encoding (arXiv:2406.04093)" if cfg.uses_decoder_bias()
+         else "none: x̂ = D z", "as 2504.11695 (x̂ = D z)" if not cfg.uses_decoder_bias() else OURS + " (2504.11695 "
+         "has none; a shared bias takes up the mean vector, so codes and Bridge Scores are not the paper's quantities)"),
         ("sparsity sweep", "; ".join(f"{name} {values}" for kinds, name, values in (
             ({"topk", "batchtopk"}, "k", cfg.k), ({"jumprelu"}, "JumpReLU L0", cfg.l0_coefficients),
             ({"relu"}, "ReLU L1", cfg.l1_coefficients)) if kinds & set(cfg.variants)), OURS),

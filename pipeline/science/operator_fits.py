@@ -16,6 +16,7 @@ FIT_TYPES = ("procrustes", "involution", "least_squares")
 # How the statistics are summed, in each fit's cache key. Until 2026-11-28: float32 products, and least squares
 # cut off directions below D x eps32 of the largest Gram eigenvalue (real ones, on anisotropic features).
 STATISTICS = "float64 products of float32 tokens"
+INVOLUTION = "sign(sym(C)), the least-squares optimum among symmetric orthogonal matrices"
 
 
 @dataclass
@@ -62,7 +63,7 @@ def procrustes(stats: PairStats) -> np.ndarray:
 
 
 def nearest_involution(a: np.ndarray) -> np.ndarray:
-    """The nearest symmetric orthogonal matrix (eigenvalues ±1): sign of the symmetric part's eigenvalues."""
+    """The nearest symmetric orthogonal matrix to `a` (eigenvalues ±1): sign of the symmetric part's eigenvalues."""
     sym = (a + a.T) / 2
     eigvals, eigvecs = scipy.linalg.eigh(sym)
     signs = np.where(eigvals >= 0, 1.0, -1.0)
@@ -85,9 +86,11 @@ def fit(stats: PairStats, fit_type: str, ridge: float = 0.0) -> tuple[np.ndarray
     if fit_type == "procrustes":
         return procrustes(stats), {}
     if fit_type == "involution":
-        orth = procrustes(stats)
-        inv = nearest_involution(orth)
-        return inv, {"distance_from_procrustes_fro": float(np.linalg.norm(inv - orth))}
+        # For an orthogonal A, Σ‖A a − b‖² = Σ‖a‖² + Σ‖b‖² − 2 tr(A Cᵀ), and for a symmetric one tr(A Cᵀ) =
+        # tr(A sym(C)) ≤ Σ|λ(sym(C))| (von Neumann), reached by A = sign(sym(C)): the least-squares optimum among
+        # symmetric orthogonal matrices. The nearest involution to the Procrustes A (before 2026-11-28) is not it.
+        inv = nearest_involution(stats.cross_ba)
+        return inv, {"distance_from_procrustes_fro": float(np.linalg.norm(inv - procrustes(stats)))}
     if fit_type == "least_squares":
         return least_squares(stats, ridge), {"ridge": ridge}
     raise ValueError(f"unknown fit type {fit_type}; known: {FIT_TYPES}")

@@ -66,6 +66,7 @@ def _key_without_judges(store, header: dict, cfg: EvaluateConfig) -> dict:
         "checkpoint": header["config_hash"],
         "checkpoint_weights_sha256": checkpoints.weights_sha256(header),
         "judge_modes": cfg.judge_modes,
+        "judge_input_resolution": cfg.judge_input_resolution,
         "pixel_resolution": cfg.pixel_resolution,
         "n_images": cfg.n_images,
         "lpips": cfg.lpips,
@@ -145,7 +146,7 @@ def _score(target, judges, cfg, store, model, rows, image_ids, key, out, meta_pa
         for name, judge in judges.items():
             for mode in cfg.judge_modes:
                 values[(name, f"cosine_{mode}")] = judges_mod.cosines(
-                    judge, originals, recons, mode == "grayscale"
+                    judge, originals, recons, mode == "grayscale", cfg.judge_input_resolution
                 )
         for (judge_name, metric), v in values.items():
             records.append(pd.DataFrame({"image_id": ids, "encoder": target.encoder_name, "judge": judge_name,

@@ -119,6 +119,7 @@ def fit_key_and_dir(job: OperatorJob, identity: FeatureStore, transformed: Featu
         # the config without its pair list: this fit's pair is above, and the others' are not this fit's inputs
         "pair": artifacts.identity(job.pair), "cfg": {k: v for k, v in artifacts.identity(job.cfg).items() if k != "pairs"},
         "statistics": operator_fits.STATISTICS,  # fits made by an earlier method are not re-used
+        "involution": operator_fits.INVOLUTION,
     }  # fmt: skip
     label = f"{StoreInfo.of(identity).encoder_name}__{job.pair.transform.tag}-{job.pair.direction}"
     return key, artifacts.folder(job.cfg.output_root, label, key)

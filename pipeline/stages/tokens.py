@@ -38,7 +38,7 @@ from storage import FeatureStore
 NETWORKS_MARKER = "networks.json"  # the trained networks' key, written when their folder is made
 SCORES = "token_scores.parquet"
 # Eval-only fields: changing them re-scores but re-uses the trained networks.
-_EVAL_FIELDS = ("split", "n_eval_images", "judge", "n_boot", "grid_fraction")
+_EVAL_FIELDS = ("split", "n_eval_images", "judge", "judge_input_resolution", "n_boot", "grid_fraction")
 
 
 @dataclass(frozen=True)
@@ -202,7 +202,7 @@ def score(job: TokensJob, store: FeatureStore, rows: np.ndarray, networks: dict,
                             "value": float(v)} for k, vs in values.items() for i, v in zip(ids, vs, strict=True))  # fmt: skip
 
         full = reconstruct(tokens)
-        pixels_of = _pixel_scorer(images, full, judge)
+        pixels_of = _pixel_scorer(images, full, judge, cfg.judge_input_resolution)
         add(1.0, "all tokens", "none", pixels_of(full, versus_full=False))
         if start == 0:
             grid |= {"images": images, "full": full, "fraction": grid_p}
@@ -251,7 +251,7 @@ def _feature_scores(completed: torch.Tensor, tokens: torch.Tensor, keep: torch.T
     }
 
 
-def _pixel_scorer(images: np.ndarray, full: np.ndarray, judge):
+def _pixel_scorer(images: np.ndarray, full: np.ndarray, judge, judge_input_resolution: int | None):
     """Scores of a reconstruction against the image (PSNR, SSIM, judge cosine) and against R(all tokens)."""
     images01, full01 = images.astype(np.float32) / 255, full.astype(np.float32) / 255
 
@@ -259,7 +259,7 @@ def _pixel_scorer(images: np.ndarray, full: np.ndarray, judge):
         r01 = recon.astype(np.float32) / 255
         out = {"psnr_db": metrics.psnr_db(images01, r01), "ssim": metrics.ssim(images01, r01)}
         if judge is not None:
-            out["judge_cosine"] = judges.cosines(judge, images, recon, grayscale=True)
+            out["judge_cosine"] = judges.cosines(judge, images, recon, True, judge_input_resolution)
         if versus_full:
             out |= {
                 "psnr_vs_full_db": metrics.psnr_db(full01, r01),
