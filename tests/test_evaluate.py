@@ -75,7 +75,8 @@ def test_report_exists_with_tables_and_embedded_figures(result):
     assert "store_hash" in md and "checkpoint_config_hash" in md
     setup = md[md.index("## Setup") : md.index("## Inputs")]
     for row in ("| feature layer ", "hidden_states[-2]", "| image geometry ", "short_side_crop", "| LR schedule ",
-                "| checkpoint used  ", "| alternative ", "two-sided", "released architecture"):  # fmt: skip
+                "| checkpoint used  ", "| alternative ", "two-sided", "released architecture",
+                "encode float32, train float32, judges float32", "to 224 px, truncated to uint8"):  # fmt: skip
         assert row in setup, row
     assert "| alternative " in md[md.index("## Paired comparisons") :] and "permutation_p" in md
 
