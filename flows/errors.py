@@ -14,7 +14,7 @@ from pipeline.config import ConfigError
 # Faults of the machine, not of reconlab: shown as the path and the errno's meaning.
 ENVIRONMENT_ERRNOS = {
     errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENOTDIR, errno.EISDIR,
-    errno.ENAMETOOLONG, errno.EEXIST, errno.ENOENT, errno.ELOOP, errno.EMFILE,
+    errno.ENAMETOOLONG, errno.EEXIST, errno.ENOENT, errno.ELOOP, errno.EMFILE, errno.EFBIG,
 }  # fmt: skip
 
 
@@ -49,11 +49,13 @@ def one_line(error: BaseException) -> str | None:
         return str(error)
     if isinstance(error, OSError) and error.errno in ENVIRONMENT_ERRNOS:
         where = error.filename if error.filename is not None else "(no path given)"
-        hint = ""
-        if error.errno in (errno.ENOSPC, errno.EDQUOT):
-            hint = (
-                "; finished shards, epochs and fits are kept: free space and run the same command to resume"
-            )
+        fix = {errno.ENOSPC: "free space", errno.EDQUOT: "free space", errno.EFBIG: "raise the file size limit "
+               "(ulimit -f)"}.get(error.errno)  # fmt: skip
+        hint = (
+            f"; finished shards, epochs and fits are kept: {fix} and run the same command to resume"
+            if fix
+            else ""
+        )
         return f"{where}: {os.strerror(error.errno)}{hint}"
     return None
 

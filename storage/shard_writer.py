@@ -20,6 +20,7 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, ZstdCodec
 
+from storage.layout import StoreError
 from storage.shard_reader import ShardReader
 
 _EMPTY = np.uint64(2**64 - 1)
@@ -62,6 +63,7 @@ class ShardWriter:
             offset += data.nbytes
         pieces.append(memoryview(numcodecs.CRC32C().encode(index.tobytes())))
         path = self.folder / self.chunk_key((shard,) + (0,) * (len(self.shape) - 1))
+        check_still_there(self.folder)
         path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
         digest = hashlib.sha256()
@@ -72,11 +74,24 @@ class ShardWriter:
         return {"bytes": offset + pieces[-1].nbytes, "sha256": digest.hexdigest()}
 
 
+def check_still_there(folder: Path) -> None:
+    """Refuse to write into a store (or array) whose folder was removed under the writer: writing on would make
+    a folder of loose shards that no reader opens."""
+    if not (folder / "zarr.json").is_file():
+        raise StoreError(
+            f"{folder}: removed while it was being written; run the same command again to start it anew"
+        )
+
+
 def write_file(path: Path, pieces: list[memoryview]) -> None:
     """A new file of `pieces`, one after another (write_all)."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
     try:
         write_all(fd, pieces)
+    except OSError as e:
+        if e.filename is None:  # writev's errors (a full disk, a file size limit) name no file
+            raise OSError(e.errno, e.strerror, str(path)) from e
+        raise
     finally:
         os.close(fd)
 

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from storage import precision as prec
-from storage.shard_writer import ShardWriter
+from storage.shard_writer import ShardWriter, check_still_there
 
 if TYPE_CHECKING:
     from storage.format import FeatureStore
@@ -49,6 +49,7 @@ class StoreWriting:
         shard file is hard-linked (copied across file systems) instead of compressing the pixels again.
         quantized: `features_nhwd` (and `features_scale`, int8_per_token) already hold what
         `precision.quantize` gives, as the encode stage makes them on its device; otherwise float32 features."""
+        check_still_there(self.path)
         rows = self.layout.shard_slice(shard)
         for reader in self._readers.values():
             if reader is not None:
@@ -161,7 +162,7 @@ class StoreWriting:
 def _write_json(path: Path, doc: dict) -> None:
     """All or nothing: under a temp name (one per thread: writers of two shards may both write the parent group),
     then renamed into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(exist_ok=True)  # not its parents: a store removed under a writer is not made again
     partial = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.partial")
     partial.write_text(json.dumps(doc))
     os.replace(partial, path)

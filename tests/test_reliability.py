@@ -511,6 +511,54 @@ def test_disk_full_mid_encode_is_one_line_and_the_rerun_resumes(make_job, monkey
     assert not again.already_complete and again.n_encoded == 12 and open_store(path).complete
 
 
+def test_a_store_removed_under_its_writer_stops_in_one_line_and_the_rerun_starts_it_anew(
+    make_job, monkeypatch
+):
+    import shutil
+
+    from pipeline.config import StoreOptions, SubsetSpec
+    from pipeline.stages import encode
+    from storage import FeatureStore, StoreError, open_store
+
+    job = make_job(subset=SubsetSpec(max_images=12), store=StoreOptions(shard_images=4))
+    real_write = FeatureStore.write_shard
+
+    def removed(self, shard, *args, **kwargs):
+        if shard == 1:
+            shutil.rmtree(self.path)  # a user's `rm -rf` while the run writes
+        return real_write(self, shard, *args, **kwargs)
+
+    monkeypatch.setattr(FeatureStore, "write_shard", removed)
+    with pytest.raises(StoreError, match="removed while it was being written; run the same command again"):
+        encode.run(job, progress=False)
+    path = encode.plan(job)[2]
+    assert not path.exists()  # no folder of loose shards made again
+    path.mkdir()  # what a removal racing a writer can leave: folders without the store's zarr.json
+    (path / "features").mkdir()
+    monkeypatch.setattr(FeatureStore, "write_shard", real_write)
+    again = encode.run(job, progress=False)
+    assert again.n_encoded == 12 and open_store(path).complete
+
+
+def test_a_file_size_limit_hit_mid_write_is_one_line_naming_the_file(make_job, monkeypatch):
+    import errno
+    import os
+
+    from flows.errors import one_line
+    from pipeline.config import SubsetSpec
+    from pipeline.stages import encode
+
+    def too_large(fd, buffers):
+        raise OSError(errno.EFBIG, "File too large")  # writev names no file
+
+    monkeypatch.setattr(os, "writev", too_large)
+    with pytest.raises(OSError) as caught:
+        encode.run(make_job(subset=SubsetSpec(max_images=4)), progress=False)
+    message = one_line(caught.value)
+    assert message.startswith(str(encode.plan(make_job(subset=SubsetSpec(max_images=4)))[2]))
+    assert "File too large" in message and "ulimit -f" in message and "\n" not in message
+
+
 def test_a_partial_store_an_older_version_left_resumes_to_the_same_content(make_job, monkeypatch, tmp_path):
     import json
     import shutil
@@ -561,7 +609,7 @@ def test_not_enough_free_space_is_refused_before_encoding(make_job, monkeypatch)
     job = make_job(subset=SubsetSpec(max_images=8))
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**6, 10**6 - 1000, 1000))
-    with pytest.raises(StoreError, match=r"8 images still to encode need about .* GB, 0.00 GB are free"):
+    with pytest.raises(StoreError, match=r"8 images still to encode need about [\d.]+[kM]B, 1.00kB are free"):
         encode.run(job, progress=False)
     assert not open_store(encode.plan(job)[2], require_complete=False).shard_done().any()
 

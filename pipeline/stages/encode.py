@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from pipeline import artifacts, bars, cpus, stop
 from pipeline.artifacts import WriteLock
@@ -192,9 +193,13 @@ def _check_free_space(store: FeatureStore) -> None:
     need, free = n_pending * layout.estimated_bytes_per_image(), shutil.disk_usage(store.path).free
     if need > free:
         raise StoreError(
-            f"{store.path}: the {n_pending} images still to encode need about {need / 1e9:.2f} GB, {free / 1e9:.2f} GB "
+            f"{store.path}: the {n_pending} images still to encode need about {_size(need)}, {_size(free)} "
             "are free there; free space, point store_root at a larger disk, or choose a smaller store.precision"
         )
+
+
+def _size(n_bytes: float) -> str:
+    return tqdm.format_sizeof(n_bytes, "B", 1000)
 
 
 def _finished(path: Path) -> EncodeResult | None:
@@ -211,6 +216,11 @@ def _open_or_create(
     path: Path, job: EncodeJob, key: dict, records: list[ImageRecord], encoder: encoders.Encoder
 ) -> FeatureStore:
     remove_abandoned_creations(path)  # creations killed before their rename; we hold the lock
+    if path.is_dir() and not (path / "zarr.json").is_file():
+        # A store is renamed into place whole, so a folder without its zarr.json is what a removal under a
+        # running writer left: nothing in it can be read.
+        print(f"starting {path.name} anew: its folder has no zarr.json (removed while it was being written?)")
+        shutil.rmtree(path)
     if (path / "zarr.json").is_file():
         store = open_store(path, require_complete=False, mode="r+")
         if store.config_hash != config_hash(key):
