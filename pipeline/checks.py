@@ -101,7 +101,8 @@ def preflight(
         else:
             to_encode[job.encoder.name] = job.encoder
     for stage in [s for s in stages if s in roots and check_folders]:
-        _check_writable(*roots[stage])
+        if stage != "encode" or to_encode:  # finished stores are read from a read-only cache too
+            _check_writable(*roots[stage])
     if load_weights:
         _check_weights_load([*to_encode.values(), *judges])
 

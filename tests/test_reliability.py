@@ -405,6 +405,31 @@ def test_an_unwritable_store_root_fails_naming_it_before_encoding(tmp_path):
     )
 
 
+def test_a_read_only_store_root_serves_its_finished_stores_and_is_refused_only_for_new_ones(
+    write_run_config, monkeypatch
+):
+    import shutil
+
+    from pipeline import checks
+    from pipeline.config import ConfigError
+
+    config = write_run_config()
+    assert runner.invoke(app, ["encode", "-c", str(config), "--no-progress"]).exit_code == 0
+    real_check = checks._check_writable
+
+    def read_only(field_name, root):  # root is not refused by chmod here: the tests may run as root
+        if field_name == "store_root":
+            raise ConfigError(f"store_root {root}: cannot write there (Read-only file system)")
+        real_check(field_name, root)
+
+    monkeypatch.setattr(checks, "_check_writable", read_only)
+    assert runner.invoke(app, ["encode", "-c", str(config), "--no-progress"]).exit_code == 0
+    shutil.rmtree(next((config.parent / "stores").glob("*.zarr")))
+    _assert_one_line_failure(
+        runner.invoke(app, ["encode", "-c", str(config), "--no-progress"]), "store_root", "cannot write there"
+    )
+
+
 def test_missing_judge_weights_fail_before_any_encoding(tmp_path):
     judge = {"name": "judge-on-disk", "backend": "timm", "model_id": "vit_tiny_patch16_224", "resolution": 64,
              "patch_size": 16, "keep_head": True, "preprocessing_source": "timm_pretrained_cfg",
