@@ -20,6 +20,7 @@ from typing import Any
 from pydantic import BaseModel
 from pydantic_core import to_jsonable_python
 
+from pipeline import bars
 from pipeline.config import config_hash
 from pipeline.provenance import provenance
 from storage import StoreLocked
@@ -115,7 +116,7 @@ class WriteLock:
                         "wait for it to finish or stop it, then re-run (finished work is kept)"
                     ) from None
                 if not announced:
-                    print(f"waiting: {holders} {self.lock_path.with_suffix('')}")
+                    bars.notice(f"waiting: {holders} {self.lock_path.with_suffix('')}")
                     announced = True
                 time.sleep(min(2.0, max(deadline - time.monotonic(), 0.05)))
         if not self.shared:  # readers leave the last writer's pid in place

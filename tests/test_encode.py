@@ -410,7 +410,7 @@ def test_several_writer_threads_write_the_same_store_as_one(make_job, tmp_path):
 
 
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs 2 CPUs to bind a thread to one of them")
-def test_a_thread_bound_to_one_cpu_encodes_with_workers_and_writers_on_all(make_job, monkeypatch, capsys):
+def test_a_thread_bound_to_one_cpu_encodes_with_workers_and_writers_on_all(make_job, monkeypatch, capfd):
     everything = os.sched_getaffinity(0)
     assert everything == cpus.START
     writer_cpus = []
@@ -440,7 +440,7 @@ def test_a_thread_bound_to_one_cpu_encodes_with_workers_and_writers_on_all(make_
         os.sched_setaffinity(0, everything)
     assert writer_cpus and all(c == everything for c in writer_cpus) and worker_cpus == everything
     assert bound_after == {min(everything)}  # the caller's binding is its own business: given back as it was
-    assert f"bound to 1 of the process's {len(everything)} CPUs" in capsys.readouterr().out
+    assert f"bound to 1 of the process's {len(everything)} CPUs" in capfd.readouterr().err
 
 
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs 2 CPUs to bind a thread to one of them")

@@ -430,6 +430,22 @@ def test_a_read_only_store_root_serves_its_finished_stores_and_is_refused_only_f
     )
 
 
+def test_a_run_waiting_for_another_runs_lock_says_so_on_the_terminal(write_run_config, tmp_path):
+    import shutil
+
+    from pipeline.artifacts import WriteLock
+
+    config = write_run_config(orchestration={"lock_wait_s": 2})
+    assert runner.invoke(app, ["encode", "-c", str(config), "--no-progress"]).exit_code == 0
+    store = next((tmp_path / "stores").glob("*.zarr"))
+    shutil.rmtree(store)
+    with WriteLock(store):  # another run writing it
+        cli = subprocess.run([sys.executable, "-m", "flows.cli", "encode", "-c", str(config), "--no-progress"],
+                             capture_output=True, text=True, timeout=180)  # fmt: skip
+    assert f"waiting: another run (pid {os.getpid()}) is writing {store}" in cli.stderr, cli.stderr
+    assert cli.returncode == 2 and "wait for it to finish or stop it" in cli.stderr
+
+
 def test_missing_judge_weights_fail_before_any_encoding(tmp_path):
     judge = {"name": "judge-on-disk", "backend": "timm", "model_id": "vit_tiny_patch16_224", "resolution": 64,
              "patch_size": 16, "keep_head": True, "preprocessing_source": "timm_pretrained_cfg",

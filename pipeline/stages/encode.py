@@ -169,7 +169,7 @@ def run_layers(jobs: list[EncodeJob], *, progress: bool = True) -> list[EncodeRe
         seconds = {"model load": time.perf_counter() - start}
         with cpus.start_cpus() as bound_to:
             if bound_to < len(cpus.START):
-                print(f"encode: this thread was bound to {bound_to} of the process's {len(cpus.START)} CPUs "
+                bars.notice(f"encode: this thread was bound to {bound_to} of the process's {len(cpus.START)} CPUs "
                       "(OpenMP's OMP_PROC_BIND or GOMP_CPU_AFFINITY?); the decode workers and writers use all "
                       f"{len(cpus.START)}")  # fmt: skip
             summaries = _encode_pending(
@@ -219,7 +219,9 @@ def _open_or_create(
     if path.is_dir() and not (path / "zarr.json").is_file():
         # A store is renamed into place whole, so a folder without its zarr.json is what a removal under a
         # running writer left: nothing in it can be read.
-        print(f"starting {path.name} anew: its folder has no zarr.json (removed while it was being written?)")
+        bars.notice(
+            f"starting {path.name} anew: its folder has no zarr.json (removed while it was being written?)"
+        )
         shutil.rmtree(path)
     if (path / "zarr.json").is_file():
         store = open_store(path, require_complete=False, mode="r+")
@@ -227,7 +229,7 @@ def _open_or_create(
             raise RuntimeError(f"{path}: holds config {store.config_hash}, expected {config_hash(key)}")
         store.remove_partial_files()
         if damaged := store.damaged_shards():
-            print(f"re-encoding {len(damaged)} damaged shard(s) of {path.name}: {damaged}")
+            bars.notice(f"re-encoding {len(damaged)} damaged shard(s) of {path.name}: {damaged}")
             store.reopen_shards(list(damaged))
         return store
     layout = StoreLayout(

@@ -15,7 +15,7 @@ import dask
 import numpy as np
 from safetensors.numpy import save_file
 
-from pipeline import artifacts, stop
+from pipeline import artifacts, bars, stop
 from pipeline.artifacts import WriteLock, write_json_atomic
 from pipeline.config import OperatorPairSpec, config_hash
 from pipeline.data.store_info import StoreInfo, check_same_encoder, open_encoded
@@ -76,7 +76,7 @@ def collect_stats(
 
         with Client(dask_address) as client:
             if progress:
-                print(f"operator statistics on {dask_address}; progress: {client.dashboard_link}")
+                bars.notice(f"operator statistics on {dask_address}; progress: {client.dashboard_link}")
             return client.compute(total).result()
     from dask.diagnostics import ProgressBar
 
@@ -168,7 +168,9 @@ def _fit_and_analyse(
     cfg = job.cfg
     k = source.layout.shard_images
     if progress:
-        print(f"operators {out_dir.name}: statistics of {fit_rows.size} fit and {test_rows.size} test images")
+        bars.notice(
+            f"operators {out_dir.name}: statistics of {fit_rows.size} fit and {test_rows.size} test images"
+        )
     fit_stats = collect_stats(source.path, target.path, fit_rows, k, cfg.dask_address, progress)
     test_stats = collect_stats(source.path, target.path, test_rows, k, cfg.dask_address, progress)
     eval_rows = test_rows[: cfg.n_eval_images] if cfg.n_eval_images else test_rows

@@ -182,7 +182,7 @@ def damaged(result: dict) -> str | None:
 def _reopen(run_dir: Path, result: dict, why: str) -> None:
     """A finished run whose checkpoint is damaged trains again: from its last intact epoch if the last epoch is
     the damaged one, from the start if the selected (best) one is, since selecting it took the whole run."""
-    print(f"{run_dir.name}: {why}; training it again")
+    bars.notice(f"{run_dir.name}: {why}; training it again")
     chosen, last = Path(result["checkpoint"]), Path(result["last_checkpoint"])
     gone = [p for p in (last, chosen) if checkpoints.damage(p)]
     if chosen != last and chosen in gone:
@@ -294,7 +294,7 @@ def _train(cfg: TrainConfig, key: dict, run_dir: Path, train_store, val_store, p
     epochs = EpochBatches(train_store, cfg.batch_size, cfg.seed, range(start_epoch, cfg.epochs),
                           cfg.shuffle_buffer_images, cfg.prefetch_batches, pin=device.type == "cuda")  # fmt: skip
     if not epochs.in_worker and lead:
-        print("train: /dev/shm cannot hold the loader's batches in flight, so it reads on a thread of this process "
+        bars.notice("train: /dev/shm cannot hold the loader's batches in flight, so it reads on a thread of this process "
               "(slower on a GPU at small batches); give it more room (docker run --shm-size=2g)")  # fmt: skip
     try:
         for epoch in range(start_epoch, cfg.epochs):
