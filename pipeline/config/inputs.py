@@ -244,8 +244,8 @@ class StoreOptions(Frozen):
     compressor: Compressor = Field(
         "auto",
         description="Byte codec. auto (measured per array): blosc lz4 for float16/float32 features (zstd gains "
-        "only 1.1x there at 10x the decode time), blosc zstd level 1 + byte shuffle in 1 MiB blocks for "
-        "bf16_bitround and int8_per_token (as small as level 7 in blosc's own blocks at 512 px, 3-5 % larger at "
+        "only 1.1x there at 10x the decode time) and int8_per_token codes, blosc zstd level 1 + byte shuffle in "
+        "1 MiB blocks for bf16_bitround (as small as level 7 in blosc's own blocks at 512 px, 3-5 % larger at "
         "224, and 10x faster to write), lz4 for pixels. A named codec applies to every array; stores encoded "
         "before `auto` existed used blosc_zstd_shuffle: name it to keep using them.",
     )
