@@ -182,7 +182,9 @@ def ls_artifacts(
     from pipeline.artifacts import list_artifacts
 
     if not root.is_dir():
-        _fail(f"{root}: no such folder")
+        _fail(
+            f"{root}: no such folder" if not root.exists() else f"{root}: a file, not a folder of artifacts"
+        )
     rows = list_artifacts(root)
     if not rows:
         typer.echo(f"no reconlab artifacts under {root}")

@@ -95,7 +95,9 @@ class WriteLock:
     shared = False
 
     def __init__(self, artifact_path: Path, wait_s: float | None = None):
-        self.lock_path = Path(artifact_path).with_name(Path(artifact_path).name + ".lock")
+        # the real path: runs reaching one artifact through a symlink and by its own name share one lock
+        real = Path(artifact_path).resolve()
+        self.lock_path = real.with_name(real.name + ".lock")
         self.wait_s = float(os.environ.get("RECONLAB_LOCK_WAIT_S", 0)) if wait_s is None else wait_s
         self._fd: int | None = None
 

@@ -4,6 +4,7 @@ folders writable. Each refusal is a ConfigError (or a weights error, StoreError)
 
 from __future__ import annotations
 
+import errno
 import tempfile
 from pathlib import Path
 
@@ -156,4 +157,12 @@ def _check_writable(field_name: str, root: Path) -> None:
         with tempfile.TemporaryFile(dir=root):
             pass
     except OSError as e:
-        raise ConfigError(f"{field_name} {root}: cannot write there ({e.strerror})") from None
+        # mkdir of a path that is (or runs through) a file: EEXIST / ENOTDIR, which do not say so
+        why = (
+            "a file is in the way: it must be a folder"
+            if e.errno in (errno.EEXIST, errno.ENOTDIR)
+            else e.strerror
+        )
+        raise ConfigError(
+            f"{field_name} {root}: cannot write there ({why}); make it a writable folder or set {field_name} to one"
+        ) from None

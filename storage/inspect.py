@@ -115,6 +115,8 @@ def inspect_store(path: Path, n_stat_images: int = 64) -> dict:
         stats = _sampled_stats(store, valid_rows[:n_stat_images])
     except StoreError as e:
         stats = {"unreadable": str(e)}
+    except OSError as e:  # a shard file the OS will not let us read (permissions, I/O error)
+        stats = {"unreadable": f"{e.filename}: {e.strerror}"}
     done = store.shard_done()
     # a store still being written: what its done shards' records say so far
     records = [

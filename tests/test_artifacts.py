@@ -278,6 +278,25 @@ def test_a_store_whose_zarr_json_is_not_json_is_listed_and_refused_in_one_line(m
     assert everything.exit_code == 0 and "unreadable" in everything.output, everything.output
 
 
+def test_store_inspect_describes_a_store_whose_shard_files_the_os_will_not_read(make_job, monkeypatch):
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+    from storage import inspect as store_inspect
+
+    path = encode.run(make_job(subset=SubsetSpec(max_images=4)), progress=False).store_path
+    shard = str(path / "features" / "c" / "0" / "0" / "0" / "0")
+
+    def unreadable(store, rows):  # chmod 000 does not stop root, who may run the tests
+        raise PermissionError(13, "Permission denied", shard)
+
+    monkeypatch.setattr(store_inspect, "_sampled_stats", unreadable)
+    result = CliRunner().invoke(app, ["store", "inspect", str(path)])
+    assert result.exit_code == 0 and f"not sampled: {shard}: Permission denied" in result.output, (
+        result.output
+    )
+
+
 def test_a_store_re_encoded_with_other_bytes_gives_its_readers_a_new_key(make_job, monkeypatch):
     from pipeline.models import encoders
 
@@ -339,6 +358,11 @@ def test_readers_share_an_artifact_and_keep_writers_force_and_repair_off_it(tmp_
             with pytest.raises(StoreLocked, match="is reading"):
                 WriteLock(path, wait_s=0).__enter__()
     assert not missing.with_name("missing.zarr.lock").exists()
+    link = tmp_path / "shared" / "link.zarr"  # a store reached through a symlink is the same artifact
+    link.parent.mkdir()
+    link.symlink_to(store)
+    with ReadLock(link, wait_s=0), pytest.raises(StoreLocked, match="is reading"):
+        WriteLock(store, wait_s=0).__enter__()
 
 
 @pytest.mark.parametrize(

@@ -401,7 +401,9 @@ def test_an_unwritable_store_root_fails_naming_it_before_encoding(tmp_path):
     blocker.write_text("not a folder")
     config = _write_raw(tmp_path, _base(tmp_path, store_root=str(blocker / "stores")))
     _assert_one_line_failure(
-        runner.invoke(app, ["encode", "-c", str(config)]), "store_root", "cannot write there"
+        runner.invoke(app, ["encode", "-c", str(config)]),
+        "store_root",
+        "cannot write there (a file is in the way: it must be a folder)",
     )
 
 
