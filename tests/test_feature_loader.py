@@ -203,3 +203,21 @@ def test_bf16_stores_travel_as_bf16_and_widen_to_the_stored_values(tmp_path):
     assert widened.shape == stored.shape
     order = np.argsort(widened.reshape(n, -1)[:, 5])  # batches are shuffled: match images by a finite value
     np.testing.assert_array_equal(widened[order], stored[np.argsort(stored.reshape(n, -1)[:, 5])])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc")
+def test_the_fork_server_starts_deaf_to_ctrl_c_and_the_caller_keeps_its_signal_mask():
+    # A terminal's Ctrl-C reaches the whole process group; the fork server ignores it only after its imports
+    # (seconds): interrupted during them it died with a traceback and the stage waited ~15 s on it.
+    import multiprocessing.forkserver
+    import signal
+    from pathlib import Path
+
+    from pipeline.data import worker_processes
+
+    worker_processes.context()
+    pid = multiprocessing.forkserver._forkserver._forkserver_pid
+    status = Path(f"/proc/{pid}/status").read_text().splitlines()
+    blocked = int(next(line for line in status if line.startswith("SigBlk:")).split()[1], 16)
+    assert blocked & (1 << (signal.SIGINT - 1))
+    assert signal.SIGINT not in signal.pthread_sigmask(signal.SIG_BLOCK, [])

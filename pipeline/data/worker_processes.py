@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import multiprocessing
 import multiprocessing.forkserver
+import multiprocessing.resource_tracker
 import os
 import signal
 import sys
@@ -47,9 +48,16 @@ def _start_fork_server() -> None:
         saved = {name: os.environ.get(name) for name in ("PYTHONSAFEPATH", "PYTHONPATH")}
         os.environ["PYTHONSAFEPATH"] = "1"
         os.environ["PYTHONPATH"] = os.pathsep.join([_HOME, *filter(None, [saved["PYTHONPATH"]])])
+        # SIGINT blocked while it starts (the mask survives fork and exec): a terminal's Ctrl-C reaches the whole
+        # process group, and the server ignores it only once its imports (torch: seconds) are done; before, it
+        # died with a traceback, and the stage waited on it. Pending, then ignored, the signal is dropped.
+        # The resource tracker first: starting it unblocks SIGINT (multiprocessing's own mask dance).
+        multiprocessing.resource_tracker.ensure_running()
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
         try:
             multiprocessing.forkserver.ensure_running()
         finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
             for name, value in saved.items():
                 if value is None:
                     os.environ.pop(name, None)
