@@ -5,6 +5,7 @@ folders writable. Each refusal is a ConfigError (or a weights error, StoreError)
 from __future__ import annotations
 
 import errno
+import os
 import tempfile
 from pathlib import Path
 
@@ -101,9 +102,9 @@ def preflight(
             check_finite(store)
         else:
             to_encode[job.encoder.name] = job.encoder
-    for stage in [s for s in stages if s in roots and check_folders]:
+    for stage in [s for s in stages if s in roots]:
         if stage != "encode" or to_encode:  # finished stores are read from a read-only cache too
-            _check_writable(*roots[stage])
+            _check_writable(*roots[stage], make=check_folders)
     if load_weights:
         _check_weights_load([*to_encode.values(), *judges])
 
@@ -150,19 +151,29 @@ def _check_held_out_files(run: RunPlan, stages: tuple[str, ...], shaped: set[str
                 )
 
 
-def _check_writable(field_name: str, root: Path) -> None:
-    root = Path(root)
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=root):
-            pass
-    except OSError as e:
-        # mkdir of a path that is (or runs through) a file: EEXIST / ENOTDIR, which do not say so
-        why = (
-            "a file is in the way: it must be a folder"
-            if e.errno in (errno.EEXIST, errno.ENOTDIR)
-            else e.strerror
-        )
+def _check_writable(field_name: str, root: Path, make: bool = True) -> None:
+    """The folder `root` exists (made if `make`) and takes a file; without `make` (for `plan`, which writes
+    nothing), its nearest existing folder must be one we may write in."""
+    root = Path(root).absolute()
+    why = None
+    if make:
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=root):
+                pass
+        except OSError as e:  # EEXIST / ENOTDIR: mkdir of a path that is, or runs through, a file
+            why = (
+                "a file is in the way: it must be a folder"
+                if e.errno in (errno.EEXIST, errno.ENOTDIR)
+                else e.strerror
+            )
+    else:
+        existing = next(p for p in (root, *root.parents) if p.exists())
+        if not existing.is_dir():
+            why = "a file is in the way: it must be a folder"
+        elif not os.access(existing, os.W_OK | os.X_OK):
+            why = f"{existing} is not writable"
+    if why:
         raise ConfigError(
             f"{field_name} {root}: cannot write there ({why}); make it a writable folder or set {field_name} to one"
-        ) from None
+        )

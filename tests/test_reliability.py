@@ -405,6 +405,14 @@ def test_an_unwritable_store_root_fails_naming_it_before_encoding(tmp_path):
         "store_root",
         "cannot write there (a file is in the way: it must be a folder)",
     )
+    from pipeline import checks
+    from pipeline.config import ConfigError
+
+    # what `plan` (which writes nothing) checks to say why `run` would stop: the same verdict, no folder made
+    with pytest.raises(ConfigError, match="a file is in the way: it must be a folder"):
+        checks._check_writable("store_root", blocker / "stores", make=False)
+    checks._check_writable("train.output_root", tmp_path / "new" / "runs", make=False)
+    assert not (tmp_path / "new").exists()
 
 
 def test_a_read_only_store_root_serves_its_finished_stores_and_is_refused_only_for_new_ones(
@@ -419,10 +427,10 @@ def test_a_read_only_store_root_serves_its_finished_stores_and_is_refused_only_f
     assert runner.invoke(app, ["encode", "-c", str(config), "--no-progress"]).exit_code == 0
     real_check = checks._check_writable
 
-    def read_only(field_name, root):  # root is not refused by chmod here: the tests may run as root
+    def read_only(field_name, root, make=True):  # chmod does not stop root, who may run the tests
         if field_name == "store_root":
             raise ConfigError(f"store_root {root}: cannot write there (Read-only file system)")
-        real_check(field_name, root)
+        real_check(field_name, root, make)
 
     monkeypatch.setattr(checks, "_check_writable", read_only)
     assert runner.invoke(app, ["encode", "-c", str(config), "--no-progress"]).exit_code == 0
