@@ -116,6 +116,10 @@ def inspect(
         typer.echo(
             f"made by    reconlab {prov['reconlab_version']} @ {prov['git_commit'][:12]} on {prov['created_utc']}"
         )
+        versions = prov.get("package_versions") or {}
+        typer.echo(
+            "packages   " + (", ".join(f"{k} {v}" for k, v in sorted(versions.items())) or "not recorded")
+        )
         for f in info["failures"][:20]:
             typer.echo(f"  failed   id {f['image_id']}: {f['reason']}  ({f['path']})")
     if preview is not None:

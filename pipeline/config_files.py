@@ -201,10 +201,14 @@ def resolve_encoder(
     )
 
 
-def spec_file(name: str, config_path: Path | None) -> str:
-    """Where the spec of encoder `name` (a layer's: NAME.L-2) is written: its YAML file, or the run config."""
+def spec_file(name: str, config_path: Path | None, refs: list = ()) -> str:
+    """Where the spec of encoder `name` (a layer's: NAME.L-2) is written: the YAML path an `encoders:` entry of
+    `refs` gives, its file in the encoder folders, or the run config."""
+    paths = [getattr(r, "encoder", r) for r in refs]
+    given = [Path(r) for r in paths if isinstance(r, str) and r.endswith((".yaml", ".yml"))]
     for candidate in [
-        d / f"{n}.yaml" for n in (name, name.split(".")[0]) for d in encoder_search_dirs(config_path)
+        *(p for p in given if p.stem in (name, name.split(".")[0])),
+        *(d / f"{n}.yaml" for n in (name, name.split(".")[0]) for d in encoder_search_dirs(config_path)),
     ]:
         if candidate.is_file():
             return str(candidate)

@@ -153,7 +153,7 @@ def encoder_specs(
             model_ids.check_architecture(spec)
             model_ids.check_layer_and_width(spec)
         except ConfigError as e:  # "fix X in its YAML": which one
-            raise type(e)(f"{spec_file(spec.name, config_path)}: {e}") from None
+            raise type(e)(f"{spec_file(spec.name, config_path, cfg.encoders)}: {e}") from None
     return specs
 
 

@@ -61,6 +61,8 @@ def test_cli_encode_runs_the_flow_then_store_ls_and_inspect_describe_the_stores(
         copies.exit_code == 0
         and "headless.zarr: not a readable feature store: its zarr.json is missing" in (copies.output)
     ), copies.output
+    text = runner.invoke(app, ["store", "inspect", str(store)])
+    assert text.exit_code == 0 and "packages   " in text.output and "torch " in text.output, text.output
     preview = tmp_path / "preview.png"
     inspected = runner.invoke(app, ["store", "inspect", str(store), "--json", "--preview", str(preview)])
     assert inspected.exit_code == 0, inspected.output

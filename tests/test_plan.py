@@ -233,6 +233,20 @@ def test_list_valued_model_kwargs_are_planned_and_loaded(write_run_config, tmp_p
     assert open_store(encode.run(job, progress=False).store_path).features().shape[1:] == (4, 4, 24)
 
 
+def test_a_spec_given_by_path_that_its_network_contradicts_is_named_by_that_path(write_run_config, tmp_path):
+    import yaml
+
+    from pipeline.config import ConfigError
+
+    spec = yaml.safe_load((Path(__file__).parents[1] / "configs/encoders/tiny-vit-64.yaml").read_text())
+    path = tmp_path / "elsewhere" / "my-vit.yaml"
+    path.parent.mkdir()
+    path.write_text(yaml.safe_dump(spec | {"name": "my-vit", "hidden_dim": 999}))
+    config = write_run_config(encoders=[str(path)])
+    with pytest.raises(ConfigError, match=rf"^{path}: encoder 'my-vit': hidden_dim 999"):
+        build(load_run_config(config), config, image_counts={"train": 8, "val": 8})
+
+
 def test_the_layer_an_encoder_reads_is_that_encoder_once_not_a_second_store(write_run_config):
     config = write_run_config(encoders=["tiny-vit-64", {"encoder": "tiny-vit-64", "layers": [-1, -2]}])
 
