@@ -440,20 +440,22 @@ def test_a_read_only_store_root_serves_its_finished_stores_and_is_refused_only_f
     )
 
 
-def test_a_run_waiting_for_another_runs_lock_says_so_on_the_terminal(write_run_config, tmp_path):
-    import shutil
+def test_a_run_waiting_for_another_runs_lock_says_so_on_the_terminal(write_run_config, capfd):
+    import contextlib
 
     from pipeline.artifacts import WriteLock
+    from pipeline.config_files import load_run_config
+    from pipeline.plan import build
 
-    config = write_run_config(orchestration={"lock_wait_s": 2})
-    assert runner.invoke(app, ["encode", "-c", str(config), "--no-progress"]).exit_code == 0
-    store = next((tmp_path / "stores").glob("*.zarr"))
-    shutil.rmtree(store)
-    with WriteLock(store):  # another run writing it
-        cli = subprocess.run([sys.executable, "-m", "flows.cli", "encode", "-c", str(config), "--no-progress"],
-                             capture_output=True, text=True, timeout=180)  # fmt: skip
-    assert f"waiting: another run (pid {os.getpid()}) is writing {store}" in cli.stderr, cli.stderr
-    assert cli.returncode == 2 and "wait for it to finish or stop it" in cli.stderr
+    config = write_run_config(orchestration={"lock_wait_s": 1})
+    with contextlib.ExitStack() as held:
+        for store in build(load_run_config(config), config).encode:  # another run writing them
+            held.enter_context(WriteLock(store))
+        result = runner.invoke(app, ["encode", "-c", str(config), "--no-progress"])
+    # on the terminal itself: a print in a flow became a log record that the CLI's Prefect level hid
+    waited = [line for line in capfd.readouterr().err.splitlines() if line.startswith("waiting: ")]
+    assert waited and waited[0].startswith(f"waiting: another run (pid {os.getpid()}) is writing "), waited
+    assert result.exit_code == 2 and "wait for it to finish or stop it" in result.output
 
 
 def test_missing_judge_weights_fail_before_any_encoding(tmp_path):
