@@ -53,11 +53,11 @@ def _start_fork_server() -> None:
         # died with a traceback, and the stage waited on it. Pending, then ignored, the signal is dropped.
         # The resource tracker first: starting it unblocks SIGINT (multiprocessing's own mask dance).
         multiprocessing.resource_tracker.ensure_running()
-        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        previous_mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
         try:
             multiprocessing.forkserver.ensure_running()
         finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous_mask)
             for name, value in saved.items():
                 if value is None:
                     os.environ.pop(name, None)
