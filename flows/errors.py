@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+from pathlib import Path
 
 import typer
 from typer.core import TyperGroup, TyperOption
@@ -57,7 +58,26 @@ def one_line(error: BaseException) -> str | None:
             else ""
         )
         return f"{where}: {os.strerror(error.errno)}{hint}"
+    if _local_prefect_server_failed(error):
+        database = Path(os.environ.get("PREFECT_HOME", "~/.prefect")) / "prefect.db"
+        return (
+            f"{database}: Prefect's local server failed (HTTP {error.response.status_code}), most often because its "
+            "database could not be written; finished shards, epochs and fits are kept: check free space and the file "
+            "size limit (ulimit -f) there, then run the same command to resume"
+        )
     return None
+
+
+def _local_prefect_server_failed(error: BaseException) -> bool:
+    """A 5xx from the temporary server reconlab runs without PREFECT_API_URL (a configured server's errors are
+    that server's, shown as Prefect gives them)."""
+    from prefect.exceptions import PrefectHTTPStatusError
+
+    return (
+        isinstance(error, PrefectHTTPStatusError)
+        and error.response.status_code >= 500
+        and not os.environ.get("PREFECT_API_URL")
+    )
 
 
 def is_reported(error: BaseException) -> bool:

@@ -593,6 +593,28 @@ def test_a_store_removed_under_its_writer_stops_in_one_line_and_the_rerun_starts
     assert again.n_encoded == 12 and open_store(path).complete
 
 
+def test_a_failure_of_prefects_local_server_names_its_database(monkeypatch, tmp_path):
+    import httpx
+    from prefect.exceptions import PrefectHTTPStatusError
+
+    from flows.errors import one_line
+
+    request = httpx.Request("POST", "http://127.0.0.1:8401/api/flow_runs/")
+    failed = httpx.HTTPStatusError("500", request=request, response=httpx.Response(500, request=request))
+    error = PrefectHTTPStatusError.from_httpx_error(failed)
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "prefect"))
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    message = one_line(error)  # under a file size limit or on a full disk: a bare HTTP 500 before
+    assert message.startswith(
+        f"{tmp_path / 'prefect' / 'prefect.db'}: Prefect's local server failed (HTTP 500)"
+    )
+    assert "ulimit -f" in message and "resume" in message
+    monkeypatch.setenv(
+        "PREFECT_API_URL", "http://my-server:4200/api"
+    )  # a configured server's error is its own
+    assert one_line(error) is None
+
+
 def test_a_file_size_limit_hit_mid_write_is_one_line_naming_the_file(make_job, monkeypatch):
     import errno
     import os
