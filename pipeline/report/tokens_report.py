@@ -123,7 +123,10 @@ def choices_table(cfg: TokensConfig, feature_width: int) -> pd.DataFrame:
          "the paper's only baseline; its own completion: " + ours + " (a fair comparison)"),
         ("norm baseline", "the k tokens of largest L2 norm, completed by a network trained on such masks", ours),
         ("optimiser", f"Adam, lr {cfg.lr:g} constant, batch {cfg.batch_size}, {cfg.epochs} epochs, seed {cfg.seed}", ours),
-        ("judge", "grayscale copies, as the evaluate stage (released code)", "reconstruction paper's released code"),
+        ("judge", ("grayscale copies resized to " + f"{cfg.judge_input_resolution} px (bilinear, truncated)"
+                   if cfg.judge_input_resolution else "grayscale copies at the encoder's resolution")
+         + ", as the evaluate stage", "reconstruction paper's released code" if cfg.judge_input_resolution == 224
+         else ours + " (judge_input_resolution)"),
     ]  # fmt: skip
     return pd.DataFrame(rows, columns=["setting", "value", "source"])
 
