@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import sys
 from pathlib import Path
 
 import typer
@@ -71,10 +72,11 @@ def one_line(error: BaseException) -> str | None:
 def _local_prefect_server_failed(error: BaseException) -> bool:
     """A 5xx from the temporary server reconlab runs without PREFECT_API_URL (a configured server's errors are
     that server's, shown as Prefect gives them)."""
-    from prefect.exceptions import PrefectHTTPStatusError
-
+    # not imported here: importing prefect sets up its logging (handlers on whatever stream is stderr now)
+    prefect_exceptions = sys.modules.get("prefect.exceptions")
     return (
-        isinstance(error, PrefectHTTPStatusError)
+        prefect_exceptions is not None
+        and isinstance(error, prefect_exceptions.PrefectHTTPStatusError)
         and error.response.status_code >= 500
         and not os.environ.get("PREFECT_API_URL")
     )
