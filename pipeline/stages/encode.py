@@ -7,7 +7,7 @@ where it stopped and a finished store returns at once. Bad images are skipped an
 from __future__ import annotations
 
 import contextlib
-import shutil
+import functools
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from pipeline import artifacts, bars, cpus, stop
 from pipeline.artifacts import WriteLock
@@ -23,13 +22,13 @@ from pipeline.config import Layer, config_hash
 from pipeline.data import decode_workers, worker_processes
 from pipeline.data.datasets import ImageRecord, files_sample, image_list_sha256, list_images
 from pipeline.data.store_info import check_same_image_files, check_some_encoded
+from pipeline.data.store_opening import check_free_space, open_or_create
 from pipeline.data.store_writer import BackgroundShardWriter, Landing, add_batch, shard_buffer
 from pipeline.jobs import EncodeJob
 from pipeline.models import encoders
 from pipeline.models.weights import weights_key
 from pipeline.provenance import provenance
-from storage import FeatureStore, StoreError, StoreLayout, create, open_store
-from storage.creation import remove_abandoned_creations
+from storage import FeatureStore, StoreLayout, open_store
 from storage.format import DECODING_DEFAULTS
 from storage.precision import resolve_codecs
 
@@ -163,8 +162,8 @@ def run_layers(jobs: list[EncodeJob], *, progress: bool = True) -> list[EncodeRe
         for i in todo:
             records, key, path = planned[i]
             view = encoder.at_layer(jobs[i].encoder)
-            store = _open_or_create(path, jobs[i], key, records, view)
-            _check_free_space(store)
+            store = open_or_create(path, key, functools.partial(_new_store, jobs[i], key, records, view))
+            check_free_space(store)
             targets.append(_Target(store, view.spec.feature_layer))
         seconds = {"model load": time.perf_counter() - start}
         with cpus.start_cpus() as bound_to:
@@ -185,23 +184,6 @@ def run_layers(jobs: list[EncodeJob], *, progress: bool = True) -> list[EncodeRe
     return results
 
 
-def _check_free_space(store: FeatureStore) -> None:
-    layout = store.layout
-    n_pending = sum(
-        len(range(layout.n_images)[layout.shard_slice(int(s))]) for s in np.flatnonzero(~store.shard_done())
-    )
-    need, free = n_pending * layout.estimated_bytes_per_image(), shutil.disk_usage(store.path).free
-    if need > free:
-        raise StoreError(
-            f"{store.path}: the {n_pending} images still to encode need about {_size(need)}, {_size(free)} "
-            "are free there; free space, point store_root at a larger disk, or choose a smaller store.precision"
-        )
-
-
-def _size(n_bytes: float) -> str:
-    return tqdm.format_sizeof(n_bytes, "B", 1000)
-
-
 def _finished(path: Path) -> EncodeResult | None:
     if not (path / "zarr.json").is_file():
         return None
@@ -212,26 +194,8 @@ def _finished(path: Path) -> EncodeResult | None:
     return EncodeResult(path, store.n_images, attrs["n_encoded"], attrs["n_failed"], already_complete=True)
 
 
-def _open_or_create(
-    path: Path, job: EncodeJob, key: dict, records: list[ImageRecord], encoder: encoders.Encoder
-) -> FeatureStore:
-    remove_abandoned_creations(path)  # creations killed before their rename; we hold the lock
-    if path.is_dir() and not (path / "zarr.json").is_file():
-        # A store is renamed into place whole, so a folder without its zarr.json is what a removal under a
-        # running writer left: nothing in it can be read.
-        bars.notice(
-            f"starting {path.name} anew: its folder has no zarr.json (removed while it was being written?)"
-        )
-        shutil.rmtree(path)
-    if (path / "zarr.json").is_file():
-        store = open_store(path, require_complete=False, mode="r+")
-        if store.config_hash != config_hash(key):
-            raise RuntimeError(f"{path}: holds config {store.config_hash}, expected {config_hash(key)}")
-        store.remove_partial_files()
-        if damaged := store.damaged_shards():
-            bars.notice(f"re-encoding {len(damaged)} damaged shard(s) of {path.name}: {damaged}")
-            store.reopen_shards(list(damaged))
-        return store
+def _new_store(job: EncodeJob, key: dict, records: list[ImageRecord], encoder: encoders.Encoder):
+    """The layout and attributes of a new store of `job`."""
     layout = StoreLayout(
         n_images=len(records),
         grid_hw=encoder.grid,
@@ -259,7 +223,7 @@ def _open_or_create(
         "n_images": len(records),
         "image_files_sample": files_sample(records),  # content the key does not hold: checked by `plan`
     }
-    return create(path, layout, attrs)
+    return layout, attrs
 
 
 @dataclass(frozen=True)
