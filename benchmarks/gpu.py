@@ -252,6 +252,7 @@ def train_rows(store_path: Path, s: dict, device: torch.device) -> Iterator[str]
             continue
         finally:
             del model
+            torch._dynamo.reset()  # a compiled row's graphs (and CUDA graphs' memory pool) end with it
             gc.collect()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -298,9 +299,11 @@ def _train_steps(
             losses.add(step, train.train_step(model, opt, sched, f, p, cfg, pre, device, compute_dtype))
         losses.read()
 
-    seconds = timed(steps, device)
-    if path != "resident":
-        epochs.close()
+    try:
+        seconds = timed(steps, device)
+    finally:  # an out-of-memory row must not leave its loader's worker running through the next rows
+        if path != "resident":
+            epochs.close()
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
     return seconds, peak, first_batch_s
 

@@ -484,10 +484,18 @@ def test_a_stop_asked_for_mid_encode_lands_the_batch_in_flight_and_keeps_the_sha
     from pipeline import stop
     from pipeline.data import store_writer
 
+    class Stopped(threading.Event):  # the CLI ends the process AFTER_STOP_S after this is set
+        def set(self):
+            store = open_store(encode.plan(job)[2], require_complete=False)
+            self.shards_done_then = store.shard_done().tolist()
+            super().set()
+
     monkeypatch.setattr(stop, "_requested", threading.Event())  # this process's stop, for this test only
-    monkeypatch.setattr(stop, "_stopped", threading.Event())
+    monkeypatch.setattr(stop, "_stopped", Stopped())
     launched = []
     queue_done = store_writer.Landing.queue_done
+    write_shard = FeatureStore.write_shard
+    monkeypatch.setattr(FeatureStore, "write_shard", lambda *a, **k: time.sleep(1.0) or write_shard(*a, **k))
 
     def and_stop_after_the_second(landing):  # the second batch of 4 completes shard 0 (8 images)
         queue_done(landing)
@@ -501,6 +509,7 @@ def test_a_stop_asked_for_mid_encode_lands_the_batch_in_flight_and_keeps_the_sha
         encode.run(job, progress=False)
     store = open_store(encode.plan(job)[2], require_complete=False)
     assert store.shard_done().tolist() == [True, False]  # the second batch was in flight: it landed first
+    assert stop._stopped.shards_done_then == [True, False]  # written before the stop counted as reached
     monkeypatch.setattr(stop, "_requested", threading.Event())
     assert encode.run(job, progress=False).n_encoded == 12
 
@@ -538,6 +547,42 @@ def test_a_pinned_shard_buffer_filled_from_the_gpu_by_queued_copies_equals_one_f
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("precision", ["float16", "bf16_bitround", "int8_per_token"])
+def test_launching_a_batch_on_the_gpu_never_waits_for_the_batch_before(precision):
+    """The pipelined loop's premise: the host asks for a batch's copy to the device, normalisation, forward,
+    statistics, quantisation and copies into the pinned shard buffer without any call that waits for the GPU, so
+    the next batch is queued while this one computes. A blocking call (a tensor made from Python numbers on the
+    device, `.item()`, a pageable copy) raises under CUDA's sync debug mode."""
+    from pipeline.data.store_writer import Landing, add_batch, shard_buffer
+    from storage import StoreLayout
+
+    enc = encoders.load(resolve_encoder("tiny-vit-64"), device="cuda", compute_dtype="bfloat16")
+    size = enc.preprocessing.crop_size
+    pixels = torch.randint(0, 256, (4, size, size, 3), dtype=torch.uint8).pin_memory()
+    grid = enc.encode_layers(enc.normalize(pixels), [enc.spec.feature_layer])[0]
+    layout = StoreLayout(n_images=8, grid_hw=tuple(grid.shape[1:3]), hidden_dim=grid.shape[-1], pixel_size=size,
+                         shard_images=8, precision=precision, compressor="auto")  # fmt: skip
+    buffer = shard_buffer(layout, 0, 8, pinned=True)
+
+    def launch(rows):
+        landing = Landing(enc.device)
+        grids = enc.encode_layers(enc.normalize(pixels), [enc.spec.feature_layer])
+        add_batch(buffer, rows, grids[0], landing=landing)
+        landing.queue_done()
+        return landing
+
+    launch(np.arange(4)).wait()  # the first batch makes what is made once (constants, kernels, pinned blocks)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        landing = launch(np.arange(4, 8))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    landing.wait()
+    assert buffer["stats"]["n_tokens"] == 8 * grid.shape[1] * grid.shape[2]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_shard_statistics_queued_on_the_gpu_equal_the_stores_numpy_definition():
     from pipeline.data.store_writer import Landing, shard_buffer
     from storage import StoreLayout
@@ -545,7 +590,8 @@ def test_shard_statistics_queued_on_the_gpu_equal_the_stores_numpy_definition():
 
     features = np.random.default_rng(0).standard_normal((3, 4, 4, 8)).astype(np.float32) * 100
     features[0, 0, 0, :3] = [np.inf, np.nan, 7e4]
-    layout = StoreLayout(n_images=3, grid_hw=(4, 4), hidden_dim=8, pixel_size=4, shard_images=3)
+    layout = StoreLayout(n_images=3, grid_hw=(4, 4), hidden_dim=8, pixel_size=4, shard_images=3,
+                         precision="float32", compressor="auto")  # fmt: skip
     buffer = shard_buffer(layout, 0, 3, pinned=True)
     landing = Landing(torch.device("cuda"))
     assert landing.add_stats(buffer, torch.from_numpy(features).cuda()) is False  # not known before the wait

@@ -413,3 +413,25 @@ def test_torch_resize_leaves_filters_it_lacks_to_pil():
     wide = three_bands(width_per_band=32, height=32)
     spec = preprocessing("shortest", 32, 32, "nearest")
     np.testing.assert_array_equal(spec.to_pixels(wide, "torch"), spec.to_pixels(wide, "pil"))
+
+
+def test_normalisation_made_first_under_inference_mode_still_trains():
+    """The mean and std are made once per device (on a GPU, a tensor made from Python numbers waits for all queued
+    work); the encode stage makes them first, under inference mode, and training's losses must still get
+    gradients through them."""
+    import torch
+
+    pre = Preprocessing(
+        "shortest", 8, 8, "bicubic", (0.41, 0.42, 0.43), (0.21, 0.22, 0.23), "test", "short_side_crop"
+    )
+    pixels = torch.randint(0, 256, (2, 8, 8, 3), dtype=torch.uint8)
+    with torch.inference_mode():
+        expected = (
+            pixels.permute(0, 3, 1, 2) / 255.0 - torch.tensor([0.41, 0.42, 0.43]).view(1, 3, 1, 1)
+        ) / (torch.tensor([0.21, 0.22, 0.23]).view(1, 3, 1, 1))
+        torch.testing.assert_close(pre.normalize(pixels), expected)
+    weight = torch.nn.Parameter(torch.ones(()))
+    (
+        pre.denormalize(pre.normalize(pixels) * weight).sum() + (pre.normalize(pixels) * weight).sum()
+    ).backward()
+    assert weight.grad is not None and torch.isfinite(weight.grad)

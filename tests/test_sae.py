@@ -355,3 +355,19 @@ def test_sparsity_energy_and_bridge_scores_on_hand_computed_values():
     image_codes, text_codes = np.array([[1.0, 0.0], [2.0, 0.0]]), np.array([[0.0, 3.0], [0.0, 1.0]])
     scores = bridge_scores(image_codes, text_codes, np.array([[2.0, 0.0], [1.0, 1.0]]))
     np.testing.assert_allclose(scores, [[0.0, (1 * 3 + 2 * 1) / 2 * 2**-0.5], [0.0, 0.0]])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_the_pca_baseline_of_a_centred_sae_on_the_gpu_equals_the_one_on_the_cpu():
+    """The stage loads its SAEs on its device; the PCA baseline normalises the store's vectors as the SAE does,
+    so they must go where the SAE's input mean is."""
+    from pipeline.models.sae_analysis import pca_rows
+
+    torch.manual_seed(0)
+    sae = SparseAutoencoder(16, 64, "topk", k=4, center=True)
+    sae.input_mean.copy_(torch.randn(16))
+    chunks = [np.random.default_rng(i).standard_normal((32, 16)).astype(np.float32) for i in range(3)]
+    on_cpu = pca_rows(sae, iter(chunks[:2]), lambda: iter(chunks[2:]), [1, 4])
+    on_gpu = pca_rows(sae.cuda(), iter(chunks[:2]), lambda: iter(chunks[2:]), [1, 4])
+    assert [r["r2"] for r in on_gpu] == pytest.approx([r["r2"] for r in on_cpu], abs=1e-5)

@@ -209,7 +209,9 @@ def test_the_stage_scores_every_method_and_fraction_and_writes_its_report(tokens
     row = choices_table(TokensConfig(), 192).set_index("setting").loc["width / heads"]  # not "width // 64"
     assert row.value == "192 / 3 (width // 64, at least 1)" and row.source.startswith("the encoder's width")
     judge = choices_table(TokensConfig(judge_input_resolution=None), 192).set_index("setting").loc["judge"]
-    assert judge.value.startswith("grayscale copies at the encoder's resolution") and "reconlab" in judge.source
+    assert (
+        judge.value.startswith("grayscale copies at the encoder's resolution") and "reconlab" in judge.source
+    )
     for name in ("curves.png", "grid.png", "tests.csv", "means.csv", "report.html"):
         assert (result.out_dir / name).is_file(), name
     tests = pd.read_csv(result.out_dir / "tests.csv")

@@ -6,6 +6,7 @@ Decoding never raises on bad input: long runs skip the image and record the reas
 from __future__ import annotations
 
 import contextlib
+import functools
 import warnings
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -190,7 +191,7 @@ class Preprocessing:
 
     @staticmethod
     def _per_channel(values: tuple[float, float, float], like: torch.Tensor) -> torch.Tensor:
-        return torch.as_tensor(values, dtype=torch.float32, device=like.device).view(1, 3, 1, 1)
+        return _per_channel_constant(tuple(values), like.device)
 
     def with_geometry(self, geometry: str) -> Preprocessing:
         if geometry == "native":
@@ -266,3 +267,12 @@ def decode_for_encoder(
         return np.zeros((s, s, 3), np.uint8), str(e)
     except Exception as e:  # a decoder bug on one odd file must not end a long run
         return np.zeros((s, s, 3), np.uint8), f"unreadable: {type(e).__name__}: {e}"
+
+
+@functools.lru_cache(maxsize=64)
+def _per_channel_constant(values: tuple[float, ...], device: torch.device) -> torch.Tensor:
+    """Made once per device: a tensor built from Python numbers on a GPU is a blocking copy that waits for all
+    the work queued before it, which would stall the encode stage's pipelined batches and each training step.
+    Outside inference mode, so that training may use the tensor an encode made first."""
+    with torch.inference_mode(False):
+        return torch.tensor(values, dtype=torch.float32).view(1, 3, 1, 1).to(device)

@@ -32,8 +32,8 @@ def pca_rows(sae, train_chunks, eval_chunks, ks: list[int]) -> list[dict]:
     the same held-out vectors (`eval_chunks()`: a fresh iterator of raw arrays), for each k."""
 
     def normalised(chunk):
-        x = torch.from_numpy(np.asarray(chunk, np.float32))
-        return sae.normalise(x.reshape(-1, x.shape[-1]))[0].numpy()
+        x = torch.from_numpy(np.asarray(chunk, np.float32)).to(sae.input_mean.device)
+        return sae.normalise(x.reshape(-1, x.shape[-1]))[0].cpu().numpy()
 
     moments = None
     for chunk in train_chunks:

@@ -292,6 +292,8 @@ def _encode_pending(
         for positions, pixels, reasons in _timed(batches, seconds, "decode wait"):
             if stop.requested():  # between batches: the shards written so far are whole
                 land()
+                for writer in writers:  # before the stop counts as reached: the process may end 3 s after it
+                    writer.close()
                 stop.check()
             start = time.perf_counter()
             shard = int(positions[0]) // layout.shard_images
