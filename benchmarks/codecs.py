@@ -7,6 +7,7 @@ float16, bf16-rounded float32 and int8 codes, and for photos (scikit-image's), a
 
 from __future__ import annotations
 
+import argparse
 import time
 
 import numcodecs
@@ -106,4 +107,5 @@ def activation_sizes(photos: list[np.ndarray]) -> str:
 
 
 if __name__ == "__main__":
+    argparse.ArgumentParser(description=__doc__).parse_args()  # no options: --help says what it measures
     main()

@@ -81,7 +81,7 @@ def main() -> None:
         store = open_store(together[0].store_path)
         feats = _bytes(store.path, "features") / n
         pixels = _bytes(store.path, "pixels") / n
-        print(f"\nbytes per image per layer: features {feats / 1e3:.1f} kB (float16, blosc zstd), pixels "
+        print(f"\nbytes per image per layer: features {feats / 1e3:.1f} kB ({store.layout.precision}, {store.layout.compressor}), pixels "
               f"{pixels / 1e3:.1f} kB (one file per shard, hard-linked into every layer's store), whole store {_bytes(store.path) / n / 1e3:.1f} kB")  # fmt: skip
 
         # 2. The forward alone.

@@ -9,8 +9,10 @@ Run:  .venv/bin/python benchmarks/operators.py [--small 256 --large 2048 --budge
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -75,6 +77,7 @@ def main() -> None:
         child(args.child[0], args.child[1], int(args.child[2]), args.child[3])
         return
     work = Path(tempfile.mkdtemp(prefix="reconlab-ops-bench-"))
+    atexit.register(shutil.rmtree, work, True)  # stores of up to a few GB: not left in /tmp
     print(
         f"# synthetic stores {GRID}x{GRID}x{DIM} float16, shards of {SHARD}; memory budget {args.budget_mb} MB"
     )

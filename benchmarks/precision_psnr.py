@@ -6,6 +6,8 @@ Run:  .venv/bin/python benchmarks/precision_psnr.py [--encoder tiny-vit-112 --ep
 from __future__ import annotations
 
 import argparse
+import atexit
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -22,6 +24,7 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=6)
     args = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="reconlab-precision-"))
+    atexit.register(shutil.rmtree, work, True)  # stores of up to a few GB: not left in /tmp
     dataset = DatasetSpec(name="demo", kind="demo", root=demo.build(work / "demo"))
     spec = resolve_encoder(args.encoder)
     cfg = TrainConfig(output_root=work / "train", epochs=args.epochs, batch_size=16, lr=1e-3, n_val_images=64,

@@ -7,6 +7,8 @@ Run:  .venv/bin/python benchmarks/reconstructor_variants.py [--epochs 6]
 from __future__ import annotations
 
 import argparse
+import atexit
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -64,6 +66,7 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(2)
     work = Path(tempfile.mkdtemp(prefix="reconlab-variants-"))
+    atexit.register(shutil.rmtree, work, True)  # stores of up to a few GB: not left in /tmp
     dataset = DatasetSpec(name="demo", kind="demo", root=demo.build(work / "demo"))
     print(f"# demo set (256 train / 64 val), {args.epochs} epochs, batch 16, lr 1e-3, seed 0, last checkpoint, CPU "
           f"{torch.get_num_threads()} threads")  # fmt: skip

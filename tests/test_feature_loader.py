@@ -60,20 +60,28 @@ def test_where_dev_shm_is_too_small_the_loader_reads_on_a_thread_with_the_same_b
 
     store, _ = labelled_store
     usage = namedtuple("usage", "total used free")
+    on_linux = sys.platform.startswith("linux")
+    assert feature_loader.reads_in_a_worker(store, 7, 2, on_gpu=True) == on_linux
+    assert not feature_loader.reads_in_a_worker(
+        store, 7, 2, on_gpu=False
+    )  # the CPU trains faster beside a thread
     monkeypatch.setattr(feature_loader.shutil, "disk_usage", lambda path: usage(64 << 20, 64 << 20, 1024))
+    assert not feature_loader.reads_in_a_worker(store, 7, 2, on_gpu=True)
     epochs = EpochBatches(store, 7, seed=1, epochs=range(1), buffer_images=20, depth=2, pin=False)
     assert not epochs.in_worker
     assert [f.numpy().tolist() for f, _ in epochs.of(0)] == [
         f.tolist() for f, _ in batch_stream(store, 7, 1, 0, 20)
     ]
     monkeypatch.undo()
-    assert feature_loader.shared_memory_fits(store, 7, 2) == sys.platform.startswith("linux")
+    assert feature_loader.shared_memory_fits(store, 7, 2) == on_linux
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc")
 def test_a_closed_epoch_loader_ends_its_worker_process(labelled_store):
     store, _ = labelled_store
-    epochs = EpochBatches(store, 7, seed=1, epochs=range(100), buffer_images=20, depth=2, pin=False)
+    epochs = EpochBatches(
+        store, 7, seed=1, epochs=range(100), buffer_images=20, depth=2, pin=False, workers=1
+    )
     next(epochs.of(0))  # an epoch left unfinished, as a stopped training leaves it
     assert _fork_server_children()
     epochs.close()

@@ -116,12 +116,13 @@ class EpochBatches:
     for the gap): it moves every batch through fresh shared memory, whose page faults cost ~20 ms per 512 px
     batch (24 MB) here, more than reading it. The worker takes 0.2-0.6 s to its first batch, once per training
     run. `workers=0` reads on the thread instead, as does the default where /dev/shm cannot hold the slots (a
-    container's default is 64 MB)."""
+    container's default is 64 MB) and for training on the CPU: there the thread keeps 1.01-1.07 of the resident
+    rate and the worker 0.86-0.89 (2 cores, tiny-vit-112, benchmarks/train.py, 2026-11-28)."""
 
     def __init__(self, store: FeatureStore, batch_size: int, seed: int, epochs: range, buffer_images: int,
                  depth: int, pin: bool, workers: int | None = None):  # fmt: skip
         if workers is None:
-            workers = int(shared_memory_fits(store, batch_size, depth))
+            workers = int(reads_in_a_worker(store, batch_size, depth, on_gpu=pin))
         self.in_worker = bool(workers)
         args = batch_size, seed, epochs, buffer_images
         self._worker = _SlotWorker(store.path, args, depth, pin) if workers else None
@@ -145,6 +146,11 @@ class EpochBatches:
         self._prefetcher.thread.join(timeout=10)
         if self._worker is not None:
             self._worker.stop()
+
+
+def reads_in_a_worker(store: FeatureStore, batch_size: int, depth: int, on_gpu: bool) -> bool:
+    """The default: a worker process for a GPU's training, where /dev/shm holds its slots; a thread otherwise."""
+    return on_gpu and shared_memory_fits(store, batch_size, depth)
 
 
 def shared_memory_fits(store: FeatureStore, batch_size: int, depth: int) -> bool:

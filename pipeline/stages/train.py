@@ -293,7 +293,7 @@ def _train(cfg: TrainConfig, key: dict, run_dir: Path, train_store, val_store, p
     model.train()
     epochs = EpochBatches(train_store, cfg.batch_size, cfg.seed, range(start_epoch, cfg.epochs),
                           cfg.shuffle_buffer_images, cfg.prefetch_batches, pin=device.type == "cuda")  # fmt: skip
-    if not epochs.in_worker and lead:
+    if device.type == "cuda" and not epochs.in_worker and lead:
         bars.notice("train: /dev/shm cannot hold the loader's batches in flight, so it reads on a thread of this process "
               "(slower on a GPU at small batches); give it more room (docker run --shm-size=2g)")  # fmt: skip
     try:
