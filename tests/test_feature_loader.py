@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -229,3 +230,48 @@ def test_the_fork_server_starts_deaf_to_ctrl_c_and_the_caller_keeps_its_signal_m
     blocked = int(next(line for line in status if line.startswith("SigBlk:")).split()[1], 16)
     assert blocked & (1 << (signal.SIGINT - 1))
     assert signal.SIGINT not in signal.pthread_sigmask(signal.SIG_BLOCK, [])
+
+
+_HOLDS_A_WORKER = """
+import sys, time
+from pipeline.data.feature_loader import EpochBatches
+from storage import open_store
+epochs = EpochBatches(open_store(sys.argv[1]), 7, seed=1, epochs=range(100), buffer_images=20, depth=2, pin=False,
+                      workers=1)
+next(epochs.of(0))
+print("reading", flush=True)
+time.sleep(120)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc")
+def test_a_sigkilled_training_process_leaves_no_loader_worker_running(labelled_store, tmp_path):
+    """A GPU's training reads in a worker process: a kill of the training process (OOM killer, scheduler) must
+    not leave it, or its fork server, running."""
+    import signal
+    import subprocess
+
+    store, _ = labelled_store
+    tag = f"RECONLAB_TEST_LOADER={tmp_path.name}"  # inherited by every process the training process starts
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent), **dict([tag.split("=")])}
+    proc = subprocess.Popen([sys.executable, "-c", _HOLDS_A_WORKER, str(store.path)], env=env,
+                            stdout=subprocess.PIPE, text=True)  # fmt: skip
+    assert proc.stdout.readline().strip() == "reading"
+    assert len(_processes_with(tag)) >= 2  # the training process and its loader's worker (and fork server)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and _processes_with(tag):
+        time.sleep(0.2)
+    assert not _processes_with(tag)
+
+
+def _processes_with(env_entry: str) -> list[int]:
+    pids = []
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            if env_entry.encode() in environ.read_bytes().split(b"\0"):
+                pids.append(int(environ.parent.name))
+        except OSError:  # ended meanwhile, or not ours to read
+            continue
+    return pids

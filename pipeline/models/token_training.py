@@ -122,7 +122,13 @@ def step_loss(model: TokenUtilityModel, tokens: torch.Tensor, spec: NetworkSpec,
         ):  # a shared baseline: k drawn from the evaluated fractions (global RNG: resumable)
             fraction = cfg.fractions[int(torch.randint(len(cfg.fractions), ()).item())]
         k = n_kept(fraction, n)
-        keep = random_mask(b, n, k).to(tokens.device) if spec.method == "random" else norm_mask(tokens, k)
+        # drawn on the CPU (its RNG state is checkpointed); non_blocking: a pageable copy is staged at once
+        # instead of waiting for the GPU's queued work
+        keep = (
+            random_mask(b, n, k).to(tokens.device, non_blocking=True)
+            if spec.method == "random"
+            else norm_mask(tokens, k)
+        )
     recon = reconstruction_loss(model.complete(tokens, keep).float(), tokens, keep, cfg)
     kept = keep.mean()
     loss = recon + keep_penalty(kept, spec.fraction, cfg.keep_penalty) if spec.method == "learned" else recon
