@@ -128,3 +128,21 @@ def write_run_config(tmp_path, demo_root):
         return path
 
     return _write
+
+
+@pytest.fixture
+def processes_with():
+    """The pids of live processes whose environment holds `KEY=value` (a tag a test's subprocess passes on to
+    everything it starts), to check that nothing outlives a kill."""
+
+    def find(env_entry: str) -> list[int]:
+        pids = []
+        for environ in Path("/proc").glob("[0-9]*/environ"):
+            try:
+                if env_entry.encode() in environ.read_bytes().split(b"\0"):
+                    pids.append(int(environ.parent.name))
+            except OSError:  # ended meanwhile, or not ours to read
+                continue
+        return pids
+
+    return find

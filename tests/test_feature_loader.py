@@ -245,7 +245,9 @@ time.sleep(120)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc")
-def test_a_sigkilled_training_process_leaves_no_loader_worker_running(labelled_store, tmp_path):
+def test_a_sigkilled_training_process_leaves_no_loader_worker_running(
+    labelled_store, tmp_path, processes_with
+):
     """A GPU's training reads in a worker process: a kill of the training process (OOM killer, scheduler) must
     not leave it, or its fork server, running."""
     import signal
@@ -257,21 +259,10 @@ def test_a_sigkilled_training_process_leaves_no_loader_worker_running(labelled_s
     proc = subprocess.Popen([sys.executable, "-c", _HOLDS_A_WORKER, str(store.path)], env=env,
                             stdout=subprocess.PIPE, text=True)  # fmt: skip
     assert proc.stdout.readline().strip() == "reading"
-    assert len(_processes_with(tag)) >= 2  # the training process and its loader's worker (and fork server)
+    assert len(processes_with(tag)) >= 2  # the training process and its loader's worker (and fork server)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     deadline = time.monotonic() + 15
-    while time.monotonic() < deadline and _processes_with(tag):
+    while time.monotonic() < deadline and processes_with(tag):
         time.sleep(0.2)
-    assert not _processes_with(tag)
-
-
-def _processes_with(env_entry: str) -> list[int]:
-    pids = []
-    for environ in Path("/proc").glob("[0-9]*/environ"):
-        try:
-            if env_entry.encode() in environ.read_bytes().split(b"\0"):
-                pids.append(int(environ.parent.name))
-        except OSError:  # ended meanwhile, or not ours to read
-            continue
-    return pids
+    assert not processes_with(tag)

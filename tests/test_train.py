@@ -132,7 +132,9 @@ _KILLABLE = textwrap.dedent(
 
 
 @pytest.mark.slow
-def test_a_killed_training_resumes_and_ends_bit_identical_to_an_uninterrupted_one(tiny_store, tmp_path):
+def test_a_killed_training_resumes_and_ends_bit_identical_to_an_uninterrupted_one(
+    tiny_store, tmp_path, processes_with
+):
     cfg = _cfg(tmp_path, epochs=6, keep_last=10)
     args = json.dumps(
         {"cfg": cfg.model_dump(mode="json"), "store": str(tiny_store), "threads": torch.get_num_threads()}
@@ -151,9 +153,9 @@ def test_a_killed_training_resumes_and_ends_bit_identical_to_an_uninterrupted_on
         "linux"
     ):  # nothing it started outlives it (no reaper here: a plain script's kill)
         deadline = time.monotonic() + 15
-        while time.monotonic() < deadline and _processes_with(tag):
+        while time.monotonic() < deadline and processes_with(tag):
             time.sleep(0.2)
-        assert not _processes_with(tag)
+        assert not processes_with(tag)
     (run_dir,) = [p for p in (tmp_path / "train").iterdir() if p.is_dir()]
     assert not (run_dir / "result.json").exists()
 
@@ -166,17 +168,6 @@ def test_a_killed_training_resumes_and_ends_bit_identical_to_an_uninterrupted_on
     b = load_file(str(reference.last_checkpoint.with_suffix(".safetensors")))
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
-
-
-def _processes_with(env_entry: str) -> list[int]:
-    pids = []
-    for environ in Path("/proc").glob("[0-9]*/environ"):
-        try:
-            if env_entry.encode() in environ.read_bytes().split(b"\0"):
-                pids.append(int(environ.parent.name))
-        except OSError:  # ended meanwhile, or not ours to read
-            continue
-    return pids
 
 
 def test_checkpoints_round_trip_weights_optimizer_scheduler_and_rng(tmp_path):
